@@ -1,0 +1,36 @@
+"""The two kinds of failure the harness reports, and their exit codes (see shared/contract/cli.md).
+
+* ``UsageError`` (exit 2): bad usage or bad input -- a broken ``envs/*.toml``, an unknown variant,
+  a missing interpreter, a step run out of order.  One sentence naming the file/flag/thing, plus the fix.
+* ``StepFailed`` (exit 1): the command ran and found a problem (a build failed, doctor found an error).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_USAGE = 2
+
+
+class HarnessError(Exception):
+    exit_code = EXIT_PROBLEM
+
+    def __init__(self, message: str, fix: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:  # one line, the fix after the problem
+        return f"{self.message} Fix: {self.fix}" if self.fix else self.message
+
+
+class UsageError(HarnessError):
+    exit_code = EXIT_USAGE
+
+
+class StepFailed(HarnessError):
+    exit_code = EXIT_PROBLEM
+
+    def __init__(self, message: str, fix: str | None = None, log: str | None = None):
+        super().__init__(message, fix)
+        self.log = log

@@ -1,0 +1,388 @@
+"""Variants as data: ``envs/<name>.toml``, one file per CUDA variant, validated on load.
+
+Every problem with a variant file becomes one ``UsageError`` that names the file, the key and the fix;
+never a traceback.  The schema below is the single description of what a variant may say.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from .errors import UsageError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_LIST = 64
+MAX_STR = 4096
+
+
+# --------------------------------------------------------------------------------------------- checkers
+# A checker takes the raw value and returns the normalised one or raises ValueError(reason, fix).
+
+class Bad(ValueError):
+    def __init__(self, reason: str, fix: str):
+        super().__init__(reason)
+        self.reason = reason
+        self.fix = fix
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise Bad(f"expected a string, got {type(v).__name__} {v!r:.60}", "quote the value")
+    if len(v) > MAX_STR:
+        raise Bad(f"string of {len(v)} characters is too long", f"keep it under {MAX_STR} characters")
+    return v
+
+
+def _nonempty(v: Any) -> str:
+    s = _str(v).strip()
+    if not s:
+        raise Bad("is empty", "give a value or remove the key")
+    return s
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise Bad(f"expected true or false, got {v!r:.60}", "write true or false (no quotes)")
+    return v
+
+
+def _version(v: Any) -> str:
+    s = _nonempty(v)
+    try:
+        Version(s)
+    except InvalidVersion:
+        raise Bad(f"{s!r} is not a version", "write a version such as '2.6.0'") from None
+    return s
+
+
+def _cuda(v: Any) -> str:
+    s = _nonempty(v)
+    if not re.fullmatch(r"\d{1,2}\.\d{1,2}", s):
+        raise Bad(f"{s!r} is not a CUDA version", "write major.minor, e.g. '11.8' or '12.4'")
+    return s
+
+
+def _specifier(v: Any) -> str:
+    s = _nonempty(v)
+    try:
+        SpecifierSet(s)
+    except InvalidSpecifier:
+        raise Bad(f"{s!r} is not a version specifier", "write e.g. '>=3.10,<3.11'") from None
+    return s
+
+
+def _requirement(v: Any) -> str:
+    s = _nonempty(v)
+    try:
+        Requirement(s)
+    except InvalidRequirement as e:
+        raise Bad(f"{s!r} is not a valid requirement ({e})", "write it like 'torch==2.6.0'") from None
+    return s
+
+
+def _url(v: Any) -> str:
+    s = _nonempty(v)
+    if not re.match(r"^(https?|file)://[^\s]+$", s):
+        raise Bad(f"{s!r} is not an http(s):// or file:// URL", "give the index URL, e.g. "
+                  "'https://download.pytorch.org/whl/cu118'")
+    return s
+
+
+def _relpath(v: Any) -> str:
+    s = _nonempty(v)
+    if "\x00" in s:
+        raise Bad("contains a NUL byte", "give a plain path")
+    return s
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        s = _nonempty(v)
+        if s not in options:
+            raise Bad(f"{s!r} is not one of {', '.join(options)}", f"use one of: {', '.join(options)}")
+        return s
+    return check
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise Bad(f"expected a whole number, got {v!r:.60}", f"write a number from {lo} to {hi}")
+        if not lo <= v <= hi:
+            raise Bad(f"{v} is out of range", f"write a number from {lo} to {hi}")
+        return v
+    return check
+
+
+def _jobs(v: Any) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        return _int_range(1, 1024)(v)
+    except Bad:
+        raise Bad(f"expected 'auto' or a number, got {v!r:.60}", "write jobs = 'auto' or jobs = 4") from None
+
+
+def _arch_list(v: Any) -> str:
+    s = _str(v).strip()
+    for item in re.split(r"[;\s]+", s) if s else []:
+        if not re.fullmatch(r"\d{1,2}\.\d[af]?(\+PTX)?", item):
+            raise Bad(f"{item!r} is not a CUDA arch", "write e.g. '7.5;8.9' or '9.0+PTX' (empty = from the GPU)")
+    return s
+
+
+def _list_of(check: Callable[[Any], Any]) -> Callable[[Any], list]:
+    def run(v: Any) -> list:
+        if not isinstance(v, list):
+            raise Bad(f"expected a list, got {type(v).__name__}", "write a list, e.g. [\"numpy<2\"]")
+        if len(v) > MAX_LIST:
+            raise Bad(f"list of {len(v)} items is too long", f"keep it under {MAX_LIST} items")
+        out = []
+        for i, item in enumerate(v):
+            try:
+                out.append(check(item))
+            except Bad as e:
+                raise Bad(f"item {i}: {e.reason}", e.fix) from None
+        return out
+    return run
+
+
+def _env_table(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise Bad(f"expected a table of NAME = \"value\", got {type(v).__name__}",
+                  "write env = { MAX_JOBS = \"2\" }")
+    out = {}
+    for k, val in v.items():
+        if not ENV_NAME_RE.match(k):
+            raise Bad(f"{k!r} is not an environment variable name", "use letters, digits and _")
+        if not isinstance(val, str):
+            raise Bad(f"{k} = {val!r:.60} is not a string", f"quote it: {k} = \"{val}\"")
+        out[k] = val
+    return out
+
+
+# --------------------------------------------------------------------------------------------- schema
+# section -> key -> (checker, required, default)
+Field_ = tuple[Callable[[Any], Any], bool, Any]
+
+SCHEMA: dict[str, dict[str, Field_]] = {
+    "": {
+        "description": (_nonempty, True, None),
+        "cuda": (_cuda, True, None),
+        "python": (_specifier, True, None),
+        "installer": (_choice("uv", "pip"), False, "uv"),
+    },
+    "torch": {
+        "version": (_version, True, None),
+        "packages": (_list_of(_requirement), True, None),
+        "index_url": (_url, False, None),
+        "preinstalled": (_bool, False, False),
+    },
+    "vllm": {
+        "version": (_version, True, None),
+        "mode": (_choice("source", "wheel"), True, None),
+        "source": (_choice("pypi-sdist", "git", "path"), False, "pypi-sdist"),
+        "requirement": (_requirement, False, None),
+        "index_url": (_url, False, None),
+        "git": (_nonempty, False, None),
+        "ref": (_nonempty, False, None),
+        "path": (_relpath, False, None),
+        "in_place": (_bool, False, False),
+        "package": (_nonempty, False, "vllm"),
+    },
+    "deps": {
+        "packages": (_list_of(_requirement), False, []),
+        "index_url": (_url, False, None),
+    },
+    "build": {
+        "jobs": (_jobs, False, "auto"),
+        "nvcc_threads": (_int_range(1, 64), False, 1),
+        "arch_list": (_arch_list, False, ""),
+        "editable": (_bool, False, True),
+        "cmake_min": (_version, False, "3.26"),
+        "env": (_env_table, False, {}),
+    },
+    "post_install": {
+        "packages": (_list_of(_requirement), False, []),
+        "index_url": (_url, False, None),
+    },
+    "verify": {
+        "imports": (_list_of(_nonempty), False, ["vllm"]),
+        "extensions": (_list_of(_nonempty), False, ["vllm._C"]),
+        "ops": (_list_of(_nonempty), False, ["rms_norm", "fused_add_rms_norm", "silu_and_mul"]),
+        "device": (_choice("cuda", "cpu"), False, "cuda"),
+    },
+}
+REQUIRED_SECTIONS = {"torch", "vllm"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One build variant, as validated from ``envs/<name>.toml``."""
+
+    name: str
+    path: Path
+    description: str
+    cuda: str
+    python: str
+    installer: str
+    torch: dict
+    vllm: dict
+    deps: dict
+    build: dict
+    post_install: dict
+    verify: dict
+    raw_text: str = field(repr=False, default="")
+
+    @property
+    def python_spec(self) -> SpecifierSet:
+        return SpecifierSet(self.python)
+
+    @property
+    def cuda_tag(self) -> str:  # '11.8' -> 'cu118'
+        return "cu" + self.cuda.replace(".", "")
+
+    @property
+    def torch_version(self) -> Version:
+        return Version(self.torch["version"])
+
+    @property
+    def vllm_requirement(self) -> str:
+        return self.vllm["requirement"] or f"{self.vllm['package']}=={self.vllm['version']}"
+
+    def source_path(self) -> Path | None:
+        p = self.vllm.get("path")
+        if p is None:
+            return None
+        path = Path(p)
+        return path if path.is_absolute() else (self.path.parent / path).resolve()
+
+    def fix_context(self) -> dict[str, str]:
+        """Values that fill the placeholders of the fixes in data/failures.toml."""
+        ctx = {"variant": self.name, "cuda": self.cuda, "torch": self.torch["version"],
+               "python": self.python, "cmake_min": self.build["cmake_min"]}
+        if self.torch["index_url"]:
+            ctx["torch_index"] = self.torch["index_url"]
+        for req in self.post_install["packages"]:
+            if Requirement(req).name == "xformers":
+                ctx["xformers"] = req
+        return ctx
+
+
+def _fail(file: Path, key: str, reason: str, fix: str) -> UsageError:
+    where = f"{file}: key '{key}'" if key else f"{file}"
+    return UsageError(f"{where}: {reason}.", fix[0].upper() + fix[1:] + ".")
+
+
+def parse_variant(name: str, path: Path, text: str) -> Variant:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _fail(path, "", f"is not valid TOML ({e})", "correct the TOML syntax at that line") from None
+    sections: dict[str, dict] = {}
+    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in SCHEMA or key == "":
+                known = ", ".join(f"[{s}]" for s in SCHEMA if s)
+                raise _fail(path, key, "is not a known section", f"use one of {known}, or remove it")
+    for section, fields in SCHEMA.items():
+        given = top if section == "" else data.get(section)
+        if given is None:
+            if section in REQUIRED_SECTIONS:
+                raise _fail(path, section, "section is missing", f"add a [{section}] table")
+            given = {}
+        if not isinstance(given, dict):
+            raise _fail(path, section, "must be a table", f"write it as [{section}]")
+        out: dict[str, Any] = {}
+        for key in given:
+            if key not in fields:
+                dotted = f"{section}.{key}" if section else key
+                known = ", ".join(fields)
+                raise _fail(path, dotted, "is not a known key", f"use one of: {known} (or remove it)")
+        for key, (check, required, default) in fields.items():
+            dotted = f"{section}.{key}" if section else key
+            if key not in given:
+                if required:
+                    raise _fail(path, dotted, "is missing", f"add {key} = ... to {'[' + section + ']' if section else 'the top of the file'}")
+                out[key] = list(default) if isinstance(default, list) else (dict(default) if isinstance(default, dict) else default)
+                continue
+            try:
+                out[key] = check(given[key])
+            except Bad as e:
+                raise _fail(path, dotted, e.reason, e.fix) from None
+        sections[section] = out
+
+    v = sections["vllm"]
+    if v["source"] == "git" and not v["git"]:
+        raise _fail(path, "vllm.git", "is missing for source = 'git'", "add git = 'https://github.com/vllm-project/vllm.git' and ref = 'v<version>'")
+    if v["source"] == "path":
+        if not v["path"]:
+            raise _fail(path, "vllm.path", "is missing for source = 'path'", "add path = '<dir of a vLLM checkout>'")
+        p = Path(v["path"])
+        p = p if p.is_absolute() else (path.parent / p).resolve()
+        if not p.is_dir():
+            raise _fail(path, "vllm.path", f"{p} is not a directory", "point it at a vLLM source checkout")
+    t = sections["torch"]
+    names = [Requirement(r).name.lower() for r in t["packages"]]
+    if "torch" not in names:
+        raise _fail(path, "torch.packages", "names no 'torch' requirement", "add e.g. 'torch==" + t["version"] + "'")
+    top_s = sections[""]
+    return Variant(name=name, path=path, description=top_s["description"], cuda=top_s["cuda"],
+                   python=top_s["python"], installer=top_s["installer"], torch=t, vllm=v,
+                   deps=sections["deps"], build=sections["build"], post_install=sections["post_install"],
+                   verify=sections["verify"], raw_text=text)
+
+
+def load_variant_file(path: Path) -> Variant:
+    name = path.stem
+    if not NAME_RE.match(name):
+        raise _fail(path, "", f"variant name {name!r} is not allowed",
+                    "name the file with lowercase letters, digits, '.', '_' or '-'")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise _fail(path, "", f"cannot be read ({e.strerror})", "check the path and its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _fail(path, "", "is not UTF-8 text", "save it as UTF-8") from None
+    return parse_variant(name, path, text)
+
+
+def variant_files(envs_dir: Path) -> list[Path]:
+    return sorted(p for p in envs_dir.glob("*.toml") if p.is_file())
+
+
+def variant_names(envs_dir: Path) -> list[str]:
+    """Names for nox's session list: read without validating (the session validates and reports)."""
+    return [p.stem for p in variant_files(envs_dir) if NAME_RE.match(p.stem)]
+
+
+def load_variant(name_or_path: str, envs_dirs: list[Path]) -> Variant:
+    """A variant by name (searched in ``envs_dirs``) or by path to a ``.toml`` file."""
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        p = Path(name_or_path)
+        if not p.is_file():
+            raise UsageError(f"Variant file {p} does not exist.", "Give the path of an envs/*.toml file.")
+        return load_variant_file(p.resolve())
+    for d in envs_dirs:
+        p = d / f"{name_or_path}.toml"
+        if p.is_file():
+            return load_variant_file(p)
+    known = sorted({n for d in envs_dirs if d.is_dir() for n in variant_names(d)})
+    raise UsageError(f"Unknown variant {name_or_path!r}.",
+                     f"Use one of: {', '.join(known) or '(none found)'}, or add envs/{name_or_path}.toml.")
