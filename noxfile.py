@@ -1,0 +1,67 @@
+"""nox sessions: one `build-<variant>` per envs/*.toml, plus verify, doctor, tests and lint.
+
+Thin on purpose: each session runs `python -m vllm_harness <command>` (src/vllm_harness) in a small tool venv;
+the variant's own isolated venv is made by the harness under .harness/envs/<variant>/.
+`nox -R -s build-cu118` reuses the tool venv and every build step already done with the same inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.needs_version = ">=2024.4.15"
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests", "lint"]
+
+
+def _harness(session: nox.Session, *args: str) -> None:
+    session.install("-e", ".")  # skipped with -R / --no-install
+    session.run("python", "-m", "vllm_harness", *args)
+
+
+def _description(path: Path) -> str:
+    m = re.search(r'^description\s*=\s*"(.*)"\s*$', path.read_text(errors="replace"), re.M)
+    return m.group(1) if m else "(no description)"
+
+
+def _make_build_session(variant: str, path: Path) -> None:
+    def build(session: nox.Session) -> None:
+        _harness(session, "build-variant", "--variant", variant, *session.posargs)
+
+    build.__doc__ = f"Build {variant}: {_description(path)}"
+    nox.session(name=f"build-{variant}")(build)
+
+
+for _path in sorted((ROOT / "envs").glob("*.toml")):
+    if re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", _path.stem):
+        _make_build_session(_path.stem, _path)
+
+
+@nox.session
+def verify(session: nox.Session) -> None:
+    """GPU kernel smoke tests in a variant's env (-- --variant NAME; default: the variant built last)."""
+    _harness(session, "verify", *session.posargs)
+
+
+@nox.session
+def doctor(session: nox.Session) -> None:
+    """Preflight report for this machine (-- --variant NAME [--json])."""
+    _harness(session, "doctor", *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The project's test suite (what .ci/run runs)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over the package, tests, noxfile and tasks."""
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests", "noxfile.py", "tasks.py", "benchmarks")

@@ -1,0 +1,87 @@
+"""clean: remove what the harness made, and nothing else.
+
+Per variant: its build leftovers (``build/``, ``dist/``, ``*.egg-info``, ``.deps`` in its source tree -- the
+source document's "stale build state"), its venv, status, logs and source copy.  ``--all``: every variant
+and the download cache.  Never follows a symlink out of a managed tree, never deletes a path outside
+``.harness/``, touches the user's pip cache only with ``--pip-cache`` (and then through ``pip cache purge``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from .errors import UsageError
+from .layout import Layout
+
+STALE = ("build", "dist", ".deps")
+
+
+def _inside(path: Path, trees: list[Path]) -> bool:
+    # resolve the parent, not the path itself: a symlink in a managed tree is removed as a link
+    p = path.parent.resolve() / path.name
+    return any(p == t or t in p.parents for t in (x.resolve() for x in trees))
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or path.is_file():
+        try:
+            return path.lstat().st_size
+        except OSError:
+            return 0
+    total = 0
+    for root, dirs, files in os.walk(path, followlinks=False):
+        for f in files:
+            try:
+                total += (Path(root) / f).lstat().st_size
+            except OSError:
+                pass
+    return total
+
+
+def plan(layout: Layout, variant: str | None, everything: bool) -> list[Path]:
+    st = layout.state
+    if everything:
+        return [p for p in [st / "envs", st / "src", st / "logs", st / "status", st / "cache",
+                            layout.last_failed, layout.last_built] if p.exists() or p.is_symlink()]
+    if not variant:
+        raise UsageError("clean needs --variant NAME or --all.", "Pass one of them (add --dry-run to look first).")
+    out = []
+    src = layout.src(variant)
+    if src.is_dir() and not src.is_symlink():
+        for tree in [d for d in src.iterdir() if d.is_dir() and not d.is_symlink()]:
+            for name in STALE:
+                if (tree / name).exists() or (tree / name).is_symlink():
+                    out.append(tree / name)
+            out += [p for p in tree.glob("*.egg-info")]
+    out += [p for p in (layout.venv(variant), layout.constraints(variant), layout.status(variant),
+                        layout.logs(variant), src) if p.exists() or p.is_symlink()]
+    # drop children of folders already listed
+    out = [p for p in out if not any(q != p and q in p.parents for q in out)]
+    return out
+
+
+def clean(layout: Layout, variant: str | None = None, everything: bool = False, dry_run: bool = False,
+          pip_cache: bool = False, python: str | None = None) -> dict:
+    targets = plan(layout, variant, everything)
+    removed, kept, total = [], [], 0
+    for p in targets:
+        if not _inside(p, layout.managed_trees()):
+            kept.append(str(p))  # never reached in practice: plan() only lists managed paths
+            continue
+        total += _size(p)
+        removed.append(str(p))
+        if dry_run:
+            continue
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        else:
+            shutil.rmtree(p)
+    if pip_cache:
+        cmd = [python or "python3", "-m", "pip", "cache", "purge"]
+        removed.append("pip cache (pip cache purge)")
+        if not dry_run:
+            subprocess.run(cmd, check=False, capture_output=True, timeout=600)
+    return {"removed": removed, "kept": kept, "bytes": total, "dry_run": dry_run}

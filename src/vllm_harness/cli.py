@@ -1,0 +1,312 @@
+"""The one command line behind the nox sessions and the invoke tasks: ``python -m vllm_harness <command>``.
+
+Exit status (shared/contract/cli.md): 0 nothing wrong, 1 the command ran and found a problem, 2 bad usage
+or bad input.  ``--json`` prints the contract's JSON on stdout; otherwise a table for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from .errors import EXIT_OK, EXIT_USAGE, HarnessError, StepFailed, UsageError
+from .layout import Layout, venv_python
+
+
+def _layout(a) -> Layout:
+    return Layout.default(Path(a.root) if getattr(a, "root", None) else None)
+
+
+def _variant(layout: Layout, name: str | None, required: bool = True):
+    from .variants import load_variant
+    if not name:
+        if layout.last_built.is_file():
+            name = layout.last_built.read_text().strip()
+        elif required:
+            raise UsageError("No variant given and none was built yet.", "Pass --variant NAME (see `invoke --list` "
+                             "or `nox -l`).")
+        else:
+            return None
+    return load_variant(name, layout.envs_dirs)
+
+
+def _ctx(a, layout=None, variant=None):
+    from .steps import Ctx
+    layout = layout or _layout(a)
+    variant = variant or _variant(layout, a.variant)
+    return Ctx(layout=layout, variant=variant, quiet=getattr(a, "json", False), force=getattr(a, "force", False),
+               python=getattr(a, "python", None), jobs=getattr(a, "jobs", None), arch=getattr(a, "arch", None))
+
+
+def _out(a, data: dict) -> None:
+    if getattr(a, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+
+
+def machine_banner() -> str:
+    """The machine facts printed at the start of a session (urllib3's noxfile does the same)."""
+    from . import toolkit
+    import shutil
+    tk = toolkit.find_toolkits()
+    gpu = "unknown"
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        n = pynvml.nvmlDeviceGetCount()
+        gpu = f"{n} GPU(s), driver {pynvml.nvmlSystemGetDriverVersion()}" if n else "no GPU"
+    except Exception:
+        gpu = "no GPU (NVML not available)"
+    return (f"{platform.system()} {platform.machine()}, {len(os.sched_getaffinity(0))} cores, {gpu}; "
+            f"CUDA toolkits: {', '.join(f'{v} ({p})' for v, p in sorted(tk.items())) or 'none'}; "
+            f"cmake on PATH: {shutil.which('cmake') or 'none'}; python {platform.python_version()}")
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+def cmd_list(a) -> int:
+    from .variants import variant_files, load_variant_file
+    layout = _layout(a)
+    rows = []
+    for f in variant_files(layout.root / "envs"):
+        try:
+            v = load_variant_file(f)
+            rows.append({"variant": v.name, "cuda": v.cuda, "python": v.python, "torch": v.torch["version"],
+                         "vllm": v.vllm["version"], "mode": v.vllm["mode"], "description": v.description})
+        except UsageError as e:
+            rows.append({"variant": f.stem, "error": str(e)})
+    if a.json:
+        _out(a, {"variants": rows})
+    else:
+        from rich.console import Console
+        from rich.table import Table
+        t = Table()
+        for c in ("variant", "cuda", "python", "torch", "vllm", "mode", "description"):
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*(str(r.get(c, r.get("error", ""))) for c in ("variant", "cuda", "python", "torch", "vllm",
+                                                                     "mode", "description")))
+        Console().print(t)
+    return EXIT_OK
+
+
+def cmd_doctor(a) -> int:
+    from . import doctor, doctor_run
+    ctx = _ctx(a)
+    report, secs = doctor_run.run_doctor(ctx, a.machine, a.save_machine, Path(a.source) if a.source else None)
+    report["seconds"] = round(secs, 2)
+    if a.json:
+        _out(a, report)
+    else:
+        doctor.render_table(report)
+        print(f"doctor: {report['verdict']} ({secs:.1f}s)")
+    return 1 if any(f["severity"] == "error" for f in report["findings"]) else 0
+
+
+def cmd_diagnose(a) -> int:
+    from . import diagnose
+    layout = _layout(a)
+    log = a.log
+    context = {}
+    if not log:
+        if not layout.last_failed.is_file():
+            raise UsageError("No failed step recorded yet.", "Pass --log FILE (or - for stdin).")
+        last = json.loads(layout.last_failed.read_text())
+        log = last["log"]
+        try:
+            context = _variant(layout, last.get("variant")).fix_context()
+        except HarnessError:
+            context = {}
+    elif log != "-" and not Path(log).is_file():
+        raise UsageError(f"--log {log}: no such file.", "Give the path of a build or install log, or - for stdin.")
+    if a.variant:
+        context = _variant(layout, a.variant).fix_context()
+    report = diagnose.diagnose_path(log, context=context)
+    if a.json:
+        _out(a, report.to_dict())
+    else:
+        diagnose.render_table(report)
+    return 1 if report.findings else 0
+
+
+def cmd_verify(a) -> int:
+    from . import verify as verify_mod
+    from .steps import do_verify
+    if a.python:
+        py = Path(a.python)
+        if not py.exists():
+            raise UsageError(f"--python {py}: no such file.", "Give the python of an env that has vLLM.")
+        from . import toolkit
+        env = {k: v for k, v in os.environ.items() if k not in toolkit.DROP}
+        result = verify_mod.run_verify(py, a.device or "cuda", ["vllm"], ["vllm._C"],
+                                       ["rms_norm", "fused_add_rms_norm", "silu_and_mul"], env)
+        text, code = verify_mod.verdict(result, a.device or "cuda", a.allow_no_gpu)
+        result["verdict"] = text
+        if a.json:
+            _out(a, result)
+        else:
+            verify_mod.render(result, text)
+        return code
+    ctx = _ctx(a)
+    if not ctx.py.exists():
+        raise UsageError(f"Variant {ctx.name} has no env yet ({ctx.venv}).", f"Run `nox -s build-{ctx.name}` first.")
+    log = ctx.log("verify")
+    try:
+        res = do_verify(ctx, log, allow_no_gpu=a.allow_no_gpu, as_json=a.json)["result"]
+        code = 0
+    except StepFailed as e:
+        res = json.loads(json.dumps(getattr(e, "result", None) or {}))
+        code = 1
+        if not a.json:
+            print(str(e), file=sys.stderr)
+        if not res:
+            from . import verify as vm
+            vv = ctx.variant.verify
+            res = vm.run_verify(ctx.py, vv["device"], vv["imports"], vv["extensions"], vv["ops"], ctx.env())
+    if a.json:
+        _out(a, res)
+    return code
+
+
+def cmd_clean(a) -> int:
+    from .clean import clean
+    layout = _layout(a)
+    if a.variant and not a.all:
+        _variant(layout, a.variant)  # an unknown name is an error, not a silent no-op
+    res = clean(layout, a.variant, a.all, a.dry_run, a.pip_cache)
+    if a.json:
+        _out(a, res)
+    else:
+        verb = "would remove" if a.dry_run else "removed"
+        for p in res["removed"]:
+            print(f"{verb}: {p}")
+        print(f"{verb} {len(res['removed'])} path(s), {res['bytes'] / 2**20:.1f} MiB")
+    return EXIT_OK
+
+
+def cmd_step(a) -> int:
+    from .steps import run_single
+    ctx = _ctx(a)
+    if getattr(a, "nvcc_threads", None):
+        ctx.variant.build["nvcc_threads"] = a.nvcc_threads
+    step = a.command
+    if step == "prepare" and a.source:
+        from .steps import do_prepare
+        src = Path(a.source)
+        if not src.is_dir():
+            raise UsageError(f"--source {src}: not a directory.", "Give a vLLM source tree.")
+        from .runner import summary
+        log = ctx.log("prepare")
+        res = do_prepare(ctx, log, src=src.resolve())
+        if a.json:
+            _out(a, res)
+        else:
+            summary("prepare", True, 0.0, log, res["note"])
+        return EXIT_OK
+    res = run_single(ctx, step)
+    if getattr(a, "json", False):
+        _out(a, res)
+    return EXIT_OK
+
+
+def cmd_build_variant(a) -> int:
+    from .steps import build_variant
+    ctx = _ctx(a)
+    if not a.json:
+        print(f"harness: {machine_banner()}")
+        print(f"variant {ctx.name}: {ctx.variant.description} [{ctx.variant.path}]")
+    data = build_variant(ctx, allow_no_gpu=not a.strict_verify, skip_doctor=a.skip_doctor)
+    if a.json:
+        _out(a, data)
+    else:
+        v = (data["steps"].get("verify") or {}).get("note", "")
+        print(f"variant {ctx.name}: built; env {ctx.venv} (python: {venv_python(ctx.venv)}). {v}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-harness", description=__doc__.splitlines()[0])
+    p.add_argument("--root", help="the harness checkout (default: found from the current folder)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        s = sub.add_parser(name, help=help_)
+        s.set_defaults(fn=fn)
+        return s
+
+    s = add("list", cmd_list, "the variants in envs/")
+    s.add_argument("--json", action="store_true")
+    s = add("doctor", cmd_doctor, "preflight verdict for a variant on this machine")
+    s.add_argument("--variant")
+    s.add_argument("--machine", help="a machine profile TOML instead of probing this machine")
+    s.add_argument("--save-machine", dest="save_machine", help="write this machine's profile here")
+    s.add_argument("--source", help="a vLLM source tree whose pins to read")
+    s.add_argument("--json", action="store_true")
+    s = add("diagnose", cmd_diagnose, "name the cause and fix of a failed build or install log")
+    s.add_argument("--log", help="log file, or - for stdin (default: the last failed step's log)")
+    s.add_argument("--variant", help="fill the fixes with this variant's values")
+    s.add_argument("--json", action="store_true")
+    s = add("verify", cmd_verify, "GPU kernel smoke tests in a variant's env (or any env with --python)")
+    s.add_argument("--variant")
+    s.add_argument("--python")
+    s.add_argument("--device", choices=["cuda", "cpu"])
+    s.add_argument("--allow-no-gpu", dest="allow_no_gpu", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s = add("clean", cmd_clean, "remove what the harness made for a variant (or --all)")
+    s.add_argument("--variant")
+    s.add_argument("--all", action="store_true")
+    s.add_argument("--dry-run", dest="dry_run", action="store_true")
+    s.add_argument("--pip-cache", dest="pip_cache", action="store_true")
+    s.add_argument("--json", action="store_true")
+    for name, help_ in [("fetch", "get the variant's vLLM source"), ("prepare", "strip torch pins (use_existing_torch.py)"),
+                        ("deps", "make the venv, install torch and the build requirements"),
+                        ("build", "build vLLM (--no-build-isolation) or install its wheel"),
+                        ("post-install", "install the packages vLLM needs at run time (xformers)")]:
+        s = add(name, cmd_step, help_)
+        s.add_argument("--variant")
+        s.add_argument("--json", action="store_true")
+        s.add_argument("--force", action="store_true", help="run the step even if it is done")
+        if name == "prepare":
+            s.add_argument("--source", help="prepare this tree instead of the variant's fetched one")
+        if name == "deps":
+            s.add_argument("--python", help="the interpreter for the venv (default: discovered)")
+        if name == "build":
+            s.add_argument("--jobs", type=int)
+            s.add_argument("--nvcc-threads", dest="nvcc_threads", type=int)
+            s.add_argument("--arch", help="TORCH_CUDA_ARCH_LIST, e.g. '7.5;8.9'")
+    s = add("build-variant", cmd_build_variant, "the whole flow: doctor, env, build, post-install, verify")
+    s.add_argument("--variant", required=True)
+    s.add_argument("--force", action="store_true", help="build despite doctor errors; redo finished steps")
+    s.add_argument("--python")
+    s.add_argument("--jobs", type=int)
+    s.add_argument("--arch")
+    s.add_argument("--skip-doctor", dest="skip_doctor", action="store_true")
+    s.add_argument("--strict-verify", dest="strict_verify", action="store_true",
+                   help="fail when the GPU checks could not run (no GPU)")
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    try:
+        a = p.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) and EXIT_USAGE
+    try:
+        return a.fn(a)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: the step was marked not done; rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

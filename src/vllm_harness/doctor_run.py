@@ -1,0 +1,51 @@
+"""doctor as a command and as the preflight of every build: probe (or load) the machine, judge the variant."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .errors import StepFailed
+
+
+def machine_profile(layout, given: str | None = None, save: str | None = None) -> dict:
+    from . import machine
+    profile = machine.load_profile(Path(given)) if given else machine.probe(layout.state)
+    if save:
+        machine.save_profile(profile, Path(save))
+    return profile
+
+
+def run_doctor(ctx, machine_file: str | None = None, save_machine: str | None = None,
+               source: Path | None = None) -> tuple[dict, float]:
+    from . import doctor
+    t0 = time.monotonic()
+    ctx.profile = machine_profile(ctx.layout, machine_file, save_machine)
+    if source is None:
+        fetched = ctx.status.step("fetch") or {}
+        if fetched.get("status") == "ok" and Path(fetched.get("source", "")).is_dir():
+            source = Path(fetched["source"])
+    env = {} if machine_file else ctx.base_env  # a what-if profile is judged without this shell's env
+    findings = doctor.check(ctx.variant, ctx.profile, source_dir=source, env=env)
+    report = doctor.report_dict(ctx.variant, ctx.profile, findings)
+    return report, time.monotonic() - t0
+
+
+def preflight(ctx) -> dict:
+    """Doctor before anything slow; an error finding stops the build unless --force."""
+    from . import doctor
+    report, secs = run_doctor(ctx)
+    if not ctx.quiet:
+        shown = dict(report, findings=[f for f in report["findings"] if f["severity"] != "info"])
+        doctor.render_table(shown)
+        print(f"doctor: {report['verdict']} ({secs:.1f}s)")
+    log = ctx.log("doctor")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(json.dumps(report, indent=2))
+    errors = [f for f in report["findings"] if f["severity"] == "error"]
+    if errors and not ctx.force:
+        e = errors[0]
+        raise StepFailed(f"doctor: {len(errors)} error finding(s) before the build; first: {e['id']}: {e['evidence']}",
+                         f"{e['fix']} (or pass --force to build anyway)")
+    return report

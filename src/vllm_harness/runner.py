@@ -1,0 +1,207 @@
+"""Run one step's commands: full output to the step's log file, progress on the terminal, a short summary.
+
+Every child gets an argument list and an explicit environment (never ``shell=True``).  While it runs the
+terminal shows the step, the time, ninja's ``[n/N]`` as a bar when the build prints it, and the last
+line; when stdout is not a terminal a heartbeat line is printed every 30 s instead.  When a command
+fails, the log is read by ``diagnose`` and its top finding is printed under the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import StepFailed
+
+NINJA_RE = re.compile(rb"\[(\d+)/(\d+)\]")
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+SECRET_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<cred>[^/@\s:]+(:[^/@\s]*)?)@")
+
+
+def mask(text: str) -> str:
+    """Hide credentials in index URLs (https://user:token@host -> https://***@host)."""
+    return SECRET_RE.sub(lambda m: m.group("scheme") + "***@", text)
+
+
+def console():
+    from rich.console import Console
+    return Console(stderr=False, highlight=False)
+
+
+@dataclass
+class StepLog:
+    path: Path
+    started: float = field(default_factory=time.monotonic)
+
+    def open(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            os.replace(self.path, self.path.with_name(self.path.stem + ".prev.log"))
+        return open(self.path, "ab", buffering=0)
+
+
+class Progress:
+    """Terminal progress for one step: a rich live line, or a heartbeat when not a terminal."""
+
+    def __init__(self, step: str, quiet: bool = False):
+        self.step = step
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+        self.last_line = ""
+        self.done = self.total = 0
+        self.next_beat = self.t0 + 30
+        self._live = None
+        self._con = None
+        if not quiet:
+            self._con = console()
+            if self._con.is_terminal:
+                from rich.progress import BarColumn, Progress as RProgress, TextColumn, TimeElapsedColumn
+                from rich.progress import TimeRemainingColumn
+                self._live = RProgress(TextColumn(f"[bold]{step}[/]"), BarColumn(bar_width=24),
+                                       TimeElapsedColumn(), TimeRemainingColumn(),
+                                       TextColumn("{task.description}", style="dim"),
+                                       console=self._con, transient=True)
+                self._task = self._live.add_task("", total=None)
+                self._live.start()
+
+    def feed(self, raw: bytes) -> None:
+        m = None
+        for m in NINJA_RE.finditer(raw):
+            pass
+        if m:
+            self.done, self.total = int(m.group(1)), int(m.group(2))
+        text = ANSI_RE.sub("", raw.decode("utf-8", "replace")).strip()
+        if text:
+            self.last_line = text
+        now = time.monotonic()
+        if self._live is not None:
+            desc = self.last_line[-90:]
+            if self.total:
+                self._live.update(self._task, completed=self.done, total=self.total, description=desc)
+            else:
+                self._live.update(self._task, description=desc)
+        elif not self.quiet and now >= self.next_beat:
+            self.next_beat = now + 30
+            frac = f" [{self.done}/{self.total}]" if self.total else ""
+            print(f"  ... {self.step} {now - self.t0:.0f}s{frac} {mask(self.last_line[-100:])}", flush=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+
+def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict[str, str],
+                 cwd: Path | None = None, quiet: bool = False, timeout: float | None = None) -> float:
+    """Run ``commands`` one after another; all output to ``log_path``.  Returns seconds taken.
+
+    Raises ``StepFailed`` (with the log path) when one exits non-zero.  On Ctrl-C / SIGTERM the child's
+    whole process group (pip, cmake, ninja, nvcc) is ended before the exception goes on.
+    """
+    log = StepLog(log_path)
+    prog = Progress(step, quiet=quiet)
+    t0 = time.monotonic()
+    try:
+        with log.open() as fh:
+            for argv in commands:
+                fh.write(f"$ {mask(' '.join(argv))}\n".encode())
+                fh.write(f"# cwd: {cwd or os.getcwd()}\n".encode())
+                try:
+                    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+                except OSError as e:
+                    fh.write(f"cannot start {argv[0]}: {e}\n".encode())
+                    raise StepFailed(f"{step}: cannot start {argv[0]} ({e.strerror}).",
+                                     "Check that it is installed and on PATH.", log=str(log_path)) from None
+                try:
+                    assert proc.stdout is not None
+                    for raw in iter(proc.stdout.readline, b""):
+                        fh.write(mask(raw.decode("utf-8", "replace")).encode("utf-8"))
+                        for seg in raw.split(b"\r"):
+                            prog.feed(seg)
+                        if timeout and time.monotonic() - t0 > timeout:
+                            raise TimeoutError
+                    rc = proc.wait()
+                except BaseException:
+                    _kill_group(proc)
+                    raise
+                fh.write(f"# exit status {rc}\n".encode())
+                if rc != 0:
+                    raise StepFailed(f"{step} failed: `{mask(' '.join(_short(argv)))}` exited with {rc}.",
+                                     None, log=str(log_path))
+    finally:
+        prog.close()
+    return time.monotonic() - t0
+
+
+def _short(argv: list[str]) -> list[str]:
+    out = [Path(argv[0]).name] + argv[1:]
+    return out if len(out) <= 8 else out[:8] + ["..."]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def summary(step: str, ok: bool, seconds: float, log: Path | None, note: str = "", quiet: bool = False) -> None:
+    if quiet:
+        return
+    mark = "[green]✓[/]" if ok else "[red]✗[/]"
+    where = f"  log: {_rel(log)}" if log else ""
+    console().print(f"{mark} [bold]{step:<13}[/] {seconds:7.1f}s{where}{('  ' + note) if note else ''}")
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def explain_failure(log: Path, context: dict | None, quiet: bool = False) -> dict | None:
+    """Run diagnose on a failed step's log and print its top finding.  Returns the report dict."""
+    try:
+        from . import diagnose
+        report = diagnose.diagnose_path(str(log), context=context)
+    except Exception as e:  # diagnose must never hide the real failure
+        print(f"  (diagnose could not read the log: {e})", file=sys.stderr)
+        return None
+    data = report.to_dict()
+    if quiet:
+        return data
+    con = console()
+    if data["findings"]:
+        top = data["findings"][0]
+        con.print(f"  [red bold]{top['id']}[/] (log line {top['line']}): {mask(top['evidence'])}")
+        con.print(f"  cause: {top['cause']}")
+        con.print(f"  [bold]fix:[/] {top['fix']}")
+        more = len(data["findings"]) - 1
+        if more:
+            con.print(f"  (+{more} more: invoke diagnose --log {_rel(log)})")
+    else:
+        con.print("  diagnose: no known failure recognised; the first error lines:")
+        for n, line in (data.get("first_error_lines") or [])[:8]:
+            con.print(f"  {n:>6}: {mask(line)[:160]}", markup=False)
+    return data
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,97 @@
+"""Per-variant step status: which steps finished, with which inputs, and whether the env is built.
+
+A step is done when its recorded key equals the key of its inputs now; keys chain (each step's key
+includes the previous step's), so a change to the variant's torch re-runs everything after torch, and
+a change to its post-install packages re-runs only post-install and verify.  A failed or interrupted
+step clears itself and every later step and sets ``built = false``: an env is never left looking good.
+Writes are atomic (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+STEPS = ["fetch", "prepare", "env", "torch", "deps", "build", "post-install", "verify"]
+# step -> the steps whose result it uses; re-running a step clears everything that depends on it
+DEPENDS = {"fetch": [], "prepare": ["fetch"], "env": [], "torch": ["env"], "deps": ["torch", "prepare"],
+           "build": ["deps"], "post-install": ["build"], "verify": ["post-install"]}
+
+
+def dependents(step: str) -> list[str]:
+    out = [step]
+    for s in STEPS:
+        if any(d in out for d in DEPENDS[s]) and s not in out:
+            out.append(s)
+    return out
+
+
+def key_of(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+class Status:
+    def __init__(self, path: Path, variant: str):
+        self.path = path
+        self.variant = variant
+        self.data: dict[str, Any] = {"variant": variant, "built": False, "steps": {}}
+        if path.is_file():
+            try:
+                loaded = json.loads(path.read_text())
+                if isinstance(loaded, dict) and isinstance(loaded.get("steps"), dict):
+                    self.data = loaded
+            except (OSError, ValueError):
+                pass  # a corrupt status file means nothing is known to be done
+
+    @property
+    def built(self) -> bool:
+        return bool(self.data.get("built"))
+
+    def step(self, name: str) -> dict | None:
+        return self.data["steps"].get(name)
+
+    def is_done(self, name: str, key: str) -> bool:
+        s = self.step(name)
+        return bool(s) and s.get("status") == "ok" and s.get("key") == key
+
+    def invalidate(self, name: str) -> None:
+        for later in dependents(name):
+            self.data["steps"].pop(later, None)
+        self.data["built"] = False
+
+    def start(self, name: str) -> None:
+        self.invalidate(name)
+        self.data["steps"][name] = {"status": "running", "started": time.time(), "pid": os.getpid()}
+        self.save()
+
+    def finish(self, name: str, key: str, log: str | None, seconds: float, **extra: Any) -> None:
+        self.data["steps"][name] = {"status": "ok", "key": key, "log": log, "seconds": round(seconds, 1),
+                                    "finished": time.time(), **extra}
+        self.save()
+
+    def fail(self, name: str, log: str | None, reason: str) -> None:
+        self.invalidate(name)
+        self.data["steps"][name] = {"status": "failed", "log": log, "reason": reason, "finished": time.time()}
+        self.save()
+
+    def set_built(self, built: bool) -> None:
+        self.data["built"] = built
+        self.save()
+
+    def reset(self) -> None:
+        self.data = {"variant": self.variant, "built": False, "steps": {}}
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)

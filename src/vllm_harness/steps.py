@@ -1,0 +1,475 @@
+"""The steps of a variant build, each one recorded in the variant's status so that reruns reuse what is good.
+
+    fetch -> prepare -> env -> torch -> deps -> build -> post-install -> verify
+    (fetch/prepare: source builds only; in wheel mode `build` installs the prebuilt wheel)
+
+``build_variant`` (the ``build-<variant>`` nox session) runs doctor first and stops on an error finding
+before anything slow, unless ``force``.  A single step (an invoke task) refuses to run before the step it
+needs, with the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from packaging.requirements import Requirement
+
+from . import fetch as fetch_mod
+from . import prepare as prepare_mod
+from . import pythons, toolkit, verify as verify_mod
+from .errors import HarnessError, StepFailed, UsageError
+from .layout import Layout, venv_python
+from .runner import explain_failure, run_commands, summary, write_json
+from .status import DEPENDS, STEPS, Status, key_of
+from .variants import Variant
+
+PER_JOB_GIB = {"cuda": 3.0, "cpu": 1.0}   # peak RSS of one compile job (nvcc/cicc on vLLM kernels ~2.5-3 GB)
+
+
+@dataclass
+class Ctx:
+    layout: Layout
+    variant: Variant
+    quiet: bool = False
+    force: bool = False
+    python: str | None = None            # --python override for the env step
+    jobs: int | None = None
+    arch: str | None = None
+    base_env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    profile: dict | None = None
+    status: Status = field(init=False)
+
+    def __post_init__(self):
+        self.status = Status(self.layout.status(self.variant.name), self.variant.name)
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    @property
+    def venv(self) -> Path:
+        return self.layout.venv(self.name)
+
+    @property
+    def py(self) -> Path:
+        return venv_python(self.venv)
+
+    @property
+    def device(self) -> str:
+        return self.variant.build["env"].get("VLLM_TARGET_DEVICE", "cuda")
+
+    def log(self, step: str) -> Path:
+        return self.layout.logs(self.name) / f"{step}.log"
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            from rich.console import Console
+            Console(highlight=False).print(text)
+
+    # ---- children's environment
+    def env(self, cuda: bool = False, extra: dict[str, str] | None = None) -> dict[str, str]:
+        home = Path(self.cuda_home()) if cuda else None
+        return toolkit.child_env(self.base_env, self.venv, home, extra or {},
+                                 drop_precompiled=self.variant.vllm["mode"] == "source")
+
+    def cuda_home(self) -> str:
+        toolkits = (self.profile or {}).get("machine", {}).get("cuda_toolkits") or toolkit.find_toolkits(self.base_env)
+        if self.variant.cuda in toolkits:
+            return toolkits[self.variant.cuda]
+        have = ", ".join(f"{v} at {p}" for v, p in sorted(toolkits.items())) or "none"
+        raise UsageError(f"No CUDA {self.variant.cuda} toolkit found for variant {self.name} (found: {have}).",
+                         f"Install CUDA {self.variant.cuda} (e.g. /usr/local/cuda-{self.variant.cuda}) or set "
+                         f"CUDA_HOME to its root.")
+
+    # ---- installer
+    def install_cmd(self, reqs: list[str], index_url: str | None = None, constraints: bool = True,
+                    extra: list[str] | None = None) -> list[str]:
+        if self.variant.installer == "uv" and _uv_bin():
+            argv = [_uv_bin(), "pip", "install", "--python", str(self.py)]
+        else:
+            argv = [str(self.py), "-m", "pip", "install", "--progress-bar", "off"]
+        if index_url:
+            argv += ["--index-url", index_url]
+        cfile = self.layout.constraints(self.name)
+        if constraints and cfile.is_file():
+            argv += ["--constraint", str(cfile)]
+        return argv + (extra or []) + reqs
+
+
+def _uv_bin() -> str | None:
+    try:
+        from uv import find_uv_bin
+        return find_uv_bin()
+    except Exception:
+        return shutil.which("uv")
+
+
+def installed_versions(py: Path, names: list[str], env: dict[str, str]) -> dict[str, str | None]:
+    code = ("import json, importlib.metadata as m, sys\nout={}\nfor n in sys.argv[1:]:\n"
+            "    try: out[n]=m.version(n)\n    except Exception: out[n]=None\nprint(json.dumps(out))")
+    r = subprocess.run([str(py), "-c", code, *names], capture_output=True, text=True, env=env, timeout=120)
+    if r.returncode != 0:
+        return {n: None for n in names}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------- the steps
+
+def _step_keys(ctx: Ctx, interp_key: str) -> dict[str, str]:
+    v = ctx.variant
+    keys = {}
+    keys["fetch"] = key_of("fetch", v.vllm)
+    keys["prepare"] = key_of(keys["fetch"], "prepare-1")
+    keys["env"] = key_of("env", interp_key, v.torch["preinstalled"], v.installer)
+    keys["torch"] = key_of(keys["env"], v.torch)
+    keys["deps"] = key_of(keys["torch"], keys["prepare"] if v.vllm["mode"] == "source" else "", v.deps)
+    keys["build"] = key_of(keys["deps"], v.build, ctx.jobs, ctx.arch, v.vllm["mode"])
+    keys["post-install"] = key_of(keys["build"], v.post_install)
+    keys["verify"] = key_of(keys["post-install"], v.verify, time.time())  # verify always runs again
+    return keys
+
+
+def steps_for(variant: Variant) -> list[str]:
+    if variant.vllm["mode"] == "wheel":
+        return [s for s in STEPS if s not in ("fetch", "prepare")]
+    return list(STEPS)
+
+
+def _run(ctx: Ctx, step: str, key: str, fn) -> None:
+    if not ctx.force and ctx.status.is_done(step, key):
+        s = ctx.status.step(step)
+        ctx.say(f"[dim]· {step:<13} done earlier ({s.get('seconds', 0)}s), reused[/]")
+        return
+    ctx.status.start(step)
+    log = ctx.log(step)
+    t0 = time.monotonic()
+    try:
+        extra = fn(log) or {}
+    except StepFailed as e:
+        ctx.status.fail(step, e.log or str(log), e.message)
+        summary(step, False, time.monotonic() - t0, Path(e.log) if e.log else None, quiet=ctx.quiet)
+        if e.log:
+            write_json(ctx.layout.last_failed, {"variant": ctx.name, "step": step, "log": e.log})
+            report = explain_failure(Path(e.log), ctx.variant.fix_context(), quiet=ctx.quiet)
+            if report and report["findings"] and not e.fix:
+                e.fix = report["findings"][0]["fix"]
+        raise
+    except HarnessError as e:
+        ctx.status.fail(step, None, e.message)
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM, a bug: never leave the step looking done
+        ctx.status.fail(step, str(log), "interrupted")
+        raise
+    secs = time.monotonic() - t0
+    ctx.status.finish(step, key, str(log) if log.exists() else None, secs, **extra)
+    summary(step, True, secs, log if log.exists() else None, note=extra.get("note", ""), quiet=ctx.quiet)
+
+
+def do_env(ctx: Ctx, interp: pythons.Interpreter, log: Path) -> dict:
+    v = ctx.variant
+    if ctx.venv.exists():
+        shutil.rmtree(ctx.venv)
+    ctx.venv.parent.mkdir(parents=True, exist_ok=True)
+    uv = _uv_bin()
+    site = ["--system-site-packages"] if v.torch["preinstalled"] else []
+    if uv:
+        cmd = [uv, "venv", "--seed", "--python", interp.path, *site, str(ctx.venv)]
+    else:
+        try:
+            import virtualenv  # noqa: F401
+            cmd = [sys.executable, "-m", "virtualenv", "--python", interp.path, *site, str(ctx.venv)]
+        except ImportError:
+            cmd = [interp.path, "-m", "venv", *site, str(ctx.venv)]
+    env = {k: val for k, val in ctx.base_env.items() if k not in toolkit.DROP}
+    try:
+        run_commands("env", [cmd], log, env, quiet=ctx.quiet)
+    except BaseException:
+        shutil.rmtree(ctx.venv, ignore_errors=True)
+        raise
+    return {"python": interp.path, "python_version": interp.version,
+            "note": f"Python {interp.version} ({interp.origin}: {interp.path})"}
+
+
+def do_torch(ctx: Ctx, log: Path) -> dict:
+    v = ctx.variant
+    env = ctx.env()
+    names = [Requirement(r).name for r in v.torch["packages"]]
+    if not v.torch["preinstalled"]:
+        cmd = ctx.install_cmd(v.torch["packages"], v.torch["index_url"], constraints=False)
+        run_commands("torch", [cmd], log, env, quiet=ctx.quiet)
+    have = installed_versions(ctx.py, names, env)
+    if not have.get("torch"):
+        raise StepFailed(f"torch: no torch in {ctx.venv} after this step.",
+                         "The interpreter has no torch; set preinstalled = false." if v.torch["preinstalled"]
+                         else None, log=str(log) if log.exists() else None)
+    base = have["torch"].split("+")[0]
+    if base != v.torch["version"]:
+        raise StepFailed(f"torch: {have['torch']} is installed, the variant names torch {v.torch['version']}.",
+                         "Give the interpreter the variant's torch or fix [torch].version.")
+    pins = [f"{n}=={ver}" for n, ver in have.items() if ver]
+    pins += [r for r in v.deps["packages"] if Requirement(r).name.lower() == "numpy"]
+    cfile = ctx.layout.constraints(ctx.name)
+    cfile.write_text("# written by the harness: every later install in this env keeps these\n" + "\n".join(pins) + "\n")
+    return {"versions": have, "note": ", ".join(pins)}
+
+
+def do_fetch(ctx: Ctx, log: Path) -> dict:
+    src, prov = fetch_mod.fetch(ctx.variant, ctx.layout, ctx.base_env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(json.dumps(prov, indent=2) + "\n")
+    return {"source": str(src), "provenance": prov, "note": str(src)}
+
+
+def source_dir(ctx: Ctx) -> Path:
+    s = ctx.status.step("fetch")
+    if not s or s.get("status") != "ok":
+        raise UsageError(f"Variant {ctx.name} has no fetched source yet.",
+                         f"Run `invoke fetch --variant {ctx.name}` (or `nox -s build-{ctx.name}`).")
+    return Path(s["source"])
+
+
+def do_prepare(ctx: Ctx, log: Path, src: Path | None = None) -> dict:
+    src = src or source_dir(ctx)
+    if log.exists():
+        log.unlink()
+    env = {k: val for k, val in ctx.base_env.items() if k not in toolkit.DROP}
+    result = prepare_mod.prepare(src, Path(sys.executable), log, env)
+    n = len(result["changed"])
+    result["note"] = f"{result['how']}: {n} file(s) changed" if n else f"{result['how']}: nothing to change"
+    return result
+
+
+def do_deps(ctx: Ctx, log: Path) -> dict:
+    v = ctx.variant
+    cmds = []
+    reqs = list(v.deps["packages"])
+    if v.vllm["mode"] == "source":
+        src = source_dir(ctx)
+        files = prepare_mod.build_requirement_files(src)
+        build_args = [a for f in files for a in ("-r", str(f))]
+        if not files:
+            reqs += prepare_mod.build_system_requires(src)
+        runtime = prepare_mod.runtime_requirement_files(src, ctx.device)
+        build_args += [a for f in runtime for a in ("-r", str(f))]
+        cmds.append(ctx.install_cmd(reqs, v.deps["index_url"], extra=build_args))
+    elif reqs:
+        cmds.append(ctx.install_cmd(reqs, v.deps["index_url"]))
+    if cmds:
+        run_commands("deps", cmds, log, ctx.env(), quiet=ctx.quiet)
+    _torch_kept(ctx, log)
+    return {"note": f"{len(reqs)} extra requirement(s)"}
+
+
+def _torch_kept(ctx: Ctx, log: Path) -> None:
+    want = (ctx.status.step("torch") or {}).get("versions", {}).get("torch")
+    have = installed_versions(ctx.py, ["torch"], ctx.env()).get("torch")
+    if want and have != want:
+        raise StepFailed(f"torch-replaced: torch {want} was replaced by {have} in {ctx.venv}.",
+                         "Rebuild the env (`nox -s build-" + ctx.name + "`); pin the torch the variant names.",
+                         log=str(log) if log.exists() else None)
+
+
+def auto_jobs(ctx: Ctx) -> tuple[int, str]:
+    if ctx.jobs:
+        return ctx.jobs, "--jobs"
+    if ctx.variant.build["jobs"] != "auto":
+        return int(ctx.variant.build["jobs"]), f"{ctx.variant.name}.toml build.jobs"
+    cores = len(os.sched_getaffinity(0))
+    avail = (ctx.profile or {}).get("machine", {}).get("ram_available_gib") or _mem_available_gib()
+    per = PER_JOB_GIB["cpu" if ctx.device == "cpu" else "cuda"] * ctx.variant.build["nvcc_threads"]
+    by_ram = max(1, int(avail // per))
+    return min(cores, by_ram), f"min({cores} cores, {avail:.0f} GiB free / {per:g} GiB a job)"
+
+
+def _mem_available_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 4.0
+
+
+def arch_list(ctx: Ctx) -> tuple[str | None, str]:
+    if ctx.arch:
+        return ctx.arch, "--arch"
+    if ctx.variant.build["arch_list"]:
+        return ctx.variant.build["arch_list"], "variant build.arch_list"
+    gpus = (ctx.profile or {}).get("gpu") or []
+    caps = sorted({g["compute_capability"] for g in gpus if g.get("compute_capability")}, key=float)
+    if caps:
+        return ";".join(caps), "the GPUs of this machine"
+    return None, "no GPU found: every arch the source's CMake builds for this CUDA"
+
+
+def do_build(ctx: Ctx, log: Path) -> dict:
+    v = ctx.variant
+    if v.vllm["mode"] == "wheel":
+        cmd = ctx.install_cmd([v.vllm_requirement], v.vllm["index_url"])
+        run_commands("build", [cmd], log, ctx.env(), quiet=ctx.quiet)
+        _torch_kept(ctx, log)
+        return {"note": f"installed {v.vllm_requirement} (prebuilt wheel)"}
+    src = source_dir(ctx)
+    jobs, why_jobs = auto_jobs(ctx)
+    archs, why_arch = arch_list(ctx)
+    extra = {"MAX_JOBS": str(jobs), "NVCC_THREADS": str(v.build["nvcc_threads"])}
+    if archs:
+        extra["TORCH_CUDA_ARCH_LIST"] = archs
+    if not (src / ".git").exists() and not (src / "PKG-INFO").exists():
+        extra["SETUPTOOLS_SCM_PRETEND_VERSION"] = v.vllm["version"]
+    extra.update(v.build["env"])
+    cuda = ctx.device == "cuda"
+    env = fetch_mod.git_env(ctx.env(cuda=cuda, extra=extra), [src])
+    ctx.say(f"  MAX_JOBS={jobs} ({why_jobs}); NVCC_THREADS={v.build['nvcc_threads']}; "
+            f"TORCH_CUDA_ARCH_LIST={archs or '(unset)'} ({why_arch})"
+            + (f"; CUDA_HOME={env['CUDA_HOME']}" if cuda else ""))
+    pip = [str(ctx.py), "-m", "pip", "install", "--no-build-isolation", "-v", "--progress-bar", "off"]
+    cfile = ctx.layout.constraints(ctx.name)
+    if cfile.is_file():
+        pip += ["--constraint", str(cfile)]
+    pip += ["-e", str(src)] if v.build["editable"] else [str(src)]
+    run_commands("build", [pip], log, env, cwd=src, quiet=ctx.quiet)
+    _torch_kept(ctx, log)
+    return {"jobs": jobs, "arch_list": archs, "note": f"MAX_JOBS={jobs}"}
+
+
+def do_post_install(ctx: Ctx, log: Path) -> dict:
+    pk = ctx.variant.post_install
+    if pk["packages"]:
+        run_commands("post-install", [ctx.install_cmd(pk["packages"], pk["index_url"])], log, ctx.env(),
+                     quiet=ctx.quiet)
+        _torch_kept(ctx, log)
+    return {"note": ", ".join(pk["packages"]) or "nothing to install"}
+
+
+def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = False) -> dict:
+    vv = ctx.variant.verify
+    result = verify_mod.run_verify(ctx.py, vv["device"], vv["imports"], vv["extensions"], vv["ops"],
+                                   ctx.env(), log=log)
+    text, code = verify_mod.verdict(result, vv["device"], allow_no_gpu)
+    result["variant"] = ctx.name
+    result["verdict"] = text
+    if not ctx.quiet and not as_json:
+        verify_mod.render(result, text)
+    if code:
+        failed = [c for c in result["checks"] if c["status"] == "fail"]
+        raise StepFailed(f"verify: {text}" + (f": {failed[0]['name']}: {failed[0]['reason']}" if failed else ""),
+                         "Read the table above; `invoke diagnose` reads the log.", log=str(log))
+    return {"note": text, "result": result}
+
+
+# ------------------------------------------------------------------------------------------ drivers
+
+def lock(ctx: Ctx) -> FileLock:
+    path = ctx.layout.lock(ctx.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
+def _acquire(ctx: Ctx) -> FileLock:
+    lk = lock(ctx)
+    try:
+        lk.acquire(timeout=5)
+    except Timeout:
+        raise UsageError(f"Another harness run holds variant {ctx.name} ({lk.lock_file}).",
+                         "Wait for it to finish, then rerun.") from None
+    return lk
+
+
+def require(ctx: Ctx, step: str) -> None:
+    """Refuse a single step whose inputs have not been made (a step run out of order)."""
+    order = steps_for(ctx.variant)
+    if step not in order:
+        raise UsageError(f"Step '{step}' does not apply to variant {ctx.name} (mode = "
+                         f"'{ctx.variant.vllm['mode']}').", f"Its steps are: {', '.join(order)}.")
+    needed, todo = [], list(DEPENDS[step])
+    while todo:
+        d = todo.pop()
+        if d in order and d not in needed:
+            needed.append(d)
+            todo += DEPENDS[d]
+    for prev in [s for s in order if s in needed]:
+        st = ctx.status.step(prev)
+        if not st or st.get("status") != "ok":
+            task = "deps" if prev in ("env", "torch") else prev
+            raise UsageError(f"Step '{step}' needs step '{prev}' first for variant {ctx.name}.",
+                             f"Run `invoke {task} --variant {ctx.name}` or `nox -s build-{ctx.name}`.")
+
+
+TASK_STEPS = {"deps": ["env", "torch", "deps"]}  # `invoke deps` also makes the env and installs torch
+
+
+def _interpreter(ctx: Ctx) -> pythons.Interpreter:
+    """The recorded interpreter of a good env, or a newly discovered one."""
+    env_step = ctx.status.step("env")
+    if ctx.force or not env_step or env_step.get("status") != "ok" or not ctx.py.exists() or ctx.python:
+        return pythons.find(ctx.variant.python, ctx.python, ctx.base_env, what=f"variant {ctx.name}")
+    return pythons.Interpreter(path=env_step["python"], version=env_step["python_version"],
+                               executable=env_step["python"], origin="recorded", has_headers=True)
+
+
+def run_single(ctx: Ctx, step: str, **kw) -> dict:
+    """One step, as an invoke task runs it: checked for order, locked, recorded."""
+    lk = _acquire(ctx)
+    try:
+        group = TASK_STEPS.get(step, [step])
+        require(ctx, group[0])
+        interp = _interpreter(ctx) if "env" in group else None
+        keys = _step_keys(ctx, _interp_key(ctx, interp))
+        for s in group:
+            _run(ctx, s, keys[s], _step_fn(ctx, s, interp, **(kw if s == step else {})))
+        return ctx.status.step(step) or {}
+    finally:
+        lk.release()
+
+
+def _interp_key(ctx: Ctx, interp: pythons.Interpreter | None) -> str:
+    if interp is not None:
+        return f"{interp.path}:{interp.version}"
+    s = ctx.status.step("env") or {}
+    return f"{s.get('python')}:{s.get('python_version')}"
+
+
+def _step_fn(ctx: Ctx, step: str, interp, **kw):
+    return {
+        "env": lambda log: do_env(ctx, interp, log),
+        "torch": lambda log: do_torch(ctx, log),
+        "fetch": lambda log: do_fetch(ctx, log),
+        "prepare": lambda log: do_prepare(ctx, log),
+        "deps": lambda log: do_deps(ctx, log),
+        "build": lambda log: do_build(ctx, log),
+        "post-install": lambda log: do_post_install(ctx, log),
+        "verify": lambda log: do_verify(ctx, log, **kw),
+    }[step]
+
+
+def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False) -> dict:
+    """The whole flow of ``nox -s build-<variant>``; steps that are done with the same inputs are reused."""
+    from . import doctor_run
+    lk = _acquire(ctx)
+    try:
+        if not skip_doctor:
+            doctor_run.preflight(ctx)
+        interp = _interpreter(ctx)
+        if not ctx.py.exists():  # env deleted by hand: nothing in it can be trusted
+            ctx.status.invalidate("env")
+        keys = _step_keys(ctx, _interp_key(ctx, interp))
+        for step in steps_for(ctx.variant):
+            kw = {"allow_no_gpu": allow_no_gpu} if step == "verify" else {}
+            _run(ctx, step, keys[step], _step_fn(ctx, step, interp, **kw))
+            if step == "post-install":
+                ctx.status.set_built(True)
+                ctx.layout.last_built.parent.mkdir(parents=True, exist_ok=True)
+                ctx.layout.last_built.write_text(ctx.name + "\n")
+        return ctx.status.data
+    finally:
+        lk.release()

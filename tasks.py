@@ -1,0 +1,94 @@
+"""invoke tasks: the single steps of a variant build, for daily work.  Each one calls vllm_harness.cli."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from invoke import Exit, task
+
+sys.path.insert(0, str(Path(__file__).parent / "src"))
+from vllm_harness.cli import main as harness  # noqa: E402
+
+
+def _call(*argv: str | None, **flags) -> None:
+    args = [a for a in argv if a is not None]
+    for name, value in flags.items():
+        flag = "--" + name.rstrip("_").replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value not in (None, False):
+            args += [flag, str(value)]
+    rc = harness(args)
+    if rc:
+        raise Exit(code=rc)
+
+
+V = {"variant": "variant name (envs/NAME.toml) or path to a variant file"}
+
+
+@task(help={**V, "all_": "every variant, and the download cache", "dry_run": "show, remove nothing",
+            "pip_cache": "also purge pip's own cache (opt-in)", "json": "JSON output"})
+def clean(c, variant=None, all_=False, dry_run=False, pip_cache=False, json=False):
+    """Remove what the harness made for a variant: stale build/, .deps, egg-info, its venv and logs."""
+    _call("clean", variant=variant, all_=all_, dry_run=dry_run, pip_cache=pip_cache, json=json)
+
+
+@task(help={**V, "machine": "judge this machine profile (TOML) instead of probing",
+            "save_machine": "write this machine's profile to FILE", "source": "a vLLM tree to read pins from",
+            "json": "JSON output"})
+def doctor(c, variant=None, machine=None, save_machine=None, source=None, json=False):
+    """Preflight verdict for a variant on this machine, with a fix for each finding."""
+    _call("doctor", variant=variant, machine=machine, save_machine=save_machine, source=source, json=json)
+
+
+@task(help={**V, "force": "fetch again"})
+def fetch(c, variant=None, force=False):
+    """Get the variant's vLLM source (PyPI sdist, git ref or local path) into .harness/src/."""
+    _call("fetch", variant=variant, force=force)
+
+
+@task(help={**V, "source": "prepare this tree instead of the variant's", "json": "JSON output",
+            "force": "run again"})
+def prepare(c, variant=None, source=None, json=False, force=False):
+    """Run the tree's use_existing_torch.py (or the equivalent) and check no torch pin is left."""
+    _call("prepare", variant=variant, source=source, json=json, force=force)
+
+
+@task(help={**V, "python": "interpreter for the venv (default: discovered)", "force": "run again"})
+def deps(c, variant=None, python=None, force=False):
+    """Make the variant's venv, install its torch, then the build requirements (torch kept)."""
+    _call("deps", variant=variant, python=python, force=force)
+
+
+@task(help={**V, "jobs": "MAX_JOBS (default: from RAM and cores)", "nvcc_threads": "NVCC_THREADS",
+            "arch": "TORCH_CUDA_ARCH_LIST, e.g. '7.5;8.9' (default: this machine's GPUs)", "force": "run again"})
+def build(c, variant=None, jobs=None, nvcc_threads=None, arch=None, force=False):
+    """Build vLLM with --no-build-isolation under CUDA_HOME/LD_LIBRARY_PATH (or install its wheel)."""
+    _call("build", variant=variant, jobs=jobs, nvcc_threads=nvcc_threads, arch=arch, force=force)
+
+
+@task(name="post-install", help={**V, "force": "run again"})
+def post_install(c, variant=None, force=False):
+    """Install what vLLM needs at run time after the build (xformers from the variant's index)."""
+    _call("post-install", variant=variant, force=force)
+
+
+@task(help={**V, "python": "verify any env with vLLM instead", "json": "JSON output",
+            "allow_no_gpu": "exit 0 when the GPU checks could not run"})
+def verify(c, variant=None, python=None, json=False, allow_no_gpu=False):
+    """GPU kernel smoke tests: imports, extensions, vLLM's ops against torch references."""
+    _call("verify", variant=variant, python=python, json=json, allow_no_gpu=allow_no_gpu)
+
+
+@task(help={"log": "log file, or - for stdin (default: the last failed step's log)",
+            "variant": "fill the fixes with this variant's values", "json": "JSON output"})
+def diagnose(c, log=None, variant=None, json=False):
+    """Name the cause and the fix of a failed build or install log."""
+    _call("diagnose", log=log, variant=variant, json=json)
+
+
+@task(name="list", help={"json": "JSON output"})
+def list_(c, json=False):
+    """The variants in envs/ (CUDA, Python, torch, vLLM, mode)."""
+    _call("list", json=json)
