@@ -32,7 +32,10 @@ def mask(text: str) -> str:
 
 def console():
     from rich.console import Console
-    return Console(stderr=False, highlight=False)
+    import shutil
+    # not a terminal (CI, a pipe): never wrap a summary line at 80 columns
+    return Console(stderr=False, highlight=False, soft_wrap=True,
+                   width=None if sys.stdout.isatty() else max(120, shutil.get_terminal_size().columns))
 
 
 @dataclass
@@ -89,7 +92,7 @@ class Progress:
                 self._live.update(self._task, description=desc)
         elif not self.quiet and now >= self.next_beat:
             self.next_beat = now + 30
-            frac = f" [{self.done}/{self.total}]" if self.total else ""
+            frac = f" [{self.done}/{self.total}]" if self.total and not self.last_line.startswith("[") else ""
             print(f"  ... {self.step} {now - self.t0:.0f}s{frac} {mask(self.last_line[-100:])}", flush=True)
 
     def close(self) -> None:

@@ -72,7 +72,8 @@ class Ctx:
     def say(self, text: str) -> None:
         if not self.quiet:
             from rich.console import Console
-            Console(highlight=False).print(text)
+            from .runner import console
+            console().print(text)
 
     # ---- children's environment
     def env(self, cuda: bool = False, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -126,7 +127,7 @@ def installed_versions(py: Path, names: list[str], env: dict[str, str]) -> dict[
 def _step_keys(ctx: Ctx, interp_key: str) -> dict[str, str]:
     v = ctx.variant
     keys = {}
-    keys["fetch"] = key_of("fetch", v.vllm)
+    keys["fetch"] = key_of("fetch", v.vllm, _tree_stamp(v.source_path()) if v.vllm["source"] == "path" else "")
     keys["prepare"] = key_of(keys["fetch"], "prepare-1")
     keys["env"] = key_of("env", interp_key, v.torch["preinstalled"], v.installer)
     keys["torch"] = key_of(keys["env"], v.torch)
@@ -135,6 +136,22 @@ def _step_keys(ctx: Ctx, interp_key: str) -> dict[str, str]:
     keys["post-install"] = key_of(keys["build"], v.post_install)
     keys["verify"] = key_of(keys["post-install"], v.verify, time.time())  # verify always runs again
     return keys
+
+
+def _tree_stamp(root: Path | None) -> str:
+    """A cheap fingerprint of a local source tree (names, sizes, mtimes), so edits to it are fetched again."""
+    if root is None or not root.is_dir():
+        return ""
+    items = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in ("build", ".deps", ".git", "__pycache__") and not d.endswith(".egg-info")]
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            items.append((os.path.relpath(os.path.join(dirpath, f), root), st.st_size, st.st_mtime_ns))
+    return key_of(sorted(items))
 
 
 def steps_for(variant: Variant) -> list[str]:
@@ -181,21 +198,21 @@ def do_env(ctx: Ctx, interp: pythons.Interpreter, log: Path) -> dict:
     uv = _uv_bin()
     site = ["--system-site-packages"] if v.torch["preinstalled"] else []
     if uv:
-        cmd = [uv, "venv", "--seed", "--python", interp.path, *site, str(ctx.venv)]
+        cmd = [uv, "venv", "--seed", "--python", interp.executable, *site, str(ctx.venv)]
     else:
         try:
             import virtualenv  # noqa: F401
-            cmd = [sys.executable, "-m", "virtualenv", "--python", interp.path, *site, str(ctx.venv)]
+            cmd = [sys.executable, "-m", "virtualenv", "--python", interp.executable, *site, str(ctx.venv)]
         except ImportError:
-            cmd = [interp.path, "-m", "venv", *site, str(ctx.venv)]
+            cmd = [interp.executable, "-m", "venv", *site, str(ctx.venv)]
     env = {k: val for k, val in ctx.base_env.items() if k not in toolkit.DROP}
     try:
         run_commands("env", [cmd], log, env, quiet=ctx.quiet)
     except BaseException:
         shutil.rmtree(ctx.venv, ignore_errors=True)
         raise
-    return {"python": interp.path, "python_version": interp.version,
-            "note": f"Python {interp.version} ({interp.origin}: {interp.path})"}
+    return {"python": interp.executable, "python_version": interp.version,
+            "note": f"Python {interp.version} ({interp.origin}: {interp.executable})"}
 
 
 def do_torch(ctx: Ctx, log: Path) -> dict:
@@ -411,7 +428,8 @@ TASK_STEPS = {"deps": ["env", "torch", "deps"]}  # `invoke deps` also makes the 
 def _interpreter(ctx: Ctx) -> pythons.Interpreter:
     """The recorded interpreter of a good env, or a newly discovered one."""
     env_step = ctx.status.step("env")
-    if ctx.force or not env_step or env_step.get("status") != "ok" or not ctx.py.exists() or ctx.python:
+    if (ctx.force or not env_step or env_step.get("status") != "ok" or not ctx.py.exists() or ctx.python
+            or not ctx.variant.python_spec.contains(env_step.get("python_version", "0"))):
         return pythons.find(ctx.variant.python, ctx.python, ctx.base_env, what=f"variant {ctx.name}")
     return pythons.Interpreter(path=env_step["python"], version=env_step["python_version"],
                                executable=env_step["python"], origin="recorded", has_headers=True)
@@ -434,7 +452,7 @@ def run_single(ctx: Ctx, step: str, **kw) -> dict:
 
 def _interp_key(ctx: Ctx, interp: pythons.Interpreter | None) -> str:
     if interp is not None:
-        return f"{interp.path}:{interp.version}"
+        return f"{interp.executable}:{interp.version}"
     s = ctx.status.step("env") or {}
     return f"{s.get('python')}:{s.get('python_version')}"
 

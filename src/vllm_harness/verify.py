@@ -51,9 +51,10 @@ def verdict(result: dict, device: str, allow_no_gpu: bool) -> tuple[str, int]:
 
 
 def render(result: dict, verdict_text: str) -> None:
-    from rich.console import Console
     from rich.table import Table
-    con = Console(highlight=False)
+
+    from .runner import console
+    con = console()
     gpus = ", ".join(f"{g['name']} (sm {g['compute_capability']})" for g in result.get("gpus", [])) or "none"
     con.print(f"python {result.get('python_version')} at {result.get('python')}; torch {result.get('torch')} "
               f"(CUDA {result.get('torch_cuda')}); numpy {result.get('numpy')}; GPUs: {gpus}")
