@@ -1,0 +1,695 @@
+"""Recognise known build/install/run failures in a log and explain them.
+
+The knowledge base (``data/failures.toml``) maps each failure id of the contract to regexes,
+a cause and a fix.  :func:`diagnose_path` / :func:`diagnose_stream` scan a log of any size in
+one streaming pass over binary chunks:
+
+* every pattern has a mandatory literal (an *anchor*, derived from the regex or given in the
+  knowledge file); all anchors of the failures not found yet form one trie-shaped regex that is
+  searched over whole chunks, so lines without any anchor cost no Python work at all;
+* a line holding an anchor is decoded (``errors="replace"``), cleaned (ANSI codes, ``\\r``
+  redraw segments, pip/uv box prefixes, docker build prefixes) and checked with the full
+  regexes of the failures whose anchors it holds, at most :data:`MAX_LINE_CHARS` characters
+  around each anchor;
+* a failure id is reported once, at its first occurrence; once an id is found its anchors leave
+  the prefilter, and the scan stops early when nothing is left to look for.
+
+Findings are ordered root cause first: a failure that ``implies`` another (e.g. ``compiler-oom``
+implies ``stale-build-state``) is listed before it, otherwise by line.
+
+``rich`` is imported only inside :func:`render_table`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import io
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterable, Mapping, Sequence
+
+try:  # Python >= 3.11
+    import tomllib as _toml
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as _toml  # type: ignore[no-redef]
+
+try:  # Python >= 3.11 keeps the regex parser here
+    from re import _constants as _sre_c
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre_c  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+__all__ = [
+    "CONTEXT_KEYS",
+    "DEFAULT_KNOWLEDGE",
+    "Finding",
+    "Report",
+    "Rule",
+    "diagnose_path",
+    "diagnose_stream",
+    "load_knowledge",
+    "render_fix",
+    "render_table",
+]
+
+DEFAULT_KNOWLEDGE = Path(__file__).resolve().parent / "data" / "failures.toml"
+
+SEVERITIES = ("error", "warning", "info")
+
+#: Keys a fix may use as ``{key}`` or ``{key|fallback wording}``.
+CONTEXT_KEYS = ("cuda", "torch", "torch_index", "variant", "python", "xformers", "cmake_min")
+
+#: Wording used for a missing context key when the fix gives no fallback of its own.
+GENERIC_WORDING = {
+    "cuda": "the variant's CUDA version",
+    "torch": "the variant's PyTorch version",
+    "torch_index": "the variant's PyTorch index URL",
+    "variant": "<variant>",
+    "python": "the environment's Python",
+    "xformers": "the xformers release built for the variant's PyTorch",
+    "cmake_min": "3.26",
+}
+
+#: Characters of one line (around each anchor) that the full regexes look at.
+MAX_LINE_CHARS = 4000
+#: Characters of evidence kept in a finding.
+EVIDENCE_CHARS = 300
+#: Lines of the first error block reported when nothing is recognised.
+FIRST_ERROR_BLOCK = 15
+#: Bytes read per chunk.
+CHUNK_SIZE = 8 * 1024 * 1024
+#: Minimum length of a derived anchor.
+MIN_ANCHOR = 4
+#: Maximum length of a derived anchor (longer literals are cut; a prefix is still mandatory).
+MAX_ANCHOR = 24
+
+_ID_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+_PLACEHOLDER_RE = re.compile(r"\{(\w+)(?:\|([^{}]*))?\}")
+_RULE_KEYS = {"id", "severity", "patterns", "cause", "fix", "implies", "hides", "anchors"}
+_REQUIRED_KEYS = ("id", "severity", "patterns", "cause", "fix")
+_TOP_KEYS = {"version", "failure"}
+
+# ANSI CSI / OSC / two-character escape sequences.
+_ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+# Decorations before the real text of a line: indentation, pip's/uv's box drawing, ``> `` quotes,
+# docker buildkit ``#12 3.456`` step prefixes, ISO timestamps of CI logs.
+_PREFIX_RE = re.compile(
+    r"^(?:[ \t]+|[│║┃|╎┆┊>]+|[╰╭├└┌─━╴]+(?:▶|─>|>)?|#\d+ \d+(?:\.\d+)? |"
+    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z? )+"
+)
+# The first line of an error block (when no known failure is recognised).
+_FIRST_ERROR_RE = re.compile(
+    r"\berror(?:\[[\w-]+\])?\s*:"  # gcc/clang/pip/nvcc "error:"
+    r"|\bERROR\b"  # pip "ERROR:", vLLM "ERROR 05-07 ..."
+    r"|\bError\b(?!\w)(?=\s*(?:\d|:|at\b|-|\())"  # "CMake Error at", "Error 1", "Error: ..."
+    r"|\b[A-Z]\w*(?:Error|Exception)\b:?"  # RuntimeError: ..., CalledProcessError
+    r"|\bFAILED\b"
+    r"|^Traceback \(most recent call last\)"
+    r"|\bfatal(?: error)?\s*:"
+    r"|#error\b"
+)
+_FIRST_ERROR_ANCHORS = (b"rror", b"ERROR", b"FAILED", b"Traceback", b"fatal")
+
+# Rough frequency (per mille) of bytes in build logs; an anchor starting with a rare byte
+# makes the prefilter skip faster.
+_BYTE_FREQ = {
+    " ": 124, "e": 65, "i": 52, "n": 46, "t": 45, "o": 42, "a": 38, "l": 37, "s": 36,
+    "r": 32, "c": 30, "/": 27, "p": 25, ".": 23, "d": 22, "u": 21, "m": 19, "-": 17,
+    "h": 15, "g": 14, "_": 14, "f": 12, "y": 12, "1": 12, "0": 12, "b": 11, "v": 9,
+    "2": 9, ":": 9, "3": 8, "k": 7, "^": 7, ",": 7, "x": 6, "w": 5, "C": 5, '"': 5,
+    "(": 4, ")": 4, "8": 4, "R": 4, "4": 4, "F": 4, "9": 4, "=": 4, "6": 3, "5": 3,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# data model
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One known failure of the knowledge base."""
+
+    id: str
+    severity: str
+    patterns: tuple[re.Pattern[str], ...]
+    cause: str
+    fix: str
+    implies: tuple[str, ...] = ()
+    anchors: tuple[bytes, ...] = ()
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(p.pattern for p in self.patterns)
+
+
+@dataclass
+class Finding:
+    id: str
+    severity: str
+    line: int
+    evidence: str
+    cause: str
+    fix: str
+    explained_by: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "severity": self.severity,
+            "line": self.line,
+            "evidence": self.evidence,
+            "cause": self.cause,
+            "fix": self.fix,
+            "explained_by": list(self.explained_by),
+        }
+
+
+@dataclass
+class Report:
+    log: str
+    findings: list[Finding] = field(default_factory=list)
+    first_error_lines: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[str]:
+        return [f.id for f in self.findings]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "log": self.log,
+            "findings": [f.to_dict() for f in self.findings],
+            "first_error_lines": [[n, text] for n, text in self.first_error_lines],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# knowledge base
+
+
+def _bad(path: Path | str, where: str, key: str, problem: str) -> ValueError:
+    return ValueError(f"{path}: {where}: key '{key}': {problem}")
+
+
+def _literal_runs(parsed: Any, runs: list[str], current: list[str], ignorecase: bool) -> None:
+    """Collect the literal strings every match of ``parsed`` must contain."""
+
+    def flush() -> None:
+        if current:
+            runs.append("".join(current))
+            current.clear()
+
+    for op, av in parsed:
+        if op is _sre_c.LITERAL and not ignorecase:
+            current.append(chr(av))
+        elif op is _sre_c.SUBPATTERN:
+            add_flags = av[1] if len(av) >= 4 else 0
+            flush()
+            _literal_runs(av[-1], runs, current, ignorecase or bool(add_flags & _sre_c.SRE_FLAG_IGNORECASE))
+            flush()
+        elif op in (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT) and av[0] >= 1:
+            flush()
+            _literal_runs(av[2], runs, current, ignorecase)
+            flush()
+        elif op is _sre_c.AT or op is _sre_c.ASSERT_NOT or op is _sre_c.ASSERT:
+            # zero-width: does not break a run of literals
+            continue
+        else:
+            flush()
+    flush()
+
+
+def _derive_anchor(pattern: re.Pattern[str]) -> str | None:
+    """The best mandatory literal of a regex for the prefilter (None if it has none)."""
+    if pattern.flags & re.IGNORECASE:
+        return None
+    runs: list[str] = []
+    _literal_runs(_sre_parse.parse(pattern.pattern, pattern.flags), runs, [], False)
+    best: tuple[float, str] | None = None
+    for run in runs:
+        for i in range(len(run)):
+            cand = run[i : i + MAX_ANCHOR]
+            if len(cand) < MIN_ANCHOR or cand[0].isspace():
+                continue
+            score = _BYTE_FREQ.get(cand[0], 1) * 10 - min(len(cand), 16)
+            if best is None or score < best[0]:
+                best = (score, cand)
+    return best[1] if best else None
+
+
+def _check_str(path: Path | str, where: str, entry: Mapping[str, Any], key: str) -> str:
+    value = entry.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(path, where, key, "must be a non-empty string")
+    return value
+
+
+def _check_str_list(path: Path | str, where: str, entry: Mapping[str, Any], key: str, *, empty_ok: bool) -> list[str]:
+    value = entry.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _bad(path, where, key, "must be a list of non-empty strings")
+    if not value and not empty_ok:
+        raise _bad(path, where, key, "must not be empty")
+    return value
+
+
+def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise ValueError(f"{path}: top level: key '{sorted(unknown)[0]}': unknown key (allowed: {sorted(_TOP_KEYS)})")
+    entries = doc.get("failure")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: top level: key 'failure': must be a non-empty array of tables ([[failure]])")
+
+    rules: list[Rule] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries, 1):
+        where = f"failure #{index}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: {where}: must be a table")
+        if "id" not in entry:
+            raise _bad(path, where, "id", "missing")
+        rid = entry["id"]
+        if not isinstance(rid, str) or not _ID_RE.match(rid):
+            raise _bad(path, where, "id", f"{rid!r} is not a kebab-case id")
+        where = f"failure '{rid}'"
+        if rid in seen:
+            raise _bad(path, where, "id", "duplicate id")
+        seen.add(rid)
+        for key in entry:
+            if key not in _RULE_KEYS:
+                raise _bad(path, where, key, f"unknown key (allowed: {sorted(_RULE_KEYS)})")
+        for key in _REQUIRED_KEYS:
+            if key not in entry:
+                raise _bad(path, where, key, "missing")
+
+        severity = _check_str(path, where, entry, "severity")
+        if severity not in SEVERITIES:
+            raise _bad(path, where, "severity", f"{severity!r} is not one of {SEVERITIES}")
+        cause = _check_str(path, where, entry, "cause")
+        fix = _check_str(path, where, entry, "fix")
+        for m in _PLACEHOLDER_RE.finditer(fix):
+            if m.group(1) not in CONTEXT_KEYS:
+                raise _bad(path, where, "fix", f"unknown placeholder {{{m.group(1)}}} (known: {CONTEXT_KEYS})")
+        leftover = _PLACEHOLDER_RE.sub("", fix)
+        if "{" in leftover or "}" in leftover:
+            raise _bad(path, where, "fix", "unbalanced '{' or '}' (placeholders are {key} or {key|fallback})")
+
+        sources = _check_str_list(path, where, entry, "patterns", empty_ok=False)
+        compiled: list[re.Pattern[str]] = []
+        for n, src in enumerate(sources, 1):
+            try:
+                compiled.append(re.compile(src))
+            except re.error as exc:
+                raise _bad(path, where, "patterns", f"pattern #{n} {src!r} is not a valid regex: {exc}") from None
+
+        explicit = _check_str_list(path, where, entry, "anchors", empty_ok=True)
+        if explicit:
+            anchors = tuple(dict.fromkeys(a.encode("utf-8") for a in explicit))
+        else:
+            derived: list[bytes] = []
+            for n, pat in enumerate(compiled, 1):
+                anchor = _derive_anchor(pat)
+                if anchor is None:
+                    raise _bad(
+                        path, where, "patterns",
+                        f"pattern #{n} {pat.pattern!r} has no case-sensitive literal of {MIN_ANCHOR}+ "
+                        "characters to anchor the prefilter; give 'anchors' explicitly",
+                    )
+                derived.append(anchor.encode("utf-8"))
+            anchors = tuple(dict.fromkeys(derived))
+
+        implies = _check_str_list(path, where, entry, "implies", empty_ok=True)
+        implies += [h for h in _check_str_list(path, where, entry, "hides", empty_ok=True) if h not in implies]
+        rules.append(Rule(rid, severity, tuple(compiled), cause, fix, tuple(implies), anchors))
+
+    ids = {r.id for r in rules}
+    for rule in rules:
+        for target in rule.implies:
+            if target not in ids:
+                raise _bad(path, f"failure '{rule.id}'", "implies", f"unknown id {target!r}")
+            if target == rule.id:
+                raise _bad(path, f"failure '{rule.id}'", "implies", "a failure cannot imply itself")
+    reach = _reachability(rules)
+    for rule in rules:
+        if rule.id in reach[rule.id]:
+            raise _bad(path, f"failure '{rule.id}'", "implies", "cycle in implies/hides")
+    return rules
+
+
+_CACHE: dict[tuple[str, int, int], list[Rule]] = {}
+
+
+def load_knowledge(path: str | Path | None = None) -> list[Rule]:
+    """Load and validate a knowledge file (default: the packaged ``data/failures.toml``).
+
+    Raises ``ValueError`` naming the file, the entry and the key on any problem (unknown key,
+    missing field, bad regex, unknown placeholder or id, cycle); ``OSError`` if unreadable.
+    """
+    p = Path(path) if path is not None else DEFAULT_KNOWLEDGE
+    stat = p.stat()
+    key = (str(p.resolve()), stat.st_mtime_ns, stat.st_size)
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return list(cached)
+    try:
+        with p.open("rb") as fh:
+            doc = _toml.load(fh)
+    except _toml.TOMLDecodeError as exc:
+        raise ValueError(f"{p}: not valid TOML: {exc}") from None
+    rules = _parse_rules(p, doc)
+    _CACHE[key] = rules
+    return list(rules)
+
+
+def _reachability(rules: Sequence[Rule]) -> dict[str, set[str]]:
+    graph = {r.id: set(r.implies) for r in rules}
+    reach: dict[str, set[str]] = {}
+    for start in graph:
+        seen: set[str] = set()
+        stack = list(graph[start])
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.extend(graph.get(node, ()))
+        reach[start] = seen
+    return reach
+
+
+def render_fix(template: str, context: Mapping[str, Any] | None = None) -> str:
+    """Fill ``{key}`` / ``{key|fallback}`` placeholders from ``context``."""
+    ctx = context or {}
+
+    def sub(m: re.Match[str]) -> str:
+        value = ctx.get(m.group(1))
+        if value is not None and str(value) != "":
+            return str(value)
+        if m.group(2) is not None:
+            return m.group(2)
+        return GENERIC_WORDING.get(m.group(1), m.group(1))
+
+    return _PLACEHOLDER_RE.sub(sub, template)
+
+
+# --------------------------------------------------------------------------------------------
+# scanning
+
+
+def _trie_regex(words: Iterable[bytes]) -> re.Pattern[bytes] | None:
+    trie: dict[Any, Any] = {}
+    for word in words:
+        node = trie
+        for byte in word:
+            node = node.setdefault(byte, {})
+        node[None] = True
+
+    def render(node: dict[Any, Any]) -> bytes:
+        end = None in node
+        alts = [re.escape(bytes([b])) + render(child) for b, child in sorted((k, v) for k, v in node.items() if k is not None)]
+        if not alts:
+            return b""
+        if len(alts) == 1 and not end:
+            return alts[0]
+        body = b"(?:" + b"|".join(alts) + b")"
+        return body + b"?" if end else body
+
+    if not trie:
+        return None
+    return re.compile(render(trie))
+
+
+def _clean_segments(raw: bytes) -> list[str]:
+    """Decode one (part of a) line and return its cleaned ``\\r`` segments."""
+    text = raw.decode("utf-8", "replace")
+    if "\x1b" in text:
+        text = _ANSI_RE.sub("", text)
+    out = []
+    for seg in text.split("\r"):
+        seg = _PREFIX_RE.sub("", seg).rstrip()
+        if seg:
+            out.append(seg)
+    return out
+
+
+def _evidence(text: str, match: re.Match[str] | None) -> str:
+    if len(text) <= EVIDENCE_CHARS:
+        return text
+    start = 0 if match is None else max(0, min(match.start() - 60, len(text) - EVIDENCE_CHARS))
+    piece = text[start : start + EVIDENCE_CHARS]
+    return ("…" if start else "") + piece + ("…" if start + EVIDENCE_CHARS < len(text) else "")
+
+
+class _Scanner:
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = list(rules)
+        self.order = {r.id: i for i, r in enumerate(self.rules)}
+        self.found: dict[str, tuple[int, str]] = {}
+        self.first_error: list[tuple[int, str]] = []
+        self.track_first_error = True
+        self.pending_error_lines = 0
+        self.anchor_rules: dict[bytes, list[Rule]] = {}
+        for rule in self.rules:
+            for anchor in rule.anchors:
+                self.anchor_rules.setdefault(anchor, []).append(rule)
+        self._rebuild()
+
+    # -- prefilter -------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        self.active_anchors = [a for a, rs in self.anchor_rules.items() if any(r.id not in self.found for r in rs)]
+        words = list(self.active_anchors)
+        if self.track_first_error:
+            words += _FIRST_ERROR_ANCHORS
+        self.prefilter = _trie_regex(words)
+
+    @property
+    def done(self) -> bool:
+        return self.prefilter is None and self.pending_error_lines == 0
+
+    # -- one block of whole lines (or of one endless line) -------------------------------------
+    def scan_block(self, block: bytes, first_line: int) -> int:
+        """Scan ``block``; ``first_line`` is the number of its first line.  Returns the number
+        of newlines in the block (i.e. the line number offset for the next block)."""
+        newlines_total: int | None = None
+        pos = 0
+        counted_pos = 0
+        line_no = first_line
+        if self.pending_error_lines:
+            pos = self._continue_error_block(block, first_line)
+            counted_pos = pos
+            line_no = first_line + block.count(b"\n", 0, pos)
+        while self.prefilter is not None:
+            m = self.prefilter.search(block, pos)
+            if m is None:
+                break
+            hit = m.start()
+            ls = block.rfind(b"\n", 0, hit) + 1
+            le = block.find(b"\n", hit)
+            if le == -1:
+                le = len(block)
+            line_no += block.count(b"\n", counted_pos, ls)
+            counted_pos = ls
+            if le - ls > MAX_LINE_CHARS:
+                lo = max(ls, hit - MAX_LINE_CHARS // 2)
+                hi = min(le, lo + MAX_LINE_CHARS)
+                region = block[lo:hi]
+                next_pos = max(hi - MAX_ANCHOR, m.end())
+            else:
+                region = block[ls:le]
+                next_pos = le + 1
+            changed = self._check(region, line_no)
+            if self.pending_error_lines:
+                after = self._continue_error_block(block, line_no + 1, start=le + 1)
+                next_pos = max(next_pos, after)
+            if changed:
+                self._rebuild()
+            pos = next_pos
+        if newlines_total is None:
+            newlines_total = block.count(b"\n")
+        return newlines_total
+
+    def _check(self, region: bytes, line_no: int) -> bool:
+        present = [a for a in self.active_anchors if a in region]
+        rules: list[Rule] = []
+        for anchor in present:
+            for rule in self.anchor_rules[anchor]:
+                if rule.id not in self.found and rule not in rules:
+                    rules.append(rule)
+        want_error = self.track_first_error and any(a in region for a in _FIRST_ERROR_ANCHORS)
+        if not rules and not want_error:
+            return False
+        changed = False
+        segments = _clean_segments(region)
+        for rule in sorted(rules, key=lambda r: self.order[r.id]):
+            for seg in segments:
+                hit = None
+                for pat in rule.patterns:
+                    hit = pat.search(seg)
+                    if hit:
+                        break
+                if hit:
+                    self.found[rule.id] = (line_no, _evidence(seg, hit))
+                    changed = True
+                    break
+        if self.found and self.track_first_error:
+            # first_error_lines are only reported when nothing is recognised
+            self.track_first_error = False
+            self.first_error = []
+            self.pending_error_lines = 0
+            return True
+        if want_error and not self.first_error:
+            for seg in segments:
+                if _FIRST_ERROR_RE.search(seg):
+                    self.first_error = [(line_no, _evidence(" ".join(segments), None))]
+                    self.track_first_error = False
+                    self.pending_error_lines = FIRST_ERROR_BLOCK - 1
+                    return True
+        return changed
+
+    def _continue_error_block(self, block: bytes, line_no: int, start: int = 0) -> int:
+        """Append the lines following the first error line; returns the position after them."""
+        pos = start
+        while self.pending_error_lines and pos < len(block):
+            end = block.find(b"\n", pos)
+            if end == -1:
+                end = len(block)
+            raw = block[pos : min(end, pos + MAX_LINE_CHARS)]
+            segments = _clean_segments(raw)
+            self.first_error.append((line_no, _evidence(" ".join(segments), None)))
+            self.pending_error_lines -= 1
+            line_no += 1
+            pos = end + 1
+        return pos
+
+
+def _order(rules: Sequence[Rule], found: Mapping[str, tuple[int, str]]) -> tuple[list[str], dict[str, list[str]]]:
+    reach = _reachability(rules)
+    order_index = {r.id: i for i, r in enumerate(rules)}
+    ids = list(found)
+    explained: dict[str, list[str]] = {i: [] for i in ids}
+    indegree = {i: 0 for i in ids}
+    for a in ids:
+        for b in ids:
+            if a != b and b in reach[a]:
+                explained[b].append(a)
+                indegree[b] += 1
+    heap = [(found[i][0], order_index[i], i) for i in ids if indegree[i] == 0]
+    heapq.heapify(heap)
+    out: list[str] = []
+    while heap:
+        _, _, node = heapq.heappop(heap)
+        out.append(node)
+        for b in ids:
+            if b != node and b in reach[node]:
+                indegree[b] -= 1
+                if indegree[b] == 0:
+                    heapq.heappush(heap, (found[b][0], order_index[b], b))
+    for b in explained:
+        explained[b].sort(key=lambda a: (found[a][0], order_index[a]))
+    return out, explained
+
+
+def diagnose_stream(
+    binary_stream: BinaryIO,
+    context: Mapping[str, Any] | None = None,
+    *,
+    rules: Sequence[Rule] | None = None,
+    name: str = "<stream>",
+) -> Report:
+    """Scan a binary stream (read in chunks, never whole) and return the report."""
+    rules = load_knowledge() if rules is None else list(rules)
+    scanner = _Scanner(rules)
+    carry = b""
+    line = 1
+    while not scanner.done:
+        data = binary_stream.read(CHUNK_SIZE)
+        if not data:
+            if carry:
+                scanner.scan_block(carry, line)
+            break
+        buf = carry + data if carry else data
+        cut = buf.rfind(b"\n") + 1
+        if cut == 0:
+            # no newline at all: one long line (or \r progress redraws); scan what we have and
+            # keep an overlap so that an anchor cut in two is still seen; the line number stays
+            cut_r = buf.rfind(b"\r") + 1
+            if len(buf) < CHUNK_SIZE and cut_r == 0:
+                carry = buf
+                continue
+            split = cut_r if cut_r else len(buf) - MAX_ANCHOR
+            scanner.scan_block(buf[:split], line)
+            carry = buf[split:] if cut_r else buf[split:]
+            continue
+        line += scanner.scan_block(buf[:cut], line)
+        carry = buf[cut:]
+
+    ids, explained = _order(rules, scanner.found)
+    by_id = {r.id: r for r in rules}
+    findings = []
+    for rid in ids:
+        rule = by_id[rid]
+        line_no, evidence = scanner.found[rid]
+        findings.append(
+            Finding(
+                id=rid,
+                severity=rule.severity,
+                line=line_no,
+                evidence=evidence,
+                cause=rule.cause,
+                fix=render_fix(rule.fix, context),
+                explained_by=explained[rid],
+            )
+        )
+    first_error = [] if findings else scanner.first_error
+    return Report(log=name, findings=findings, first_error_lines=first_error)
+
+
+def diagnose_path(
+    path: str | Path,
+    context: Mapping[str, Any] | None = None,
+    *,
+    rules: Sequence[Rule] | None = None,
+) -> Report:
+    """Diagnose a log file; ``"-"`` reads standard input."""
+    if str(path) == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:  # pragma: no cover - stdin replaced by a text stream
+            stream = io.BytesIO(sys.stdin.read().encode("utf-8", "replace"))
+        return diagnose_stream(stream, context, rules=rules, name="-")
+    with open(path, "rb") as fh:
+        return diagnose_stream(fh, context, rules=rules, name=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# presentation
+
+
+def render_table(report: Report) -> Any:
+    """A rich renderable (Table, plus the first error block when nothing was recognised)."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"diagnose: {report.log}", show_lines=True, expand=True)
+    table.add_column("id", style="bold", no_wrap=True)
+    table.add_column("line", justify="right", no_wrap=True)
+    table.add_column("evidence", overflow="fold", ratio=3)
+    table.add_column("fix", overflow="fold", ratio=3)
+    for f in report.findings:
+        ident = Text(f.id, style="red" if f.severity == "error" else "yellow")
+        if f.explained_by:
+            ident.append(f"\n(follows from {', '.join(f.explained_by)})", style="dim")
+        table.add_row(ident, str(f.line), Text(f.evidence), Text(f.fix))
+    if report.findings:
+        return table
+    table.caption = "No known failure recognised."
+    if not report.first_error_lines:
+        return table
+    block = Text("First error block:\n", style="bold")
+    for n, text in report.first_error_lines:
+        block.append(f"{n:>7}  ", style="dim")
+        block.append(text + "\n")
+    return Group(table, block)

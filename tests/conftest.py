@@ -1,0 +1,84 @@
+"""Shared test helpers: run the harness's CLI in-process against a private state folder."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vllm_harness.cli import main as harness_main  # noqa: E402
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    st = tmp_path / "state"
+    monkeypatch.setenv("VLLM_HARNESS_STATE", str(st))
+    monkeypatch.setenv("VLLM_HARNESS_ROOT", str(ROOT))
+    return st
+
+
+@pytest.fixture
+def harness(state, capsys):
+    """Run `python -m vllm_harness ARGS` in-process; returns (exit code, stdout, stderr)."""
+    def run(*args):
+        rc = harness_main([str(a) for a in args])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def pypi_reachable() -> bool:
+    try:
+        with urllib.request.urlopen("https://pypi.org/simple/ninja/", timeout=10) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def needs_pypi():
+    if not pypi_reachable():
+        pytest.skip("needs PyPI (https://pypi.org unreachable from this machine)")
+
+
+@functools.lru_cache(maxsize=None)
+def local_cpu_torch() -> bool:
+    """True when pip can install the CPU torch 2.13.0 wheel without an index (a find-links dir has it)."""
+    if sys.version_info[:2] != (3, 11):
+        return False
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-index", "-d",
+                        "/tmp/.harness-probe", "torch==2.13.0", "--progress-bar", "off"],
+                       capture_output=True, text=True, timeout=600)
+    shutil.rmtree("/tmp/.harness-probe", ignore_errors=True)
+    return r.returncode == 0 and "+cpu" in (r.stdout + r.stderr)
+
+
+def fixture_variant(tmp_path: Path, name: str = "fixture-cpu", deps: str = '["cmake>=3.26", "ninja"]',
+                    extra_build: str = "") -> Path:
+    """A copy of tests/envs/fixture-cpu.toml that finds a CPU torch on this machine or on PyTorch's CPU index."""
+    text = (ROOT / "tests" / "envs" / "fixture-cpu.toml").read_text()
+    text = text.replace('path = "../fixtures/vllm-mini"', f'path = "{ROOT / "tests" / "fixtures" / "vllm-mini"}"')
+    text = text.replace('packages = ["cmake>=3.26", "ninja"]', f"packages = {deps}")
+    if extra_build:
+        text = text.replace("[build]\n", "[build]\n" + extra_build + "\n")
+    if not local_cpu_torch():
+        # a fresh machine: the CPU build of torch 2.13.0 from PyTorch's CPU index, any Python it has wheels for
+        text = text.replace('packages = ["torch==2.13.0"]',
+                            'packages = ["torch==2.13.0"]\nindex_url = "https://download.pytorch.org/whl/cpu"')
+        text = text.replace('python = ">=3.11,<3.12"', 'python = ">=3.10,<3.14"')
+    p = tmp_path / f"{name}.toml"
+    p.write_text(text)
+    return p
+
+
+def status_of(state: Path, variant: str) -> dict:
+    return json.loads((state / "status" / f"{variant}.json").read_text())

@@ -1,0 +1,73 @@
+"""The vLLM-shaped fixture built end to end through the same code path as a real source variant.
+
+CPU flavour here (the CUDA flavour runs on a GPU machine: see README).  Needs PyPI for cmake/ninja/setuptools.
+"""
+
+import json
+
+import pytest
+
+from conftest import fixture_variant, needs_pypi, status_of
+
+pytestmark = pytest.mark.slow
+
+
+def test_fixture_builds_verifies_and_reuses_its_steps(harness, state, tmp_path):
+    needs_pypi()
+    variant = fixture_variant(tmp_path)
+    rc, out, err = harness("build-variant", "--variant", variant, "--skip-doctor")
+    assert rc == 0, out + err
+    assert "VERIFIED (11 checks passed)" in out
+    st = status_of(state, "fixture-cpu")
+    assert st["built"] is True
+    assert [s for s in ["fetch", "prepare", "env", "torch", "deps", "build", "post-install", "verify"]
+            if st["steps"][s]["status"] != "ok"] == []
+    # torch stayed the variant's CPU torch 2.13.0 (the fixture's own pins name torch 2.5.1)
+    assert st["steps"]["torch"]["versions"]["torch"].startswith("2.13.0")
+    assert "torch" not in (state / "src" / "fixture-cpu" / "vllm-mini" / "requirements" / "build.txt").read_text()
+    # the venv's cmake (>= 3.26), not the system one, configured the build
+    build_log = (state / "logs" / "fixture-cpu" / "build.log").read_text()
+    assert "MAX_JOBS" in build_log or "max_jobs" in build_log.lower()
+    # the repo's fixture tree was not touched (the harness works on a copy)
+    from conftest import ROOT
+    assert "torch==2.5.1" in (ROOT / "tests/fixtures/vllm-mini/requirements/build.txt").read_text()
+
+    # a second run reuses every step, and verify runs again
+    rc, out, err = harness("build-variant", "--variant", variant, "--skip-doctor")
+    assert rc == 0, out + err
+    for step in ["fetch", "prepare", "env", "torch", "deps", "build", "post-install"]:
+        assert f"· {step}" in out and "reused" in out
+    assert "VERIFIED" in out
+
+    # the JSON of verify, as the contract gives it
+    rc, out, err = harness("verify", "--variant", variant, "--json")
+    data = json.loads(out)
+    assert rc == 0 and data["gpus"] == [] and {c["status"] for c in data["checks"]} == {"pass"}
+    names = {c["name"] for c in data["checks"]}
+    assert {"rms_norm bfloat16 (cpu)", "fused_add_rms_norm float16 (cpu)", "silu_and_mul float32 (cpu)"} <= names
+
+
+def test_old_cmake_fails_the_build_and_leaves_the_env_marked_not_built(harness, state, tmp_path):
+    """Without cmake>=3.26 in the venv, the system cmake (3.25 here) is used: the source document's failure 3."""
+    needs_pypi()
+    import shutil
+    import subprocess
+    cmake = shutil.which("cmake")
+    if not cmake:
+        pytest.skip("no system cmake on PATH")
+    ver = subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout.split()[2]
+    if tuple(int(x) for x in ver.split(".")[:2]) >= (3, 26):
+        pytest.skip(f"system cmake {ver} is new enough: this failure cannot be reproduced here")
+    variant = fixture_variant(tmp_path, name="fixture-oldcmake", deps='["ninja"]')
+    rc, out, err = harness("build-variant", "--variant", variant, "--skip-doctor")
+    assert rc == 1
+    st = status_of(state, "fixture-oldcmake")
+    assert st["built"] is False and st["steps"]["build"]["status"] == "failed"
+    assert "post-install" not in st["steps"] and "verify" not in st["steps"]
+    log = (state / "logs" / "fixture-oldcmake" / "build.log").read_text()
+    assert "CMake 3.26 or higher is required" in log
+    assert "cmake-too-old" in out  # diagnose named the cause under the summary
+    last = json.loads((state / "last-failed.json").read_text())
+    assert last["step"] == "build" and last["variant"] == "fixture-oldcmake"
+    rc, out, err = harness("diagnose", "--json")
+    assert json.loads(out)["findings"][0]["id"] == "cmake-too-old"

@@ -1,0 +1,126 @@
+"""Status bookkeeping, prepare's torch stripping, clean's safety, and the CLI's exit codes."""
+
+import json
+import os
+from pathlib import Path
+
+from conftest import ROOT
+from vllm_harness import prepare
+from vllm_harness.clean import clean
+from vllm_harness.layout import Layout
+from vllm_harness.status import Status, dependents
+
+
+def test_rerunning_a_step_invalidates_exactly_what_depends_on_it(tmp_path):
+    st = Status(tmp_path / "s.json", "v")
+    for step in ["fetch", "prepare", "env", "torch", "deps", "build", "post-install"]:
+        st.start(step)
+        st.finish(step, "k", None, 1.0)
+    st.set_built(True)
+    st.start("prepare")   # re-running prepare keeps env and torch, drops deps and after
+    assert set(st.data["steps"]) == {"fetch", "prepare", "env", "torch"}
+    assert st.built is False
+    st.fail("prepare", None, "boom")
+    again = Status(tmp_path / "s.json", "v")
+    assert again.step("prepare")["status"] == "failed" and not again.built
+    assert dependents("env") == ["env", "torch", "deps", "build", "post-install", "verify"]
+
+
+def test_corrupt_status_file_means_nothing_done(tmp_path):
+    p = tmp_path / "s.json"
+    p.write_text("{not json")
+    assert Status(p, "v").data["steps"] == {}
+
+
+def _tree(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    (src / "requirements").mkdir(parents=True)
+    (src / "requirements" / "build.txt").write_text("cmake>=3.26\ntorch==2.5.1\nninja\n")
+    (src / "requirements" / "cuda.txt").write_text("-r common.txt\ntorch == 2.5.1\ntorchvision==0.20.1 ; "
+                                                   "platform_machine == 'x86_64'\n")
+    (src / "requirements" / "common.txt").write_text("open_clip_torch==2.32.0\n# via torch\nnumpy\n")
+    (src / "pyproject.toml").write_text('[build-system]\nrequires = [\n  "cmake>=3.26",\n  "torch == 2.5.1",\n]\n'
+                                        '[project.optional-dependencies]\nx = ["torch"]\n')
+    return src
+
+
+def test_prepare_equivalent_strips_only_torch_pins_and_is_idempotent(tmp_path):
+    src = _tree(tmp_path)
+    log = tmp_path / "prepare.log"
+    res = prepare.prepare(src, Path("/nonexistent-python"), log, dict(os.environ))  # no script: equivalent
+    assert res["how"] == "harness-equivalent"
+    assert {c["file"] for c in res["changed"]} == {"requirements/build.txt", "requirements/cuda.txt",
+                                                  "pyproject.toml"}
+    assert "open_clip_torch==2.32.0" in (src / "requirements" / "common.txt").read_text()
+    assert "torch" not in (src / "requirements" / "build.txt").read_text()
+    assert 'x = ["torch"]' in (src / "pyproject.toml").read_text()  # not a build-system pin
+    assert prepare.torch_pins(src) == []
+    again = prepare.prepare(src, Path("/nonexistent-python"), log, dict(os.environ))
+    assert again["changed"] == []
+
+
+def test_prepare_runs_the_trees_own_script(tmp_path):
+    import shutil
+    import sys
+    src = tmp_path / "fx"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "vllm-mini", src)
+    assert prepare.torch_pins(src)
+    res = prepare.prepare(src, Path(sys.executable), tmp_path / "p.log", dict(os.environ))
+    assert res["how"] == "use_existing_torch.py" and res["changed"]
+    assert prepare.torch_pins(src) == []
+    assert prepare.prepare(src, Path(sys.executable), tmp_path / "p.log", dict(os.environ))["changed"] == []
+
+
+def test_clean_never_follows_a_symlink_out_of_a_managed_tree(tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    outside_dir = tmp_path / "precious-dir"
+    outside_dir.mkdir()
+    (outside_dir / "f").write_text("keep")
+    lay = Layout(root=ROOT, state=tmp_path / "state")
+    tree = lay.src("v") / "vllm"
+    (tree / "build").mkdir(parents=True)
+    (tree / "build" / "link").symlink_to(outside)
+    (tree / ".deps").symlink_to(outside_dir)
+    (tree / "vllm.egg-info").mkdir()
+    lay.venv("v").mkdir(parents=True)
+    (lay.venv("v") / "escape").symlink_to(outside_dir)
+    dry = clean(lay, "v", dry_run=True)
+    assert dry["removed"] and tree.exists()
+    res = clean(lay, "v")
+    assert not lay.src("v").exists() and not lay.venv("v").exists()
+    assert outside.read_text() == "keep me" and (outside_dir / "f").read_text() == "keep"
+    assert all(str(lay.state) in p for p in res["removed"])
+
+
+def test_cli_exit_codes_and_messages(harness, tmp_path):
+    rc, out, err = harness("doctor", "--variant", "cu999")
+    assert rc == 2 and "Unknown variant 'cu999'" in err and "Fix:" in err
+    rc, out, err = harness("build", "--variant", "cu118")
+    assert rc == 2 and "needs step" in err and "invoke" in err
+    rc, out, err = harness("verify", "--variant", "cu124")
+    assert rc == 2 and "nox -s build-cu124" in err
+    rc, out, err = harness("diagnose", "--log", str(tmp_path / "missing.log"))
+    assert rc == 2 and "missing.log" in err
+    rc, out, err = harness("clean")
+    assert rc == 2 and "--variant" in err
+    rc, out, err = harness("list", "--json")
+    assert rc == 0 and {r["variant"] for r in json.loads(out)["variants"]} >= {"cu118", "cu124", "cu130"}
+    bad = tmp_path / "broken.toml"
+    bad.write_text('description = "x"\ncuda = "11.8"\npython = ">=3.10"\n[torch]\nversion = 2\n')
+    rc, out, err = harness("doctor", "--variant", str(bad))
+    assert rc == 2 and "torch.version" in err and "Traceback" not in err
+
+
+def test_nox_and_invoke_list_the_sessions_and_tasks():
+    import subprocess
+    import sys
+    nox = subprocess.run([sys.executable, "-m", "nox", "-l", "-f", str(ROOT / "noxfile.py")], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert nox.returncode == 0, nox.stderr
+    for s in ["build-cu118", "build-cu124", "build-cu130", "verify", "doctor", "tests", "lint"]:
+        assert f"{s} -> " in nox.stdout
+    inv = subprocess.run([sys.executable, "-m", "invoke", "--list"], capture_output=True, text=True, cwd=ROOT)
+    assert inv.returncode == 0, inv.stderr
+    for t in ["clean", "doctor", "fetch", "prepare", "deps", "build", "post-install", "verify", "diagnose"]:
+        assert f"  {t} " in inv.stdout
