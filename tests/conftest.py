@@ -55,7 +55,9 @@ def local_cpu_torch() -> bool:
     """True when pip can install the CPU torch 2.13.0 wheel without an index (a find-links dir has it)."""
     if sys.version_info[:2] != (3, 11):
         return False
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-index", "-d",
+    # the base interpreter: a uv-made test venv (nox's) has no pip of its own
+    python = getattr(sys, "_base_executable", None) or sys.executable
+    r = subprocess.run([python, "-m", "pip", "download", "--no-deps", "--no-index", "-d",
                         "/tmp/.harness-probe", "torch==2.13.0", "--progress-bar", "off"],
                        capture_output=True, text=True, timeout=600)
     shutil.rmtree("/tmp/.harness-probe", ignore_errors=True)

@@ -233,7 +233,7 @@ def _derive_anchor(pattern: re.Pattern[str]) -> str | None:
             cand = run[i : i + MAX_ANCHOR]
             if len(cand) < MIN_ANCHOR or cand[0].isspace():
                 continue
-            score = _BYTE_FREQ.get(cand[0], 1) * 10 - min(len(cand), 16)
+            score = _BYTE_FREQ.get(cand[0], 1) + 8 * max(0, 16 - len(cand))
             if best is None or score < best[0]:
                 best = (score, cand)
     return best[1] if best else None
@@ -473,7 +473,6 @@ class _Scanner:
     def scan_block(self, block: bytes, first_line: int) -> int:
         """Scan ``block``; ``first_line`` is the number of its first line.  Returns the number
         of newlines in the block (i.e. the line number offset for the next block)."""
-        newlines_total: int | None = None
         pos = 0
         counted_pos = 0
         line_no = first_line
@@ -507,9 +506,7 @@ class _Scanner:
             if changed:
                 self._rebuild()
             pos = next_pos
-        if newlines_total is None:
-            newlines_total = block.count(b"\n")
-        return newlines_total
+        return block.count(b"\n")
 
     def _check(self, region: bytes, line_no: int) -> bool:
         present = [a for a in self.active_anchors if a in region]
@@ -602,6 +599,7 @@ def diagnose_stream(
     """Scan a binary stream (read in chunks, never whole) and return the report."""
     rules = load_knowledge() if rules is None else list(rules)
     scanner = _Scanner(rules)
+    overlap = max((len(a) for a in scanner.anchor_rules), default=1) + max(len(a) for a in _FIRST_ERROR_ANCHORS)
     carry = b""
     line = 1
     while not scanner.done:
@@ -612,19 +610,23 @@ def diagnose_stream(
             break
         buf = carry + data if carry else data
         cut = buf.rfind(b"\n") + 1
-        if cut == 0:
-            # no newline at all: one long line (or \r progress redraws); scan what we have and
-            # keep an overlap so that an anchor cut in two is still seen; the line number stays
-            cut_r = buf.rfind(b"\r") + 1
-            if len(buf) < CHUNK_SIZE and cut_r == 0:
-                carry = buf
-                continue
-            split = cut_r if cut_r else len(buf) - MAX_ANCHOR
-            scanner.scan_block(buf[:split], line)
-            carry = buf[split:] if cut_r else buf[split:]
+        if cut:
+            line += scanner.scan_block(buf[:cut], line)
+            carry = buf[cut:]
             continue
-        line += scanner.scan_block(buf[:cut], line)
-        carry = buf[cut:]
+        # No newline in the buffer: one very long line (progress bars, minified output).
+        if len(buf) < CHUNK_SIZE:
+            carry = buf  # read on until a newline or a full chunk
+            continue
+        cut_r = buf.rfind(b"\r") + 1
+        if cut_r:
+            # \r ends a redraw segment: no anchor spans it, the line number stays the same
+            scanner.scan_block(buf[:cut_r], line)
+            carry = buf[cut_r:]
+        else:
+            # scan it all and keep an overlap so that an anchor cut in two is seen next time
+            scanner.scan_block(buf, line)
+            carry = buf[-overlap:]
 
     ids, explained = _order(rules, scanner.found)
     by_id = {r.id: r for r in rules}

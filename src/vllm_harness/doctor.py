@@ -314,14 +314,17 @@ def _check_driver(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
             ctx.skipped("driver-too-old", "NVIDIA driver vs CUDA", "machine.driver")
             return
         arch_hint = ctx.variant.build.get("arch_list") or ""
+        if ctx.source:
+            can = "building is still possible" + (
+                f" (arch_list = '{arch_hint}')" if arch_hint else
+                " (set [build] arch_list, e.g. '7.5;8.9', to the GPUs it will run on; empty builds every arch "
+                "the toolkit supports, which is slower)")
+        else:
+            can = "installing is still possible"
         ctx.add("no-driver", "warning", "NVIDIA GPU / driver",
                 "no NVIDIA GPU or driver found (NVML and nvidia-smi; profile has no [[gpu]] and no machine.driver)",
-                "building is still possible" + (
-                    f" (arch_list = '{arch_hint}')" if arch_hint else
-                    " (set [build] arch_list, e.g. '7.5;8.9', to the GPUs it will run on; empty builds every arch "
-                    "the toolkit supports, which is slower)") +
-                "; verifying needs a GPU: run verify on the GPU machine, or pass --allow-no-gpu. In a container, "
-                "start it with --gpus all (NVIDIA Container Toolkit)")
+                can + "; verifying needs a GPU: run verify on the GPU machine, or pass --allow-no-gpu. In a "
+                "container, start it with --gpus all (NVIDIA Container Toolkit)")
         return
     need, why = _runtime_cuda(ctx, vf)
     cf = ctx.data.cuda(need)
