@@ -193,17 +193,25 @@ def _bad(path: Path | str, where: str, key: str, problem: str) -> ValueError:
     return ValueError(f"{path}: {where}: key '{key}': {problem}")
 
 
-def _literal_runs(parsed: Any, runs: list[str], current: list[str], ignorecase: bool) -> None:
-    """Collect the literal strings every match of ``parsed`` must contain."""
+_Item = "tuple[str, ...]"  # one position of a literal run: the characters allowed there
+
+
+def _literal_runs(parsed: Any, runs: list[list[tuple[str, ...]]], current: list[tuple[str, ...]], ignorecase: bool) -> None:
+    """Collect the runs of characters every match of ``parsed`` must contain.
+
+    A run is a list of positions; each position is a tuple of the characters allowed there
+    (one for a literal, up to four for a small class such as ``['‘`]``)."""
 
     def flush() -> None:
         if current:
-            runs.append("".join(current))
+            runs.append(list(current))
             current.clear()
 
     for op, av in parsed:
         if op is _sre_c.LITERAL and not ignorecase:
-            current.append(chr(av))
+            current.append((chr(av),))
+        elif op is _sre_c.IN and not ignorecase and 0 < len(av) <= 4 and all(o is _sre_c.LITERAL for o, _ in av):
+            current.append(tuple(chr(c) for _, c in av))
         elif op is _sre_c.SUBPATTERN:
             add_flags = av[1] if len(av) >= 4 else 0
             flush()
@@ -214,28 +222,40 @@ def _literal_runs(parsed: Any, runs: list[str], current: list[str], ignorecase: 
             _literal_runs(av[2], runs, current, ignorecase)
             flush()
         elif op is _sre_c.AT or op is _sre_c.ASSERT_NOT or op is _sre_c.ASSERT:
-            # zero-width: does not break a run of literals
-            continue
+            continue  # zero-width: does not break a run
         else:
             flush()
     flush()
 
 
-def _derive_anchor(pattern: re.Pattern[str]) -> str | None:
-    """The best mandatory literal of a regex for the prefilter (None if it has none)."""
+def _density(chars: Iterable[str]) -> int:
+    return sum(_BYTE_FREQ.get(c, 2) for c in chars)
+
+
+def _derive_anchors(pattern: re.Pattern[str]) -> list[str] | None:
+    """Literals of which every match of the regex contains at least one (None if none found).
+
+    The prefilter skips fastest over bytes that no anchor starts with, so a literal starting
+    with a rare character (upper case, quotes, punctuation) is preferred over a longer one."""
     if pattern.flags & re.IGNORECASE:
         return None
-    runs: list[str] = []
+    runs: list[list[tuple[str, ...]]] = []
     _literal_runs(_sre_parse.parse(pattern.pattern, pattern.flags), runs, [], False)
-    best: tuple[float, str] | None = None
+    best: tuple[float, list[str]] | None = None
     for run in runs:
         for i in range(len(run)):
-            cand = run[i : i + MAX_ANCHOR]
-            if len(cand) < MIN_ANCHOR or cand[0].isspace():
+            head = run[i]
+            tail = []
+            for item in run[i + 1 : i + MAX_ANCHOR]:
+                if len(item) != 1:
+                    break
+                tail.append(item[0])
+            length = 1 + len(tail)
+            if length < MIN_ANCHOR or any(c.isspace() for c in head):
                 continue
-            score = _BYTE_FREQ.get(cand[0], 1) + 8 * max(0, 16 - len(cand))
+            score = _density(head) * 20 + (240 if length < 6 else 120 if length < 8 else 40 if length < 10 else 0)
             if best is None or score < best[0]:
-                best = (score, cand)
+                best = (score, [c + "".join(tail) for c in head])
     return best[1] if best else None
 
 
@@ -311,14 +331,14 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
         else:
             derived: list[bytes] = []
             for n, pat in enumerate(compiled, 1):
-                anchor = _derive_anchor(pat)
-                if anchor is None:
+                found_anchors = _derive_anchors(pat)
+                if found_anchors is None:
                     raise _bad(
                         path, where, "patterns",
                         f"pattern #{n} {pat.pattern!r} has no case-sensitive literal of {MIN_ANCHOR}+ "
                         "characters to anchor the prefilter; give 'anchors' explicitly",
                     )
-                derived.append(anchor.encode("utf-8"))
+                derived.extend(a.encode("utf-8") for a in found_anchors)
             anchors = tuple(dict.fromkeys(derived))
 
         implies = _check_str_list(path, where, entry, "implies", empty_ok=True)

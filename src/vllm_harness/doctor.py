@@ -823,6 +823,8 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
     venv = _venv_provides(v, "cmake", need)
     if cm is not None and Version(cm) >= need:
         pass
+    elif venv is not None and cm is None and not ctx.not_found("cmake"):
+        pass  # the venv's cmake is used whatever the system has
     elif venv is not None:
         what = f"cmake {cm} on PATH is older than {need_s}" if cm else "no cmake on PATH"
         ctx.add("cmake-too-old", "info", "cmake", f"{what}{need_cite}",
@@ -1032,35 +1034,38 @@ def report_dict(variant: Any, profile: dict, findings: list[Finding]) -> dict:
             "findings": [f.to_dict() for f in findings]}
 
 
-def render_table(report: dict, console: Any = None) -> str:
-    """The report as a rich table (printed to ``console`` if given); returns the rendered text."""
+def render_table(report: dict, console: Any = None, show: bool = True) -> str:
+    """Print the report as a rich table (to ``console``, default stdout; nothing when ``show`` is False)
+    and return the rendered text."""
     import io
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     colours = {"error": "bold red", "warning": "yellow", "info": "dim"}
-    table = Table(title=f"doctor: {report.get('variant')} -> {report.get('verdict')}", show_lines=True,
-                  expand=False)
+    table = Table(title=f"doctor: {escape(str(report.get('variant')))} -> {escape(str(report.get('verdict')))}",
+                  show_lines=True, expand=False)
     for col in ("severity", "id", "subject", "evidence", "fix"):
         table.add_column(col, overflow="fold")
     for f in report.get("findings", []):
-        table.add_row(f"[{colours.get(f['severity'], '')}]{f['severity']}[/]", f["id"], f["subject"],
-                      f["evidence"], f["fix"])
+        table.add_row(f"[{colours.get(f['severity'], 'default')}]{escape(f['severity'])}[/]", escape(f["id"]),
+                      escape(f["subject"]), escape(f["evidence"]), escape(f["fix"]))
     m = (report.get("machine") or {}).get("machine") or {}
     gpus = (report.get("machine") or {}).get("gpu") or []
-    summary = (f"GPU: {', '.join(g.get('name', '?') + ' (' + g.get('compute_capability', '?') + ')' for g in gpus) or 'none'}"
-               f" | driver: {m.get('driver', 'none')} | toolkits: {', '.join(m.get('cuda_toolkits', {})) or 'none'}"
-               f" | gcc {m.get('gcc', '?')} | cmake {m.get('cmake', '?')} | Python {', '.join(m.get('python', [])) or '?'}")
+    summary = escape(
+        f"GPU: {', '.join(g.get('name', '?') + ' (' + g.get('compute_capability', '?') + ')' for g in gpus) or 'none'}"
+        f" | driver: {m.get('driver', 'none')} | toolkits: {', '.join(m.get('cuda_toolkits', {})) or 'none'}"
+        f" | gcc {m.get('gcc', '?')} | cmake {m.get('cmake', '?')} | Python {', '.join(m.get('python', [])) or '?'}")
+    parts = [table, summary] + (["no findings"] if not report.get("findings") else [])
     buf = io.StringIO()
-    out = Console(file=buf, width=160, force_terminal=False, color_system=None)
-    out.print(table)
-    out.print(summary)
-    if not report.get("findings"):
-        out.print("no findings")
-    if console is not None:
-        console.print(table)
-        console.print(summary)
+    text_console = Console(file=buf, width=160, force_terminal=False, color_system=None)
+    for part in parts:
+        text_console.print(part)
+    if show:
+        out = console if console is not None else Console()
+        for part in parts:
+            out.print(part)
     return buf.getvalue()
 
 

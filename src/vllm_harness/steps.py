@@ -78,8 +78,10 @@ class Ctx:
     # ---- children's environment
     def env(self, cuda: bool = False, extra: dict[str, str] | None = None) -> dict[str, str]:
         home = Path(self.cuda_home()) if cuda else None
+        scripts = (self.status.step("env") or {}).get("interpreter_scripts")
         return toolkit.child_env(self.base_env, self.venv, home, extra or {},
-                                 drop_precompiled=self.variant.vllm["mode"] == "source")
+                                 drop_precompiled=self.variant.vllm["mode"] == "source",
+                                 more_path=[scripts] if scripts else [])
 
     def cuda_home(self) -> str:
         toolkits = (self.profile or {}).get("machine", {}).get("cuda_toolkits") or toolkit.find_toolkits(self.base_env)
@@ -129,7 +131,7 @@ def _step_keys(ctx: Ctx, interp_key: str) -> dict[str, str]:
     keys = {}
     keys["fetch"] = key_of("fetch", v.vllm, _tree_stamp(v.source_path()) if v.vllm["source"] == "path" else "")
     keys["prepare"] = key_of(keys["fetch"], "prepare-1")
-    keys["env"] = key_of("env", interp_key, v.torch["preinstalled"], v.installer)
+    keys["env"] = key_of("env", 2, interp_key, v.torch["preinstalled"], v.installer)
     keys["torch"] = key_of(keys["env"], v.torch)
     keys["deps"] = key_of(keys["torch"], keys["prepare"] if v.vllm["mode"] == "source" else "", v.deps)
     keys["build"] = key_of(keys["deps"], v.build, ctx.jobs, ctx.arch, v.vllm["mode"])
@@ -196,23 +198,38 @@ def do_env(ctx: Ctx, interp: pythons.Interpreter, log: Path) -> dict:
         shutil.rmtree(ctx.venv)
     ctx.venv.parent.mkdir(parents=True, exist_ok=True)
     uv = _uv_bin()
-    site = ["--system-site-packages"] if v.torch["preinstalled"] else []
     if uv:
-        cmd = [uv, "venv", "--seed", "--python", interp.executable, *site, str(ctx.venv)]
+        cmd = [uv, "venv", "--seed", "--python", interp.executable, str(ctx.venv)]
     else:
         try:
             import virtualenv  # noqa: F401
-            cmd = [sys.executable, "-m", "virtualenv", "--python", interp.executable, *site, str(ctx.venv)]
+            cmd = [sys.executable, "-m", "virtualenv", "--python", interp.executable, str(ctx.venv)]
         except ImportError:
-            cmd = [interp.executable, "-m", "venv", *site, str(ctx.venv)]
+            cmd = [interp.executable, "-m", "venv", str(ctx.venv)]
     env = {k: val for k, val in ctx.base_env.items() if k not in toolkit.DROP}
     try:
         run_commands("env", [cmd], log, env, quiet=ctx.quiet)
+        scripts = _see_interpreter_packages(ctx, interp, env) if v.torch["preinstalled"] else None
     except BaseException:
         shutil.rmtree(ctx.venv, ignore_errors=True)
         raise
-    return {"python": interp.executable, "python_version": interp.version,
+    return {"python": interp.executable, "python_version": interp.version, "interpreter_scripts": scripts,
             "note": f"Python {interp.version} ({interp.origin}: {interp.executable})"}
+
+
+def _see_interpreter_packages(ctx: Ctx, interp: pythons.Interpreter, env: dict[str, str]) -> None:
+    """preinstalled torch: the venv sees the interpreter's own site-packages (also when that interpreter is
+    itself a venv or a conda env, where --system-site-packages would show the wrong ones), after its own."""
+    code = "import json, sysconfig; p = sysconfig.get_paths(); print(json.dumps([p['scripts'], " \
+           "sorted({p['purelib'], p['platlib']})]))"
+    r = subprocess.run([interp.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    if r.returncode != 0:
+        raise StepFailed(f"env: cannot read the site-packages of {interp.executable}.", "Pass another --python.")
+    scripts, dirs = json.loads(r.stdout.strip().splitlines()[-1])
+    site = subprocess.run([str(ctx.py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, env=env, timeout=60).stdout.strip()
+    Path(site, "_harness_interpreter_packages.pth").write_text("".join(d + "\n" for d in dirs))
+    return scripts  # its tools (cmake, ninja from pip) go on the build's PATH after the venv's own
 
 
 def do_torch(ctx: Ctx, log: Path) -> dict:

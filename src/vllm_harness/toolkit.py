@@ -70,12 +70,12 @@ def lib_dirs(root: Path) -> list[str]:
 
 
 def child_env(base: dict[str, str], venv: Path, cuda_home: Path | None, extra: dict[str, str],
-              drop_precompiled: bool) -> dict[str, str]:
+              drop_precompiled: bool, more_path: list[str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in base.items() if k not in DROP}
     if drop_precompiled:
         for k in ("VLLM_USE_PRECOMPILED", "VLLM_PRECOMPILED_WHEEL_LOCATION"):
             env.pop(k, None)
-    path = [str(venv / "bin")]
+    path = [str(venv / "bin"), *(more_path or [])]
     if cuda_home is not None:
         env["CUDA_HOME"] = str(cuda_home)
         env["CUDA_PATH"] = str(cuda_home)

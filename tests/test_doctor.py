@@ -1,0 +1,450 @@
+"""doctor: findings for the real variants (envs/*.toml) on the machines of tests/machines/*.toml.
+
+The machines are the source document's situations (RTX 4090 and TITAN RTX; CUDA 11- and 12-era drivers;
+cmake 3.22; gcc newer than CUDA 11.8 accepts; only Python 3.13; no GPU) plus a few that exercise the
+other checks.  Each case asserts the exact set of (id, severity) pairs, so a new finding shows up here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_harness import compat, doctor, machine
+from vllm_harness.errors import UsageError
+from vllm_harness.variants import load_variant, parse_variant
+
+ROOT = Path(__file__).resolve().parents[1]
+ENVS = [ROOT / "envs"]
+MACHINES = ROOT / "tests" / "machines"
+MINI = ROOT / "tests" / "fixtures" / "vllm-mini"
+
+
+def variant(name: str):
+    return load_variant(name, ENVS)
+
+
+def profile(name: str) -> dict:
+    return machine.load_profile(MACHINES / f"{name}.toml")
+
+
+def edited(name: str, *replacements: tuple[str, str], new_name: str | None = None):
+    """A real variant with some lines of its TOML replaced (each replacement must apply)."""
+    src = ROOT / "envs" / f"{name}.toml"
+    text = src.read_text()
+    for old, new in replacements:
+        assert old in text, f"{old!r} not in {src}"
+        text = text.replace(old, new)
+    return parse_variant(new_name or name, src, text)
+
+
+def ids(findings) -> set[tuple[str, str]]:
+    return {(f.id, f.severity) for f in findings}
+
+
+def by_id(findings, fid: str):
+    out = [f for f in findings if f.id == fid]
+    assert out, f"no {fid} in {[f.id for f in findings]}"
+    return out[0]
+
+
+# ------------------------------------------------------------------------------- the machines x envs
+
+CASES = {
+    # RTX 4090, driver 550 (CUDA 12.4), CUDA 11.8 toolkit, gcc 11, cmake 3.22 (venv's cmake used)
+    ("rtx4090-driver550", "cu118"): {("cmake-too-old", "info"), ("compiler-oom", "info")},
+    ("rtx4090-driver550", "cu124"): set(),
+    ("rtx4090-driver550", "cu130"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning")},
+    # TITAN RTX x2 (sm 7.5) on driver 520 (CUDA 11.8) in a container, only Python 3.10
+    ("titanrtx-driver520", "cu118"): {("bf16-unsupported", "warning"), ("flash-attn-unsupported-gpu", "warning"),
+                                      ("cmake-too-old", "info"), ("compiler-oom", "info")},
+    ("titanrtx-driver520", "cu124"): {("driver-too-old", "error"), ("cuda-forward-compat", "error"),
+                                      ("python-unsupported", "error"), ("bf16-unsupported", "warning"),
+                                      ("flash-attn-unsupported-gpu", "warning")},
+    ("titanrtx-driver520", "cu130"): {("driver-too-old", "error"), ("cuda-forward-compat", "error"),
+                                      ("python-unsupported", "error"), ("bf16-unsupported", "warning"),
+                                      ("flash-attn-unsupported-gpu", "warning")},
+    # TITAN RTX on driver 470 (CUDA 11.4): 11.8 only by minor-version compatibility
+    ("titanrtx-driver470", "cu118"): {("driver-too-old", "warning"), ("bf16-unsupported", "warning"),
+                                      ("flash-attn-unsupported-gpu", "warning"), ("cmake-too-old", "info"),
+                                      ("compiler-oom", "info")},
+    ("titanrtx-driver470", "cu124"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning"),
+                                      ("bf16-unsupported", "warning"), ("flash-attn-unsupported-gpu", "warning")},
+    # Ubuntu 24.04: gcc 13, only a CUDA 12.6 toolkit, Python 3.12 only, 22 GiB of disk
+    ("rtx4090-gcc13-ubuntu24", "cu118"): {("python-unsupported", "error"), ("cuda-torch-version-mismatch", "error"),
+                                          ("host-compiler-unsupported", "error"), ("disk-full", "error"),
+                                          ("compiler-oom", "info")},
+    ("rtx4090-gcc13-ubuntu24", "cu124"): set(),
+    ("rtx4090-gcc13-ubuntu24", "cu130"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning")},
+    # Debian 12: gcc 12, Debian's nvcc (root /usr), only Python 3.13 without headers
+    ("debian12-gcc12-python313", "cu118"): {("python-unsupported", "error"), ("host-compiler-unsupported", "error"),
+                                            ("cmake-too-old", "info"), ("compiler-oom", "info")},
+    ("debian12-gcc12-python313", "cu124"): {("python-unsupported", "error")},
+    # no GPU: building is possible, verifying is not
+    ("no-gpu", "cu118"): {("no-driver", "warning"), ("cmake-too-old", "info"), ("compiler-oom", "info")},
+    ("no-gpu", "cu124"): {("no-driver", "warning")},
+    ("no-gpu", "cu130"): {("no-driver", "warning")},
+    # H100 (data center) on driver 535: 12.4 by minor-version compat; 13.0 needs a driver; no 804 risk
+    ("h100-driver535", "cu118"): {("cuda-torch-version-mismatch", "error"), ("compiler-oom", "info")},
+    ("h100-driver535", "cu124"): {("driver-too-old", "warning")},
+    ("h100-driver535", "cu130"): {("driver-too-old", "error")},
+    # GTX 1080 Ti (sm 6.1): torch runs, vLLM's kernels (7.0+) do not
+    ("gtx1080-driver550", "cu118"): {("no-kernel-image", "error"), ("bf16-unsupported", "warning"),
+                                     ("flash-attn-unsupported-gpu", "warning"), ("compiler-oom", "info")},
+    ("gtx1080-driver550", "cu124"): {("no-kernel-image", "error"), ("bf16-unsupported", "warning"),
+                                     ("flash-attn-unsupported-gpu", "warning")},
+}
+
+
+@pytest.mark.parametrize("machine_name,variant_name", sorted(CASES))
+def test_findings_per_machine_and_variant(machine_name, variant_name):
+    findings = doctor.check(variant(variant_name), profile(machine_name))
+    assert ids(findings) == CASES[(machine_name, variant_name)], [f.to_dict() for f in findings]
+    for f in findings:
+        assert f.subject and f.evidence and f.fix, f
+    expected = ("will fail" if any(s == "error" for _, s in CASES[(machine_name, variant_name)]) else
+                "ready with warnings" if any(s == "warning" for _, s in CASES[(machine_name, variant_name)]) else "ready")
+    assert doctor.verdict(findings) == expected
+
+
+def test_every_machine_profile_is_covered():
+    covered = {m for m, _ in CASES}
+    assert covered == {p.stem for p in MACHINES.glob("*.toml")}
+
+
+def test_findings_are_ordered_errors_first():
+    findings = doctor.check(variant("cu124"), profile("titanrtx-driver520"))
+    order = [f.severity for f in findings]
+    assert order == sorted(order, key=["error", "warning", "info"].index)
+
+
+# ------------------------------------------------------------------------------------- the details
+
+def test_driver_too_old_names_the_minimum_and_the_way_out():
+    f = by_id(doctor.check(variant("cu124"), profile("titanrtx-driver520")), "driver-too-old")
+    assert "550.54.14" in f.evidence and "520.61.05" in f.evidence
+    assert "CUDA 11.8" in f.fix  # the newest CUDA this driver runs
+
+
+def test_forward_compat_is_about_error_804_on_consumer_gpus_only():
+    f = by_id(doctor.check(variant("cu124"), profile("titanrtx-driver470")), "cuda-forward-compat")
+    assert "804" in f.evidence and "TITAN RTX" in f.evidence
+    assert not [x for x in doctor.check(variant("cu130"), profile("h100-driver535")) if x.id == "cuda-forward-compat"]
+
+
+def test_vllm_wheel_cuda_raises_the_driver_floor():
+    # cu126 torch with the vLLM 0.20 wheel (CUDA 13.0): the wheel needs a 580 driver
+    v = edited("cu130", ('cuda = "13.0"', 'cuda = "12.6"'),
+               ('packages = ["torch==2.11.0"]', 'packages = ["torch==2.11.0"]\nindex_url = "https://download.pytorch.org/whl/cu126"'))
+    p = profile("rtx4090-gcc13-ubuntu24")  # driver 570
+    findings = doctor.check(v, p)
+    assert ("driver-too-old", "error") in ids(findings)
+    assert ("cuda-runtime-lib-missing", "error") in ids(findings)  # CUDA 13 wheel on a CUDA 12 stack
+
+
+def test_cmake_too_old_is_an_error_without_a_venv_cmake():
+    v = edited("cu118", ('packages = ["numpy<2", "cmake>=3.26", "ninja"]', 'packages = ["numpy<2", "ninja"]'))
+    f = by_id(doctor.check(v, profile("rtx4090-driver550")), "cmake-too-old")
+    assert f.severity == "error" and "3.22.1" in f.evidence and "3.26" in f.evidence
+    info = by_id(doctor.check(variant("cu118"), profile("rtx4090-driver550")), "cmake-too-old")
+    assert info.severity == "info" and "venv's cmake" in info.fix and "cmake>=3.26" in info.fix
+
+
+def test_gcc_newer_than_cuda_118_accepts():
+    f = by_id(doctor.check(variant("cu118"), profile("debian12-gcc12-python313")), "host-compiler-unsupported")
+    assert f.severity == "error" and "gcc 12.2.0" in f.evidence and "<= 11" in f.evidence
+    assert "gcc-11" in f.fix
+    # with CUDAHOSTCXX set, doctor cannot see its version: a warning, not an error
+    f2 = by_id(doctor.check(variant("cu118"), profile("debian12-gcc12-python313"), env={"CUDAHOSTCXX": "g++-11"}),
+               "host-compiler-unsupported")
+    assert f2.severity == "warning"
+
+
+def test_python_313_only_with_vllm_085():
+    # a variant that would take any Python >= 3.10: the machine's only one, 3.13, is outside vLLM 0.8.5's range
+    v = edited("cu118", ('python = ">=3.10,<3.11"', 'python = ">=3.10"'))
+    f = by_id(doctor.check(v, profile("debian12-gcc12-python313")), "python-unsupported")
+    assert f.severity == "error" and "3.13.0" in f.evidence and "<3.13" in f.evidence
+    hdr = by_id(doctor.check(v, profile("debian12-gcc12-python313")), "python-headers-missing")
+    assert hdr.severity == "error" and "python3.13-dev" in hdr.fix
+
+
+def test_python_outside_torch_wheels():
+    v = edited("cu118", ('python = ">=3.10,<3.11"', 'python = ">=3.13"'),
+               ('version = "0.8.5"', 'version = "0.7.3"'), ('version = "2.6.0"', 'version = "2.5.1"'),
+               ('"torch==2.6.0+cu118", "torchvision==0.21.0+cu118", "torchaudio==2.6.0+cu118"', '"torch==2.5.1+cu118"'),
+               ('packages = ["xformers==0.0.29.post2"]', 'packages = ["xformers==0.0.28.post3"]'))
+    findings = doctor.check(v, profile("debian12-gcc12-python313"))
+    assert ("torch-wheel-not-found", "error") in ids(findings)
+
+
+def test_torch_pin_mismatch_source_and_wheel():
+    src = edited("cu118", ('version = "0.8.5"', 'version = "0.9.2"'))
+    f = by_id(doctor.check(src, profile("rtx4090-driver550")), "torch-api-mismatch")
+    assert f.severity == "error" and "2.7.0" in f.evidence and "2.6.0" in f.evidence
+    whl = edited("cu124", ('version = "0.8.5"', 'version = "0.9.2"'))
+    f = by_id(doctor.check(whl, profile("rtx4090-driver550")), "dependency-conflict")
+    assert f.severity == "error" and "torch==2.7.0" in f.evidence
+
+
+def test_source_tree_pins_win_over_the_table():
+    # the fixture tree pins torch 2.5.1 (requirements/cuda.txt, CMakeLists.txt); cu118 installs 2.6.0
+    findings = doctor.check(variant("cu118"), profile("rtx4090-driver550"), source_dir=MINI)
+    f = by_id(findings, "torch-api-mismatch")
+    assert f.severity == "error" and "requirements/cuda.txt" in f.evidence and "2.5.1" in f.evidence
+    pins = doctor.read_source_pins(MINI)
+    assert pins["torch"][0] == "2.5.1"
+    assert pins["cmake_min"][0] == "3.26"
+    assert pins["python"][0] == ">=3.9"
+
+
+def test_source_tree_cmake_archs_and_python(tmp_path):
+    tree = tmp_path / "vllm"
+    tree.mkdir()
+    (tree / "CMakeLists.txt").write_text(
+        'cmake_minimum_required(VERSION 3.27)\n'
+        'set(PYTHON_SUPPORTED_VERSIONS "3.9" "3.10" "3.11" "3.12")\n'
+        'set(TORCH_SUPPORTED_VERSION_CUDA "2.6.0")\n'
+        'if(${CMAKE_CUDA_COMPILER_VERSION} VERSION_GREATER_EQUAL 12.8)\n'
+        '  set(CUDA_SUPPORTED_ARCHS "7.0;7.5;8.0;8.6;8.9;9.0;10.0;12.0")\n'
+        'else()\n'
+        '  set(CUDA_SUPPORTED_ARCHS "8.0;8.6;8.9;9.0")\n'
+        'endif()\n')
+    pins = doctor.read_source_pins(tree)
+    assert pins["cmake_min"][0] == "3.27"
+    assert pins["python_cmake"][0] == ">=3.9,<3.13"
+    assert pins["cuda_archs"][0] == {"12.8": "7.0;7.5;8.0;8.6;8.9;9.0;10.0;12.0", "default": "8.0;8.6;8.9;9.0"}
+    findings = doctor.check(variant("cu118"), profile("titanrtx-driver520"), source_dir=tree)
+    nk = by_id(findings, "no-kernel-image")  # this tree builds 8.0+ with CUDA 11.8: nothing for sm 7.5
+    assert "CMakeLists.txt" in nk.evidence
+    cm = by_id(findings, "cmake-too-old")
+    assert "3.27" in cm.evidence and cm.severity == "error"  # the variant's cmake>=3.26 is not enough
+
+
+def test_numpy_abi_when_not_pinned():
+    v = edited("cu118", ('packages = ["numpy<2", "cmake>=3.26", "ninja"]', 'packages = ["cmake>=3.26", "ninja"]'))
+    f = by_id(doctor.check(v, profile("rtx4090-driver550")), "numpy-abi")
+    assert f.severity == "warning" and "numpy<2" in f.fix
+
+
+def test_precompiled_on_a_cuda_118_source_build():
+    findings = doctor.check(variant("cu118"), profile("rtx4090-driver550"), env={"VLLM_USE_PRECOMPILED": "0"})
+    f = by_id(findings, "cuda-runtime-lib-missing")
+    assert f.severity == "error" and "libcudart.so.12" in f.evidence and "unset VLLM_USE_PRECOMPILED" in f.fix
+
+
+def test_xformers_checks():
+    bad = edited("cu118", ('packages = ["xformers==0.0.29.post2"]', 'packages = ["xformers==0.0.28.post3"]'))
+    findings = doctor.check(bad, profile("rtx4090-driver550"))
+    assert ("xformers-torch-mismatch", "error") in ids(findings)
+    assert ("dependency-conflict", "warning") in ids(findings)
+    missing = edited("cu118", ('packages = ["xformers==0.0.29.post2"]', 'packages = []'))
+    f = by_id(doctor.check(missing, profile("titanrtx-driver520")), "xformers-missing")
+    assert f.severity == "warning" and "xformers==0.0.29.post2" in f.fix and "pre-Ampere" in f.evidence
+
+
+def test_compiler_oom_gives_the_job_count_that_fits():
+    v = edited("cu118", ('jobs = "auto"', "jobs = 16"))
+    f = by_id(doctor.check(v, profile("rtx4090-gcc13-ubuntu24")), "compiler-oom")  # 12 GiB available, 15.5 total
+    assert f.severity == "error" and "jobs = 4" in f.fix
+    f = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), env={"MAX_JOBS": "5"}), "compiler-oom")
+    assert f.severity == "warning" and "jobs = 4" in f.fix and "MAX_JOBS" in f.fix
+
+
+def test_disk_full_wheel_vs_source():
+    p = profile("no-gpu")
+    p["machine"]["disk_free_gib"] = 20.0
+    assert ("disk-full", "error") in ids(doctor.check(variant("cu118"), p))
+    assert ("disk-full", "error") not in ids(doctor.check(variant("cu124"), p))
+
+
+def test_no_toolkit_and_runtime_only_toolkit():
+    p = profile("rtx4090-driver550")
+    p["machine"]["cuda_toolkits"] = {}
+    assert ("cuda-home-missing", "error") in ids(doctor.check(variant("cu118"), p))
+    p["machine"]["cuda_without_nvcc"] = ["/usr/local/cuda-11.8"]
+    assert ("nvcc-not-found", "error") in ids(doctor.check(variant("cu118"), p))
+    p["machine"]["cuda_toolkits"] = {"11.7": "/usr/local/cuda-11.7"}
+    f = by_id(doctor.check(variant("cu118"), p), "cuda-torch-version-mismatch")
+    assert f.severity == "warning"  # same major: torch only warns
+
+
+def test_gpu_arch_checks_new_and_old_gpus():
+    p = profile("rtx4090-driver550")
+    p["gpu"] = [{"name": "NVIDIA GeForce RTX 5090", "compute_capability": "12.0", "memory_gib": 31.8}]
+    findings = doctor.check(variant("cu118"), p)
+    assert ("no-kernel-image", "error") in ids(findings)             # torch cu118 has nothing for sm 12.0
+    assert ("arch-unsupported-by-nvcc", "error") in ids(findings)    # nvcc 11.8 stops at sm_90
+    p["gpu"] = [{"name": "Tesla V100-SXM2-32GB", "compute_capability": "7.0", "memory_gib": 32.0}]
+    p["machine"]["driver"] = "580.65.06"
+    p["machine"]["driver_cuda"] = "13.0"
+    v = edited("cu130", ('mode = "wheel"            # or mode = "source" to compile it here against this torch',
+                         'mode = "source"'))
+    findings = doctor.check(v, p)
+    assert {("no-kernel-image", "error"), ("arch-unsupported-by-nvcc", "error")} <= ids(findings)
+
+
+def test_arch_list_names_an_arch_nvcc_cannot_build():
+    v = edited("cu118", ('arch_list = ""', 'arch_list = "7.5;9.0a"'))
+    f = by_id(doctor.check(v, profile("rtx4090-driver550")), "arch-unsupported-by-nvcc")
+    assert "9.0a" in f.evidence
+
+
+def test_torch_index_and_pypi_default():
+    v = edited("cu124", ('cuda = "12.4"', 'cuda = "12.6"'))  # PyPI's torch 2.6.0 is cu124, not cu126
+    f = by_id(doctor.check(v, profile("rtx4090-gcc13-ubuntu24")), "cuda-torch-version-mismatch")
+    assert "whl/cu126" in f.fix
+    v = edited("cu118", ('index_url = "https://download.pytorch.org/whl/cu118"\n\n[vllm]',
+                         'index_url = "https://download.pytorch.org/whl/cu121"\n\n[vllm]'))
+    assert ("cuda-torch-version-mismatch", "error") in ids(doctor.check(v, profile("rtx4090-driver550")))
+
+
+def test_unknown_versions_are_warnings_not_guesses():
+    v = edited("cu124", ('version = "0.8.5"', 'version = "0.99.0"'))
+    findings = doctor.check(v, profile("rtx4090-driver550"))
+    unknown = [f for f in findings if f.id == "compat-unknown"]
+    assert unknown and all(f.severity == "warning" for f in unknown)
+    assert not [f for f in findings if f.id in ("dependency-conflict", "torch-api-mismatch")]
+    # vLLM 0.13: in the data, but its torch pin is not: that one check is reported as not made
+    v = edited("cu124", ('version = "0.8.5"', 'version = "0.13.0"'))
+    f = [x for x in doctor.check(v, profile("rtx4090-driver550")) if x.id == "compat-unknown"]
+    assert [x.check for x in f] == ["torch-api-mismatch"]
+
+
+def test_missing_profile_keys_are_info_findings():
+    v = edited("cu118", ('packages = ["numpy<2", "cmake>=3.26", "ninja"]', 'packages = ["numpy<2"]'))
+    findings = doctor.check(v, {"machine": {}, "gpu": [{"name": "NVIDIA TITAN RTX"}]})
+    skipped = {f.check for f in findings if f.id == "check-skipped"}
+    assert {"driver-too-old", "no-kernel-image", "python-unsupported", "cuda-home-missing",
+            "host-compiler-unsupported", "cmake-too-old", "ninja-missing", "compiler-oom", "disk-full"} <= skipped
+    assert all(f.severity == "info" for f in findings if f.id == "check-skipped")
+
+
+def test_git_dubious_ownership_and_leftovers(tmp_path):
+    tree = tmp_path / "vllm"
+    shutil.copytree(MINI, tree, ignore=shutil.ignore_patterns("build", "dist", ".deps", "*.egg-info", ".git"))
+    findings = doctor.check(variant("cu118"), profile("rtx4090-driver550"), source_dir=tree,
+                            env={"HOME": str(tmp_path)})
+    assert "stale-build-state" not in {f.id for f in findings}
+    (tree / ".git").mkdir()
+    (tree / "build").mkdir()
+    (tree / "vllm.egg-info").mkdir()
+    findings = doctor.check(variant("cu118"), profile("rtx4090-driver550"), source_dir=tree,
+                            env={"HOME": str(tmp_path)})
+    assert ("stale-build-state", "info") in ids(findings)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the tree to another user")
+    os.chown(tree, 12345, 12345)
+    f = by_id(doctor.check(variant("cu118"), profile("rtx4090-driver550"), source_dir=tree,
+                           env={"HOME": str(tmp_path)}), "git-dubious-ownership")
+    assert f.severity == "error" and f"safe.directory {tree}" in f.fix
+    (tmp_path / ".gitconfig").write_text(f"[safe]\n\tdirectory = {tree}\n")
+    assert "git-dubious-ownership" not in {x.id for x in doctor.check(
+        variant("cu118"), profile("rtx4090-driver550"), source_dir=tree, env={"HOME": str(tmp_path)})}
+
+
+# ---------------------------------------------------------------------------------- verdict, report
+
+def test_verdict():
+    F = doctor.Finding
+    assert doctor.verdict([]) == "ready"
+    assert doctor.verdict([F("x", "info", "s", "e", "f")]) == "ready"
+    assert doctor.verdict([F("x", "warning", "s", "e", "f")]) == "ready with warnings"
+    assert doctor.verdict([F("x", "warning", "s", "e", "f"), F("y", "error", "s", "e", "f")]) == "will fail"
+    with pytest.raises(ValueError):
+        F("x", "fatal", "s", "e", "f")
+
+
+def test_rank_variants_best_first():
+    vs = [variant(n) for n in ("cu118", "cu124", "cu130")]
+    ranked = doctor.rank_variants(vs, profile("rtx4090-driver550"))
+    assert [r[0] for r in ranked] == ["cu124", "cu118", "cu130"]
+    assert [r[1] for r in ranked] == [True, True, False]
+    assert "driver-too-old" in ranked[-1][2]
+    ranked = doctor.rank_variants(vs, profile("titanrtx-driver520"))
+    assert ranked[0][:2] == ("cu118", True) and not ranked[1][1] and not ranked[2][1]
+
+
+def test_report_dict_and_table():
+    v, p = variant("cu124"), profile("titanrtx-driver520")
+    findings = doctor.check(v, p)
+    r = doctor.report_dict(v, p, findings)
+    assert set(r) >= {"variant", "machine", "findings", "verdict"}
+    assert r["variant"] == "cu124" and r["machine"] == p and r["verdict"] == "will fail"
+    for f in r["findings"]:
+        assert set(f) >= {"id", "severity", "subject", "evidence", "fix"}
+    text = doctor.render_table(r, show=False)
+    assert "driver-too-old" in text and "will fail" in text and "[nv-relnotes]" in text  # markup escaped
+
+
+def test_check_is_fast_and_runs_no_subprocess(monkeypatch):
+    import subprocess
+
+    def boom(*a, **k):
+        raise AssertionError("check() must not run a subprocess")
+    monkeypatch.setattr(subprocess, "run", boom)
+    monkeypatch.setattr(subprocess, "Popen", boom)
+    p = profile("titanrtx-driver520")
+    t = time.monotonic()
+    for n in ("cu118", "cu124", "cu130"):
+        doctor.check(variant(n), p, source_dir=MINI)
+    assert time.monotonic() - t < 2.0
+
+
+def test_doctor_on_this_machine_is_quick():
+    t = time.monotonic()
+    p = machine.probe(ROOT / "build")
+    for n in ("cu118", "cu124", "cu130"):
+        fs = doctor.check(variant(n), p, env=machine.env_facts())
+        assert doctor.verdict(fs) in ("ready", "ready with warnings", "will fail")
+    assert time.monotonic() - t < 5.0
+
+
+# ------------------------------------------------------------------------------------- compat data
+
+def test_compat_data_every_fact_has_a_source():
+    c = compat.load()
+    facts = c.facts()
+    assert len(facts) > 100
+    for key, f in facts:
+        assert f.source in c.sources and f.url, key
+    assert c.inferred()  # inference is marked, and there is some
+
+
+def test_compat_covers_the_issue_ranges():
+    c = compat.load()
+    for cuda in ("11.8", "12.1", "12.4", "12.6", "12.8", "13.0"):
+        cf = c.cuda(cuda)
+        assert cf and cf.driver_min.value and cf.compat_driver_min.value and cf.sm.value and cf.gcc_max.value
+    for t in ("2.4.0", "2.5.1", "2.6.0", "2.7.1", "2.8.0", "2.9.1", "2.10.0", "2.11.0"):
+        tf = c.torch(t)
+        assert tf and tf.arch and tf.cuda_variants.value and tf.python.value
+    for v in ("0.6.0", "0.7.3", "0.8.5", "0.9.2", "0.10.1.1", "0.11.0", "0.12.0", "0.15.1", "0.17.1", "0.19.1", "0.20.2"):
+        vf = c.vllm(v)
+        assert vf and vf.python and vf.cmake_min and vf.build_archs("12.4"), v
+    for x in ("0.0.27", "0.0.28.post3", "0.0.29.post2", "0.0.30", "0.0.31", "0.0.32.post1", "0.0.33.post2"):
+        assert c.xformers(x).torch.value
+    assert c.vllm("0.8.5").torch.value == "2.6.0" and c.vllm("0.8.5").xformers.value == "0.0.29.post2"
+    assert c.vllm("0.21.0") is None and c.torch("2.3.0") is None and c.cuda("10.2") is None
+    assert c.torch("2.6.0+cu118").version == "2.6.0"
+
+
+def test_compat_bad_data_is_a_usage_error(tmp_path):
+    bad = tmp_path / "compat.toml"
+    bad.write_text('schema = 1\n[sources]\na = "x"\n[cuda."11.8"]\ndriver_min = { value = "1", source = "nope" }\n'
+                   'compat_driver_min = { value = "1", source = "a" }\nsm = { value = [], source = "a" }\n'
+                   'gcc_max = { value = 11, source = "a" }\n')
+    with pytest.raises(UsageError) as e:
+        compat.load_file(bad)
+    assert "cuda.11.8.driver_min" in str(e.value) and "nope" in str(e.value)
+
+
+def test_arch_helpers():
+    assert compat.arch_list_runs_on("5.0;6.0;7.0;7.5;8.0;8.6;9.0", (8, 9))       # 8.6 SASS runs on 8.9
+    assert not compat.arch_list_runs_on("5.0;6.0;7.0;7.5;8.0;8.6;9.0", (12, 0))
+    assert compat.arch_list_runs_on("7.5;8.0;9.0+PTX", (12, 0))                  # PTX JIT
+    assert not compat.arch_list_runs_on("7.5;8.0", (7, 0))
