@@ -162,6 +162,9 @@ def test_gcc_newer_than_cuda_118_accepts():
     f2 = by_id(doctor.check(variant("cu118"), profile("debian12-gcc12-python313"), env={"CUDAHOSTCXX": "g++-11"}),
                "host-compiler-unsupported")
     assert f2.severity == "warning"
+    v = edited("cu118", ('env = { VLLM_TARGET_DEVICE = "cuda" }',
+                         'env = { VLLM_TARGET_DEVICE = "cuda", CUDAHOSTCXX = "g++-11" }'))
+    assert by_id(doctor.check(v, profile("debian12-gcc12-python313")), "host-compiler-unsupported").severity == "warning"
 
 
 def test_python_313_only_with_vllm_085():
@@ -270,7 +273,7 @@ def test_no_toolkit_and_runtime_only_toolkit():
     assert ("nvcc-not-found", "error") in ids(doctor.check(variant("cu118"), p))
     p["machine"]["cuda_toolkits"] = {"11.7": "/usr/local/cuda-11.7"}
     f = by_id(doctor.check(variant("cu118"), p), "cuda-torch-version-mismatch")
-    assert f.severity == "warning"  # same major: torch only warns
+    assert f.severity == "error" and "11.7" in f.evidence  # the build takes only the variant's toolkit
 
 
 def test_gpu_arch_checks_new_and_old_gpus():

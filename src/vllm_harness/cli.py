@@ -101,7 +101,8 @@ def cmd_doctor(a) -> int:
     if a.json:
         _out(a, report)
     else:
-        doctor.render_table(report)
+        from .runner import console
+        doctor.render_table(report, console=console())
         print(f"doctor: {report['verdict']} ({secs:.1f}s)")
     return 1 if any(f["severity"] == "error" for f in report["findings"]) else 0
 

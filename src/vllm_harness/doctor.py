@@ -19,9 +19,10 @@ import glob
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -77,7 +78,7 @@ def _req_lines(path: Path) -> list[Requirement]:
                 if not req.marker.evaluate({"platform_system": "Linux", "platform_machine": "x86_64",
                                             "sys_platform": "linux"}):
                     continue
-            except Exception:
+            except (ValueError, KeyError, TypeError):  # an odd marker: keep the requirement
                 pass
         out.append(req)
     return out
@@ -168,14 +169,14 @@ def read_source_pins(source_dir: Path) -> dict[str, tuple[Any, str]]:
         m = re.search(r"TORCH_SUPPORTED_VERSION_CUDA\s+\"([^\"]+)\"", text)
         if m:
             first("torch", m.group(1), f"CMakeLists.txt: set(TORCH_SUPPORTED_VERSION_CUDA \"{m.group(1)}\")")
-        m = re.search(r"cmake_minimum_required\s*\(\s*VERSION\s+([\d.]+)", text, re.I)
+        m = re.search(r"cmake_minimum_required\s*\(\s*VERSION\s+([\d.]+)", text, re.IGNORECASE)
         if m:
             old = pins.get("cmake_min")
             if old is None or Version(m.group(1)) > Version(old[0]):
                 pins["cmake_min"] = (m.group(1), f"CMakeLists.txt: cmake_minimum_required(VERSION {m.group(1)})")
         m = re.search(r"PYTHON_SUPPORTED_VERSIONS((?:\s+\"\d+\.\d+\")+)", text)
         if m:
-            vs = sorted((Version(v) for v in re.findall(r"\"(\d+\.\d+)\"", m.group(1))))
+            vs = sorted(Version(v) for v in re.findall(r"\"(\d+\.\d+)\"", m.group(1)))
             if vs:
                 hi = vs[-1]
                 spec = f">={vs[0]},<{hi.major}.{hi.minor + 1}"
@@ -572,14 +573,12 @@ def _check_python(ctx: _Ctx, vf: compat_mod.VllmFacts | None, tf: compat_mod.Tor
                     f"'{rng}'{c}" + (f"; {', '.join(fits)} would fit" if fits else ""),
                     f"narrow the variant's python range into '{rng}' and have an interpreter there "
                     f"(e.g. `uv python install {_minor_hint(SpecifierSet(rng) & spec)}`)")
-    if ctx.variant.torch.get("preinstalled"):
-        pass
-    elif tf is not None:
-        if not SpecifierSet(tf.python.value).contains(chosen, prereleases=True):
-            ctx.add("torch-wheel-not-found", "error", f"torch {ctx.torch_version} for Python {chosen}",
-                    f"torch {ctx.torch_version} publishes wheels for Python '{tf.python.value}'{_cite(tf.python)}; "
-                    f"the variant would use {chosen}",
-                    f"use a Python in '{tf.python.value}' for this variant")
+    if (not ctx.variant.torch.get("preinstalled") and tf is not None
+            and not SpecifierSet(tf.python.value).contains(chosen, prereleases=True)):
+        ctx.add("torch-wheel-not-found", "error", f"torch {ctx.torch_version} for Python {chosen}",
+                f"torch {ctx.torch_version} publishes wheels for Python '{tf.python.value}'{_cite(tf.python)}; "
+                f"the variant would use {chosen}",
+                f"use a Python in '{tf.python.value}' for this variant")
     no_headers = ctx.m.get("python_without_headers") or []
     if chosen in no_headers:
         sev = "error" if ctx.source else "warning"
@@ -771,10 +770,11 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
                         "no CUDA toolkit found (CUDA_HOME/CUDA_PATH, /usr/local/cuda*, nvcc on PATH, $CONDA_PREFIX, "
                         "pip's nvidia-cuda-nvcc)", install)
         elif same_major:
-            ctx.add("cuda-torch-version-mismatch", "warning", f"CUDA {v.cuda} toolkit",
-                    f"found {', '.join(f'{k} at {tk[k]}' for k in same_major)}, not {v.cuda}; torch {ctx.torch_version}+"
-                    f"{v.cuda_tag} accepts another minor of the same major with a warning",
-                    f"{install}; or build with the CUDA {same_major[-1]} toolkit")
+            ctx.add("cuda-torch-version-mismatch", "error", f"CUDA {v.cuda} toolkit",
+                    f"found {', '.join(f'{k} at {tk[k]}' for k in same_major)}, not {v.cuda}; the build uses the "
+                    f"toolkit of the variant's CUDA (torch {ctx.torch_version}+{v.cuda_tag} itself would accept "
+                    "another minor of the same major with a warning)",
+                    f"{install}; or make a variant for CUDA {same_major[-1]}")
         else:
             ctx.add("cuda-torch-version-mismatch", "error", f"CUDA {v.cuda} toolkit",
                     f"found only {', '.join(f'{k} at {tk[k]}' for k in tk)}; torch {ctx.torch_version}+{v.cuda_tag} "
@@ -798,7 +798,8 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
         major = Version(gcc).major
         if major > int(cf.gcc_max.value):
             hm = int(cf.gcc_max.value)
-            override = [k for k in ("CUDAHOSTCXX", "CXX", "CC") if ctx.env.get(k)]
+            benv = {**(v.build.get("env") or {}), **ctx.env}
+            override = [k for k in ("CUDAHOSTCXX", "CXX", "CC") if benv.get(k)]
             ev = (f"gcc {gcc} is the default host compiler; nvcc {v.cuda} accepts gcc <= {hm}{_cite(cf.gcc_max)} "
                   f"('unsupported GNU version! gcc versions later than {hm} are not supported')")
             fix = (f"install gcc-{hm} and g++-{hm} (e.g. apt install gcc-{hm} g++-{hm}) and build with "
@@ -806,7 +807,7 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
                    "-allow-unsupported-compiler is at your own risk")
             if override:
                 ctx.add("host-compiler-unsupported", "warning", f"gcc {gcc} vs CUDA {v.cuda}",
-                        ev + f"; {', '.join(f'{k}={ctx.env[k]}' for k in override)} is set, whose version was not checked",
+                        ev + f"; {', '.join(f'{k}={benv[k]}' for k in override)} is set, whose version was not checked",
                         f"make sure those name gcc/g++ <= {hm}; otherwise {fix}")
             else:
                 ctx.add("host-compiler-unsupported", "error", f"gcc {gcc} vs CUDA {v.cuda}", ev, fix)
@@ -817,7 +818,7 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
         candidates.append((ctx.pins["cmake_min"][0], f" [{ctx.pins['cmake_min'][1]}]"))
     elif vf is not None and vf.cmake_min is not None:
         candidates.append((vf.cmake_min.value, _cite(vf.cmake_min)))
-    need_s, need_cite = max(candidates, key=lambda c: Version(c[0]))
+    need_s, need_cite = max(reversed(candidates), key=lambda c: Version(c[0]))  # ties: cite the data
     need = Version(need_s)
     cm = m.get("cmake")
     venv = _venv_provides(v, "cmake", need)
@@ -856,7 +857,7 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
         except ValueError:
             pass
         per_job = GB_PER_NVCC_JOB * max(1, threads)
-        fit = int(math.floor(ram / per_job))
+        fit = math.floor(ram / per_job)
         cores = m.get("cpu_cores")
         jobs: Any = v.build.get("jobs", "auto")
         src = "[build] jobs"

@@ -38,7 +38,8 @@ def preflight(ctx) -> dict:
     report, secs = run_doctor(ctx)
     if not ctx.quiet:
         shown = dict(report, findings=[f for f in report["findings"] if f["severity"] != "info"])
-        doctor.render_table(shown)
+        from .runner import console
+        doctor.render_table(shown, console=console())
         print(f"doctor: {report['verdict']} ({secs:.1f}s)")
     log = ctx.log("doctor")
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,10 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
@@ -55,7 +56,7 @@ def _run(argv: list[str], env: dict[str, str] | None = None, timeout: float = TI
     """(returncode, stdout+stderr) of ``argv``; None when it cannot be run or times out."""
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                           stdin=subprocess.DEVNULL)
+                           stdin=subprocess.DEVNULL, check=False)
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return None
     return p.returncode, (p.stdout or "") + (p.stderr or "")
@@ -92,41 +93,41 @@ def _gpus_nvml() -> tuple[list[dict], str | None, str | None] | None:
         import pynvml  # nvidia-ml-py
     except ImportError:
         return None
+    nvml_errors = (pynvml.NVMLError, OSError, AttributeError, TypeError, ValueError)
     try:
         pynvml.nvmlInit()
-    except Exception:  # NVMLError_LibraryNotFound, DriverNotLoaded, ... : no usable driver
+    except nvml_errors:  # NVMLError_LibraryNotFound, DriverNotLoaded, ... : no usable driver
         return None
-    try:
-        def s(x: Any) -> str:
-            return x.decode() if isinstance(x, bytes) else str(x)
-        driver = s(pynvml.nvmlSystemGetDriverVersion())
+
+    def s(x: Any) -> str:
+        return x.decode() if isinstance(x, bytes) else str(x)
+
+    def opt(fn: Any, *args: Any) -> Any:
         try:
-            cv = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-        except Exception:
-            cv = pynvml.nvmlSystemGetCudaDriverVersion()
+            return fn(*args)
+        except nvml_errors:
+            return None
+
+    try:
+        driver = s(pynvml.nvmlSystemGetDriverVersion())
+        cv = opt(pynvml.nvmlSystemGetCudaDriverVersion_v2) or opt(pynvml.nvmlSystemGetCudaDriverVersion)
         driver_cuda = f"{cv // 1000}.{(cv % 1000) // 10}" if cv else None
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             g: dict[str, Any] = {"name": s(pynvml.nvmlDeviceGetName(h))}
-            try:
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-                g["compute_capability"] = f"{major}.{minor}"
-            except Exception:
-                pass
-            try:
-                g["memory_gib"] = _gib(pynvml.nvmlDeviceGetMemoryInfo(h).total)
-            except Exception:
-                pass
+            cc = opt(pynvml.nvmlDeviceGetCudaComputeCapability, h)
+            if cc:
+                g["compute_capability"] = f"{cc[0]}.{cc[1]}"
+            mem = opt(pynvml.nvmlDeviceGetMemoryInfo, h)
+            if mem is not None:
+                g["memory_gib"] = _gib(mem.total)
             gpus.append(g)
         return gpus, driver, driver_cuda
-    except Exception:
+    except nvml_errors:
         return None
     finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+        opt(pynvml.nvmlShutdown)
 
 
 def _gpus_smi(env: dict[str, str]) -> tuple[list[dict], str | None, str | None] | None:
@@ -209,7 +210,7 @@ def _nvcc_top(nvcc: str, env: dict[str, str]) -> Path | None:
     r = _run([nvcc, "--dryrun", "-c", "probe.cu", "-o", os.devnull], env=env)
     if r is None:
         return None
-    m = re.search(r"^#\$ TOP=(.+)$", r[1], re.M)
+    m = re.search(r"^#\$ TOP=(.+)$", r[1], re.MULTILINE)
     if not m:
         return None
     top = Path(os.path.normpath(m.group(1).strip()))
@@ -238,10 +239,11 @@ def toolkit_candidates(env: dict[str, str], interpreters: list = ()) -> list[tup
     seen += [(Path("/usr/local/cuda"), "/usr/local"), (Path("/opt/cuda"), "/opt")]
     nvcc = shutil.which("nvcc", path=env.get("PATH"))
     if nvcc:
-        root = Path(os.path.realpath(nvcc)).parent.parent
-        if not (_has_headers(root) or (root / "version.json").is_file()):
-            root = _nvcc_top(nvcc, env) or root
-        seen.append((root, "PATH"))
+        # as torch finds it (dirname of dirname, unresolved: Debian's /usr/bin/nvcc -> /usr), else through
+        # symlinks, else where a wrapper script says the toolkit is (nvcc --dryrun: TOP=...)
+        plain, real = Path(nvcc).parent.parent, Path(os.path.realpath(nvcc)).parent.parent
+        root = next((r for r in (plain, real) if _has_headers(r) or (r / "version.json").is_file()), None)
+        seen.append((root or _nvcc_top(nvcc, env) or plain, "PATH"))
     if env.get("CONDA_PREFIX"):
         seen.append((Path(env["CONDA_PREFIX"]), "conda"))
     for prefix in _interp_prefixes(list(interpreters)):
@@ -318,7 +320,7 @@ def _disk_free(build_dir: Path) -> float | None:
 
 def _os_name() -> str | None:
     try:
-        kv = dict(re.findall(r'^([A-Z_]+)="?([^"\n]*)"?$', Path("/etc/os-release").read_text(), re.M))
+        kv = dict(re.findall(r'^([A-Z_]+)="?([^"\n]*)"?$', Path("/etc/os-release").read_text(), re.MULTILINE))
     except OSError:
         return platform.system().lower() or None
     name = kv.get("ID", "")
@@ -350,7 +352,7 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
         f_git = pool.submit(_tool_version, "git", ["--version"], env)
         try:
             interpreters, _failed = f_py.result()
-        except Exception:  # discovery must not take the probe down
+        except (OSError, ValueError, subprocess.SubprocessError):  # discovery must not take the probe down
             interpreters = []
         f_tk = pool.submit(probe_toolkits, env, interpreters)
         mem = _meminfo()
@@ -490,8 +492,8 @@ def _driver(v: Any) -> str:
 
 
 def _nonempty(v: Any) -> str:
-    s = _s(v).strip()
-    if not s:
+    s = _s(v)
+    if not s.strip():
         raise _Bad("is empty", "give a value or remove the key")
     return s
 

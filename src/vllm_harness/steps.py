@@ -131,7 +131,7 @@ def _step_keys(ctx: Ctx, interp_key: str) -> dict[str, str]:
     keys = {}
     keys["fetch"] = key_of("fetch", v.vllm, _tree_stamp(v.source_path()) if v.vllm["source"] == "path" else "")
     keys["prepare"] = key_of(keys["fetch"], "prepare-1")
-    keys["env"] = key_of("env", 2, interp_key, v.torch["preinstalled"], v.installer)
+    keys["env"] = key_of("env", 3, interp_key, v.torch["preinstalled"], v.installer)
     keys["torch"] = key_of(keys["env"], v.torch)
     keys["deps"] = key_of(keys["torch"], keys["prepare"] if v.vllm["mode"] == "source" else "", v.deps)
     keys["build"] = key_of(keys["deps"], v.build, ctx.jobs, ctx.arch, v.vllm["mode"])
@@ -198,17 +198,27 @@ def do_env(ctx: Ctx, interp: pythons.Interpreter, log: Path) -> dict:
         shutil.rmtree(ctx.venv)
     ctx.venv.parent.mkdir(parents=True, exist_ok=True)
     uv = _uv_bin()
+    cmds = []
     if uv:
-        cmd = [uv, "venv", "--seed", "--python", interp.executable, str(ctx.venv)]
+        # pip comes from the interpreter's own ensurepip: works offline (GPU servers often are)
+        cmds = [[uv, "venv", "--python", interp.executable, str(ctx.venv)],
+                [str(ctx.py), "-m", "ensurepip", "--default-pip"]]
     else:
         try:
             import virtualenv  # noqa: F401
-            cmd = [sys.executable, "-m", "virtualenv", "--python", interp.executable, str(ctx.venv)]
+            cmds = [[sys.executable, "-m", "virtualenv", "--python", interp.executable, str(ctx.venv)]]
         except ImportError:
-            cmd = [interp.executable, "-m", "venv", str(ctx.venv)]
+            cmds = [[interp.executable, "-m", "venv", str(ctx.venv)]]
     env = {k: val for k, val in ctx.base_env.items() if k not in toolkit.DROP}
     try:
-        run_commands("env", [cmd], log, env, quiet=ctx.quiet)
+        try:
+            run_commands("env", cmds, log, env, quiet=ctx.quiet)
+        except StepFailed:
+            if not (uv and ctx.py.exists()):
+                raise
+            # no ensurepip (Debian's python3 without python3-venv): let uv seed pip from the index
+            run_commands("env", [[uv, "pip", "install", "--python", str(ctx.py), "pip"]], log, env,
+                         quiet=ctx.quiet)
         scripts = _see_interpreter_packages(ctx, interp, env) if v.torch["preinstalled"] else None
     except BaseException:
         shutil.rmtree(ctx.venv, ignore_errors=True)
