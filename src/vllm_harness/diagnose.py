@@ -102,16 +102,20 @@ _PREFIX_RE = re.compile(
 )
 # The first line of an error block (when no known failure is recognised).
 _FIRST_ERROR_RE = re.compile(
-    r"\berror(?:\[[\w-]+\])?\s*:"  # gcc/clang/pip/nvcc "error:"
+    r"(?<![\w-])error(?:\[[\w-]+\])?\s*:"  # gcc/clang/pip "error:", nvcc "error   :"
     r"|\bERROR\b"  # pip "ERROR:", vLLM "ERROR 05-07 ..."
-    r"|\bError\b(?!\w)(?=\s*(?:\d|:|at\b|-|\())"  # "CMake Error at", "Error 1", "Error: ..."
-    r"|\b[A-Z]\w*(?:Error|Exception)\b:?"  # RuntimeError: ..., CalledProcessError
+    r"|\bError(?::| at\b| -)|\] Error \d"  # "Error: ...", "CMake Error at", make "] Error 1"
+    r"|\w(?:Error|Exception): "  # RuntimeError: ..., subprocess.CalledProcessError: ...
     r"|\bFAILED\b"
-    r"|^Traceback \(most recent call last\)"
+    r"|Traceback \(most recent call last\)"
     r"|\bfatal(?: error)?\s*:"
     r"|#error\b"
 )
-_FIRST_ERROR_ANCHORS = (b"error", b"Error", b"ERROR", b"FAILED", b"Traceback", b"fatal")
+#: Literals one of which every line matching _FIRST_ERROR_RE holds.
+_FIRST_ERROR_ANCHORS = (
+    b"error:", b"error :", b"error  ", b"error[", b"ERROR", b"Error:", b"Error at", b"Error -",
+    b"] Error ", b"Exception: ", b"FAILED", b"Traceback (most", b"fatal:", b"fatal error", b"#error",
+)
 
 # Frequency (per mille) of bytes in build logs (measured on the test corpus).  An anchor starting
 # with a rare byte costs the prefilter little; anchors starting with a frequent byte are searched
@@ -423,7 +427,7 @@ def render_fix(template: str, context: Mapping[str, Any] | None = None) -> str:
 # scanning
 
 
-def _trie_regex(words: Iterable[bytes]) -> re.Pattern[bytes] | None:
+def _trie_regex(words: Iterable[bytes], overlapping: bool = False) -> re.Pattern[bytes] | None:
     trie: dict[Any, Any] = {}
     for word in words:
         node = trie
@@ -443,7 +447,8 @@ def _trie_regex(words: Iterable[bytes]) -> re.Pattern[bytes] | None:
 
     if not trie:
         return None
-    return re.compile(render(trie))
+    body = render(trie)
+    return re.compile(b"(?=(" + body + b"))" if overlapping else body)
 
 
 def _clean_segments(raw: bytes) -> list[str]:
@@ -504,22 +509,30 @@ class _Scanner:
         self.trie = _trie_regex(trie_words)
         self.find_words = find_words
         self.scan_words = words
+        # for a line that holds anchors: which ones (also overlapping ones and prefixes)
+        self.overlapping = _trie_regex(trie_words, overlapping=True)
+        self.prefixes = {w: [p for p in trie_words if w.startswith(p)] for w in trie_words}
 
     @property
     def done(self) -> bool:
         return not self.scan_words and self.pending_error_lines == 0
 
-    def _next_hit(self, block: bytes, pos: int, next_find: dict[bytes, int]) -> int:
+    def _next_hit(self, block: bytes, pos: int, cache: dict[Any, int]) -> int:
+        """Position of the next anchor at or after ``pos`` (-1: none).  ``cache`` keeps the
+        next position of every search so that no gap is searched twice."""
         best = -1
         if self.trie is not None:
-            m = self.trie.search(block, pos)
-            if m is not None:
-                best = m.start()
+            at = cache.get(None, -2)
+            if at != -1 and at < pos:
+                m = self.trie.search(block, pos)
+                at = m.start() if m is not None else -1
+                cache[None] = at
+            best = at
         for word in self.find_words:
-            at = next_find.get(word, -2)
+            at = cache.get(word, -2)
             if at != -1 and at < pos:
                 at = block.find(word, pos)
-                next_find[word] = at
+                cache[word] = at
             if at != -1 and (best == -1 or at < best):
                 best = at
         return best
@@ -531,12 +544,10 @@ class _Scanner:
         counted_pos = 0
         line_no = first_line
         if self.pending_error_lines:
-            pos = self._continue_error_block(block, first_line)
-            line_no = first_line + block.count(b"\n", 0, pos)
-            counted_pos = pos
-        next_find: dict[bytes, int] = {}
+            self._continue_error_block(block, first_line)
+        cache: dict[Any, int] = {}
         while self.scan_words:
-            hit = self._next_hit(block, pos, next_find)
+            hit = self._next_hit(block, pos, cache)
             if hit < 0:
                 break
             ls = block.rfind(b"\n", 0, hit) + 1
@@ -555,22 +566,29 @@ class _Scanner:
                 next_pos = le + 1
             changed = self._check(region, line_no)
             if self.pending_error_lines:
-                next_pos = max(next_pos, self._continue_error_block(block, line_no + 1, start=le + 1))
+                # copy the lines after the first error line; they are still scanned for anchors
+                self._continue_error_block(block, line_no + 1, start=le + 1)
             if changed:
                 self._rebuild()
-                next_find = {}
+                cache = {}
             pos = next_pos
         return block.count(b"\n")
 
     def _check(self, region: bytes, line_no: int) -> bool:
         """Match the full regexes of the failures whose anchors ``region`` holds."""
+        present: set[bytes] = set()
+        if self.overlapping is not None:
+            for m in self.overlapping.finditer(region):
+                present.update(self.prefixes[m.group(1)])
+        for word in self.find_words:
+            if word in region:
+                present.add(word)
         rules: list[Rule] = []
-        for anchor in self.active_anchors:
-            if anchor in region:
-                for rule in self.anchor_rules[anchor]:
-                    if rule.id not in self.found and rule not in rules:
-                        rules.append(rule)
-        want_error = self.track_first_error and any(a in region for a in _FIRST_ERROR_ANCHORS)
+        for anchor in present:
+            for rule in self.anchor_rules.get(anchor, ()):
+                if rule.id not in self.found and rule not in rules:
+                    rules.append(rule)
+        want_error = self.track_first_error and not present.isdisjoint(_FIRST_ERROR_ANCHORS)
         if not rules and not want_error:
             return False
         changed = False
@@ -601,7 +619,7 @@ class _Scanner:
         return changed
 
     def _continue_error_block(self, block: bytes, line_no: int, start: int = 0) -> int:
-        """Append the lines after the first error line; returns the position after them."""
+        """Copy the lines after the first error line; returns the position after them."""
         pos = start
         while self.pending_error_lines and pos < len(block):
             end = block.find(b"\n", pos)

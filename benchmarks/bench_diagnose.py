@@ -1,0 +1,185 @@
+"""Benchmark ``vllm_harness.diagnose.diagnose_path`` against ``grep -E -f`` on a 200 MB log.
+
+The log is built (under /tmp) from the real lines of the test corpus (tests/logs/*.log):
+
+* ``worst``: only corpus lines that match no pattern of the knowledge base and start no error
+  block (many of them are near misses: they hold prefilter anchors), repeated in random order,
+  with one known failure (cmake-too-old) at the very end.  Both tools must read everything;
+  this is the case that the 2x target is about.
+* ``mixed``: all corpus lines in random order.  grep still reads everything; diagnose stops as
+  soon as every failure id has been found (one finding per id is all it reports).
+
+grep gets the same patterns, translated from Python regex syntax to POSIX ERE.
+One run each; prints a table and a JSON line.
+
+    PYTHONPATH=src python benchmarks/bench_diagnose.py [--mb 200] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vllm_harness import diagnose as dg  # noqa: E402
+
+CORPUS = ROOT / "tests" / "logs"
+
+
+def to_ere(pattern: str) -> str:
+    """Translate the Python regexes of the knowledge base to POSIX ERE (GNU grep)."""
+    pattern = pattern.replace(r"(?!\{\})", "")  # the one lookahead: dropping it only widens grep
+    pattern = pattern.replace("(?:", "(")
+    out: list[str] = []
+    in_class = False
+    i = 0
+    outside = {"d": "[0-9]", "w": "[[:alnum:]_]", "s": "[[:space:]]", "S": "[^[:space:]]", "D": "[^0-9]"}
+    inside = {"d": "0-9", "w": "[:alnum:]_", "s": "[:space:]"}
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            n = pattern[i + 1]
+            if in_class and n in inside:
+                out.append(inside[n])
+            elif not in_class and n in outside:
+                out.append(outside[n])
+            else:
+                out.append("\\" + n)
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class and out and out[-1] not in ("[", "[^"):
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def corpus_lines() -> list[bytes]:
+    lines: list[bytes] = []
+    for path in sorted(CORPUS.glob("*.log")):
+        for line in path.read_bytes().splitlines():
+            lines.append(line + b"\n")
+    return lines
+
+
+def is_quiet(line: bytes, rules: list[dg.Rule]) -> bool:
+    segs = dg._clean_segments(line)
+    if any(dg._FIRST_ERROR_RE.search(s) for s in segs):
+        return False
+    return not any(p.search(s) for r in rules for p in r.patterns for s in segs)
+
+
+def build(path: Path, lines: list[bytes], size: int, tail: bytes = b"", seed: int = 7) -> None:
+    rng = random.Random(seed)
+    written = 0
+    with path.open("wb") as fh:
+        batch: list[bytes] = []
+        while written < size:
+            line = rng.choice(lines)
+            batch.append(line)
+            written += len(line)
+            if len(batch) >= 10000:
+                fh.write(b"".join(batch))
+                batch.clear()
+        fh.write(b"".join(batch))
+        fh.write(tail)
+
+
+def time_grep(patterns: Path, log: Path) -> tuple[float, str]:
+    grep = shutil.which("grep")
+    if grep is None:
+        return float("nan"), "grep not found"
+    t0 = time.perf_counter()
+    proc = subprocess.run([grep, "-E", "-c", "-f", str(patterns), str(log)], capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):
+        return float("nan"), proc.stderr.strip()
+    return elapsed, proc.stdout.strip() + " matching lines"
+
+
+def time_diagnose(log: Path) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    report = dg.diagnose_path(log)
+    elapsed = time.perf_counter() - t0
+    ids = report.ids
+    return elapsed, f"{len(ids)} ids: {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=200, help="size of each synthetic log in MB (default 200)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated logs in /tmp")
+    args = ap.parse_args(argv)
+
+    rules = dg.load_knowledge()
+    lines = corpus_lines()
+    quiet = [line for line in lines if is_quiet(line, rules)]
+    size = args.mb * 1024 * 1024
+    tmp = Path(tempfile.mkdtemp(prefix="bench-diagnose-", dir="/tmp"))
+    patterns = tmp / "patterns.ere"
+    patterns.write_text("".join(to_ere(p.pattern) + "\n" for r in rules for p in r.patterns), encoding="utf-8")
+    tail = (
+        b"CMake Error at CMakeLists.txt:1 (cmake_minimum_required):\n"
+        b"  CMake 3.26 or higher is required.  You are running version 3.22.1\n"
+    )
+    cases = {
+        "worst": (tmp / "worst.log", quiet, tail),
+        "mixed": (tmp / "mixed.log", lines, b""),
+    }
+    results = []
+    try:
+        for name, (path, src, end) in cases.items():
+            build(path, src, size, end)
+            mb = path.stat().st_size / 1e6
+            # warm the page cache equally for both tools
+            with path.open("rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+            g_time, g_note = time_grep(patterns, path)
+            d_time, d_note = time_diagnose(path)
+            results.append(
+                {
+                    "case": name,
+                    "mb": round(mb, 1),
+                    "grep_s": round(g_time, 3),
+                    "grep_mb_s": round(mb / g_time, 1) if g_time == g_time else None,
+                    "diagnose_s": round(d_time, 3),
+                    "diagnose_mb_s": round(mb / d_time, 1),
+                    "ratio_diagnose_over_grep": round(d_time / g_time, 2) if g_time == g_time else None,
+                    "grep": g_note,
+                    "diagnose": d_note,
+                }
+            )
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"corpus: {len(lines)} lines, {len(quiet)} quiet lines; {sum(len(r.patterns) for r in rules)} patterns; "
+          f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs")
+    header = f"{'case':<6} {'MB':>7} {'grep s':>8} {'grep MB/s':>10} {'diag s':>8} {'diag MB/s':>10} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['case']:<6} {r['mb']:>7} {r['grep_s']:>8} {r['grep_mb_s']!s:>10} {r['diagnose_s']:>8} "
+              f"{r['diagnose_mb_s']:>10} {r['ratio_diagnose_over_grep']!s:>6}")
+    for r in results:
+        print(f"  {r['case']}: grep -> {r['grep']}; diagnose -> {r['diagnose']}")
+    print(json.dumps({"benchmark": "diagnose_vs_grep", "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
