@@ -24,7 +24,7 @@ def _harness(session: nox.Session, *args: str) -> None:
 
 
 def _description(path: Path) -> str:
-    m = re.search(r'^description\s*=\s*"(.*)"\s*$', path.read_text(errors="replace"), re.M)
+    m = re.search(r'^description\s*=\s*"(.*)"\s*$', path.read_text(errors="replace"), re.MULTILINE)
     return m.group(1) if m else "(no description)"
 
 

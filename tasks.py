@@ -8,7 +8,7 @@ from pathlib import Path
 from invoke import Exit, task
 
 sys.path.insert(0, str(Path(__file__).parent / "src"))
-from vllm_harness.cli import main as harness  # noqa: E402
+from vllm_harness.cli import main as harness
 
 
 def _call(*argv: str | None, **flags) -> None:

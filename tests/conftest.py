@@ -36,7 +36,7 @@ def harness(state, capsys):
     return run
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pypi_reachable() -> bool:
     try:
         with urllib.request.urlopen("https://pypi.org/simple/ninja/", timeout=10) as r:
@@ -50,7 +50,7 @@ def needs_pypi():
         pytest.skip("needs PyPI (https://pypi.org unreachable from this machine)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def local_cpu_torch() -> bool:
     """True when pip can install the CPU torch 2.13.0 wheel without an index (a find-links dir has it)."""
     if sys.version_info[:2] != (3, 11):

@@ -6,7 +6,6 @@ CPU flavour here (the CUDA flavour runs on a GPU machine: see README).  Needs Py
 import json
 
 import pytest
-
 from conftest import fixture_variant, needs_pypi, status_of
 
 pytestmark = pytest.mark.slow

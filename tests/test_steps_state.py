@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from conftest import ROOT
+
 from vllm_harness import prepare
 from vllm_harness.clean import clean
 from vllm_harness.layout import Layout

@@ -1,9 +1,10 @@
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from conftest import ROOT
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from vllm_harness.errors import UsageError
 from vllm_harness.variants import load_variant, parse_variant, variant_names
 

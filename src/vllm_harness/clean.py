@@ -32,7 +32,7 @@ def _size(path: Path) -> int:
         except OSError:
             return 0
     total = 0
-    for root, dirs, files in os.walk(path, followlinks=False):
+    for root, _dirs, files in os.walk(path, followlinks=False):
         for f in files:
             try:
                 total += (Path(root) / f).lstat().st_size

@@ -49,8 +49,9 @@ def _out(a, data: dict) -> None:
 
 def machine_banner() -> str:
     """The machine facts printed at the start of a session (urllib3's noxfile does the same)."""
-    from . import toolkit
     import shutil
+
+    from . import toolkit
     tk = toolkit.find_toolkits()
     gpu = "unknown"
     try:
@@ -68,7 +69,7 @@ def machine_banner() -> str:
 # --------------------------------------------------------------------------------------------- commands
 
 def cmd_list(a) -> int:
-    from .variants import variant_files, load_variant_file
+    from .variants import load_variant_file, variant_files
     layout = _layout(a)
     rows = []
     for f in variant_files(layout.root / "envs"):

@@ -26,9 +26,10 @@ import heapq
 import io
 import re
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Mapping, Sequence
+from typing import Any, BinaryIO
 
 try:  # Python >= 3.11
     import tomllib as _toml

@@ -43,7 +43,7 @@ class Layout:
     state: Path
 
     @classmethod
-    def default(cls, root: Path | None = None) -> "Layout":
+    def default(cls, root: Path | None = None) -> Layout:
         root = (root or find_root()).resolve()
         state = Path(os.environ.get("VLLM_HARNESS_STATE") or root / ".harness").resolve()
         return cls(root=root, state=state)

@@ -146,7 +146,7 @@ def _gpus_smi(env: dict[str, str]) -> tuple[list[dict], str | None, str | None] 
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != len(fields):
             continue
-        row = dict(zip(fields, parts))
+        row = dict(zip(fields, parts, strict=True))
         g: dict[str, Any] = {"name": row["name"]}
         if re.fullmatch(r"\d+\.\d+", row.get("compute_cap", "")):
             g["compute_capability"] = row["compute_cap"]

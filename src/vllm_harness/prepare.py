@@ -91,11 +91,9 @@ def prepare(src: Path, python: Path, log: Path, env: dict[str, str]) -> dict:
             how = "harness-equivalent"
         # Old scripts miss some layouts (requirements/**/*.txt, pyproject build-system): finish the job.
         extra = strip_torch(src)
-        for c in extra:
-            fh.write(f"# also removed: {c}\n")
+        fh.writelines(f"# also removed: {c}\n" for c in extra)
         left = torch_pins(src)
-        for f, n, line in left:
-            fh.write(f"torch pin left: {f}:{n}: {line}\n")
+        fh.writelines(f"torch pin left: {f}:{n}: {line}\n" for f, n, line in left)
     if left:
         f, n, line = left[0]
         raise StepFailed(f"prepare: a torch pin is still in {f}:{n} ({line}).",

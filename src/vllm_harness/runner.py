@@ -31,8 +31,9 @@ def mask(text: str) -> str:
 
 
 def console():
-    from rich.console import Console
     import shutil
+
+    from rich.console import Console
     # not a terminal (CI, a pipe): never wrap a summary line at 80 columns
     return Console(stderr=False, highlight=False, soft_wrap=True,
                    width=None if sys.stdout.isatty() else max(120, shutil.get_terminal_size().columns))
@@ -65,8 +66,8 @@ class Progress:
         if not quiet:
             self._con = console()
             if self._con.is_terminal:
-                from rich.progress import BarColumn, Progress as RProgress, TextColumn, TimeElapsedColumn
-                from rich.progress import TimeRemainingColumn
+                from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+                from rich.progress import Progress as RProgress
                 self._live = RProgress(TextColumn(f"[bold]{step}[/]"), BarColumn(bar_width=24),
                                        TimeElapsedColumn(), TimeRemainingColumn(),
                                        TextColumn("{task.description}", style="dim"),
@@ -75,11 +76,9 @@ class Progress:
                 self._live.start()
 
     def feed(self, raw: bytes) -> None:
-        m = None
-        for m in NINJA_RE.finditer(raw):
-            pass
-        if m:
-            self.done, self.total = int(m.group(1)), int(m.group(2))
+        found = NINJA_RE.findall(raw)
+        if found:
+            self.done, self.total = int(found[-1][0]), int(found[-1][1])
         text = ANSI_RE.sub("", raw.decode("utf-8", "replace")).strip()
         if text:
             self.last_line = text

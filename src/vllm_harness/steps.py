@@ -24,7 +24,8 @@ from packaging.requirements import Requirement
 
 from . import fetch as fetch_mod
 from . import prepare as prepare_mod
-from . import pythons, toolkit, verify as verify_mod
+from . import pythons, toolkit
+from . import verify as verify_mod
 from .errors import HarnessError, StepFailed, UsageError
 from .layout import Layout, venv_python
 from .runner import explain_failure, run_commands, summary, write_json
@@ -71,7 +72,7 @@ class Ctx:
 
     def say(self, text: str) -> None:
         if not self.quiet:
-            from rich.console import Console
+
             from .runner import console
             console().print(text)
 

@@ -67,7 +67,7 @@ def render(result: dict, verdict_text: str) -> None:
         detail = c.get("reason") or ""
         if "max_abs_err" in m and c["status"] == "pass":
             detail = f"max abs err {m['max_abs_err']:.2e} over {m.get('cases')} shapes"
-        elif "version" in m and m["version"]:
+        elif m.get("version"):
             detail = m["version"]
         t.add_row(c["name"], f"[{colour[c['status']]}]{c['status']}[/]", detail)
     con.print(t)

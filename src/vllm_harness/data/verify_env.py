@@ -80,8 +80,9 @@ def main():
     out = {"python": sys.executable, "python_version": platform.python_version(), "gpus": [], "checks": checks}
     try:
         import torch
-    except Exception as e:
-        check("torch", lambda: ("fail", f"torch does not import: {e}", {}), checks)
+    except Exception as e:  # noqa: BLE001 - reported as a failed check
+        why = f"torch does not import: {e}"
+        check("torch", lambda: ("fail", why, {}), checks)
         print(json.dumps(out))
         return
     out["torch"] = torch.__version__
