@@ -39,7 +39,8 @@ CORPUS = ROOT / "tests" / "logs"
 
 def to_ere(pattern: str) -> str:
     """Translate the Python regexes of the knowledge base to POSIX ERE (GNU grep)."""
-    pattern = pattern.replace(r"(?!\{\})", "")  # the one lookahead: dropping it only widens grep
+    # the one lookahead, "(?!\{\})[^)]*" = a non-empty text not starting with "{"
+    pattern = pattern.replace(r"(?!\{\})[^)]*", r"[^{)][^)]*")
     pattern = pattern.replace("(?:", "(")
     out: list[str] = []
     in_class = False

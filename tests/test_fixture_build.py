@@ -6,7 +6,7 @@ CPU flavour here (the CUDA flavour runs on a GPU machine: see README).  Needs Py
 import json
 
 import pytest
-from conftest import fixture_variant, needs_pypi, status_of
+from conftest import ROOT, fixture_variant, needs_pypi, status_of
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ def test_fixture_builds_verifies_and_reuses_its_steps(harness, state, tmp_path):
     assert rc == 0, out + err
     assert "VERIFIED (11 checks passed)" in out
     st = status_of(state, "fixture-cpu")
-    assert st["built"] is True
+    assert st["built"] is True and st["steps"]["verify"]["status"] == "ok"
     assert [s for s in ["fetch", "prepare", "env", "torch", "deps", "build", "post-install", "verify"]
             if st["steps"][s]["status"] != "ok"] == []
     # torch stayed the variant's CPU torch 2.13.0 (the fixture's own pins name torch 2.5.1)
@@ -28,7 +28,6 @@ def test_fixture_builds_verifies_and_reuses_its_steps(harness, state, tmp_path):
     build_log = (state / "logs" / "fixture-cpu" / "build.log").read_text()
     assert "MAX_JOBS" in build_log or "max_jobs" in build_log.lower()
     # the repo's fixture tree was not touched (the harness works on a copy)
-    from conftest import ROOT
     assert "torch==2.5.1" in (ROOT / "tests/fixtures/vllm-mini/requirements/build.txt").read_text()
 
     # a second run reuses every step, and verify runs again
@@ -57,7 +56,13 @@ def test_old_cmake_fails_the_build_and_leaves_the_env_marked_not_built(harness, 
     ver = subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout.split()[2]
     if tuple(int(x) for x in ver.split(".")[:2]) >= (3, 26):
         pytest.skip(f"system cmake {ver} is new enough: this failure cannot be reproduced here")
+    # a source tree whose build requirements do not bring cmake (the fixture's own list names cmake>=3.26)
+    src = tmp_path / "vllm-mini"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "vllm-mini", src)
+    reqs = src / "requirements" / "build.txt"
+    reqs.write_text("".join(ln for ln in reqs.read_text().splitlines(True) if not ln.startswith("cmake")))
     variant = fixture_variant(tmp_path, name="fixture-oldcmake", deps='["ninja"]')
+    variant.write_text(variant.read_text().replace(str(ROOT / "tests" / "fixtures" / "vllm-mini"), str(src)))
     rc, out, err = harness("build-variant", "--variant", variant, "--skip-doctor")
     assert rc == 1
     st = status_of(state, "fixture-oldcmake")

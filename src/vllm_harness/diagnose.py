@@ -106,7 +106,7 @@ _FIRST_ERROR_RE = re.compile(
     r"(?<![\w-])error(?:\[[\w-]+\])?\s*:"  # gcc/clang/pip "error:", nvcc "error   :"
     r"|\bERROR\b"  # pip "ERROR:", vLLM "ERROR 05-07 ..."
     r"|\bError(?::| at\b| -)|\] Error \d"  # "Error: ...", "CMake Error at", make "] Error 1"
-    r"|\w(?:Error|Exception): "  # RuntimeError: ..., subprocess.CalledProcessError: ...
+    r"|\w(?:Error|Exception):(?: |$)"  # RuntimeError: ..., subprocess.CalledProcessError: ...
     r"|\bFAILED\b"
     r"|Traceback \(most recent call last\)"
     r"|\bfatal(?: error)?\s*:"
@@ -115,7 +115,7 @@ _FIRST_ERROR_RE = re.compile(
 #: Literals one of which every line matching _FIRST_ERROR_RE holds.
 _FIRST_ERROR_ANCHORS = (
     b"error:", b"error :", b"error  ", b"error[", b"ERROR", b"Error:", b"Error at", b"Error -",
-    b"] Error ", b"Exception: ", b"FAILED", b"Traceback (most", b"fatal:", b"fatal error", b"#error",
+    b"] Error ", b"Exception:", b"FAILED", b"Traceback (most", b"fatal:", b"fatal error", b"#error",
 )
 
 # Frequency (per mille) of bytes in build logs (measured on the test corpus).  An anchor starting
@@ -129,8 +129,10 @@ _BYTE_FREQ = {
     "C": 5, '"': 4, "(": 4, ")": 4, "8": 4, "R": 4, "4": 4, "F": 4, "9": 4, "=": 4,
     "6": 3, "5": 3, "D": 3, "E": 2, "U": 2, "A": 2, "\\": 2, "'": 2, ">": 2, "~": 2,
 }
-#: Per mille of byte density at which a trie branch costs about as much as one bytes.find pass.
-_FIND_COST_PERMILLE = 4.5
+#: Per mille of byte density above which the anchors starting with that byte are searched with a
+#: regex of their own (a literal prefix: fast) instead of being a branch of the main trie (whose
+#: cost grows with the density of all the first bytes it has to stop at).
+_OWN_SEARCH_PERMILLE = 7.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,40 +502,33 @@ class _Scanner:
         for word in words:
             by_first.setdefault(word[0], []).append(word)
         trie_words: list[bytes] = []
-        find_words: list[bytes] = []
-        for first, group in by_first.items():
-            density = _BYTE_FREQ.get(chr(first), 2)
-            if density <= _FIND_COST_PERMILLE * len(group):
+        searches: list[re.Pattern[bytes]] = []
+        for first, group in sorted(by_first.items()):
+            if _BYTE_FREQ.get(chr(first), 2) <= _OWN_SEARCH_PERMILLE:
                 trie_words += group
             else:
-                find_words += group
-        self.trie = _trie_regex(trie_words)
-        self.find_words = find_words
+                searches.append(_trie_regex(group))  # type: ignore[arg-type]
+        main = _trie_regex(trie_words)
+        self.searches = ([main] if main is not None else []) + searches
         self.scan_words = words
         # for a line that holds anchors: which ones (also overlapping ones and prefixes)
-        self.overlapping = _trie_regex(trie_words, overlapping=True)
-        self.prefixes = {w: [p for p in trie_words if w.startswith(p)] for w in trie_words}
+        self.overlapping = _trie_regex(words, overlapping=True)
+        self.prefixes = {w: [p for p in words if w.startswith(p)] for w in words}
 
     @property
     def done(self) -> bool:
         return not self.scan_words and self.pending_error_lines == 0
 
-    def _next_hit(self, block: bytes, pos: int, cache: dict[Any, int]) -> int:
+    def _next_hit(self, block: bytes, pos: int, cache: list[int]) -> int:
         """Position of the next anchor at or after ``pos`` (-1: none).  ``cache`` keeps the
-        next position of every search so that no gap is searched twice."""
+        next match of every search so that no stretch of the block is searched twice."""
         best = -1
-        if self.trie is not None:
-            at = cache.get(None, -2)
+        for i, rx in enumerate(self.searches):
+            at = cache[i]
             if at != -1 and at < pos:
-                m = self.trie.search(block, pos)
+                m = rx.search(block, pos)
                 at = m.start() if m is not None else -1
-                cache[None] = at
-            best = at
-        for word in self.find_words:
-            at = cache.get(word, -2)
-            if at != -1 and at < pos:
-                at = block.find(word, pos)
-                cache[word] = at
+                cache[i] = at
             if at != -1 and (best == -1 or at < best):
                 best = at
         return best
@@ -546,7 +541,7 @@ class _Scanner:
         line_no = first_line
         if self.pending_error_lines:
             self._continue_error_block(block, first_line)
-        cache: dict[Any, int] = {}
+        cache = [-2] * len(self.searches)
         while self.scan_words:
             hit = self._next_hit(block, pos, cache)
             if hit < 0:
@@ -571,7 +566,7 @@ class _Scanner:
                 self._continue_error_block(block, line_no + 1, start=le + 1)
             if changed:
                 self._rebuild()
-                cache = {}
+                cache = [-2] * len(self.searches)
             pos = next_pos
         return block.count(b"\n")
 
@@ -581,9 +576,6 @@ class _Scanner:
         if self.overlapping is not None:
             for m in self.overlapping.finditer(region):
                 present.update(self.prefixes[m.group(1)])
-        for word in self.find_words:
-            if word in region:
-                present.add(word)
         rules: list[Rule] = []
         for anchor in present:
             for rule in self.anchor_rules.get(anchor, ()):

@@ -63,9 +63,11 @@ class Status:
         return bool(s) and s.get("status") == "ok" and s.get("key") == key
 
     def invalidate(self, name: str) -> None:
-        for later in dependents(name):
-            self.data["steps"].pop(later, None)
-        self.data["built"] = False
+        later = dependents(name)
+        for step in later:
+            self.data["steps"].pop(step, None)
+        if "post-install" in later:  # re-running verify alone does not unmake the build
+            self.data["built"] = False
 
     def start(self, name: str) -> None:
         self.invalidate(name)
