@@ -82,6 +82,8 @@ EVIDENCE_CHARS = 300
 FIRST_ERROR_BLOCK = 15
 #: Bytes read per chunk.
 CHUNK_SIZE = 8 * 1024 * 1024
+#: A line without newline is buffered up to this size before it is scanned in pieces.
+LONG_LINE_BYTES = 64 * 1024 * 1024
 #: Minimum length of a derived anchor.
 MIN_ANCHOR = 4
 #: Maximum length of a derived anchor (longer literals are cut; a prefix is still mandatory).
@@ -111,11 +113,13 @@ _FIRST_ERROR_RE = re.compile(
     r"|Traceback \(most recent call last\)"
     r"|\bfatal(?: error)?\s*:"
     r"|#error\b"
+    r"|ninja: build stopped"
 )
 #: Literals one of which every line matching _FIRST_ERROR_RE holds.
 _FIRST_ERROR_ANCHORS = (
     b"error:", b"error :", b"error  ", b"error[", b"ERROR", b"Error:", b"Error at", b"Error -",
     b"] Error ", b"Exception:", b"FAILED", b"Traceback (most", b"fatal:", b"fatal error", b"#error",
+    b": build stopped",
 )
 
 # Frequency (per mille) of bytes in build logs (measured on the test corpus).  An anchor starting
@@ -664,33 +668,38 @@ def diagnose_stream(
     rules = load_knowledge() if rules is None else list(rules)
     scanner = _Scanner(rules)
     overlap = max((len(a) for a in scanner.anchor_rules), default=1) + max(len(a) for a in _FIRST_ERROR_ANCHORS)
-    carry = b""
+    pending: list[bytes] = []  # the start of the current line (no newline seen yet)
+    pending_len = 0
     line = 1
     while not scanner.done:
         data = binary_stream.read(CHUNK_SIZE)
         if not data:
-            if carry:
-                scanner.scan_block(carry, line)
+            if pending_len:
+                scanner.scan_block(b"".join(pending), line)
             break
-        buf = carry + data if carry else data
-        cut = buf.rfind(b"\n") + 1
+        nl = data.rfind(b"\n")
+        if nl >= 0:
+            block = b"".join(pending) + data[: nl + 1] if pending else data[: nl + 1]
+            line += scanner.scan_block(block, line)
+            rest = data[nl + 1 :]
+            pending, pending_len = ([rest], len(rest)) if rest else ([], 0)
+            continue
+        pending.append(data)
+        pending_len += len(data)
+        if pending_len < LONG_LINE_BYTES:
+            continue
+        # A line longer than LONG_LINE_BYTES (progress bars, minified output): scan what we have.
+        buf = b"".join(pending)
+        cut = buf.rfind(b"\r") + 1
         if cut:
-            line += scanner.scan_block(buf[:cut], line)
-            carry = buf[cut:]
-            continue
-        # No newline in the buffer: one very long line (progress bars, minified output).
-        if len(buf) < CHUNK_SIZE:
-            carry = buf  # read on until a newline or a full chunk
-            continue
-        cut_r = buf.rfind(b"\r") + 1
-        if cut_r:
             # \r ends a redraw segment: no anchor spans it, the line number stays the same
-            scanner.scan_block(buf[:cut_r], line)
-            carry = buf[cut_r:]
+            scanner.scan_block(buf[:cut], line)
+            rest = buf[cut:]
         else:
-            # scan it all and keep an overlap so that an anchor cut in two is seen next time
+            # keep an overlap so that an anchor cut in two is still seen next time
             scanner.scan_block(buf, line)
-            carry = buf[-overlap:]
+            rest = buf[-overlap:]
+        pending, pending_len = [rest], len(rest)
 
     ids, explained = _order(rules, scanner.found)
     by_id = {r.id: r for r in rules}
