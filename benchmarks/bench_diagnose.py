@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -111,9 +110,9 @@ def time_grep(patterns: Path, log: Path) -> tuple[float, str]:
     return elapsed, proc.stdout.strip() + " matching lines"
 
 
-def time_diagnose(log: Path) -> tuple[float, str]:
+def time_diagnose(log: Path, workers: int | None) -> tuple[float, str]:
     t0 = time.perf_counter()
-    report = dg.diagnose_path(log)
+    report = dg.diagnose_path(log, workers=workers)
     elapsed = time.perf_counter() - t0
     ids = report.ids
     return elapsed, f"{len(ids)} ids: {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}"
@@ -131,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     size = args.mb * 1024 * 1024
     tmp = Path(tempfile.mkdtemp(prefix="bench-diagnose-", dir="/tmp"))
     patterns = tmp / "patterns.ere"
-    patterns.write_text("".join(to_ere(p.pattern) + "\n" for r in rules for p in r.patterns), encoding="utf-8")
+    patterns.write_text(
+        "".join(to_ere(p.pattern) + "\n" for r in rules for p in r.patterns), encoding="utf-8"
+    )
     tail = (
         b"CMake Error at CMakeLists.txt:1 (cmake_minimum_required):\n"
         b"  CMake 3.26 or higher is required.  You are running version 3.22.1\n"
@@ -150,34 +151,47 @@ def main(argv: list[str] | None = None) -> int:
                 while fh.read(1 << 24):
                     pass
             g_time, g_note = time_grep(patterns, path)
-            d_time, d_note = time_diagnose(path)
-            results.append(
-                {
-                    "case": name,
-                    "mb": round(mb, 1),
-                    "grep_s": round(g_time, 3),
-                    "grep_mb_s": round(mb / g_time, 1) if g_time == g_time else None,
-                    "diagnose_s": round(d_time, 3),
-                    "diagnose_mb_s": round(mb / d_time, 1),
-                    "ratio_diagnose_over_grep": round(d_time / g_time, 2) if g_time == g_time else None,
-                    "grep": g_note,
-                    "diagnose": d_note,
-                }
-            )
+            row = {
+                "case": name,
+                "mb": round(mb, 1),
+                "grep_s": round(g_time, 3),
+                "grep_mb_s": round(mb / g_time, 1) if g_time == g_time else None,
+                "grep": g_note,
+            }
+            for label, workers in (("diagnose_1proc", 1), ("diagnose_auto", None)):
+                d_time, d_note = time_diagnose(path, workers)
+                row[f"{label}_s"] = round(d_time, 3)
+                row[f"{label}_mb_s"] = round(mb / d_time, 1)
+                row[f"{label}_ratio_to_grep"] = round(d_time / g_time, 2) if g_time == g_time else None
+                row[label] = d_note
+            results.append(row)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"corpus: {len(lines)} lines, {len(quiet)} quiet lines; {sum(len(r.patterns) for r in rules)} patterns; "
-          f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs")
-    header = f"{'case':<6} {'MB':>7} {'grep s':>8} {'grep MB/s':>10} {'diag s':>8} {'diag MB/s':>10} {'ratio':>6}"
+    print(
+        f"corpus: {len(lines)} lines, {len(quiet)} quiet lines; {sum(len(r.patterns) for r in rules)} patterns; "
+        f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs"
+    )
+    workers = min(os.cpu_count() or 1, dg.MAX_WORKERS)
+    header = (
+        f"{'case':<6} {'MB':>6} {'grep s':>7} {'MB/s':>6} | {'diag 1 proc s':>13} {'MB/s':>6} {'ratio':>5} | "
+        f"{'diag auto s':>11} {'MB/s':>6} {'ratio':>5}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['case']:<6} {r['mb']:>7} {r['grep_s']:>8} {r['grep_mb_s']!s:>10} {r['diagnose_s']:>8} "
-              f"{r['diagnose_mb_s']:>10} {r['ratio_diagnose_over_grep']!s:>6}")
+        print(
+            f"{r['case']:<6} {r['mb']:>6} {r['grep_s']:>7} {r['grep_mb_s']!s:>6} | {r['diagnose_1proc_s']:>13} "
+            f"{r['diagnose_1proc_mb_s']:>6} {r['diagnose_1proc_ratio_to_grep']!s:>5} | {r['diagnose_auto_s']:>11} "
+            f"{r['diagnose_auto_mb_s']:>6} {r['diagnose_auto_ratio_to_grep']!s:>5}"
+        )
+    print(
+        f"(ratio = diagnose time / grep time; 'auto' = diagnose_path default: up to {workers} processes "
+        f"for files >= {dg.PARALLEL_MIN_BYTES >> 20} MiB)"
+    )
     for r in results:
-        print(f"  {r['case']}: grep -> {r['grep']}; diagnose -> {r['diagnose']}")
+        print(f"  {r['case']}: grep -> {r['grep']}; diagnose -> {r['diagnose_1proc']}")
     print(json.dumps({"benchmark": "diagnose_vs_grep", "results": results}))
     return 0
 

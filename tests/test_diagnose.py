@@ -102,13 +102,34 @@ def test_implies_put_root_causes_first():
 @pytest.mark.parametrize(
     "entry, key",
     [
-        ('id = "cmake-too-old"\nseverity = "error"\npatterns = ["CMake \\\\d+ or higher"]\ncause = "c."\nfix = "f."\ncolour = "red"\n', "colour"),
-        ('id = "cmake-too-old"\nseverity = "error"\npatterns = ["CMake \\\\d+ or higher"]\ncause = "c."\n', "fix"),
-        ('id = "cmake-too-old"\nseverity = "error"\npatterns = ["CMake ([0-9 or higher"]\ncause = "c."\nfix = "f."\n', "patterns"),
-        ('id = "cmake-too-old"\nseverity = "fatal"\npatterns = ["CMake \\\\d+ or higher"]\ncause = "c."\nfix = "f."\n', "severity"),
-        ('id = "cmake-too-old"\nseverity = "error"\npatterns = ["CMake \\\\d+ or higher"]\ncause = "c."\nfix = "use {gpu}"\n', "fix"),
-        ('id = "cmake-too-old"\nseverity = "error"\npatterns = ["CMake \\\\d+ or higher"]\ncause = "c."\nfix = "f."\nimplies = ["no-such-id"]\n', "implies"),
-        ('id = "cmake-too-old"\nseverity = "error"\npatterns = ["\\\\d+"]\ncause = "c."\nfix = "f."\n', "patterns"),
+        (
+            'id = "cmake-too-old"\nseverity = "error"\npatterns = ["CMake \\\\d+ or higher"]\ncause = "c."\nfix = "f."\ncolour = "red"\n',
+            "colour",
+        ),
+        (
+            'id = "cmake-too-old"\nseverity = "error"\npatterns = ["CMake \\\\d+ or higher"]\ncause = "c."\n',
+            "fix",
+        ),
+        (
+            'id = "cmake-too-old"\nseverity = "error"\npatterns = ["CMake ([0-9 or higher"]\ncause = "c."\nfix = "f."\n',
+            "patterns",
+        ),
+        (
+            'id = "cmake-too-old"\nseverity = "fatal"\npatterns = ["CMake \\\\d+ or higher"]\ncause = "c."\nfix = "f."\n',
+            "severity",
+        ),
+        (
+            'id = "cmake-too-old"\nseverity = "error"\npatterns = ["CMake \\\\d+ or higher"]\ncause = "c."\nfix = "use {gpu}"\n',
+            "fix",
+        ),
+        (
+            'id = "cmake-too-old"\nseverity = "error"\npatterns = ["CMake \\\\d+ or higher"]\ncause = "c."\nfix = "f."\nimplies = ["no-such-id"]\n',
+            "implies",
+        ),
+        (
+            'id = "cmake-too-old"\nseverity = "error"\npatterns = ["\\\\d+"]\ncause = "c."\nfix = "f."\n',
+            "patterns",
+        ),
     ],
 )
 def test_malformed_knowledge_names_file_entry_and_key(tmp_path, entry, key):
@@ -124,7 +145,9 @@ def test_malformed_knowledge_names_file_entry_and_key(tmp_path, entry, key):
 
 def test_missing_id_and_cycles_are_rejected(tmp_path):
     path = tmp_path / "noid.toml"
-    path.write_text('[[failure]]\nseverity = "error"\npatterns = ["CMake is old"]\ncause = "c."\nfix = "f."\n')
+    path.write_text(
+        '[[failure]]\nseverity = "error"\npatterns = ["CMake is old"]\ncause = "c."\nfix = "f."\n'
+    )
     with pytest.raises(ValueError, match=r"noid\.toml.*'id'"):
         dg.load_knowledge(path)
     path = tmp_path / "cycle.toml"
@@ -135,7 +158,9 @@ def test_missing_id_and_cycles_are_rejected(tmp_path):
     with pytest.raises(ValueError, match=r"cycle\.toml.*'implies'"):
         dg.load_knowledge(path)
     path = tmp_path / "top.toml"
-    path.write_text('rules = 1\n[[failure]]\nid = "a-a"\nseverity = "error"\npatterns = ["Alpha"]\ncause = "c."\nfix = "f."\n')
+    path.write_text(
+        'rules = 1\n[[failure]]\nid = "a-a"\nseverity = "error"\npatterns = ["Alpha"]\ncause = "c."\nfix = "f."\n'
+    )
     with pytest.raises(ValueError, match=r"'rules'"):
         dg.load_knowledge(path)
 
@@ -147,7 +172,9 @@ def test_custom_knowledge_is_used(tmp_path):
         'cause = "It broke."\nfix = "Use {torch|a torch} on {variant}."\n'
     )
     rules = dg.load_knowledge(path)
-    report = dg.diagnose_stream(io.BytesIO(b"ok\nFrobnication failed: badly\n"), {"variant": "cu118"}, rules=rules)
+    report = dg.diagnose_stream(
+        io.BytesIO(b"ok\nFrobnication failed: badly\n"), {"variant": "cu118"}, rules=rules
+    )
     assert [(f.id, f.line, f.severity) for f in report.findings] == [("my-thing", 2, "warning")]
     assert report.findings[0].fix == "Use a torch on cu118."
 
@@ -258,16 +285,26 @@ def test_ansi_colour_codes():
 
 
 def test_crlf_line_endings():
-    for name in ("compiler-oom_vllm-1777.log", "nvcc-not-found_cuda-memtest-45.log", "cuda-home-missing_cpm-live-244.log"):
+    for name in (
+        "compiler-oom_vllm-1777.log",
+        "nvcc-not-found_cuda-memtest-45.log",
+        "cuda-home-missing_cpm-live-244.log",
+    ):
         data = (LOGS / name).read_bytes()
         unix = dg.diagnose_path(LOGS / name)
         dos = scan(data.replace(b"\n", b"\r\n"))
-        assert [(f.id, f.line, f.evidence) for f in dos.findings] == [(f.id, f.line, f.evidence) for f in unix.findings]
+        assert [(f.id, f.line, f.evidence) for f in dos.findings] == [
+            (f.id, f.line, f.evidence) for f in unix.findings
+        ]
 
 
 def test_carriage_return_redraws():
     progress = b"".join(b"\rDownloading torch %d%%" % i for i in range(0, 100, 7))
-    line = progress + b"\rERROR: Could not install packages due to an OSError: [Errno 28] No space left on device" + progress
+    line = (
+        progress
+        + b"\rERROR: Could not install packages due to an OSError: [Errno 28] No space left on device"
+        + progress
+    )
     report = scan(b"Collecting torch\n" + line + b"\nbye\n")
     assert report.ids == ["disk-full"]
     assert report.findings[0].line == 2
@@ -313,7 +350,11 @@ def test_endless_line_without_newline(monkeypatch):
     assert report.ids == ["arch-unsupported-by-nvcc"]
     assert report.findings[0].line == 1
     # the same with \r redraws: pieces are cut at \r
-    report = scan(b"\r".join([b"w" * 700] * 9) + b"\rnvcc fatal   : Unsupported gpu architecture 'compute_90a'\r" + b"v" * 4000)
+    report = scan(
+        b"\r".join([b"w" * 700] * 9)
+        + b"\rnvcc fatal   : Unsupported gpu architecture 'compute_90a'\r"
+        + b"v" * 4000
+    )
     assert report.ids == ["arch-unsupported-by-nvcc"]
 
 
@@ -333,8 +374,10 @@ def test_warnings_that_mention_error_give_no_finding():
 
 
 def test_first_error_block_when_nothing_is_recognised():
-    data = b"".join(b"ok line %d\n" % i for i in range(1, 6)) + b"Traceback (most recent call last):\n" + b"".join(
-        b"  frame %d\n" % i for i in range(40)
+    data = (
+        b"".join(b"ok line %d\n" % i for i in range(1, 6))
+        + b"Traceback (most recent call last):\n"
+        + b"".join(b"  frame %d\n" % i for i in range(40))
     )
     report = scan(data)
     assert report.findings == []
@@ -360,7 +403,9 @@ def test_report_json_matches_cli_contract():
 
 def test_fix_placeholders():
     rule = next(r for r in dg.load_knowledge() if r.id == "cuda-forward-compat")
-    full = dg.render_fix(rule.fix, {"cuda": "12.4", "torch": "2.6.0", "torch_index": "https://download.pytorch.org/whl/cu124"})
+    full = dg.render_fix(
+        rule.fix, {"cuda": "12.4", "torch": "2.6.0", "torch_index": "https://download.pytorch.org/whl/cu124"}
+    )
     assert "CUDA 12.4" in full and "torch 2.6.0" in full and "whl/cu124" in full
     generic = dg.render_fix(rule.fix, {})
     assert "the variant's CUDA version" in generic
@@ -401,6 +446,28 @@ def test_early_stop_keeps_line_numbers(monkeypatch):
     assert [(f.id, f.line) for f in report.findings] == [("git-dubious-ownership", 2001)]
 
 
+def test_parallel_scan_gives_the_same_report(tmp_path):
+    body = b"".join(b"line %d of a long and boring build log\n" % i for i in range(1, 3001))
+    cases = {
+        "findings": body
+        + (LOGS / "compiler-oom_vllm-1777.log").read_bytes()
+        + body
+        + (LOGS / "cmake-too-old_arion-1.log").read_bytes()
+        + body
+        + (LOGS / "compiler-oom_stellar-core-5308.log").read_bytes(),
+        # an error block that goes on across the parts
+        "first-error": body + b"Traceback (most recent call last):\n" + body,
+        "nothing": body * 3,
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.log"
+        path.write_bytes(data)
+        single = dg.diagnose_path(path, workers=1).to_dict()
+        for workers in (2, 3, 7):
+            assert dg.diagnose_path(path, workers=workers).to_dict() == single, (name, workers)
+    assert dg.diagnose_path(tmp_path / "first-error.log", workers=2).first_error_lines[0][0] == 3001
+
+
 def test_render_table():
     pytest.importorskip("rich")
     from rich.console import Console
@@ -419,7 +486,9 @@ def test_module_imports_without_rich(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "rich", None)
     module = importlib.reload(dg)
-    assert module.diagnose_stream(io.BytesIO(b"Killed signal terminated program cc1plus\n")).ids == ["compiler-oom"]
+    assert module.diagnose_stream(io.BytesIO(b"Killed signal terminated program cc1plus\n")).ids == [
+        "compiler-oom"
+    ]
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,17 +2,22 @@
 
 The knowledge base (``data/failures.toml``) maps each failure id of the contract to regexes,
 a cause and a fix.  :func:`diagnose_path` / :func:`diagnose_stream` scan a log of any size in
-one streaming pass over binary chunks:
+one streaming pass over binary chunks (never reading it whole):
 
-* every pattern has a mandatory literal (an *anchor*, derived from the regex or given in the
-  knowledge file); all anchors of the failures not found yet form one trie-shaped regex that is
-  searched over whole chunks, so lines without any anchor cost no Python work at all;
-* a line holding an anchor is decoded (``errors="replace"``), cleaned (ANSI codes, ``\\r``
-  redraw segments, pip/uv box prefixes, docker build prefixes) and checked with the full
-  regexes of the failures whose anchors it holds, at most :data:`MAX_LINE_CHARS` characters
-  around each anchor;
+* every pattern has mandatory literals (*anchors*, derived from the regex or given in the
+  knowledge file).  The anchors of the failures not found yet form one trie-shaped bytes regex
+  searched over whole chunks in C; anchors starting with a frequent byte (``error:``...) get a
+  literal-prefix regex of their own.  Lines holding no anchor cost no Python work at all;
+* a line holding an anchor is decoded (``errors="replace"``), cleaned (ANSI codes, ``\r``
+  redraw segments, pip/uv box prefixes, docker build and CI timestamp prefixes) and checked with
+  the full regexes of the failures whose anchors it holds, on at most :data:`MAX_LINE_CHARS`
+  bytes around each anchor (very long lines);
 * a failure id is reported once, at its first occurrence; once an id is found its anchors leave
-  the prefilter, and the scan stops early when nothing is left to look for.
+  the prefilter, and the scan stops as soon as nothing is left to look for;
+* when nothing is recognised, the report carries the first error block (``error:``, ``Error``,
+  ``FAILED``, ``Traceback``... and the lines after it) so that the user starts at the right line;
+* files of :data:`PARALLEL_MIN_BYTES` or more are split at line boundaries and scanned by
+  several processes (``diagnose_path(..., workers=1)`` forces one pass).
 
 Findings are ordered root cause first: a failure that ``implies`` another (e.g. ``compiler-oom``
 implies ``stale-build-state``) is listed before it, otherwise by line.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import io
+import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -84,6 +90,10 @@ FIRST_ERROR_BLOCK = 15
 CHUNK_SIZE = 8 * 1024 * 1024
 #: A line without newline is buffered up to this size before it is scanned in pieces.
 LONG_LINE_BYTES = 64 * 1024 * 1024
+#: Files of this size or more are scanned by several processes (see diagnose_path).
+PARALLEL_MIN_BYTES = 64 * 1024 * 1024
+#: At most this many processes.
+MAX_WORKERS = 8
 #: Minimum length of a derived anchor.
 MIN_ANCHOR = 4
 #: Maximum length of a derived anchor (longer literals are cut; a prefix is still mandatory).
@@ -117,8 +127,21 @@ _FIRST_ERROR_RE = re.compile(
 )
 #: Literals one of which every line matching _FIRST_ERROR_RE holds.
 _FIRST_ERROR_ANCHORS = (
-    b"error:", b"error :", b"error  ", b"error[", b"ERROR", b"Error:", b"Error at", b"Error -",
-    b"] Error ", b"Exception:", b"FAILED", b"Traceback (most", b"fatal:", b"fatal error", b"#error",
+    b"error:",
+    b"error :",
+    b"error  ",
+    b"error[",
+    b"ERROR",
+    b"Error:",
+    b"Error at",
+    b"Error -",
+    b"] Error ",
+    b"Exception:",
+    b"FAILED",
+    b"Traceback (most",
+    b"fatal:",
+    b"fatal error",
+    b"#error",
     b": build stopped",
 )
 
@@ -126,12 +149,63 @@ _FIRST_ERROR_ANCHORS = (
 # with a rare byte costs the prefilter little; anchors starting with a frequent byte are searched
 # with bytes.find instead (see _Scanner).
 _BYTE_FREQ = {
-    " ": 124, "e": 65, "i": 52, "n": 46, "t": 45, "o": 42, "a": 38, "l": 37, "s": 36,
-    "r": 32, "c": 30, "/": 27, "p": 25, ".": 23, "d": 22, "u": 21, "m": 19, "-": 17,
-    "\n": 15, "h": 15, "g": 14, "_": 14, "f": 13, "y": 12, "1": 12, "0": 12, "b": 11,
-    "v": 9, "2": 9, "3": 8, "k": 8, "^": 7, ",": 7, ":": 7, "x": 6, "\xe2": 6, "w": 5,
-    "C": 5, '"': 4, "(": 4, ")": 4, "8": 4, "R": 4, "4": 4, "F": 4, "9": 4, "=": 4,
-    "6": 3, "5": 3, "D": 3, "E": 2, "U": 2, "A": 2, "\\": 2, "'": 2, ">": 2, "~": 2,
+    " ": 124,
+    "e": 65,
+    "i": 52,
+    "n": 46,
+    "t": 45,
+    "o": 42,
+    "a": 38,
+    "l": 37,
+    "s": 36,
+    "r": 32,
+    "c": 30,
+    "/": 27,
+    "p": 25,
+    ".": 23,
+    "d": 22,
+    "u": 21,
+    "m": 19,
+    "-": 17,
+    "\n": 15,
+    "h": 15,
+    "g": 14,
+    "_": 14,
+    "f": 13,
+    "y": 12,
+    "1": 12,
+    "0": 12,
+    "b": 11,
+    "v": 9,
+    "2": 9,
+    "3": 8,
+    "k": 8,
+    "^": 7,
+    ",": 7,
+    ":": 7,
+    "x": 6,
+    "\xe2": 6,
+    "w": 5,
+    "C": 5,
+    '"': 4,
+    "(": 4,
+    ")": 4,
+    "8": 4,
+    "R": 4,
+    "4": 4,
+    "F": 4,
+    "9": 4,
+    "=": 4,
+    "6": 3,
+    "5": 3,
+    "D": 3,
+    "E": 2,
+    "U": 2,
+    "A": 2,
+    "\\": 2,
+    "'": 2,
+    ">": 2,
+    "~": 2,
 }
 #: Per mille of byte density above which the anchors starting with that byte are searched with a
 #: regex of their own (a literal prefix: fast) instead of being a branch of the main trie (whose
@@ -208,10 +282,9 @@ def _bad(path: Path | str, where: str, key: str, problem: str) -> ValueError:
     return ValueError(f"{path}: {where}: key '{key}': {problem}")
 
 
-_Item = "tuple[str, ...]"  # one position of a literal run: the characters allowed there
-
-
-def _literal_runs(parsed: Any, runs: list[list[tuple[str, ...]]], current: list[tuple[str, ...]], ignorecase: bool) -> None:
+def _literal_runs(
+    parsed: Any, runs: list[list[tuple[str, ...]]], current: list[tuple[str, ...]], ignorecase: bool
+) -> None:
     """Collect the runs of characters every match of ``parsed`` must contain.
 
     A run is a list of positions; each position is a tuple of the characters allowed there
@@ -225,7 +298,12 @@ def _literal_runs(parsed: Any, runs: list[list[tuple[str, ...]]], current: list[
     for op, av in parsed:
         if op is _sre_c.LITERAL and not ignorecase:
             current.append((chr(av),))
-        elif op is _sre_c.IN and not ignorecase and 0 < len(av) <= 4 and all(o is _sre_c.LITERAL for o, _ in av):
+        elif (
+            op is _sre_c.IN
+            and not ignorecase
+            and 0 < len(av) <= 4
+            and all(o is _sre_c.LITERAL for o, _ in av)
+        ):
             current.append(tuple(chr(c) for _, c in av))
         elif op is _sre_c.SUBPATTERN:
             add_flags = av[1] if len(av) >= 4 else 0
@@ -268,7 +346,9 @@ def _derive_anchors(pattern: re.Pattern[str]) -> list[str] | None:
             length = 1 + len(tail)
             if length < MIN_ANCHOR or any(c.isspace() for c in head):
                 continue
-            score = _density(head) * 20 + (240 if length < 6 else 120 if length < 8 else 40 if length < 10 else 0)
+            score = _density(head) * 20 + (
+                240 if length < 6 else 120 if length < 8 else 40 if length < 10 else 0
+            )
             if best is None or score < best[0]:
                 best = (score, [c + "".join(tail) for c in head])
     return best[1] if best else None
@@ -281,7 +361,9 @@ def _check_str(path: Path | str, where: str, entry: Mapping[str, Any], key: str)
     return value
 
 
-def _check_str_list(path: Path | str, where: str, entry: Mapping[str, Any], key: str, *, empty_ok: bool) -> list[str]:
+def _check_str_list(
+    path: Path | str, where: str, entry: Mapping[str, Any], key: str, *, empty_ok: bool
+) -> list[str]:
     value = entry.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise _bad(path, where, key, "must be a list of non-empty strings")
@@ -293,10 +375,14 @@ def _check_str_list(path: Path | str, where: str, entry: Mapping[str, Any], key:
 def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
     unknown = set(doc) - _TOP_KEYS
     if unknown:
-        raise ValueError(f"{path}: top level: key '{sorted(unknown)[0]}': unknown key (allowed: {sorted(_TOP_KEYS)})")
+        raise ValueError(
+            f"{path}: top level: key '{sorted(unknown)[0]}': unknown key (allowed: {sorted(_TOP_KEYS)})"
+        )
     entries = doc.get("failure")
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: top level: key 'failure': must be a non-empty array of tables ([[failure]])")
+        raise ValueError(
+            f"{path}: top level: key 'failure': must be a non-empty array of tables ([[failure]])"
+        )
 
     rules: list[Rule] = []
     seen: set[str] = set()
@@ -327,7 +413,9 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
         fix = _check_str(path, where, entry, "fix")
         for m in _PLACEHOLDER_RE.finditer(fix):
             if m.group(1) not in CONTEXT_KEYS:
-                raise _bad(path, where, "fix", f"unknown placeholder {{{m.group(1)}}} (known: {CONTEXT_KEYS})")
+                raise _bad(
+                    path, where, "fix", f"unknown placeholder {{{m.group(1)}}} (known: {CONTEXT_KEYS})"
+                )
         leftover = _PLACEHOLDER_RE.sub("", fix)
         if "{" in leftover or "}" in leftover:
             raise _bad(path, where, "fix", "unbalanced '{' or '}' (placeholders are {key} or {key|fallback})")
@@ -338,7 +426,9 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
             try:
                 compiled.append(re.compile(src))
             except re.error as exc:
-                raise _bad(path, where, "patterns", f"pattern #{n} {src!r} is not a valid regex: {exc}") from None
+                raise _bad(
+                    path, where, "patterns", f"pattern #{n} {src!r} is not a valid regex: {exc}"
+                ) from None
 
         explicit = _check_str_list(path, where, entry, "anchors", empty_ok=True)
         if explicit:
@@ -349,7 +439,9 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
                 found_anchors = _derive_anchors(pat)
                 if found_anchors is None:
                     raise _bad(
-                        path, where, "patterns",
+                        path,
+                        where,
+                        "patterns",
                         f"pattern #{n} {pat.pattern!r} has no case-sensitive literal of {MIN_ANCHOR}+ "
                         "characters to anchor the prefilter; give 'anchors' explicitly",
                     )
@@ -357,7 +449,9 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
             anchors = tuple(dict.fromkeys(derived))
 
         implies = _check_str_list(path, where, entry, "implies", empty_ok=True)
-        implies += [h for h in _check_str_list(path, where, entry, "hides", empty_ok=True) if h not in implies]
+        implies += [
+            h for h in _check_str_list(path, where, entry, "hides", empty_ok=True) if h not in implies
+        ]
         rules.append(Rule(rid, severity, tuple(compiled), cause, fix, tuple(implies), anchors))
 
     ids = {r.id for r in rules}
@@ -444,7 +538,10 @@ def _trie_regex(words: Iterable[bytes], overlapping: bool = False) -> re.Pattern
 
     def render(node: dict[Any, Any]) -> bytes:
         end = None in node
-        alts = [re.escape(bytes([b])) + render(child) for b, child in sorted((k, v) for k, v in node.items() if k is not None)]
+        alts = [
+            re.escape(bytes([b])) + render(child)
+            for b, child in sorted((k, v) for k, v in node.items() if k is not None)
+        ]
         if not alts:
             return b""
         if len(alts) == 1 and not end:
@@ -498,7 +595,9 @@ class _Scanner:
     # -- prefilter -------------------------------------------------------------------------
     def _rebuild(self) -> None:
         """Split the anchors still needed between the trie regex and bytes.find."""
-        self.active_anchors = [a for a, rs in self.anchor_rules.items() if any(r.id not in self.found for r in rs)]
+        self.active_anchors = [
+            a for a, rs in self.anchor_rules.items() if any(r.id not in self.found for r in rs)
+        ]
         words = list(self.active_anchors)
         if self.track_first_error:
             words += _FIRST_ERROR_ANCHORS
@@ -517,7 +616,7 @@ class _Scanner:
         self.scan_words = words
         # for a line that holds anchors: which ones (also overlapping ones and prefixes)
         self.overlapping = _trie_regex(words, overlapping=True)
-        self.prefixes = {w: [p for p in words if w.startswith(p)] for w in words}
+        self.prefixes: dict[bytes, list[bytes]] = {}
 
     @property
     def done(self) -> bool:
@@ -579,7 +678,11 @@ class _Scanner:
         present: set[bytes] = set()
         if self.overlapping is not None:
             for m in self.overlapping.finditer(region):
-                present.update(self.prefixes[m.group(1)])
+                word = m.group(1)
+                prefixes = self.prefixes.get(word)
+                if prefixes is None:  # the trie matched the longest word; shorter ones count too
+                    prefixes = self.prefixes[word] = [p for p in self.scan_words if word.startswith(p)]
+                present.update(prefixes)
         rules: list[Rule] = []
         for anchor in present:
             for rule in self.anchor_rules.get(anchor, ()):
@@ -630,7 +733,9 @@ class _Scanner:
         return pos
 
 
-def _order(rules: Sequence[Rule], found: Mapping[str, tuple[int, str]]) -> tuple[list[str], dict[str, list[str]]]:
+def _order(
+    rules: Sequence[Rule], found: Mapping[str, tuple[int, str]]
+) -> tuple[list[str], dict[str, list[str]]]:
     reach = _reachability(rules)
     order_index = {r.id: i for i, r in enumerate(rules)}
     ids = list(found)
@@ -657,17 +762,27 @@ def _order(rules: Sequence[Rule], found: Mapping[str, tuple[int, str]]) -> tuple
     return out, explained
 
 
-def diagnose_stream(
-    binary_stream: BinaryIO,
-    context: Mapping[str, Any] | None = None,
-    *,
-    rules: Sequence[Rule] | None = None,
-    name: str = "<stream>",
-) -> Report:
-    """Scan a binary stream (read in chunks, never whole) and return the report."""
-    rules = load_knowledge() if rules is None else list(rules)
+class _Limited:
+    """A binary reader that stops after ``limit`` bytes."""
+
+    def __init__(self, raw: BinaryIO, limit: int) -> None:
+        self.raw = raw
+        self.left = limit
+
+    def read(self, size: int) -> bytes:
+        if self.left <= 0:
+            return b""
+        data = self.raw.read(min(size, self.left))
+        self.left -= len(data)
+        return data
+
+
+def _scan(binary_stream: Any, rules: Sequence[Rule]) -> tuple[_Scanner, int]:
+    """Scan a stream; returns the scanner and the number of lines it went through."""
     scanner = _Scanner(rules)
-    overlap = max((len(a) for a in scanner.anchor_rules), default=1) + max(len(a) for a in _FIRST_ERROR_ANCHORS)
+    overlap = max((len(a) for a in scanner.anchor_rules), default=1) + max(
+        len(a) for a in _FIRST_ERROR_ANCHORS
+    )
     pending: list[bytes] = []  # the start of the current line (no newline seen yet)
     pending_len = 0
     line = 1
@@ -676,7 +791,7 @@ def diagnose_stream(
         if not data:
             if pending_len:
                 scanner.scan_block(b"".join(pending), line)
-            break
+            return scanner, line - 1
         nl = data.rfind(b"\n")
         if nl >= 0:
             block = b"".join(pending) + data[: nl + 1] if pending else data[: nl + 1]
@@ -701,12 +816,22 @@ def diagnose_stream(
             rest = buf[-overlap:]
         pending, pending_len = [rest], len(rest)
 
-    ids, explained = _order(rules, scanner.found)
+    return scanner, line - 1
+
+
+def _report(
+    rules: Sequence[Rule],
+    found: Mapping[str, tuple[int, str]],
+    first_error: list[tuple[int, str]],
+    context: Mapping[str, Any] | None,
+    name: str,
+) -> Report:
+    ids, explained = _order(rules, found)
     by_id = {r.id: r for r in rules}
     findings = []
     for rid in ids:
         rule = by_id[rid]
-        line_no, evidence = scanner.found[rid]
+        line_no, evidence = found[rid]
         findings.append(
             Finding(
                 id=rid,
@@ -718,8 +843,95 @@ def diagnose_stream(
                 explained_by=explained[rid],
             )
         )
-    first_error = [] if findings else scanner.first_error
+    first_error = [] if findings else first_error
     return Report(log=name, findings=findings, first_error_lines=first_error)
+
+
+def diagnose_stream(
+    binary_stream: BinaryIO,
+    context: Mapping[str, Any] | None = None,
+    *,
+    rules: Sequence[Rule] | None = None,
+    name: str = "<stream>",
+) -> Report:
+    """Scan a binary stream (read in chunks, never whole) and return the report."""
+    rules = load_knowledge() if rules is None else list(rules)
+    scanner, _ = _scan(binary_stream, rules)
+    return _report(rules, scanner.found, scanner.first_error, context, name)
+
+
+def _scan_range(path: str, start: int, end: int, rules: Sequence[Rule]) -> tuple[dict, list, int, int]:
+    """Worker: scan bytes [start, end) of a file (whole lines).  Returns the findings and first
+    error block (line numbers relative to ``start``), the lines still missing from that block,
+    and the number of newlines in the range."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        reader = _Limited(fh, end - start)
+        scanner, lines = _scan(reader, rules)
+        if reader.left > 0:  # stopped early: count the rest of the range for the line numbers
+            while True:
+                data = reader.read(CHUNK_SIZE)
+                if not data:
+                    break
+                lines += data.count(b"\n")
+    return scanner.found, scanner.first_error, scanner.pending_error_lines, lines
+
+
+def _split_points(path: str, size: int, parts: int) -> list[int]:
+    points = [0]
+    with open(path, "rb") as fh:
+        for i in range(1, parts):
+            fh.seek(max(points[-1], size * i // parts))
+            while True:
+                piece = fh.read(65536)
+                if not piece:
+                    break
+                nl = piece.find(b"\n")
+                if nl >= 0:
+                    points.append(fh.tell() - len(piece) + nl + 1)
+                    break
+    points.append(size)
+    return sorted(set(points))
+
+
+def _diagnose_parallel(path: str, rules: Sequence[Rule], workers: int) -> tuple[dict, list]:
+    import concurrent.futures
+    import multiprocessing
+
+    size = os.path.getsize(path)
+    points = _split_points(path, size, workers)
+    ctx_name = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with concurrent.futures.ProcessPoolExecutor(
+        len(points) - 1, mp_context=multiprocessing.get_context(ctx_name)
+    ) as pool:
+        futures = [
+            pool.submit(_scan_range, path, points[i], points[i + 1], rules) for i in range(len(points) - 1)
+        ]
+        results = [f.result() for f in futures]
+    found: dict[str, tuple[int, str]] = {}
+    first_error: list[tuple[int, str]] = []
+    offset = 0
+    for index, (part_found, part_error, missing, lines) in enumerate(results):
+        for rid, (line_no, evidence) in part_found.items():
+            if rid not in found:
+                found[rid] = (line_no + offset, evidence)
+        if not first_error and part_error:
+            first_error = [(n + offset, text) for n, text in part_error]
+            if missing:  # the block goes on in the next part(s)
+                next_start = points[index + 1]
+                with open(path, "rb") as fh:
+                    fh.seek(next_start)
+                    n = offset + lines + 1
+                    for raw in fh:
+                        first_error.append(
+                            (n, _evidence(" ".join(_clean_segments(raw[:MAX_LINE_CHARS])), None))
+                        )
+                        n += 1
+                        missing -= 1
+                        if not missing:
+                            break
+        offset += lines
+    return found, first_error
 
 
 def diagnose_path(
@@ -727,15 +939,32 @@ def diagnose_path(
     context: Mapping[str, Any] | None = None,
     *,
     rules: Sequence[Rule] | None = None,
+    workers: int | None = None,
 ) -> Report:
-    """Diagnose a log file; ``"-"`` reads standard input."""
+    """Diagnose a log file; ``"-"`` reads standard input.
+
+    ``workers``: processes scanning parts of a large file in parallel; ``None`` = one per CPU
+    (at most :data:`MAX_WORKERS`) for regular files of :data:`PARALLEL_MIN_BYTES` or more,
+    ``1`` = always a single streaming pass."""
+    rules = load_knowledge() if rules is None else list(rules)
     if str(path) == "-":
         stream = getattr(sys.stdin, "buffer", None)
         if stream is None:  # pragma: no cover - stdin replaced by a text stream
             stream = io.BytesIO(sys.stdin.read().encode("utf-8", "replace"))
         return diagnose_stream(stream, context, rules=rules, name="-")
+    name = str(path)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        try:
+            if not Path(path).is_file() or os.path.getsize(path) < PARALLEL_MIN_BYTES:
+                workers = 1
+        except OSError:
+            workers = 1
+    if workers > 1:
+        found, first_error = _diagnose_parallel(name, rules, workers)
+        return _report(rules, found, [] if found else first_error, context, name)
     with open(path, "rb") as fh:
-        return diagnose_stream(fh, context, rules=rules, name=str(path))
+        return diagnose_stream(fh, context, rules=rules, name=name)
 
 
 # --------------------------------------------------------------------------------------------

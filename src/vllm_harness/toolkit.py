@@ -7,12 +7,7 @@ only; the user's shell is never touched.
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import subprocess
 from pathlib import Path
-
-NVCC_RE = re.compile(r"release (\d+\.\d+)")
 
 # Variables that must not leak from the caller (nox's own venv, a precompiled-wheel request) into a
 # variant's children.
@@ -20,46 +15,11 @@ DROP = ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH", "CONDA_PREFIX_1", "PIP_REQUIR
         "__PYVENV_LAUNCHER__", "UV_PYTHON", "UV_PROJECT_ENVIRONMENT")
 
 
-def nvcc_version(nvcc: Path) -> str | None:
-    try:
-        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = NVCC_RE.search(out.stdout)
-    return m.group(1) if m else None
-
-
-def toolkit_candidates(env: dict[str, str]) -> list[Path]:
-    roots: list[Path] = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if env.get(var):
-            roots.append(Path(env[var]))
-    roots += sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
-    roots.append(Path("/usr/local/cuda"))
-    nvcc = shutil.which("nvcc", path=env.get("PATH"))
-    if nvcc:
-        roots.append(Path(os.path.realpath(nvcc)).parent.parent)
-    if env.get("CONDA_PREFIX"):
-        roots.append(Path(env["CONDA_PREFIX"]))
-    roots.append(Path("/usr"))  # Debian/Ubuntu's nvidia-cuda-toolkit: /usr/bin/nvcc
-    out, seen = [], set()
-    for r in roots:
-        key = os.path.realpath(r)
-        if key not in seen and (r / "bin" / "nvcc").is_file():
-            seen.add(key)
-            out.append(r)
-    return out
-
-
 def find_toolkits(env: dict[str, str] | None = None) -> dict[str, str]:
-    """{'11.8': '/usr/local/cuda-11.8', ...}: each toolkit found, by the version its nvcc reports."""
-    env = dict(os.environ if env is None else env)
-    found: dict[str, str] = {}
-    for root in toolkit_candidates(env):
-        v = nvcc_version(root / "bin" / "nvcc")
-        if v and v not in found:
-            found[v] = str(root)
-    return found
+    """{'11.8': '/usr/local/cuda-11.8', ...}: each toolkit found, by the version its nvcc reports
+    (the same search as doctor's machine probe)."""
+    from .machine import probe_toolkits
+    return probe_toolkits(dict(os.environ if env is None else env))[0]
 
 
 def lib_dirs(root: Path) -> list[str]:
