@@ -971,29 +971,39 @@ def diagnose_path(
 # presentation
 
 
-def render_table(report: Report) -> Any:
-    """A rich renderable (Table, plus the first error block when nothing was recognised)."""
-    from rich.console import Group
+def render_table(report: Report, console: Any = None, show: bool = True) -> str:
+    """Print the report as a rich table (id, line, evidence, fix) to ``console`` (default: a new
+    stdout Console; nothing when ``show`` is False) and return the rendered plain text.  When
+    nothing is recognised, the first error block is printed under the table."""
+    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"diagnose: {report.log}", show_lines=True, expand=True)
-    table.add_column("id", style="bold", no_wrap=True)
+    table = Table(title=f"diagnose: {report.log}", show_lines=True, expand=False)
+    table.add_column("id", no_wrap=True)
     table.add_column("line", justify="right", no_wrap=True)
-    table.add_column("evidence", overflow="fold", ratio=3)
-    table.add_column("fix", overflow="fold", ratio=3)
+    table.add_column("evidence", overflow="fold", max_width=70)
+    table.add_column("fix", overflow="fold", max_width=70)
     for f in report.findings:
-        ident = Text(f.id, style="red" if f.severity == "error" else "yellow")
+        ident = Text(f.id, style="bold red" if f.severity == "error" else "yellow")
         if f.explained_by:
-            ident.append(f"\n(follows from {', '.join(f.explained_by)})", style="dim")
+            ident.append(f"\n(follows from\n{', '.join(f.explained_by)})", style="dim")
         table.add_row(ident, str(f.line), Text(f.evidence), Text(f.fix))
-    if report.findings:
-        return table
-    table.caption = "No known failure recognised."
-    if not report.first_error_lines:
-        return table
-    block = Text("First error block:\n", style="bold")
-    for n, text in report.first_error_lines:
-        block.append(f"{n:>7}  ", style="dim")
-        block.append(text + "\n")
-    return Group(table, block)
+    parts: list[Any] = [table]
+    if not report.findings:
+        table.caption = "No known failure recognised."
+        if report.first_error_lines:
+            block = Text("First error block:\n", style="bold")
+            for n, text in report.first_error_lines:
+                block.append(f"{n:>7}  ", style="dim")
+                block.append(text + "\n")
+            parts.append(block)
+    buf = io.StringIO()
+    text_console = Console(file=buf, width=160, force_terminal=False, color_system=None)
+    for part in parts:
+        text_console.print(part)
+    if show:
+        out = console if console is not None else Console()
+        for part in parts:
+            out.print(part)
+    return buf.getvalue()
