@@ -975,7 +975,6 @@ def render_table(report: Report, console: Any = None, show: bool = True) -> str:
     """Print the report as a rich table (id, line, evidence, fix) to ``console`` (default: a new
     stdout Console; nothing when ``show`` is False) and return the rendered plain text.  When
     nothing is recognised, the first error block is printed under the table."""
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
@@ -998,12 +997,5 @@ def render_table(report: Report, console: Any = None, show: bool = True) -> str:
                 block.append(f"{n:>7}  ", style="dim")
                 block.append(text + "\n")
             parts.append(block)
-    buf = io.StringIO()
-    text_console = Console(file=buf, width=160, force_terminal=False, color_system=None)
-    for part in parts:
-        text_console.print(part)
-    if show:
-        out = console if console is not None else Console()
-        for part in parts:
-            out.print(part)
-    return buf.getvalue()
+    from .runner import emit
+    return emit(parts, console, show)

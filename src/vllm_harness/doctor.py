@@ -1038,9 +1038,7 @@ def report_dict(variant: Any, profile: dict, findings: list[Finding]) -> dict:
 def render_table(report: dict, console: Any = None, show: bool = True) -> str:
     """Print the report as a rich table (to ``console``, default stdout; nothing when ``show`` is False)
     and return the rendered text."""
-    import io
 
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -1059,15 +1057,8 @@ def render_table(report: dict, console: Any = None, show: bool = True) -> str:
         f" | driver: {m.get('driver', 'none')} | toolkits: {', '.join(m.get('cuda_toolkits', {})) or 'none'}"
         f" | gcc {m.get('gcc', '?')} | cmake {m.get('cmake', '?')} | Python {', '.join(m.get('python', [])) or '?'}")
     parts = [table, summary] + (["no findings"] if not report.get("findings") else [])
-    buf = io.StringIO()
-    text_console = Console(file=buf, width=160, force_terminal=False, color_system=None)
-    for part in parts:
-        text_console.print(part)
-    if show:
-        out = console if console is not None else Console()
-        for part in parts:
-            out.print(part)
-    return buf.getvalue()
+    from .runner import emit
+    return emit(parts, console, show)
 
 
 def run(variant: Any, build_dir: Path, machine_file: Path | None = None, save_machine: Path | None = None,

@@ -39,6 +39,22 @@ def console():
                    width=None if sys.stdout.isatty() else max(120, shutil.get_terminal_size().columns))
 
 
+def emit(parts: list, con=None, show: bool = True) -> str:
+    """Print rich renderables (tables, text) for people; return the same as plain text (160 columns)."""
+    import io
+
+    from rich.console import Console
+    buf = io.StringIO()
+    plain = Console(file=buf, width=160, force_terminal=False, color_system=None)
+    for part in parts:
+        plain.print(part)
+    if show:
+        out = con if con is not None else console()
+        for part in parts:
+            out.print(part)
+    return buf.getvalue()
+
+
 @dataclass
 class StepLog:
     path: Path
