@@ -79,6 +79,7 @@ def test_clean_never_follows_a_symlink_out_of_a_managed_tree(tmp_path):
     outside_dir.mkdir()
     (outside_dir / "f").write_text("keep")
     lay = Layout(root=ROOT, state=tmp_path / "state")
+    lay.ensure()
     tree = lay.src("v") / "vllm"
     (tree / "build").mkdir(parents=True)
     (tree / "build" / "link").symlink_to(outside)
@@ -125,3 +126,23 @@ def test_nox_and_invoke_list_the_sessions_and_tasks():
     assert inv.returncode == 0, inv.stderr
     for t in ["clean", "doctor", "fetch", "prepare", "deps", "build", "post-install", "verify", "diagnose"]:
         assert f"  {t} " in inv.stdout
+
+
+def test_clean_refuses_a_state_folder_the_harness_did_not_make(harness, tmp_path, monkeypatch):
+    """VLLM_HARNESS_STATE pointed at a user's folder by mistake: clean --all deletes nothing there."""
+    mine = tmp_path / "my-project"
+    for sub in ("envs", "src", "logs", "cache"):
+        (mine / sub).mkdir(parents=True)
+        (mine / sub / "important.txt").write_text("user data")
+    monkeypatch.setenv("VLLM_HARNESS_STATE", str(mine))
+    rc, out, err = harness("clean", "--all")
+    assert rc == 2 and "not a harness state folder" in err
+    assert sorted(p.name for p in mine.rglob("important.txt")) == ["important.txt"] * 4
+
+
+def test_credentials_in_index_urls_are_masked():
+    from vllm_harness.runner import mask
+    line = "Looking in indexes: https://alice:s3cr3t@pypi.corp.example/simple, https://token@h.example/x"
+    masked = mask(line)
+    assert "s3cr3t" not in masked and "alice" not in masked and "token@" not in masked
+    assert "https://***@pypi.corp.example/simple" in masked

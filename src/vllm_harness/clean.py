@@ -43,6 +43,12 @@ def _size(path: Path) -> int:
 
 def plan(layout: Layout, variant: str | None, everything: bool) -> list[Path]:
     st = layout.state
+    if not st.exists():
+        return []
+    if not layout.is_state_folder():
+        raise UsageError(f"{st} is not a harness state folder (no {Layout.MARKER} marker, or it is /, your home "
+                         "or the repo itself): clean deletes nothing there.",
+                         "Point VLLM_HARNESS_STATE at the folder the harness made, or unset it.")
     if everything:
         return [p for p in [st / "envs", st / "src", st / "logs", st / "status", st / "cache",
                             layout.last_failed, layout.last_built] if p.exists() or p.is_symlink()]

@@ -39,12 +39,14 @@ def _ctx(a, layout=None, variant=None):
     layout = layout or _layout(a)
     variant = variant or _variant(layout, a.variant)
     return Ctx(layout=layout, variant=variant, quiet=getattr(a, "json", False), force=getattr(a, "force", False),
-               python=getattr(a, "python", None), jobs=getattr(a, "jobs", None), arch=getattr(a, "arch", None))
+               python=getattr(a, "python", None), jobs=getattr(a, "jobs", None), arch=getattr(a, "arch", None),
+               no_wait=getattr(a, "no_wait", False))
 
 
 def _out(a, data: dict) -> None:
     if getattr(a, "json", False):
-        print(json.dumps(data, indent=2, default=str))
+        from .runner import mask
+        print(mask(json.dumps(data, indent=2, default=str)))
 
 
 def machine_banner() -> str:
@@ -273,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--variant")
         s.add_argument("--json", action="store_true")
         s.add_argument("--force", action="store_true", help="run the step even if it is done")
+        s.add_argument("--no-wait", dest="no_wait", action="store_true",
+                       help="fail at once if another run holds the variant")
         if name == "prepare":
             s.add_argument("--source", help="prepare this tree instead of the variant's fetched one")
         if name == "deps":
@@ -288,13 +292,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int)
     s.add_argument("--arch")
     s.add_argument("--skip-doctor", dest="skip_doctor", action="store_true")
+    s.add_argument("--no-wait", dest="no_wait", action="store_true",
+                   help="fail at once if another run holds the variant (default: wait, naming the holder)")
     s.add_argument("--strict-verify", dest="strict_verify", action="store_true",
                    help="fail when the GPU checks could not run (no GPU)")
     s.add_argument("--json", action="store_true")
     return p
 
 
+def _terminate(signum, frame):  # SIGTERM/SIGHUP end a run like Ctrl-C: the step is marked, children ended
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _terminate)
     p = parser()
     try:
         a = p.parse_args(argv)
@@ -305,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: the step was marked not done; rerun to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("interrupted: the step was marked not done and its processes ended; rerun to resume",
+              file=sys.stderr)
+        return 143 if "signal" in str(e) else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,6 +52,19 @@ class Layout:
     def envs_dirs(self) -> list[Path]:
         return [self.root / "envs"]
 
+    MARKER = ".harness-state"
+
+    def ensure(self) -> None:
+        """Create the state folder with its marker: `clean` deletes only inside a folder that has it."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        marker = self.state / self.MARKER
+        if not marker.exists():
+            marker.write_text("vllm-harness state folder: everything here was made by the harness\n")
+
+    def is_state_folder(self) -> bool:
+        forbidden = {Path("/"), Path.home().resolve(), self.root.resolve()}
+        return (self.state / self.MARKER).is_file() and self.state.resolve() not in forbidden
+
     def venv(self, variant: str) -> Path:
         return self.state / "envs" / variant
 

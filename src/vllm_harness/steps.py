@@ -19,12 +19,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock, Timeout
 from packaging.requirements import Requirement
 
 from . import fetch as fetch_mod
+from . import locks, pythons, toolkit
 from . import prepare as prepare_mod
-from . import pythons, toolkit
 from . import verify as verify_mod
 from .errors import HarnessError, StepFailed, UsageError
 from .layout import Layout, venv_python
@@ -44,11 +43,13 @@ class Ctx:
     python: str | None = None            # --python override for the env step
     jobs: int | None = None
     arch: str | None = None
+    no_wait: bool = False
     base_env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     profile: dict | None = None
     status: Status = field(init=False)
 
     def __post_init__(self):
+        self.layout.ensure()
         self.status = Status(self.layout.status(self.variant.name), self.variant.name)
 
     @property
@@ -418,20 +419,9 @@ def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = Fa
 
 # ------------------------------------------------------------------------------------------ drivers
 
-def lock(ctx: Ctx) -> FileLock:
-    path = ctx.layout.lock(ctx.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path))
-
-
-def _acquire(ctx: Ctx) -> FileLock:
-    lk = lock(ctx)
-    try:
-        lk.acquire(timeout=5)
-    except Timeout:
-        raise UsageError(f"Another harness run holds variant {ctx.name} ({lk.lock_file}).",
-                         "Wait for it to finish, then rerun.") from None
-    return lk
+def _locked(ctx: Ctx):
+    """The variant's lock: a second run waits for it (naming the holder), or fails at once with --no-wait."""
+    return locks.held(ctx.layout.lock(ctx.name), f"variant {ctx.name}", wait=not ctx.no_wait, say=ctx.say)
 
 
 def require(ctx: Ctx, step: str) -> None:
@@ -469,8 +459,7 @@ def _interpreter(ctx: Ctx) -> pythons.Interpreter:
 
 def run_single(ctx: Ctx, step: str, **kw) -> dict:
     """One step, as an invoke task runs it: checked for order, locked, recorded."""
-    lk = _acquire(ctx)
-    try:
+    with _locked(ctx):
         group = TASK_STEPS.get(step, [step])
         require(ctx, group[0])
         interp = _interpreter(ctx) if "env" in group else None
@@ -478,8 +467,6 @@ def run_single(ctx: Ctx, step: str, **kw) -> dict:
         for s in group:
             _run(ctx, s, keys[s], _step_fn(ctx, s, interp, **(kw if s == step else {})))
         return ctx.status.step(step) or {}
-    finally:
-        lk.release()
 
 
 def _interp_key(ctx: Ctx, interp: pythons.Interpreter | None) -> str:
@@ -505,8 +492,7 @@ def _step_fn(ctx: Ctx, step: str, interp, **kw):
 def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False) -> dict:
     """The whole flow of ``nox -s build-<variant>``; steps that are done with the same inputs are reused."""
     from . import doctor_run
-    lk = _acquire(ctx)
-    try:
+    with _locked(ctx):
         if not skip_doctor:
             doctor_run.preflight(ctx)
         interp = _interpreter(ctx)
@@ -521,5 +507,3 @@ def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False
                 ctx.layout.last_built.parent.mkdir(parents=True, exist_ok=True)
                 ctx.layout.last_built.write_text(ctx.name + "\n")
         return ctx.status.data
-    finally:
-        lk.release()
