@@ -227,3 +227,30 @@ def test_save_refuses_an_invalid_profile(tmp_path):
         machine.save_profile({"machine": {"cpu_cores": "many"}}, tmp_path / "x.toml")
     assert "machine.cpu_cores" in e.value.message
     assert not (tmp_path / "x.toml").exists()
+
+
+# ---- property test: any profile-shaped data is either accepted (and round-trips) or one UsageError
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
+                    st.text(max_size=30), st.lists(st.text(max_size=8), max_size=4),
+                    st.dictionaries(st.text(max_size=6), st.text(max_size=12), max_size=3))
+_MACHINE_KEYS = st.sampled_from(["os", "arch", "cpu_cores", "ram_gib", "disk_free_gib", "python", "gcc", "cmake",
+                                 "driver", "driver_cuda", "in_container", "cuda_toolkits", "../../etc", "x"])
+_GPU = st.dictionaries(st.sampled_from(["name", "compute_capability", "memory_gib", "bogus"]), _VALUES, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_MACHINE_KEYS, _VALUES, max_size=8), st.lists(_GPU, max_size=3),
+       st.sampled_from(["machine", "gpu", "extra"]))
+def test_any_profile_is_valid_or_one_usage_error(mach, gpus, extra_key):
+    data = {"machine": {k: v for k, v in mach.items() if v is not None}, "gpu": gpus}
+    if extra_key == "extra":
+        data["extra"] = {"a": 1}
+    try:
+        prof = machine.validate_profile(data, where="fuzz.toml")
+    except UsageError as e:
+        assert "fuzz.toml" in str(e) and "Fix:" in str(e)
+        return
+    assert machine.parse_profile(machine.dump_profile(prof), where="again") == prof
