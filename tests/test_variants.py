@@ -93,3 +93,13 @@ def test_any_malformed_variant_is_a_usage_error_never_a_traceback(data):
         parse_variant("x", Path("x.toml"), "\n".join(lines))
     except UsageError as e:
         assert "x.toml" in str(e)
+
+
+def test_huge_values_and_files_are_refused(tmp_path):
+    assert "'build.jobs'" in _err(GOOD + '\n[build]\njobs = 100000000000\n', tmp_path)
+    assert "too long" in _err(GOOD.replace('description = "', 'description = "' + "x" * 5000), tmp_path)
+    big = tmp_path / "big.toml"
+    big.write_text(GOOD + "#" * (2 << 20))
+    with pytest.raises(UsageError) as e:
+        load_variant(str(big), [])
+    assert "too large" in str(e.value)

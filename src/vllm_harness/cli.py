@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, _terminate)
+        signal.signal(signal.SIGTERM, _terminate)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # respect `nohup`
+            signal.signal(signal.SIGHUP, _terminate)
     p = parser()
     try:
         a = p.parse_args(argv)

@@ -147,8 +147,9 @@ def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict
                         if timeout and time.monotonic() - t0 > timeout:
                             raise TimeoutError
                     rc = proc.wait()
-                except BaseException:
+                except BaseException as e:
                     _kill_group(proc)
+                    fh.write(f"# interrupted ({type(e).__name__} {e}): child processes ended\n".encode())
                     raise
                 fh.write(f"# exit status {rc}\n".encode())
                 if rc != 0:

@@ -357,6 +357,8 @@ def load_variant_file(path: Path) -> Variant:
         raw = path.read_bytes()
     except OSError as e:
         raise _fail(path, "", f"cannot be read ({e.strerror})", "check the path and its permissions") from None
+    if len(raw) > 1 << 20:
+        raise _fail(path, "", f"is {len(raw)} bytes, too large for a variant file", "keep it under 1 MiB")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -1,0 +1,125 @@
+"""Interruptions and concurrent runs on a real build (the fixture): nothing left looking good, nothing lost.
+
+Two interruptions (SIGINT while torch installs, SIGTERM while the extension compiles), a second run that
+fails fast with --no-wait naming the holder, and two runs at once of one variant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, fixture_variant, needs_pypi
+
+pytestmark = pytest.mark.slow
+
+
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def _start(state: Path, variant: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), VLLM_HARNESS_STATE=str(state),
+               VLLM_HARNESS_ROOT=str(ROOT), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "vllm_harness", "build-variant", "--variant", str(variant),
+                             "--skip-doctor", *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            # as from a terminal: a background job's inherited "ignore SIGINT" is undone
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _status(state: Path) -> dict:
+    try:
+        return json.loads((state / "status" / "fixture-cpu.json").read_text())
+    except (OSError, ValueError):
+        return {"steps": {}}
+
+
+def _wait_for_step(state: Path, step: str, proc: subprocess.Popen, timeout: float = 900) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if (_status(state)["steps"].get(step) or {}).get("status") == "running":
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} never started")
+
+
+def _leftovers(state: Path) -> list[str]:
+    """Processes still running with the state folder in their command line (pip, cmake, ninja, cc1plus)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(state) in cmd:
+            found.append(f"{d.name}: {cmd[:120]}")
+    return found
+
+
+def test_interrupted_runs_resume_and_concurrent_runs_serialise(tmp_path):
+    needs_pypi()
+    state = tmp_path / "state"
+    variant = fixture_variant(tmp_path)
+    fixture_before = _tree_digest(ROOT / "tests" / "fixtures" / "vllm-mini")
+    sentinel = tmp_path / "outside.txt"
+    sentinel.write_text("must survive")
+
+    # 1. Ctrl-C while torch is being installed
+    a = _start(state, variant)
+    _wait_for_step(state, "torch", a)
+    time.sleep(2)
+    a.send_signal(signal.SIGINT)
+    assert a.wait(timeout=120) == 130, a.stdout.read()
+    st = _status(state)
+    assert st["steps"]["torch"]["status"] == "failed" and st["steps"]["torch"]["reason"] == "interrupted"
+    assert st["built"] is False and "deps" not in st["steps"]
+    assert _leftovers(state) == []
+
+    # 2. resume; SIGTERM while the extension compiles; a second run with --no-wait fails fast naming the holder
+    a = _start(state, variant)
+    _wait_for_step(state, "build", a)
+    b = _start(state, variant, "--no-wait")
+    out_b, _ = b.communicate(timeout=120)
+    assert b.returncode == 1 and f"pid {a.pid}" in out_b and "--no-wait" in out_b
+    time.sleep(5)
+    a.send_signal(signal.SIGTERM)
+    out_a, _ = a.communicate(timeout=120)
+    assert a.returncode == 143, out_a
+    assert "· env" in out_a and "reused" in out_a          # the steps before torch were not redone
+    st = _status(state)
+    assert st["steps"]["build"]["status"] == "failed" and st["built"] is False
+    assert "post-install" not in st["steps"]
+    assert "# interrupted" in (state / "logs" / "fixture-cpu" / "build.log").read_text()
+    time.sleep(1)
+    assert _leftovers(state) == []
+
+    # 3. two runs of the variant at once: one builds, the other waits for it, then reuses every step
+    c = _start(state, variant)
+    _wait_for_step(state, "build", c)
+    d = _start(state, variant)
+    out_c, _ = c.communicate(timeout=900)
+    out_d, _ = d.communicate(timeout=900)
+    assert c.returncode == 0 and d.returncode == 0, out_c + out_d
+    assert "waiting for variant fixture-cpu: held by pid" in out_d
+    assert "· build" in out_d and "reused" in out_d and "VERIFIED" in out_d
+    assert _status(state)["built"] is True
+
+    # nothing lost: the repo's fixture and a file outside the state folder are as they were
+    assert _tree_digest(ROOT / "tests" / "fixtures" / "vllm-mini") == fixture_before
+    assert sentinel.read_text() == "must survive"
