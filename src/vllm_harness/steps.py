@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -419,9 +420,13 @@ def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = Fa
 
 # ------------------------------------------------------------------------------------------ drivers
 
+@contextmanager
 def _locked(ctx: Ctx):
-    """The variant's lock: a second run waits for it (naming the holder), or fails at once with --no-wait."""
-    return locks.held(ctx.layout.lock(ctx.name), f"variant {ctx.name}", wait=not ctx.no_wait, say=ctx.say)
+    """The variant's lock: a second run waits for it (naming the holder), or fails at once with --no-wait.
+    The status is read again once the lock is held: the run we waited for has changed it."""
+    with locks.held(ctx.layout.lock(ctx.name), f"variant {ctx.name}", wait=not ctx.no_wait, say=ctx.say):
+        ctx.status = Status(ctx.layout.status(ctx.name), ctx.name)
+        yield
 
 
 def require(ctx: Ctx, step: str) -> None:
