@@ -75,10 +75,16 @@ def post_install(c, variant=None, force=False):
 
 
 @task(help={**V, "python": "verify any env with vLLM instead", "json": "JSON output",
-            "allow_no_gpu": "exit 0 when the GPU checks could not run"})
-def verify(c, variant=None, python=None, json=False, allow_no_gpu=False):
-    """GPU kernel smoke tests: imports, extensions, vLLM's ops against torch references."""
-    _call("verify", variant=variant, python=python, json=json, allow_no_gpu=allow_no_gpu)
+            "allow_no_gpu": "exit 0 when the GPU checks could not run",
+            "wheel": "check a wheel FILE against --variant before installing it (CUDA major, torch pin, archs)",
+            "libs": "extension libraries (a file or folder) to check and load directly",
+            "cc": "compare the binaries with these compute capabilities, e.g. 8.0,9.0",
+            "no_speed": "skip the bandwidth measurements"})
+def verify(c, variant=None, python=None, json=False, allow_no_gpu=False, wheel=None, libs=None, cc=None,
+           no_speed=False):
+    """Prove an env runs on this GPU: environment, binaries, imports, kernels vs torch, speed."""
+    _call("verify", variant=variant, python=python, json=json, allow_no_gpu=allow_no_gpu, wheel=wheel, libs=libs,
+          cc=cc, no_speed=no_speed)
 
 
 @task(help={"log": "log file, or - for stdin (default: the last failed step's log)",

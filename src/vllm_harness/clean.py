@@ -41,7 +41,11 @@ def _size(path: Path) -> int:
     return total
 
 
-def plan(layout: Layout, variant: str | None, everything: bool) -> list[Path]:
+def plan(layout: Layout, variant: str | None, everything: bool, wheelhouse: bool = False) -> list[Path]:
+    """What clean removes.  The wheelhouse (built wheels), the compiler cache and the recorded peak RSS are
+    kept by a per-variant clean; ``wheelhouse`` adds the variant's wheels (every wheel without a variant),
+    ``everything`` (--all) takes them all."""
+    from . import wheelhouse as wheelhouse_mod
     st = layout.state
     if not st.exists():
         return []
@@ -51,7 +55,10 @@ def plan(layout: Layout, variant: str | None, everything: bool) -> list[Path]:
                          "Point VLLM_HARNESS_STATE at the folder the harness made, or unset it.")
     if everything:
         return [p for p in [st / "envs", st / "src", st / "logs", st / "status", st / "cache",
+                            st / "wheelhouse", st / "buildspeed",
                             layout.last_failed, layout.last_built] if p.exists() or p.is_symlink()]
+    if wheelhouse and not variant:
+        return wheelhouse_mod.paths_of_variant(st, None)
     if not variant:
         raise UsageError("clean needs --variant NAME or --all.", "Pass one of them (add --dry-run to look first).")
     out = []
@@ -64,14 +71,16 @@ def plan(layout: Layout, variant: str | None, everything: bool) -> list[Path]:
             out += [p for p in tree.glob("*.egg-info")]
     out += [p for p in (layout.venv(variant), layout.constraints(variant), layout.status(variant),
                         layout.logs(variant), src) if p.exists() or p.is_symlink()]
+    if wheelhouse:
+        out += wheelhouse_mod.paths_of_variant(st, variant)
     # drop children of folders already listed
     out = [p for p in out if not any(q != p and q in p.parents for q in out)]
     return out
 
 
 def clean(layout: Layout, variant: str | None = None, everything: bool = False, dry_run: bool = False,
-          pip_cache: bool = False, python: str | None = None) -> dict:
-    targets = plan(layout, variant, everything)
+          pip_cache: bool = False, python: str | None = None, wheelhouse: bool = False) -> dict:
+    targets = plan(layout, variant, everything, wheelhouse)
     removed, kept, total = [], [], 0
     for p in targets:
         if not _inside(p, layout.managed_trees()):

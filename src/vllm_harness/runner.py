@@ -68,47 +68,89 @@ class StepLog:
 
 
 class Progress:
-    """Terminal progress for one step: a rich live line, or a heartbeat when not a terminal."""
+    """Terminal progress for one step: a rich live bar, or a heartbeat line when not a terminal.
 
-    def __init__(self, step: str, quiet: bool = False):
+    ninja's ``[n/N]`` (the harness sets ``NINJA_STATUS="[%f/%t] "``: finished/total edges) becomes a bar with
+    the rate (edges a minute) and the ETA, both from the edges finished since this ninja run began (a new
+    ``N``, e.g. the next extension's ninja, starts a new count).  The full output still goes to the log.
+    """
+
+    def __init__(self, step: str, quiet: bool = False, clock=time.monotonic, beat: float = 30.0):
         self.step = step
         self.quiet = quiet
-        self.t0 = time.monotonic()
+        self.clock = clock
+        self.t0 = clock()
         self.last_line = ""
         self.done = self.total = 0
-        self.next_beat = self.t0 + 30
+        self.run_t0: float | None = None      # when this ninja run began (the last other line before it)
+        self.last_other = self.t0             # when the last line that was not ninja's status came
+        self.beat = beat
+        self.next_beat = self.t0 + beat
         self._live = None
         self._con = None
         if not quiet:
             self._con = console()
             if self._con.is_terminal:
-                from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
                 from rich.progress import Progress as RProgress
                 self._live = RProgress(TextColumn(f"[bold]{step}[/]"), BarColumn(bar_width=24),
-                                       TimeElapsedColumn(), TimeRemainingColumn(),
+                                       MofNCompleteColumn(), TimeElapsedColumn(),
+                                       TextColumn("{task.fields[rate]}"),
                                        TextColumn("{task.description}", style="dim"),
                                        console=self._con, transient=True)
-                self._task = self._live.add_task("", total=None)
+                self._task = self._live.add_task("", total=None, rate="")
                 self._live.start()
+
+    def rate(self) -> float | None:
+        """Edges a second in this ninja run (None until two edges have finished)."""
+        if self.run_t0 is None:
+            return None
+        dt = self.clock() - self.run_t0
+        return self.done / dt if self.done > 0 and dt > 0 else None
+
+    def eta(self) -> float | None:
+        r = self.rate()
+        return (self.total - self.done) / r if r else None
+
+    def status(self) -> str:
+        """'[37/120] 31% 2.4/min ETA 34m35s' (or '' before ninja printed anything)."""
+        if not self.total:
+            return ""
+        out = f"[{self.done}/{self.total}] {100 * self.done // self.total}%"
+        r, e = self.rate(), self.eta()
+        if r:
+            out += f" {r * 60:.1f}/min" if r < 1 else f" {r:.1f}/s"
+        if e is not None:
+            out += f" ETA {_hms(e)}"
+        return out
 
     def feed(self, raw: bytes) -> None:
         found = NINJA_RE.findall(raw)
+        now = self.clock()
         if found:
-            self.done, self.total = int(found[-1][0]), int(found[-1][1])
+            done, total = int(found[-1][0]), int(found[-1][1])
+            if self.run_t0 is None or total != self.total or done < self.done:   # a new ninja run
+                self.run_t0 = self.last_other
+            self.done, self.total = done, total
+        elif raw.strip():
+            self.last_other = now
         text = ANSI_RE.sub("", raw.decode("utf-8", "replace")).strip()
         if text:
             self.last_line = text
-        now = time.monotonic()
         if self._live is not None:
-            desc = self.last_line[-90:]
+            desc = self.last_line[-80:]
+            r, e = self.rate(), self.eta()
+            rate = (f"{r * 60:.1f}/min" if r < 1 else f"{r:.1f}/s") if r else ""
+            rate += f" ETA {_hms(e)}" if e is not None else ""
             if self.total:
-                self._live.update(self._task, completed=self.done, total=self.total, description=desc)
+                self._live.update(self._task, completed=self.done, total=self.total, description=desc, rate=rate)
             else:
                 self._live.update(self._task, description=desc)
         elif not self.quiet and now >= self.next_beat:
-            self.next_beat = now + 30
-            frac = f" [{self.done}/{self.total}]" if self.total and not self.last_line.startswith("[") else ""
-            print(f"  ... {self.step} {now - self.t0:.0f}s{frac} {mask(self.last_line[-100:])}", flush=True)
+            self.next_beat = now + self.beat
+            st = self.status()
+            line = "" if st and NINJA_RE.match(self.last_line.encode()) else self.last_line[-100:]
+            print(f"  ... {self.step} {now - self.t0:.0f}s {st} {mask(line)}".rstrip(), flush=True)
 
     def close(self) -> None:
         if self._live is not None:

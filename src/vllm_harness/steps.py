@@ -324,16 +324,12 @@ def _torch_kept(ctx: Ctx, log: Path) -> None:
                          log=str(log) if log.exists() else None)
 
 
-def auto_jobs(ctx: Ctx) -> tuple[int, str]:
-    if ctx.jobs:
-        return ctx.jobs, "--jobs"
-    if ctx.variant.build["jobs"] != "auto":
-        return int(ctx.variant.build["jobs"]), f"{ctx.variant.name}.toml build.jobs"
-    cores = len(os.sched_getaffinity(0))
-    avail = (ctx.profile or {}).get("machine", {}).get("ram_available_gib") or _mem_available_gib()
-    per = PER_JOB_GIB["cpu" if ctx.device == "cpu" else "cuda"] * ctx.variant.build["nvcc_threads"]
-    by_ram = max(1, int(avail // per))
-    return min(cores, by_ram), f"min({cores} cores, {avail:.0f} GiB free / {per:g} GiB a job)"
+def auto_jobs(ctx: Ctx, n_archs: int = 1) -> tuple[int, str]:
+    """MAX_JOBS and why: --jobs, [build] jobs, else from available RAM / the measured per-job peak RSS and
+    cores (buildspeed.jobs_for, which also picks NVCC_THREADS)."""
+    from .buildspeed import jobs_for
+    c = jobs_for(ctx, n_archs)
+    return c.jobs, c.why
 
 
 def _mem_available_gib() -> float:
@@ -347,15 +343,34 @@ def _mem_available_gib() -> float:
 
 
 def arch_list(ctx: Ctx) -> tuple[str | None, str]:
-    if ctx.arch:
-        return ctx.arch, "--arch"
-    if ctx.variant.build["arch_list"]:
-        return ctx.variant.build["arch_list"], "variant build.arch_list"
-    gpus = (ctx.profile or {}).get("gpu") or []
-    caps = sorted({g["compute_capability"] for g in gpus if g.get("compute_capability")}, key=float)
+    """TORCH_CUDA_ARCH_LIST and why: --arch, [build] arch_list (both checked against what the variant's nvcc
+    builds), else this machine's GPUs (mapped onto the toolkit's archs), else unset: the source's own list."""
+    from .buildspeed import check_archs, default_archs
+    from .compat import parse_arch_list
+    if ctx.device != "cuda":
+        return None, "CPU build: no CUDA archs"
+    given = [(ctx.arch, "--arch"), (ctx.variant.build["arch_list"], "variant build.arch_list")]
+    for value, where in given:
+        if value:
+            chk = check_archs(ctx.variant.cuda, [a for a in value.replace(",", ";").replace(" ", ";").split(";")
+                                                 if a], from_gpu=False)
+            if chk.error:
+                raise UsageError(f"{where} '{value}': {chk.error}.", chk.fix)
+            return chk.archs, where
+    gpus = (ctx.profile or {}).get("gpu")
+    if gpus is None:
+        from .machine import probe_gpus
+        gpus = probe_gpus(ctx.base_env)[0]
+    caps = sorted({g["compute_capability"] for g in gpus if g.get("compute_capability")}, key=parse_arch_list)
     if caps:
-        return ";".join(caps), "the GPUs of this machine"
-    return None, "no GPU found: every arch the source's CMake builds for this CUDA"
+        chk = check_archs(ctx.variant.cuda, caps, from_gpu=True)
+        if chk.error:
+            raise UsageError(f"TORCH_CUDA_ARCH_LIST from this machine's GPUs: {chk.error}.", chk.fix)
+        return chk.archs, "the GPUs of this machine" + (f" ({'; '.join(chk.notes)})" if chk.notes else "")
+    default = default_archs(ctx.variant.vllm["version"], ctx.variant.cuda)
+    return None, (f"no GPU found: unset, so vLLM {ctx.variant.vllm['version']}'s CMake builds every arch it "
+                  f"supports with CUDA {ctx.variant.cuda}: {default or 'its list (not in the compat data)'}; "
+                  f"--arch '8.9' builds for one GPU only")
 
 
 def do_build(ctx: Ctx, log: Path) -> dict:
@@ -366,9 +381,12 @@ def do_build(ctx: Ctx, log: Path) -> dict:
         _torch_kept(ctx, log)
         return {"note": f"installed {v.vllm_requirement} (prebuilt wheel)"}
     src = source_dir(ctx)
-    jobs, why_jobs = auto_jobs(ctx)
+    from .buildspeed import default_archs, jobs_for, run_source_build
+    from .compat import parse_arch_list
     archs, why_arch = arch_list(ctx)
-    extra = {"MAX_JOBS": str(jobs), "NVCC_THREADS": str(v.build["nvcc_threads"])}
+    n_archs = len(parse_arch_list(archs or default_archs(v.vllm["version"], v.cuda) or "")) or 1
+    choice = jobs_for(ctx, n_archs)
+    extra = {"MAX_JOBS": str(choice.jobs), "NVCC_THREADS": str(choice.nvcc_threads), "NINJA_STATUS": "[%f/%t] "}
     if archs:
         extra["TORCH_CUDA_ARCH_LIST"] = archs
     if not (src / ".git").exists() and not (src / "PKG-INFO").exists():
@@ -376,17 +394,8 @@ def do_build(ctx: Ctx, log: Path) -> dict:
     extra.update(v.build["env"])
     cuda = ctx.device == "cuda"
     env = fetch_mod.git_env(ctx.env(cuda=cuda, extra=extra), [src])
-    ctx.say(f"  MAX_JOBS={jobs} ({why_jobs}); NVCC_THREADS={v.build['nvcc_threads']}; "
-            f"TORCH_CUDA_ARCH_LIST={archs or '(unset)'} ({why_arch})"
-            + (f"; CUDA_HOME={env['CUDA_HOME']}" if cuda else ""))
-    pip = [str(ctx.py), "-m", "pip", "install", "--no-build-isolation", "-v", "--progress-bar", "off"]
-    cfile = ctx.layout.constraints(ctx.name)
-    if cfile.is_file():
-        pip += ["--constraint", str(cfile)]
-    pip += ["-e", str(src)] if v.build["editable"] else [str(src)]
-    run_commands("build", [pip], log, env, cwd=src, quiet=ctx.quiet)
-    _torch_kept(ctx, log)
-    return {"jobs": jobs, "arch_list": archs, "note": f"MAX_JOBS={jobs}"}
+    # wheelhouse reuse, compiler cache, peak-RSS record, the wheel: src/vllm_harness/buildspeed.py
+    return run_source_build(ctx, src, log, env, choice, archs, why_arch)
 
 
 def do_post_install(ctx: Ctx, log: Path) -> dict:

@@ -1,25 +1,125 @@
-"""verify: prove an env runs -- imports, compiled extensions, and kernels against torch references.
+"""verify: prove an env runs on this GPU, in layers -- each check pass / fail / skip with the reason and numbers.
 
-The checks run inside the env's own interpreter (``data/verify_env.py``); this side turns the result into
-the contract's JSON, a table, and a verdict.  Without a GPU the GPU checks are skips with the reason, and
-the verdict is NOT VERIFIED (exit 1) unless ``--allow-no-gpu``.
+1. environment  torch and its CUDA, the GPUs (name, compute capability, memory, driver), NumPy;
+2. binaries     every compiled library of vLLM (xformers, flash-attn when present), read without loading it
+                (``binaries.py``): NEEDED resolved under the env's loader path, the CUDA runtime major vs
+                torch's, the fatbin archs vs each GPU (a gap predicts ``no-kernel-image``; PTX only = warning);
+3. imports      vllm, its extension modules (loaded directly when vLLM's Python stack is absent), xformers;
+4. kernels      the registered ops, discovered and called as their schema allows, against torch references;
+5. speed        effective memory bandwidth against the GPU's peak, first-call latency.
+
+Layers 1, 3-5 run inside the env's own interpreter (``data/verify_env.py``); layer 2 runs here, before them,
+and needs no GPU.  Without a GPU the verdict is NOT VERIFIED (exit 1) unless ``--allow-no-gpu``.
+``check_wheel`` runs layer 2 on a wheel file before it is installed, against a variant's CUDA and torch.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import time
 from pathlib import Path
 
+from . import binaries
 from .errors import StepFailed
 
 SCRIPT = Path(__file__).parent / "data" / "verify_env.py"
+LAYERS = ("environment", "binaries", "imports", "kernels", "speed")
+EXT_SUFFIX = re.compile(r"(\.abi3|\.cpython-[^.]+)?\.so$")
+
+
+def _probe(python: Path, env: dict[str, str], timeout: float = 60) -> dict:
+    """Where the env's packages are (no import of torch or vllm)."""
+    try:
+        r = subprocess.run([str(python), str(SCRIPT), "--probe"], capture_output=True, text=True, env=env,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise StepFailed(f"verify: {python} did not answer in {timeout:.0f}s.", "Check the env's interpreter.") from None
+    except OSError as e:
+        raise StepFailed(f"verify: cannot run {python} ({e.strerror}).", "Build the env first.") from None
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise StepFailed(f"verify: {python} crashed before reporting (exit {r.returncode}): "
+                         f"{(r.stderr.strip().splitlines() or [''])[-1][:300]}", "Check the env's interpreter.")
+    return json.loads(lines[-1])
+
+
+def _module_name(pkg_dir: Path, pkg: str, f: Path) -> str | None:
+    rel = f.relative_to(pkg_dir)
+    if not EXT_SUFFIX.search(rel.name) or ".so." in rel.name:
+        return None
+    stem = EXT_SUFFIX.sub("", rel.name)
+    return ".".join([pkg, *rel.parts[:-1], stem])
+
+
+def _expand_libs(libs: list[str] | None) -> list[str]:
+    out = []
+    for x in libs or []:
+        p = Path(x)
+        if p.is_dir():
+            out += [str(q.resolve()) for q in sorted(p.rglob("*.so")) if binaries.is_elf(q)]
+        elif p.is_file():
+            out.append(str(p.resolve()))
+    return out
+
+
+def binary_layer(probe: dict, env: dict[str, str], gpu_ccs: list[str], driver_present: bool, libs: list[str],
+                 reader: str = "auto", no_gpu_reason: str = "no GPU visible") -> tuple[list[dict], dict]:
+    t0 = time.perf_counter()
+    torch_dir = probe["packages"].get("torch")
+    tf = binaries.torch_facts(torch_dir)
+    lp = binaries.LoaderPath.for_env(env, probe.get("site_packages", []), torch_dir, driver_present=driver_present)
+    pkg_dirs = {k: v for k, v in probe["packages"].items() if k != "torch"}
+    files = binaries.find_libraries(pkg_dirs, extra=libs)
+    checks = binaries.check_libraries(files, lp, tf.get("cuda"), gpu_ccs, env, reader, no_gpu_reason=no_gpu_reason)
+    if not files:
+        checks.append({"name": "compiled libraries", "status": "fail" if not libs else "skip", "layer": "binaries",
+                       "reason": f"no compiled library found in {', '.join(pkg_dirs) or 'no vLLM package'}",
+                       "metrics": {"packages": pkg_dirs}})
+    cuobjdump = binaries.find_cuobjdump(env) if reader != "python" else None
+    info = {"libraries": len(files), "torch": tf, "cuobjdump": cuobjdump,
+            "readers": sorted({c["metrics"].get("reader") for c in checks if c["metrics"].get("reader")}),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return checks, info
 
 
 def run_verify(python: Path, device: str, imports: list[str], extensions: list[str], ops: list[str],
-               env: dict[str, str], log: Path | None = None, timeout: float = 600) -> dict:
+               env: dict[str, str], log: Path | None = None, timeout: float = 600, *, libs: list[str] | None = None,
+               speed: bool = True, reader: str = "auto", ccs: list[str] | None = None) -> dict:
+    from .machine import probe_gpus
+    probe = _probe(python, env)
+    gpus, driver, driver_cuda = probe_gpus(env) if device == "cuda" else ([], None, None)
+    gpu_ccs = ccs or [g["compute_capability"] for g in gpus if g.get("compute_capability")]
+    direct = _expand_libs(libs)
+    why = "device = cpu" if device != "cuda" else "no GPU visible (pass --cc to compare with a GPU elsewhere)"
+    bchecks, binfo = binary_layer(probe, env, gpu_ccs if device == "cuda" else [],
+                                  driver_present=bool(gpus) or driver is not None, libs=direct, reader=reader,
+                                  no_gpu_reason=why)
+    predicted = [c.get("subject", c["name"]) for c in bchecks if c.get("id") == "no-kernel-image"]
+    # extension modules: the variant's, and every one found in the vllm package (loaded directly if need be)
+    ext_files: dict[str, str] = {}
+    for pkg in ("vllm", "flash_attn_2_cuda"):
+        d = probe["packages"].get(pkg)
+        if not d:
+            continue
+        if Path(d).is_file():
+            ext_files[pkg] = d
+            continue
+        for f, _label in binaries.find_libraries({pkg: d}):
+            name = _module_name(Path(d), pkg, f)
+            if name:
+                ext_files[name] = str(f)
+    exts = [e for e in extensions if e.split(".")[0] in probe["packages"] or not direct]
     argv = [str(python), str(SCRIPT), "--device", device, "--imports", ",".join(imports),
-            "--extensions", ",".join(extensions), "--ops", ",".join(ops)]
+            "--extensions", ",".join(exts), "--ops", ",".join(ops),
+            "--ext-files", ",".join(f"{k}={v}" for k, v in ext_files.items()),
+            "--libs", ",".join(direct), "--predicted-no-kernel", ",".join(predicted)]
+    if driver:
+        argv += ["--driver", driver]
+    if not speed:
+        argv.append("--no-speed")
+    t0 = time.perf_counter()
     try:
         r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
                            stdin=subprocess.DEVNULL)
@@ -28,26 +128,73 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
                          "(nvidia-smi) and rerun.") from None
     except OSError as e:
         raise StepFailed(f"verify: cannot run {python} ({e.strerror}).", "Build the env first.") from None
+    wall = time.perf_counter() - t0
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(f"$ {' '.join(argv)}\n{r.stdout}\n{r.stderr}\n# exit status {r.returncode}\n")
+        log.write_text(f"$ {' '.join(argv)}\n{r.stdout}\n{r.stderr}\n# exit status {r.returncode}\n"
+                       f"# binary layer\n{json.dumps(bchecks, indent=1)}\n")
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        raise StepFailed(f"verify: {python} crashed before reporting (exit {r.returncode}).", None,
+        tail = (r.stderr.strip().splitlines() or [""])[-1][:300]
+        raise StepFailed(f"verify: {python} crashed before reporting (exit {r.returncode}): {tail}", None,
                          log=str(log) if log else None)
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    checks = result["checks"] + bchecks
+    order = {name: i for i, name in enumerate(LAYERS)}
+    result["checks"] = sorted(checks, key=lambda c: order.get(c.get("layer", ""), len(LAYERS)))
+    secs = result.get("layer_seconds", {})
+    secs["binaries"] = binfo.pop("seconds")
+    secs["total"] = round(wall + secs["binaries"], 3)
+    result["layer_seconds"] = {k: secs[k] for k in [*LAYERS, "total"] if k in secs}
+    result["binaries"] = binfo
+    result["driver"] = driver
+    result["driver_cuda"] = driver_cuda
+    if ccs:
+        result["compared_ccs"] = ccs
+    if not result.get("gpus") and gpus and device == "cuda":
+        result["gpus_nvml"] = gpus  # NVML sees GPUs that torch does not
+    result["layers"] = layer_summary(result)
+    return result
+
+
+def layer_summary(result: dict) -> dict:
+    out = {}
+    for layer in LAYERS:
+        cs = [c for c in result["checks"] if c.get("layer") == layer]
+        if not cs and layer not in result.get("layer_seconds", {}):
+            continue
+        out[layer] = {s: sum(c["status"] == s for c in cs) for s in ("pass", "fail", "skip")}
+        out[layer]["warn"] = sum(bool(c.get("metrics", {}).get("warning")) for c in cs)
+        out[layer]["seconds"] = result.get("layer_seconds", {}).get(layer)
+    return out
 
 
 def verdict(result: dict, device: str, allow_no_gpu: bool) -> tuple[str, int]:
     checks = result["checks"]
     failed = [c for c in checks if c["status"] == "fail"]
+    warned = [c for c in checks if c["status"] == "pass" and c.get("metrics", {}).get("warning")]
     skipped_gpu = device == "cuda" and not result.get("gpus")
     if failed:
-        return f"FAILED ({len(failed)} of {len(checks)} checks)", 1
+        ids = sorted({c["id"] for c in failed if c.get("id")})
+        return f"FAILED ({len(failed)} of {len(checks)} checks{'; ' + ', '.join(ids) if ids else ''})", 1
     if skipped_gpu:
-        label = "NOT VERIFIED on a GPU: no GPU visible; the GPU checks were skipped"
+        label = ("NOT VERIFIED on a GPU: no GPU visible; the GPU checks were skipped (the binary checks ran: "
+                 f"{sum(c['status'] == 'pass' for c in checks)} passed)")
         return label, 0 if allow_no_gpu else 1
-    return f"VERIFIED ({sum(c['status'] == 'pass' for c in checks)} checks passed)", 0
+    warn = f", {len(warned)} warning{'s' if len(warned) != 1 else ''}" if warned else ""
+    return f"VERIFIED ({sum(c['status'] == 'pass' for c in checks)} checks passed{warn})", 0
+
+
+def _detail(c: dict) -> str:
+    m = c.get("metrics", {})
+    if c["status"] == "pass" and "max_abs_err" in m:
+        d = f"max abs err {m['max_abs_err']:.2e} over {m.get('cases')} cases"
+        if m.get("first_call_ms") is not None:
+            d += f"; first call {m['first_call_ms']:.1f} ms"
+        if m.get("refused_strided"):
+            d += f"; strided input refused ({len(m['refused_strided'])})"
+        return d
+    return c.get("reason") or m.get("version") or ""
 
 
 def render(result: dict, verdict_text: str) -> None:
@@ -55,20 +202,72 @@ def render(result: dict, verdict_text: str) -> None:
 
     from .runner import console
     con = console()
-    gpus = ", ".join(f"{g['name']} (sm {g['compute_capability']})" for g in result.get("gpus", [])) or "none"
-    con.print(f"python {result.get('python_version')} at {result.get('python')}; torch {result.get('torch')} "
-              f"(CUDA {result.get('torch_cuda')}); numpy {result.get('numpy')}; GPUs: {gpus}")
+    gpus = ", ".join(f"{g['name']} (sm {g['compute_capability']}, {g.get('memory_gib')} GiB, driver "
+                     f"{g.get('driver') or result.get('driver')})" for g in result.get("gpus", [])) or "none"
+    if result.get("wheel"):
+        ccs = ", ".join(result.get("compared_ccs") or [g.get("compute_capability", "?") for g in result["gpus"]])
+        con.print(f"wheel {result['wheel']} against variant {result.get('variant')}; GPUs: {gpus}"
+                  + (f"; compared with sm {ccs}" if ccs else ""))
+    else:
+        con.print(f"python {result.get('python_version')} at {result.get('python')}; torch {result.get('torch')} "
+                  f"(CUDA {result.get('torch_cuda')}); numpy {result.get('numpy')}; GPUs: {gpus}")
     t = Table(show_lines=False)
-    for col in ("check", "status", "detail"):
-        t.add_column(col)
+    for col in ("layer", "check", "status", "detail"):
+        t.add_column(col, overflow="fold")
     colour = {"pass": "green", "fail": "red", "skip": "yellow"}
     for c in result["checks"]:
-        m = c.get("metrics", {})
-        detail = c.get("reason") or ""
-        if "max_abs_err" in m and c["status"] == "pass":
-            detail = f"max abs err {m['max_abs_err']:.2e} over {m.get('cases')} shapes"
-        elif m.get("version"):
-            detail = m["version"]
-        t.add_row(c["name"], f"[{colour[c['status']]}]{c['status']}[/]", detail)
+        st = c["status"]
+        label = f"[{colour[st]}]{st}[/]"
+        if st == "pass" and c.get("metrics", {}).get("warning"):
+            label = "[yellow]warn[/]"
+        detail = _detail(c) + (f" [{c['id']}]" if c.get("id") else "")
+        t.add_row(c.get("layer", ""), c["name"], label, detail)
     con.print(t)
+    parts = []
+    for layer, s in result.get("layers", {}).items():
+        secs = s.get("seconds")
+        parts.append(f"{layer} {secs:.1f}s ({s['pass']}✓ {s['fail']}✗ {s['skip']} skipped)" if secs is not None
+                     else f"{layer} ({s['pass']}✓ {s['fail']}✗ {s['skip']} skipped)")
+    total = result.get("layer_seconds", {}).get("total")
+    con.print("time: " + "; ".join(parts) + (f"; total {total:.1f}s" if total is not None else ""))
     con.print(f"[bold]{verdict_text}[/]")
+
+
+# -------------------------------------------------------------------------------------------- wheels
+
+def verify_wheel(wheel: Path, variant, env: dict[str, str], python: Path | None, ccs: list[str] | None = None,
+                 reader: str = "auto") -> dict:
+    """The binary layer on a wheel file, before install: refused (a failed check) when its CUDA major or its
+    torch pin does not fit the variant, or when its device code does not cover this machine's GPUs."""
+    from .machine import probe_gpus
+    t0 = time.perf_counter()
+    gpus, driver, _dc = probe_gpus(env)
+    gpu_ccs = ccs or [g["compute_capability"] for g in gpus if g.get("compute_capability")]
+    lp = None
+    probe = None
+    if python is not None and python.exists():
+        probe = _probe(python, env)
+        lp = binaries.LoaderPath.for_env(env, probe.get("site_packages", []), probe["packages"].get("torch"),
+                                         driver_present=bool(gpus) or driver is not None)
+    checks = binaries.check_wheel(wheel, variant.cuda, str(variant.torch["version"]), gpu_ccs, lp, env, reader,
+                                  no_gpu_reason="no GPU visible (pass --cc to compare with a GPU elsewhere)")
+    if lp is None:
+        checks.append({"name": f"wheel {wheel.name}: NEEDED libraries", "status": "skip", "layer": "binaries",
+                       "reason": f"variant {variant.name} has no env yet: NEEDED resolution is checked by "
+                                 f"`invoke verify --variant {variant.name}` after install", "metrics": {}})
+    res = {"wheel": str(wheel), "variant": variant.name, "python": str(python) if lp else None, "gpus": gpus,
+           "checks": checks, "layer_seconds": {"binaries": round(time.perf_counter() - t0, 3)}}
+    if ccs:
+        res["compared_ccs"] = ccs
+    res["layers"] = layer_summary(res)
+    return res
+
+
+def wheel_verdict(result: dict, allow_no_gpu: bool) -> tuple[str, int]:
+    failed = [c for c in result["checks"] if c["status"] == "fail"]
+    if failed:
+        return f"REFUSED: {failed[0]['name']}: {failed[0]['reason']}", 1
+    if not result.get("gpus") and not result.get("compared_ccs"):
+        return ("ACCEPTED for the variant's CUDA and torch; GPU archs NOT VERIFIED (no GPU visible; pass --cc)",
+                0 if allow_no_gpu else 1)
+    return "ACCEPTED: CUDA major, torch pin and GPU archs fit the variant", 0

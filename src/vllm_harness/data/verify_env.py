@@ -1,31 +1,327 @@
-"""Runs INSIDE the env being verified (its own python): environment facts, imports, compiled extensions,
-and vLLM's kernels against torch references.  Prints one JSON object on the last line of stdout.
+"""Runs INSIDE the env being verified (its own python).  Prints one JSON object on the last line of stdout.
 
-Kept free of the harness's imports: it needs only torch and the env's own packages.
-Usage: python verify_env.py --device cuda|cpu --imports vllm,xformers --extensions vllm._C --ops rms_norm,...
+Layers (each check: pass / fail / skip with the reason, and its numbers):
+  environment  torch and its CUDA, the GPUs (name, compute capability, memory, driver), NumPy;
+  imports      vllm, its extension modules (or, when vLLM's Python stack is absent, the extension
+               libraries loaded directly with torch.ops.load_library), xformers;
+  kernels      the registered ops, discovered and called as their schema allows, against torch references,
+               per dtype, on odd sizes and strided inputs; xformers attention against SDPA;
+  speed        effective memory bandwidth of the memory-bound ops against the GPU's peak; first-call latency.
+(The binary layer runs in the harness, before this script: it needs no import.)
+
+``--probe`` prints where things are without importing torch or vllm (site-packages, package dirs).
+Kept free of the harness's imports: it needs only torch and the env's own packages (Python >= 3.8).
 """
 
 import argparse
 import importlib
+import importlib.util
 import json
+import math
+import os
 import platform
+import re
+import site
 import sys
+import sysconfig
 import time
 import traceback
+import warnings
 
 TOL = {"float32": (1e-4, 1e-5), "float16": (2e-2, 1e-2), "bfloat16": (6e-2, 3e-2)}
+DTYPES = ("float32", "float16", "bfloat16")
+PACKAGES = ("vllm", "xformers", "flash_attn", "vllm_flash_attn", "flash_attn_2_cuda", "flash_attn_3", "torch")
+OP_NAMESPACES = ("_C", "_C_cache_ops", "_moe_C")
+BAD_LAYOUT = re.compile(r"contiguous|stride", re.I)
+BAD_DTYPE = re.compile(r"not implemented for|expected scalar type|unsupported (data ?|input ?|scalar ?)?type|"
+                       r"dtype", re.I)
+STICKY = re.compile(r"illegal memory access|device-side assert|unspecified launch failure|misaligned address",
+                    re.I)
+NO_KERNEL = re.compile(r"no kernel image is available", re.I)
 
 
-def check(name, fn, checks):
-    t0 = time.perf_counter()
+def probe():
+    """Where the env's packages are, without importing them."""
+    out = {"python": sys.executable, "python_version": platform.python_version(), "packages": {},
+           "site_packages": []}
     try:
-        status, reason, metrics = fn()
-    except Exception as e:  # a check never takes verify down
-        status, reason, metrics = "fail", f"{type(e).__name__}: {e}".splitlines()[0][:400], {}
-        metrics["traceback"] = traceback.format_exc(limit=3)[-800:]
-    metrics["seconds"] = round(time.perf_counter() - t0, 4)
-    checks.append({"name": name, "status": status, "reason": reason, "metrics": metrics})
-    return status
+        out["site_packages"] = list(site.getsitepackages())
+    except AttributeError:
+        pass
+    purelib = sysconfig.get_paths().get("purelib")
+    if purelib and purelib not in out["site_packages"]:
+        out["site_packages"].append(purelib)
+    for name in PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            out["packages"][name] = list(spec.submodule_search_locations)[0]
+        elif spec.origin:
+            out["packages"][name] = spec.origin
+    print(json.dumps(out))
+
+
+# --------------------------------------------------------------------------------------------- report
+
+class Report:
+    def __init__(self):
+        self.checks = []
+        self.layer_seconds = {}
+        self.broken = None  # a sticky CUDA error: later GPU checks cannot run
+
+    def check(self, layer, name, fn):
+        t0 = time.perf_counter()
+        id_ = None
+        try:
+            res = fn()
+            status, reason, metrics = res[:3]
+            id_ = res[3] if len(res) > 3 else None
+        except Exception as e:  # a check never takes verify down
+            text = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+            status, reason, metrics = "fail", text, {"traceback": traceback.format_exc(limit=3)[-800:]}
+            id_ = classify(str(e))
+            if STICKY.search(str(e)):
+                self.broken = text
+        metrics = dict(metrics or {})
+        dt = time.perf_counter() - t0
+        metrics["seconds"] = round(dt, 4)
+        self.layer_seconds[layer] = self.layer_seconds.get(layer, 0.0) + dt
+        c = {"name": name, "status": status, "reason": reason, "metrics": clean(metrics), "layer": layer}
+        if id_:
+            c["id"] = id_
+        self.checks.append(c)
+        return c
+
+
+def clean(v):
+    """JSON-safe numbers (no NaN/inf)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    if isinstance(v, dict):
+        return {k: clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [clean(x) for x in v]
+    return v
+
+
+def classify(text):
+    """A failure id of the contract for an error text (None when none fits)."""
+    rules = [(NO_KERNEL, "no-kernel-image"), (r"libcuda\.so", "no-driver"),
+             (r"undefined symbol", "torch-abi-undefined-symbol"), (r"GLIBCXX_", "glibcxx-too-old"),
+             (r"lib(cudart|cublas|cusparse|nvrtc|nvJitLink)[^ ]*\.so[^ ]*: cannot open", "cuda-runtime-lib-missing"),
+             (r"compiled using NumPy 1\.x", "numpy-abi"), (r"No module named 'xformers'", "xformers-missing"),
+             (r"forward compatibility", "cuda-forward-compat"), (r"driver version is insufficient|driver on your "
+                                                                  r"system is too old", "driver-too-old"),
+             (r"Bfloat16 is only supported", "bf16-unsupported")]
+    for pat, id_ in rules:
+        if re.search(pat, text):
+            return id_
+    return None
+
+
+# -------------------------------------------------------------------------------------- environment
+
+def layer_environment(rep, out, torch, device, driver_hint):
+    out["torch"] = torch.__version__
+    out["torch_cuda"] = torch.version.cuda
+    rep.check("environment", "torch", lambda: ("pass", f"torch {torch.__version__}, CUDA {torch.version.cuda}",
+                                               {"version": torch.__version__, "cuda": torch.version.cuda,
+                                                "cudnn": _cudnn(torch), "file": torch.__file__}))
+    try:
+        import numpy
+        out["numpy"] = numpy.__version__
+    except Exception:  # noqa: BLE001 - NumPy is optional for torch
+        out["numpy"] = None
+    if out["numpy"]:
+        def np_check():
+            import numpy
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                t = torch.from_numpy(numpy.arange(3.0))
+                bad = [str(x.message) for x in w if "NumPy" in str(x.message)]
+            if bad or float(t.sum()) != 3.0:
+                return "fail", bad[0][:300] if bad else "torch.from_numpy gave wrong values", {}, "numpy-abi"
+            return "pass", f"numpy {numpy.__version__} (major {numpy.__version__.split('.')[0]}), works with torch", \
+                {"version": numpy.__version__, "major": int(numpy.__version__.split(".")[0])}
+        rep.check("environment", "numpy", np_check)
+    cuda_ok = False
+    try:
+        cuda_ok = bool(torch.cuda.is_available())
+        nv = _nvml()
+        for i in range(torch.cuda.device_count() if cuda_ok else 0):
+            p = torch.cuda.get_device_properties(i)
+            g = {"index": i, "name": p.name, "compute_capability": f"{p.major}.{p.minor}",
+                 "memory_gib": round(p.total_memory / 2**30, 1),
+                 "multiprocessors": getattr(p, "multi_processor_count", None)}
+            g.update(nv.get(i, {}))
+            g.setdefault("driver", driver_hint)
+            out["gpus"].append(g)
+    except Exception as e:  # noqa: BLE001 - reported in the cuda-available check
+        out["cuda_error"] = str(e)[:300]
+    if device == "cuda":
+        reason = ("torch was built without CUDA" if not torch.version.cuda else
+                  out.get("cuda_error") or "torch.cuda.is_available() is False (no GPU or driver visible)")
+        rep.check("environment", "cuda-available",
+                  lambda: ("pass", f"{len(out['gpus'])} GPU(s)", {"gpus": len(out["gpus"])}) if cuda_ok
+                  else ("skip", reason, {}, "torch-cpu-only" if not torch.version.cuda else "no-driver"))
+        for g in out["gpus"]:
+            rep.check("environment", f"gpu {g['index']}",
+                      lambda g=g: ("pass", f"{g['name']}, sm {g['compute_capability']}, {g['memory_gib']} GiB, "
+                                   f"driver {g.get('driver')}", dict(g)))
+    return cuda_ok
+
+
+def _cudnn(torch):
+    try:
+        return torch.backends.cudnn.version()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _nvml():
+    """{index: {driver, peak_gbs, mem_clock_mhz, bus_width_bits}} from pynvml when the env has it."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no pynvml in this env, or no driver
+        return {}
+    out = {}
+    try:
+        drv = pynvml.nvmlSystemGetDriverVersion()
+        drv = drv.decode() if isinstance(drv, bytes) else str(drv)
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            g = {"driver": drv}
+            try:
+                clk = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)
+                bus = pynvml.nvmlDeviceGetMemoryBusWidth(h)
+                g.update(mem_clock_mhz=clk, bus_width_bits=bus, peak_gbs=round(clk * 1e6 * 2 * bus / 8 / 1e9, 1),
+                         peak_source="nvml")
+            except Exception:  # noqa: BLE001 - older drivers lack the bus width
+                pass
+            out[i] = g
+    except Exception:  # noqa: BLE001
+        pass
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------ imports
+
+def layer_imports(rep, a, torch, cuda_ok):
+    direct_libs = [p for p in a.libs.split(",") if p]
+    ext_files = dict(x.split("=", 1) for x in a.ext_files.split(",") if "=" in x)
+    state = {"no_driver": [], "loaded": {}, "vllm_stack": True}
+    for mod in [m for m in a.imports.split(",") if m]:
+        def imp(mod=mod):
+            try:
+                m = importlib.import_module(mod)
+            except Exception as e:
+                text = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+                if mod == "vllm":
+                    state["vllm_stack"] = False
+                if mod == "vllm" and direct_libs:
+                    return ("skip", f"{text}: vLLM's Python stack is not installed here; its extension libraries "
+                            f"are loaded directly below (--libs)", {})
+                if "libcuda.so" in text and not cuda_ok:
+                    return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here", {}, "no-driver"
+                return "fail", text, {}, classify(text) or ("xformers-missing" if mod == "xformers" else None)
+            return "pass", str(getattr(m, "__version__", "")), {"version": str(getattr(m, "__version__", "")),
+                                                                "file": getattr(m, "__file__", "")}
+        rep.check("imports", f"import {mod}", imp)
+    exts = [m for m in a.extensions.split(",") if m]
+    for ext in exts + [e for e in ext_files if e not in exts]:
+        def load(ext=ext):
+            before = _op_names(torch)
+            how = "import"
+            try:
+                if not state["vllm_stack"] and ext.startswith("vllm.") and ext in ext_files:
+                    raise ImportError("vllm does not import")
+                m = importlib.import_module(ext)
+                f = getattr(m, "__file__", "")
+            except Exception as err:
+                if ext not in ext_files:
+                    text = f"{type(err).__name__}: {err}".splitlines()[0][:400]
+                    if "libcuda.so" in text and not cuda_ok:
+                        state["no_driver"].append(ext)
+                        return ("skip", "needs the NVIDIA driver (libcuda.so.1), absent here: load it on a GPU "
+                                "machine", {}, "no-driver")
+                    raise
+                f, how = ext_files[ext], "torch.ops.load_library (vllm's Python package not importable)"
+                try:
+                    torch.ops.load_library(f)
+                except Exception as e2:
+                    text = f"{type(e2).__name__}: {e2}".splitlines()[0][:400]
+                    if "libcuda.so" in text and not cuda_ok:
+                        state["no_driver"].append(ext)
+                        return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here", {}, "no-driver"
+                    raise
+            added = sorted(_op_names(torch) - before)
+            state["loaded"][ext] = f
+            return "pass", f"{how}: {len(added)} ops registered", {"file": f, "how": how, "ops_added": len(added),
+                                                                   "namespaces": _namespaces(added)}
+        rep.check("imports", f"load {ext}", load)
+    for path in direct_libs:
+        def direct(path=path):
+            before = _op_names(torch)
+            try:
+                torch.ops.load_library(path)
+            except Exception as e:
+                text = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+                if "libcuda.so" in text and not cuda_ok:
+                    state["no_driver"].append(path)
+                    return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here", {}, "no-driver"
+                raise
+            added = sorted(_op_names(torch) - before)
+            state["loaded"][path] = path
+            return "pass", f"torch.ops.load_library: {len(added)} ops registered", \
+                {"file": path, "ops_added": len(added), "namespaces": _namespaces(added)}
+        rep.check("imports", f"load {os.path.basename(path)}", direct)
+    return state
+
+
+def _op_names(torch):
+    fn = getattr(torch._C, "_dispatch_get_all_op_names", None)
+    if fn is not None:
+        return set(fn())
+    return {str(s.name) for s in torch._C._jit_get_all_schemas()}
+
+
+def _namespaces(names):
+    out = {}
+    for n in names:
+        ns = n.split("::")[0]
+        out[ns] = out.get(ns, 0) + 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+class Ctx:
+    def __init__(self, torch, device, dtype_name):
+        self.torch = torch
+        self.device = device
+        self.dt = dtype_name
+        self.dtype = getattr(torch, dtype_name)
+        self.g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(self, *shape, dtype=None, scale=1.0):
+        t = self.torch.randn(*shape, generator=self.g) * scale
+        return t.to(device=self.device, dtype=dtype or self.dtype)
+
+    def empty(self, *shape, dtype=None):
+        return self.torch.empty(*shape, device=self.device, dtype=dtype or self.dtype)
+
+    def zeros(self, *shape, dtype=None):
+        return self.torch.zeros(*shape, device=self.device, dtype=dtype or self.dtype)
 
 
 def ref_rms_norm(x, w, eps):
@@ -34,133 +330,601 @@ def ref_rms_norm(x, w, eps):
     return (xf * (var + eps).rsqrt()).to(x.dtype) * w
 
 
-def op_cases(torch, op, device, dtype):
-    """Yield (description, run_and_compare) for one op; shapes include odd sizes and a strided input."""
-    import torch.nn.functional as F
-    g = torch.Generator(device="cpu").manual_seed(0)
+def _strided(c, rows, cols):
+    """A (rows, cols) view whose rows are not contiguous (stride(0) = 2 * cols): as from a fused projection."""
+    return c.rnd(rows, 2 * cols)[:, :cols]
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
-    shapes = [(1, 8), (7, 4097), (33, 1024)]
-    for rows, hidden in shapes:
-        if op == "rms_norm":
-            def run(rows=rows, hidden=hidden):
-                x, w = rnd(rows, hidden), rnd(hidden)
-                out = torch.empty_like(x)
-                torch.ops._C.rms_norm(out, x, w, 1e-6)
-                return out, ref_rms_norm(x, w, 1e-6)
-        elif op == "fused_add_rms_norm":
-            def run(rows=rows, hidden=hidden):
-                x, r, w = rnd(rows, hidden), rnd(rows, hidden), rnd(hidden)
-                ref_r = (x.float() + r.float()).to(dtype)
-                ref = ref_rms_norm(ref_r, w, 1e-6)
-                torch.ops._C.fused_add_rms_norm(x, r, w, 1e-6)
-                return torch.cat([x, r]), torch.cat([ref, ref_r])
-        elif op == "silu_and_mul":
-            def run(rows=rows, hidden=hidden):
-                x = rnd(rows, 2 * hidden)
-                out = torch.empty(rows, hidden, device=device, dtype=dtype)
-                torch.ops._C.silu_and_mul(out, x)
-                d = hidden
-                return out, (F.silu(x[:, :d].float()) * x[:, d:].float()).to(dtype)
+# Each op: a generator of cases.  A case = (description, provided args by name (aliases welcome), compare(), flags)
+# where compare() -> list of (got, ref, tolerance kind) after the op ran.  flags: "strided" (a layout case).
+
+def cases_rms_norm(c):
+    for rows, hidden, strided in [(1, 8, False), (7, 4097, False), (33, 1024, False), (5, 1000, True)]:
+        x = _strided(c, rows, hidden) if strided else c.rnd(rows, hidden)
+        w = c.rnd(hidden)
+        out = c.empty(rows, hidden)
+        ref = ref_rms_norm(x, w, 1e-6)
+        yield (f"{rows}x{hidden}{' strided' if strided else ''}",
+               {"result": out, "out": out, "input": x, "weight": w, "epsilon": 1e-6, "eps": 1e-6},
+               lambda out=out, ref=ref: [(out, ref, "dtype")], strided)
+
+
+def cases_fused_add_rms_norm(c):
+    torch = c.torch
+    for rows, hidden, strided in [(1, 8, False), (7, 4097, False), (33, 1024, False), (5, 1000, True)]:
+        x = _strided(c, rows, hidden) if strided else c.rnd(rows, hidden)
+        r, w = c.rnd(rows, hidden), c.rnd(hidden)
+        ref_r = (x.float() + r.float()).to(c.dtype)
+        ref = ref_rms_norm(ref_r, w, 1e-6)
+        yield (f"{rows}x{hidden}{' strided' if strided else ''}",
+               {"input": x, "residual": r, "weight": w, "epsilon": 1e-6, "eps": 1e-6},
+               lambda x=x, r=r, ref=ref, ref_r=ref_r: [(torch.cat([x, r]), torch.cat([ref, ref_r]), "dtype")],
+               strided)
+
+
+def _act_cases(c, fn):
+    torch = c.torch
+    for shape, strided in [((1, 8), False), ((7, 4097), False), ((33, 1024), False), ((2, 5, 96), False),
+                           ((6, 1000), True)]:
+        *lead, d = shape
+        x = _strided(c, lead[0], 2 * d) if strided else c.rnd(*lead, 2 * d)
+        out = c.empty(*lead, d)
+        ref = fn(x[..., :d].float(), x[..., d:].float()).to(c.dtype)
+        yield (f"{'x'.join(map(str, shape))}{' strided' if strided else ''}",
+               {"result": out, "out": out, "input": x},
+               lambda out=out, ref=ref: [(out, ref, "dtype")], strided)
+    del torch
+
+
+def cases_silu_and_mul(c):
+    F = c.torch.nn.functional
+    return _act_cases(c, lambda a, b: F.silu(a) * b)
+
+
+def cases_gelu_and_mul(c):
+    F = c.torch.nn.functional
+    return _act_cases(c, lambda a, b: F.gelu(a) * b)
+
+
+def cases_gelu_tanh_and_mul(c):
+    F = c.torch.nn.functional
+    return _act_cases(c, lambda a, b: F.gelu(a, approximate="tanh") * b)
+
+
+def _rope_ref(torch, positions, x, head_size, cache, is_neox):
+    """vLLM's RotaryEmbedding.forward_native on x: [T, heads * head_size] (or [T, heads, head_size])."""
+    T = positions.shape[0]
+    rot = cache.shape[-1]
+    xv = x.float().reshape(T, -1, head_size)
+    cos, sin = cache.float()[positions].chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    xr, xp = xv[..., :rot], xv[..., rot:]
+    if is_neox:
+        x1, x2 = xr.chunk(2, dim=-1)
+    else:
+        x1, x2 = xr[..., ::2], xr[..., 1::2]
+    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    o = torch.cat((o1, o2), -1) if is_neox else torch.stack((o1, o2), -1).flatten(-2)
+    return torch.cat((o, xp), -1).reshape(x.shape).to(x.dtype)
+
+
+def cases_rotary_embedding(c):
+    torch = c.torch
+    for T, nh, nkv, hs, rot, neox, strided in [(7, 4, 2, 64, 64, True, False), (7, 4, 2, 64, 64, False, False),
+                                               (33, 8, 1, 128, 64, True, False), (5, 4, 2, 96, 96, True, True),
+                                               (5, 4, 2, 64, 64, False, True)]:
+        max_pos = 64
+        inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
+        cache = torch.cat((freqs.cos(), freqs.sin()), -1).to(device=c.device, dtype=c.dtype)
+        pos = torch.randint(0, max_pos, (T,), generator=c.g).to(c.device)
+        if strided:  # q and k as views of one fused qkv projection
+            qkv = c.rnd(T, (nh + 2 * nkv) * hs)
+            q, k = qkv[:, :nh * hs], qkv[:, nh * hs:(nh + nkv) * hs]
         else:
-            return
-        yield f"{rows}x{hidden}", run
+            q, k = c.rnd(T, nh * hs), c.rnd(T, nkv * hs)
+        rq, rk = _rope_ref(torch, pos, q, hs, cache, neox), _rope_ref(torch, pos, k, hs, cache, neox)
+        yield (f"T{T} h{nh}/{nkv} d{hs} rot{rot} {'neox' if neox else 'gptj'}{' qkv-views' if strided else ''}",
+               {"positions": pos, "query": q, "key": k, "head_size": hs, "cos_sin_cache": cache, "is_neox": neox},
+               lambda q=q, k=k, rq=rq, rk=rk: [(q, rq, "dtype"), (k, rk, "dtype")], False)
 
+
+def _kv_inputs(c, T, nkv, hs, nb, bs):
+    torch = c.torch
+    kv = c.rnd(T, 2 * nkv * hs)  # key and value as views of one projection (strided rows)
+    key, value = kv[:, :nkv * hs].view(T, nkv, hs), kv[:, nkv * hs:].view(T, nkv, hs)
+    slots = torch.randperm(nb * bs, generator=c.g)[:T]
+    slots[T // 2] = -1  # a padding token: must be skipped
+    return key, value, slots.to(device=c.device, dtype=torch.int64)
+
+
+def _kv_ref(c, key, slots, nslots):
+    ref = c.torch.zeros(nslots, *key.shape[1:], device=c.device, dtype=key.dtype)
+    ok = slots >= 0
+    ref[slots[ok]] = key[ok]
+    return ref
+
+
+def cases_reshape_and_cache(c):
+    torch = c.torch
+    for T, nkv, hs, nb, bs in [(37, 4, 64, 8, 16), (5, 2, 128, 4, 16)]:
+        key, value, slots = _kv_inputs(c, T, nkv, hs, nb, bs)
+        x = 16 // key.element_size()
+        kc, vc = c.zeros(nb, nkv, hs // x, bs, x), c.zeros(nb, nkv, hs, bs)
+        one = torch.ones(1, device=c.device, dtype=torch.float32)
+
+        def cmp(kc=kc, vc=vc, key=key, value=value, slots=slots, nb=nb, bs=bs, nkv=nkv, hs=hs):
+            gk = kc.permute(0, 3, 1, 2, 4).reshape(nb * bs, nkv, hs)
+            gv = vc.permute(0, 3, 1, 2).reshape(nb * bs, nkv, hs)
+            return [(gk, _kv_ref(c, key, slots, nb * bs), "exact"), (gv, _kv_ref(c, value, slots, nb * bs), "exact")]
+        yield (f"T{T} kv-heads {nkv} d{hs} blocks {nb}x{bs} (strided k/v, one padding slot)",
+               {"key": key, "value": value, "key_cache": kc, "value_cache": vc, "slot_mapping": slots,
+                "kv_cache_dtype": "auto", "k_scale": one, "v_scale": one}, cmp, False)
+
+
+def cases_reshape_and_cache_flash(c):
+    torch = c.torch
+    for T, nkv, hs, nb, bs in [(37, 4, 64, 8, 16), (5, 2, 128, 4, 16)]:
+        key, value, slots = _kv_inputs(c, T, nkv, hs, nb, bs)
+        kc, vc = c.zeros(nb, bs, nkv, hs), c.zeros(nb, bs, nkv, hs)
+        one = torch.ones(1, device=c.device, dtype=torch.float32)
+        yield (f"T{T} kv-heads {nkv} d{hs} blocks {nb}x{bs} (strided k/v, one padding slot)",
+               {"key": key, "value": value, "key_cache": kc, "value_cache": vc, "slot_mapping": slots,
+                "kv_cache_dtype": "auto", "k_scale": one, "v_scale": one},
+               lambda kc=kc, vc=vc, key=key, value=value, slots=slots, n=nb * bs, nkv=nkv, hs=hs: [
+                   (kc.reshape(n, nkv, hs), _kv_ref(c, key, slots, n), "exact"),
+                   (vc.reshape(n, nkv, hs), _kv_ref(c, value, slots, n), "exact")], False)
+
+
+def cases_topk_softmax(c):
+    torch = c.torch
+    for M, E, k, renorm, strided in [(37, 8, 2, False, False), (37, 64, 6, True, False), (5, 60, 4, False, False),
+                                     (9, 16, 2, True, True)]:
+        gating = _strided(c, M, E) if strided else c.rnd(M, E)
+        w = torch.empty(M, k, device=c.device, dtype=torch.float32)
+        idx = torch.empty(M, k, device=c.device, dtype=torch.int32)
+        tei = torch.empty(M, k, device=c.device, dtype=torch.int32)
+        probs = torch.softmax(gating.float(), dim=-1)
+
+        def cmp(w=w, idx=idx, probs=probs, k=k, renorm=renorm, E=E, used=None):
+            ref_w = probs.topk(k, dim=-1).values
+            if renorm and (used is None or used.get("renormalize")):
+                ref_w = ref_w / ref_w.sum(-1, keepdim=True)
+            ii = idx.long()
+            if bool(((ii < 0) | (ii >= E)).any()):
+                raise AssertionError(f"topk indices out of range [0, {E})")
+            if bool((ii.sort(-1).values.diff(dim=-1) == 0).any()):
+                raise AssertionError("repeated expert index in a row")
+            picked = probs.gather(1, ii)
+            if renorm and (used is None or used.get("renormalize")):
+                picked = picked / picked.sum(-1, keepdim=True)
+            return [(w.sort(-1, descending=True).values, ref_w, "softmax"), (w, picked, "softmax")]
+        yield (f"{M}x{E} top{k}{' renormalize' if renorm else ''}{' strided' if strided else ''}",
+               {"topk_weights": w, "topk_indices": idx, "topk_ids": idx, "token_expert_indices": tei,
+                "gating_output": gating, "renormalize": renorm}, cmp, strided)
+
+
+FP8_MAX = 448.0
+
+
+def _fp8_ref(torch, x, scale):
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def cases_static_scaled_fp8_quant(c):
+    torch = c.torch
+    for M, N, strided in [(1, 16, False), (37, 1001, False), (64, 4096, False), (6, 512, True)]:
+        x = _strided(c, M, N) if strided else c.rnd(M, N, scale=4.0)
+        scale = torch.tensor([0.02], device=c.device, dtype=torch.float32)
+        out = torch.empty(M, N, device=c.device, dtype=torch.float8_e4m3fn)
+        ref = _fp8_ref(torch, x, scale)
+        yield (f"{M}x{N}{' strided' if strided else ''}", {"result": out, "out": out, "input": x, "scale": scale},
+               lambda out=out, ref=ref: [(out, ref, "fp8")], strided)
+
+
+def cases_dynamic_scaled_fp8_quant(c):
+    torch = c.torch
+    for M, N, strided in [(1, 16, False), (37, 1001, False), (64, 4096, False), (6, 512, True)]:
+        x = _strided(c, M, N) if strided else c.rnd(M, N, scale=4.0)
+        scale = torch.zeros(1, device=c.device, dtype=torch.float32)
+        out = torch.empty(M, N, device=c.device, dtype=torch.float8_e4m3fn)
+        ref_scale = (x.float().abs().max() / FP8_MAX).reshape(1)
+        ref = _fp8_ref(torch, x, ref_scale)
+        yield (f"{M}x{N}{' strided' if strided else ''}", {"result": out, "out": out, "input": x, "scale": scale},
+               lambda out=out, ref=ref, scale=scale, ref_scale=ref_scale: [(scale, ref_scale, "scale"),
+                                                                           (out, ref, "fp8")], strided)
+
+
+# name -> (namespaces to look in, cases, needs fp8, dtypes)
+OPS = {
+    "rms_norm": (("_C",), cases_rms_norm, False),
+    "fused_add_rms_norm": (("_C",), cases_fused_add_rms_norm, False),
+    "silu_and_mul": (("_C",), cases_silu_and_mul, False),
+    "gelu_and_mul": (("_C",), cases_gelu_and_mul, False),
+    "gelu_tanh_and_mul": (("_C",), cases_gelu_tanh_and_mul, False),
+    "rotary_embedding": (("_C",), cases_rotary_embedding, False),
+    "reshape_and_cache": (("_C_cache_ops", "_C"), cases_reshape_and_cache, False),
+    "reshape_and_cache_flash": (("_C_cache_ops", "_C"), cases_reshape_and_cache_flash, False),
+    "topk_softmax": (("_moe_C", "_C"), cases_topk_softmax, False),
+    "static_scaled_fp8_quant": (("_C",), cases_static_scaled_fp8_quant, True),
+    "dynamic_scaled_fp8_quant": (("_C",), cases_dynamic_scaled_fp8_quant, True),
+}
+MEMORY_BOUND = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "gelu_and_mul", "static_scaled_fp8_quant")
+
+
+def op_schema(torch, qual):
+    ns, name = qual.split("::")
+    try:
+        return getattr(getattr(torch.ops, ns), name).default._schema
+    except Exception:  # noqa: BLE001 - an op with overloads only: ask the JIT registry
+        schemas = torch._C._jit_get_schemas_for_operator(qual)
+        return schemas[0] if schemas else None
+
+
+def fit_schema(schema, provided):
+    """(kwargs, unknown required args, optional args passed as None) for calling the op by name."""
+    kwargs, unknown, nones = {}, [], []
+    for a in schema.arguments:
+        t = str(a.type)
+        if a.name in provided:
+            v = provided[a.name]
+            if t == "float" and hasattr(v, "item"):
+                v = float(v.item())
+            kwargs[a.name] = v
+        elif a.has_default_value():
+            continue
+        elif t.startswith("Optional[") or t.endswith("?"):
+            kwargs[a.name] = None
+            nones.append(a.name)
+        else:
+            unknown.append(f"{a.name}: {t}")
+    return kwargs, unknown, nones
+
+
+def compare(torch, got, ref, kind, dt):
+    """(ok, max abs error, worst error / tolerance, detail) of one output against its reference."""
+    if got.shape != ref.shape:
+        return False, float("inf"), float("inf"), f"shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    g, r = got.float(), ref.float()
+    err = (g - r).abs()
+    if kind == "exact":
+        bound = torch.zeros_like(r)
+    elif kind == "softmax":
+        bound = 1e-5 + 1e-3 * r.abs()
+    elif kind == "scale":
+        bound = 1e-7 + 1e-5 * r.abs()
+    elif kind == "fp8":  # one e4m3 step (3 mantissa bits) for values on a rounding boundary
+        bound = 2.0 ** -9 + 0.125 * r.abs()
+    else:
+        rtol, atol = TOL[dt]
+        bound = atol + rtol * r.abs()
+    bad = ~(err <= bound)
+    worst = float(err.max()) if err.numel() else 0.0
+    ratio = float((err / bound.clamp_min(1e-30)).max()) if err.numel() else 0.0
+    detail = ""
+    if kind == "fp8":
+        mism = int((g != r).sum())
+        detail = f"{mism} of {g.numel()} differ by one fp8 step"
+        if mism > max(2, g.numel() // 100):
+            return False, worst, ratio, detail
+    return not bool(bad.any()), worst, ratio, detail
+
+
+def sync(torch, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def layer_kernels(rep, a, torch, device, run_kernels, state, out):
+    required = [o for o in a.ops.split(",") if o]
+    names = _op_names(torch)
+    registered = {}
+    for op, (nss, _cases, _fp8) in OPS.items():
+        for ns in nss:
+            if f"{ns}::{op}" in names:
+                registered[op] = f"{ns}::{op}"
+                break
+    for op in required:
+        if op not in registered and op not in OPS:
+            for ns in OP_NAMESPACES:
+                if f"{ns}::{op}" in names:
+                    registered[op] = f"{ns}::{op}"
+    ours = sorted(n for n in names if n.split("::")[0] in OP_NAMESPACES)
+    out["ops"] = {"registered": len(ours), "namespaces": _namespaces(ours), "known": sorted(registered),
+                  "checked": []}
+
+    def discovered():
+        if not ours and state["no_driver"]:
+            return "skip", f"{', '.join(state['no_driver'])} not loadable without a driver: no ops to list", {}
+        status = "pass" if ours else "fail"
+        return (status, f"{len(ours)} ops in {', '.join(f'{k} ({v})' for k, v in _namespaces(ours).items()) or 'none'}"
+                f"; checkable here: {', '.join(sorted(registered)) or 'none'}",
+                {"registered": len(ours), "namespaces": _namespaces(ours), "checkable": sorted(registered),
+                 "not_in_this_build": sorted(set(OPS) - set(registered))})
+    rep.check("kernels", "ops discovered", discovered)
+
+    cc = torch.cuda.get_device_capability() if (device == "cuda" and run_kernels) else None
+    first_calls = {}
+    for op in list(OPS) + [o for o in required if o not in OPS]:
+        if op not in registered:
+            if op in required:
+                why = (f"{', '.join(state['no_driver'])} not loadable without a driver" if state["no_driver"]
+                       else f"torch.ops.{'/'.join(OPS.get(op, (OP_NAMESPACES,))[0])}.{op} is not registered")
+                rep.check("kernels", f"{op}", lambda why=why: ("skip" if state["no_driver"] else "fail", why, {}))
+            continue
+        if op not in OPS:
+            rep.check("kernels", f"{op}", lambda op=op: ("skip", "no reference for this op in the checker", {}))
+            continue
+        qual = registered[op]
+        _nss, gen, needs_fp8 = OPS[op]
+        schema = op_schema(torch, qual)
+        for dt in DTYPES:
+            name = f"{op} {dt} ({device})"
+            if rep.broken and device == "cuda":
+                rep.check("kernels", name, lambda: ("skip", f"the CUDA context is broken by an earlier failure "
+                                                    f"({rep.broken})", {}))
+                continue
+            if not run_kernels:
+                rep.check("kernels", name, lambda: ("skip", "no GPU: kernel not run", {}))
+                continue
+            if needs_fp8 and (device != "cuda" or cc < (8, 9)):
+                why = ("fp8 kernels run on a GPU" if device != "cuda" else
+                       f"fp8 needs compute capability >= 8.9 (this GPU: {cc[0]}.{cc[1]})")
+                rep.check("kernels", name, lambda why=why: ("skip", why, {}))
+                continue
+            if needs_fp8 and not hasattr(torch, "float8_e4m3fn"):
+                rep.check("kernels", name, lambda: ("skip", "this torch has no float8_e4m3fn", {}))
+                continue
+            if device == "cuda" and dt == "bfloat16" and cc[0] < 8:
+                rep.check("kernels", name, lambda: ("skip", "bf16 needs compute capability >= 8.0", {},
+                                                    "bf16-unsupported"))
+                continue
+            first = op not in first_calls
+
+            def kernel(op=op, qual=qual, dt=dt, schema=schema, gen=gen, first=first):
+                c = Ctx(torch, device, dt)
+                fn = getattr(getattr(torch.ops, qual.split("::")[0]), op)
+                worst, ratio, ncase, refused, notes, nones = 0.0, 0.0, 0, [], [], set()
+                for desc, provided, cmp, strided in gen(c):
+                    kwargs, unknown, none = fit_schema(schema, provided)
+                    if unknown:
+                        return "skip", (f"schema {schema} has arguments the checker does not know: "
+                                        f"{', '.join(unknown)}"), {"schema": str(schema)}
+                    nones.update(none)
+                    sync(torch, device)
+                    t0 = time.perf_counter()
+                    try:
+                        fn(**kwargs)
+                        sync(torch, device)
+                    except Exception as e:
+                        text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                        if NO_KERNEL.search(str(e)):
+                            pred = " (predicted by the binary layer)" if a.predicted_no_kernel else ""
+                            return "fail", f"{desc}: {text}{pred}", {}, "no-kernel-image"
+                        if STICKY.search(str(e)):
+                            rep.broken = text
+                            raise
+                        if strided and BAD_LAYOUT.search(str(e)):
+                            refused.append(desc)
+                            continue
+                        if BAD_DTYPE.search(str(e)) and not ncase:
+                            return "skip", f"this build's kernel does not take {dt}: {text}", {}
+                        raise
+                    if first and ncase == 0 and device == "cuda":
+                        first_calls[op] = round((time.perf_counter() - t0) * 1000, 2)
+                    try:
+                        pairs = cmp(used=kwargs) if "used" in cmp.__code__.co_varnames else cmp()
+                    except AssertionError as e:
+                        return "fail", f"{desc}: {e}", {}
+                    ncase += 1
+                    for got, ref, kind in pairs:
+                        ok, err, r, detail = compare(torch, got, ref, kind, dt)
+                        worst, ratio = max(worst, err), max(ratio, r)
+                        if detail:
+                            notes.append(f"{desc}: {detail}")
+                        if not ok:
+                            if strided and kind == "dtype" and op in ("rms_norm", "silu_and_mul", "gelu_and_mul",
+                                                                      "gelu_tanh_and_mul", "fused_add_rms_norm"):
+                                notes.append(f"{desc}: wrong on a strided input (max abs err {err:.3g}): this "
+                                             f"build's kernel assumes contiguous rows; vLLM passes contiguous ones")
+                                continue
+                            return "fail", f"{desc}: max abs error {err:.3g} over tolerance ({kind}) {detail}", \
+                                {"max_abs_err": err, "tol_ratio": r, "schema": str(schema)}
+                m = {"max_abs_err": worst, "tol_ratio": round(ratio, 4), "cases": ncase, "schema": str(schema)}
+                if dt in TOL:
+                    m["rtol"], m["atol"] = TOL[dt]
+                if refused:
+                    m["refused_strided"] = refused
+                if nones:
+                    m["optional_args_none"] = sorted(nones)
+                if notes:
+                    m["notes"] = notes[:6]
+                if op in first_calls and first:
+                    m["first_call_ms"] = first_calls[op]
+                if not ncase:
+                    return "skip", f"every case refused: {refused}", m
+                if op not in out["ops"]["checked"]:
+                    out["ops"]["checked"].append(op)
+                extra = f"; strided input refused ({len(refused)})" if refused else ""
+                return "pass", f"max abs err {worst:.2e} over {ncase} cases{extra}", m
+            rep.check("kernels", name, kernel)
+    if "xformers" in sys.modules or _importable("xformers"):
+        layer_xformers(rep, torch, device, run_kernels, cc)
+    return first_calls
+
+
+def _importable(mod):
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def layer_xformers(rep, torch, device, run_kernels, cc):
+    F = torch.nn.functional
+    for dt in ("float16", "bfloat16"):
+        name = f"xformers memory_efficient_attention {dt} ({device})"
+        if not run_kernels or device != "cuda":
+            rep.check("kernels", name, lambda: ("skip", "xformers attention is checked on a GPU", {}))
+            continue
+        if dt == "bfloat16" and cc[0] < 8:
+            rep.check("kernels", name, lambda: ("skip", "bf16 needs compute capability >= 8.0", {}))
+            continue
+
+        def att(dt=dt):
+            import xformers.ops as xops
+            c = Ctx(torch, device, dt)
+            worst = 0.0
+            n = 0
+            for B, M, H, K, causal in [(1, 7, 2, 64, False), (2, 33, 4, 128, True), (1, 100, 8, 80, False)]:
+                q, k, v = c.rnd(B, M, H, K), c.rnd(B, M, H, K), c.rnd(B, M, H, K)
+                bias = xops.LowerTriangularMask() if causal else None
+                got = xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+                ref = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
+                                                     v.transpose(1, 2).float(), is_causal=causal).transpose(1, 2)
+                ok, err, _r, _d = compare(torch, got, ref.to(got.dtype), "dtype", dt)
+                worst = max(worst, err)
+                n += 1
+                if not ok:
+                    return "fail", f"B{B} M{M} H{H} K{K}: max abs error {err:.3g} vs SDPA", {"max_abs_err": err}
+            return "pass", f"max abs err {worst:.2e} vs SDPA over {n} cases", {"max_abs_err": worst, "cases": n}
+        rep.check("kernels", name, att)
+
+
+# -------------------------------------------------------------------------------------------- speed
+
+def layer_speed(rep, a, torch, out, first_calls):
+    g = out["gpus"][0]
+    p = torch.cuda.get_device_properties(0)
+    peak, src = g.get("peak_gbs"), g.get("peak_source")
+    if not peak and getattr(p, "memory_clock_rate", 0) and getattr(p, "memory_bus_width", 0):
+        peak, src = round(p.memory_clock_rate * 1e3 * 2 * p.memory_bus_width / 8 / 1e9, 1), "torch properties"
+    if not peak and a.peak_gbs:
+        peak, src = a.peak_gbs, "harness (NVML)"
+    dt = torch.bfloat16 if p.major >= 8 else torch.float16
+    free = torch.cuda.mem_get_info()[0]
+    rows, hidden = (8192, 8192) if free > 8 * 2**30 else (2048, 4096)
+    nbytes = rows * hidden * 2
+    names = _op_names(torch)
+
+    def timed(fn, iters=20):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(iters):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        return s.elapsed_time(e) / iters / 1e3
+
+    x = torch.randn(rows, hidden, device="cuda", dtype=dt)
+    y = torch.empty_like(x)
+    copy_gbs = {}
+
+    def copy():
+        sec = timed(lambda: y.copy_(x))
+        copy_gbs["v"] = 2 * nbytes / sec / 1e9
+        m = {"gbs": round(copy_gbs["v"], 1), "peak_gbs": peak, "peak_source": src, "bytes": 2 * nbytes,
+             "shape": [rows, hidden], "dtype": str(dt).replace("torch.", "")}
+        if peak:
+            m["pct_of_peak"] = round(100 * copy_gbs["v"] / peak, 1)
+        return "pass", (f"torch copy {copy_gbs['v']:.0f} GB/s" + (f" = {m['pct_of_peak']}% of peak {peak:.0f} GB/s "
+                        f"({src})" if peak else " (peak unknown: no NVML bus width, no torch properties)")), m
+    rep.check("speed", "memory bandwidth: torch copy (reference)", copy)
+    w = torch.randn(hidden, device="cuda", dtype=dt)
+    half = torch.empty(rows, hidden // 2, device="cuda", dtype=dt)
+    benches = {
+        "rms_norm": (lambda: torch.ops._C.rms_norm(y, x, w, 1e-6), 2 * nbytes),
+        "fused_add_rms_norm": (lambda: torch.ops._C.fused_add_rms_norm(y, x, w, 1e-6), 4 * nbytes),
+        "silu_and_mul": (lambda: torch.ops._C.silu_and_mul(half, x), 1.5 * nbytes),
+        "gelu_and_mul": (lambda: torch.ops._C.gelu_and_mul(half, x), 1.5 * nbytes),
+    }
+    if hasattr(torch, "float8_e4m3fn") and p.major * 10 + p.minor >= 89:
+        q8 = torch.empty(rows, hidden, device="cuda", dtype=torch.float8_e4m3fn)
+        sc = torch.tensor([0.02], device="cuda")
+        benches["static_scaled_fp8_quant"] = (lambda: torch.ops._C.static_scaled_fp8_quant(q8, x, sc), 1.5 * nbytes)
+    for op, (fn, nb) in benches.items():
+        if f"_C::{op}" not in names or op not in out["ops"]["checked"]:
+            continue
+
+        def bench(fn=fn, nb=nb):
+            sec = timed(fn)
+            gbs = nb / sec / 1e9
+            m = {"gbs": round(gbs, 1), "us": round(sec * 1e6, 1), "bytes": int(nb), "peak_gbs": peak,
+                 "copy_gbs": round(copy_gbs.get("v", 0), 1)}
+            pct = 100 * gbs / peak if peak else None
+            vs_copy = gbs / copy_gbs["v"] if copy_gbs.get("v") else None
+            if pct is not None:
+                m["pct_of_peak"] = round(pct, 1)
+            if vs_copy is not None:
+                m["vs_copy"] = round(vs_copy, 3)
+            text = f"{gbs:.0f} GB/s" + (f" = {pct:.0f}% of peak" if pct is not None else "") + \
+                (f", {vs_copy:.2f}x torch copy" if vs_copy else "")
+            if vs_copy is not None and vs_copy < 0.1:
+                return "fail", f"ten times slower than a copy: {text}", m
+            if vs_copy is not None and vs_copy < 0.3:
+                m["warning"] = "slow"
+                return "pass", f"warning: slow, {text}", m
+            return "pass", text, m
+        rep.check("speed", f"bandwidth {op} ({str(dt).replace('torch.', '')}, {rows}x{hidden})", bench)
+
+    def first():
+        if not first_calls:
+            return "skip", "no kernel ran", {}
+        op, ms = max(first_calls.items(), key=lambda kv: kv[1])
+        m = {"first_call_ms": first_calls, "slowest": op}
+        if ms > 1000:
+            m["warning"] = "jit"
+            return "pass", (f"warning: {op} took {ms:.0f} ms on its first call: PTX JIT-compiled for this GPU "
+                            f"(no SASS), or a cold module load"), m
+        return "pass", f"slowest first call: {op} {ms:.1f} ms (no JIT)", m
+    rep.check("speed", "first-call latency", first)
+
+
+# --------------------------------------------------------------------------------------------- main
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--probe", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--imports", default="")
     ap.add_argument("--extensions", default="")
     ap.add_argument("--ops", default="")
+    ap.add_argument("--libs", default="", help="extension libraries to load with torch.ops.load_library")
+    ap.add_argument("--ext-files", dest="ext_files", default="",
+                    help="module=file pairs: loaded directly when the module does not import")
+    ap.add_argument("--predicted-no-kernel", dest="predicted_no_kernel", default="")
+    ap.add_argument("--no-speed", dest="speed", action="store_false")
+    ap.add_argument("--peak-gbs", dest="peak_gbs", type=float, default=None)
+    ap.add_argument("--driver", default=None)
     a = ap.parse_args()
-    checks = []
-    out = {"python": sys.executable, "python_version": platform.python_version(), "gpus": [], "checks": checks}
+    if a.probe:
+        probe()
+        return
+    rep = Report()
+    out = {"python": sys.executable, "python_version": platform.python_version(), "gpus": [],
+           "checks": rep.checks, "layer_seconds": rep.layer_seconds}
+    t0 = time.perf_counter()
     try:
         import torch
     except Exception as e:  # noqa: BLE001 - reported as a failed check
         why = f"torch does not import: {e}"
-        check("torch", lambda: ("fail", why, {}), checks)
+        rep.check("environment", "torch", lambda: ("fail", why, {}, classify(why)))
         print(json.dumps(out))
         return
-    out["torch"] = torch.__version__
-    out["torch_cuda"] = torch.version.cuda
-    try:
-        import numpy
-        out["numpy"] = numpy.__version__
-    except Exception:
-        out["numpy"] = None
-    cuda_ok = False
-    try:
-        cuda_ok = torch.cuda.is_available()
-        for i in range(torch.cuda.device_count() if cuda_ok else 0):
-            p = torch.cuda.get_device_properties(i)
-            out["gpus"].append({"index": i, "name": p.name, "compute_capability": f"{p.major}.{p.minor}",
-                                "memory_gib": round(p.total_memory / 2**30, 1)})
-    except Exception as e:
-        out["cuda_error"] = str(e)[:300]
-
-    if a.device == "cuda":
-        reason = ("torch was built without CUDA" if not torch.version.cuda else
-                  out.get("cuda_error") or "torch.cuda.is_available() is False (no GPU or driver visible)")
-        check("cuda-available", lambda: ("pass", "", {"gpus": len(out["gpus"])}) if cuda_ok
-              else ("skip", reason, {}), checks)
-    for mod in [m for m in a.imports.split(",") if m]:
-        def imp(mod=mod):
-            m = importlib.import_module(mod)
-            return "pass", "", {"version": str(getattr(m, "__version__", ""))}
-        check(f"import {mod}", imp, checks)
-    no_driver = []  # extensions that could not load only because this machine has no NVIDIA driver
-    for ext in [m for m in a.extensions.split(",") if m]:
-        def load(ext=ext):
-            try:
-                m = importlib.import_module(ext)
-            except ImportError as e:
-                if "libcuda.so" in str(e) and not cuda_ok:
-                    no_driver.append(ext)
-                    return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here: load it on a GPU machine", {}
-                raise
-            return "pass", "", {"file": getattr(m, "__file__", "")}
-        check(f"load {ext}", load, checks)
-
+    rep.layer_seconds["environment"] = time.perf_counter() - t0  # the import of torch counts here
     device = "cuda" if a.device == "cuda" else "cpu"
+    cuda_ok = layer_environment(rep, out, torch, device, a.driver)
+    state = layer_imports(rep, a, torch, cuda_ok)
+    rep.layer_seconds.setdefault("imports", 0.0)
     run_kernels = device == "cpu" or cuda_ok
-    dtypes = ["float32", "float16", "bfloat16"]
-    for op in [o for o in a.ops.split(",") if o]:
-        has = hasattr(torch.ops, "_C") and hasattr(torch.ops._C, op)
-        for dt in dtypes:
-            name = f"{op} {dt} ({device})"
-            if not has and no_driver:
-                check(name, lambda: ("skip", f"{', '.join(no_driver)} not loadable without a driver", {}), checks)
-                continue
-            if not has:
-                check(name, lambda op=op: ("fail", f"torch.ops._C.{op} is not registered", {}), checks)
-                continue
-            if not run_kernels:
-                check(name, lambda: ("skip", "no GPU: kernel not run", {}), checks)
-                continue
-            if device == "cuda" and dt == "bfloat16" and torch.cuda.get_device_capability()[0] < 8:
-                check(name, lambda: ("skip", "bf16 needs compute capability >= 8.0", {}), checks)
-                continue
-            dtype = getattr(torch, dt)
-
-            def kernel(op=op, dtype=dtype, dt=dt):
-                rtol, atol = TOL[dt]
-                worst = 0.0
-                cases = list(op_cases(torch, op, device, dtype))
-                for desc, run in cases:
-                    got, ref = run()
-                    err = (got.float() - ref.float()).abs()
-                    bound = atol + rtol * ref.float().abs()
-                    worst = max(worst, float(err.max()))
-                    if not bool((err <= bound).all()):
-                        return "fail", f"{desc}: max abs error {float(err.max()):.3g} over tolerance", \
-                            {"max_abs_err": float(err.max())}
-                return "pass", "", {"max_abs_err": worst, "cases": len(cases), "rtol": rtol, "atol": atol}
-            check(name, kernel, checks)
-    print(json.dumps(out))
+    first_calls = layer_kernels(rep, a, torch, device, run_kernels, state, out)
+    if device == "cuda" and cuda_ok and a.speed and not rep.broken:
+        layer_speed(rep, a, torch, out, first_calls)
+    out["layer_seconds"] = {k: round(v, 3) for k, v in rep.layer_seconds.items()}
+    print(json.dumps(clean(out)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,711 @@
+"""Compiled libraries, read without loading them (verify's binary layer).
+
+* the ELF dynamic section (NEEDED, SONAME, RPATH/RUNPATH), read with ``struct`` (no pyelftools needed);
+* each NEEDED library resolved the way ld.so would: RPATH (when there is no RUNPATH), LD_LIBRARY_PATH,
+  RUNPATH (``$ORIGIN`` expanded), the ``ldconfig -p`` cache, the default dirs -- then what ``import torch``
+  has already loaded (torch's ``lib/``, ``nvidia/*/lib`` in site-packages), since vLLM's extensions carry no
+  RPATH and rely on that;
+* the CUDA runtime major they link (``libcudart.so.N``) against torch's;
+* the SASS/PTX archs in their fatbins (``cuobjdump --list-elf --list-ptx`` when present, else the
+  ``.nv_fatbin`` section read here: header magic 0xBA55ED50, entries of kind 1 = PTX, 2 = ELF, the sm number),
+  against each GPU's compute capability: a gap predicts "no kernel image" (``no-kernel-image``) before any
+  kernel runs; PTX-only coverage is a warning (JIT at first use);
+* the same on a wheel file before it is installed (``check_wheel``): CUDA major and torch pin vs the variant.
+
+Stdlib only: the harness runs it in its own process, on any env's files.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ELF_MAGIC = b"\x7fELF"
+FATBIN_MAGIC = 0xBA55ED50
+FATBIN_MAGIC_BYTES = struct.pack("<I", FATBIN_MAGIC)
+FATBIN_SECTIONS = (".nv_fatbin", "__nv_relfatbin")
+KIND_PTX, KIND_ELF = 1, 2
+FLAG_ARCH_SPECIFIC = 0x100000   # sm_90a / compute_90a: runs on that exact compute capability only
+FLAG_FAMILY = 0x200000          # sm_100f: the family (same major, minor >= this one)
+
+SHT_DYNAMIC = 6
+PT_LOAD, PT_DYNAMIC = 1, 2
+DT_NULL, DT_NEEDED, DT_STRTAB, DT_SONAME, DT_RPATH, DT_RUNPATH = 0, 1, 5, 14, 15, 29
+
+# the NVIDIA driver's own libraries: present only where a driver is installed (not in any env)
+DRIVER_LIBS = re.compile(r"^lib(cuda|nvidia-ml|nvidia-ptxjitcompiler|nvcuvid|nvidia-encode)\.so(\.\d+)*$")
+# CUDA libraries whose soname major is the CUDA major (cufft/curand/cusolver number themselves otherwise)
+CUDA_MAJOR_LIBS = re.compile(r"^lib(cudart|cublas|cublasLt|nvrtc|nvJitLink|cusparse)\.so\.(\d+)(\.\d+)*$")
+CUDA_LIB = re.compile(r"^lib(cudart|cublas|cublasLt|nvrtc|nvJitLink|cusparse|cufft|curand|cusolver|cudnn|nccl|"
+                      r"nvToolsExt|cupti|cufile|cusparseLt|nvshmem)")
+DEFAULT_DIRS = ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"]
+
+
+class NotElf(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ ELF
+
+@dataclass
+class Section:
+    name: str
+    type: int
+    offset: int
+    size: int
+    addr: int
+    link: int
+
+
+@dataclass
+class ElfInfo:
+    path: str
+    bits: int
+    little: bool
+    machine: int
+    etype: int
+    needed: list[str] = field(default_factory=list)
+    soname: str | None = None
+    rpath: list[str] = field(default_factory=list)
+    runpath: list[str] = field(default_factory=list)
+    sections: dict[str, Section] = field(default_factory=dict)
+
+
+def _open_map(path: Path) -> tuple[object, mmap.mmap | bytes]:
+    f = open(path, "rb")  # noqa: SIM115 - closed by the caller through _close
+    size = os.fstat(f.fileno()).st_size
+    if size < 16:
+        f.close()
+        raise NotElf(f"{path}: {size} bytes, not an ELF file")
+    return f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _parse(path: Path, buf) -> ElfInfo:
+    if bytes(buf[:4]) != ELF_MAGIC:
+        raise NotElf(f"{path}: not an ELF file")
+    cls, data = buf[4], buf[5]
+    if cls not in (1, 2) or data not in (1, 2):
+        raise NotElf(f"{path}: unknown ELF class/data ({cls}, {data})")
+    bits, e = (64 if cls == 2 else 32), ("<" if data == 1 else ">")
+    hdr = e + ("HHIQQQIHHHHHH" if bits == 64 else "HHIIIIIHHHHHH")
+    (etype, machine, _v, _entry, phoff, shoff, _flags, _ehsize, phentsize, phnum, shentsize, shnum,
+     shstrndx) = struct.unpack_from(hdr, buf, 16)
+    info = ElfInfo(str(path), bits, data == 1, machine, etype)
+    n = len(buf)
+    sh_fmt = e + ("IIQQQQIIQQ" if bits == 64 else "IIIIIIIIII")
+
+    def shdr(i: int) -> tuple:
+        return struct.unpack_from(sh_fmt, buf, shoff + i * shentsize)
+
+    raw = []
+    if shoff and shentsize >= struct.calcsize(sh_fmt) and shoff < n:
+        if shnum == 0:               # more than 0xff00 sections: the count is in section 0
+            shnum = shdr(0)[5]
+        if shstrndx == 0xFFFF:       # SHN_XINDEX
+            shstrndx = shdr(0)[6]
+        if shoff + shnum * shentsize <= n:
+            raw = [shdr(i) for i in range(shnum)]
+    if raw:
+        stro = raw[shstrndx][4] if shstrndx < len(raw) else 0
+        for s in raw:
+            nm, typ, _fl, addr, off, size, link = s[:7]
+            end = buf.find(b"\0", stro + nm) if stro else -1
+            name = bytes(buf[stro + nm:end]).decode("latin-1") if end >= 0 else ""
+            info.sections.setdefault(name, Section(name, typ, off, size, addr, link))
+    # the dynamic section: through the section headers, else through the program headers
+    dyn_off = dyn_size = str_off = None
+    dyn = next((s for s in raw if s[1] == SHT_DYNAMIC), None)
+    if dyn is not None:
+        dyn_off, dyn_size = dyn[4], dyn[5]
+        if dyn[6] < len(raw):
+            str_off = raw[dyn[6]][4]
+    ph_fmt = e + ("IIQQQQQQ" if bits == 64 else "IIIIIIII")
+    loads = []
+    if phoff and phentsize >= struct.calcsize(ph_fmt) and phoff + phnum * phentsize <= n:
+        for i in range(phnum):
+            p = struct.unpack_from(ph_fmt, buf, phoff + i * phentsize)
+            if bits == 64:
+                ptype, poff, pvaddr, pfilesz = p[0], p[2], p[3], p[5]
+            else:
+                ptype, poff, pvaddr, pfilesz = p[0], p[1], p[2], p[4]
+            if ptype == PT_LOAD:
+                loads.append((pvaddr, poff, pfilesz))
+            elif ptype == PT_DYNAMIC and dyn_off is None:
+                dyn_off, dyn_size = poff, pfilesz
+    if dyn_off is None:
+        return info  # a static binary or an object file: no NEEDED
+    d_fmt = e + ("qQ" if bits == 64 else "iI")
+    d_size = struct.calcsize(d_fmt)
+    entries = []
+    for i in range(min(dyn_size, n - dyn_off) // d_size):
+        tag, val = struct.unpack_from(d_fmt, buf, dyn_off + i * d_size)
+        if tag == DT_NULL:
+            break
+        entries.append((tag, val))
+    if str_off is None:  # DT_STRTAB is an address: map it through the PT_LOAD segments
+        addr = next((v for t, v in entries if t == DT_STRTAB), None)
+        for vaddr, off, filesz in loads:
+            if addr is not None and vaddr <= addr < vaddr + filesz:
+                str_off = addr - vaddr + off
+    if str_off is None:
+        return info
+
+    def s(off: int) -> str:
+        end = buf.find(b"\0", str_off + off)
+        return bytes(buf[str_off + off:end if end >= 0 else n]).decode("utf-8", "replace")
+
+    for tag, val in entries:
+        if tag == DT_NEEDED:
+            info.needed.append(s(val))
+        elif tag == DT_SONAME:
+            info.soname = s(val)
+        elif tag == DT_RPATH:
+            info.rpath += [p for p in s(val).split(":") if p]
+        elif tag == DT_RUNPATH:
+            info.runpath += [p for p in s(val).split(":") if p]
+    return info
+
+
+def read_elf(path: str | Path) -> ElfInfo:
+    """The ELF header, section table and dynamic section of a file; NotElf if it is none."""
+    path = Path(path)
+    f, buf = _open_map(path)
+    try:
+        return _parse(path, buf)
+    except struct.error as e:
+        raise NotElf(f"{path}: truncated or damaged ELF ({e})") from None
+    finally:
+        buf.close()
+        f.close()
+
+
+def is_elf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == ELF_MAGIC
+    except OSError:
+        return False
+
+
+def _elf_kind(path: Path) -> tuple[int, int] | None:
+    """(class, machine) of an ELF file, from its first 20 bytes; None if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            h = f.read(20)
+    except OSError:
+        return None
+    if len(h) < 20 or h[:4] != ELF_MAGIC:
+        return None
+    return h[4], struct.unpack_from("<H" if h[5] == 1 else ">H", h, 18)[0]
+
+
+# --------------------------------------------------------------------------------------------- fatbin
+
+@dataclass(frozen=True)
+class FatEntry:
+    kind: int        # KIND_PTX or KIND_ELF
+    arch: int        # 80 for sm_80 / compute_80
+    flags: int = 0
+    container: int = 0
+
+    @property
+    def suffix(self) -> str:
+        return "a" if self.flags & FLAG_ARCH_SPECIFIC else "f" if self.flags & FLAG_FAMILY else ""
+
+    @property
+    def label(self) -> str:
+        return f"{'sm' if self.kind == KIND_ELF else 'compute'}_{self.arch}{self.suffix}"
+
+
+def parse_fatbin(buf, start: int = 0, end: int | None = None) -> list[FatEntry]:
+    """The entries of every fatbin container in buf[start:end] (a .nv_fatbin section holds one per
+    translation unit).  Only the entry headers are read: compressed payloads need no decompression."""
+    end = len(buf) if end is None else end
+    out: list[FatEntry] = []
+    pos, container = start, 0
+    while pos + 16 <= end:
+        magic, _version, hsize, fsize = struct.unpack_from("<IHHQ", buf, pos)
+        if magic != FATBIN_MAGIC:
+            nxt = buf.find(FATBIN_MAGIC_BYTES, pos + 1, end)
+            if nxt < 0:
+                break
+            pos = nxt
+            continue
+        stop = min(pos + hsize + fsize, end)
+        e = pos + hsize
+        while e + 32 <= stop:
+            kind, _ver, ehsize, payload = struct.unpack_from("<HHIQ", buf, e)
+            if kind not in (KIND_PTX, KIND_ELF) or ehsize < 32:
+                break
+            arch = struct.unpack_from("<I", buf, e + 28)[0]
+            flags = struct.unpack_from("<Q", buf, e + 40)[0] if ehsize >= 48 else 0
+            out.append(FatEntry(kind, arch, flags, container))
+            e += ehsize + payload
+        container += 1
+        pos = max(stop, pos + 16)
+        pos += (-pos) % 8
+    return out
+
+
+def fatbin_entries_python(path: Path, info: ElfInfo | None = None) -> list[FatEntry]:
+    info = info or read_elf(path)
+    secs = [info.sections[n] for n in FATBIN_SECTIONS if n in info.sections]
+    if not secs:
+        return []
+    f, buf = _open_map(path)
+    try:
+        out: list[FatEntry] = []
+        for s in secs:
+            if s.type == 8:  # SHT_NOBITS
+                continue
+            base = len({e.container for e in out})
+            out += [FatEntry(x.kind, x.arch, x.flags, x.container + base)
+                    for x in parse_fatbin(buf, s.offset, min(s.offset + s.size, len(buf)))]
+        return out
+    finally:
+        buf.close()
+        f.close()
+
+
+_CUOBJ_LINE = re.compile(r"^(ELF|PTX) file\s+\d+:\s*(\S+)")
+_CUOBJ_NAME = re.compile(r"\.(\d+)\.(sm|compute)_(\d+)([af]?)\.(cubin|ptx)$")
+
+
+def find_cuobjdump(env: dict[str, str] | None = None) -> str | None:
+    env = dict(os.environ if env is None else env)
+    found = shutil.which("cuobjdump", path=env.get("PATH"))
+    if found:
+        return found
+    for home in [env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"]:
+        if home and (Path(home) / "bin" / "cuobjdump").is_file():
+            return str(Path(home) / "bin" / "cuobjdump")
+    return None
+
+
+def fatbin_entries_cuobjdump(path: Path, cuobjdump: str, timeout: float = 120) -> list[FatEntry] | None:
+    """The entries as cuobjdump lists them; None when cuobjdump cannot read the file."""
+    try:
+        r = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(path)], capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    out = []
+    for line in r.stdout.splitlines():
+        m = _CUOBJ_LINE.match(line.strip())
+        if not m:
+            continue
+        n = _CUOBJ_NAME.search(m.group(2))
+        if not n:
+            continue
+        flags = FLAG_ARCH_SPECIFIC if n.group(4) == "a" else FLAG_FAMILY if n.group(4) == "f" else 0
+        out.append(FatEntry(KIND_ELF if m.group(1) == "ELF" else KIND_PTX, int(n.group(3)), flags, int(n.group(1))))
+    if r.returncode != 0 and not out:
+        # "does not contain device code" is a normal answer for a host-only library
+        return [] if "does not contain" in (r.stderr + r.stdout) else None
+    return out
+
+
+def fatbin_entries(path: Path, info: ElfInfo | None = None, cuobjdump: str | None = None,
+                   reader: str = "auto") -> tuple[list[FatEntry], str]:
+    """(entries, reader): cuobjdump when there is one (reader 'auto' or 'cuobjdump'), else this module's."""
+    if reader in ("auto", "cuobjdump") and cuobjdump:
+        got = fatbin_entries_cuobjdump(path, cuobjdump)
+        if got is not None:
+            return got, "cuobjdump"
+    return fatbin_entries_python(path, info), "python"
+
+
+def _cc(cc: str) -> tuple[int, int]:
+    major, minor = cc.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _runs_on(e: FatEntry, cc: tuple[int, int]) -> bool:
+    major, minor = divmod(e.arch, 10)
+    if e.flags & FLAG_ARCH_SPECIFIC:
+        return (major, minor) == cc
+    if e.kind == KIND_ELF or e.flags & FLAG_FAMILY:   # SASS: same major, minor up to the GPU's
+        return major == cc[0] and minor <= cc[1]
+    return (major, minor) <= cc                        # PTX: JIT-compiled for any newer GPU
+
+
+def coverage(entries: list[FatEntry], cc: str) -> dict:
+    """How one library's device code covers compute capability cc: 'sass', 'ptx' (JIT only) or 'none',
+    plus how many of its containers (translation units) hold nothing for it."""
+    c = _cc(cc)
+    sass = sorted({e.label for e in entries if e.kind == KIND_ELF and _runs_on(e, c)})
+    ptx = sorted({e.label for e in entries if e.kind == KIND_PTX and _runs_on(e, c)})
+    by_container: dict[int, list[FatEntry]] = {}
+    for e in entries:
+        by_container.setdefault(e.container, []).append(e)
+    uncovered = sum(1 for es in by_container.values() if not any(_runs_on(e, c) for e in es))
+    return {"cc": cc, "level": "sass" if sass else "ptx" if ptx else "none", "sass": sass, "ptx": ptx,
+            "containers": len(by_container), "containers_without_code": uncovered}
+
+
+def arch_summary(entries: list[FatEntry]) -> dict:
+    return {"sass": sorted({e.label for e in entries if e.kind == KIND_ELF}, key=_arch_key),
+            "ptx": sorted({e.label for e in entries if e.kind == KIND_PTX}, key=_arch_key)}
+
+
+def _arch_key(label: str) -> tuple[int, str]:
+    m = re.search(r"_(\d+)([af]?)$", label)
+    return (int(m.group(1)), m.group(2)) if m else (0, label)
+
+
+# ------------------------------------------------------------------------------------- loader path
+
+def ldconfig_cache(env: dict[str, str] | None = None) -> dict[str, str]:
+    """{soname: path} of the 64-bit x86-64 entries of `ldconfig -p` (empty when there is no ldconfig)."""
+    env = dict(os.environ if env is None else env)
+    exe = shutil.which("ldconfig", path=env.get("PATH", "") + ":/sbin:/usr/sbin")
+    if not exe:
+        return {}
+    try:
+        r = subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out: dict[str, str] = {}
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s*(\S+)\s+\(([^)]*)\)\s+=>\s+(\S+)", line)
+        if m and "x86-64" in m.group(2):
+            out.setdefault(m.group(1), m.group(3))
+    return out
+
+
+@dataclass
+class LoaderPath:
+    """Where a library of the env finds its NEEDED ones."""
+
+    ld_library_path: list[str] = field(default_factory=list)
+    ldcache: dict[str, str] = field(default_factory=dict)
+    default_dirs: list[str] = field(default_factory=lambda: list(DEFAULT_DIRS))
+    preloaded: list[tuple[str, str]] = field(default_factory=list)   # (dir, why)
+    driver_present: bool = True
+
+    @classmethod
+    def for_env(cls, env: dict[str, str], site_packages: list[str], torch_dir: str | None,
+                driver_present: bool = True, use_ldcache: bool = True) -> LoaderPath:
+        pre: list[tuple[str, str]] = []
+        if torch_dir:
+            pre.append((str(Path(torch_dir) / "lib"), "torch's lib/ (loaded by `import torch`)"))
+        for sp in site_packages:
+            nv = Path(sp) / "nvidia"
+            if nv.is_dir():
+                for d in sorted(nv.glob("*/lib")):
+                    pre.append((str(d), "site-packages nvidia/*/lib (loaded by `import torch`)"))
+        return cls(ld_library_path=[p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p],
+                   ldcache=ldconfig_cache(env) if use_ldcache else {}, preloaded=pre,
+                   driver_present=driver_present)
+
+
+def _expand(p: str, origin: str) -> str:
+    for tok in ("$ORIGIN", "${ORIGIN}"):
+        p = p.replace(tok, origin)
+    for tok in ("$LIB", "${LIB}"):
+        p = p.replace(tok, "lib64")
+    return p.replace("$PLATFORM", "x86_64").replace("${PLATFORM}", "x86_64")
+
+
+def resolve(name: str, info: ElfInfo, lp: LoaderPath) -> tuple[str | None, str]:
+    """(path, how) of one NEEDED entry, searched in ld.so's order; (None, 'not found') when it is nowhere."""
+    want = (2 if info.bits == 64 else 1, info.machine)
+
+    def ok(p: Path) -> bool:
+        return p.is_file() and _elf_kind(p) == want
+
+    if "/" in name:
+        p = Path(_expand(name, str(Path(info.path).parent)))
+        return (str(p), "path") if ok(p) else (None, "not found")
+    origin = str(Path(info.path).resolve().parent)
+    order: list[tuple[list[str], str]] = []
+    if not info.runpath:
+        order.append(([_expand(d, origin) for d in info.rpath], "RPATH"))
+    order.append((lp.ld_library_path, "LD_LIBRARY_PATH"))
+    order.append(([_expand(d, origin) for d in info.runpath], "RUNPATH"))
+    for dirs, how in order:
+        for d in dirs:
+            if ok(Path(d) / name):
+                return str(Path(d) / name), how
+    if name in lp.ldcache and ok(Path(lp.ldcache[name])):
+        return lp.ldcache[name], "ldconfig cache"
+    for d in lp.default_dirs:
+        if ok(Path(d) / name):
+            return str(Path(d) / name), "default dirs"
+    for d, why in lp.preloaded:
+        if ok(Path(d) / name):
+            return str(Path(d) / name), why
+    return None, "not found"
+
+
+# ---------------------------------------------------------------------------------------- the checks
+
+def _check(name: str, status: str, reason: str = "", metrics: dict | None = None, id_: str | None = None,
+           subject: str | None = None) -> dict:
+    c = {"name": name, "status": status, "reason": reason, "metrics": metrics or {}, "layer": "binaries"}
+    if id_:
+        c["id"] = id_
+    if subject:
+        c["subject"] = subject
+    return c
+
+
+def cuda_majors(needed: list[str]) -> dict[str, int]:
+    """{soname: CUDA major} of the NEEDED CUDA libraries whose soname carries the CUDA major."""
+    out = {}
+    for n in needed:
+        m = CUDA_MAJOR_LIBS.match(n)
+        if m:
+            out[n] = int(m.group(2))
+    return out
+
+
+def torch_facts(torch_dir: str | None) -> dict:
+    """torch's version and CUDA from torch/version.py, without importing torch."""
+    if not torch_dir:
+        return {}
+    try:
+        text = (Path(torch_dir) / "version.py").read_text()
+    except OSError:
+        return {}
+    facts = {}
+    for key, pat in (("version", r"^__version__\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]"),
+                     ("cuda", r"^cuda\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]")):
+        m = re.search(pat, text, re.M)
+        facts[key] = m.group(1) if m else None
+    return facts
+
+
+def check_library(path: Path, label: str, lp: LoaderPath | None, torch_cuda: str | None, gpu_ccs: list[str],
+                  cuobjdump: str | None = None, reader: str = "auto", expect_cuda: str | None = None,
+                  no_gpu_reason: str = "no GPU visible") -> list[dict]:
+    """The binary checks of one library: NEEDED resolved (when lp is given), CUDA runtime major, fatbin archs.
+
+    expect_cuda: the CUDA the library must match when torch's is unknown (a wheel checked before install)."""
+    t0 = time.perf_counter()
+    try:
+        info = read_elf(path)
+    except NotElf as e:
+        return [_check(f"{label}: ELF", "fail", str(e), subject=str(path))]
+    checks = []
+    # 1. NEEDED
+    if lp is not None:
+        resolved, missing, driver_missing = {}, [], []
+        for n in info.needed:
+            p, how = resolve(n, info, lp)
+            if p:
+                resolved[n] = f"{p} ({how})"
+            elif DRIVER_LIBS.match(n) and not lp.driver_present:
+                driver_missing.append(n)
+            else:
+                missing.append(n)
+        m = {"needed": len(info.needed), "resolved": resolved, "runpath": info.runpath, "rpath": info.rpath}
+        if missing:
+            cuda = [n for n in missing if CUDA_LIB.match(n)]
+            drv = [n for n in missing if DRIVER_LIBS.match(n)]
+            m["missing"] = missing
+            why = (f"{', '.join(missing)} not found under the env's loader path (RPATH/RUNPATH, LD_LIBRARY_PATH, "
+                   f"ldconfig cache, default dirs, torch's lib/, site-packages nvidia/*/lib)")
+            checks.append(_check(f"{label}: NEEDED libraries", "fail", why, m,
+                                 "cuda-runtime-lib-missing" if cuda else "no-driver" if drv else None, str(path)))
+        elif driver_missing:
+            m["driver_missing"] = driver_missing
+            checks.append(_check(f"{label}: NEEDED libraries", "skip",
+                                 f"{len(resolved)} of {len(info.needed)} resolve; {', '.join(driver_missing)} "
+                                 f"come with the NVIDIA driver, absent here ({no_gpu_reason})", m,
+                                 subject=str(path)))
+        else:
+            checks.append(_check(f"{label}: NEEDED libraries", "pass",
+                                 f"all {len(info.needed)} resolve", m, subject=str(path)))
+    # 2. CUDA runtime major
+    majors = cuda_majors(info.needed)
+    want = torch_cuda or expect_cuda
+    if majors:
+        want_major = int(want.split(".")[0]) if want else None
+        bad = {n: v for n, v in majors.items() if want_major is not None and v != want_major}
+        m = {"links": majors, "torch_cuda": torch_cuda, "expected_cuda": want}
+        if want_major is None:
+            checks.append(_check(f"{label}: CUDA runtime", "skip", "torch has no CUDA (CPU build): nothing to "
+                                 "compare the linked CUDA major with", m, subject=str(path)))
+        elif bad:
+            who = "torch's CUDA" if torch_cuda else "the variant's CUDA"
+            checks.append(_check(f"{label}: CUDA runtime", "fail",
+                                 f"links {', '.join(bad)} (CUDA {sorted(set(bad.values()))[0]}) but {who} is "
+                                 f"{want}: a binary for another CUDA major", m, "cuda-runtime-lib-missing",
+                                 str(path)))
+        else:
+            checks.append(_check(f"{label}: CUDA runtime", "pass",
+                                 f"CUDA {want_major} ({', '.join(sorted(majors))}) = {'torch' if torch_cuda else 'variant'}"
+                                 f" CUDA {want}", m, subject=str(path)))
+    # 3. device code
+    entries, used = fatbin_entries(path, info, cuobjdump, reader)
+    if entries:
+        summ = arch_summary(entries)
+        m = {**summ, "reader": used, "containers": len({e.container for e in entries})}
+        archs = " ".join(summ["sass"] + summ["ptx"])
+        if not gpu_ccs:
+            checks.append(_check(f"{label}: GPU archs", "skip", f"{no_gpu_reason}: nothing to compare {archs} with",
+                                 m, subject=str(path)))
+        else:
+            covs = [coverage(entries, cc) for cc in gpu_ccs]
+            m["gpus"] = covs
+            none = [c for c in covs if c["level"] == "none"]
+            ptx = [c for c in covs if c["level"] == "ptx"]
+            if none:
+                ccs = ", ".join(f"sm_{c['cc'].replace('.', '')}" for c in none)
+                checks.append(_check(f"{label}: GPU archs", "fail",
+                                     f"no SASS or PTX for {ccs} (has {archs}): predicts 'no kernel image is "
+                                     f"available for execution on the device'", m, "no-kernel-image", str(path)))
+            elif ptx:
+                ccs = ", ".join(f"sm_{c['cc'].replace('.', '')}" for c in ptx)
+                m["warning"] = "ptx-only"
+                checks.append(_check(f"{label}: GPU archs", "pass",
+                                     f"warning: PTX only for {ccs} ({', '.join(ptx[0]['ptx'])}): JIT-compiled at "
+                                     f"first use (slow first call)", m, subject=str(path)))
+            else:
+                ccs = ", ".join(f"sm_{c['cc'].replace('.', '')}: {' '.join(c['sass'])}" for c in covs)
+                checks.append(_check(f"{label}: GPU archs", "pass", f"SASS for {ccs} (of {archs})", m,
+                                     subject=str(path)))
+    for c in checks:
+        c["metrics"].setdefault("seconds", round((time.perf_counter() - t0) / len(checks), 4))
+    return checks
+
+
+def find_libraries(package_dirs: dict[str, str], extra: list[str] | None = None) -> list[tuple[Path, str]]:
+    """(file, label) for every compiled library under the package dirs (and extra files/dirs)."""
+    out: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+
+    def add(p: Path, label: str) -> None:
+        rp = p.resolve()
+        if rp not in seen and p.is_file() and is_elf(p):
+            seen.add(rp)
+            out.append((p, label))
+
+    for pkg, d in package_dirs.items():
+        root = Path(d)
+        if root.is_file():  # a top-level extension module (flash_attn_2_cuda.cpython-...so)
+            add(root, root.name)
+            continue
+        for p in sorted(root.rglob("*.so*")):
+            if "__pycache__" not in p.parts and re.search(r"\.so(\.\d+)*$", p.name):
+                add(p, f"{pkg}/{p.relative_to(root)}")
+    for x in extra or []:
+        p = Path(x)
+        if p.is_dir():
+            for q in sorted(p.rglob("*.so*")):
+                if re.search(r"\.so(\.\d+)*$", q.name):
+                    add(q, str(q.relative_to(p)))
+        else:
+            add(p, p.name)
+    return out
+
+
+def check_libraries(libs: list[tuple[Path, str]], lp: LoaderPath | None, torch_cuda: str | None,
+                    gpu_ccs: list[str], env: dict[str, str] | None = None, reader: str = "auto",
+                    expect_cuda: str | None = None, no_gpu_reason: str = "no GPU visible") -> list[dict]:
+    cuobjdump = find_cuobjdump(env) if reader in ("auto", "cuobjdump") else None
+    checks: list[dict] = []
+    for path, label in libs:
+        checks += check_library(path, label, lp, torch_cuda, gpu_ccs, cuobjdump, reader, expect_cuda,
+                                no_gpu_reason)
+    return checks
+
+
+# ------------------------------------------------------------------------------------------- wheels
+
+def wheel_metadata(zf: zipfile.ZipFile) -> dict:
+    """Name, version and Requires-Dist of a wheel, from its .dist-info/METADATA."""
+    name = next((n for n in zf.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)), None)
+    meta: dict = {"requires": []}
+    if not name:
+        return meta
+    for line in zf.read(name).decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            break  # the body (description) starts
+        k, _, v = line.partition(":")
+        if k == "Name":
+            meta["name"] = v.strip()
+        elif k == "Version":
+            meta["version"] = v.strip()
+        elif k == "Requires-Dist":
+            meta["requires"].append(v.strip())
+    return meta
+
+
+def _torch_pin(requires: list[str]) -> str | None:
+    for r in requires:
+        if ";" in r and "extra" in r.split(";", 1)[1]:
+            continue
+        m = re.match(r"^torch\s*(\(?\s*[=<>!~].*)?$", r.split(";")[0].strip())
+        if m:
+            return (m.group(1) or "").strip().strip("()").strip() or None
+    return None
+
+
+def pin_admits(pin: str, version: str) -> bool:
+    """Whether a torch requirement's specifier admits the variant's torch version (local label ignored)."""
+    try:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import Version
+        v = Version(version)
+        return SpecifierSet(pin).contains(Version(v.base_version), prereleases=True) or \
+            SpecifierSet(pin).contains(v, prereleases=True)
+    except Exception:  # noqa: BLE001 - an unreadable pin: compare as text
+        return version.split("+")[0] in pin
+
+
+def check_wheel(wheel: Path, variant_cuda: str, variant_torch: str, gpu_ccs: list[str],
+                lp: LoaderPath | None = None, env: dict[str, str] | None = None, reader: str = "auto",
+                no_gpu_reason: str = "no GPU visible") -> list[dict]:
+    """The binary layer on a wheel file before it is installed: torch pin and CUDA major vs the variant,
+    NEEDED (the wheel's own libraries and the loader path given), device archs vs the GPUs."""
+    checks: list[dict] = []
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except (OSError, zipfile.BadZipFile) as e:
+        return [_check(f"wheel {wheel.name}", "fail", f"not a readable wheel: {e}", subject=str(wheel))]
+    with zf, tempfile.TemporaryDirectory(prefix="verify-wheel-") as tmp:
+        meta = wheel_metadata(zf)
+        pin = _torch_pin(meta["requires"])
+        label = f"{meta.get('name', wheel.name)} {meta.get('version', '')}".strip()
+        m = {"wheel": str(wheel), "torch_pin": pin, "variant_torch": variant_torch, "variant_cuda": variant_cuda}
+        if pin is None:
+            checks.append(_check(f"wheel {label}: torch pin", "pass", "no torch requirement", m, subject=str(wheel)))
+        elif pin_admits(pin, variant_torch):
+            checks.append(_check(f"wheel {label}: torch pin", "pass", f"torch{pin} admits the variant's torch "
+                                 f"{variant_torch}", m, subject=str(wheel)))
+        else:
+            checks.append(_check(f"wheel {label}: torch pin", "fail",
+                                 f"the wheel requires torch{pin}, the variant has torch {variant_torch}: "
+                                 f"installing it would replace torch or fail to import", m,
+                                 "torch-replaced", str(wheel)))
+        members = [n for n in zf.namelist() if re.search(r"\.so(\.\d+)*$", n)]
+        for n in members:
+            zf.extract(n, tmp)
+        libs = [(Path(tmp) / n, n) for n in members]
+        majors: dict[str, int] = {}
+        for p, _ in libs:
+            try:
+                majors.update(cuda_majors(read_elf(p).needed))
+            except NotElf:
+                pass
+        checks += check_libraries(libs, lp, None, gpu_ccs, env, reader, expect_cuda=variant_cuda,
+                                  no_gpu_reason=no_gpu_reason)
+        for c in checks:
+            if c.get("subject", "").startswith(tmp):
+                c["subject"] = f"{wheel.name}!{c['subject'][len(tmp) + 1:]}"
+        summ = {"libraries": len(libs), "cuda_majors": sorted(set(majors.values()))}
+        checks.insert(1, _check(f"wheel {label}: contents", "pass" if libs else "skip",
+                                f"{len(libs)} compiled libraries" if libs else "no compiled libraries: a pure "
+                                "Python wheel", summ, subject=str(wheel)))
+    return checks
