@@ -157,6 +157,11 @@ class Progress:
             self._live.stop()
 
 
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict[str, str],
                  cwd: Path | None = None, quiet: bool = False, timeout: float | None = None) -> float:
     """Run ``commands`` one after another; all output to ``log_path``.  Returns seconds taken.
