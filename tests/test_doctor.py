@@ -55,6 +55,9 @@ def by_id(findings, fid: str):
 # ------------------------------------------------------------------------------- the machines x envs
 
 CASES = {
+    # this machine with Debian's CUDA 11.8 and gcc-11 installed: the build points nvcc at gcc-11 itself
+    ("debian12-cuda118-gcc11", "cu118"): {("cmake-too-old", "info"), ("compiler-oom", "info"),
+                                          ("host-compiler-unsupported", "info"), ("no-driver", "warning")},
     # RTX 4090, driver 550 (CUDA 12.4), CUDA 11.8 toolkit, gcc 11, cmake 3.22 (venv's cmake used)
     ("rtx4090-driver550", "cu118"): {("cmake-too-old", "info"), ("compiler-oom", "info")},
     ("rtx4090-driver550", "cu124"): set(),
@@ -158,12 +161,18 @@ def test_gcc_newer_than_cuda_118_accepts():
     f = by_id(doctor.check(variant("cu118"), profile("debian12-gcc12-python313")), "host-compiler-unsupported")
     assert f.severity == "error" and "gcc 12.2.0" in f.evidence and "<= 11" in f.evidence
     assert "gcc-11" in f.fix
-    # with CUDAHOSTCXX set, doctor cannot see its version: a warning, not an error
+    # CUDAHOSTCXX naming a versioned compiler the toolkit accepts: fine; an unversioned path: cannot be checked
     f2 = by_id(doctor.check(variant("cu118"), profile("debian12-gcc12-python313"), env={"CUDAHOSTCXX": "g++-11"}),
                "host-compiler-unsupported")
-    assert f2.severity == "warning"
+    assert f2.severity == "info"
+    f3 = by_id(doctor.check(variant("cu118"), profile("debian12-gcc12-python313"),
+                            env={"CUDAHOSTCXX": "/opt/gcc/bin/g++"}), "host-compiler-unsupported")
+    assert f3.severity == "warning" and "not checked" in f3.evidence
+    f4 = by_id(doctor.check(variant("cu118"), profile("debian12-gcc12-python313"), env={"CUDAHOSTCXX": "g++-13"}),
+               "host-compiler-unsupported")
+    assert f4.severity == "warning"
     v = edited("cu118", ('env = { VLLM_TARGET_DEVICE = "cuda" }',
-                         'env = { VLLM_TARGET_DEVICE = "cuda", CUDAHOSTCXX = "g++-11" }'))
+                         'env = { VLLM_TARGET_DEVICE = "cuda", CUDAHOSTCXX = "/usr/bin/g++" }'))
     assert by_id(doctor.check(v, profile("debian12-gcc12-python313")), "host-compiler-unsupported").severity == "warning"
 
 
@@ -451,3 +460,24 @@ def test_arch_helpers():
     assert not compat.arch_list_runs_on("5.0;6.0;7.0;7.5;8.0;8.6;9.0", (12, 0))
     assert compat.arch_list_runs_on("7.5;8.0;9.0+PTX", (12, 0))                  # PTX JIT
     assert not compat.arch_list_runs_on("7.5;8.0", (7, 0))
+
+
+def test_a_too_new_default_gcc_with_a_supported_gcc_n_installed_is_handled_by_the_build(tmp_path):
+    """Debian 12 + its CUDA 11.8: gcc 12 is the default, gcc-11 is installed: no error, and the build
+    points nvcc at gcc-11 itself (CC/CXX/CUDAHOSTCXX) unless the user named a compiler."""
+    from vllm_harness.layout import Layout
+    from vllm_harness.steps import Ctx, host_compiler_env
+    prof = machine.load_profile(MACHINES / "debian12-cuda118-gcc11.toml")
+    cu118 = load_variant("cu118", [ROOT / "envs"])
+    found = {f.id: f for f in doctor.check(cu118, prof, env={})}
+    assert found["host-compiler-unsupported"].severity == "info"
+    assert "gcc-11 (11.3.0) is installed" in found["host-compiler-unsupported"].evidence
+    assert "cuda-torch-version-mismatch" not in {f.id for f in doctor.check(cu118, prof, env={})
+                                                 if f.severity == "error"}
+    lay = Layout(root=ROOT, state=tmp_path / "state")
+    ctx = Ctx(layout=lay, variant=cu118, profile=prof, base_env={"PATH": "/usr/bin"})
+    assert host_compiler_env(ctx) == {"CC": "gcc-11", "CXX": "g++-11", "CUDAHOSTCXX": "g++-11"}
+    ctx = Ctx(layout=lay, variant=cu118, profile=prof, base_env={"PATH": "/usr/bin", "CXX": "clang++"})
+    assert host_compiler_env(ctx) == {}
+    no_alt = dict(prof, machine={k: v for k, v in prof["machine"].items() if k != "gcc_alternatives"})
+    assert {f.id: f.severity for f in doctor.check(cu118, no_alt, env={})}["host-compiler-unsupported"] == "error"

@@ -805,7 +805,18 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
             fix = (f"install gcc-{hm} and g++-{hm} (e.g. apt install gcc-{hm} g++-{hm}) and build with "
                    f"CC=gcc-{hm} CXX=g++-{hm} CUDAHOSTCXX=g++-{hm} (set them in [build] env); "
                    "-allow-unsupported-compiler is at your own risk")
-            if override:
+            usable = [a for a in m.get("gcc_alternatives", []) if Version(a).major <= hm]
+            named = [int(x) for k in override for x in re.findall(r"(?:gcc|g\+\+)-(\d+)$", benv[k])]
+            if usable and not override:
+                best = Version(usable[-1]).major
+                ctx.add("host-compiler-unsupported", "info", f"gcc {gcc} vs CUDA {v.cuda}",
+                        ev + f"; gcc-{best} ({usable[-1]}) is installed",
+                        f"nothing to do: the build sets CC=gcc-{best} CXX=g++-{best} CUDAHOSTCXX=g++-{best} "
+                        "for this toolkit")
+            elif override and named and max(named) <= hm:
+                ctx.add("host-compiler-unsupported", "info", f"gcc {gcc} vs CUDA {v.cuda}",
+                        ev + f"; {', '.join(f'{k}={benv[k]}' for k in override)} is set", "nothing to do")
+            elif override:
                 ctx.add("host-compiler-unsupported", "warning", f"gcc {gcc} vs CUDA {v.cuda}",
                         ev + f"; {', '.join(f'{k}={benv[k]}' for k in override)} is set, whose version was not checked",
                         f"make sure those name gcc/g++ <= {hm}; otherwise {fix}")

@@ -78,6 +78,18 @@ def _tool_version(name: str, argv_tail: list[str], env: dict[str, str],
     return _first_version(r[1], pattern)
 
 
+def _gcc_alternatives(env: dict[str, str]) -> list[str]:
+    """Versions of the versioned compilers on PATH (gcc-11, gcc-12, ...), each with its g++-N: the host
+    compilers an older CUDA can be pointed at when the default gcc is too new."""
+    out = []
+    for n in range(4, 21):
+        if shutil.which(f"g++-{n}", path=env.get("PATH")):
+            v = _tool_version(f"gcc-{n}", ["-dumpfullversion"], env)
+            if v:
+                out.append(v)
+    return sorted(set(out), key=Version)
+
+
 def _gcc_version(env: dict[str, str]) -> str | None:
     v = _tool_version("gcc", ["-dumpfullversion"], env)
     return v or _tool_version("gcc", ["-dumpversion"], env)  # gcc < 7 has no -dumpfullversion
@@ -237,8 +249,10 @@ def toolkit_candidates(env: dict[str, str], interpreters: list = ()) -> list[tup
                        reverse=True)
     seen += [(Path(p), "/usr/local") for p in versioned]
     seen += [(Path("/usr/local/cuda"), "/usr/local"), (Path("/opt/cuda"), "/opt")]
-    nvcc = shutil.which("nvcc", path=env.get("PATH"))
-    if nvcc:
+    # every nvcc on PATH, not only the first (Debian's /usr/bin/nvcc 11.8 behind /usr/local/bin/nvcc 13.0)
+    nvccs = [str(Path(d) / "nvcc") for d in env.get("PATH", "").split(os.pathsep)
+             if d and (Path(d) / "nvcc").is_file() and os.access(Path(d) / "nvcc", os.X_OK)]
+    for nvcc in dict.fromkeys(nvccs):
         # as torch finds it (dirname of dirname, unresolved: Debian's /usr/bin/nvcc -> /usr), else through
         # symlinks, else where a wrapper script says the toolkit is (nvcc --dryrun: TOP=...)
         plain, real = Path(nvcc).parent.parent, Path(os.path.realpath(nvcc)).parent.parent
@@ -347,6 +361,7 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
         f_gpu = pool.submit(probe_gpus, env)
         f_py = pool.submit(pythons.discover, env)
         f_gcc = pool.submit(_gcc_version, env)
+        f_gcc_alt = pool.submit(_gcc_alternatives, env)
         f_cmake = pool.submit(_tool_version, "cmake", ["--version"], env)
         f_ninja = pool.submit(_tool_version, "ninja", ["--version"], env)
         f_git = pool.submit(_tool_version, "git", ["--version"], env)
@@ -381,6 +396,8 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
                 machine[name] = v
             else:
                 not_found.append(name)
+        if alternatives := f_gcc_alt.result():
+            machine["gcc_alternatives"] = alternatives
         gpus, driver, driver_cuda = f_gpu.result()
         if driver:
             machine["driver"] = driver
@@ -508,6 +525,7 @@ MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
     "python": _list(_ver),
     "python_without_headers": _list(_ver),
     "gcc": _ver,
+    "gcc_alternatives": _list(_ver),
     "cmake": _ver,
     "git": _ver,
     "ninja": _ver,

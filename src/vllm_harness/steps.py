@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 from . import fetch as fetch_mod
 from . import locks, pythons, toolkit
@@ -373,6 +374,30 @@ def arch_list(ctx: Ctx) -> tuple[str | None, str]:
                   f"--arch '8.9' builds for one GPU only")
 
 
+def host_compiler_env(ctx: Ctx) -> dict[str, str]:
+    """CC/CXX/CUDAHOSTCXX = the newest installed gcc-N the variant's CUDA accepts, when the default gcc is
+    too new for it (gcc 12 with CUDA 11.8) and the user named no compiler.  Prevents 'unsupported GNU
+    version' instead of diagnosing it after the fact."""
+    if ctx.profile is None:  # a single `invoke build`: no doctor ran before it
+        from . import machine
+        ctx.profile = machine.probe(ctx.layout.state, env=ctx.base_env)
+    m = ctx.profile.get("machine", {})
+    if any(k in ctx.variant.build["env"] or k in ctx.base_env for k in ("CC", "CXX", "CUDAHOSTCXX")):
+        return {}
+    try:
+        from . import compat
+        limit = int(compat.load().cuda(ctx.variant.cuda).gcc_max.value)
+    except Exception:  # noqa: BLE001 - CUDA version not in the data: leave the compiler alone
+        return {}
+    if not m.get("gcc") or Version(m["gcc"]).major <= limit:
+        return {}
+    usable = [a for a in m.get("gcc_alternatives", []) if Version(a).major <= limit]
+    if not usable:
+        return {}
+    n = Version(usable[-1]).major
+    return {"CC": f"gcc-{n}", "CXX": f"g++-{n}", "CUDAHOSTCXX": f"g++-{n}"}
+
+
 def do_build(ctx: Ctx, log: Path) -> dict:
     v = ctx.variant
     if v.vllm["mode"] == "wheel":
@@ -391,6 +416,8 @@ def do_build(ctx: Ctx, log: Path) -> dict:
         extra["TORCH_CUDA_ARCH_LIST"] = archs
     if not (src / ".git").exists() and not (src / "PKG-INFO").exists():
         extra["SETUPTOOLS_SCM_PRETEND_VERSION"] = v.vllm["version"]
+    if ctx.device == "cuda":
+        extra.update(host_compiler_env(ctx))
     extra.update(v.build["env"])
     cuda = ctx.device == "cuda"
     env = fetch_mod.git_env(ctx.env(cuda=cuda, extra=extra), [src])
@@ -407,10 +434,10 @@ def do_post_install(ctx: Ctx, log: Path) -> dict:
     return {"note": ", ".join(pk["packages"]) or "nothing to install"}
 
 
-def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = False) -> dict:
+def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = False, **opts) -> dict:
     vv = ctx.variant.verify
     result = verify_mod.run_verify(ctx.py, vv["device"], vv["imports"], vv["extensions"], vv["ops"],
-                                   ctx.env(), log=log)
+                                   ctx.env(), log=log, **opts)
     text, code = verify_mod.verdict(result, vv["device"], allow_no_gpu)
     result["variant"] = ctx.name
     result["verdict"] = text
