@@ -146,3 +146,16 @@ def test_credentials_in_index_urls_are_masked():
     masked = mask(line)
     assert "s3cr3t" not in masked and "alice" not in masked and "token@" not in masked
     assert "https://***@pypi.corp.example/simple" in masked
+
+
+def test_unreachable_index_is_one_message_before_any_install(harness, state, tmp_path):
+    text = (ROOT / "envs" / "cu124.toml").read_text().replace(
+        "# no index_url: PyPI's Linux wheels of torch 2.6.0 are the cu124 build",
+        'index_url = "http://127.0.0.1:9/simple"')
+    v = tmp_path / "offline.toml"
+    v.write_text(text)
+    rc, out, err = harness("deps", "--variant", v)
+    assert rc == 2, out + err
+    assert "Cannot reach the index http://127.0.0.1:9/simple for offline.toml [torch]" in err and "Fix:" in err
+    st = json.loads((state / "status" / "offline.json").read_text())
+    assert st["built"] is False and st["steps"]["torch"]["status"] == "failed" and "deps" not in st["steps"]

@@ -246,11 +246,34 @@ def _see_interpreter_packages(ctx: Ctx, interp: pythons.Interpreter, env: dict[s
     return scripts  # its tools (cmake, ninja from pip) go on the build's PATH after the venv's own
 
 
+def check_index(url: str | None, what: str, timeout: float = 15.0) -> None:
+    """An index the variant names must answer before anything is installed from it (exit 2 otherwise)."""
+    if not url or url.startswith("file://"):
+        return
+    import urllib.error
+    import urllib.request
+
+    from .runner import mask
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/", timeout=timeout) as r:
+            r.read(1)
+    except urllib.error.HTTPError as e:
+        if e.code < 500:
+            return  # it answered: a 403/404 on the index root says nothing about the packages
+        raise UsageError(f"The index {mask(url)} for {what} answered HTTP {e.code}.",
+                         "Retry later or point index_url at a mirror.") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise UsageError(f"Cannot reach the index {mask(url)} for {what} ({getattr(e, 'reason', e)}).",
+                         "Check the network or proxy (HTTPS_PROXY); offline, download the wheels elsewhere and set "
+                         "UV_FIND_LINKS/PIP_FIND_LINKS to their folder, or set index_url to a reachable mirror.") from None
+
+
 def do_torch(ctx: Ctx, log: Path) -> dict:
     v = ctx.variant
     env = ctx.env()
     names = [Requirement(r).name for r in v.torch["packages"]]
     if not v.torch["preinstalled"]:
+        check_index(v.torch["index_url"], f"{ctx.variant.path.name} [torch]")
         cmd = ctx.install_cmd(v.torch["packages"], v.torch["index_url"], constraints=False)
         run_commands("torch", [cmd], log, env, quiet=ctx.quiet)
     have = installed_versions(ctx.py, names, env)
@@ -270,10 +293,12 @@ def do_torch(ctx: Ctx, log: Path) -> dict:
 
 
 def do_fetch(ctx: Ctx, log: Path) -> dict:
-    src, prov = fetch_mod.fetch(ctx.variant, ctx.layout, ctx.base_env)
+    src, prov = fetch_mod.fetch(ctx.variant, ctx.layout, ctx.base_env, force=ctx.force)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(json.dumps(prov, indent=2) + "\n")
-    return {"source": str(src), "provenance": prov, "note": str(src)}
+    where = prov.get("commit") or prov.get("sha256", "")[:16]
+    return {"source": str(src), "provenance": prov,
+            "note": f"{src} ({prov['from']}{', ' + where if where else ''}{', cached' if prov.get('from_cache') else ''})"}
 
 
 def source_dir(ctx: Ctx) -> Path:
@@ -289,9 +314,13 @@ def do_prepare(ctx: Ctx, log: Path, src: Path | None = None) -> dict:
     if log.exists():
         log.unlink()
     env = {k: val for k, val in ctx.base_env.items() if k not in toolkit.DROP}
-    result = prepare_mod.prepare(src, Path(sys.executable), log, env)
+    result = prepare_mod.prepare(src, Path(sys.executable), log, env, version=ctx.variant.vllm["version"],
+                                 patches_dir=ctx.layout.root / "patches")
     n = len(result["changed"])
     result["note"] = f"{result['how']}: {n} file(s) changed" if n else f"{result['how']}: nothing to change"
+    applied = [p["name"] for p in result["patches"] if p["status"] in ("applied", "already-applied")]
+    if applied:
+        result["note"] += f"; patches: {', '.join(applied)}"
     return result
 
 
@@ -415,12 +444,16 @@ def do_build(ctx: Ctx, log: Path) -> dict:
     if archs:
         extra["TORCH_CUDA_ARCH_LIST"] = archs
     if not (src / ".git").exists() and not (src / "PKG-INFO").exists():
-        extra["SETUPTOOLS_SCM_PRETEND_VERSION"] = v.vllm["version"]
+        extra["SETUPTOOLS_SCM_PRETEND_VERSION"] = (ctx.status.step("prepare") or {}).get("vllm_version") \
+            or v.vllm["version"]
     if ctx.device == "cuda":
         extra.update(host_compiler_env(ctx))
     extra.update(v.build["env"])
     cuda = ctx.device == "cuda"
     env = fetch_mod.git_env(ctx.env(cuda=cuda, extra=extra), [src])
+    from . import deps_cache, probe
+    env = deps_cache.apply(ctx, src, env)   # cached FetchContent sources (offline builds)
+    probe.before_build(ctx, src, env)       # ~20 s syntax check against the env's torch before the long build
     # wheelhouse reuse, compiler cache, peak-RSS record, the wheel: src/vllm_harness/buildspeed.py
     return run_source_build(ctx, src, log, env, choice, archs, why_arch)
 
@@ -428,6 +461,7 @@ def do_build(ctx: Ctx, log: Path) -> dict:
 def do_post_install(ctx: Ctx, log: Path) -> dict:
     pk = ctx.variant.post_install
     if pk["packages"]:
+        check_index(pk["index_url"], f"{ctx.variant.path.name} [post_install]")
         run_commands("post-install", [ctx.install_cmd(pk["packages"], pk["index_url"])], log, ctx.env(),
                      quiet=ctx.quiet)
         _torch_kept(ctx, log)
