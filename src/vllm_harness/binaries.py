@@ -316,12 +316,20 @@ def fatbin_entries_cuobjdump(path: Path, cuobjdump: str, timeout: float = 120) -
 
 def fatbin_entries(path: Path, info: ElfInfo | None = None, cuobjdump: str | None = None,
                    reader: str = "auto") -> tuple[list[FatEntry], str]:
-    """(entries, reader): cuobjdump when there is one (reader 'auto' or 'cuobjdump'), else this module's."""
+    """(entries, reader): cuobjdump when there is one (reader 'auto' or 'cuobjdump'), else this module's.
+
+    The built-in reader runs too (it takes milliseconds): when cuobjdump cannot read the file (an older
+    toolkit's cuobjdump fails on newer fatbins) or lists nothing where there is device code, its answer counts;
+    when both list entries and differ, cuobjdump's counts and the reader says so."""
+    py = fatbin_entries_python(path, info)
     if reader in ("auto", "cuobjdump") and cuobjdump:
         got = fatbin_entries_cuobjdump(path, cuobjdump)
-        if got is not None:
-            return got, "cuobjdump"
-    return fatbin_entries_python(path, info), "python"
+        if got is None or (not got and py):
+            return py, f"python ({cuobjdump} could not read it)"
+        if arch_summary(got) != arch_summary(py):
+            return got, "cuobjdump (the built-in reader differs)"
+        return got, "cuobjdump (= built-in reader)"
+    return py, "python"
 
 
 def _cc(cc: str) -> tuple[int, int]:
@@ -396,9 +404,12 @@ class LoaderPath:
     def for_env(cls, env: dict[str, str], site_packages: list[str], torch_dir: str | None,
                 driver_present: bool = True, use_ldcache: bool = True) -> LoaderPath:
         pre: list[tuple[str, str]] = []
+        sps = list(site_packages)
         if torch_dir:
             pre.append((str(Path(torch_dir) / "lib"), "torch's lib/ (loaded by `import torch`)"))
-        for sp in site_packages:
+            if str(Path(torch_dir).parent) not in sps:  # torch from the base interpreter's site-packages
+                sps.append(str(Path(torch_dir).parent))
+        for sp in sps:
             nv = Path(sp) / "nvidia"
             if nv.is_dir():
                 for d in sorted(nv.glob("*/lib")):
@@ -444,7 +455,27 @@ def resolve(name: str, info: ElfInfo, lp: LoaderPath) -> tuple[str | None, str]:
     for d, why in lp.preloaded:
         if ok(Path(d) / name):
             return str(Path(d) / name), why
+    if DRIVER_LIBS.match(name) and lp.driver_present:
+        found = _loaded_path(name)
+        if found:
+            return found, "the driver's (found by the dynamic loader)"
     return None, "not found"
+
+
+def _loaded_path(name: str) -> str | None:
+    """Where the dynamic loader finds a driver library (libcuda.so.1 lives in places no env names, e.g. a
+    container's mounted driver dir): load it in this process and read the path from /proc/self/maps."""
+    import ctypes
+    try:
+        ctypes.CDLL(name)
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1] if line.split() else ""
+        if Path(path).name.startswith(name.split(".so")[0] + ".so"):
+            return path
+    return None
 
 
 # ---------------------------------------------------------------------------------------- the checks
@@ -515,8 +546,12 @@ def check_library(path: Path, label: str, lp: LoaderPath | None, torch_cuda: str
             m["missing"] = missing
             why = (f"{', '.join(missing)} not found under the env's loader path (RPATH/RUNPATH, LD_LIBRARY_PATH, "
                    f"ldconfig cache, default dirs, torch's lib/, site-packages nvidia/*/lib)")
-            checks.append(_check(f"{label}: NEEDED libraries", "fail", why, m,
-                                 "cuda-runtime-lib-missing" if cuda else "no-driver" if drv else None, str(path)))
+            torch_cuda_libs = [n for n in missing if re.match(r"^lib(torch_cuda|c10_cuda)", n)]
+            id_ = ("cuda-runtime-lib-missing" if cuda else "no-driver" if drv else
+                   "torch-cpu-only" if torch_cuda_libs and not torch_cuda else None)
+            if id_ == "torch-cpu-only":
+                why += ": the env's torch is a CPU build"
+            checks.append(_check(f"{label}: NEEDED libraries", "fail", why, m, id_, str(path)))
         elif driver_missing:
             m["driver_missing"] = driver_missing
             checks.append(_check(f"{label}: NEEDED libraries", "skip",
