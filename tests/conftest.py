@@ -84,3 +84,18 @@ def fixture_variant(tmp_path: Path, name: str = "fixture-cpu", deps: str = '["cm
 
 def status_of(state: Path, variant: str) -> dict:
     return json.loads((state / "status" / f"{variant}.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def torch_python(tmp_path_factory) -> Path:
+    """A venv with a CPU torch (this machine's local 2.13.0 wheel, else PyTorch's CPU index)."""
+    needs_pypi()
+    venv = tmp_path_factory.mktemp("torch-venv") / "venv"
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    cmd = [str(py), "-m", "pip", "install", "-q", "torch==2.13.0", "numpy"]
+    if not local_cpu_torch():
+        cmd += ["--index-url", "https://download.pytorch.org/whl/cpu", "--extra-index-url", "https://pypi.org/simple"]
+    subprocess.run(cmd, check=True, timeout=1800)
+    return py
