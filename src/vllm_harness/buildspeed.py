@@ -138,7 +138,7 @@ def sample_once(roots: list[int], extra_job_parents: set[int] | None = None,
             continue
         if ppid in parents or procs.get(ppid, (0, "", 0))[1] in JOB_PARENTS:
             jobs.append((comm, rss + sum(procs[q][2] for q in subtree(p))))
-    extra = ({q for r in parents for q in subtree(r)} | (parents & procs.keys())) - members
+    extra = ({q for r in parents for q in subtree(r)} | (parents & procs.keys())) - members - set(roots)
     tree += sum(procs[p][2] for p in extra)
     biggest = max(((procs[p][1], procs[p][2]) for p in members | extra), key=lambda x: x[1], default=("", 0))
     return tree, jobs, biggest
