@@ -1,0 +1,239 @@
+"""The compile probe: vLLM's torch_bindings.cpp against the env's torch, reported through diagnose.
+
+Offline: a stand-in torch (a few headers) and a stand-in vLLM tree reproduce the source document's
+``'needs_fixed_stride_order' is not a member of 'at::Tag'`` in about a second.  Network: the real vLLM 0.8.5
+sdist (pins torch 2.6.0) against torch 2.2.2's headers (no such tag: fails), torch 2.6.0's (passes) --
+both read out of PyPI's wheels with HTTP range requests (~20 MB each instead of ~750 MB) -- and against
+the local CPU torch 2.13.0 installed in a venv (passes: 2.13 still has the tag).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import types
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import local_cpu_torch, needs_pypi
+
+from vllm_harness import probe
+from vllm_harness.errors import StepFailed
+
+needs_cxx = pytest.mark.skipif(not shutil.which("g++") and not shutil.which("c++"), reason="needs a C++ compiler")
+
+
+def fake_torch(root: Path, version: str, tags: list[str]) -> Path:
+    """A torch package with just what torch_bindings.cpp below includes: torch/version.py and a Tag enum."""
+    t = root / "torch"
+    (t / "include" / "ATen" / "core").mkdir(parents=True)
+    (t / "include" / "torch" / "csrc" / "api" / "include").mkdir(parents=True)
+    (t / "__init__.py").write_text("raise ImportError('the probe must not import torch')\n")
+    (t / "version.py").write_text(f"__version__ = '{version}'\n")
+    (t / "include" / "ATen" / "core" / "enum_tag.h").write_text(
+        "#pragma once\nnamespace at { enum class Tag { " + ", ".join(tags) + " }; }\n")
+    return root
+
+
+def fake_vllm(root: Path, pin: str = "2.6.0") -> Path:
+    src = root / "vllm"
+    (src / "csrc" / "core").mkdir(parents=True)
+    (src / "CMakeLists.txt").write_text(f'set(CMAKE_CXX_STANDARD 17)\nset(TORCH_SUPPORTED_VERSION_CUDA "{pin}")\n')
+    (src / "csrc" / "core" / "registration.h").write_text("#pragma once\n#define STR(x) #x\n")
+    (src / "csrc" / "torch_bindings.cpp").write_text(
+        '#include "core/registration.h"\n#include <ATen/core/enum_tag.h>\n'
+        "#ifndef TORCH_EXTENSION_NAME\n#error no TORCH_EXTENSION_NAME\n#endif\n"
+        "static at::Tag stride_tag = at::Tag::needs_fixed_stride_order;\n")
+    return src
+
+
+@needs_cxx
+def test_probe_catches_a_torch_older_than_the_source_and_names_the_pin(tmp_path):
+    src = fake_vllm(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(fake_torch(tmp_path / "old", "2.3.0+cu121", ["core", "pointwise"]))}
+    res = probe.run_probe(src, Path(sys.executable), env, tmp_path / "probe.log")
+    assert res["status"] == "fail" and res["torch"] == "2.3.0+cu121" and res["source_pins_torch"] == "2.6.0"
+    top = res["findings"][0]
+    assert top["id"] == "torch-api-mismatch"
+    assert "needs_fixed_stride_order" in top["evidence"] and "at::Tag" in top["evidence"]
+    assert "torch 2.6.0" in top["fix"]
+    err = probe.fail(res)
+    assert isinstance(err, StepFailed) and "torch 2.6.0" in err.fix and "2.3.0" in err.fix
+    # the same source against a torch that has the tag
+    env["PYTHONPATH"] = str(fake_torch(tmp_path / "new", "2.6.0", ["core", "needs_fixed_stride_order"]))
+    ok = probe.run_probe(src, Path(sys.executable), env, tmp_path / "probe2.log")
+    assert ok["status"] == "pass" and ok["findings"] == [] and ok["cxx_standard"] == 17
+
+
+@needs_cxx
+def test_probe_cli_json_without_a_variant(harness, tmp_path):
+    """`invoke probe --source DIR --python PY`: a venv whose site-packages hold the stand-in torch."""
+    src = fake_vllm(tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([getattr(sys, "_base_executable", None) or sys.executable, "-m", "venv", "--without-pip",
+                    str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    shutil.copytree(fake_torch(tmp_path / "old", "2.3.0", ["core"]) / "torch", site / "torch")
+    py = venv / "bin" / "python"
+    rc, out, err = harness("probe", "--source", src, "--python", py, "--json")
+    assert rc == 1, err
+    res = json.loads(out)
+    assert res["findings"][0]["id"] == "torch-api-mismatch" and res["source_pins_torch"] == "2.6.0"
+    rc, out, err = harness("probe", "--source", src, "--python", py)
+    assert rc == 1 and "does NOT compile" in out and "fix: This vLLM source pins torch 2.6.0" in out
+
+
+@needs_cxx
+def test_build_step_stops_before_the_long_build(tmp_path):
+    src = fake_vllm(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(fake_torch(tmp_path / "old", "2.3.0", ["core"]))}
+    said = []
+    ctx = types.SimpleNamespace(base_env={}, device="cuda", py=Path(sys.executable), quiet=True,
+                                log=lambda step: tmp_path / f"{step}.log", say=said.append)
+    with pytest.raises(StepFailed) as e:
+        probe.before_build(ctx, src, env)
+    assert "torch-api-mismatch" in e.value.message and "torch 2.6.0" in e.value.fix
+    ctx.base_env = {"VLLM_HARNESS_SKIP_PROBE": "1"}
+    assert probe.before_build(ctx, src, env) is None and "skipped" in said[-1]
+
+
+def test_cxx_standard_and_bindings_file(tmp_path):
+    src = fake_vllm(tmp_path)
+    (src / "CMakeLists.txt").write_text("set(CMAKE_CXX_STANDARD 20)\n")
+    assert probe.cxx_standard(src) == 20
+    (src / "CMakeLists.txt").write_text("project(x)\n")
+    assert probe.cxx_standard(src) == 17
+    (src / "csrc" / "cpu").mkdir()
+    (src / "csrc" / "cpu" / "torch_bindings.cpp").write_text("")
+    assert probe.bindings_file(src, "cpu").name == "torch_bindings.cpp" and "cpu" in str(probe.bindings_file(src, "cpu"))
+
+
+# ------------------------------------------------------------------------------ real sources (network)
+
+class _RangeFile(io.RawIOBase):
+    """A seekable view of a remote file through HTTP range requests (8 MiB blocks)."""
+
+    BLOCK = 8 << 20
+
+    def __init__(self, url: str):
+        self.url, self.pos, self.blocks = url, 0, {}
+        r = urllib.request.urlopen(urllib.request.Request(url, headers={"Range": "bytes=0-0"}), timeout=60)
+        self.size = int(r.headers["Content-Range"].split("/")[1])
+
+    def seekable(self):
+        return True
+
+    def readable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, off, whence=0):
+        self.pos = off if whence == 0 else self.pos + off if whence == 1 else self.size + off
+        return self.pos
+
+    def _block(self, i):
+        if i not in self.blocks:
+            lo, hi = i * self.BLOCK, min(self.size, (i + 1) * self.BLOCK) - 1
+            req = urllib.request.Request(self.url, headers={"Range": f"bytes={lo}-{hi}"})
+            self.blocks[i] = urllib.request.urlopen(req, timeout=300).read()
+        return self.blocks[i]
+
+    def readinto(self, b):
+        n, out = len(b), bytearray()
+        while n > 0 and self.pos < self.size:
+            blk = self._block(self.pos // self.BLOCK)
+            chunk = blk[self.pos % self.BLOCK:self.pos % self.BLOCK + n]
+            out += chunk
+            self.pos += len(chunk)
+            n -= len(chunk)
+        b[:len(out)] = out
+        return len(out)
+
+
+CACHE = Path(os.environ.get("VLLM_HARNESS_TEST_PROBE_CACHE", "/tmp/vllm-harness-test-probe"))
+
+
+def pypi_file(project: str, filename: str) -> str:
+    req = urllib.request.Request(f"https://pypi.org/simple/{project}/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        files = json.load(r)["files"]
+    return next(f["url"] for f in files if f["filename"] == filename)
+
+
+def torch_headers(version: str) -> Path:
+    """torch/include + torch/version.py of PyPI's cp311 Linux wheel of ``version``, and nothing else."""
+    dest = CACHE / f"torch-{version}-headers"
+    if (dest / "torch" / "version.py").is_file():
+        return dest
+    url = pypi_file("torch", f"torch-{version}-cp311-cp311-manylinux1_x86_64.whl")
+    with zipfile.ZipFile(_RangeFile(url)) as z:
+        for n in z.namelist():
+            if (n.startswith("torch/include/") or n in ("torch/version.py", "torch/__init__.py")) and not n.endswith("/"):
+                z.extract(n, dest)
+    return dest
+
+
+@functools.cache
+def vllm_sdist(version: str) -> Path:
+    dest = CACHE / f"vllm-{version}"
+    if not (dest / "CMakeLists.txt").is_file():
+        url = pypi_file("vllm", f"vllm-{version}.tar.gz")
+        with urllib.request.urlopen(url, timeout=300) as r, tarfile.open(fileobj=r, mode="r|gz") as tar:
+            for m in tar:
+                rel = m.name.split("/", 1)[1] if "/" in m.name else ""
+                if m.isfile() and (rel.startswith("csrc/") or rel == "CMakeLists.txt"):
+                    m.name = rel
+                    tar.extract(m, dest, filter="data")
+    return dest
+
+
+@pytest.mark.network
+@needs_cxx
+@pytest.mark.parametrize("torch_version,status", [("2.2.2", "fail"), ("2.6.0", "pass")])
+def test_real_vllm_085_against_real_torch_headers(torch_version, status, tmp_path):
+    needs_pypi()
+    src = vllm_sdist("0.8.5")
+    env = {**os.environ, "PYTHONPATH": str(torch_headers(torch_version))}
+    res = probe.run_probe(src, Path(sys.executable), env, tmp_path / "probe.log")
+    assert res["status"] == status, (res.get("findings"), res.get("first_error_lines"))
+    assert res["torch"].startswith(torch_version) and res["source_pins_torch"] == "2.6.0"
+    assert res["seconds"] < 120
+    if status == "fail":
+        top = res["findings"][0]
+        assert top["id"] == "torch-api-mismatch"
+        assert "'needs_fixed_stride_order' is not a member of 'at::Tag'" in top["evidence"].replace("‘", "'").replace(
+            "’", "'")
+        assert "torch 2.6.0" in probe.fail(res).fix
+
+
+@pytest.fixture(scope="session")
+def venv_torch_213(tmp_path_factory):
+    if not local_cpu_torch():
+        pytest.skip("needs the local CPU torch 2.13.0 wheel (Python 3.11, pip find-links)")
+    venv = tmp_path_factory.mktemp("venv213")
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                        "torch==2.13.0"], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot install the local torch 2.13.0 wheel: {r.stderr[-300:]}")
+    return venv / "bin" / "python"
+
+
+@pytest.mark.network
+@needs_cxx
+def test_real_vllm_085_against_the_venvs_torch_213(venv_torch_213, tmp_path):
+    needs_pypi()
+    res = probe.run_probe(vllm_sdist("0.8.5"), venv_torch_213, dict(os.environ), tmp_path / "probe.log")
+    assert res["status"] == "pass" and res["torch"].startswith("2.13.0")  # 2.13 still has the tag
