@@ -42,10 +42,12 @@ def doctor(c, variant=None, machine=None, save_machine=None, source=None, json=F
     _call("doctor", variant=variant, machine=machine, save_machine=save_machine, source=source, json=json)
 
 
-@task(help={**V, "force": "fetch again"})
-def fetch(c, variant=None, force=False):
-    """Get the variant's vLLM source (PyPI sdist, git ref or local path) into .harness/src/."""
-    _call("fetch", variant=variant, force=force)
+@task(help={**V, "force": "fetch again", "source": "this run's source: a folder, a vllm-X.tar.gz, a git URL@ref, "
+            "or sdist / sdist:VERSION", "deps": "also cache vLLM's CMake dependencies (CUTLASS, flash-attention...) "
+            "for offline builds", "every_arch": "with --deps: every arch's variant", "json": "JSON output"})
+def fetch(c, variant=None, force=False, source=None, deps=False, every_arch=False, json=False):
+    """Get the variant's vLLM source (PyPI sdist, git ref or local path) into .harness/src/; --deps: its CMake deps."""
+    _call("fetch", variant=variant, force=force, source=source, deps=deps, every_arch=every_arch, json=json)
 
 
 @task(help={**V, "source": "prepare this tree instead of the variant's", "json": "JSON output",
@@ -53,6 +55,22 @@ def fetch(c, variant=None, force=False):
 def prepare(c, variant=None, source=None, json=False, force=False):
     """Run the tree's use_existing_torch.py (or the equivalent) and check no torch pin is left."""
     _call("prepare", variant=variant, source=source, json=json, force=force)
+
+
+@task(help={**V, "source": "a vLLM tree (default: the variant's fetched one)", "python": "a Python whose torch to "
+            "use (default: the variant's env)", "device": "cuda or cpu bindings", "kernel": "also run one kernel "
+            "file through nvcc --cuda", "timeout": "seconds (default 300)", "json": "JSON output"})
+def probe(c, variant=None, source=None, python=None, device=None, kernel=False, timeout=None, json=False):
+    """Compile vLLM's torch_bindings.cpp against the env's torch (syntax only, ~20 s) before the long build."""
+    _call("probe", variant=variant, source=source, python=python, device=device, kernel=kernel, timeout=timeout,
+          json=json)
+
+
+@task(help={"source": "dry-run the patches on this tree instead", "version": "only this vLLM release",
+            "json": "JSON output"})
+def patches(c, source=None, version=None, json=False):
+    """Check patches/: every patch against every vLLM release (PyPI sdist) its versions claim."""
+    _call("patches", source=source, version=version, json=json)
 
 
 @task(help={**V, "python": "interpreter for the venv (default: discovered)", "force": "run again"})

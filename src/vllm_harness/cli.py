@@ -193,11 +193,23 @@ def cmd_clean(a) -> int:
 
 def cmd_step(a) -> int:
     from .steps import run_single
+    if a.command == "patches":  # needs no variant
+        from .patches import task_patches
+        return task_patches(_layout(a), a)
+    if a.command == "probe" and a.source and a.python and not a.variant:
+        from .probe import task_probe
+        return task_probe(None, a, _layout(a))
     ctx = _ctx(a)
     ctx.rebuild, ctx.cache = getattr(a, "rebuild", False), getattr(a, "cache", None)  # buildspeed
     if getattr(a, "nvcc_threads", None):
         ctx.variant.build["nvcc_threads"] = a.nvcc_threads
     step = a.command
+    if step == "probe":
+        from .probe import task_probe
+        return task_probe(ctx, a, ctx.layout)
+    if step == "fetch" and (a.source or a.deps):
+        from .fetch import task_fetch
+        return task_fetch(ctx, a)
     if step == "prepare" and a.source:
         from .steps import do_prepare
         src = Path(a.source)
@@ -205,7 +217,12 @@ def cmd_step(a) -> int:
             raise UsageError(f"--source {src}: not a directory.", "Give a vLLM source tree.")
         from .runner import summary
         log = ctx.log("prepare")
-        res = do_prepare(ctx, log, src=src.resolve())
+        try:
+            res = do_prepare(ctx, log, src=src.resolve())
+        except StepFailed as e:  # --json still prints the contract's object (with the failed patch)
+            if a.json and getattr(e, "result", None):
+                _out(a, e.result)
+            raise
         if a.json:
             _out(a, res)
         else:
@@ -291,6 +308,13 @@ def parser() -> argparse.ArgumentParser:
                        help="fail at once if another run holds the variant")
         if name == "prepare":
             s.add_argument("--source", help="prepare this tree instead of the variant's fetched one")
+        if name == "fetch":
+            s.add_argument("--source", help="this run's source instead of the variant's: a folder, a "
+                           "vllm-X.tar.gz, a git URL@ref, or 'sdist' / 'sdist:0.8.5'")
+            s.add_argument("--deps", action="store_true", help="also fetch vLLM's CMake dependencies (CUTLASS, "
+                           "flash-attention, ...) into .harness/cache/deps (needs GitHub; copy it to offline machines)")
+            s.add_argument("--every-arch", dest="every_arch", action="store_true",
+                           help="with --deps: every arch's variant of a dependency (a cache for other machines)")
         if name == "deps":
             s.add_argument("--python", help="the interpreter for the venv (default: discovered)")
         if name == "build":
@@ -298,6 +322,18 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--nvcc-threads", dest="nvcc_threads", type=int)
             s.add_argument("--arch", help="TORCH_CUDA_ARCH_LIST, e.g. '7.5;8.9'")
             _speed_args(s)
+    s = add("probe", cmd_step, "compile vLLM's torch_bindings.cpp against the env's torch (~20 s syntax check)")
+    s.add_argument("--variant")
+    s.add_argument("--source", help="a vLLM tree (default: the variant's fetched one)")
+    s.add_argument("--python", help="a Python whose torch to use (default: the variant's env)")
+    s.add_argument("--device", choices=["cuda", "cpu"], help="which bindings (default: the variant's device)")
+    s.add_argument("--kernel", action="store_true", help="also run csrc/activation_kernels.cu through nvcc --cuda")
+    s.add_argument("--timeout", type=int, default=300)
+    s.add_argument("--json", action="store_true")
+    s = add("patches", cmd_step, "check patches/ against every vLLM release each claims (PyPI), or one tree")
+    s.add_argument("--source", help="dry-run the patches on this tree instead")
+    s.add_argument("--version", help="only this vLLM release (or the version of --source)")
+    s.add_argument("--json", action="store_true")
     s = add("build-variant", cmd_build_variant, "the whole flow: doctor, env, build, post-install, verify")
     s.add_argument("--variant", required=True)
     s.add_argument("--force", action="store_true", help="build despite doctor errors; redo finished steps")
