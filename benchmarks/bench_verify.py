@@ -31,7 +31,8 @@ def main(paths: list[str]) -> int:
             t0 = time.perf_counter()
             cu = b.fatbin_entries_cuobjdump(p, cuobjdump) or []
             t_cu = time.perf_counter() - t0
-            same = b.arch_summary(cu) == b.arch_summary(py) and len(cu) == len(py)
+            # cuobjdump names family entries (sm_100f) like plain ones (sm_100): compare without the suffix
+            same = b._plain(cu) == b._plain(py) and len(cu) == len(py)
             bad += not same
             line += f"; cuobjdump {t_cu:.3f}s: {len(cu)} entries, {'SAME' if same else 'DIFFERENT: ' + str(b.arch_summary(cu))}"
         print(line)

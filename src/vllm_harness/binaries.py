@@ -326,10 +326,18 @@ def fatbin_entries(path: Path, info: ElfInfo | None = None, cuobjdump: str | Non
         got = fatbin_entries_cuobjdump(path, cuobjdump)
         if got is None or (not got and py):
             return py, f"python ({cuobjdump} could not read it)"
-        if arch_summary(got) != arch_summary(py):
-            return got, "cuobjdump (the built-in reader differs)"
-        return got, "cuobjdump (= built-in reader)"
+        if arch_summary(got) == arch_summary(py):
+            return got, "cuobjdump (= built-in reader)"
+        if _plain(got) == _plain(py) and len(got) == len(py):
+            # cuobjdump's file names drop the family suffix (sm_100f listed as sm_100): the built-in reader
+            # reads it from the entry's flags
+            return py, "built-in reader (= cuobjdump, which names sm_XXXf as sm_XXX)"
+        return got, "cuobjdump (the built-in reader differs)"
     return py, "python"
+
+
+def _plain(entries: list[FatEntry]) -> dict:
+    return {k: sorted({re.sub(r"f$", "", x) for x in v}) for k, v in arch_summary(entries).items()}
 
 
 def _cc(cc: str) -> tuple[int, int]:

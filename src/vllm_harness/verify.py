@@ -97,6 +97,7 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
                                   driver_present=bool(gpus) or driver is not None, libs=direct, reader=reader,
                                   no_gpu_reason=why)
     predicted = [c.get("subject", c["name"]) for c in bchecks if c.get("id") == "no-kernel-image"]
+    ptx_only = [c.get("subject", c["name"]) for c in bchecks if c["metrics"].get("warning") == "ptx-only"]
     # extension modules: the variant's, and every one found in the vllm package (loaded directly if need be)
     ext_files: dict[str, str] = {}
     for pkg in ("vllm", "flash_attn_2_cuda"):
@@ -114,12 +115,14 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     argv = [str(python), str(SCRIPT), "--device", device, "--imports", ",".join(imports),
             "--extensions", ",".join(exts), "--ops", ",".join(ops),
             "--ext-files", ",".join(f"{k}={v}" for k, v in ext_files.items()),
-            "--libs", ",".join(direct), "--predicted-no-kernel", ",".join(predicted)]
+            "--libs", ",".join(direct), "--predicted-no-kernel", ",".join(predicted), "--ptx-only", ",".join(ptx_only)]
     if driver:
         argv += ["--driver", driver]
     if not speed:
         argv.append("--no-speed")
     t0 = time.perf_counter()
+    # the PTX JIT cache off for this run: a PTX-only build shows its real first-call cost every time
+    env = {**env, "CUDA_CACHE_DISABLE": "1"}
     try:
         r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
                            stdin=subprocess.DEVNULL)
@@ -193,6 +196,8 @@ def _detail(c: dict) -> str:
             d += f"; first call {m['first_call_ms']:.1f} ms"
         if m.get("refused_strided"):
             d += f"; strided input refused ({len(m['refused_strided'])})"
+        if m.get("strided_unsupported"):
+            d += "; strided input unsupported (contiguous rows assumed)"
         return d
     return c.get("reason") or m.get("version") or ""
 
