@@ -584,9 +584,10 @@ def _install_sccache(ctx, log: Path) -> bool:
 
 
 def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: JobsChoice, archs: str | None,
-                     why_arch: str) -> dict:
+                     why_arch: str, before_compile=None) -> dict:
     """The source build step: reuse a wheel with this build's key, else compile (cache, RSS sampled), leave
-    the wheel in the wheelhouse and record the peak RSS."""
+    the wheel in the wheelhouse and record the peak RSS.  ``before_compile()`` (the compile probe) runs before
+    a compile whose key has no wheel yet."""
     from . import steps, wheelhouse
     from .errors import StepFailed
     from .runner import run_commands
@@ -612,6 +613,8 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
         return {"arch_list": archs, "wheel": str(found), "wheel_key": key, "from_wheelhouse": True,
                 "note": f"installed {found.name} from the wheelhouse in {secs:.1f}s (key {key})"}
 
+    if before_compile is not None and found is None:
+        before_compile()
     ctx.say(f"  MAX_JOBS={choice.jobs} ({choice.why}); NVCC_THREADS={choice.nvcc_threads}; "
             f"TORCH_CUDA_ARCH_LIST={archs or '(unset)'} ({why_arch})"
             + (f"; CUDA_HOME={env['CUDA_HOME']}" if ctx.device == "cuda" else ""))

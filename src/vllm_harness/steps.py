@@ -453,9 +453,11 @@ def do_build(ctx: Ctx, log: Path) -> dict:
     env = fetch_mod.git_env(ctx.env(cuda=cuda, extra=extra), [src])
     from . import deps_cache, probe
     env = deps_cache.apply(ctx, src, env)   # cached FetchContent sources (offline builds)
-    probe.before_build(ctx, src, env)       # ~20 s syntax check against the env's torch before the long build
-    # wheelhouse reuse, compiler cache, peak-RSS record, the wheel: src/vllm_harness/buildspeed.py
-    return run_source_build(ctx, src, log, env, choice, archs, why_arch)
+    # wheelhouse reuse, compiler cache, peak-RSS record, the wheel: src/vllm_harness/buildspeed.py.  The probe
+    # (~20 s syntax check against the env's torch) runs before a compile, unless a wheel with this build's key
+    # exists (that source already compiled against this torch)
+    return run_source_build(ctx, src, log, env, choice, archs, why_arch,
+                            before_compile=lambda: probe.before_build(ctx, src, env))
 
 
 def do_post_install(ctx: Ctx, log: Path) -> dict:
