@@ -547,3 +547,37 @@ def test_fetch_deps_from_github(tmp_path):
     assert res["fetched"] == ["cutlass@v3.9.0"]
     assert (root / "cutlass-v3.9.0" / "include" / "cutlass" / "cutlass.h").is_file()
 
+
+
+def _cmake_ok() -> bool:
+    cm = shutil.which("cmake")
+    if not cm:
+        return False
+    out = subprocess.run([cm, "--version"], capture_output=True, text=True).stdout.split()
+    try:
+        major, minor = (int(x) for x in out[2].split(".")[:2])
+    except (IndexError, ValueError):
+        return False
+    return (major, minor) >= (3, 21)
+
+
+@pytest.mark.skipif(not _cmake_ok(), reason="needs cmake >= 3.21 (reads CMAKE_TOOLCHAIN_FILE from the environment)")
+def test_toolchain_route_reaches_fetchcontent_without_network(tmp_path):
+    """For releases whose setup.py drops CMAKE_ARGS: the generated toolchain file hands CMake the local copy."""
+    tree = tmp_path / "vllm"
+    tree.mkdir()
+    (tree / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.21)\nproject(p LANGUAGES NONE)\ninclude(FetchContent)\n"
+        "FetchContent_Declare(cutlass GIT_REPOSITORY https://github.com/nvidia/cutlass.git GIT_TAG v3.5.1)\n"
+        'FetchContent_MakeAvailable(cutlass)\nmessage(STATUS "cutlass at ${cutlass_SOURCE_DIR}")\n')
+    (tree / "setup.py").write_text("print()\n")
+    root = tmp_path / "deps"
+    (root / "cutlass-v3.5.1").mkdir(parents=True)
+    (root / "cutlass-v3.5.1" / "CMakeLists.txt").write_text('message(STATUS "the cached cutlass")\n')
+    (root / "manifest.json").write_text(json.dumps({"cutlass@v3.5.1": {"dir": "cutlass-v3.5.1"}}))
+    plan = deps_cache.build_env(tree, root, tmp_path / "work", {}, device="cuda")
+    assert plan["via"] == ["CMAKE_TOOLCHAIN_FILE"]
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **plan["env"], "GIT_ALLOW_PROTOCOL": "none"}
+    r = subprocess.run(["cmake", "-S", str(tree), "-B", str(tmp_path / "b")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "the cached cutlass" in r.stdout and f"cutlass at {root / 'cutlass-v3.5.1'}" in r.stdout

@@ -228,7 +228,7 @@ def _err(r: subprocess.CompletedProcess) -> str:
     return lines[-1] if lines else f"exit {r.returncode}"
 
 
-def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None) -> Path:
+def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str | None = None) -> Path:
     """Clone dep.url at dep.rev (with its submodules) into the cache; return its folder."""
     from .fetch import git_env
     have = cached_dir(root, dep)
@@ -258,7 +258,7 @@ def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StepFailed(f"fetch: cannot reach {dep.url} for {dep.name} {dep.rev} ({_err(r)}).",
                          f"This machine cannot fetch vLLM's CMake dependencies. On a machine that reaches GitHub "
-                         f"run `invoke fetch --variant <name> --deps` and copy its {root} here (same path, or "
+                         f"run `invoke fetch --variant {variant or '<name>'} --deps` and copy its {root} here (same path, or "
                          f"set VLLM_HARNESS_DEPS_CACHE to the copy).")
     for args in (["-C", str(tmp), "checkout", "-q", "--detach", target],):
         r = _git(args, genv)
@@ -304,7 +304,8 @@ def select(deps: list[Dep], device: str = "cuda", every: bool = False) -> list[D
     return mine if every else _choose(mine)
 
 
-def fill(src: Path, root: Path, env: dict[str, str], device: str = "cuda", every: bool = False, log=None) -> dict:
+def fill(src: Path, root: Path, env: dict[str, str], device: str = "cuda", every: bool = False, log=None,
+         variant: str | None = None) -> dict:
     """Fetch the tree's dependencies into the cache (each once); {"cached": [...], "fetched": [...]}."""
     deps = select(parse_deps(src), device, every)
     out: dict = {"cache": str(root), "cached": [], "fetched": [], "deps": [asdict(d) for d in deps]}
@@ -316,7 +317,7 @@ def fill(src: Path, root: Path, env: dict[str, str], device: str = "cuda", every
         if cached_dir(root, d):
             out["cached"].append(d.key)
             continue
-        fetch_one(d, root, env, log=log)
+        fetch_one(d, root, env, log=log, variant=variant)
         out["fetched"].append(d.key)
     return out
 

@@ -318,7 +318,8 @@ def do_prepare(ctx: Ctx, log: Path, src: Path | None = None) -> dict:
                                  patches_dir=ctx.layout.root / "patches")
     n = len(result["changed"])
     result["note"] = f"{result['how']}: {n} file(s) changed" if n else f"{result['how']}: nothing to change"
-    applied = [p["name"] for p in result["patches"] if p["status"] in ("applied", "already-applied")]
+    applied = [p["name"] + (" (already applied)" if p["status"] == "already-applied" else "")
+               for p in result["patches"] if p["status"] in ("applied", "already-applied")]
     if applied:
         result["note"] += f"; patches: {', '.join(applied)}"
     return result
