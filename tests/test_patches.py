@@ -154,5 +154,5 @@ def test_patches_cli_on_a_tree(harness, tmp_path):
     shutil.copy(ROOT / "tests/fixtures/vllm-mini/use_existing_torch.py", src)
     rc, out, err = harness("patches", "--source", src, "--version", "0.8.5")
     assert rc == 0, err
-    assert "0001-use-existing-torch-exact-match" in out and "applied" in out
+    assert "0001-use-existing-torch-exact-match" in out and "applies (dry run)" in out
     assert "'torch' not in line.lower()" in (src / "use_existing_torch.py").read_text()  # a dry run

@@ -237,3 +237,21 @@ def test_real_vllm_085_against_the_venvs_torch_213(venv_torch_213, tmp_path):
     needs_pypi()
     res = probe.run_probe(vllm_sdist("0.8.5"), venv_torch_213, dict(os.environ), tmp_path / "probe.log")
     assert res["status"] == "pass" and res["torch"].startswith("2.13.0")  # 2.13 still has the tag
+
+
+def test_kernel_file_goes_through_nvccs_front_end_with_the_builds_host_compiler(tmp_path):
+    src = fake_vllm(tmp_path)
+    (src / "csrc" / "activation_kernels.cu").write_text("")
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (home / "bin" / "nvcc").chmod(0o755)
+    info = {"torch_dir": str(tmp_path / "torch"), "python_include": "/usr/include/python3"}
+    env = {**os.environ, "CUDA_HOME": str(home), "CUDAHOSTCXX": "g++-11"}
+    cmds = dict(probe.commands(src, info, env, device="cuda", kernel=True))
+    nv = cmds["csrc/activation_kernels.cu"]
+    assert nv[0] == str(home / "bin" / "nvcc") and "--cuda" in nv and nv[nv.index("-ccbin") + 1] == "g++-11"
+    cxx = cmds["csrc/torch_bindings.cpp"]
+    assert "-fsyntax-only" in cxx and "-std=c++17" in cxx and "-DTORCH_EXTENSION_NAME=_C" in cxx
+    assert str(tmp_path / "torch" / "include" / "torch" / "csrc" / "api" / "include") in cxx
+    assert "csrc/activation_kernels.cu" not in dict(probe.commands(src, info, env, device="cuda", kernel=False))

@@ -318,7 +318,8 @@ def task_patches(layout, a) -> int:
         print(json.dumps(res, indent=2, default=str))
     elif a.source:
         for p in res["patches"]:
-            print(f"{p['name']:<48} {p['status']}" + (f"  ({p['reason']})" if p.get("reason") else ""))
+            st = "applies (dry run)" if p.get("dry_run") else p["status"]
+            print(f"{p['name']:<48} {st}" + (f"  ({p['reason']})" if p.get("reason") else ""))
     else:
         print(f"patches: {len(plist)} patch(es) x {res['releases_checked']} release(s): "
               f"{len(res['failed'])} failed, {len(res['claims_too_much'])} claimed release(s) where not needed")

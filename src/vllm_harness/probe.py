@@ -6,8 +6,10 @@ syntax check of it (``-fsyntax-only``) with the build's include directories and 
 ``include`` and ``include/torch/csrc/api/include``, the Python headers, ``csrc/``,
 ``-DTORCH_EXTENSION_NAME=_C``, the C++ standard of the tree's CMakeLists (17, or 20 in newer releases) --
 finds a vLLM source that does not match the installed torch in well under a minute, on the CPU, without
-CUDA.  With ``kernel=True`` and an nvcc, one small kernel file (``csrc/activation_kernels.cu``) goes
-through nvcc's front end (``nvcc --cuda``: parsing and host/device splitting, no code generation).
+CUDA.  With ``kernel=True`` (``invoke probe --kernel``; in the build step ``VLLM_HARNESS_PROBE_KERNEL=1``)
+and an nvcc, one small kernel file (``csrc/activation_kernels.cu``) also goes through nvcc's front end
+(``nvcc --cuda``: parsing and host/device splitting, no code generation) -- opt-in, because it has only
+been checked for its command line here (this machine's toolkit lacks the headers a CUDA torch includes).
 
 torch is located without importing it (``importlib.util.find_spec`` in the venv's Python, its version read
 from ``torch/version.py``), so the probe needs no GPU, driver or CUDA libraries.  The compiler output goes
@@ -111,8 +113,11 @@ def commands(src: Path, info: dict, env: dict[str, str], device: str = "cuda",
         nv = nvcc(env)
         k = src / "csrc" / "activation_kernels.cu"
         if nv and k.is_file():
-            out.append((str(k.relative_to(src)), [nv, "--cuda", f"-std=c++{std}", "-x", "cu", *defines, *incs,
-                                                  str(k), "-o", os.devnull]))
+            host = ["-ccbin", env["CUDAHOSTCXX"]] if env.get("CUDAHOSTCXX") else []  # as CMake passes it
+            # torch's COMMON_NVCC_FLAGS (CUDA >= 12: without the __CUDA_NO_HALF* defines) + vLLM's -DENABLE_FP8
+            nv_flags = ["--expt-relaxed-constexpr", "-DENABLE_FP8"]
+            out.append((str(k.relative_to(src)), [nv, "--cuda", *host, f"-std=c++{std}", "-x", "cu", *nv_flags,
+                                                  *defines, *incs, str(k), "-o", os.devnull]))
     return out
 
 
@@ -193,7 +198,8 @@ def before_build(ctx, src: Path, env: dict[str, str]) -> dict | None:
         ctx.say(f"  compile probe: skipped ({src} has no csrc/torch_bindings.cpp)")
         return None
     log = ctx.log("probe")
-    res = run_probe(src, ctx.py, env, log, device=ctx.device, kernel=ctx.device == "cuda")
+    kernel = ctx.device == "cuda" and ctx.base_env.get("VLLM_HARNESS_PROBE_KERNEL", "") not in ("", "0")
+    res = run_probe(src, ctx.py, env, log, device=ctx.device, kernel=kernel)
     if res["status"] == "pass":
         ctx.say(f"  compile probe: {', '.join(f['file'] for f in res['files'])} compile against torch "
                 f"{res['torch']} ({res['seconds']}s)")
