@@ -25,6 +25,7 @@ Idempotent: a second run changes nothing and says so (patches report ``already-a
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -134,7 +135,8 @@ def vllm_version(src: Path, fallback: str | None = None, env: dict[str, str] | N
         from .fetch import git_env
         try:
             r = subprocess.run(["git", "-C", str(src), "describe", "--tags", "--match", "v[0-9]*"],
-                               capture_output=True, text=True, timeout=60, env=git_env(env or {}, [src]))
+                               capture_output=True, text=True, timeout=60,
+                               env=git_env(dict(os.environ) if env is None else env, [src]))
         except (OSError, subprocess.TimeoutExpired):
             r = None
         if r is not None and r.returncode == 0:

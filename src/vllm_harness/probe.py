@@ -244,8 +244,9 @@ def task_probe(ctx, a, layout) -> int:
     if not src.is_dir():
         raise UsageError(f"--source {src}: not a directory.", "Give a vLLM source tree.")
     if not py.exists():
-        raise UsageError(f"--python {py}: no such file.", "Make the env first (`invoke deps --variant ...`) "
-                         "or pass --python of an env with torch.")
+        what = f"--python {py}: no such file." if a.python else f"Variant {ctx.name} has no env yet ({py})."
+        raise UsageError(what, "Make the env first (`invoke deps --variant ...`) or pass --python of an env "
+                         "with torch.")
     res = run_probe(src, py, env, log, device=a.device or device, kernel=bool(a.kernel), timeout=a.timeout)
     if a.json:
         print(json.dumps(res, indent=2, default=str))
