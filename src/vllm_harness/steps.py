@@ -428,13 +428,47 @@ def host_compiler_env(ctx: Ctx) -> dict[str, str]:
     return {"CC": f"gcc-{n}", "CXX": f"g++-{n}", "CUDAHOSTCXX": f"g++-{n}"}
 
 
+def install_checked_wheel(ctx: Ctx, log: Path) -> dict:
+    """Wheel mode: download the prebuilt vLLM wheel, refuse it before install when its CUDA major, torch pin
+    or device code does not fit the variant (the source document's libcudart.so.12-in-an-11.8-env case),
+    then install that very file with the env's pins kept."""
+    v = ctx.variant
+    dest = ctx.layout.cache / "wheels"
+    dest.mkdir(parents=True, exist_ok=True)
+    before = set(dest.glob("*.whl"))
+    dl = [str(ctx.py), "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off",
+          "-d", str(dest), v.vllm_requirement]
+    if v.vllm["index_url"]:
+        dl += ["--index-url", v.vllm["index_url"]]
+    run_commands("build", [dl], log, ctx.env(), quiet=ctx.quiet)
+    name = Requirement(v.vllm_requirement).name.replace("-", "_").lower()
+    wheels = sorted(p for p in dest.glob("*.whl") if p.name.lower().startswith(name + "-")
+                    and Requirement(v.vllm_requirement).specifier.contains(p.name.split("-")[1], prereleases=True))
+    new = [p for p in wheels if p not in before] or wheels
+    if not new:
+        raise StepFailed(f"build: pip downloaded no wheel for {v.vllm_requirement}.", None, log=str(log))
+    wheel = max(new, key=lambda p: p.stat().st_mtime)
+    res = verify_mod.verify_wheel(wheel, v, ctx.env(), ctx.py)
+    text, _code = verify_mod.wheel_verdict(res, allow_no_gpu=True)
+    with open(log, "a") as fh:
+        for c in res["checks"]:
+            fh.write(f"# wheel check: {c['status']}: {c['name']}: {c.get('reason', '')}\n")
+        fh.write(f"# {text}\n")
+    if text.startswith("REFUSED"):
+        raise StepFailed(f"build: {wheel.name} {text}.", "Use a variant whose CUDA and torch fit this wheel, or "
+                         "build from source (mode = 'source').", log=str(log))
+    with open(log, "ab") as fh:
+        fh.write(b"\n")
+    cmd = ctx.install_cmd([str(wheel)], v.vllm["index_url"])
+    run_commands("build", [cmd], log.with_name("build-install.log"), ctx.env(), quiet=ctx.quiet)
+    _torch_kept(ctx, log)
+    return {"note": f"installed {wheel.name} (prebuilt wheel; {text.split(':')[0]})", "wheel": str(wheel)}
+
+
 def do_build(ctx: Ctx, log: Path) -> dict:
     v = ctx.variant
     if v.vllm["mode"] == "wheel":
-        cmd = ctx.install_cmd([v.vllm_requirement], v.vllm["index_url"])
-        run_commands("build", [cmd], log, ctx.env(), quiet=ctx.quiet)
-        _torch_kept(ctx, log)
-        return {"note": f"installed {v.vllm_requirement} (prebuilt wheel)"}
+        return install_checked_wheel(ctx, log)
     src = source_dir(ctx)
     from .buildspeed import default_archs, jobs_for, run_source_build
     from .compat import parse_arch_list
