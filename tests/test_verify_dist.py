@@ -33,3 +33,16 @@ def test_without_gpus_nccl_checks_are_skips_with_reasons(torch_python):
     ar = next(c for n, c in by.items() if n.startswith("all-reduce"))
     assert ar["status"] == "skip" and "needs 2 or more GPUs" in ar["reason"]
     assert by["vllm custom all-reduce"]["status"] == "skip"
+
+
+def test_verify_runs_the_multi_gpu_layer_in_the_envs_python(torch_python):
+    """The plumbing `verify` uses when it sees 2+ GPUs; here (no GPU) every multi-GPU check is a skip."""
+    import os
+
+    from vllm_harness.verify import multi_gpu_layer
+    result = {"layer_seconds": {}}
+    checks = multi_gpu_layer(torch_python, dict(os.environ), result, timeout=300)
+    assert {c["layer"] for c in checks} == {"multi-gpu"}
+    assert {c["name"] for c in checks} >= {"p2p", "vllm custom all-reduce"}
+    assert all(c["status"] == "skip" and c["reason"] for c in checks)
+    assert result["layer_seconds"]["multi-gpu"] > 0

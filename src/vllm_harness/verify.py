@@ -25,7 +25,7 @@ from . import binaries
 from .errors import StepFailed
 
 SCRIPT = Path(__file__).parent / "data" / "verify_env.py"
-LAYERS = ("environment", "binaries", "imports", "kernels", "speed")
+LAYERS = ("environment", "binaries", "imports", "kernels", "speed", "multi-gpu")
 EXT_SUFFIX = re.compile(r"(\.abi3|\.cpython-[^.]+)?\.so$")
 
 
@@ -143,6 +143,8 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
                          log=str(log) if log else None)
     result = json.loads(lines[-1])
     checks = result["checks"] + bchecks
+    if device == "cuda" and len(result.get("gpus") or []) >= 2:
+        checks += multi_gpu_layer(python, env, result, timeout)
     order = {name: i for i, name in enumerate(LAYERS)}
     result["checks"] = sorted(checks, key=lambda c: order.get(c.get("layer", ""), len(LAYERS)))
     secs = result.get("layer_seconds", {})
@@ -158,6 +160,24 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
         result["gpus_nvml"] = gpus  # NVML sees GPUs that torch does not
     result["layers"] = layer_summary(result)
     return result
+
+
+def multi_gpu_layer(python: Path, env: dict[str, str], result: dict, timeout: float) -> list[dict]:
+    """Two or more GPUs: P2P between each pair, an NCCL all-reduce over all of them (sum checked, bus GB/s),
+    and whether vLLM's custom all-reduce is in the build (data/verify_dist.py, in the env's python)."""
+    t0 = time.perf_counter()
+    argv = [str(python), str(SCRIPT.with_name("verify_dist.py")), "--backend", "nccl"]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+        out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+        checks = out["checks"]
+    except (subprocess.TimeoutExpired, OSError, ValueError, IndexError) as e:
+        checks = [{"name": "multi-GPU checks", "status": "fail", "reason": f"{type(e).__name__}: {e}"[:300],
+                   "metrics": {}}]
+    for c in checks:
+        c["layer"] = "multi-gpu"
+    result.setdefault("layer_seconds", {})["multi-gpu"] = round(time.perf_counter() - t0, 3)
+    return checks
 
 
 def layer_summary(result: dict) -> dict:
