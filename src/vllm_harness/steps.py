@@ -134,7 +134,7 @@ def _step_keys(ctx: Ctx, interp_key: str) -> dict[str, str]:
     v = ctx.variant
     keys = {}
     keys["fetch"] = key_of("fetch", v.vllm, _tree_stamp(v.source_path()) if v.vllm["source"] == "path" else "")
-    keys["prepare"] = key_of(keys["fetch"], "prepare-1")
+    keys["prepare"] = key_of(keys["fetch"], "prepare-1", _tree_stamp(ctx.layout.root / "patches"))  # patches too
     keys["env"] = key_of("env", 3, interp_key, v.torch["preinstalled"], v.installer)
     keys["torch"] = key_of(keys["env"], v.torch)
     keys["deps"] = key_of(keys["torch"], keys["prepare"] if v.vllm["mode"] == "source" else "", v.deps)
