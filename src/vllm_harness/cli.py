@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -139,6 +140,13 @@ def cmd_diagnose(a) -> int:
 def cmd_verify(a) -> int:
     from . import verify as verify_mod
     from .steps import do_verify
+    ccs = [c.strip() for c in (a.cc or "").split(",") if c.strip()]
+    for c in ccs:
+        if not re.fullmatch(r"\d+\.\d+", c):
+            raise UsageError(f"--cc {a.cc}: '{c}' is not a compute capability.", "Write it like --cc 8.0,9.0.")
+    opts = {"libs": a.libs or None, "speed": not a.no_speed, "reader": a.fatbin_reader, "ccs": ccs or None}
+    if a.wheel:
+        return _verify_wheel(a, ccs)
     if a.python:
         py = Path(a.python)
         if not py.exists():
@@ -146,7 +154,7 @@ def cmd_verify(a) -> int:
         from . import toolkit
         env = {k: v for k, v in os.environ.items() if k not in toolkit.DROP}
         result = verify_mod.run_verify(py, a.device or "cuda", ["vllm"], ["vllm._C"],
-                                       ["rms_norm", "fused_add_rms_norm", "silu_and_mul"], env)
+                                       ["rms_norm", "fused_add_rms_norm", "silu_and_mul"], env, **opts)
         text, code = verify_mod.verdict(result, a.device or "cuda", a.allow_no_gpu)
         result["verdict"] = text
         if a.json:
@@ -159,7 +167,7 @@ def cmd_verify(a) -> int:
         raise UsageError(f"Variant {ctx.name} has no env yet ({ctx.venv}).", f"Run `nox -s build-{ctx.name}` first.")
     log = ctx.log("verify")
     try:
-        res = do_verify(ctx, log, allow_no_gpu=a.allow_no_gpu, as_json=a.json)["result"]
+        res = do_verify(ctx, log, allow_no_gpu=a.allow_no_gpu, as_json=a.json, **opts)["result"]
         code = 0
     except StepFailed as e:
         res = json.loads(json.dumps(getattr(e, "result", None) or {}))
@@ -169,9 +177,34 @@ def cmd_verify(a) -> int:
         if not res:
             from . import verify as vm
             vv = ctx.variant.verify
-            res = vm.run_verify(ctx.py, vv["device"], vv["imports"], vv["extensions"], vv["ops"], ctx.env())
+            res = vm.run_verify(ctx.py, vv["device"], vv["imports"], vv["extensions"], vv["ops"], ctx.env(), **opts)
     if a.json:
         _out(a, res)
+    return code
+
+
+def _verify_wheel(a, ccs: list[str]) -> int:
+    """`verify --wheel FILE --variant NAME`: the binary checks on a wheel before it is installed."""
+    from . import toolkit
+    from . import verify as verify_mod
+    wheel = Path(a.wheel)
+    if not wheel.is_file():
+        raise UsageError(f"--wheel {wheel}: no such file.", "Give a downloaded .whl file (pip download --no-deps).")
+    if not a.variant:
+        raise UsageError("--wheel needs --variant NAME: the CUDA and torch to check the wheel against.",
+                         "Pass --variant, e.g. --variant cu124.")
+    layout = _layout(a)
+    variant = _variant(layout, a.variant)
+    py = Path(a.python) if a.python else venv_python(layout.venv(variant.name))
+    env = {k: v for k, v in os.environ.items() if k not in toolkit.DROP}
+    res = verify_mod.verify_wheel(wheel, variant, env, py if py and py.exists() else None, ccs or None,
+                                  a.fatbin_reader)
+    text, code = verify_mod.wheel_verdict(res, a.allow_no_gpu)
+    res["verdict"] = text
+    if a.json:
+        _out(a, res)
+    else:
+        verify_mod.render(res, text)
     return code
 
 
@@ -288,6 +321,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["cuda", "cpu"])
     s.add_argument("--allow-no-gpu", dest="allow_no_gpu", action="store_true")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--wheel", help="check a wheel file against --variant before installing it (binary layer)")
+    s.add_argument("--libs", action="append", help="extension libraries (files or a folder) to check and load "
+                   "directly with torch.ops.load_library (e.g. a wheel's .so files without vLLM's Python stack)")
+    s.add_argument("--cc", help="compare the binaries with these compute capabilities (e.g. 8.0,9.0) instead of "
+                   "this machine's GPUs")
+    s.add_argument("--no-speed", dest="no_speed", action="store_true", help="skip the bandwidth measurements")
+    s.add_argument("--fatbin-reader", dest="fatbin_reader", choices=["auto", "cuobjdump", "python"], default="auto",
+                   help="how to list fatbin archs: cuobjdump when present (auto), or the built-in ELF reader")
     s = add("clean", cmd_clean, "remove what the harness made for a variant (or --all)")
     s.add_argument("--variant")
     s.add_argument("--all", action="store_true")
