@@ -365,11 +365,18 @@ class CompilerCache:
     def active(self) -> bool:
         return self.tool != "none" and bool(self.path)
 
-    def launcher_env(self, base_cmake_args: str = "") -> dict[str, str]:
-        """What the build's environment gets: the cache's own variables and the CMake launchers."""
+    def launcher_env(self, base_cmake_args: str = "", base_env: dict[str, str] | None = None) -> dict[str, str]:
+        """What the build's environment gets: the cache's own variables and the CMake launchers.  With ``-g``
+        (RelWithDebInfo) gcc writes the working directory into its preprocessed output, and an editable
+        install compiles in a new /tmp/tmpXXXX folder each time: ``-fno-working-directory`` keeps that out of
+        the cache key (the object code is the same), so a second tree gets hits."""
         if not self.active:
             return {}
         env = dict(self.env)
+        base_env = base_env or {}
+        for var, flag in (("CFLAGS", "-fno-working-directory"), ("CXXFLAGS", "-fno-working-directory"),
+                          ("CUDAFLAGS", "-Xcompiler=-fno-working-directory")):
+            env[var] = f"{base_env.get(var, '')} {flag}".strip()
         args = [a for a in base_cmake_args.split() if "_COMPILER_LAUNCHER=" not in a]
         for lang in ("C", "CXX", "CUDA"):
             env[f"CMAKE_{lang}_COMPILER_LAUNCHER"] = self.path or ""
@@ -413,6 +420,47 @@ class CompilerCache:
                 self._run(["--stop-server"], env, timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 pass
+
+
+def _descendants(pids: list[int]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], list(pids)
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_descendants(pids: list[int]) -> None:
+    """End every process below ``pids``: freeze the tree first (SIGSTOP until no new process appears, so a
+    compiler driver cannot start cc1plus behind our back, nor leave it orphaned), then SIGTERM + SIGCONT."""
+    import signal
+
+    def send(p: int, sig: int) -> None:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    frozen: list[int] = []
+    for _ in range(20):
+        new = [p for p in _descendants(pids) if p not in frozen]
+        if not new:
+            break
+        for p in new:
+            send(p, signal.SIGSTOP)
+        frozen += new
+    for p in reversed(frozen):
+        send(p, signal.SIGTERM)
+        send(p, signal.SIGCONT)
 
 
 def _find_sccache_servers(sock: str) -> list[int]:
@@ -626,7 +674,7 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
         cache.start(env)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         cache = CompilerCache("none", why=f"compiler cache off: {e}")
-    env = {**env, **cache.launcher_env(env.get("CMAKE_ARGS", ""))}
+    env = {**env, **cache.launcher_env(env.get("CMAKE_ARGS", ""), env)}
     ctx.say(f"  compiler cache: {cache.tool}" + (f" ({cache.why}; {cache.location})" if cache.active
                                                   else f" ({cache.why})"))
 
@@ -660,6 +708,10 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
     except BaseException as e:  # noqa: B036 - recorded below, then raised again
         failed = e
     secs = time.monotonic() - t0
+    if failed is not None and not isinstance(failed, StepFailed):
+        # interrupted: the compiles the sccache server runs for this build are its children, outside the
+        # build's process group; end them too (the server itself is stopped just below)
+        kill_descendants(cache.server_pids)
     stats = cache.stats(env)
     cache.stop(env)
     mem = sampler.result()
