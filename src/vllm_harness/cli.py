@@ -156,12 +156,7 @@ def cmd_verify(a) -> int:
         result = verify_mod.run_verify(py, a.device or "cuda", ["vllm"], ["vllm._C"],
                                        ["rms_norm", "fused_add_rms_norm", "silu_and_mul"], env, **opts)
         text, code = verify_mod.verdict(result, a.device or "cuda", a.allow_no_gpu)
-        result["verdict"] = text
-        if a.json:
-            _out(a, result)
-        else:
-            verify_mod.render(result, text)
-        return code
+        return _show_verdict(a, result, text, code)
     ctx = _ctx(a)
     if not ctx.py.exists():
         raise UsageError(f"Variant {ctx.name} has no env yet ({ctx.venv}).", f"Run `nox -s build-{ctx.name}` first.")
@@ -200,11 +195,16 @@ def _verify_wheel(a, ccs: list[str]) -> int:
     res = verify_mod.verify_wheel(wheel, variant, env, py if py and py.exists() else None, ccs or None,
                                   a.fatbin_reader)
     text, code = verify_mod.wheel_verdict(res, a.allow_no_gpu)
-    res["verdict"] = text
+    return _show_verdict(a, res, text, code)
+
+
+def _show_verdict(a, result: dict, text: str, code: int) -> int:
+    from . import verify as verify_mod
+    result["verdict"] = text
     if a.json:
-        _out(a, res)
+        _out(a, result)
     else:
-        verify_mod.render(res, text)
+        verify_mod.render(result, text)
     return code
 
 

@@ -363,16 +363,6 @@ def auto_jobs(ctx: Ctx, n_archs: int = 1) -> tuple[int, str]:
     return c.jobs, c.why
 
 
-def _mem_available_gib() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 4.0
-
-
 def arch_list(ctx: Ctx) -> tuple[str | None, str]:
     """TORCH_CUDA_ARCH_LIST and why: --arch, [build] arch_list (both checked against what the variant's nvcc
     builds), else this machine's GPUs (mapped onto the toolkit's archs), else unset: the source's own list."""
