@@ -41,6 +41,10 @@ def test_fixture_builds_verifies_and_reuses_its_steps(harness, state, tmp_path):
     rc, out, err = harness("verify", "--variant", variant, "--json")
     data = json.loads(out)
     assert rc == 0 and data["gpus"] == [] and {c["status"] for c in data["checks"]} == {"pass"}
+    layers = [c["layer"] for c in data["checks"]]
+    assert layers == sorted(layers, key=["environment", "binaries", "imports", "kernels", "speed",
+                                         "multi-gpu"].index)
+    assert data["binaries"]["libraries"] == 1 and "binaries" in data["layer_seconds"]
     names = {c["name"] for c in data["checks"]}
     assert {"rms_norm bfloat16 (cpu)", "fused_add_rms_norm float16 (cpu)", "silu_and_mul float32 (cpu)"} <= names
 

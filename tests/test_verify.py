@@ -4,13 +4,10 @@ exit codes without a GPU, and the kernel layer against fake ops with vLLM's sche
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
 import struct
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -333,15 +330,6 @@ def test_cli_without_gpu_says_not_verified_and_exit_codes(harness, monkeypatch, 
 
 # ------------------------------------------------------------------ the whole thing, where torch exists
 
-def _torch_python() -> str | None:
-    cand = os.environ.get("VLLM_HARNESS_TEST_TORCH_PYTHON")
-    if cand and Path(cand).exists():
-        return cand
-    if importlib.util.find_spec("torch") is not None:
-        return sys.executable
-    return None
-
-
 FAKES = r'''
 import torch
 import torch.nn.functional as F
@@ -424,10 +412,9 @@ moe.impl("topk_softmax", topk_softmax, "CPU")
 '''
 
 
-def test_kernel_layer_against_fake_ops_with_vllm_schemas(tmp_path):
-    py = _torch_python()
-    if not py:
-        pytest.skip("needs torch (or VLLM_HARNESS_TEST_TORCH_PYTHON=<a python with torch>)")
+@pytest.mark.slow
+def test_kernel_layer_against_fake_ops_with_vllm_schemas(tmp_path, torch_python):
+    py = str(torch_python)
     (tmp_path / "fakes.py").write_text(FAKES)
     script = Path(verify_mod.SCRIPT)
     driver = (f"import sys, runpy; sys.path.insert(0, {str(tmp_path)!r}); import fakes; "
@@ -453,17 +440,3 @@ def test_kernel_layer_against_fake_ops_with_vllm_schemas(tmp_path):
     assert by["fused_add_rms_norm"]["status"] == "fail"
     assert by["ops discovered"]["metrics"]["namespaces"] == {"_C": 6, "_C_cache_ops": 2, "_moe_C": 1}
     assert set(data["layer_seconds"]) >= {"environment", "imports", "kernels"}
-
-
-def test_fixture_cpu_env_end_to_end_when_built(tmp_path):
-    """Runs only where a fixture CPU env was built (VLLM_HARNESS_TEST_FIXTURE_ENV=<its python>)."""
-    py = os.environ.get("VLLM_HARNESS_TEST_FIXTURE_ENV")
-    if not py or not Path(py).exists():
-        pytest.skip("set VLLM_HARNESS_TEST_FIXTURE_ENV to the python of a built fixture-cpu env")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = verify_mod.run_verify(Path(py), "cpu", ["vllm"], ["vllm._C"], ["rms_norm", "fused_add_rms_norm",
-                                                                          "silu_and_mul"], env)
-    assert {c["status"] for c in res["checks"]} == {"pass"}
-    assert [c["layer"] for c in res["checks"]] == sorted((c["layer"] for c in res["checks"]),
-                                                         key=verify_mod.LAYERS.index)
-    assert res["binaries"]["libraries"] == 1 and "binaries" in res["layer_seconds"]
