@@ -263,6 +263,10 @@ def test_cache_choice_and_launcher_env(tmp_path):
     assert env["CMAKE_ARGS"].split() == ["-DFOO=1", f"-DCMAKE_C_COMPILER_LAUNCHER={fake}",
                                          f"-DCMAKE_CXX_COMPILER_LAUNCHER={fake}",
                                          f"-DCMAKE_CUDA_COMPILER_LAUNCHER={fake}"]
+    # -g puts the working directory into the preprocessed output: kept out of the cache key
+    flags = c.launcher_env("", {"CXXFLAGS": "-march=x86-64-v2"})
+    assert flags["CXXFLAGS"] == "-march=x86-64-v2 -fno-working-directory"
+    assert flags["CFLAGS"] == "-fno-working-directory" and "-fno-working-directory" in flags["CUDAFLAGS"]
     # a shared folder and a remote backend are named in the choice
     shared = tmp_path / "team-cache"
     r = bs.setup_cache("auto", tmp_path, venv, {"PATH": "", "VLLM_HARNESS_CACHE_DIR": str(shared),
@@ -456,3 +460,14 @@ def test_fixture_cold_shared_cache_and_wheel_reuse(harness, state, tmp_path, mon
     assert not (other / "envs" / "fixture-cpu").exists()
     res = clean(layout, "fixture-cpu", wheelhouse=True)
     assert not Path(b3["wheel"]).exists()
+
+
+def test_torch_header_mtimes_are_made_one(tmp_path):
+    """gcc's #pragma once compares mtimes: two installs of one wheel must preprocess alike (cache keys)."""
+    inc = tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "torch" / "include" / "c10"
+    inc.mkdir(parents=True)
+    for name in ("a.h", "b.h"):
+        (inc / name).write_text("#pragma once\n")
+    assert bs.normalize_header_mtimes(tmp_path / "venv") == 2
+    assert {int((inc / n).stat().st_mtime) for n in ("a.h", "b.h")} == {bs.HEADER_EPOCH}
+    assert bs.normalize_header_mtimes(tmp_path / "venv") == 0

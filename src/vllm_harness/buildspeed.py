@@ -463,6 +463,28 @@ def kill_descendants(pids: list[int]) -> None:
         send(p, signal.SIGCONT)
 
 
+HEADER_EPOCH = 946684800   # 2000-01-01: one mtime for every torch header of a harness venv
+
+
+def normalize_header_mtimes(venv: Path) -> int:
+    """Give the torch headers of the variant's own venv one fixed mtime.  gcc's ``#pragma once`` treats two
+    files with the same size, contents *and mtime* as one file, and torch ships duplicate headers: with the
+    mtimes pip happened to write, the preprocessed output (the compiler cache's key) differs between two
+    installs of the same wheel, so another machine's cache would miss.  Returns the files changed."""
+    n = 0
+    for inc in venv.glob("lib/python*/site-packages/torch/include"):
+        for dirpath, _dirs, files in os.walk(inc):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                try:
+                    if int(os.stat(p).st_mtime) != HEADER_EPOCH:
+                        os.utime(p, (HEADER_EPOCH, HEADER_EPOCH))
+                        n += 1
+                except OSError:
+                    continue
+    return n
+
+
 def _find_sccache_servers(sock: str) -> list[int]:
     if not sock:
         return []
@@ -675,6 +697,8 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         cache = CompilerCache("none", why=f"compiler cache off: {e}")
     env = {**env, **cache.launcher_env(env.get("CMAKE_ARGS", ""), env)}
+    if cache.active:
+        normalize_header_mtimes(ctx.venv)
     ctx.say(f"  compiler cache: {cache.tool}" + (f" ({cache.why}; {cache.location})" if cache.active
                                                   else f" ({cache.why})"))
 
