@@ -28,10 +28,12 @@ V = {"variant": "variant name (envs/NAME.toml) or path to a variant file"}
 
 
 @task(help={**V, "all_": "every variant, and the download cache", "dry_run": "show, remove nothing",
-            "pip_cache": "also purge pip's own cache (opt-in)", "json": "JSON output"})
-def clean(c, variant=None, all_=False, dry_run=False, pip_cache=False, json=False):
+            "pip_cache": "also purge pip's own cache (opt-in)", "wheelhouse": "also remove the built wheels",
+            "json": "JSON output"})
+def clean(c, variant=None, all_=False, dry_run=False, pip_cache=False, wheelhouse=False, json=False):
     """Remove what the harness made for a variant: stale build/, .deps, egg-info, its venv and logs."""
-    _call("clean", variant=variant, all_=all_, dry_run=dry_run, pip_cache=pip_cache, json=json)
+    _call("clean", variant=variant, all_=all_, dry_run=dry_run, pip_cache=pip_cache, wheelhouse=wheelhouse,
+          json=json)
 
 
 @task(help={**V, "machine": "judge this machine profile (TOML) instead of probing",
@@ -80,10 +82,13 @@ def deps(c, variant=None, python=None, force=False):
 
 
 @task(help={**V, "jobs": "MAX_JOBS (default: from RAM and cores)", "nvcc_threads": "NVCC_THREADS",
-            "arch": "TORCH_CUDA_ARCH_LIST, e.g. '7.5;8.9' (default: this machine's GPUs)", "force": "run again"})
-def build(c, variant=None, jobs=None, nvcc_threads=None, arch=None, force=False):
+            "arch": "TORCH_CUDA_ARCH_LIST, e.g. '7.5;8.9' (default: this machine's GPUs)", "force": "run again",
+            "rebuild": "compile even when the wheelhouse has this build's wheel",
+            "cache": "compiler cache: auto, sccache, ccache, none, or a path"})
+def build(c, variant=None, jobs=None, nvcc_threads=None, arch=None, force=False, rebuild=False, cache=None):
     """Build vLLM with --no-build-isolation under CUDA_HOME/LD_LIBRARY_PATH (or install its wheel)."""
-    _call("build", variant=variant, jobs=jobs, nvcc_threads=nvcc_threads, arch=arch, force=force)
+    _call("build", variant=variant, jobs=jobs, nvcc_threads=nvcc_threads, arch=arch, force=force, rebuild=rebuild,
+          cache=cache)
 
 
 @task(name="post-install", help={**V, "force": "run again"})
