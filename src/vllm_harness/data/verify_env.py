@@ -237,6 +237,18 @@ def layer_imports(rep, a, torch, cuda_ok):
             return "pass", str(getattr(m, "__version__", "")), {"version": str(getattr(m, "__version__", "")),
                                                                 "file": getattr(m, "__file__", "")}
         rep.check("imports", f"import {mod}", imp)
+    def load_library(path, name):
+        """torch.ops.load_library; None when loaded, else the check's (status, reason, metrics, id)."""
+        try:
+            torch.ops.load_library(path)
+        except Exception as e:  # noqa: BLE001 - reported as the check's result
+            text = _why(e)
+            if "libcuda.so" in text and not cuda_ok:
+                state["no_driver"].append(name)
+                return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here", {}, "no-driver"
+            return "fail", text, {"file": path}, classify(text)
+        return None
+
     exts = [m for m in a.extensions.split(",") if m]
     for ext in exts + [e for e in ext_files if e not in exts]:
         def load(ext=ext):
@@ -256,14 +268,9 @@ def layer_imports(rep, a, torch, cuda_ok):
                                 "machine", {}, "no-driver")
                     raise
                 f, how = ext_files[ext], "torch.ops.load_library (vllm's Python package not importable)"
-                try:
-                    torch.ops.load_library(f)
-                except Exception as e2:
-                    text = _why(e2)
-                    if "libcuda.so" in text and not cuda_ok:
-                        state["no_driver"].append(ext)
-                        return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here", {}, "no-driver"
-                    return "fail", text, {"file": f}, classify(text)
+                refused = load_library(f, ext)
+                if refused:
+                    return refused
             added = sorted(_op_names(torch) - before)
             state["loaded"][ext] = f
             return "pass", f"{how}: {len(added)} ops registered", {"file": f, "how": how, "ops_added": len(added),
@@ -272,14 +279,9 @@ def layer_imports(rep, a, torch, cuda_ok):
     for path in direct_libs:
         def direct(path=path):
             before = _op_names(torch)
-            try:
-                torch.ops.load_library(path)
-            except Exception as e:
-                text = _why(e)
-                if "libcuda.so" in text and not cuda_ok:
-                    state["no_driver"].append(path)
-                    return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here", {}, "no-driver"
-                return "fail", text, {"file": path}, classify(text)
+            refused = load_library(path, path)
+            if refused:
+                return refused
             added = sorted(_op_names(torch) - before)
             state["loaded"][path] = path
             return "pass", f"torch.ops.load_library: {len(added)} ops registered", \
