@@ -36,6 +36,9 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from .errors import UsageError
+from .variants import Bad as _Bad
+from .variants import check_bool as _bool
+from .variants import list_of
 
 try:  # Python 3.11+
     import tomllib
@@ -421,12 +424,6 @@ def env_facts(env: dict[str, str] | None = None) -> dict[str, str]:
 
 # ========================================================================================= validation
 
-class _Bad(ValueError):
-    def __init__(self, reason: str, fix: str):
-        super().__init__(reason)
-        self.reason, self.fix = reason, fix
-
-
 def _s(v: Any) -> str:
     if not isinstance(v, str):
         raise _Bad(f"expected a string, got {type(v).__name__} {v!r:.60}", "quote the value")
@@ -472,26 +469,8 @@ def _num(v: Any) -> float:
     return f
 
 
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise _Bad(f"expected true or false, got {v!r:.60}", "write true or false (no quotes)")
-    return v
-
-
 def _list(check: Callable[[Any], Any]) -> Callable[[Any], list]:
-    def run(v: Any) -> list:
-        if not isinstance(v, list):
-            raise _Bad(f"expected a list, got {type(v).__name__} {v!r:.60}", "write a list, e.g. [\"3.10.13\"]")
-        if len(v) > 256:
-            raise _Bad("list is too long", "keep it under 256 items")
-        out = []
-        for i, item in enumerate(v):
-            try:
-                out.append(check(item))
-            except _Bad as e:
-                raise _Bad(f"item {i}: {e.reason}", e.fix) from None
-        return out
-    return run
+    return list_of(check, limit=256, example='["3.10.13"]')
 
 
 def _tool_name(v: Any) -> str:

@@ -54,7 +54,7 @@ def _nonempty(v: Any) -> str:
     return s
 
 
-def _bool(v: Any) -> bool:
+def check_bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise Bad(f"expected true or false, got {v!r:.60}", "write true or false (no quotes)")
     return v
@@ -145,12 +145,14 @@ def _arch_list(v: Any) -> str:
     return s
 
 
-def _list_of(check: Callable[[Any], Any]) -> Callable[[Any], list]:
+def list_of(check: Callable[[Any], Any], limit: int = MAX_LIST, example: str = '["numpy<2"]'
+            ) -> Callable[[Any], list]:
+    """A checker for a list whose items ``check`` validates (shared with the machine-profile loader)."""
     def run(v: Any) -> list:
         if not isinstance(v, list):
-            raise Bad(f"expected a list, got {type(v).__name__}", "write a list, e.g. [\"numpy<2\"]")
-        if len(v) > MAX_LIST:
-            raise Bad(f"list of {len(v)} items is too long", f"keep it under {MAX_LIST} items")
+            raise Bad(f"expected a list, got {type(v).__name__} {v!r:.60}", f"write a list, e.g. {example}")
+        if len(v) > limit:
+            raise Bad(f"list of {len(v)} items is too long", f"keep it under {limit} items")
         out = []
         for i, item in enumerate(v):
             try:
@@ -188,9 +190,9 @@ SCHEMA: dict[str, dict[str, Field_]] = {
     },
     "torch": {
         "version": (_version, True, None),
-        "packages": (_list_of(_requirement), True, None),
+        "packages": (list_of(_requirement), True, None),
         "index_url": (_url, False, None),
-        "preinstalled": (_bool, False, False),
+        "preinstalled": (check_bool, False, False),
     },
     "vllm": {
         "version": (_version, True, None),
@@ -201,29 +203,29 @@ SCHEMA: dict[str, dict[str, Field_]] = {
         "git": (_nonempty, False, None),
         "ref": (_nonempty, False, None),
         "path": (_relpath, False, None),
-        "in_place": (_bool, False, False),
+        "in_place": (check_bool, False, False),
         "package": (_nonempty, False, "vllm"),
     },
     "deps": {
-        "packages": (_list_of(_requirement), False, []),
+        "packages": (list_of(_requirement), False, []),
         "index_url": (_url, False, None),
     },
     "build": {
         "jobs": (_jobs, False, "auto"),
         "nvcc_threads": (_int_range(1, 64), False, 1),
         "arch_list": (_arch_list, False, ""),
-        "editable": (_bool, False, True),
+        "editable": (check_bool, False, True),
         "cmake_min": (_version, False, "3.26"),
         "env": (_env_table, False, {}),
     },
     "post_install": {
-        "packages": (_list_of(_requirement), False, []),
+        "packages": (list_of(_requirement), False, []),
         "index_url": (_url, False, None),
     },
     "verify": {
-        "imports": (_list_of(_nonempty), False, ["vllm"]),
-        "extensions": (_list_of(_nonempty), False, ["vllm._C"]),
-        "ops": (_list_of(_nonempty), False, ["rms_norm", "fused_add_rms_norm", "silu_and_mul"]),
+        "imports": (list_of(_nonempty), False, ["vllm"]),
+        "extensions": (list_of(_nonempty), False, ["vllm._C"]),
+        "ops": (list_of(_nonempty), False, ["rms_norm", "fused_add_rms_norm", "silu_and_mul"]),
         "device": (_choice("cuda", "cpu"), False, "cuda"),
     },
 }
