@@ -152,7 +152,7 @@ def cmd_verify(a) -> int:
         if not py.exists():
             raise UsageError(f"--python {py}: no such file.", "Give the python of an env that has vLLM.")
         from . import toolkit
-        env = {k: v for k, v in os.environ.items() if k not in toolkit.DROP}
+        env = toolkit.clean_env()
         result = verify_mod.run_verify(py, a.device or "cuda", ["vllm"], ["vllm._C"],
                                        ["rms_norm", "fused_add_rms_norm", "silu_and_mul"], env, **opts)
         text, code = verify_mod.verdict(result, a.device or "cuda", a.allow_no_gpu)
@@ -191,7 +191,7 @@ def _verify_wheel(a, ccs: list[str]) -> int:
     layout = _layout(a)
     variant = _variant(layout, a.variant)
     py = Path(a.python) if a.python else venv_python(layout.venv(variant.name))
-    env = {k: v for k, v in os.environ.items() if k not in toolkit.DROP}
+    env = toolkit.clean_env()
     res = verify_mod.verify_wheel(wheel, variant, env, py if py and py.exists() else None, ccs or None,
                                   a.fatbin_reader)
     text, code = verify_mod.wheel_verdict(res, a.allow_no_gpu)

@@ -294,11 +294,10 @@ def task_patches(layout, a) -> int:
     """`invoke patches [--version V] [--source DIR] [--json]`: list the patches, check them against a tree
     (dry run), or -- the default -- against every PyPI release each claims (network)."""
     import json
-    import os
 
-    from .toolkit import DROP
+    from .toolkit import clean_env
     plist = load_patches(layout.root / "patches")
-    env = {k: v for k, v in os.environ.items() if k not in DROP}
+    env = clean_env()
     if a.source:
         from .prepare import vllm_version
         src = Path(a.source).resolve()

@@ -225,7 +225,7 @@ def _show(res: dict, quiet: bool = False) -> None:
 
 def task_probe(ctx, a, layout) -> int:
     """`invoke probe [--variant NAME] [--source DIR] [--python PY] [--kernel] [--json]`."""
-    from .toolkit import DROP
+    from .toolkit import clean_env
     if ctx is not None:
         src = Path(a.source) if a.source else None
         if src is None:
@@ -233,12 +233,12 @@ def task_probe(ctx, a, layout) -> int:
             src = source_dir(ctx)
         py = Path(a.python) if a.python else ctx.py
         env = ctx.env(cuda=bool(a.kernel) and ctx.device == "cuda") if py == ctx.py else \
-            {k: v for k, v in ctx.base_env.items() if k not in DROP}
+            clean_env(ctx.base_env)
         device = ctx.device
         log = ctx.log("probe")
     else:
         src, py = Path(a.source), Path(a.python)
-        env = {k: v for k, v in os.environ.items() if k not in DROP}
+        env = clean_env()
         device = a.device or "cuda"
         log = layout.state / "logs" / "probe.log"
     if not src.is_dir():

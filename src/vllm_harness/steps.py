@@ -213,7 +213,7 @@ def do_env(ctx: Ctx, interp: pythons.Interpreter, log: Path) -> dict:
             cmds = [[sys.executable, "-m", "virtualenv", "--python", interp.executable, str(ctx.venv)]]
         except ImportError:
             cmds = [[interp.executable, "-m", "venv", str(ctx.venv)]]
-    env = {k: val for k, val in ctx.base_env.items() if k not in toolkit.DROP}
+    env = toolkit.clean_env(ctx.base_env)
     try:
         try:
             run_commands("env", cmds, log, env, quiet=ctx.quiet)
@@ -313,7 +313,7 @@ def do_prepare(ctx: Ctx, log: Path, src: Path | None = None) -> dict:
     src = src or source_dir(ctx)
     if log.exists():
         log.unlink()
-    env = {k: val for k, val in ctx.base_env.items() if k not in toolkit.DROP}
+    env = toolkit.clean_env(ctx.base_env)
     result = prepare_mod.prepare(src, Path(sys.executable), log, env, version=ctx.variant.vllm["version"],
                                  patches_dir=ctx.layout.root / "patches")
     n = len(result["changed"])

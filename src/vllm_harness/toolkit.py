@@ -15,6 +15,11 @@ DROP = ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH", "CONDA_PREFIX_1", "PIP_REQUIR
         "__PYVENV_LAUNCHER__", "UV_PYTHON", "UV_PROJECT_ENVIRONMENT")
 
 
+def clean_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) without the variables in DROP."""
+    return {k: v for k, v in (os.environ if base is None else base).items() if k not in DROP}
+
+
 def find_toolkits(env: dict[str, str] | None = None) -> dict[str, str]:
     """{'11.8': '/usr/local/cuda-11.8', ...}: each toolkit found, by the version its nvcc reports
     (the same search as doctor's machine probe)."""
@@ -31,7 +36,7 @@ def lib_dirs(root: Path) -> list[str]:
 
 def child_env(base: dict[str, str], venv: Path, cuda_home: Path | None, extra: dict[str, str],
               drop_precompiled: bool, more_path: list[str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in base.items() if k not in DROP}
+    env = clean_env(base)
     if drop_precompiled:
         for k in ("VLLM_USE_PRECOMPILED", "VLLM_PRECOMPILED_WHEEL_LOCATION"):
             env.pop(k, None)
