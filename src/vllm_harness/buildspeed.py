@@ -31,7 +31,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -416,22 +415,10 @@ class CompilerCache:
             return {"tool": self.tool, "error": str(e)}
 
     def stop(self, env: dict[str, str]) -> None:
-        """Stop this build's sccache server and wait until it is gone (``--stop-server`` returns before the
-        process has exited: under load it was still there moments later); SIGTERM it after 10 s."""
-        if not (self.active and self.tool == "sccache"):
-            return
-        try:
-            self._run(["--stop-server"], env, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        sock = self.env.get("SCCACHE_SERVER_UDS", "")
-        deadline = time.monotonic() + 10
-        while (left := _find_sccache_servers(sock)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for pid in left:
+        if self.active and self.tool == "sccache":
             try:
-                os.kill(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
+                self._run(["--stop-server"], env, timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
                 pass
 
 
@@ -456,6 +443,8 @@ def _descendants(pids: list[int]) -> list[int]:
 def kill_descendants(pids: list[int]) -> None:
     """End every process below ``pids``: freeze the tree first (SIGSTOP until no new process appears, so a
     compiler driver cannot start cc1plus behind our back, nor leave it orphaned), then SIGTERM + SIGCONT."""
+    import signal
+
     def send(p: int, sig: int) -> None:
         try:
             os.kill(p, sig)
