@@ -10,7 +10,9 @@ The log is built (under /tmp) from the real lines of the test corpus (tests/logs
   soon as every failure id has been found (one finding per id is all it reports).
 
 grep gets the same patterns, translated from Python regex syntax to POSIX ERE.
-One run each; prints a table and a JSON line.
+diagnose runs with its default prefilter engine (Hyperscan where installed) in one process and
+with the default process count, and once more in one process with the pure-``re`` engine (the
+fallback where Hyperscan has no wheel).  One run each; prints a table and a JSON line.
 
     PYTHONPATH=src python benchmarks/bench_diagnose.py [--mb 200] [--keep]
 """
@@ -110,9 +112,9 @@ def time_grep(patterns: Path, log: Path) -> tuple[float, str]:
     return elapsed, proc.stdout.strip() + " matching lines"
 
 
-def time_diagnose(log: Path, workers: int | None) -> tuple[float, str]:
+def time_diagnose(log: Path, workers: int | None, engine: str | None = None) -> tuple[float, str]:
     t0 = time.perf_counter()
-    report = dg.diagnose_path(log, workers=workers)
+    report = dg.diagnose_path(log, workers=workers, engine=engine)
     elapsed = time.perf_counter() - t0
     ids = report.ids
     return elapsed, f"{len(ids)} ids: {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}"
@@ -158,8 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                 "grep_mb_s": round(mb / g_time, 1) if g_time == g_time else None,
                 "grep": g_note,
             }
-            for label, workers in (("diagnose_1proc", 1), ("diagnose_auto", None)):
-                d_time, d_note = time_diagnose(path, workers)
+            for label, workers, engine in (
+                ("diagnose_1proc", 1, None),
+                ("diagnose_auto", None, None),
+                ("diagnose_1proc_re", 1, "re"),
+            ):
+                d_time, d_note = time_diagnose(path, workers, engine)
                 row[f"{label}_s"] = round(d_time, 3)
                 row[f"{label}_mb_s"] = round(mb / d_time, 1)
                 row[f"{label}_ratio_to_grep"] = round(d_time / g_time, 2) if g_time == g_time else None
@@ -171,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"corpus: {len(lines)} lines, {len(quiet)} quiet lines; {sum(len(r.patterns) for r in rules)} patterns; "
-        f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs"
+        f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs; engine {dg.default_engine()} "
+        f"(available: {', '.join(dg.ENGINES)})"
     )
     workers = min(os.cpu_count() or 1, dg.MAX_WORKERS)
     header = (
         f"{'case':<6} {'MB':>6} {'grep s':>7} {'MB/s':>6} | {'diag 1 proc s':>13} {'MB/s':>6} {'ratio':>5} | "
-        f"{'diag auto s':>11} {'MB/s':>6} {'ratio':>5}"
+        f"{'diag auto s':>11} {'MB/s':>6} {'ratio':>5} | {'re 1 proc s':>11} {'ratio':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -184,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['case']:<6} {r['mb']:>6} {r['grep_s']:>7} {r['grep_mb_s']!s:>6} | {r['diagnose_1proc_s']:>13} "
             f"{r['diagnose_1proc_mb_s']:>6} {r['diagnose_1proc_ratio_to_grep']!s:>5} | {r['diagnose_auto_s']:>11} "
-            f"{r['diagnose_auto_mb_s']:>6} {r['diagnose_auto_ratio_to_grep']!s:>5}"
+            f"{r['diagnose_auto_mb_s']:>6} {r['diagnose_auto_ratio_to_grep']!s:>5} | "
+            f"{r['diagnose_1proc_re_s']:>11} {r['diagnose_1proc_re_ratio_to_grep']!s:>5}"
         )
     print(
         f"(ratio = diagnose time / grep time; 'auto' = diagnose_path default: up to {workers} processes "
@@ -192,7 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     for r in results:
         print(f"  {r['case']}: grep -> {r['grep']}; diagnose -> {r['diagnose_1proc']}")
-    print(json.dumps({"benchmark": "diagnose_vs_grep", "results": results}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "diagnose_vs_grep",
+                "engine": dg.default_engine(),
+                "engines": list(dg.ENGINES),
+                "results": results,
+            }
+        )
+    )
     return 0
 
 

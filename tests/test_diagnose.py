@@ -67,6 +67,14 @@ CLEAN = [e for e in INDEX if not e["expected"]]
 FAILING = [e for e in INDEX if e["expected"]]
 
 
+@pytest.fixture(autouse=True, scope="module", params=dg.ENGINES)
+def engine(request):
+    """Every test of this module runs with each prefilter engine available here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_HARNESS_DIAGNOSE_ENGINE", request.param)
+        yield request.param
+
+
 def scan(data: bytes, context: dict | None = None) -> dg.Report:
     return dg.diagnose_stream(io.BytesIO(data), context)
 

@@ -5,9 +5,11 @@ a cause and a fix.  :func:`diagnose_path` / :func:`diagnose_stream` scan a log o
 one streaming pass over binary chunks (never reading it whole):
 
 * every pattern has mandatory literals (*anchors*, derived from the regex or given in the
-  knowledge file).  The anchors of the failures not found yet form one trie-shaped bytes regex
-  searched over whole chunks in C; anchors starting with a frequent byte (``error:``...) get a
-  literal-prefix regex of their own.  Lines holding no anchor cost no Python work at all;
+  knowledge file).  The anchors of the failures not found yet are searched over whole chunks in
+  C: with Hyperscan (the ``hyperscan`` package, a multi-literal matcher as fast as grep) where
+  it is installed, else as one trie-shaped bytes regex, anchors starting with a frequent byte
+  (``error:``...) in a literal-prefix regex of their own (:data:`ENGINES`).  Lines holding no
+  anchor cost no Python work at all;
 * a line holding an anchor is decoded (``errors="replace"``), cleaned (ANSI codes, ``\r``
   redraw segments, pip/uv box prefixes, docker build and CI timestamp prefixes) and checked with
   the full regexes of the failures whose anchors it holds, on at most :data:`MAX_LINE_CHARS`
@@ -64,6 +66,21 @@ __all__ = [
 
 DEFAULT_KNOWLEDGE = Path(__file__).resolve().parent / "data" / "failures.toml"
 
+try:  # optional accelerator (x86_64 wheels on PyPI); the pure-``re`` prefilter is the fallback
+    import hyperscan as _hyperscan
+except Exception:  # noqa: BLE001 - ImportError, or a CPU/library it cannot use
+    _hyperscan = None
+
+#: Prefilter engines: ``hyperscan`` (when importable) and ``re``.  ``VLLM_HARNESS_DIAGNOSE_ENGINE``
+#: picks one; the default is the first available.
+ENGINES = tuple(e for e in ("hyperscan", "re") if e != "hyperscan" or _hyperscan is not None)
+
+
+def default_engine() -> str:
+    wanted = os.environ.get("VLLM_HARNESS_DIAGNOSE_ENGINE", "").strip()
+    return wanted if wanted in ENGINES else ENGINES[0]
+
+
 SEVERITIES = ("error", "warning", "info")
 
 #: Keys a fix may use as ``{key}`` or ``{key|fallback wording}``.
@@ -94,6 +111,8 @@ LONG_LINE_BYTES = 64 * 1024 * 1024
 PARALLEL_MIN_BYTES = 64 * 1024 * 1024
 #: At most this many processes.
 MAX_WORKERS = 8
+#: Anchor hits collected per Hyperscan pass (the rest of a block is scanned when needed).
+HS_BATCH = 512
 #: Minimum length of a derived anchor.
 MIN_ANCHOR = 4
 #: Maximum length of a derived anchor (longer literals are cut; a prefix is still mandatory).
@@ -555,6 +574,38 @@ def _trie_regex(words: Iterable[bytes], overlapping: bool = False) -> re.Pattern
     return re.compile(b"(?=(" + body + b"))" if overlapping else body)
 
 
+_HS_CACHE: dict[tuple[bytes, ...], Any] = {}
+
+
+def _hyperscan_db(words: tuple[bytes, ...]) -> Any:
+    """A Hyperscan block-mode database of ``words`` as literals (pattern id = index)."""
+    db = _HS_CACHE.get(words)
+    if db is None:
+        db = _hyperscan.Database(mode=_hyperscan.HS_MODE_BLOCK)
+        db.compile(
+            expressions=list(words),
+            ids=list(range(len(words))),
+            elements=len(words),
+            flags=[0] * len(words),
+            literal=True,
+        )
+        if len(_HS_CACHE) > 64:
+            _HS_CACHE.clear()
+        _HS_CACHE[words] = db
+    return db
+
+
+def _hs_collect(pattern_id: int, _start: int, end: int, _flags: int, out: list[int]) -> bool:
+    out.append(pattern_id)
+    out.append(end)
+    return len(out) >= 2 * HS_BATCH  # True stops the scan
+
+
+def _hs_collect_all(pattern_id: int, _start: int, end: int, _flags: int, out: list[int]) -> None:
+    out.append(pattern_id)
+    out.append(end)
+
+
 def _clean_segments(raw: bytes) -> list[str]:
     """Decode one (part of a) line and return its cleaned ``\\r`` segments."""
     text = raw.decode("utf-8", "replace")
@@ -579,7 +630,12 @@ def _evidence(text: str, match: re.Match[str] | None) -> str:
 class _Scanner:
     """State of one scan: what is found, what is still looked for, the first error block."""
 
-    def __init__(self, rules: Sequence[Rule]) -> None:
+    def __init__(self, rules: Sequence[Rule], engine: str | None = None) -> None:
+        self.engine = engine or default_engine()
+        if self.engine not in ENGINES:
+            raise ValueError(
+                f"diagnose engine {self.engine!r} is not available here (have: {', '.join(ENGINES)})"
+            )
         self.rules = list(rules)
         self.order = {r.id: i for i, r in enumerate(self.rules)}
         self.found: dict[str, tuple[int, str]] = {}
@@ -614,9 +670,41 @@ class _Scanner:
         main = _trie_regex(trie_words)
         self.searches = ([main] if main is not None else []) + searches
         self.scan_words = words
+        self.hs_db = _hyperscan_db(tuple(words)) if self.engine == "hyperscan" and words else None
+        self.hs_lengths = [len(w) for w in words]
         # for a line that holds anchors: which ones (also overlapping ones and prefixes)
         self.overlapping = _trie_regex(words, overlapping=True)
         self.prefixes: dict[bytes, list[bytes]] = {}
+
+    def _new_cache(self) -> list[int]:
+        return [2, 0] if self.hs_db is not None else [-2] * len(self.searches)
+
+    def _hs_fill(self, block: bytes, start: int, cache: list[int]) -> None:
+        """Fill ``cache`` with the next anchor starts from ``start``: at most about HS_BATCH of
+        them, since after a finding the anchors change and the rest would be scanned again."""
+        found = self._hs_scan(block, start, HS_BATCH)
+        lengths = self.hs_lengths
+        resume = -1
+        if len(found) >= 2 * HS_BATCH:  # stopped early
+            # every anchor starting before (last end - longest anchor) has been reported
+            resume = start + found[-1] - max(lengths)
+            if resume <= start:  # a batch too small for the anchors at one position
+                found, resume = self._hs_scan(block, start, 0), -1
+        starts = sorted({start + end - lengths[i] for i, end in zip(found[::2], found[1::2], strict=True)})
+        if resume != -1:
+            starts = [x for x in starts if x < resume]
+        cache[:] = [2, resume, *starts]
+
+    def _hs_scan(self, block: bytes, start: int, limit: int) -> list[int]:
+        """[pattern id, end, ...] of the anchors in ``block[start:]`` (``limit``: stop after as
+        many; 0: no limit)."""
+        found: list[int] = []
+        handler = _hs_collect if limit else _hs_collect_all
+        try:
+            self.hs_db.scan(memoryview(block)[start:], match_event_handler=handler, context=found)
+        except _hyperscan.ScanTerminated:  # _hs_collect stopped it after HS_BATCH hits
+            pass
+        return found
 
     @property
     def done(self) -> bool:
@@ -624,7 +712,21 @@ class _Scanner:
 
     def _next_hit(self, block: bytes, pos: int, cache: list[int]) -> int:
         """Position of the next anchor at or after ``pos`` (-1: none).  ``cache`` keeps the
-        next match of every search so that no stretch of the block is searched twice."""
+        next match of every search (``re``), or every anchor position of the block after the
+        position where it was built (``hyperscan``), so that no stretch is searched twice."""
+        if self.hs_db is not None:
+            # cache: [index of the next candidate, position to scan on from (-1: block done),
+            #         anchor starts in order...]
+            i, n = cache[0], len(cache)
+            while i < n and cache[i] < pos:
+                i += 1
+            while i == n and cache[1] != -1:
+                self._hs_fill(block, max(pos, cache[1]), cache)
+                i, n = 2, len(cache)
+                while i < n and cache[i] < pos:
+                    i += 1
+            cache[0] = i
+            return cache[i] if i < n else -1
         best = -1
         for i, rx in enumerate(self.searches):
             at = cache[i]
@@ -644,7 +746,7 @@ class _Scanner:
         line_no = first_line
         if self.pending_error_lines:
             self._continue_error_block(block, first_line)
-        cache = [-2] * len(self.searches)
+        cache = self._new_cache()
         while self.scan_words:
             hit = self._next_hit(block, pos, cache)
             if hit < 0:
@@ -669,7 +771,7 @@ class _Scanner:
                 self._continue_error_block(block, line_no + 1, start=le + 1)
             if changed:
                 self._rebuild()
-                cache = [-2] * len(self.searches)
+                cache = self._new_cache()
             pos = next_pos
         return block.count(b"\n")
 
@@ -777,9 +879,9 @@ class _Limited:
         return data
 
 
-def _scan(binary_stream: Any, rules: Sequence[Rule]) -> tuple[_Scanner, int]:
+def _scan(binary_stream: Any, rules: Sequence[Rule], engine: str | None = None) -> tuple[_Scanner, int]:
     """Scan a stream; returns the scanner and the number of lines it went through."""
-    scanner = _Scanner(rules)
+    scanner = _Scanner(rules, engine)
     overlap = max((len(a) for a in scanner.anchor_rules), default=1) + max(
         len(a) for a in _FIRST_ERROR_ANCHORS
     )
@@ -853,21 +955,24 @@ def diagnose_stream(
     *,
     rules: Sequence[Rule] | None = None,
     name: str = "<stream>",
+    engine: str | None = None,
 ) -> Report:
     """Scan a binary stream (read in chunks, never whole) and return the report."""
     rules = load_knowledge() if rules is None else list(rules)
-    scanner, _ = _scan(binary_stream, rules)
+    scanner, _ = _scan(binary_stream, rules, engine)
     return _report(rules, scanner.found, scanner.first_error, context, name)
 
 
-def _scan_range(path: str, start: int, end: int, rules: Sequence[Rule]) -> tuple[dict, list, int, int]:
+def _scan_range(
+    path: str, start: int, end: int, rules: Sequence[Rule], engine: str | None = None
+) -> tuple[dict, list, int, int]:
     """Worker: scan bytes [start, end) of a file (whole lines).  Returns the findings and first
     error block (line numbers relative to ``start``), the lines still missing from that block,
     and the number of newlines in the range."""
     with open(path, "rb") as fh:
         fh.seek(start)
         reader = _Limited(fh, end - start)
-        scanner, lines = _scan(reader, rules)
+        scanner, lines = _scan(reader, rules, engine)
         if reader.left > 0:  # stopped early: count the rest of the range for the line numbers
             while True:
                 data = reader.read(CHUNK_SIZE)
@@ -894,7 +999,9 @@ def _split_points(path: str, size: int, parts: int) -> list[int]:
     return sorted(set(points))
 
 
-def _diagnose_parallel(path: str, rules: Sequence[Rule], workers: int) -> tuple[dict, list]:
+def _diagnose_parallel(
+    path: str, rules: Sequence[Rule], workers: int, engine: str | None = None
+) -> tuple[dict, list]:
     import concurrent.futures
     import multiprocessing
 
@@ -905,7 +1012,8 @@ def _diagnose_parallel(path: str, rules: Sequence[Rule], workers: int) -> tuple[
         len(points) - 1, mp_context=multiprocessing.get_context(ctx_name)
     ) as pool:
         futures = [
-            pool.submit(_scan_range, path, points[i], points[i + 1], rules) for i in range(len(points) - 1)
+            pool.submit(_scan_range, path, points[i], points[i + 1], rules, engine)
+            for i in range(len(points) - 1)
         ]
         results = [f.result() for f in futures]
     found: dict[str, tuple[int, str]] = {}
@@ -940,18 +1048,19 @@ def diagnose_path(
     *,
     rules: Sequence[Rule] | None = None,
     workers: int | None = None,
+    engine: str | None = None,
 ) -> Report:
     """Diagnose a log file; ``"-"`` reads standard input.
 
     ``workers``: processes scanning parts of a large file in parallel; ``None`` = one per CPU
     (at most :data:`MAX_WORKERS`) for regular files of :data:`PARALLEL_MIN_BYTES` or more,
-    ``1`` = always a single streaming pass."""
+    ``1`` = always a single streaming pass.  ``engine``: the prefilter (:data:`ENGINES`)."""
     rules = load_knowledge() if rules is None else list(rules)
     if str(path) == "-":
         stream = getattr(sys.stdin, "buffer", None)
         if stream is None:  # pragma: no cover - stdin replaced by a text stream
             stream = io.BytesIO(sys.stdin.read().encode("utf-8", "replace"))
-        return diagnose_stream(stream, context, rules=rules, name="-")
+        return diagnose_stream(stream, context, rules=rules, name="-", engine=engine)
     name = str(path)
     if workers is None:
         workers = min(os.cpu_count() or 1, MAX_WORKERS)
@@ -961,10 +1070,10 @@ def diagnose_path(
         except OSError:
             workers = 1
     if workers > 1:
-        found, first_error = _diagnose_parallel(name, rules, workers)
+        found, first_error = _diagnose_parallel(name, rules, workers, engine)
         return _report(rules, found, [] if found else first_error, context, name)
     with open(path, "rb") as fh:
-        return diagnose_stream(fh, context, rules=rules, name=name)
+        return diagnose_stream(fh, context, rules=rules, name=name, engine=engine)
 
 
 # --------------------------------------------------------------------------------------------
@@ -998,4 +1107,5 @@ def render_table(report: Report, console: Any = None, show: bool = True) -> str:
                 block.append(text + "\n")
             parts.append(block)
     from .runner import emit
+
     return emit(parts, console, show)
