@@ -236,6 +236,60 @@ SCCACHE_JSON = ('{"stats":{"compile_requests":9,"requests_not_cacheable":1,"cach
 CCACHE_TSV = "cache_miss\t2\ndirect_cache_hit\t5\npreprocessed_cache_hit\t1\ninternal_error\t0\nremote_storage_hit\t3\n"
 
 
+SPAWNER = """
+import subprocess, sys, time
+# a stand-in for the sccache server: it keeps starting 'compiles' (which start children of their own)
+marker = sys.argv[1]
+kids = []
+while True:
+    kids.append(subprocess.Popen([sys.executable, "-c",
+        "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(600)','%s']); "
+        "time.sleep(600)" % marker, marker]))
+    time.sleep(0.02)
+"""
+
+
+def _tree_pids(marker: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker.encode() in (d / "cmdline").read_bytes() and bs._alive(int(d.name)):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def test_end_process_trees_leaves_nothing_of_a_server_that_keeps_spawning(tmp_path):
+    marker = f"harness-tree-test-{os.getpid()}-{time.monotonic_ns()}"
+    server = subprocess.Popen([sys.executable, "-c", SPAWNER, marker], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(_tree_pids(marker)) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_tree_pids(marker)) >= 8, "the stand-in server did not start its children"
+        bs.end_process_trees([server.pid], grace=5)
+        server.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while _tree_pids(marker) and time.monotonic() < deadline:  # orphans are reaped by init
+            time.sleep(0.05)
+        assert _tree_pids(marker) == []
+    finally:
+        for pid in _tree_pids(marker):
+            os.kill(pid, 9)
+
+
+def test_alive_is_false_for_gone_and_zombie_processes():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while bs._alive(child.pid) and time.monotonic() < deadline:  # exits, stays a zombie until waited for
+        time.sleep(0.02)
+    assert not bs._alive(child.pid) and Path(f"/proc/{child.pid}").exists()
+    child.wait()
+    assert not bs._alive(child.pid) and bs._alive(os.getpid())
+
+
 def test_stats_parsers_and_summary():
     s = bs.parse_sccache_stats(SCCACHE_JSON)
     assert (s["hits"], s["misses"], s["requests"], s["not_cacheable"]) == (6, 1, 9, 1)

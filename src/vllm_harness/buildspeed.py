@@ -31,6 +31,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -414,12 +415,29 @@ class CompilerCache:
         except (OSError, subprocess.TimeoutExpired, ValueError) as e:
             return {"tool": self.tool, "error": str(e)}
 
-    def stop(self, env: dict[str, str]) -> None:
-        if self.active and self.tool == "sccache":
-            try:
-                self._run(["--stop-server"], env, timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
+    def stop(self, env: dict[str, str], interrupted: bool = False) -> None:
+        """Stop this build's private sccache server and make sure it is gone with its compiles.
+
+        ``--stop-server`` returns before the server process has exited (under load it was still there
+        moments later), so wait for it; one that does not exit within 10 s is ended with its compiles.
+        ``interrupted``: the build was cut short, so the server may still be running compiles (it
+        starts them as its own children, outside the build's process group): end it and them at once."""
+        if not (self.active and self.tool == "sccache"):
+            return
+        sock = self.env.get("SCCACHE_SERVER_UDS", "")
+        servers = sorted(set(self.server_pids) | set(_find_sccache_servers(sock)))
+        if interrupted:
+            end_process_trees(servers)
+            return
+        try:
+            self._run(["--stop-server"], env, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        deadline = time.monotonic() + 10
+        while (left := [p for p in servers if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if left:
+            end_process_trees(left)
 
 
 def _descendants(pids: list[int]) -> list[int]:
@@ -440,19 +458,35 @@ def _descendants(pids: list[int]) -> list[int]:
     return out
 
 
-def kill_descendants(pids: list[int]) -> None:
-    """End every process below ``pids``: freeze the tree first (SIGSTOP until no new process appears, so a
-    compiler driver cannot start cc1plus behind our back, nor leave it orphaned), then SIGTERM + SIGCONT."""
-    import signal
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, waiting for its parent to reap it, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def end_process_trees(roots: list[int], grace: float = 5.0) -> None:
+    """End ``roots`` and every process below them, leaving none behind.
+
+    The roots are frozen first, then their descendants (SIGSTOP, repeated until no new process appears), so
+    that neither a server nor a compiler driver can start a new child behind our back or leave one orphaned;
+    then all get SIGTERM + SIGCONT, and SIGKILL if they are still there after ``grace`` seconds."""
 
     def send(p: int, sig: int) -> None:
         try:
             os.kill(p, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
     frozen: list[int] = []
-    for _ in range(20):
-        new = [p for p in _descendants(pids) if p not in frozen]
+    for p in roots:
+        if _alive(p):
+            send(p, signal.SIGSTOP)
+            frozen.append(p)
+    for _ in range(50):
+        new = [p for p in _descendants(frozen) if p not in frozen]
         if not new:
             break
         for p in new:
@@ -461,6 +495,11 @@ def kill_descendants(pids: list[int]) -> None:
     for p in reversed(frozen):
         send(p, signal.SIGTERM)
         send(p, signal.SIGCONT)
+    deadline = time.monotonic() + grace
+    while (left := [p for p in frozen if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in left:
+        send(p, signal.SIGKILL)
 
 
 HEADER_EPOCH = 946684800   # 2000-01-01: one mtime for every torch header of a harness venv
@@ -732,12 +771,11 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
     except BaseException as e:  # noqa: B036 - recorded below, then raised again
         failed = e
     secs = time.monotonic() - t0
-    if failed is not None and not isinstance(failed, StepFailed):
-        # interrupted: the compiles the sccache server runs for this build are its children, outside the
-        # build's process group; end them too (the server itself is stopped just below)
-        kill_descendants(cache.server_pids)
-    stats = cache.stats(env)
-    cache.stop(env)
+    interrupted = failed is not None and not isinstance(failed, StepFailed)
+    # interrupted: no statistics (asking a stopped server would start a new one); the compiles the sccache
+    # server runs for this build are its children, outside the build's process group: they end with it
+    stats = {"tool": cache.tool, "error": "interrupted"} if interrupted and cache.active else cache.stats(env)
+    cache.stop(env, interrupted=interrupted)
     mem = sampler.result()
     compiled = not cache.active or stats.get("misses", 0) > 0 or "error" in stats
     oom = failed is not None and isinstance(failed, StepFailed) and looks_oom(log)
