@@ -50,6 +50,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "vllm-mini"
 VLLM_FILES = ["csrc/layernorm_kernels.cu", "csrc/activation_kernels.cu", "csrc/moe/topk_softmax_kernels.cu"]
 ROWS: list[dict] = []
 REPEAT = 2   # auto-jobs vs MAX_JOBS=1 pairs, alternated
+DEFAULT_ARCHS: str | None = None   # --default-archs (else vLLM's CMake list for this CUDA, from the compat data)
 
 
 def row(part: str, case: str, seconds: float | None, peak_tree: float | None = None, peak_job: float | None = None,
@@ -174,7 +175,18 @@ def gencode(archs: str) -> list[str]:
 
 
 def nvcc_argv(nvcc: str, src: Path, out: Path, incs: list[str], td: dict, archs: str) -> list[str]:
-    """The flags vLLM's CMake gives nvcc for a _C source (torch's CMAKE_CUDA_FLAGS + VLLM_GPU_FLAGS)."""
+    """The flags vLLM's CMake gives nvcc for a _C source (torch's CMAKE_CUDA_FLAGS + VLLM_GPU_FLAGS).  From
+    CUDA 12.0 vLLM's utils.cmake removes torch's ``-D__CUDA_NO_HALF*`` flags (its kernels use the half2
+    operators), as done here."""
+    argv = _nvcc_argv(nvcc, src, out, incs, td, archs)
+    if tuple(int(x) for x in td.get("nvcc", "0.0").split(".")[:2]) >= (12, 0):
+        drop = {"-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"}
+        argv = [a for a in argv if a not in drop]
+    return argv
+
+
+def _nvcc_argv(nvcc: str, src: Path, out: Path, incs: list[str], td: dict, archs: str) -> list[str]:
     return [nvcc, "-c", str(src), "-o", str(out),
             "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", f"-D_GLIBCXX_USE_CXX11_ABI={td['abi']}",
             "-DVLLM_FIXTURE_CUDA", "-DUSE_C10D_GLOO", "-DUSE_DISTRIBUTED",
@@ -188,6 +200,32 @@ def nvcc_argv(nvcc: str, src: Path, out: Path, incs: list[str], td: dict, archs:
             "--expt-extended-lambda", "--threads=1", "-DENABLE_FP8",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__", *gencode(archs)]
+
+
+def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
+    """Run one compile; (seconds, peak RSS of its largest process in GiB (wait4's ru_maxrss: cicc, cc1plus),
+    exit code, stderr tail)."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        secs = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = err.read()[-3000:].decode(errors="replace")
+    return secs, usage.ru_maxrss / 1024 / 1024, proc.returncode, tail
+
+
+def run_each(argvs: list[list[str]], env: dict[str, str]) -> list[tuple[float, float]]:
+    """Run all compiles at once, each timed on its own (for a machine with a core per compile); raises on a
+    failed compile.  Returns (seconds, peak GiB) per compile."""
+    with ThreadPoolExecutor(max_workers=len(argvs)) as pool:
+        results = list(pool.map(lambda a: _timed(a, env), argvs))
+    for a, (_s, _g, rc, tail) in zip(argvs, results, strict=True):
+        if rc != 0:
+            raise RuntimeError(f"{'OOM-killed' if rc < 0 or bs.OOM_RE.search(tail) else 'failed'} ({rc}): "
+                               f"{' '.join(a[:3])}: {tail.strip()[-1500:]}")
+    return [(s, g) for s, g, _rc, _t in results]
 
 
 def run_jobs(argvs: list[list[str]], jobs: int, env: dict[str, str], job_parents: list[int] = ()) -> tuple[float, dict]:
@@ -206,7 +244,8 @@ def run_jobs(argvs: list[list[str]], jobs: int, env: dict[str, str], job_parents
 
 
 def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_arch: str, tmp: Path,
-              sccache: str | None) -> dict:
+              sccache: str | None, what: tuple[str, ...] = ("archs", "jobs", "sccache"),
+              concurrent: bool = False) -> dict:
     nvcc = _nvcc()
     if not nvcc:
         print(f"{part}: skipped (no nvcc)")
@@ -217,6 +256,7 @@ def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_ar
         print(f"{part}: skipped ({e})")
         return {"skipped": str(e)}
     cuda = _nvcc_release(nvcc)
+    td["nvcc"] = cuda
     extra_inc = []
     macros = "c10/cuda/impl/cuda_cmake_macros.h"
     if not any((Path(i) / macros).is_file() for i in td["inc"]):
@@ -224,7 +264,7 @@ def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_ar
         (gen / macros).parent.mkdir(parents=True, exist_ok=True)
         (gen / macros).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         extra_inc.append(str(gen))
-    default = bs.default_archs("0.20.2", cuda) or "7.5;8.0;8.6;8.7;8.9;9.0;10.0;11.0;12.0"
+    default = DEFAULT_ARCHS or bs.default_archs("0.20.2", cuda) or "7.5;8.0;8.6;8.7;8.9;9.0;10.0;11.0;12.0"
     n_default = len([a for a in default.split(";") if a])
     print(f"{part}: nvcc {cuda} ({nvcc}), torch {td['version']} headers"
           f"{' + generated ' + macros if extra_inc else ''}; GPU arch {gpu_arch} vs vLLM's default list for "
@@ -235,24 +275,46 @@ def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_ar
     out = tmp / f"{part}-obj"
     out.mkdir(exist_ok=True)
     incs = incs + extra_inc
-    for f in files:
-        one_s, one_m = run_jobs([nvcc_argv(nvcc, f, out / (f.stem + ".1.o"), incs, td, gpu_arch)], 1, env)
-        row(part, f"{f.name}: {gpu_arch} only", one_s, one_m["peak_tree_gib"], one_m["peak_job_gib"])
-        all_s, all_m = run_jobs([nvcc_argv(nvcc, f, out / (f.stem + ".d.o"), incs, td, default)], 1, env)
-        row(part, f"{f.name}: default {n_default} archs", all_s, all_m["peak_tree_gib"], all_m["peak_job_gib"],
-            ratio=round(one_s / all_s, 2))
-        res["files"][f.name] = {"one_arch_s": round(one_s, 1), "default_s": round(all_s, 1),
-                                "ratio": round(one_s / all_s, 3), "peak_one_gib": one_m["peak_job_gib"],
-                                "peak_default_gib": all_m["peak_job_gib"]}
+    if "archs" in what and concurrent:
+        # every (file, arch list) compile at once, each timed alone: one process per core, as many cores as
+        # compiles (checked), so they do not slow each other down beyond shared caches and memory bandwidth
+        argvs = [nvcc_argv(nvcc, f, out / (f.stem + suffix), incs, td, archs)
+                 for f in files for suffix, archs in ((".1.o", gpu_arch), (".d.o", default))]
+        if cores_here() < len(argvs):
+            raise SystemExit(f"--concurrent needs {len(argvs)} cores, this machine has {cores_here()}")
+        timed = run_each(argvs, env)
+        res["archs_concurrent"] = len(argvs)
+        for i, f in enumerate(files):
+            (one_s, one_g), (all_s, all_g) = timed[2 * i], timed[2 * i + 1]
+            row(part, f"{f.name}: {gpu_arch} only", one_s, None, one_g, concurrent=len(argvs))
+            row(part, f"{f.name}: default {n_default} archs", all_s, None, all_g, ratio=round(one_s / all_s, 2),
+                concurrent=len(argvs))
+            res["files"][f.name] = {"one_arch_s": round(one_s, 1), "default_s": round(all_s, 1),
+                                    "ratio": round(one_s / all_s, 3), "peak_one_gib": round(one_g, 2),
+                                    "peak_default_gib": round(all_g, 2)}
+    elif "archs" in what:
+        for f in files:
+            (one_s, one_g), = run_each([nvcc_argv(nvcc, f, out / (f.stem + ".1.o"), incs, td, gpu_arch)], env)
+            row(part, f"{f.name}: {gpu_arch} only", one_s, None, one_g)
+            (all_s, all_g), = run_each([nvcc_argv(nvcc, f, out / (f.stem + ".d.o"), incs, td, default)], env)
+            row(part, f"{f.name}: default {n_default} archs", all_s, None, all_g, ratio=round(one_s / all_s, 2))
+            res["files"][f.name] = {"one_arch_s": round(one_s, 1), "default_s": round(all_s, 1),
+                                    "ratio": round(one_s / all_s, 3), "peak_one_gib": round(one_g, 2),
+                                    "peak_default_gib": round(all_g, 2)}
     # auto jobs vs one job, all files, the GPU's arch
-    cores = len(os.sched_getaffinity(0))
-    per = max(v["peak_one_gib"] for v in res["files"].values()) or bs.PRIOR_GIB_PER_THREAD["cuda"]
-    choice = bs.choose_jobs(cores, bs.mem_available_gib(), per, f"measured just now: {per:.2f} GiB per nvcc",
-                            "cuda", 1)
+    cores = cores_here()
+    if res["files"]:
+        per = max(v["peak_one_gib"] for v in res["files"].values())
+        per_why = f"measured just now: {per:.2f} GiB per nvcc"
+    else:
+        per, per_why = bs.PRIOR_GIB_PER_THREAD["cuda"], "the harness's prior figure"
+    choice = bs.choose_jobs(cores, bs.mem_available_gib(), per, per_why, "cuda", 1)
+    if "jobs" not in what and "sccache" not in what:
+        return res
     argv = [nvcc_argv(nvcc, f, out / (f.stem + f".j{i}.o"), incs, td, gpu_arch) for i, f in enumerate(files)]
     auto_s = one_s = 0.0
     auto_m: dict = {}
-    for i, jobs in enumerate([choice.jobs, 1, 1, choice.jobs][:2 * REPEAT]):   # alternated, see part_fixture
+    for i, jobs in enumerate([choice.jobs, 1, 1, choice.jobs][:2 * REPEAT] if "jobs" in what else []):
         s, m = run_jobs(argv, jobs, env)
         row(part, f"{len(files)} files, {'auto jobs' if jobs == choice.jobs else 'MAX_JOBS=1'} ({jobs}) #{i + 1}",
             s, m["peak_tree_gib"], m["peak_job_gib"])
@@ -260,10 +322,14 @@ def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_ar
             auto_s, auto_m = auto_s + s, m
         else:
             one_s += s
-    res["jobs"] = {"auto": choice.jobs, "why": choice.why, "auto_s": round(auto_s, 1), "one_s": round(one_s, 1),
-                   "speedup": round(one_s / auto_s, 2), "peak_auto_gib": auto_m["peak_tree_gib"]}
+    if "jobs" in what:
+        res["jobs"] = {"auto": choice.jobs, "why": choice.why, "auto_s": round(auto_s, 1),
+                       "one_s": round(one_s, 1), "speedup": round(one_s / auto_s, 2),
+                       "peak_auto_gib": auto_m["peak_tree_gib"]}
     # sccache cold vs warm on nvcc (a fresh cache folder; a second object path = a fresh build tree)
-    if sccache:
+    if "sccache" not in what:
+        pass
+    elif sccache:
         cache = bs.setup_cache(sccache, tmp / f"{part}-state", tmp / "no-venv", env, [tmp])
         cenv = {**env, **cache.env}
         cache.start(cenv)
@@ -284,6 +350,10 @@ def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_ar
     else:
         res["sccache"] = {"skipped": "no sccache >= 0.9 (--sccache PATH)"}
     return res
+
+
+def cores_here() -> int:
+    return len(os.sched_getaffinity(0))
 
 
 def _find_sccache(given: str | None, fixture_venv: str | None) -> str | None:
@@ -309,6 +379,7 @@ def _gpu_arch(given: str | None) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
+    global REPEAT, DEFAULT_ARCHS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", help="fixture,cuda-fixture,vllm-kernels (default: fixture,cuda-fixture; "
                     "vllm-kernels alone when --vllm-kernels is given)")
@@ -317,10 +388,22 @@ def main(argv: list[str] | None = None) -> int:
                     "else this one)")
     ap.add_argument("--gpu-arch", dest="gpu_arch", help="the 'GPU-matched' arch (default: this machine's GPU)")
     ap.add_argument("--sccache", help="sccache >= 0.9 for the nvcc cache rows (default: the fixture venv's, PATH)")
+    ap.add_argument("--nvcc-cases", dest="nvcc_cases", default="archs,jobs,sccache",
+                    help="which nvcc comparisons to run (default: archs,jobs,sccache)")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run the arch comparison's compiles all at once, each timed alone (needs a core each: "
+                    "for a many-core GPU machine with little time)")
+    ap.add_argument("--repeat", type=int, default=2, help="auto-jobs/MAX_JOBS=1 pairs, alternated (default 2)")
+    ap.add_argument("--default-archs", dest="default_archs",
+                    help="the arch list to compare against (default: vLLM 0.20's CMake list for this CUDA; "
+                    "vLLM's Docker image uses '7.5;8.0;8.6;8.9;9.0;10.0;11.0;12.0+PTX')")
     ap.add_argument("--out", help="write the JSON here too")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     a = ap.parse_args(argv)
     parts = (a.parts or ("vllm-kernels" if a.vllm_kernels else "fixture,cuda-fixture")).split(",")
+    REPEAT = max(1, a.repeat)
+    DEFAULT_ARCHS = a.default_archs.replace(" ", ";") if a.default_archs else None
+    what = tuple(x.strip() for x in a.nvcc_cases.split(",") if x.strip())
     tmp = Path(tempfile.mkdtemp(prefix="bench-build-"))
     cores, mem = len(os.sched_getaffinity(0)), bs.mem_available_gib()
     gpu_arch, gpu_why = _gpu_arch(a.gpu_arch)
@@ -337,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if "cuda-fixture" in parts:
             files = [FIXTURE / "csrc" / "layernorm_kernels.cu", FIXTURE / "csrc" / "activation_kernels.cu"]
             result["cuda_fixture"] = part_nvcc("cuda-fixture", files, [str(FIXTURE / "csrc")], python, gpu_arch,
-                                               tmp, sccache)
+                                               tmp, sccache, what, a.concurrent)
         if "vllm-kernels" in parts:
             if not a.vllm_kernels:
                 raise SystemExit("--parts vllm-kernels needs --vllm-kernels DIR")
@@ -346,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             if not files:
                 raise SystemExit(f"{root}: none of {', '.join(VLLM_FILES)}")
             result["vllm_kernels"] = part_nvcc("vllm-kernels", files, [str(root / "csrc"), str(root)], python,
-                                               gpu_arch, tmp, sccache)
+                                               gpu_arch, tmp, sccache, what, a.concurrent)
     finally:
         if not a.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -382,14 +465,13 @@ def targets(res: dict) -> list[dict]:
                     "ok": a1 / aa >= 1.6, "note": "3 translation units: 2 cores can overlap only two of them"})
     for key, label in (("cuda_fixture", "fixture .cu"), ("vllm_kernels", "vLLM kernels")):
         p = res.get(key) or {}
-        if not p.get("files"):
-            continue
-        one = sum(v["one_arch_s"] for v in p["files"].values())
-        dflt = sum(v["default_s"] for v in p["files"].values())
-        real = key == "vllm_kernels"
-        out.append({"name": f"{label} one-arch/default-archs", "value": round(one / dflt, 3), "target": "<= 0.3",
-                    "ok": (one / dflt <= 0.3) if real else None,
-                    "note": "" if real else "the target is for real vLLM kernels (fixture kernels, torch headers)"})
+        if p.get("files"):
+            one = sum(v["one_arch_s"] for v in p["files"].values())
+            dflt = sum(v["default_s"] for v in p["files"].values())
+            real = key == "vllm_kernels"
+            out.append({"name": f"{label} one-arch/default-archs", "value": round(one / dflt, 3),
+                        "target": "<= 0.3", "ok": (one / dflt <= 0.3) if real else None,
+                        "note": "" if real else "the target is for real vLLM kernels (fixture kernels, torch headers)"})
         j = p.get("jobs") or {}
         if j:
             out.append({"name": f"{label} auto jobs vs MAX_JOBS=1", "value": j["speedup"], "target": ">= 1.6x",
