@@ -214,6 +214,20 @@ def test_source_tree_pins_win_over_the_table():
     assert pins["python"][0] == ">=3.9"
 
 
+def test_a_passing_compile_probe_of_this_tree_outweighs_the_pin_rule(tmp_path):
+    """The fixture pins torch 2.5.1 on purpose; once the build's compile probe of this very tree passed against
+    the variant's torch, a second build is not stopped (warning, naming the probe); any other record is not
+    enough."""
+    v = variant("cu118")
+    passed = {"status": "pass", "source": str(MINI), "torch": "2.6.0+cu118", "log": "/x/probe.log"}
+    f = by_id(doctor.check(v, profile("rtx4090-driver550"), source_dir=MINI, probe=passed), "torch-api-mismatch")
+    assert f.severity == "warning" and "compile probe" in f.evidence and "2.5.1" in f.evidence
+    for other in ({**passed, "status": "fail"}, {**passed, "torch": "2.5.1"}, {**passed, "source": str(tmp_path)},
+                  {"status": "pass"}, {}):
+        f = by_id(doctor.check(v, profile("rtx4090-driver550"), source_dir=MINI, probe=other), "torch-api-mismatch")
+        assert f.severity == "error", other
+
+
 def test_source_tree_cmake_archs_and_python(tmp_path):
     tree = tmp_path / "vllm"
     tree.mkdir()

@@ -46,7 +46,8 @@ def test_fixture_builds_verifies_and_reuses_its_steps(harness, state, tmp_path):
                                          "multi-gpu"].index)
     assert data["binaries"]["libraries"] == 1 and "binaries" in data["layer_seconds"]
     names = {c["name"] for c in data["checks"]}
-    assert {"rms_norm bfloat16 (cpu)", "fused_add_rms_norm float16 (cpu)", "silu_and_mul float32 (cpu)"} <= names
+    assert {"rms_norm bfloat16 (cpu)", "fused_add_rms_norm float16 (cpu)", "silu_and_mul float32 (cpu)",
+            "rotary_embedding float32 (cpu)"} <= names
 
 
 def test_old_cmake_fails_the_build_and_leaves_the_env_marked_not_built(harness, state, tmp_path):

@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import local_cpu_torch, needs_pypi
+from conftest import ROOT, local_cpu_torch, needs_pypi
 
 from vllm_harness import probe
 from vllm_harness.errors import StepFailed
@@ -89,6 +89,20 @@ def test_probe_cli_json_without_a_variant(harness, tmp_path):
     assert res["findings"][0]["id"] == "torch-api-mismatch" and res["source_pins_torch"] == "2.6.0"
     rc, out, err = harness("probe", "--source", src, "--python", py)
     assert rc == 1 and "does NOT compile" in out and "fix: This vLLM source pins torch 2.6.0" in out
+
+
+@needs_cxx
+def test_diagnose_of_a_probe_log_names_the_source_pin_not_the_variant_torch(harness, tmp_path):
+    src = fake_vllm(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(fake_torch(tmp_path / "old", "2.3.0+cu121", ["core", "pointwise"]))}
+    log = tmp_path / "logs" / "probe.log"
+    res = probe.run_probe(src, Path(sys.executable), env, log)
+    assert res["status"] == "fail" and probe.load_record(log)["source_pins_torch"] == "2.6.0"
+    # the variant's fix context names torch 2.11.0 (cu130); the probe's record names the source's pin
+    rc, out, err = harness("diagnose", "--log", log, "--variant", ROOT / "envs" / "cu130.toml", "--json")
+    assert rc == 1, err
+    top = json.loads(out)["findings"][0]
+    assert top["id"] == "torch-api-mismatch" and "2.6.0" in top["fix"] and "2.11" not in top["fix"]
 
 
 @needs_cxx

@@ -141,3 +141,56 @@ def test_interrupted_runs_resume_and_concurrent_runs_serialise(tmp_path):
     # nothing lost: the repo's fixture and a file outside the state folder are as they were
     assert _tree_digest(ROOT / "tests" / "fixtures" / "vllm-mini") == fixture_before
     assert sentinel.read_text() == "must survive"
+
+
+KILLED_RUNNER = """
+import sys
+from pathlib import Path
+from vllm_harness.runner import run_commands
+marker = sys.argv[1]
+# a build-like command whose own children (a compiler under ninja) must not outlive the harness
+run_commands("build", [["sh", "-c", "sleep 300 & sleep 300; : " + marker]], Path(sys.argv[2]), {"PATH": "/usr/bin:/bin"},
+             quiet=True)
+"""
+
+
+def _with_marker(marker: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                stat = (d / "stat").read_text()
+                if marker.encode() in (d / "cmdline").read_bytes() and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def test_sigkill_of_the_harness_still_ends_the_build_processes(tmp_path):
+    """SIGKILL (or the OOM killer) gives the harness no chance to end its build: the watchdog does."""
+    marker = f"harness-sigkill-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    runner = subprocess.Popen([sys.executable, "-c", KILLED_RUNNER, marker, str(tmp_path / "build.log")], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while len(_with_marker(marker)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert _with_marker(marker), "the command did not start"
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while _with_marker(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _with_marker(marker) == []
+    finally:
+        for pid in _with_marker(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_finished_command_leaves_no_watchdog(tmp_path):
+    from vllm_harness import runner as runner_mod
+    before = {p for p in _with_marker("os.killpg(pgid")}
+    runner_mod.run_commands("x", [["true"]], tmp_path / "x.log", {"PATH": "/usr/bin:/bin"}, quiet=True)
+    assert {p for p in _with_marker("os.killpg(pgid")} - before == set()

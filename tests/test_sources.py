@@ -431,6 +431,26 @@ def test_prepare_without_script_strips_pins_keeps_the_rest_and_is_idempotent(tmp
     assert again["changed"] == []
 
 
+def test_prepare_refuses_a_requirement_link_pointing_outside_the_tree(tmp_path):
+    src = _layout_06(tmp_path)
+    outside = tmp_path / "users-own-requirements.txt"
+    outside.write_text("torch == 2.5.1\nnumpy\n")
+    (src / "requirements-cuda.txt").unlink()
+    (src / "requirements-cuda.txt").symlink_to(outside)
+    before = {f: f.read_bytes() for f in src.iterdir() if f.is_file()}
+    with pytest.raises(StepFailed) as e:
+        prepare.prepare(src, Path(sys.executable), tmp_path / "p.log", dict(os.environ))
+    assert "requirements-cuda.txt" in str(e.value) and str(outside) in str(e.value) and "copy" in e.value.fix
+    assert outside.read_text() == "torch == 2.5.1\nnumpy\n"          # the file outside was not touched
+    assert {f: f.read_bytes() for f in src.iterdir() if f.is_file()} == before  # nor the tree
+    # a link inside the tree is fine
+    (src / "requirements-cuda.txt").unlink()
+    (src / "requirements-cuda-real.txt").write_text("torch == 2.5.1\n")
+    (src / "requirements-cuda.txt").symlink_to(src / "requirements-cuda-real.txt")
+    res = prepare.prepare(src, Path(sys.executable), tmp_path / "p.log", dict(os.environ))
+    assert prepare.torch_pins(src) == [] and res["torch_pin"] == "2.5.1"
+
+
 def test_prepare_runs_a_tools_script_with_prefix_and_finishes_its_job(tmp_path):
     src = tmp_path / "v31"
     (src / "tools").mkdir(parents=True)

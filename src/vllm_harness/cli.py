@@ -129,6 +129,12 @@ def cmd_diagnose(a) -> int:
         raise UsageError(f"--log {log}: no such file.", "Give the path of a build or install log, or - for stdin.")
     if a.variant:
         context = _variant(layout, a.variant).fix_context()
+    if log != "-" and Path(log).name == "probe.log":
+        # a compile probe's log: its fix names the torch the *source* pins (the probe's record), not the variant's
+        from .probe import load_record
+        pin = (load_record(Path(log)) or {}).get("source_pins_torch")
+        if pin:
+            context = {**context, "torch": pin}
     report = diagnose.diagnose_path(log, context=context)
     if a.json:
         _out(a, report.to_dict())

@@ -229,6 +229,18 @@ class _Ctx:
     source_dir: Path | None
     findings: list[Finding] = field(default_factory=list)
     pins: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    probe: dict = field(default_factory=dict)
+
+    def probe_passed(self) -> bool:
+        """The compile probe of this very source tree passed against the variant's torch."""
+        p = self.probe
+        if p.get("status") != "pass" or self.source_dir is None or not p.get("torch"):
+            return False
+        try:
+            same_src = Path(p.get("source", "")).resolve() == self.source_dir.resolve()
+            return same_src and Version(str(p["torch"])).public == self.torch_version
+        except (InvalidVersion, OSError):
+            return False
 
     @property
     def m(self) -> dict:
@@ -657,7 +669,12 @@ def _check_vllm_pins(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
         same_minor = (tv.major, tv.minor) == (pv.major, pv.minor)
         others = _vllm_for_torch(ctx.data, ctx.torch_version)
         alt = f", or use a vLLM release that pins torch {ctx.torch_version} ({others})" if others else ""
-        if ctx.source:
+        if ctx.source and ctx.probe_passed():
+            ctx.add("torch-api-mismatch", "warning", f"vLLM {ctx.vllm_version} source vs torch {ctx.torch_version}",
+                    f"the vLLM source expects torch {pin}{cite}; the variant installs {ctx.torch_version}, but the "
+                    f"compile probe of this tree against torch {ctx.probe['torch']} passed ({ctx.probe.get('log')})",
+                    f"nothing to do unless the build fails; set [torch] version = \"{pin}\" to match the source")
+        elif ctx.source:
             ctx.add("torch-api-mismatch", "warning" if same_minor else "error",
                     f"vLLM {ctx.vllm_version} source vs torch {ctx.torch_version}",
                     f"the vLLM source expects torch {pin}{cite}; the variant installs {ctx.torch_version}" +
@@ -969,10 +986,11 @@ def _check_source_tree(ctx: _Ctx) -> None:
 # ======================================================================================= public API
 
 def check(variant: Any, profile: dict, source_dir: Path | None = None, env: dict | None = None,
-          data: CompatData | None = None) -> list[Finding]:
-    """Findings for ``variant`` on the machine ``profile``: errors first, then warnings, then info."""
+          data: CompatData | None = None, probe: dict | None = None) -> list[Finding]:
+    """Findings for ``variant`` on the machine ``profile``: errors first, then warnings, then info.
+    ``probe``: the record of the last compile probe of this variant (its outcome outweighs the pin rule)."""
     ctx = _Ctx(variant=variant, profile=profile or {}, data=data or compat_mod.load(), env=dict(env or {}),
-               source_dir=Path(source_dir) if source_dir is not None else None)
+               source_dir=Path(source_dir) if source_dir is not None else None, probe=probe or {})
     if ctx.source_dir is not None and ctx.source_dir.is_dir():
         ctx.pins = read_source_pins(ctx.source_dir)
     vf = ctx.data.vllm(ctx.vllm_version)

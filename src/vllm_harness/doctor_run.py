@@ -27,7 +27,9 @@ def run_doctor(ctx, machine_file: str | None = None, save_machine: str | None = 
         if fetched.get("status") == "ok" and Path(fetched.get("source", "")).is_dir():
             source = Path(fetched["source"])
     env = {} if machine_file else ctx.base_env  # a what-if profile is judged without this shell's env
-    findings = doctor.check(ctx.variant, ctx.profile, source_dir=source, env=env)
+    from .probe import load_record
+    probe = load_record(ctx.log("probe")) if source is not None else None
+    findings = doctor.check(ctx.variant, ctx.profile, source_dir=source, env=env, probe=probe)
     report = doctor.report_dict(ctx.variant, ctx.profile, findings)
     return report, time.monotonic() - t0
 

@@ -50,6 +50,22 @@ def requirement_files(src: Path) -> list[Path]:
     return files
 
 
+def refuse_outside_links(src: Path, files: list[Path]) -> None:
+    """prepare rewrites these files: one that is a link to a file outside the source tree would have a file
+    the harness does not manage changed (another checkout, the user's own requirements).  Refuse before any
+    change."""
+    for f in files:
+        try:
+            target = f.resolve()
+        except OSError:
+            continue
+        if f.is_symlink() and src not in target.parents:
+            raise StepFailed(f"prepare: {f} is a link to {target}, outside the source tree {src}; preparing it "
+                             f"would change that file",
+                             f"replace the link with a copy of the file (cp --remove-destination {target} {f}), "
+                             f"or fetch the source again")
+
+
 def _digest(files: list[Path]) -> dict[str, str]:
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
 
@@ -213,6 +229,7 @@ def prepare(src: Path, python: Path, log: Path, env: dict[str, str], version: st
     from . import patches as patches_mod
     src = src.resolve()
     files = requirement_files(src)
+    refuse_outside_links(src, files + [p for p in (src / x for x in SCRIPT_PLACES) if p.exists()])
     before = _snapshot(files)
     digests = _digest(files)
     ver, ver_from = vllm_version(src, version, env)

@@ -165,7 +165,24 @@ def run_probe(src: Path, python: Path, env: dict[str, str], log: Path, device: s
            "findings": report.get("findings", []) if not ok else [], "log": str(log)}
     if not ok and not res["findings"]:
         res["first_error_lines"] = report.get("first_error_lines", [])[:8]
+    try:  # doctor (the pin check) and diagnose (the fix for this log) read it
+        record_path(log).write_text(json.dumps({k: v for k, v in res.items() if k != "findings"}, indent=1))
+    except OSError:
+        pass
     return res
+
+
+def record_path(log: Path) -> Path:
+    """The JSON record of the compile probe whose log is ``log``."""
+    return Path(log).with_suffix(".json")
+
+
+def load_record(log: Path) -> dict | None:
+    try:
+        rec = json.loads(record_path(log).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def fail(res: dict) -> StepFailed:

@@ -185,6 +185,7 @@ def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict
                     fh.write(f"cannot start {argv[0]}: {e}\n".encode())
                     raise StepFailed(f"{step}: cannot start {argv[0]} ({e.strerror}).",
                                      "Check that it is installed and on PATH.", log=str(log_path)) from None
+                guard = _Watchdog(proc.pid)
                 try:
                     assert proc.stdout is not None
                     for raw in iter(proc.stdout.readline, b""):
@@ -198,6 +199,8 @@ def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict
                     _kill_group(proc)
                     fh.write(f"# interrupted ({type(e).__name__} {e}): child processes ended\n".encode())
                     raise
+                finally:
+                    guard.release()
                 fh.write(f"# exit status {rc}\n".encode())
                 if rc != 0:
                     raise StepFailed(f"{step} failed: `{mask(' '.join(_short(argv)))}` exited with {rc}.",
@@ -210,6 +213,55 @@ def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict
 def _short(argv: list[str]) -> list[str]:
     out = [Path(argv[0]).name] + argv[1:]
     return out if len(out) <= 8 else out[:8] + ["..."]
+
+
+_WATCHDOG = """
+import os, signal, sys, time
+pgid = int(sys.argv[1])
+if not os.read(0, 1):  # end of file without a word: the harness died (SIGKILL, OOM killer)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except OSError:
+            break
+        time.sleep(5)
+"""
+
+
+class _Watchdog:
+    """Ends the command's process group if the harness itself dies without a chance to do it (SIGKILL, the
+    OOM killer): a small process in its own session holds the read end of a pipe whose write end only the
+    harness has; the kernel closes it when the harness dies, and the watchdog then ends the group.  When the
+    command is over, ``release()`` tells it to leave."""
+
+    def __init__(self, pgid: int) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.w = -1
+        r, w = os.pipe()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pgid)], stdin=r,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True, env={"PATH": os.environ.get("PATH", "")})
+            self.w = w
+        except OSError:
+            os.close(w)
+        finally:
+            os.close(r)
+
+    def release(self) -> None:
+        if self.w < 0:
+            return
+        try:
+            os.write(self.w, b"x")
+        except OSError:
+            pass
+        os.close(self.w)
+        self.w = -1
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
