@@ -99,3 +99,20 @@ def torch_python(tmp_path_factory) -> Path:
         cmd += ["--index-url", "https://download.pytorch.org/whl/cpu", "--extra-index-url", "https://pypi.org/simple"]
     subprocess.run(cmd, check=True, timeout=1800)
     return py
+
+
+def live_pids_with(marker: str) -> list[int]:
+    """The running processes (not zombies) whose command line holds ``marker``, this one excepted."""
+    import os
+
+    from vllm_harness.buildspeed import _alive
+
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker.encode() in (d / "cmdline").read_bytes() and _alive(int(d.name)):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import fixture_variant, needs_pypi, status_of
+from conftest import fixture_variant, live_pids_with, needs_pypi, status_of
 
 from vllm_harness import buildspeed as bs
 from vllm_harness.runner import Progress
@@ -249,34 +249,22 @@ while True:
 """
 
 
-def _tree_pids(marker: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker.encode() in (d / "cmdline").read_bytes() and bs._alive(int(d.name)):
-                    out.append(int(d.name))
-            except OSError:
-                continue
-    return out
-
-
 def test_end_process_trees_leaves_nothing_of_a_server_that_keeps_spawning(tmp_path):
     marker = f"harness-tree-test-{os.getpid()}-{time.monotonic_ns()}"
     server = subprocess.Popen([sys.executable, "-c", SPAWNER, marker], start_new_session=True)
     try:
         deadline = time.monotonic() + 30
-        while len(_tree_pids(marker)) < 8 and time.monotonic() < deadline:
+        while len(live_pids_with(marker)) < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(_tree_pids(marker)) >= 8, "the stand-in server did not start its children"
+        assert len(live_pids_with(marker)) >= 8, "the stand-in server did not start its children"
         bs.end_process_trees([server.pid], grace=5)
         server.wait(timeout=10)
         deadline = time.monotonic() + 5
-        while _tree_pids(marker) and time.monotonic() < deadline:  # orphans are reaped by init
+        while live_pids_with(marker) and time.monotonic() < deadline:  # orphans are reaped by init
             time.sleep(0.05)
-        assert _tree_pids(marker) == []
+        assert live_pids_with(marker) == []
     finally:
-        for pid in _tree_pids(marker):
+        for pid in live_pids_with(marker):
             os.kill(pid, 9)
 
 

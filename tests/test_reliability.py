@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, fixture_variant, needs_pypi
+from conftest import ROOT, fixture_variant, live_pids_with, needs_pypi
 
 pytestmark = pytest.mark.slow
 
@@ -154,19 +154,6 @@ run_commands("build", [["sh", "-c", "sleep 300 & sleep 300; : " + marker]], Path
 """
 
 
-def _with_marker(marker: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                stat = (d / "stat").read_text()
-                if marker.encode() in (d / "cmdline").read_bytes() and stat.rsplit(")", 1)[1].split()[0] != "Z":
-                    out.append(int(d.name))
-            except OSError:
-                continue
-    return out
-
-
 def test_sigkill_of_the_harness_still_ends_the_build_processes(tmp_path):
     """SIGKILL (or the OOM killer) gives the harness no chance to end its build: the watchdog does."""
     marker = f"harness-sigkill-{os.getpid()}-{time.monotonic_ns()}"
@@ -174,23 +161,23 @@ def test_sigkill_of_the_harness_still_ends_the_build_processes(tmp_path):
     runner = subprocess.Popen([sys.executable, "-c", KILLED_RUNNER, marker, str(tmp_path / "build.log")], env=env)
     try:
         deadline = time.monotonic() + 30
-        while len(_with_marker(marker)) < 1 and time.monotonic() < deadline:
+        while len(live_pids_with(marker)) < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)
-        assert _with_marker(marker), "the command did not start"
+        assert live_pids_with(marker), "the command did not start"
         runner.send_signal(signal.SIGKILL)
         runner.wait(timeout=10)
         deadline = time.monotonic() + 15
-        while _with_marker(marker) and time.monotonic() < deadline:
+        while live_pids_with(marker) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _with_marker(marker) == []
+        assert live_pids_with(marker) == []
     finally:
-        for pid in _with_marker(marker):
+        for pid in live_pids_with(marker):
             os.kill(pid, signal.SIGKILL)
 
 
 def test_a_finished_command_leaves_no_watchdog(tmp_path):
     from vllm_harness import runner as runner_mod
-    before = {p for p in _with_marker("os.killpg(pgid")}
+    before = {p for p in live_pids_with("os.killpg(pgid")}
     runner_mod.run_commands("x", [["true"]], tmp_path / "x.log", {"PATH": "/usr/bin:/bin"}, quiet=True)
-    assert {p for p in _with_marker("os.killpg(pgid")} - before == set()
+    assert {p for p in live_pids_with("os.killpg(pgid")} - before == set()
