@@ -274,11 +274,28 @@ def test_xformers_checks():
 
 
 def test_compiler_oom_gives_the_job_count_that_fits():
+    # 12 GiB available, 15.5 total; the build's rule: (12 - 2 reserve) / (3.5 GiB prior x 1.25) = 2 jobs
     v = edited("cu118", ('jobs = "auto"', "jobs = 16"))
-    f = by_id(doctor.check(v, profile("rtx4090-gcc13-ubuntu24")), "compiler-oom")  # 12 GiB available, 15.5 total
-    assert f.severity == "error" and "jobs = 4" in f.fix
+    f = by_id(doctor.check(v, profile("rtx4090-gcc13-ubuntu24")), "compiler-oom")
+    assert f.severity == "error" and "jobs = 2" in f.fix and "prior" in f.evidence
+    # 3 x 3.5 GiB fits the 15.5 GiB total but not what is available: a warning; 5 x 3.5 cannot fit at all
+    f = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), env={"MAX_JOBS": "3"}), "compiler-oom")
+    assert f.severity == "warning" and "jobs = 2" in f.fix and "MAX_JOBS" in f.fix
     f = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), env={"MAX_JOBS": "5"}), "compiler-oom")
-    assert f.severity == "warning" and "jobs = 4" in f.fix and "MAX_JOBS" in f.fix
+    assert f.severity == "error" and "jobs = 2" in f.fix
+
+
+def test_compiler_oom_uses_the_peaks_measured_by_earlier_builds():
+    """doctor and the build use one rule: a recorded per-job peak (here 1.0 GiB) replaces the prior, and a build
+    killed for memory raises it."""
+    v = edited("cu118", ('jobs = "auto"', "jobs = 16"))
+    rec = {"variant": "cu118", "device": "cuda", "compiled": True, "peak_job_gib": 1.0, "nvcc_threads": 1}
+    f = by_id(doctor.check(v, profile("rtx4090-gcc13-ubuntu24"), records=[rec]), "compiler-oom")
+    assert "jobs = 8" in f.fix and "measured" in f.evidence          # (12 - 2) / (1.0 x 1.25) = 8
+    f = by_id(doctor.check(v, profile("rtx4090-gcc13-ubuntu24"), records=[{**rec, "oom": True}]), "compiler-oom")
+    assert "jobs = 5" in f.fix and "killed for memory" in f.evidence  # (12 - 2) / (1.5 x 1.25) = 5
+    auto = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), records=[rec]), "compiler-oom")
+    assert auto.severity == "info" and "gives 8 job(s)" in auto.evidence
 
 
 def test_disk_full_wheel_vs_source():

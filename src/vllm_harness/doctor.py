@@ -32,7 +32,6 @@ from . import compat as compat_mod
 from .compat import CompatData, Fact, arch_list_runs_on, major_minor, parse_arch_list, parse_cc
 
 SEVERITIES = ("error", "warning", "info")
-GB_PER_NVCC_JOB = 3.0          # plain vLLM kernels; flash-attention/CUTLASS files need more
 DISK_SOURCE_GIB = 30.0         # source build: venv + torch + build tree + .deps + caches
 DISK_WHEEL_GIB = 15.0          # wheel install: venv + torch + vLLM + deps + caches
 NVIDIA_DRIVER_DOCS = "https://www.nvidia.com/en-us/drivers/"
@@ -230,6 +229,7 @@ class _Ctx:
     findings: list[Finding] = field(default_factory=list)
     pins: dict[str, tuple[Any, str]] = field(default_factory=dict)
     probe: dict = field(default_factory=dict)
+    records: list = field(default_factory=list)
 
     def probe_passed(self) -> bool:
         """The compile probe of this very source tree passed against the variant's torch."""
@@ -884,14 +884,20 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
             threads = int(ctx.env.get("NVCC_THREADS") or threads)
         except ValueError:
             pass
-        per_job = GB_PER_NVCC_JOB * max(1, threads)
-        fit = math.floor(ram / per_job)
+        # the build's own rule (buildspeed): the measured per-job peak of earlier builds, else the prior; a
+        # reserve for the OS, pip and the linker; a margin on each job
+        from . import buildspeed as bs
+        device = v.build.get("env", {}).get("VLLM_TARGET_DEVICE", "cuda")
+        per_thread, per_why = bs.per_thread_gib(ctx.records, getattr(v, "name", ""), device)
+        per_job = per_thread * max(1, threads)
+        fit = math.floor(max(0.0, ram - bs.RESERVE_GIB) / (per_job * bs.MARGIN))
         cores = m.get("cpu_cores")
         jobs: Any = v.build.get("jobs", "auto")
         src = "[build] jobs"
         if ctx.env.get("MAX_JOBS", "").strip().isdigit():
             jobs, src = int(ctx.env["MAX_JOBS"]), "MAX_JOBS"
-        basis = f"{ram} GiB {'available' if ram_key == 'ram_available_gib' else 'RAM'}, ~{per_job:g} GB per nvcc job"
+        basis = (f"{ram} GiB {'available' if ram_key == 'ram_available_gib' else 'RAM'} - {bs.RESERVE_GIB:g} "
+                 f"reserve, {per_job:.2f} GiB per compile job x {bs.MARGIN:g} ({per_why})")
         if fit < 1:
             ctx.add("compiler-oom", "error", "RAM for compiling", f"{basis}: not even one job fits",
                     "build on a machine with more memory, or add swap")
@@ -904,7 +910,7 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
             total = m.get("ram_gib")
             certain = total is not None and int(jobs) * per_job > total
             ctx.add("compiler-oom", "error" if certain else "warning", "parallel compile jobs",
-                    f"{src} = {jobs} x ~{per_job:g} GB > {basis.split(',')[0]}",
+                    f"{src} = {jobs} x {per_job:.2f} GiB > {ram} GiB less the reserve and margin ({per_why})",
                     f"set [build] jobs = {fit} (or 'auto'){' and unset MAX_JOBS' if src == 'MAX_JOBS' else ''}")
     # --- VLLM_USE_PRECOMPILED
     for key in ("VLLM_USE_PRECOMPILED", "VLLM_PRECOMPILED_WHEEL_LOCATION"):
@@ -986,11 +992,13 @@ def _check_source_tree(ctx: _Ctx) -> None:
 # ======================================================================================= public API
 
 def check(variant: Any, profile: dict, source_dir: Path | None = None, env: dict | None = None,
-          data: CompatData | None = None, probe: dict | None = None) -> list[Finding]:
+          data: CompatData | None = None, probe: dict | None = None, records: list | None = None) -> list[Finding]:
     """Findings for ``variant`` on the machine ``profile``: errors first, then warnings, then info.
-    ``probe``: the record of the last compile probe of this variant (its outcome outweighs the pin rule)."""
+    ``probe``: the record of the last compile probe of this variant (its outcome outweighs the pin rule).
+    ``records``: the build-speed records (peak memory per compile job) of earlier builds on this machine."""
     ctx = _Ctx(variant=variant, profile=profile or {}, data=data or compat_mod.load(), env=dict(env or {}),
-               source_dir=Path(source_dir) if source_dir is not None else None, probe=probe or {})
+               source_dir=Path(source_dir) if source_dir is not None else None, probe=probe or {},
+               records=list(records or []))
     if ctx.source_dir is not None and ctx.source_dir.is_dir():
         ctx.pins = read_source_pins(ctx.source_dir)
     vf = ctx.data.vllm(ctx.vllm_version)

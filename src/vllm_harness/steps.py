@@ -33,8 +33,6 @@ from .runner import explain_failure, run_commands, summary, write_json
 from .status import DEPENDS, STEPS, Status, key_of
 from .variants import Variant
 
-PER_JOB_GIB = {"cuda": 3.0, "cpu": 1.0}   # peak RSS of one compile job (nvcc/cicc on vLLM kernels ~2.5-3 GB)
-
 
 @dataclass
 class Ctx:
