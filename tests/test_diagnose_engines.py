@@ -55,3 +55,15 @@ def test_module_works_without_hyperscan(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(dg)
+
+
+def test_a_hyperscan_that_cannot_compile_falls_back_to_re(monkeypatch):
+    if "hyperscan" not in dg.ENGINES:
+        pytest.skip("hyperscan is not installed here (diagnose uses its re prefilter)")
+
+    def broken(words):
+        raise RuntimeError("this CPU lacks SSSE3")
+
+    monkeypatch.setattr(dg, "_hyperscan_db", broken)
+    report = dg.diagnose_path(LOGS / "compiler-oom_vllm-1777.log", workers=1, engine="hyperscan")
+    assert report.ids[0] == "compiler-oom"

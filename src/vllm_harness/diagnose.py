@@ -670,7 +670,12 @@ class _Scanner:
         main = _trie_regex(trie_words)
         self.searches = ([main] if main is not None else []) + searches
         self.scan_words = words
-        self.hs_db = _hyperscan_db(tuple(words)) if self.engine == "hyperscan" and words else None
+        self.hs_db = None
+        if self.engine == "hyperscan" and words:
+            try:
+                self.hs_db = _hyperscan_db(tuple(words))
+            except Exception:  # noqa: BLE001 - e.g. a CPU without the instructions it needs: fall back to re
+                self.engine = "re"
         self.hs_lengths = [len(w) for w in words]
         # for a line that holds anchors: which ones (also overlapping ones and prefixes)
         self.overlapping = _trie_regex(words, overlapping=True)
