@@ -5,13 +5,17 @@ exit codes without a GPU, and the kernel layer against fake ops with vLLM's sche
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
+import sys
+import types
 import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import needs_pypi
 
 from vllm_harness import binaries as b
 from vllm_harness import verify as verify_mod
@@ -440,3 +444,51 @@ def test_kernel_layer_against_fake_ops_with_vllm_schemas(tmp_path, torch_python)
     assert by["fused_add_rms_norm"]["status"] == "fail"
     assert by["ops discovered"]["metrics"]["namespaces"] == {"_C": 6, "_C_cache_ops": 2, "_moe_C": 1}
     assert set(data["layer_seconds"]) >= {"environment", "imports", "kernels"}
+
+
+def _verify_env_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("verify_env_under_test", verify_mod.SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_xformers_load_error_reads_xformers_own_exception():
+    ve = _verify_env_module()
+    ok = types.SimpleNamespace(_cpp_lib=types.SimpleNamespace(_cpp_library_load_exception=None))
+    assert ve.xformers_load_error(ok) is None
+    exc = RuntimeError("xFormers can't load C++/CUDA extensions. xFormers was built for:\n"
+                       "    PyTorch 2.10.0+cu128 with CUDA 1208 (you have 2.11.0+cu130)\n"
+                       "    Python  3.10.19 (you have 3.12.3)\n  Please reinstall xformers (see ...)\n")
+    exc.__cause__ = OSError("Could not load this library: /x/xformers/_C.so")
+    text = ve.xformers_load_error(types.SimpleNamespace(_cpp_lib=types.SimpleNamespace(_cpp_library_load_exception=exc)))
+    assert "PyTorch 2.10.0+cu128" in text and "you have 2.11.0+cu130" in text and "_C.so" in text
+    assert "Please reinstall" not in text
+    assert ve.classify(text) == "xformers-torch-mismatch"
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_an_xformers_built_for_another_torch_fails_verify_though_it_imports(tmp_path, torch_python):
+    """The real xformers 0.0.35 wheel (built for torch 2.10.0+cu128) imports on this torch 2.13 but its library does
+    not load; verify fails the import with xformers-torch-mismatch (on the H100 with torch 2.11.0+cu130 the same
+    wheel gave 'No operator found for memory_efficient_attention_forward')."""
+    needs_pypi()
+    dl = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                         "--platform", "manylinux_2_28_x86_64", "-d", str(tmp_path / "dl"), "xformers==0.0.35"],
+                        capture_output=True, text=True, timeout=600)
+    if dl.returncode != 0:
+        pytest.skip(f"xformers 0.0.35 could not be downloaded: {dl.stderr.strip()[-200:]}")
+    site = tmp_path / "site"
+    zipfile.ZipFile(next((tmp_path / "dl").glob("xformers-*.whl"))).extractall(site)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    r = subprocess.run([str(torch_python), str(verify_mod.SCRIPT), "--device", "cpu", "--imports", "xformers"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    data = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+    by = {c["name"]: c for c in data["checks"]}
+    imp = by["import xformers"]
+    assert imp["status"] == "fail" and imp["id"] == "xformers-torch-mismatch", imp
+    assert "PyTorch 2.10.0" in imp["reason"] and "you have 2.13.0" in imp["reason"]
+    att = by["xformers memory_efficient_attention float16 (cpu)"]
+    assert att["status"] == "fail" and att["id"] == "xformers-torch-mismatch"

@@ -114,6 +114,7 @@ def classify(text):
              (r"undefined symbol", "torch-abi-undefined-symbol"), (r"GLIBCXX_", "glibcxx-too-old"),
              (r"lib(cudart|cublas|cusparse|nvrtc|nvJitLink)[^ ]*\.so[^ ]*: cannot open", "cuda-runtime-lib-missing"),
              (r"compiled using NumPy 1\.x", "numpy-abi"), (r"No module named 'xformers'", "xformers-missing"),
+             (r"xFormers can't load C\+\+/CUDA extensions|xFormers was built for", "xformers-torch-mismatch"),
              (r"forward compatibility", "cuda-forward-compat"), (r"driver version is insufficient|driver on your "
                                                                   r"system is too old", "driver-too-old"),
              (r"Bfloat16 is only supported", "bf16-unsupported")]
@@ -234,8 +235,14 @@ def layer_imports(rep, a, torch, cuda_ok):
                 if "libcuda.so" in text and not cuda_ok:
                     return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here", {}, "no-driver"
                 return "fail", text, {}, classify(text) or ("xformers-missing" if mod == "xformers" else None)
-            return "pass", str(getattr(m, "__version__", "")), {"version": str(getattr(m, "__version__", "")),
-                                                                "file": getattr(m, "__file__", "")}
+            info = {"version": str(getattr(m, "__version__", "")), "file": getattr(m, "__file__", "")}
+            if mod == "xformers":
+                # xformers imports even when its C++/CUDA library does not load (built for another torch):
+                # it only logs a warning, and every attention call then fails
+                broken = xformers_load_error(m)
+                if broken:
+                    return "fail", broken, info, "xformers-torch-mismatch"
+            return "pass", info["version"], info
         rep.check("imports", f"import {mod}", imp)
     def load_library(path, name):
         """torch.ops.load_library; None when loaded, else the check's (status, reason, metrics, id)."""
@@ -781,8 +788,33 @@ def _importable(mod):
         return False
 
 
+def xformers_load_error(module):
+    """Why xformers' compiled library did not load (None when it did): its own exception, first lines."""
+    exc = getattr(getattr(module, "_cpp_lib", None), "_cpp_library_load_exception", None)
+    if exc is None:
+        return None
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = " ".join(ln for ln in lines if not ln.startswith(("Please reinstall", "Memory-efficient", "Set XFORMERS")))
+    cause = exc.__cause__
+    if cause is not None:
+        text += f" ({type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''})"
+    return text[:500]
+
+
 def layer_xformers(rep, torch, device, run_kernels, cc):
     F = torch.nn.functional
+    broken = None
+    try:
+        import xformers
+        broken = xformers_load_error(xformers)
+    except Exception:  # noqa: BLE001 - the import check reports it
+        pass
+    if broken:
+        for dt in ("float16", "bfloat16"):
+            rep.check("kernels", f"xformers memory_efficient_attention {dt} ({device})",
+                      lambda: ("fail", f"xformers' C++/CUDA library did not load: {broken}", {},
+                               "xformers-torch-mismatch"))
+        return
     for dt in ("float16", "bfloat16"):
         name = f"xformers memory_efficient_attention {dt} ({device})"
         if not run_kernels or device != "cuda":
