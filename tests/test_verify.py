@@ -9,7 +9,6 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import types
 import zipfile
 from pathlib import Path
@@ -475,13 +474,19 @@ def test_an_xformers_built_for_another_torch_fails_verify_though_it_imports(tmp_
     not load; verify fails the import with xformers-torch-mismatch (on the H100 with torch 2.11.0+cu130 the same
     wheel gave 'No operator found for memory_efficient_attention_forward')."""
     needs_pypi()
-    dl = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                         "--platform", "manylinux_2_28_x86_64", "-d", str(tmp_path / "dl"), "xformers==0.0.35"],
-                        capture_output=True, text=True, timeout=600)
-    if dl.returncode != 0:
-        pytest.skip(f"xformers 0.0.35 could not be downloaded: {dl.stderr.strip()[-200:]}")
+    import urllib.request
+
+    from vllm_harness.fetch import PYPI_SIMPLE, _get_json
+
+    # PyPI's simple index as PEP 691 JSON (the test env may have no pip: nox's uv backend)
+    index = _get_json(PYPI_SIMPLE.format(name="xformers"), accept="application/vnd.pypi.simple.v1+json")
+    url = next(f["url"] for f in index["files"]
+               if f["filename"] == "xformers-0.0.35-py39-none-manylinux_2_28_x86_64.whl")
+    wheel = tmp_path / "xformers-0.0.35-py39-none-manylinux_2_28_x86_64.whl"
+    with urllib.request.urlopen(url, timeout=300) as r:
+        wheel.write_bytes(r.read())
     site = tmp_path / "site"
-    zipfile.ZipFile(next((tmp_path / "dl").glob("xformers-*.whl"))).extractall(site)
+    zipfile.ZipFile(wheel).extractall(site)
     env = {**os.environ, "PYTHONPATH": str(site)}
     r = subprocess.run([str(torch_python), str(verify_mod.SCRIPT), "--device", "cpu", "--imports", "xformers"],
                        capture_output=True, text=True, timeout=300, env=env)
