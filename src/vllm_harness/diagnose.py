@@ -595,17 +595,6 @@ def _hyperscan_db(words: tuple[bytes, ...]) -> Any:
     return db
 
 
-def _hs_collect(pattern_id: int, _start: int, end: int, _flags: int, out: list[int]) -> bool:
-    out.append(pattern_id)
-    out.append(end)
-    return len(out) >= 2 * HS_BATCH  # True stops the scan
-
-
-def _hs_collect_all(pattern_id: int, _start: int, end: int, _flags: int, out: list[int]) -> None:
-    out.append(pattern_id)
-    out.append(end)
-
-
 def _clean_segments(raw: bytes) -> list[str]:
     """Decode one (part of a) line and return its cleaned ``\\r`` segments."""
     text = raw.decode("utf-8", "replace")
@@ -650,33 +639,36 @@ class _Scanner:
 
     # -- prefilter -------------------------------------------------------------------------
     def _rebuild(self) -> None:
-        """Split the anchors still needed between the trie regex and bytes.find."""
+        """The anchors still needed, and their search: one Hyperscan database, else the trie regex
+        and the regexes of the anchors that start with a frequent byte."""
         self.active_anchors = [
             a for a, rs in self.anchor_rules.items() if any(r.id not in self.found for r in rs)
         ]
         words = list(self.active_anchors)
         if self.track_first_error:
             words += _FIRST_ERROR_ANCHORS
-        by_first: dict[int, list[bytes]] = {}
-        for word in words:
-            by_first.setdefault(word[0], []).append(word)
-        trie_words: list[bytes] = []
-        searches: list[re.Pattern[bytes]] = []
-        for first, group in sorted(by_first.items()):
-            if _BYTE_FREQ.get(chr(first), 2) <= _OWN_SEARCH_PERMILLE:
-                trie_words += group
-            else:
-                searches.append(_trie_regex(group))  # type: ignore[arg-type]
-        main = _trie_regex(trie_words)
-        self.searches = ([main] if main is not None else []) + searches
         self.scan_words = words
+        self.hs_lengths = [len(w) for w in words]
         self.hs_db = None
+        self.searches: list[re.Pattern[bytes]] = []
         if self.engine == "hyperscan" and words:
             try:
                 self.hs_db = _hyperscan_db(tuple(words))
             except Exception:  # noqa: BLE001 - e.g. a CPU without the instructions it needs: fall back to re
                 self.engine = "re"
-        self.hs_lengths = [len(w) for w in words]
+        if self.hs_db is None:
+            by_first: dict[int, list[bytes]] = {}
+            for word in words:
+                by_first.setdefault(word[0], []).append(word)
+            trie_words: list[bytes] = []
+            searches: list[re.Pattern[bytes]] = []
+            for first, group in sorted(by_first.items()):
+                if _BYTE_FREQ.get(chr(first), 2) <= _OWN_SEARCH_PERMILLE:
+                    trie_words += group
+                else:
+                    searches.append(_trie_regex(group))  # type: ignore[arg-type]
+            main = _trie_regex(trie_words)
+            self.searches = ([main] if main is not None else []) + searches
         # for a line that holds anchors: which ones (also overlapping ones and prefixes)
         self.overlapping = _trie_regex(words, overlapping=True)
         self.prefixes: dict[bytes, list[bytes]] = {}
@@ -704,10 +696,16 @@ class _Scanner:
         """[pattern id, end, ...] of the anchors in ``block[start:]`` (``limit``: stop after as
         many; 0: no limit)."""
         found: list[int] = []
-        handler = _hs_collect if limit else _hs_collect_all
+        cap = 2 * limit
+
+        def collect(pattern_id: int, _start: int, end: int, _flags: int, _context: Any) -> bool:
+            found.append(pattern_id)
+            found.append(end)
+            return bool(cap) and len(found) >= cap  # True stops the scan
+
         try:
-            self.hs_db.scan(memoryview(block)[start:], match_event_handler=handler, context=found)
-        except _hyperscan.ScanTerminated:  # _hs_collect stopped it after HS_BATCH hits
+            self.hs_db.scan(memoryview(block)[start:], match_event_handler=collect)
+        except _hyperscan.ScanTerminated:  # collect stopped it after ``limit`` hits
             pass
         return found
 
