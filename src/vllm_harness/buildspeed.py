@@ -257,11 +257,16 @@ class JobsChoice:
         return max(1, self.jobs // max(1, self.nvcc_threads))
 
 
+def jobs_that_fit(avail_gib: float, gib_each: float) -> int:
+    """How many compile jobs of ``gib_each`` fit in ``avail_gib`` after the reserve, each with the margin (0 if
+    none): the one memory rule of the build and of doctor."""
+    return math.floor(max(0.0, avail_gib - RESERVE_GIB) / (gib_each * MARGIN))
+
+
 def choose_jobs(cores: int, avail_gib: float, per_thread: float, per_why: str, device: str = "cuda",
                 n_archs: int = 1, nvcc_threads: int | None = None) -> JobsChoice:
     """MAX_JOBS and NVCC_THREADS for this machine.  ``nvcc_threads`` given: kept (it is the user's)."""
-    budget = max(0.0, avail_gib - RESERVE_GIB)
-    by_ram = max(1, math.floor(budget / (per_thread * MARGIN)))
+    by_ram = max(1, jobs_that_fit(avail_gib, per_thread))
     jobs = max(1, min(cores, by_ram))
     bound = "cores" if cores <= by_ram else "memory"
     if nvcc_threads:
@@ -442,14 +447,8 @@ class CompilerCache:
 
 def _descendants(pids: list[int]) -> list[int]:
     children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
+    for pid, (ppid, _comm, _rss) in _read_procs().items():
+        children.setdefault(ppid, []).append(pid)
     out, todo = [], list(pids)
     while todo:
         for c in children.get(todo.pop(), []):

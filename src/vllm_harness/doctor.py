@@ -16,7 +16,6 @@ Two ids of its own, for checks it could not make:
 from __future__ import annotations
 
 import glob
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -890,7 +889,7 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
         device = v.build.get("env", {}).get("VLLM_TARGET_DEVICE", "cuda")
         per_thread, per_why = bs.per_thread_gib(ctx.records, getattr(v, "name", ""), device)
         per_job = per_thread * max(1, threads)
-        fit = math.floor(max(0.0, ram - bs.RESERVE_GIB) / (per_job * bs.MARGIN))
+        fit = bs.jobs_that_fit(ram, per_job)
         cores = m.get("cpu_cores")
         jobs: Any = v.build.get("jobs", "auto")
         src = "[build] jobs"
