@@ -101,13 +101,19 @@ def test_parse_synthetic_fatbin_containers_and_coverage():
     assert b.coverage([e for e in es if e.label != "compute_90"], "9.1")["level"] == "none"  # sm_90a: 9.0 only
 
 
-@needs_nvcc
-def test_fatbin_made_by_nvcc_lists_its_archs(tmp_path):
+def _nvcc_fatbin(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """KERNEL compiled by nvcc into a fatbin with ``args``: (the run, the fatbin, the source)."""
     src = tmp_path / "k.cu"
     src.write_text(KERNEL)
     fat = tmp_path / "k.fatbin"
-    r = subprocess.run([NVCC, "-fatbin", "-gencode", "arch=compute_80,code=sm_80", "-gencode",
-                        "arch=compute_90,code=compute_90", str(src), "-o", str(fat)], capture_output=True, text=True)
+    r = subprocess.run([NVCC, "-fatbin", *args, str(src), "-o", str(fat)], capture_output=True, text=True)
+    return r, fat, src
+
+
+@needs_nvcc
+def test_fatbin_made_by_nvcc_lists_its_archs(tmp_path):
+    r, fat, src = _nvcc_fatbin(tmp_path, "-gencode", "arch=compute_80,code=sm_80", "-gencode",
+                               "arch=compute_90,code=compute_90")
     if r.returncode != 0:
         pytest.skip(f"nvcc cannot build here: {r.stderr[-300:]}")
     es = b.parse_fatbin(fat.read_bytes())
@@ -142,12 +148,8 @@ def test_fatbin_made_by_nvcc_lists_its_archs(tmp_path):
 
 @needs_nvcc
 def test_arch_specific_family_and_compressed_entries(tmp_path):
-    src = tmp_path / "k.cu"
-    src.write_text(KERNEL)
-    fat = tmp_path / "k.fatbin"
-    r = subprocess.run([NVCC, "-fatbin", "-gencode", "arch=compute_90a,code=sm_90a", "-gencode",
-                        "arch=compute_100f,code=sm_100f", "-Xfatbin", "-compress-all", str(src), "-o", str(fat)],
-                       capture_output=True, text=True)
+    r, fat, _src = _nvcc_fatbin(tmp_path, "-gencode", "arch=compute_90a,code=sm_90a", "-gencode",
+                                "arch=compute_100f,code=sm_100f", "-Xfatbin", "-compress-all")
     if r.returncode != 0:
         pytest.skip(f"this nvcc does not know sm_90a/sm_100f: {r.stderr[-200:]}")
     es = b.parse_fatbin(fat.read_bytes())
