@@ -301,11 +301,6 @@ class ArchCheck:
     fix: str | None = None
 
 
-def _cc(s: str) -> tuple[int, int]:
-    from .compat import parse_cc
-    return parse_cc(s)
-
-
 def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
     """Keep the archs the toolkit ``cuda`` builds.  ``from_gpu``: the list is the GPUs' compute capabilities,
     so a GPU newer than the toolkit gets the toolkit's newest arch of its major (SASS runs on later minors)
@@ -327,7 +322,7 @@ def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
                                  fix=f"drop {item} from --arch / [build] arch_list, or use a CUDA toolkit that has it")
             out.append(item)
             continue
-        cc = _cc(base)
+        cc = compat.parse_cc(base)
         same_major = [a for a in real if a[0] == cc[0] and a[1] <= cc[1]]
         if f"{cc[0]}.{cc[1]}" in names:
             out.append(f"{cc[0]}.{cc[1]}")
