@@ -216,10 +216,10 @@ def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, int, str
     return secs, usage.ru_maxrss / 1024 / 1024, proc.returncode, tail
 
 
-def run_each(argvs: list[list[str]], env: dict[str, str]) -> list[tuple[float, float]]:
-    """Run all compiles at once, each timed on its own (for a machine with a core per compile); raises on a
-    failed compile.  Returns (seconds, peak GiB) per compile."""
-    with ThreadPoolExecutor(max_workers=len(argvs)) as pool:
+def _run_pool(argvs: list[list[str]], workers: int, env: dict[str, str]) -> list[tuple[float, float]]:
+    """Run the compiles, ``workers`` at a time, each timed alone; raises on a failed compile.  Returns
+    (seconds, peak GiB) per compile."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda a: _timed(a, env), argvs))
     for a, (_s, _g, rc, tail) in zip(argvs, results, strict=True):
         if rc != 0:
@@ -228,19 +228,19 @@ def run_each(argvs: list[list[str]], env: dict[str, str]) -> list[tuple[float, f
     return [(s, g) for s, g, _rc, _t in results]
 
 
+def run_each(argvs: list[list[str]], env: dict[str, str]) -> list[tuple[float, float]]:
+    """Run all compiles at once, each timed on its own (for a machine with a core per compile)."""
+    return _run_pool(argvs, len(argvs), env)
+
+
 def run_jobs(argvs: list[list[str]], jobs: int, env: dict[str, str], job_parents: list[int] = ()) -> tuple[float, dict]:
     """Run compiles with ``jobs`` at a time; (seconds, sampler result).  Raises on a failed compile."""
     sampler = bs.RssSampler(interval=0.1)
     sampler.job_parents = {os.getpid(), *job_parents}
     t0 = time.monotonic()
-    with sampler, ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(lambda a: subprocess.run(a, capture_output=True, text=True, env=env), argvs))
-    secs = time.monotonic() - t0
-    for a, r in zip(argvs, results, strict=True):
-        if r.returncode != 0:
-            killed = r.returncode < 0 or bs.OOM_RE.search(r.stderr or "")
-            raise RuntimeError(f"{'OOM-killed' if killed else 'failed'}: {' '.join(a[:3])}: {r.stderr.strip()[-1500:]}")
-    return secs, sampler.result()
+    with sampler:
+        _run_pool(argvs, jobs, env)
+    return time.monotonic() - t0, sampler.result()
 
 
 def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_arch: str, tmp: Path,
