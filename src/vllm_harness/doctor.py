@@ -8,7 +8,9 @@ CMakeLists.txt) instead of the table, and looks at the tree's owner and leftover
 
 Two ids of its own, for checks it could not make:
 * ``check-skipped`` (info): the profile lacks the key the check needs (``check`` names the check);
-* ``compat-unknown`` (warning): a version the compatibility data does not hold -- never a guess.
+* ``compat-unknown`` (warning): a version the compatibility data does not hold -- never a guess;
+* ``compat-stale`` (warning): the variant names a release newer than the data (one finding naming
+  ``invoke compat --refresh`` instead of the unknowns); info when the generated data is old.
 
 ``verdict(findings)``: 'will fail' with any error, 'ready with warnings' with any warning, else 'ready'.
 """
@@ -1018,8 +1020,38 @@ def check(variant: Any, profile: dict, source_dir: Path | None = None, env: dict
         _check_build(ctx, vf_for_checks)
     _check_disk(ctx)
     _check_source_tree(ctx)
+    _check_compat_staleness(ctx)
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(ctx.findings, key=lambda f: order[f.severity])
+
+
+COMPAT_OLD_DAYS = 60   # generated index data older than this gets an info finding
+
+
+def _check_compat_staleness(ctx: _Ctx) -> None:
+    """A variant newer than the data: one ``compat-stale`` finding naming the refresh, instead of the
+    ``compat-unknown`` warnings its gaps caused.  Old generated data: an info finding with its age."""
+    data = ctx.data
+    age = data.age_days() if hasattr(data, "age_days") else None
+    when = (f"the index data was generated on {data.generated} ({age} day{'s' if age != 1 else ''} ago)"
+            if age is not None else "no index data was generated yet (hand-kept data only)")
+    newer = []
+    if hasattr(data, "newer_than_data"):
+        if data.newer_than_data("vllm", ctx.vllm_version):
+            newer.append(f"vLLM {ctx.vllm_version} (newest known {data.newest('vllm')})")
+        if not ctx.variant.torch.get("preinstalled") and data.newer_than_data("torch", ctx.torch_version):
+            newer.append(f"torch {ctx.torch_version} (newest known {data.newest('torch')})")
+    if newer:
+        ctx.findings = [f for f in ctx.findings if f.id != "compat-unknown"]
+        ctx.add("compat-stale", "warning", "compatibility data older than the variant",
+                f"{' and '.join(newer)} is newer than the compatibility data; {when}: its torch pin, Python range "
+                "and wheels were not checked",
+                f"run `{compat_mod.REFRESH_COMMAND}` (nox -s compat) to read them from the package index, then "
+                "doctor again")
+    elif age is not None and age > COMPAT_OLD_DAYS:
+        ctx.add("compat-stale", "info", "age of the compatibility data",
+                f"{when}; releases published since are unknown to doctor",
+                f"run `{compat_mod.REFRESH_COMMAND}` (nox -s compat) when the package index is reachable")
 
 
 def verdict(findings: Iterable[Finding]) -> str:
