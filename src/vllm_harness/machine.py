@@ -11,7 +11,8 @@ names the file, the key and the fix.  A probe survives ``save_profile`` + ``load
 
 Keys beyond the contract's example (all optional, like every key): ``ram_available_gib`` (MemAvailable),
 ``python_without_headers`` (interpreters without Python.h), ``not_found`` (tools looked for and absent:
-gcc, cmake, ninja, git), ``cuda_without_nvcc`` (CUDA installs with a version but no ``bin/nvcc``).
+gcc, cmake, ninja, git), ``cuda_without_nvcc`` (CUDA installs with a version but no ``bin/nvcc``),
+``cuda_incomplete`` (toolkits whose nvcc runs but which lack a part a build needs: ``toolkit_missing``).
 
 Environment facts that matter to doctor (``VLLM_USE_PRECOMPILED`` ...) are not machine facts: they come
 from ``env_facts()`` and go to ``doctor.check(..., env=...)``.
@@ -193,6 +194,45 @@ def _has_headers(root: Path) -> bool:
         glob.glob(str(root / "targets" / "*" / "include" / "cuda_runtime.h")))
 
 
+def _include_dirs(root: Path) -> list[Path]:
+    return [root / "include", *sorted(Path(p) for p in glob.glob(str(root / "targets" / "*" / "include")))]
+
+
+def _tool_dirs(root: Path) -> list[Path]:
+    """Where nvcc finds cudafe++, ptxas, fatbinary (bin/ next to it; Debian: /usr/lib/nvidia-cuda-toolkit/bin)."""
+    return [root / "bin", root / "lib" / "nvidia-cuda-toolkit" / "bin"]
+
+
+def toolkit_missing(root: Path, version: str | None = None) -> list[str]:
+    """The parts of the toolkit at ``root`` that a CUDA build needs and that are absent ([] = complete): nvcc and
+    the tools it runs (cudafe++, cicc, ptxas, fatbinary), the runtime and compiler headers (cuda_runtime.h,
+    crt/host_config.h; CUDA 13's CCCL nv/target), and the static runtime nvcc links by default (nvcc looks in
+    lib64/ or targets/<arch>/lib/).  PyPI's CUDA 13 wheels (nvidia/cu13/) lack lib64/ until it is linked
+    (``toolkit.link_pypi_toolkit``); their -cu12/-cu11 nvcc wheels hold ptxas alone."""
+    missing = []
+    for tool in ("nvcc", "cudafe++", "ptxas", "fatbinary"):
+        if not any(os.access(d / tool, os.X_OK) and (d / tool).is_file() for d in _tool_dirs(root)):
+            missing.append(f"bin/{tool}")
+    cicc = [root / "nvvm" / "bin" / "cicc", root / "lib" / "nvidia-cuda-toolkit" / "bin" / "cicc",
+            root / "lib" / "nvidia-cuda-toolkit" / "nvvm" / "bin" / "cicc"]
+    if not any(c.is_file() for c in cicc):
+        missing.append("nvvm/bin/cicc")
+    inc = _include_dirs(root)
+    for header in ("cuda_runtime.h", "crt/host_config.h"):
+        if not any((d / header).is_file() for d in inc):
+            missing.append(f"include/{header}")
+    mm = _mm(version or "")
+    if mm and int(mm.split(".")[0]) >= 13 and not any((d / sub / "nv" / "target").is_file()
+                                                      for d in inc for sub in ("cccl", ".")):
+        missing.append("include/cccl/nv/target")
+    libs = [root / "lib64", *(Path(p) for p in glob.glob(str(root / "targets" / "*" / "lib")))]
+    if str(root) == "/usr" or root.name == "usr":  # Debian: the multiarch dir, on the linker's own path
+        libs += [Path(p) for p in glob.glob(str(root / "lib" / "*-linux-gnu"))]
+    if not any((d / "libcudart_static.a").is_file() for d in libs):
+        missing.append("lib64/libcudart_static.a")
+    return missing
+
+
 def _version_file(root: Path) -> str | None:
     try:
         data = json.loads((root / "version.json").read_text())
@@ -243,7 +283,8 @@ def _interp_prefixes(interpreters: list) -> list[Path]:
 
 def toolkit_candidates(env: dict[str, str], interpreters: list = ()) -> list[tuple[Path, str]]:
     """Possible CUDA roots, most trusted first: CUDA_HOME/CUDA_PATH, /usr/local/cuda-X.Y, /usr/local/cuda,
-    /opt/cuda, the nvcc on PATH (Debian: /usr), conda's $CONDA_PREFIX, pip's nvidia/cuda_nvcc packages."""
+    /opt/cuda, the nvcc on PATH (Debian: /usr), conda's $CONDA_PREFIX, pip's nvidia-cuda-nvcc wheels in the
+    interpreters' site-packages (nvidia/cu13/ from CUDA 13 on; the older nvidia/cuda_nvcc/ holds ptxas alone)."""
     seen: list[tuple[Path, str]] = []
     for key in ("CUDA_HOME", "CUDA_PATH"):
         if env.get(key):
@@ -278,6 +319,19 @@ def toolkit_candidates(env: dict[str, str], interpreters: list = ()) -> list[tup
 def probe_toolkits(env: dict[str, str], interpreters: list = ()) -> tuple[dict[str, str], list[str]]:
     """({major.minor: root}, [roots with a CUDA version file but no bin/nvcc]).  Each version comes from
     ``nvcc --version`` (the nvcc runs run side by side); the first root found for a version wins."""
+    return _probe_toolkits(env, interpreters)[:2]
+
+
+def incomplete_toolkits(toolkits: dict[str, str]) -> list[str]:
+    """'ROOT (CUDA X.Y): no PART, PART' for each toolkit that ``toolkit_missing`` finds parts missing in."""
+    out = []
+    for version, root in toolkits.items():
+        if missing := toolkit_missing(Path(root), version):
+            out.append(f"{root} (CUDA {version}): no {', '.join(missing)}")
+    return out
+
+
+def _probe_toolkits(env: dict[str, str], interpreters: list = ()) -> tuple[dict[str, str], list[str], list[str]]:
     cands = toolkit_candidates(env, interpreters)
     with ThreadPoolExecutor(max_workers=8) as pool:
         runs = [(root, pool.submit(_nvcc_version, root / "bin" / "nvcc", env) if (root / "bin" / "nvcc").exists()
@@ -295,7 +349,7 @@ def probe_toolkits(env: dict[str, str], interpreters: list = ()) -> tuple[dict[s
     toolkits = dict(sorted(toolkits.items(), key=lambda kv: Version(kv[0])))
     # an install without nvcc whose version a real toolkit covers is noise
     no_nvcc = [r for r in no_nvcc if _version_file(Path(r)) not in toolkits]
-    return toolkits, no_nvcc
+    return toolkits, no_nvcc, incomplete_toolkits(toolkits)
 
 
 def _meminfo() -> dict[str, float]:
@@ -372,7 +426,7 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
             interpreters, _failed = f_py.result()
         except (OSError, ValueError, subprocess.SubprocessError):  # discovery must not take the probe down
             interpreters = []
-        f_tk = pool.submit(probe_toolkits, env, interpreters)
+        f_tk = pool.submit(_probe_toolkits, env, interpreters)
         mem = _meminfo()
         machine: dict[str, Any] = {}
         if (o := _os_name()):
@@ -409,9 +463,11 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
         machine["in_container"] = _in_container(env)
         if not_found:
             machine["not_found"] = sorted(not_found)
-        toolkits, no_nvcc = f_tk.result()
+        toolkits, no_nvcc, incomplete = f_tk.result()
         if no_nvcc:
             machine["cuda_without_nvcc"] = no_nvcc
+        if incomplete:
+            machine["cuda_incomplete"] = incomplete
         machine["cuda_toolkits"] = toolkits
     return {"machine": machine, "gpu": gpus}
 
@@ -513,6 +569,7 @@ MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
     "in_container": _bool,
     "not_found": _list(_tool_name),
     "cuda_without_nvcc": _list(_nonempty),
+    "cuda_incomplete": _list(_nonempty),
     "cuda_toolkits": None,  # table, checked below
 }
 GPU_KEYS: dict[str, Callable[[Any], Any]] = {

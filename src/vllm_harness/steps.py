@@ -86,6 +86,13 @@ class Ctx:
                                  more_path=[scripts] if scripts else [])
 
     def cuda_home(self) -> str:
+        if self.variant.build["toolkit"] == "pypi":  # the venv's own, installed by the deps step
+            root = (self.status.step("deps") or {}).get("toolkit")
+            if not root or not (Path(root) / "bin" / "nvcc").is_file():
+                raise UsageError(f"Variant {self.name} takes its CUDA toolkit from PyPI ([build] toolkit = "
+                                 f"\"pypi\"), and none is installed in {self.venv}.",
+                                 f"Run `invoke deps --variant {self.name}` (or `nox -s build-{self.name}`).")
+            return root
         toolkits = (self.profile or {}).get("machine", {}).get("cuda_toolkits") or toolkit.find_toolkits(self.base_env)
         if self.variant.cuda in toolkits:
             return toolkits[self.variant.cuda]
@@ -135,8 +142,11 @@ def _step_keys(ctx: Ctx, interp_key: str) -> dict[str, str]:
     keys["prepare"] = key_of(keys["fetch"], "prepare-1", _tree_stamp(ctx.layout.root / "patches"))  # patches too
     keys["env"] = key_of("env", 3, interp_key, v.torch["preinstalled"], v.installer)
     keys["torch"] = key_of(keys["env"], v.torch)
-    keys["deps"] = key_of(keys["torch"], keys["prepare"] if v.vllm["mode"] == "source" else "", v.deps)
-    keys["build"] = key_of(keys["deps"], v.build, ctx.jobs, ctx.arch, v.vllm["mode"])
+    # [build] toolkit = "pypi" installs the toolkit in deps; the default "system" leaves the keys as they were
+    tk = [v.build["toolkit"]] if v.build["toolkit"] != "system" else []
+    keys["deps"] = key_of(keys["torch"], keys["prepare"] if v.vllm["mode"] == "source" else "", v.deps, *tk)
+    build = {k: x for k, x in v.build.items() if k != "toolkit" or tk}
+    keys["build"] = key_of(keys["deps"], build, ctx.jobs, ctx.arch, v.vllm["mode"])
     keys["post-install"] = key_of(keys["build"], v.post_install)
     keys["verify"] = key_of(keys["post-install"], v.verify, time.time())  # verify always runs again
     return keys
@@ -338,10 +348,38 @@ def do_deps(ctx: Ctx, log: Path) -> dict:
         cmds.append(ctx.install_cmd(reqs, v.deps["index_url"], extra=build_args))
     elif reqs:
         cmds.append(ctx.install_cmd(reqs, v.deps["index_url"]))
+    tk_reqs, tk_why = [], ""
+    if v.vllm["mode"] == "source" and v.build["toolkit"] == "pypi":
+        # NVIDIA's toolkit wheels at the CUDA release the venv's torch pins (toolkit.pypi_requirements)
+        torch_version, requires = toolkit.torch_requires(ctx.py, ctx.env())
+        tk_reqs, tk_why = toolkit.pypi_requirements(v.cuda, requires, torch_version)
+        cmds.append(ctx.install_cmd(tk_reqs, v.deps["index_url"]))
     if cmds:
         run_commands("deps", cmds, log, ctx.env(), quiet=ctx.quiet)
+    tk = _pypi_toolkit(ctx, log, tk_reqs, tk_why) if tk_reqs else {}
     _torch_kept(ctx, log)
-    return {"note": f"{len(reqs)} extra requirement(s)"}
+    return {"note": f"{len(reqs)} extra requirement(s)" + tk.pop("note", ""), **tk}
+
+
+def _pypi_toolkit(ctx: Ctx, log: Path, reqs: list[str], why: str) -> dict:
+    """[build] toolkit = "pypi", after its wheels are installed: where they landed (the build's CUDA_HOME), the
+    links a build needs there (inside the venv only), and a check that nothing a build needs is missing."""
+    root = toolkit.pypi_root(ctx.py, ctx.env(), ctx.variant.cuda)
+    from .machine import toolkit_missing
+    if root is None:
+        raise StepFailed(f"deps: {' '.join(reqs)} installed no nvidia/cu{ctx.variant.cuda.split('.')[0]}/bin/nvcc "
+                         f"in {ctx.venv}.", "Read the log; set toolkit = \"system\" to use an installed toolkit.",
+                         log=str(log))
+    links = toolkit.link_pypi_toolkit(root, ctx.venv)
+    missing = toolkit_missing(root, ctx.variant.cuda)
+    with open(log, "a") as fh:
+        fh.write(f"# CUDA toolkit from PyPI: {' '.join(reqs)} ({why}) at {root}; links made: {', '.join(links) or 'none'}; "
+                 f"missing: {', '.join(missing) or 'nothing'}\n")
+    if missing:
+        raise StepFailed(f"deps: the CUDA toolkit from PyPI at {root} lacks {', '.join(missing)}.",
+                         "Set toolkit = \"system\" and install the CUDA toolkit (`invoke doctor` names how).",
+                         log=str(log))
+    return {"toolkit": str(root), "toolkit_requirements": reqs, "note": f"; CUDA toolkit from PyPI: {reqs[0]}"}
 
 
 def _torch_kept(ctx: Ctx, log: Path) -> None:

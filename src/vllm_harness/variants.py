@@ -217,6 +217,7 @@ SCHEMA: dict[str, dict[str, Field_]] = {
         "editable": (check_bool, False, True),
         "cmake_min": (_version, False, "3.26"),
         "env": (_env_table, False, {}),
+        "toolkit": (_choice("system", "pypi"), False, "system"),
     },
     "post_install": {
         "packages": (list_of(_requirement), False, []),
@@ -339,6 +340,12 @@ def parse_variant(name: str, path: Path, text: str) -> Variant:
         p = p if p.is_absolute() else (path.parent / p).resolve()
         if not p.is_dir():
             raise _fail(path, "vllm.path", f"{p} is not a directory", "point it at a vLLM source checkout")
+    b = sections["build"]
+    if b["toolkit"] == "pypi" and int(sections[""]["cuda"].split(".")[0]) < 13:
+        raise _fail(path, "build.toolkit", f"'pypi' needs CUDA 13 or newer, and this variant's cuda is "
+                    f"{sections['']['cuda']}: PyPI's nvidia-cuda-nvcc-cu12/-cu11 wheels hold ptxas alone (no nvcc, "
+                    "cudafe++, fatbinary)", f"write toolkit = \"system\" and install CUDA {sections['']['cuda']} "
+                    "(`invoke doctor` names how for this machine), or use conda-forge's cuda-nvcc")
     t = sections["torch"]
     names = [Requirement(r).name.lower() for r in t["packages"]]
     if "torch" not in names:
