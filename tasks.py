@@ -110,6 +110,21 @@ def verify(c, variant=None, python=None, json=False, allow_no_gpu=False, wheel=N
           cc=cc, no_speed=no_speed)
 
 
+@task(help={"refresh": "read the facts from the package index's metadata (PyPI; the PyTorch index when reachable)",
+            "index_url": "another simple index (PEP 691 JSON or PEP 503 HTML)", "pytorch_index": "another PyTorch "
+            "wheel index", "json": "JSON output"})
+def compat(c, refresh=False, index_url=None, pytorch_index=None, json=False):
+    """The compatibility data's age; --refresh regenerates data/compat.lock.toml from the package index."""
+    _call("compat", refresh=refresh, index_url=index_url, pytorch_index=pytorch_index, json=json)
+
+
+@task(help={"machine": "plan for this machine profile (TOML) instead of this machine",
+            "write": "write the recommendation as a variant, e.g. envs/mine.toml", "json": "JSON output"})
+def plan(c, machine=None, write=None, json=False):
+    """What can run here: per CUDA line the newest vLLM, its torch and Python, wheel or source; one recommendation."""
+    _call("plan", machine=machine, write=write, json=json)
+
+
 @task(help={"log": "log file, or - for stdin (default: the last failed step's log)",
             "variant": "fill the fixes with this variant's values", "json": "JSON output"})
 def diagnose(c, log=None, variant=None, json=False):

@@ -111,6 +111,16 @@ def cmd_doctor(a) -> int:
     return 1 if any(f["severity"] == "error" for f in report["findings"]) else 0
 
 
+def cmd_compat(a) -> int:
+    from .facts import cli_support
+    return cli_support.compat_command(a, _layout(a), _out)
+
+
+def cmd_plan(a) -> int:
+    from .facts import cli_support
+    return cli_support.plan_command(a, _layout(a), _out)
+
+
 def cmd_diagnose(a) -> int:
     from . import diagnose
     layout = _layout(a)
@@ -316,6 +326,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--machine", help="a machine profile TOML instead of probing this machine")
     s.add_argument("--save-machine", dest="save_machine", help="write this machine's profile here")
     s.add_argument("--source", help="a vLLM source tree whose pins to read")
+    s.add_argument("--json", action="store_true")
+    s = add("compat", cmd_compat, "the compatibility data: its age, or --refresh it from the package index")
+    s.add_argument("--refresh", action="store_true", help="read the facts from the package index's metadata")
+    s.add_argument("--index-url", dest="index_url", help="a PEP 691/503 simple index (default: PyPI)")
+    s.add_argument("--pytorch-index", dest="pytorch_index", help="the PyTorch wheel index (default: download.pytorch.org/whl)")
+    s.add_argument("--out", help="write the generated data here (default: the package's data/compat.lock.toml)")
+    s.add_argument("--json", action="store_true")
+    s = add("plan", cmd_plan, "what can run on this machine (or --machine PROFILE), and one recommendation")
+    s.add_argument("--machine", help="a machine profile TOML instead of probing this machine")
+    s.add_argument("--write", help="write the recommendation as a variant file, e.g. envs/mine.toml")
     s.add_argument("--json", action="store_true")
     s = add("diagnose", cmd_diagnose, "name the cause and fix of a failed build or install log")
     s.add_argument("--log", help="log file, or - for stdin (default: the last failed step's log)")

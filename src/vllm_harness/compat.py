@@ -307,7 +307,9 @@ class CompatData:
 
     def _vllm_from_lock(self, v: str, t: dict) -> VllmFacts:
         hand = self._hand_vllm(v)
-        pick = (lambda k: self._ifact(str(t[k])) if k in t else (getattr(hand, k) if hand is not None else None))
+
+        def pick(k: str) -> Fact | None:
+            return self._ifact(str(t[k])) if k in t else (getattr(hand, k) if hand is not None else None)
         torch = pick("torch")
         wheel_cuda = hand.wheel_cuda if hand is not None else None
         if torch is not None and (wheel_cuda is None or wheel_cuda.inferred):

@@ -40,8 +40,13 @@ from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.utils import (InvalidSdistFilename, InvalidWheelFilename, canonicalize_name,
-                             parse_sdist_filename, parse_wheel_filename)
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
 from packaging.version import InvalidVersion, Version
 
 from ..errors import UsageError
@@ -473,8 +478,8 @@ def vllm_facts(meta: Meta, rel: Release, f: IndexFile) -> dict:
                 out[key] = p
             elif n == "torch" and str(r.specifier):
                 out["torch_requires"] = _spec_str(str(r.specifier))
-    out["wheels"] = sorted({"-".join(sorted({f"{t.interpreter}-{t.abi}-{t.platform}" for t in tags}))
-                            for _f, (_n, _v, _b, tags) in rel.wheels})
+    out["wheels"] = sorted({f"{t.interpreter}-{t.abi}-{t.platform}" for _f, (_n, _v, _b, tags) in rel.wheels
+                            for t in tags})
     out["sdist"] = rel.has_sdist
     out["metadata_from"] = f.filename
     return out

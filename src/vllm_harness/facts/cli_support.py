@@ -1,0 +1,70 @@
+"""The handlers behind ``compat`` and ``plan`` (cli.py keeps only the argument table)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .. import compat
+from ..errors import EXIT_OK, EXIT_PROBLEM
+
+
+def compat_command(a, layout, out) -> int:
+    from . import index_metadata as im
+    lock = Path(a.out) if getattr(a, "out", None) else compat.LOCK_PATH
+    cache = layout.state / "cache" / "index"
+    if a.refresh:
+        res = im.refresh(out_path=lock, index=a.index_url or im.DEFAULT_INDEX,
+                         pytorch_index=a.pytorch_index or im.PYTORCH_INDEX, cache_dir=cache,
+                         progress=not a.json and sys.stderr.isatty())
+        compat.load.cache_clear()
+        if a.json:
+            out(a, res.to_dict())
+        else:
+            for n in res.notes:
+                print(f"note: {n}")
+            for s in res.skipped:
+                print(f"skipped (malformed metadata, not written): {s}")
+            c = res.counts
+            print(f"compat: {lock} {'updated' if res.changed else 'unchanged'} (generated {res.generated}): "
+                  f"{c['vllm']} vLLM, {c['torch']} torch, {c['xformers']} xformers releases; {res.requests} "
+                  f"requests, {res.cache_hits} from the cache, {res.seconds:.1f}s")
+        return EXIT_OK
+    data = compat.load_file(compat.DATA_PATH, lock)
+    info = {"hand_file": str(compat.DATA_PATH), "lock_file": str(lock) if lock.is_file() else None,
+            "generated": data.generated, "age_days": data.age_days(), "last_refresh": im.last_refresh(cache),
+            "newest": {"vllm": data.newest("vllm"), "torch": data.newest("torch")}}
+    if a.json:
+        out(a, info)
+    elif data.generated is None:
+        print(f"compat: no generated data ({lock} missing): hand-kept data only, newest vLLM "
+              f"{info['newest']['vllm']}. Run `invoke compat --refresh`.")
+    else:
+        print(f"compat: index data generated {data.generated} ({info['age_days']} days ago; last refresh "
+              f"{info['last_refresh'] or 'not on this machine'}); newest vLLM {info['newest']['vllm']}, torch "
+              f"{info['newest']['torch']}")
+    return EXIT_OK
+
+
+def plan_command(a, layout, out) -> int:
+    from .. import machine
+    from . import planner
+    if a.machine:
+        profile, name = machine.load_profile(Path(a.machine)), Path(a.machine).stem
+    else:
+        profile, name = machine.probe(layout.state), "this machine"
+    data = compat.load()
+    report = planner.plan(profile, data, name)
+    written = None
+    if a.write:
+        written = planner.write_variant(report, data, Path(a.write))
+    pub = planner.public(report)
+    if written is not None:
+        pub["written"] = str(written)
+    if a.json:
+        out(a, pub)
+    else:
+        planner.render_table(pub)
+        if written is not None:
+            print(f"wrote {written}: build it with `nox -s build-{written.stem}`")
+    return EXIT_OK if report.get("recommendation") else EXIT_PROBLEM

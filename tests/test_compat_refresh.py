@@ -1,0 +1,266 @@
+"""issue 16: compat facts from the package index's metadata (recorded responses, a local server; one live test)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from vllm_harness import compat, doctor
+from vllm_harness.cli import main as cli
+from vllm_harness.errors import UsageError
+from vllm_harness.facts import index_metadata as im
+from vllm_harness.variants import load_variant_file
+
+DATA = Path(__file__).parent / "data" / "index"
+MACHINES = Path(__file__).parent / "machines"
+
+
+class Index:
+    """A local index serving the recorded responses: /simple/<project>/ (PEP 691), /files/<name>.metadata,
+    /pytorch/torch/ (PEP 503); ``routes`` overrides or adds paths (bytes, content type); Range is honoured."""
+
+    def __init__(self):
+        self.routes: dict[str, tuple[bytes, str]] = {}
+        for p in ("vllm", "torch", "xformers"):
+            self.routes[f"/simple/{p}/"] = ((DATA / f"{p}.json").read_bytes(), im.SIMPLE_JSON)
+        for f in (DATA / "files").iterdir():
+            self.routes[f"/files/{f.name}"] = (f.read_bytes(), "text/plain")
+        self.routes["/pytorch/torch/"] = ((DATA / "pytorch-torch.html").read_bytes(), "text/html")
+        self.hits: list[str] = []
+        index = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                index.hits.append(self.path)
+                if self.path not in index.routes:
+                    self.send_error(404)
+                    return
+                body, ctype = index.routes[self.path]
+                rng = self.headers.get("Range")
+                if rng:
+                    m = re.fullmatch(r"bytes=(\d*)-(\d*)", rng)
+                    a, b = m.group(1), m.group(2)
+                    start, end = (len(body) - int(b), len(body) - 1) if not a else (int(a), min(int(b or len(body) - 1), len(body) - 1))
+                    start = max(0, start)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+                    body = body[start:end + 1]
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def index():
+    with Index() as ix:
+        yield ix
+
+
+def _refresh(ix: Index, out: Path, cache: Path | None = None, **kw) -> im.RefreshResult:
+    return im.refresh(out_path=out, index=f"{ix.url}/simple", pytorch_index=kw.pop("pytorch", f"{ix.url}/pytorch"),
+                      cache_dir=cache, today=kw.pop("today", "2026-11-28"), timeout=5, **kw)
+
+
+def test_refresh_reads_the_facts_from_recorded_metadata(index, tmp_path):
+    out = tmp_path / "compat.lock.toml"
+    res = _refresh(index, out, tmp_path / "cache")
+    assert res.changed and not res.skipped and res.counts == {"vllm": 4, "torch": 3, "xformers": 3}
+    lock = compat.tomllib.loads(out.read_text())
+    assert lock["source"] == "index-metadata" and lock["generated"] == "2026-11-28"
+    v = lock["vllm"]["0.33.0"]
+    assert (v["torch"], v["torchvision"], v["torchaudio"], v["flashinfer"]) == ("2.14.0", "0.29.0", "2.11.0", "0.7.2.post1")
+    assert v["python"] == ">=3.11,<3.15" and v["sdist"] is True
+    assert "cp38-abi3-manylinux_2_28_x86_64" in v["wheels"]
+    assert lock["vllm"]["0.8.5"]["xformers"] == "0.0.29.post2"
+    assert lock["vllm"]["0.20.2"]["sdist"] is True
+    t = lock["torch"]
+    assert t["2.14.0"]["pypi_cuda"] == "13.0" and t["2.6.0"]["pypi_cuda"] == "12.4"
+    assert t["2.6.0"]["python"] == ">=3.11,<3.13"   # the CPython wheels listed: the trimmed page has cp311, cp312
+    assert t["2.14.0"]["cuda_variants"] == ["12.6", "13.0"]   # from the PyTorch index page (cpu is not CUDA)
+    assert lock["xformers"]["0.0.34"]["torch"] == "2.10.0"
+    assert "torch" not in lock["xformers"]["0.0.35"] and lock["xformers"]["0.0.35"]["torch_requires"] == ">=2.10"
+    # the merged data: index facts with their source, hand facts kept with theirs
+    data = compat.load_file(compat.DATA_PATH, out)
+    vf = data.vllm("0.33.0")
+    assert vf.torch.value == "2.14.0" and vf.torch.source == "index-metadata" and not vf.torch.inferred
+    assert vf.build_archs("13.0").source == "vllm-cmake-000a1ee" and vf.build_archs("13.0").inferred
+    assert data.cuda("13.0").driver_min.source == "nv-relnotes"
+    assert data.torch("2.14.0").pypi_default_cuda.value == "13.0" and data.newest("vllm") == "0.33.0"
+
+
+def test_second_refresh_changes_no_byte_and_is_served_from_the_cache(index, tmp_path):
+    out, cache = tmp_path / "compat.lock.toml", tmp_path / "cache"
+    _refresh(index, out, cache)
+    before = out.read_bytes()
+    index.hits.clear()
+    res = _refresh(index, out, cache, today="2027-01-05")
+    assert not res.changed and out.read_bytes() == before and res.generated == "2026-11-28"
+    assert not [h for h in index.hits if h.endswith(".metadata")]      # metadata came from the cache
+
+
+def test_unreachable_index_changes_nothing_and_names_the_url(tmp_path):
+    out = tmp_path / "compat.lock.toml"
+    out.write_text("keep me\n")
+    with pytest.raises(UsageError) as e:
+        im.refresh(out_path=out, index="http://127.0.0.1:9/simple", pytorch_index=None, timeout=2)
+    assert "http://127.0.0.1:9/simple/" in str(e.value) and "was not changed" in str(e.value)
+    assert out.read_text() == "keep me\n"
+
+
+def test_broken_index_page_changes_nothing(index, tmp_path):
+    out = tmp_path / "compat.lock.toml"
+    index.routes["/simple/torch/"] = (b"{not json", im.SIMPLE_JSON)
+    with pytest.raises(UsageError) as e:
+        _refresh(index, out)
+    assert f"{index.url}/simple/torch/" in str(e.value) and not out.exists()
+
+
+def test_pytorch_index_unreachable_is_reported_and_pypi_still_read(index, tmp_path):
+    out = tmp_path / "compat.lock.toml"
+    res = _refresh(index, out, pytorch="http://127.0.0.1:9/whl")
+    assert res.changed and any("http://127.0.0.1:9/whl/torch/" in n for n in res.notes)
+    assert "cuda_variants" not in compat.tomllib.loads(out.read_text())["torch"]["2.14.0"]
+
+
+def test_malformed_metadata_is_skipped_with_its_name(index, tmp_path):
+    name = "vllm-0.32.0-cp38-abi3-manylinux_2_28_x86_64.whl.metadata"
+    index.routes[f"/files/{name}"] = (b"Metadata-Version: 2.4\nName: vllm\nVersion: 0.32.0\n"
+                                      b"Requires-Dist: torch===\n", "text/plain")
+    out = tmp_path / "compat.lock.toml"
+    res = _refresh(index, out)
+    assert [s.split(":")[0] for s in res.skipped] == [name[:-len(".metadata")]]
+    lock = compat.tomllib.loads(out.read_text())
+    assert "0.32.0" not in lock["vllm"] and "0.33.0" in lock["vllm"]
+
+
+def test_wheel_without_metadata_file_is_read_with_range_requests(index, tmp_path):
+    """No PEP 658 file: the METADATA member is read from the zip's end, central directory and member."""
+    page = json.loads((DATA / "xformers.json").read_text())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("xformers/__init__.py", "x = 1\n" * 5000)
+        z.writestr("xformers-0.0.34.dist-info/METADATA",
+                   (DATA / "files" / "xformers-0.0.34-cp39-abi3-manylinux_2_28_x86_64.whl.metadata").read_text())
+    for f in page["files"]:
+        if f["filename"] == "xformers-0.0.34-cp39-abi3-manylinux_2_28_x86_64.whl":
+            f.pop("core-metadata")
+            index.routes["/files/" + f["filename"]] = (buf.getvalue(), "application/zip")
+    index.routes["/simple/xformers/"] = (json.dumps(page).encode(), im.SIMPLE_JSON)
+    out = tmp_path / "compat.lock.toml"
+    _refresh(index, out)
+    assert compat.tomllib.loads(out.read_text())["xformers"]["0.0.34"]["torch"] == "2.10.0"
+    assert not [h for h in index.hits if h.startswith("/files/xformers-0.0.34") and h.endswith(".metadata")]
+
+
+def test_torch_cuda_from_requirements():
+    from packaging.requirements import Requirement as R
+    assert im.torch_cuda([R('nvidia-cuda-runtime-cu12==12.4.127; platform_system == "Linux"')])[0] == "12.4"
+    assert im.torch_cuda([R("cuda-toolkit[cudart]==13.0.2")])[0] == "13.0"
+    assert im.torch_cuda([R("nvidia-cuda-runtime-cu12==12.8.90; platform_machine == 'aarch64'")])[0] is None
+    assert im.torch_cuda([R("filelock")])[0] is None
+
+
+# ------------------------------------------------------------------------------------- doctor after it
+
+def _variant(tmp_path: Path, vllm: str, torch: str, cuda: str = "13.0", name: str = "x") -> object:
+    f = tmp_path / f"{name}.toml"
+    f.write_text(f'description = "t"\ncuda = "{cuda}"\npython = ">=3.12,<3.13"\n[torch]\nversion = "{torch}"\n'
+                 f'packages = ["torch=={torch}"]\n[vllm]\nversion = "{vllm}"\nmode = "wheel"\n')
+    return load_variant_file(f)
+
+
+def _h200_driver580() -> dict:
+    from vllm_harness import machine
+    text = (MACHINES / "h100-driver535.toml").read_text()
+    text = text.replace('driver = "535.183.01"', 'driver = "580.95.05"').replace('driver_cuda = "12.2"', 'driver_cuda = "13.0"')
+    return machine.parse_profile(text, "h100-driver580")
+
+
+def test_doctor_before_and_after_a_refresh(index, tmp_path):
+    prof = _h200_driver580()
+    hand_only = compat.load_file(compat.DATA_PATH, None)        # the data before any refresh
+    v = _variant(tmp_path, "0.33.0", "2.14.0")
+    fs = doctor.check(v, prof, data=hand_only)
+    assert [f.id for f in fs if f.id.startswith("compat-")] == ["compat-stale"]
+    assert "invoke compat --refresh" in fs[0].fix or any("invoke compat --refresh" in f.fix for f in fs)
+    out = tmp_path / "compat.lock.toml"
+    _refresh(index, out)
+    data = compat.load_file(compat.DATA_PATH, out)
+    fs = doctor.check(v, prof, data=data)
+    assert not [f for f in fs if f.id in ("compat-unknown", "compat-stale")], fs
+    assert doctor.verdict(fs) != "will fail", [f for f in fs if f.severity == "error"]
+    bad = doctor.check(_variant(tmp_path, "0.33.0", "2.11.0", name="bad"), prof, data=data)
+    pin = [f for f in bad if f.severity == "error" and f.id == "dependency-conflict"]
+    assert pin and "torch==2.14.0" in pin[0].evidence and "[index-metadata]" in pin[0].evidence
+    # Python outside vLLM 0.33.0's Requires-Python (>=3.11): judged from the index data
+    v310 = load_variant_file(_write(tmp_path / "py310.toml", (tmp_path / "x.toml").read_text()
+                                    .replace('">=3.12,<3.13"', '">=3.10,<3.11"')))
+    fs = doctor.check(v310, prof, data=data)
+    assert any(f.id == "python-unsupported" and ">=3.11,<3.15" in f.evidence for f in fs)
+
+
+def _write(p: Path, text: str) -> Path:
+    p.write_text(text)
+    return p
+
+
+def test_packaged_data_judges_the_shipped_variants():
+    """The committed lock: cu130 (vLLM 0.33.0) and cu128 are judged fully on machines their files name."""
+    from vllm_harness.variants import load_variant
+    envs = [Path(__file__).parent.parent / "envs"]
+    fs = doctor.check(load_variant("cu130", envs), _h200_driver580())
+    assert not [f for f in fs if f.id in ("compat-unknown", "compat-stale")] and doctor.verdict(fs) != "will fail"
+    from vllm_harness import machine
+    p = machine.load_profile(MACHINES / "rtx4090-gcc13-ubuntu24.toml")   # driver 570
+    fs = doctor.check(load_variant("cu128", envs), p)
+    assert not [f for f in fs if f.id in ("compat-unknown", "compat-stale")] and doctor.verdict(fs) != "will fail"
+    for name in ("cu118", "cu124", "cu128", "cu130"):
+        assert "For:" in (envs[0] / f"{name}.toml").read_text() or "# " in (envs[0] / f"{name}.toml").read_text()
+
+
+def test_cli_compat_refresh_json(index, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VLLM_HARNESS_STATE", str(tmp_path / "state"))
+    out = tmp_path / "lock.toml"
+    rc = cli(["compat", "--refresh", "--index-url", f"{index.url}/simple", "--pytorch-index", f"{index.url}/pytorch",
+              "--out", str(out), "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["changed"] and rep["counts"]["vllm"] == 4 and out.is_file()
+    rc = cli(["compat", "--refresh", "--index-url", "http://127.0.0.1:9/simple", "--out", str(out)])
+    assert rc == 2 and "http://127.0.0.1:9/simple/" in capsys.readouterr().err
+
+
+@pytest.mark.network
+def test_live_index_has_the_releases_the_data_names(tmp_path):
+    out = tmp_path / "compat.lock.toml"
+    res = im.refresh(out_path=out, cache_dir=tmp_path / "cache", timeout=30)
+    lock = compat.tomllib.loads(out.read_text())
+    assert res.counts["vllm"] > 50 and lock["vllm"]["0.8.5"]["torch"] == "2.6.0"
+    assert lock["torch"]["2.6.0"]["pypi_cuda"] == "12.4"
