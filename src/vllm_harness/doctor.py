@@ -486,7 +486,7 @@ def _check_gpus(ctx: _Ctx, vf: compat_mod.VllmFacts | None, tf: compat_mod.Torch
                     ctx.add("arch-unsupported-by-nvcc", "error", f"nvcc {v.cuda} vs {g.get('name')}",
                             f"nvcc {v.cuda} builds SASS for {', '.join(cf.sm.value)}{_cite(cf.sm)}; none runs on compute "
                             f"capability {_cc_str(cc)}",
-                            _nvcc_fix(ctx.data, cc))
+                            _nvcc_fix(ctx.data, cc, ctx.m))
     # pre-Ampere: bf16 and FlashAttention
     old = [(g, cc) for g, cc in gpus if cc < (8, 0)]
     if old:
@@ -516,11 +516,15 @@ def _arch_fix(data: CompatData, cc: tuple[int, int], torch_version: str) -> str:
     return f"choose a torch build with kernels for compute capability {_cc_str(cc)}, e.g. {', '.join(ok[-3:])}"
 
 
-def _nvcc_fix(data: CompatData, cc: tuple[int, int]) -> str:
+def _nvcc_fix(data: CompatData, cc: tuple[int, int], machine: dict | None = None) -> str:
     ok = [v for v in data.cuda_versions() if any(a[0] == cc[0] and a[1] <= cc[1] for a in data.cuda(v).sm_real())]
     if not ok:
         return f"no CUDA toolkit in the data targets compute capability {_cc_str(cc)}"
-    return f"use a CUDA toolkit that targets compute capability {_cc_str(cc)}: {', '.join(ok)}"
+    fix = f"use a CUDA toolkit that targets compute capability {_cc_str(cc)}: {', '.join(ok)}"
+    if machine is None:
+        return fix
+    from .toolkit import install_fix  # how to get the newest of them on this machine's distribution
+    return f"{fix} (a variant for it; then {install_fix(machine.get('os'), ok[-1], machine.get('arch'))})"
 
 
 def _check_arch_list(ctx: _Ctx) -> None:
@@ -769,14 +773,24 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
     v, m = ctx.variant, ctx.m
     cf = ctx.data.cuda(v.cuda)
     # --- CUDA toolkit
+    from .toolkit import PYPI_EXTRAS, install_fix
     tk = m.get("cuda_toolkits")
-    if tk is None:
+    pypi = v.build.get("toolkit") == "pypi"
+    # what installs this CUDA on this machine's distribution (profile key `os`), best first
+    install = f"{install_fix(m.get('os'), v.cuda, m.get('arch'))}; the build sets CUDA_HOME, PATH and LD_LIBRARY_PATH to it"
+    if pypi:
+        ctx.add("cuda-home-missing", "info", f"CUDA {v.cuda} toolkit from PyPI",
+                f"[build] toolkit = \"pypi\": the deps step installs cuda-toolkit[{','.join(PYPI_EXTRAS)}] at the "
+                f"release torch {ctx.torch_version} pins into the variant's venv, and the build's CUDA_HOME is its "
+                f"nvidia/cu{v.cuda.split('.')[0]}; no system toolkit is used"
+                + (f" (found here, unused: {', '.join(tk)})" if tk else ""), "nothing to do")
+    elif tk is None:
         ctx.skipped("cuda-home-missing", f"CUDA {v.cuda} toolkit", "machine.cuda_toolkits")
+    elif v.cuda in tk and (broken := [e for e in m.get("cuda_incomplete") or [] if e.startswith(f"{tk[v.cuda]} (")]):
+        ctx.add("nvcc-not-found", "warning", f"CUDA {v.cuda} toolkit",
+                f"the toolkit at {broken[0]}: its nvcc runs, but a build stops at the first missing part", install)
     elif v.cuda not in tk:
         same_major = [t for t in tk if t.split(".")[0] == v.cuda.split(".")[0]]
-        install = (f"install the CUDA {v.cuda} toolkit (NVIDIA's runfile with --toolkit --installpath=/usr/local/cuda-{v.cuda}, "
-                   f"or apt install cuda-toolkit-{v.cuda.replace('.', '-')} from NVIDIA's repository); the build sets "
-                   f"CUDA_HOME, PATH and LD_LIBRARY_PATH to it")
         if not tk:
             no_nvcc = m.get("cuda_without_nvcc") or []
             if no_nvcc:
@@ -798,7 +812,7 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
                     f"found only {', '.join(f'{k} at {tk[k]}' for k in tk)}; torch {ctx.torch_version}+{v.cuda_tag} "
                     f"is CUDA {v.cuda}: building against CUDA {', '.join(tk)} fails ('The detected CUDA version ... "
                     "mismatches the version that was used to compile PyTorch')", install)
-    if ctx.env.get("CUDA_HOME") and tk and tk.get(v.cuda) and os.path.normpath(ctx.env["CUDA_HOME"]) != os.path.normpath(tk[v.cuda]):
+    if not pypi and ctx.env.get("CUDA_HOME") and tk and tk.get(v.cuda) and os.path.normpath(ctx.env["CUDA_HOME"]) != os.path.normpath(tk[v.cuda]):
         ctx.add("cuda-torch-version-mismatch", "info", "CUDA_HOME in the environment",
                 f"CUDA_HOME={ctx.env['CUDA_HOME']} is set; the CUDA {v.cuda} toolkit is {tk[v.cuda]}",
                 f"the build sets CUDA_HOME={tk[v.cuda]} for this variant")

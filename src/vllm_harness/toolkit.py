@@ -163,3 +163,50 @@ def link_pypi_toolkit(root: Path, venv: Path) -> list[str]:
                 names.add(m.group(1))
                 made.append(f"lib/{m.group(1)} -> {name}")
     return made
+
+
+# ------------------------------------------------------------------------------ where to get a toolkit
+
+def _sources() -> dict:
+    import tomllib
+    return tomllib.loads((Path(__file__).parent / "data" / "toolkit_sources.toml").read_text())
+
+
+def _ver(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v))
+
+
+def install_fix(os_name: str | None, cuda: str, arch: str | None = None) -> str:
+    """What installs nvcc for CUDA ``cuda`` on a machine whose profile ``os`` is ``os_name`` (``debian-12``,
+    ``ubuntu-22.04``...), best first: the distribution's own package when its CUDA is this one (Debian 12's
+    non-free nvidia-cuda-toolkit is a real 11.8), NVIDIA's repository for that distribution or its runfile,
+    conda, and PyPI's wheels (``[build] toolkit = "pypi"``) from CUDA 13 on (data/toolkit_sources.toml)."""
+    data = _sources()
+    arch = {"aarch64": "sbsa", "arm64": "sbsa"}.get(arch or "x86_64", arch or "x86_64")
+    dash = cuda.replace(".", "-")
+    ways: list[str] = []
+    note = ""
+    distro = data["distro"].get(os_name or "")
+    if distro and distro["cuda"] == cuda:
+        ways.append(f"{distro['install']} from {distro['where']} (a real CUDA {cuda})")
+    elif distro:
+        note = f" ({os_name}'s own {distro['install'].split()[-1]} is CUDA {distro['cuda']}, not {cuda})"
+    repo = data["nvidia_repo"]
+    osid, _, osver = (os_name or "").rpartition("-") if os_name and "-" in os_name else (os_name or "", "", "")
+    how = repo["ids"].get(osid)
+    if how and osver:
+        prefix, tool, rule = how
+        name = prefix + (osver.replace(".", "") if rule == "nodot" else osver.split(".")[0])
+        url = repo["url"].format(repo=name, arch=arch)
+        ways.append(f"NVIDIA's {tool} repository for {name} ({url}, if it carries CUDA {cuda}): {tool} install "
+                    f"cuda-toolkit-{dash}")
+    ways.append(f"NVIDIA's runfile for CUDA {cuda} ({repo['archive']}) with --toolkit --silent "
+                f"--installpath=/usr/local/cuda-{cuda}")
+    conda = data["conda"]
+    ways.append(conda["forge"].format(cuda=cuda) if _ver(cuda) >= _ver(conda["from_cuda"])
+                else conda["nvidia_label"].format(cuda=cuda))
+    if _ver(cuda) >= _ver(data["pypi"]["from_cuda"]):
+        ways.append('no system toolkit at all: [build] toolkit = "pypi" in the variant (NVIDIA\'s CUDA '
+                    f'{cuda} wheels in its venv)')
+    where = f"on {os_name}" if os_name else "here"
+    return f"install the CUDA {cuda} toolkit; {where}: " + "; or ".join(ways) + note
