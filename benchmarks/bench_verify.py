@@ -1,8 +1,14 @@
-"""The binary layer's two fatbin readers side by side: the built-in ELF/fatbin parser and cuobjdump.
+"""verify's measurements, outside the tests.
 
     python benchmarks/bench_verify.py LIB.so [LIB.so ...]
+        The binary layer's two fatbin readers side by side (the built-in ELF/fatbin parser and cuobjdump): for
+        each library the archs each reader lists (they must agree), and the seconds each took.
 
-For each library: the archs each reader lists (they must agree), and the seconds each took.
+    python benchmarks/bench_verify.py dist [--libs vllm/_C.abi3.so] [--python PY] [--out results/X.json]
+        The multi-GPU layer on every visible GPU (data/verify_dist.py through verify.multi_gpu_layer): P2P copy
+        bandwidth per pair and direction, NCCL all-reduce 8 KB - 1 GB (latency, bus bandwidth against the
+        link's peak), vLLM's custom all-reduce against NCCL per size in fp16/bf16; printed as verify's tables,
+        the whole result written as JSON with the machine's facts.
 """
 
 from __future__ import annotations
@@ -14,6 +20,46 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vllm_harness import binaries as b  # noqa: E402
+
+
+def dist(argv: list[str]) -> int:
+    import argparse
+    import json
+    import os
+    import platform
+    import subprocess
+
+    from vllm_harness import verify as v
+    ap = argparse.ArgumentParser(prog="bench_verify.py dist")
+    ap.add_argument("--libs", action="append", default=[], help="vLLM extension libraries (vllm/_C.abi3.so)")
+    ap.add_argument("--python", default=sys.executable, help="the interpreter with torch (default: this one)")
+    ap.add_argument("--out", help="write the result JSON here")
+    ap.add_argument("--timeout", type=float, default=900)
+    a = ap.parse_args(argv)
+    result: dict = {}
+    t0 = time.perf_counter()
+    checks = v.multi_gpu_layer(Path(a.python), dict(os.environ), result, a.timeout,
+                               libs=v.dist_libraries(a.libs) or None)
+    result["checks"] = checks
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip().splitlines()
+    except OSError:
+        smi = []
+    torch_v = subprocess.run([a.python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                             text=True).stdout.strip()
+    result["machine"] = {"gpus": smi, "torch": torch_v, "host": platform.node(), "cpus": os.cpu_count(),
+                         "libs": a.libs, "seconds": round(time.perf_counter() - t0, 1)}
+    from rich.console import Console
+    con = Console(width=160)
+    for c in checks:
+        con.print(f"{c['name']}: {c['status']}: {c.get('reason', '')}")
+    for tbl in v.multi_gpu_tables(result):
+        con.print(tbl)
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {a.out}")
+    return 1 if any(c["status"] == "fail" for c in checks) else 0
 
 
 def main(paths: list[str]) -> int:
@@ -40,4 +86,6 @@ def main(paths: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["dist"]:
+        sys.exit(dist(sys.argv[2:]))
     sys.exit(main(sys.argv[1:]))

@@ -25,6 +25,9 @@ from . import binaries
 from .errors import StepFailed
 
 SCRIPT = Path(__file__).parent / "data" / "verify_env.py"
+DIST_SCRIPT = SCRIPT.with_name("verify_dist.py")
+DIST_TABLE = SCRIPT.with_name("custom_ar_ops.toml")
+DIST_LIB = re.compile(r"^_C(_stable_libtorch)?(\.abi3|\.cpython-[^.]+)?\.so$")
 LAYERS = ("environment", "binaries", "imports", "kernels", "speed", "multi-gpu")
 EXT_SUFFIX = re.compile(r"(\.abi3|\.cpython-[^.]+)?\.so$")
 
@@ -144,7 +147,9 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     result = json.loads(lines[-1])
     checks = result["checks"] + bchecks
     if device == "cuda" and len(result.get("gpus") or []) >= 2:
-        checks += multi_gpu_layer(python, env, result, timeout)
+        dist_libs = dist_libraries(direct) + [f for name, f in ext_files.items()
+                                              if name in ("vllm._C", "vllm._C_stable_libtorch")]
+        checks += multi_gpu_layer(python, env, result, timeout, libs=dist_libs)
     order = {name: i for i, name in enumerate(LAYERS)}
     result["checks"] = sorted(checks, key=lambda c: order.get(c.get("layer", ""), len(LAYERS)))
     secs = result.get("layer_seconds", {})
@@ -162,17 +167,42 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     return result
 
 
-def multi_gpu_layer(python: Path, env: dict[str, str], result: dict, timeout: float) -> list[dict]:
-    """Two or more GPUs: P2P between each pair, an NCCL all-reduce over all of them (sum checked, bus GB/s),
-    and whether vLLM's custom all-reduce is in the build (data/verify_dist.py, in the env's python)."""
+def dist_libraries(libs: list[str]) -> list[str]:
+    """Of the ``--libs`` files, vLLM's own ``_C`` libraries (where ``_C_custom_ar`` is registered): the flash-attn
+    and MoE libraries beside them are not loaded again in every rank.  All of them when none is named so."""
+    own = [f for f in libs if DIST_LIB.match(Path(f).name) and "third_party" not in Path(f).parts]
+    return own or list(libs)
+
+
+def custom_ar_table() -> dict:
+    """data/custom_ar_ops.toml: where each vLLM release registers its custom all-reduce ops."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    return tomllib.loads(DIST_TABLE.read_text(encoding="utf-8"))
+
+
+def multi_gpu_layer(python: Path, env: dict[str, str], result: dict, timeout: float, *,
+                    libs: list[str] | None = None, backend: str = "nccl", extra: list[str] | None = None) -> list[dict]:
+    """Two or more GPUs (data/verify_dist.py, in the env's python): P2P and its bandwidth for every pair, an NCCL
+    all-reduce from 8 KB to 1 GB (sum checked, bus GB/s against the link's peak), and vLLM's own custom
+    all-reduce from its compiled library (``libs``, else the env's installed vllm) against NCCL."""
     t0 = time.perf_counter()
-    argv = [str(python), str(SCRIPT.with_name("verify_dist.py")), "--backend", "nccl"]
+    argv = [str(python), str(DIST_SCRIPT), "--backend", backend,
+            "--custom-ar-table", json.dumps(custom_ar_table()), *(extra or [])]
+    if libs:
+        argv += ["--libs", ",".join(libs)]
     try:
         r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
         out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
         checks = out["checks"]
+        result["multi_gpu"] = {k: out.get(k) for k in ("world", "backend", "link", "libraries", "seconds")}
     except (subprocess.TimeoutExpired, OSError, ValueError, IndexError) as e:
-        checks = [{"name": "multi-GPU checks", "status": "fail", "reason": f"{type(e).__name__}: {e}"[:300],
+        tail = ""
+        if isinstance(e, (ValueError, IndexError)):
+            tail = " " + (r.stderr.strip().splitlines() or [""])[-1][:200]
+        checks = [{"name": "multi-GPU checks", "status": "fail", "reason": f"{type(e).__name__}: {e}"[:300] + tail,
                    "metrics": {}}]
     for c in checks:
         c["layer"] = "multi-gpu"
@@ -222,6 +252,70 @@ def _detail(c: dict) -> str:
     return c.get("reason") or m.get("version") or ""
 
 
+def _size(n: int) -> str:
+    for unit, m in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= m and n % m == 0:
+            return f"{n // m} {unit}"
+    return f"{n} B"
+
+
+def multi_gpu_tables(result: dict) -> list:
+    """The multi-GPU layer's figures: P2P copy bandwidth per pair and direction; per all-reduce size, NCCL's
+    latency and bus bandwidth, vLLM's custom all-reduce latency next to NCCL's on the same fp16/bf16 input."""
+    from rich.table import Table
+    by = {c["name"]: c for c in result.get("checks", []) if c.get("layer") == "multi-gpu"}
+    out = []
+    pairs = (by.get("p2p") or {}).get("metrics", {}).get("pairs") or {}
+    if pairs:
+        t = Table(title="P2P copy bandwidth (per direction)", show_lines=False)
+        for col in ("pair", "link", "peer access", "GB/s"):
+            t.add_column(col)
+        for name, p in pairs.items():
+            t.add_row(name, str(p.get("link")), "yes" if p.get("access") else "[red]no[/]",
+                      f"{p['gbps']:.0f}" if p.get("gbps") else p.get("error", "")[:40])
+        out.append(t)
+    sweep = next((c for n, c in by.items() if n.startswith("all-reduce")), {}).get("metrics", {})
+    custom = (by.get("vllm custom all-reduce") or {}).get("metrics", {})
+    rows: dict[int, dict] = {}
+    for r in sweep.get("sizes") or []:
+        rows.setdefault(r["bytes"], {})["nccl"] = r
+    for r in custom.get("sizes") or []:
+        rows.setdefault(r["bytes"], {})[r["dtype"]] = r
+    if not rows:
+        return out
+    peak = sweep.get("peak_gbps")
+    title = "all-reduce per size" + (f" (link peak {peak:.0f} GB/s per GPU and direction)" if peak else "")
+    t = Table(title=title, show_lines=False)
+    backend = (result.get("multi_gpu") or {}).get("backend") or "nccl"
+    cols = ["size", f"{backend.upper() if backend == 'nccl' else backend} fp32 µs", "bus GB/s"]
+    if peak:
+        cols.append("of peak")
+    dtypes = [d for d in ("float16", "bfloat16") if any(d in v for v in rows.values())]
+    for d in dtypes:
+        short = {"float16": "fp16", "bfloat16": "bf16"}[d]
+        cols += [f"vLLM custom {short} µs", f"NCCL {short} µs", f"custom vs NCCL ({short})"]
+    for col in cols:
+        t.add_column(col, justify="right")
+    for nbytes in sorted(rows):
+        v = rows[nbytes]
+        n = v.get("nccl")
+        cells = [_size(nbytes), f"{n['us']:.1f}" if n else "", f"{n['bus_gbps']:.3g}" if n else ""]
+        if peak:
+            cells.append(f"{n['bus_gbps'] / peak:.0%}" if n else "")
+        for d in dtypes:
+            c = v.get(d)
+            if not c:
+                cells += ["", "", ""]
+                continue
+            sp = c.get("speedup") or 0
+            mark = "green" if sp > 1 else "yellow"
+            bad = "" if c.get("ok", True) else " [red]differs[/]"
+            cells += [f"{c['custom_us']:.1f}", f"{c['nccl_us']:.1f}", f"[{mark}]{sp:.2f}x[/]{bad}"]
+        t.add_row(*cells)
+    out.append(t)
+    return out
+
+
 def render(result: dict, verdict_text: str) -> None:
     from rich.table import Table
 
@@ -253,6 +347,8 @@ def render(result: dict, verdict_text: str) -> None:
         secs = s.get("seconds")
         parts.append(f"{layer} {secs:.1f}s ({s['pass']}✓ {s['fail']}✗ {s['skip']} skipped)" if secs is not None
                      else f"{layer} ({s['pass']}✓ {s['fail']}✗ {s['skip']} skipped)")
+    for tbl in multi_gpu_tables(result):
+        con.print(tbl)
     total = result.get("layer_seconds", {}).get("total")
     con.print("time: " + "; ".join(parts) + (f"; total {total:.1f}s" if total is not None else ""))
     con.print(f"[bold]{verdict_text}[/]")

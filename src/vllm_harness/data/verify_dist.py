@@ -1,139 +1,803 @@
-"""Runs INSIDE the env being verified: the checks that need several GPUs (issue 10).
+"""Runs INSIDE the env being verified: the checks that need several GPUs (issues 10, 20).
 
-* P2P: which GPU pairs can access each other's memory (consumer GPUs often cannot: vLLM's custom
-  all-reduce then falls back to NCCL).
-* all-reduce through torch.distributed across every visible GPU (NCCL), checked for the right sum, with
-  the bus bandwidth NCCL's tests report (2 * (n-1)/n * bytes / time).  With ``--backend gloo`` the same code
-  runs on CPU processes, which is how it is tested on machines without GPUs.
-* vLLM's custom all-reduce: whether the build has the op (``_C_custom_ar`` / ``_C.all_reduce``); running it
-  needs vLLM's own IPC set-up and is reported as a skip with that reason when vLLM's Python side is absent.
+* p2p: for every ordered GPU pair, whether CUDA grants peer access, the link between them (``nvidia-smi topo
+  -m``: NV# or a PCIe path) and the copy bandwidth each way.  No P2P where the topology shows NVLink is a
+  failure; no P2P over PCIe is a pass with that reason (vLLM then leaves its custom all-reduce off).
+* all-reduce (nccl): torch.distributed across every visible GPU, 8 KB to 1 GB, the sum checked, latency and
+  the bus bandwidth NCCL's tests report (algbw * 2(n-1)/n), against the link's peak (NVLink: the per-link
+  rates ``nvidia-smi nvlink -s`` reports, summed per GPU; else the PCIe generation and width).
+* vllm custom all-reduce: vLLM's own kernel, found in the ``_C_custom_ar`` op namespace of the loaded
+  extension (``--libs`` files, else the installed vllm package's ``_C*.so``, loaded without importing vllm),
+  recognised by its generation (data/custom_ar_ops.toml: 0.5.5 to the newest release), set up as vLLM's
+  CustomAllreduce does (shared IPC buffers, handles exchanged on a gloo group), run on fp16/bf16 tensors at
+  the sizes vLLM sends it (8 KB up to its 8 MiB max_size, exclusive), compared with NCCL's result on the same
+  input and timed against NCCL size by size.  Torn down (dispose, IPC mappings closed, buffers freed) also
+  when a comparison fails.
 
-Prints one JSON object on the last line: {"world": n, "backend": ..., "checks": [...]}.
+With ``--backend gloo`` the all-reduce code runs on CPU processes (how it is tested without GPUs); the custom
+all-reduce then reports its discovery and a skip (it is a CUDA kernel).
+
+Prints one JSON object on the last line: {"world": n, "backend": ..., "gpus": n, "checks": [...], ...}.
 """
 
 import argparse
+import ctypes
+import glob
+import importlib.util
 import json
 import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
 import time
+import traceback
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+NCCL_SIZES = [8 * KIB * 4 ** k for k in range(8)] + [512 * MIB, GIB]        # 8 KB, 32 KB ... 512 MB, 1 GB
+CUSTOM_SIZES = [8 * KIB * 2 ** k for k in range(10)]                        # 8 KB ... 4 MB (< max_size)
+GLOO_SIZES = [8 * KIB, 256 * KIB, 4 * MIB]
+# NVLink bandwidth per link and direction, GB/s, by the GPU's compute capability major (NVIDIA's datasheets:
+# P100 NVLink1 20, V100 NVLink2 25, A100 NVLink3 25 x 12, H100/H200 NVLink4 25 x 18, B200 NVLink5 50 x 18);
+# used only when ``nvidia-smi nvlink -s`` gives no rate
+NVLINK_GBPS_PER_LINK = {6: 20.0, 7: 25.0, 8: 25.0, 9: 25.0, 10: 50.0, 12: 50.0}
+# PCIe usable bandwidth per lane and direction after line coding, GB/s, by generation
+PCIE_GBPS_PER_LANE = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _free_port() -> int:
+def parse_size(text):
+    """'8K', '1M', '1G', '4096' -> bytes."""
+    t = text.strip().upper().rstrip("B")
+    mult = {"K": KIB, "M": MIB, "G": GIB}.get(t[-1:], 1)
+    return int(float(t[:-1] if mult > 1 else t) * mult)
+
+
+def fmt_bytes(n):
+    for unit, m in (("GB", GIB), ("MB", MIB), ("KB", KIB)):
+        if n >= m and n % m == 0:
+            return f"{n // m} {unit}"
+    return f"{n} B"
+
+
+def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _worker(rank, world, backend, port, sizes, iters, queue):
-    import torch
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    out = []
+# ------------------------------------------------------------------------------------------ topology
+
+def _run(argv, timeout=30):
+    exe = shutil.which(argv[0])
+    if not exe:
+        return None
     try:
-        for n in sizes:
-            x = torch.full((n,), float(rank + 1), device=device, dtype=torch.float32)
-            dist.all_reduce(x)  # warm-up (and NCCL's communicator set-up)
-            expected = world * (world + 1) / 2
-            ok = bool(torch.allclose(x, torch.full_like(x, expected)))
-            x = torch.full((n,), float(rank + 1), device=device, dtype=torch.float32)
-            if backend == "nccl":
+        r = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def parse_topo(text):
+    """``nvidia-smi topo -m`` -> {(i, j): 'NV18' | 'PIX' | 'PHB' | 'NODE' | 'SYS' | ...} over GPU indices."""
+    lines = [ANSI.sub("", ln) for ln in (text or "").splitlines() if ln.strip()]
+    if not lines:
+        return {}
+    header = lines[0].split()
+    cols = []
+    for h in header:
+        if not re.fullmatch(r"(GPU|NIC)\d+", h):
+            break
+        cols.append(h)
+    out = {}
+    for ln in lines[1:]:
+        parts = ln.split()
+        m = re.fullmatch(r"GPU(\d+)", parts[0]) if parts else None
+        if not m or len(parts) < len(cols) + 1:
+            continue
+        i = int(m.group(1))
+        for k, c in enumerate(cols):
+            v = parts[1 + k]
+            if c.startswith("GPU") and v != "X":
+                out[(i, int(c[3:]))] = v
+    return out
+
+
+def parse_nvlink_rates(text):
+    """``nvidia-smi nvlink -s`` -> {gpu: [GB/s per active link]} (inactive links print '<inactive>')."""
+    out, gpu = {}, None
+    for ln in (text or "").splitlines():
+        m = re.match(r"\s*GPU (\d+):", ln)
+        if m:
+            gpu = int(m.group(1))
+            out.setdefault(gpu, [])
+            continue
+        m = re.match(r"\s*Link \d+: ([\d.]+) GB/s", ln)
+        if m and gpu is not None:
+            out[gpu].append(float(m.group(1)))
+    return out
+
+
+def physical_ids(n):
+    """torch's device index -> nvidia-smi's index, through CUDA_VISIBLE_DEVICES when it lists numbers."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = [x.strip() for x in cvd.split(",") if x.strip()]
+    if ids and all(x.isdigit() for x in ids) and len(ids) >= n:
+        return [int(x) for x in ids[:n]]
+    return list(range(n))
+
+
+def link_facts(torch, ngpu):
+    """What the links between the GPUs are and their peak per GPU and direction (GB/s), with the source."""
+    phys = physical_ids(ngpu)
+    topo_raw = parse_topo(_run(["nvidia-smi", "topo", "-m"]))
+    topo = {(a, b): topo_raw.get((phys[a], phys[b])) for a in range(ngpu) for b in range(ngpu) if a != b}
+    rates = parse_nvlink_rates(_run(["nvidia-smi", "nvlink", "-s"]))
+    facts = {"topology": {f"{a}-{b}": v for (a, b), v in topo.items() if v}, "source": None, "peak_gbps": None}
+    nv = [rates.get(p) for p in phys]
+    if ngpu and all(nv):
+        per_gpu = [sum(r) for r in nv]
+        facts.update(kind="nvlink", links=[len(r) for r in nv], gbps_per_link=nv[0][0], peak_gbps=min(per_gpu),
+                     source="nvidia-smi nvlink -s (per link and direction, summed per GPU)")
+        return facts, topo
+    if ngpu and any(v and v.startswith("NV") for v in topo.values()):
+        links = min(int(v[2:]) for v in topo.values() if v and v.startswith("NV") and v[2:].isdigit())
+        major = torch.cuda.get_device_capability(0)[0]
+        per = NVLINK_GBPS_PER_LINK.get(major)
+        facts.update(kind="nvlink", links=[links] * ngpu, gbps_per_link=per,
+                     peak_gbps=links * per if per else None,
+                     source=f"nvidia-smi topo -m (NV{links}) x {per} GB/s per link for sm {major}x")
+        return facts, topo
+    q = _run(["nvidia-smi", "--query-gpu=index,pcie.link.gen.max,pcie.link.width.max",
+              "--format=csv,noheader,nounits"])
+    gens = {}
+    for ln in (q or "").splitlines():
+        f = [x.strip() for x in ln.split(",")]
+        if len(f) == 3 and f[1].isdigit() and f[2].isdigit():
+            gens[int(f[0])] = (int(f[1]), int(f[2]))
+    pc = [gens.get(p) for p in phys]
+    if ngpu and all(pc):
+        peak = min(PCIE_GBPS_PER_LANE.get(g, 0) * w for g, w in pc)
+        facts.update(kind="pcie", pcie=[f"gen{g} x{w}" for g, w in pc], peak_gbps=round(peak, 1) or None,
+                     source="nvidia-smi pcie.link.gen.max / width.max")
+    else:
+        facts.update(kind="unknown", source="nvidia-smi gave no NVLink or PCIe facts")
+    return facts, topo
+
+
+def _link_kind(v):
+    if not v:
+        return "unknown"
+    return "nvlink" if v.startswith("NV") else "pcie"
+
+
+def p2p_check(torch, ngpu, topo, nbytes=256 * MIB, iters=10):
+    """Peer access and copy bandwidth, each direction of every pair."""
+    pairs, bad, pcie_no_p2p, unknown = {}, [], [], []
+    for i in range(ngpu):
+        for j in range(ngpu):
+            if i == j:
+                continue
+            access = bool(torch.cuda.can_device_access_peer(i, j))
+            link = topo.get((i, j))
+            entry = {"access": access, "link": link or "unknown"}
+            try:
+                src = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{i}")
+                dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{j}")
+                dst.copy_(src)
+                torch.cuda.synchronize(i)
+                torch.cuda.synchronize(j)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    dst.copy_(src, non_blocking=True)
+                torch.cuda.synchronize(i)
+                torch.cuda.synchronize(j)
+                dt = (time.perf_counter() - t0) / iters
+                entry["gbps"] = round(nbytes / dt / 1e9, 1)
+                del src, dst
+            except Exception as e:  # noqa: BLE001 - reported in the pair's entry
+                entry["error"] = f"{type(e).__name__}: {e}"[:200]
+            pairs[f"{i}->{j}"] = entry
+            if not access:
+                kind = _link_kind(link)
+                (bad if kind == "nvlink" else pcie_no_p2p if kind == "pcie" else unknown).append(
+                    f"{i}->{j} ({link or 'link unknown'})")
+    torch.cuda.empty_cache()
+    metrics = {"pairs": pairs, "bytes": nbytes}
+    if bad:
+        return {"name": "p2p", "status": "fail", "metrics": metrics,
+                "reason": f"no peer access where the topology shows NVLink: {', '.join(bad)} (driver, IOMMU/ACS "
+                          "or VM settings block P2P; vLLM's custom all-reduce and NCCL's P2P path are off)"}
+    if unknown:
+        return {"name": "p2p", "status": "skip", "metrics": metrics,
+                "reason": f"no peer access for {', '.join(unknown)} and no topology to judge it (nvidia-smi "
+                          "topo -m gave nothing)"}
+    bw = [p["gbps"] for p in pairs.values() if p.get("gbps")]
+    summary = f"min {min(bw):.0f} GB/s per direction" if bw else ""
+    if pcie_no_p2p:
+        return {"name": "p2p", "status": "pass", "metrics": metrics,
+                "reason": f"PCIe without P2P for {', '.join(pcie_no_p2p)}: copies go through the host "
+                          f"({summary}); vLLM leaves its custom all-reduce off and uses NCCL"}
+    return {"name": "p2p", "status": "pass", "metrics": metrics,
+            "reason": f"peer access on all {len(pairs)} directions; copy {summary}"}
+
+
+# ------------------------------------------------------------------------------------------ op discovery
+
+def load_table(text=None):
+    """The generations table: a JSON string from the host, else data/custom_ar_ops.toml read here."""
+    if text:
+        return json.loads(text)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "custom_ar_ops.toml")
+    try:
+        import tomllib
+    except ImportError:
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            return None
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def registered_schemas(torch, namespace):
+    """{op name: schema text} of every op registered under ``namespace`` in this process."""
+    fn = getattr(torch._C, "_dispatch_get_all_op_names", None)
+    names = set(fn()) if fn is not None else {str(s.name) for s in torch._C._jit_get_all_schemas()}
+    out = {}
+    for full in sorted(names):
+        ns, _, name = full.partition("::")
+        if ns != namespace or not name:
+            continue
+        name = name.split(".")[0]
+        try:
+            schema = str(getattr(getattr(torch.ops, namespace), name).default._schema)
+        except Exception:  # noqa: BLE001 - an op without an overload still counts as present
+            schema = name
+        out[name] = schema.split("::", 1)[-1]
+    return out
+
+
+def first_arg_type(schema):
+    m = re.match(r"[\w.]+\((.*)\)\s*->", schema or "")
+    if not m or not m.group(1).strip():
+        return None
+    return m.group(1).split(",")[0].strip().rsplit(" ", 1)[0]
+
+
+def discover(schemas, table):
+    """The generation whose ops and init_custom_ar signature the registered ``schemas`` match, else None."""
+    for gen in table.get("generation", []):
+        if all(op in schemas for op in gen["needs"]) and \
+                first_arg_type(schemas.get("init_custom_ar")) == gen["init_first_arg"]:
+            return gen
+    return None
+
+
+def installed_vllm_libs():
+    """The installed vllm package's top-level _C libraries, found without importing vllm."""
+    try:
+        spec = importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):
+        return []
+    if not spec or not spec.submodule_search_locations:
+        return []
+    out = []
+    for d in spec.submodule_search_locations:
+        out += sorted(glob.glob(os.path.join(d, "_C.*so")) + glob.glob(os.path.join(d, "_C_stable_libtorch*.so")))
+    return out
+
+
+def load_libs(torch, libs):
+    """torch.ops.load_library each file; {path: None | error text}."""
+    out = {}
+    for p in libs:
+        try:
+            torch.ops.load_library(p)
+            out[p] = None
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            out[p] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ vLLM's custom AR
+
+class CudaRT:
+    """The few CUDA runtime calls vLLM 0.6.4-0.8.2 made through ctypes (cuda_wrapper.CudaRTLibrary), on the
+    libcudart this process already loaded (torch's)."""
+
+    def __init__(self):
+        path = None
+        with open("/proc/self/maps") as f:
+            for ln in f:
+                if "libcudart" in ln:
+                    path = ln.split()[-1]
+                    break
+        self.lib = ctypes.CDLL(path or "libcudart.so")
+        for name, args in (("cudaMalloc", [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]),
+                           ("cudaFree", [ctypes.c_void_p]),
+                           ("cudaMemset", [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]),
+                           ("cudaIpcGetMemHandle", [ctypes.c_void_p, ctypes.c_void_p]),
+                           ("cudaIpcOpenMemHandle", [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char * 64,
+                                                     ctypes.c_uint]),
+                           ("cudaIpcCloseMemHandle", [ctypes.c_void_p]),
+                           ("cudaDeviceSynchronize", [])):
+            fn = getattr(self.lib, name)
+            fn.argtypes, fn.restype = args, ctypes.c_int
+        self.lib.cudaGetErrorString.argtypes, self.lib.cudaGetErrorString.restype = [ctypes.c_int], ctypes.c_char_p
+
+    def _ok(self, rc, what):
+        if rc != 0:
+            raise RuntimeError(f"{what}: {self.lib.cudaGetErrorString(rc).decode()} ({rc})")
+
+    def malloc(self, size):
+        p = ctypes.c_void_p()
+        self._ok(self.lib.cudaMalloc(ctypes.byref(p), size), "cudaMalloc")
+        self._ok(self.lib.cudaMemset(p, 0, size), "cudaMemset")
+        self._ok(self.lib.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
+        return p.value
+
+    def ipc_handle(self, ptr):
+        buf = (ctypes.c_char * 64)()
+        self._ok(self.lib.cudaIpcGetMemHandle(ctypes.byref(buf), ctypes.c_void_p(ptr)), "cudaIpcGetMemHandle")
+        return bytes(buf)
+
+    def ipc_open(self, handle):
+        p = ctypes.c_void_p()
+        buf = (ctypes.c_char * 64).from_buffer_copy(handle)
+        self._ok(self.lib.cudaIpcOpenMemHandle(ctypes.byref(p), buf, 1), "cudaIpcOpenMemHandle")  # LazyEnablePeer
+        return p.value
+
+    def ipc_close(self, ptr):
+        self._ok(self.lib.cudaIpcCloseMemHandle(ctypes.c_void_p(ptr)), "cudaIpcCloseMemHandle")
+
+    def free(self, ptr):
+        self._ok(self.lib.cudaFree(ctypes.c_void_p(ptr)), "cudaFree")
+
+
+class CustomAR:
+    """vLLM's CustomAllreduce set-up and teardown for one generation of its ops, on one rank."""
+
+    def __init__(self, torch, dist, gen, group, rank, world, device, max_size, fully_connected,
+                 namespace="_C_custom_ar"):
+        self.torch, self.dist, self.gen, self.group = torch, dist, gen["name"], group
+        self.ops = getattr(torch.ops, namespace)
+        self.rank, self.world, self.device, self.max_size = rank, world, device, max_size
+        self.fully_connected = fully_connected
+        self.fa = 0
+        self.own, self.peers, self.tensors = [], [], []
+        self.rt = CudaRT()
+
+    def _gather(self, obj):
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def _shared(self, size):
+        """A buffer of ``size`` bytes on every rank: the list of their pointers as this rank sees them."""
+        if self.gen == "ipc-in-extension":
+            ptr, handle = self.ops.allocate_shared_buffer_and_handle(size)
+        else:
+            ptr = self.rt.malloc(size)
+            handle = self.rt.ipc_handle(ptr)
+        self.own.append(ptr)
+        ptrs = []
+        for i, h in enumerate(self._gather(handle)):
+            if i == self.rank:
+                ptrs.append(ptr)
+            else:
+                p = self.ops.open_mem_handle(h) if self.gen == "ipc-in-extension" else self.rt.ipc_open(h)
+                self.peers.append(p)
+                ptrs.append(p)
+        return ptrs
+
+    def _tensor_ipc(self, t):
+        data = t.untyped_storage()._share_cuda_()
+        got = self._gather((data[1], data[3]))
+        return [h for h, _ in got], [o for _, o in got]
+
+    def setup(self):
+        torch, ops = self.torch, self.ops
+        self.rank_data = torch.empty(8 * MIB, dtype=torch.uint8, device=self.device)
+        if self.gen == "tensor-ipc":
+            self.meta = torch.zeros(ops.meta_size() + self.max_size, dtype=torch.uint8, device=self.device)
+            self.buffer = torch.empty(self.max_size, dtype=torch.uint8, device=self.device)
+            torch.cuda.synchronize()
+            handles, offsets = self._tensor_ipc(self.meta)
+            self.fa = ops.init_custom_ar(self.meta, self.rank_data, handles, offsets, self.rank,
+                                         self.fully_connected)
+            handles, offsets = self._tensor_ipc(self.buffer)
+            ops.register_buffer(self.fa, self.buffer, handles, offsets)
+            return
+        meta = self._shared(ops.meta_size() + self.max_size)
+        self.buffer_ptrs = self._shared(self.max_size)
+        self.fa = ops.init_custom_ar(meta, self.rank_data, self.rank, self.fully_connected)
+        ops.register_buffer(self.fa, self.buffer_ptrs)
+
+    def all_reduce(self, inp, out):
+        """vLLM's eager path (CustomAllreduce.all_reduce(registered=False)): the input is copied into the
+        registered buffer, then reduced out of place."""
+        if self.gen == "tensor-ipc":
+            self.ops.all_reduce_unreg(self.fa, inp, self.buffer, out)
+        else:
+            self.ops.all_reduce(self.fa, inp, out, self.buffer_ptrs[self.rank], self.max_size)
+
+    def close(self):
+        """dispose, close the peers' mappings, free this rank's buffers; the errors, if any (never raises)."""
+        errors = []
+        try:
+            self.torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"synchronize: {e}")
+        if self.fa:
+            try:
+                self.ops.dispose(self.fa)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"dispose: {e}")
+            self.fa = 0
+        for p in self.peers:
+            try:
+                self.rt.ipc_close(p)
+            except Exception as e:  # noqa: BLE001
+                errors.append(str(e))
+        self.peers = []
+        try:  # every rank has closed its mappings of this rank's buffers before they are freed
+            self.dist.barrier(group=self.group)
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"barrier: {e}")
+        for p in self.own:
+            try:
+                if self.gen == "ipc-in-extension":
+                    self.ops.free_shared_buffer(p)
+                else:
+                    self.rt.free(p)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"free: {e}")
+        self.own = []
+        self.meta = self.buffer = self.rank_data = None
+        self.torch.cuda.empty_cache()
+        return errors
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+def _tolerance(torch, dtype, world, scale):
+    return float(torch.finfo(dtype).eps) * max(scale, 1.0) * max(world - 1, 1)
+
+
+def _all_ok(torch, dist, group, ok):
+    """Every rank's ``ok``, ANDed (on the gloo group): no rank starts a custom kernel that waits on a peer
+    that will not come."""
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def _timed(torch, dist, group, cuda, fn, iters, warmup=3):
+    """Microseconds per call: CUDA events around ``iters`` back-to-back calls (wall clock on CPU), the
+    slowest rank's figure."""
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier(group=group)
+    if cuda:
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(iters):
+            fn()
+        e.record()
+        e.synchronize()
+        us = s.elapsed_time(e) * 1000 / iters
+    else:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        us = (time.perf_counter() - t0) * 1e6 / iters
+    t = torch.tensor([us], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def _iters_for(nbytes, cap=200):
+    return max(10, min(cap, int(4 * GIB / max(nbytes, 1))))
+
+
+def sweep(torch, dist, rank, world, device, cuda, sizes, gloo):
+    """all_reduce over the default group: the sum checked at each size, latency and bus bandwidth."""
+    out = []
+    for nbytes in sizes:
+        n = max(1, nbytes // 4)
+        x = torch.full((n,), float(rank + 1), device=device, dtype=torch.float32)
+        dist.all_reduce(x)
+        ok = bool(torch.all(x == world * (world + 1) / 2).item())
+        del x
+        scratch = torch.zeros(n, device=device, dtype=torch.float32)
+        us = _timed(torch, dist, gloo, cuda, lambda s=scratch: dist.all_reduce(s), _iters_for(n * 4))
+        del scratch
+        algbw = n * 4 / (us * 1e-6) / 1e9
+        out.append({"bytes": n * 4, "elements": n, "ok": ok, "us": round(us, 2), "algbw_gbps": round(algbw, 4),
+                    "bus_gbps": round(algbw * 2 * (world - 1) / world, 4)})
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def custom_run(torch, dist, rank, world, device, gloo, cfg):
+    """vLLM's custom all-reduce against NCCL on the same fp16/bf16 inputs, size by size."""
+    table = cfg["table"]
+    res = {"libs": load_libs(torch, cfg["libs"])}
+    schemas = registered_schemas(torch, table["namespace"])
+    gen = discover(schemas, table)
+    found = _all_ok(torch, dist, gloo, gen is not None)
+    if not found:
+        res["skip"] = "the custom all-reduce ops are not registered in every rank"
+        return res
+    ar = CustomAR(torch, dist, gen, gloo, rank, world, device, table["max_size"], cfg["fully_connected"],
+                  table["namespace"])
+    rows, errors = [], []
+    try:
+        try:
+            ar.setup()
+            ok = True
+        except Exception as e:  # noqa: BLE001 - every rank learns of it before any kernel
+            errors.append(f"set-up on rank {rank}: {type(e).__name__}: {e}"[:400])
+            ok = False
+        if not _all_ok(torch, dist, gloo, ok):
+            res["error"] = errors[0] if errors else "set-up failed on another rank"
+            return res
+        gen_ = torch.Generator(device=device)
+        for dtype in (torch.float16, torch.bfloat16):
+            for nbytes in cfg["sizes"]:
+                n = nbytes // 2
+                gen_.manual_seed(1000 * rank + n)
+                inp = torch.randn(n, dtype=dtype, device=device, generator=gen_)
+                out = torch.empty_like(inp)
+                ref = inp.clone()
+                dist.all_reduce(ref)
+                ar.all_reduce(inp, out)
                 torch.cuda.synchronize()
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                dist.all_reduce(x)
-            if backend == "nccl":
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / iters
-            nbytes = n * 4
-            out.append({"elements": n, "ok": ok, "seconds": dt,
-                        "bus_gbps": 2 * (world - 1) / world * nbytes / dt / 1e9})
+                err = float((out.float() - ref.float()).abs().max().item())
+                tol = _tolerance(torch, dtype, world, float(ref.float().abs().max().item()))
+                row = {"dtype": str(dtype).replace("torch.", ""), "bytes": nbytes, "max_abs_err": err,
+                       "exact": bool(torch.equal(out, ref)), "ok": err <= tol, "tolerance": tol}
+                # the same rank-order data on every rank: a wrong result on one rank is caught on rank 0 too
+                row["ok"] = _all_ok(torch, dist, gloo, row["ok"])
+                iters = _iters_for(nbytes, cap=500)
+                row["custom_us"] = round(_timed(torch, dist, gloo, True, lambda i=inp, o=out: ar.all_reduce(i, o),
+                                                iters), 2)
+                scratch = torch.zeros_like(inp)
+                row["nccl_us"] = round(_timed(torch, dist, gloo, True, lambda s=scratch: dist.all_reduce(s),
+                                              iters), 2)
+                row["speedup"] = round(row["nccl_us"] / row["custom_us"], 3) if row["custom_us"] else None
+                rows.append(row)
+                del inp, out, ref, scratch
     finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        queue.put(out)
+        res["teardown_errors"] = ar.close()
+        res["rows"] = rows
+        res["generation"] = gen["name"]
+        res["ops"] = sorted(schemas)
+    return res
 
 
-def all_reduce_check(world, backend, sizes, iters):
+def _worker(rank, world, cfg, queue):
+    out = {"rank": rank}
+    try:
+        import torch
+        import torch.distributed as dist
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(cfg["port"]))
+        cuda = cfg["backend"] == "nccl"
+        if cuda:
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+            dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+        else:
+            device = torch.device("cpu")
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+        # vLLM's CustomAllreduce exchanges its handles on a CPU (gloo) group, never NCCL
+        gloo = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
+        try:
+            if "sweep" in cfg["tasks"]:
+                t0 = time.perf_counter()
+                out["sweep"] = sweep(torch, dist, rank, world, device, cuda, cfg["sizes"], gloo)
+                out["sweep_seconds"] = round(time.perf_counter() - t0, 3)
+            if "custom" in cfg["tasks"]:
+                t0 = time.perf_counter()
+                out["custom"] = custom_run(torch, dist, rank, world, device, gloo, cfg["custom"])
+                out["custom_seconds"] = round(time.perf_counter() - t0, 3)
+        finally:
+            dist.destroy_process_group()
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        out["error"] = f"{type(e).__name__}: {e}"[:600]
+        out["traceback"] = traceback.format_exc()[-2000:]
+    queue.put(out)
+
+
+def run_workers(world, cfg, timeout=540):
+    """One process per rank (spawned); every rank's result, or an error naming the ranks that did not end."""
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, backend, port, sizes, iters, queue)) for r in range(world)]
+    cfg = dict(cfg, port=_free_port())
+    procs = [ctx.Process(target=_worker, args=(r, world, cfg, queue)) for r in range(world)]
     for p in procs:
         p.start()
+    results, deadline = {}, time.monotonic() + timeout
     try:
-        result = queue.get(timeout=300)
+        while len(results) < world and time.monotonic() < deadline:
+            try:
+                r = queue.get(timeout=1)
+                results[r["rank"]] = r
+            except Exception:  # noqa: BLE001 - queue.Empty: poll the processes
+                if all(not p.is_alive() for p in procs) and queue.empty():
+                    break
     finally:
         for p in procs:
-            p.join(timeout=60)
+            p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-    bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
-    if bad:
-        raise RuntimeError(f"a worker exited with {bad}")
-    return result
+                p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    missing = [r for r in range(world) if r not in results]
+    if missing:
+        codes = {r: procs[r].exitcode for r in missing}
+        raise RuntimeError(f"rank(s) {missing} gave no result in {timeout}s (exit codes {codes})")
+    return [results[r] for r in range(world)]
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+def sweep_check(backend, world, results, link):
+    name = f"all-reduce ({backend}, {world} ranks)"
+    errs = [r for r in results if r.get("error")]
+    if errs:
+        return {"name": name, "status": "fail", "reason": f"rank {errs[0]['rank']}: {errs[0]['error']}",
+                "metrics": {"traceback": errs[0].get("traceback", "")}}
+    rows = results[0].get("sweep") or []
+    wrong = [r for res in results for r in res.get("sweep", []) if not r["ok"]]
+    best = max(rows, key=lambda r: r["bus_gbps"])
+    m = {"sizes": rows, "best_bus_gbps": best["bus_gbps"], "best_at_bytes": best["bytes"],
+         "seconds": results[0].get("sweep_seconds")}
+    if link and link.get("peak_gbps"):
+        m.update(peak_gbps=link["peak_gbps"], peak_source=link["source"],
+                 fraction_of_peak=round(best["bus_gbps"] / link["peak_gbps"], 3))
+    if wrong:
+        return {"name": name, "status": "fail", "metrics": m, "id": "all-reduce-wrong",
+                "reason": f"wrong sum at {fmt_bytes(wrong[0]['bytes'])}"}
+    peak = f" = {m['fraction_of_peak']:.0%} of the link's {link['peak_gbps']:.0f} GB/s" if "fraction_of_peak" in m else ""
+    return {"name": name, "status": "pass", "metrics": m,
+            "reason": f"sums right at {len(rows)} sizes ({fmt_bytes(rows[0]['bytes'])} - {fmt_bytes(rows[-1]['bytes'])}); "
+                      f"bus bandwidth {best['bus_gbps']:.3g} GB/s at {fmt_bytes(best['bytes'])}{peak}"}
+
+
+def custom_check(results, gen, lib_status, table):
+    name = "vllm custom all-reduce"
+    base = {"generation": gen["name"], "releases": gen["releases"], "namespace": table["namespace"],
+            "libraries": lib_status}
+    errs = [r for r in results if r.get("error")]
+    if errs:
+        return {"name": name, "status": "fail", "reason": f"rank {errs[0]['rank']}: {errs[0]['error']}",
+                "metrics": {**base, "traceback": errs[0].get("traceback", "")}}
+    cs = [r.get("custom") or {} for r in results]
+    c0 = cs[0]
+    if c0.get("skip"):
+        return {"name": name, "status": "skip", "reason": c0["skip"], "metrics": base}
+    teardown = [f"rank {r}: {e}" for r, c in enumerate(cs) for e in c.get("teardown_errors", [])]
+    rows = c0.get("rows", [])
+    m = {**base, "sizes": rows, "teardown": "dispose, peer mappings closed, buffers freed" if not teardown else teardown,
+         "max_size": table["max_size"], "seconds": results[0].get("custom_seconds")}
+    setup_err = next((c["error"] for c in cs if c.get("error")), None)
+    if setup_err:
+        return {"name": name, "status": "fail", "reason": setup_err, "metrics": m}
+    wrong = [r for r in rows if not r["ok"]]
+    if wrong:
+        w = wrong[0]
+        return {"name": name, "status": "fail", "id": "custom-all-reduce-wrong", "metrics": m,
+                "reason": f"differs from NCCL: {w['dtype']} {fmt_bytes(w['bytes'])}: max abs err "
+                          f"{w['max_abs_err']:.3g} > {w['tolerance']:.3g}"}
+    if teardown:
+        return {"name": name, "status": "fail", "metrics": m, "reason": f"teardown: {teardown[0]}"}
+    wins = [r["bytes"] for r in rows if r["speedup"] and r["speedup"] > 1]
+    faster = (f"faster than NCCL at {len(wins)} of {len(rows)} (dtype, size) points, up to "
+              f"{max(r['speedup'] for r in rows):.2f}x" if wins else "NCCL faster at every size")
+    m["faster_than_nccl_at"] = wins
+    return {"name": name, "status": "pass", "metrics": m,
+            "reason": f"{gen['name']} ops ({gen['releases']}); same result as NCCL in fp16/bf16 at "
+                      f"{len(rows) // 2} sizes ({fmt_bytes(rows[0]['bytes'])} - {fmt_bytes(rows[-1]['bytes'])}); "
+                      f"{faster}"}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", choices=["nccl", "gloo"], default="nccl")
-    ap.add_argument("--world", type=int, default=0, help="processes (default: the GPUs visible)")
-    ap.add_argument("--sizes", default="1024,1048576,16777216")
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--world", type=int, default=0, help="processes (default: the GPUs visible; gloo: 2)")
+    ap.add_argument("--sizes", default="", help="all-reduce sizes in bytes (8K, 1M, 1G; default 8 KB - 1 GB "
+                                                "on GPUs, 8 KB - 4 MB on gloo)")
+    ap.add_argument("--custom-sizes", dest="custom_sizes", default="", help="custom all-reduce sizes in bytes")
+    ap.add_argument("--libs", default="", help="vLLM extension libraries to load (comma-separated); default: "
+                                               "the installed vllm package's _C libraries")
+    ap.add_argument("--custom-ar-table", dest="table", default="",
+                    help="data/custom_ar_ops.toml as JSON (the host passes it; else read here with tomllib)")
+    ap.add_argument("--p2p-bytes", dest="p2p_bytes", default="256M", help="bytes per P2P copy (bandwidth)")
     a = ap.parse_args()
     import torch
+    t_start = time.perf_counter()
     checks = []
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     world = a.world or (ngpu if a.backend == "nccl" else 2)
     out = {"world": world, "backend": a.backend, "gpus": ngpu, "checks": checks}
-
+    table = load_table(a.table)
+    libs = [p for p in a.libs.split(",") if p] or installed_vllm_libs()
+    lib_status = load_libs(torch, libs)
+    out["libraries"] = lib_status
+    schemas = registered_schemas(torch, table["namespace"]) if table else {}
+    gen = discover(schemas, table) if table else None
+    out["custom_ar_ops"] = schemas
+    link, topo = (None, {})
     if a.backend == "nccl":
-        pairs = {}
-        for i in range(ngpu):
-            for j in range(ngpu):
-                if i != j:
-                    pairs[f"{i}->{j}"] = bool(torch.cuda.can_device_access_peer(i, j))
+        link, topo = link_facts(torch, ngpu)
+        out["link"] = link
         if ngpu < 2:
             checks.append({"name": "p2p", "status": "skip", "reason": f"{ngpu} GPU(s) visible: needs 2 or more",
                            "metrics": {}})
         else:
-            checks.append({"name": "p2p", "status": "pass" if all(pairs.values()) else "skip",
-                           "reason": "" if all(pairs.values()) else
-                           "no P2P between some GPUs: vLLM's custom all-reduce will not be used there",
-                           "metrics": {"pairs": pairs}})
+            checks.append(p2p_check(torch, ngpu, topo, nbytes=parse_size(a.p2p_bytes)))
+    sizes = [parse_size(s) for s in a.sizes.split(",") if s] or (NCCL_SIZES if a.backend == "nccl" else GLOO_SIZES)
+    custom_sizes = [parse_size(s) for s in a.custom_sizes.split(",") if s] or CUSTOM_SIZES
+    custom_reason = None
+    if not table:
+        custom_reason = "no op table: pass --custom-ar-table (tomllib/tomli not importable here)"
+    elif gen is None:
+        loaded = [p for p, e in lib_status.items() if e is None]
+        custom_reason = (f"op not registered: none of the {len(loaded)} loaded libraries registers "
+                         f"{table['namespace']}::init_custom_ar in a known generation" if loaded else
+                         "no vLLM extension loaded: pass --libs (vllm/_C.abi3.so) or install vllm")
+        if schemas:
+            custom_reason = f"{table['namespace']} has ops {sorted(schemas)} matching no known generation"
+    elif a.backend != "nccl":
+        custom_reason = f"{gen['name']} ops found ({gen['releases']}); running them needs CUDA GPUs (backend gloo)"
+    elif world < 2:
+        custom_reason = f"{gen['name']} ops found; {world} GPU: needs 2 or more"
+    elif world not in table["world_sizes"]:
+        custom_reason = f"world size {world}: vLLM runs its custom all-reduce only on {table['world_sizes']} GPUs"
+    fully = bool(topo) and all(_link_kind(v) == "nvlink" for v in topo.values())
+    if custom_reason is None and a.backend == "nccl":
+        p2p = next((c for c in checks if c["name"] == "p2p"), {})
+        if not all(p["access"] for p in p2p.get("metrics", {}).get("pairs", {}).values()):
+            custom_reason = "no P2P between some GPUs: vLLM leaves its custom all-reduce off (NCCL is used)"
+        elif world > 2 and not fully:
+            custom_reason = "more than two GPUs not all on NVLink: vLLM leaves its custom all-reduce off"
+    tasks = ["sweep"] if world >= 2 else []
+    if custom_reason is None:
+        tasks.append("custom")
+    results = []
+    if tasks:
+        cfg = {"backend": a.backend, "tasks": tasks, "sizes": sizes,
+               "custom": {"table": table, "libs": [p for p, e in lib_status.items() if e is None],
+                          "sizes": custom_sizes, "fully_connected": fully}}
+        try:
+            results = run_workers(world, cfg)
+        except Exception as e:  # noqa: BLE001 - reported as failed checks
+            results = [{"rank": -1, "error": f"{type(e).__name__}: {e}"[:600]}]
     if world < 2:
         checks.append({"name": f"all-reduce ({a.backend})", "status": "skip",
                        "reason": f"{world} worker(s): needs 2 or more GPUs", "metrics": {}})
     else:
-        sizes = [int(s) for s in a.sizes.split(",") if s]
-        try:
-            res = all_reduce_check(world, a.backend, sizes, a.iters)
-            wrong = [r for r in res if not r["ok"]]
-            best = max(r["bus_gbps"] for r in res)
-            checks.append({"name": f"all-reduce ({a.backend}, {world} ranks)",
-                           "status": "fail" if wrong else "pass",
-                           "reason": f"wrong sum at {wrong[0]['elements']} elements" if wrong else "",
-                           "metrics": {"sizes": res, "best_bus_gbps": round(best, 3)}})
-        except Exception as e:  # noqa: BLE001 - reported as a failed check
-            checks.append({"name": f"all-reduce ({a.backend}, {world} ranks)", "status": "fail",
-                           "reason": f"{type(e).__name__}: {e}"[:400], "metrics": {}})
-    has_custom = False
-    for ns in ("_C_custom_ar", "_C"):
-        try:
-            has_custom = has_custom or hasattr(getattr(torch.ops, ns), "all_reduce")
-        except (AttributeError, RuntimeError):
-            pass
-    checks.append({"name": "vllm custom all-reduce", "status": "skip",
-                   "reason": ("op present; running it needs vLLM's CustomAllreduce IPC set-up (vllm.distributed)"
-                              if has_custom else "op not in this build (or the extension is not loaded)"),
-                   "metrics": {"present": has_custom}})
+        checks.append(sweep_check(a.backend, world, results, link))
+    if custom_reason is not None:
+        checks.append({"name": "vllm custom all-reduce", "status": "skip", "reason": custom_reason,
+                       "metrics": {"generation": gen["name"] if gen else None, "ops": sorted(schemas),
+                                   "libraries": lib_status}})
+    else:
+        checks.append(custom_check(results, gen, lib_status, table))
+    out["seconds"] = round(time.perf_counter() - t_start, 3)
     print(json.dumps(out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
