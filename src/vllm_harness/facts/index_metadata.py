@@ -99,12 +99,20 @@ class Http:
             reason = getattr(e, "reason", None) or e
             raise FetchError(url, f"unreachable ({reason})") from None
 
-    def get(self, url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        r = self._open(url, dict(headers or {}))
-        try:
-            body = r.read()
-        except OSError as e:
-            raise FetchError(url, f"connection broken ({e})") from None
+    def get(self, url: str, headers: dict[str, str] | None = None, tries: int = 3) -> tuple[int, dict[str, str], bytes]:
+        """One GET; a transient failure (DNS, reset, 5xx) is tried again ``tries`` times in all."""
+        for attempt in range(tries):
+            try:
+                r = self._open(url, dict(headers or {}))
+                body = r.read()
+                break
+            except FetchError as e:
+                if attempt + 1 == tries or re.match(r"HTTP 4\d\d", e.reason):
+                    raise
+            except OSError as e:
+                if attempt + 1 == tries:
+                    raise FetchError(url, f"connection broken ({e})") from None
+            time.sleep(0.2 * (attempt + 1))
         status = getattr(r, "status", None) or r.getcode() or 200
         return status, {k.lower(): v for k, v in r.headers.items()}, body
 
