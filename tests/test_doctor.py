@@ -140,9 +140,10 @@ def test_forward_compat_is_about_error_804_on_consumer_gpus_only():
 
 
 def test_vllm_wheel_cuda_raises_the_driver_floor():
-    # cu126 torch with the vLLM 0.20 wheel (CUDA 13.0): the wheel needs a 580 driver
+    # cu126 torch with the vLLM 0.33 wheel (CUDA 13.0): the wheel needs a 580 driver
+    pkgs = 'packages = ["torch==2.14.0", "torchvision==0.29.0", "torchaudio==2.11.0"]'
     v = edited("cu130", ('cuda = "13.0"', 'cuda = "12.6"'),
-               ('packages = ["torch==2.11.0"]', 'packages = ["torch==2.11.0"]\nindex_url = "https://download.pytorch.org/whl/cu126"'))
+               (pkgs, pkgs + '\nindex_url = "https://download.pytorch.org/whl/cu126"'))
     p = profile("rtx4090-gcc13-ubuntu24")  # driver 570
     findings = doctor.check(v, p)
     assert ("driver-too-old", "error") in ids(findings)
