@@ -29,11 +29,11 @@ V = {"variant": "variant name (envs/NAME.toml) or path to a variant file"}
 
 @task(help={**V, "all_": "every variant, and the download cache", "dry_run": "show, remove nothing",
             "pip_cache": "also purge pip's own cache (opt-in)", "wheelhouse": "also remove the built wheels",
-            "json": "JSON output"})
-def clean(c, variant=None, all_=False, dry_run=False, pip_cache=False, wheelhouse=False, json=False):
+            "no_wait": "fail at once if a run holds the variant (default: wait for it)", "json": "JSON output"})
+def clean(c, variant=None, all_=False, dry_run=False, pip_cache=False, wheelhouse=False, no_wait=False, json=False):
     """Remove what the harness made for a variant: stale build/, .deps, egg-info, its venv and logs."""
     _call("clean", variant=variant, all_=all_, dry_run=dry_run, pip_cache=pip_cache, wheelhouse=wheelhouse,
-          json=json)
+          no_wait=no_wait, json=json)
 
 
 @task(help={**V, "machine": "judge this machine profile (TOML) instead of probing",

@@ -25,6 +25,7 @@ from conftest import needs_pypi, status_of
 
 from vllm_harness import deps_cache, fetch, prepare
 from vllm_harness.errors import StepFailed, UsageError
+from vllm_harness.layout import Layout
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
@@ -146,6 +147,7 @@ def test_unreachable_pypi_says_what_and_how_to_supply_it_offline(harness, tmp_pa
 def test_hand_placed_sdist_is_used_when_pypi_is_unreachable(harness, state, tmp_path, monkeypatch):
     monkeypatch.setattr(fetch, "PYPI_JSON", "http://127.0.0.1:9/{name}/{version}")
     monkeypatch.setattr(fetch, "PYPI_SIMPLE", "http://127.0.0.1:9/simple/{name}/")
+    Layout.default().ensure()  # the user copies the sdist into the state folder the harness made
     (state / "cache" / "sdist").mkdir(parents=True)
     (state / "cache" / "sdist" / "vllm-7.0.0.tar.gz").write_bytes(sdist_bytes("7.0.0"))
     rc, out, err = harness("fetch", "--variant", variant_file(tmp_path, "hand", 'version = "7.0.0"'), "--json")
@@ -511,6 +513,7 @@ def test_real_sdist_fetch_and_prepare(version, harness, state, tmp_path):
     # keep downloads between runs: seed the state's sdist cache from a shared folder (hash-checked on use)
     shared = _sdist_cache()
     shared.mkdir(parents=True, exist_ok=True)
+    Layout.default().ensure()
     (state / "cache").mkdir(parents=True, exist_ok=True)
     if not (state / "cache" / "sdist").exists():
         (state / "cache" / "sdist").symlink_to(shared)

@@ -47,12 +47,12 @@ def plan(layout: Layout, variant: str | None, everything: bool, wheelhouse: bool
     ``everything`` (--all) takes them all."""
     from . import wheelhouse as wheelhouse_mod
     st = layout.state
+    layout.check()  # refuses /, home, the checkout, and any folder the harness did not make
     if not st.exists():
         return []
     if not layout.is_state_folder():
-        raise UsageError(f"{st} is not a harness state folder (no {Layout.MARKER} marker, or it is /, your home "
-                         "or the repo itself): clean deletes nothing there.",
-                         "Point VLLM_HARNESS_STATE at the folder the harness made, or unset it.")
+        raise UsageError(f"{st} is not a harness state folder (no {Layout.MARKER} record): clean deletes nothing "
+                         "there.", "Point VLLM_HARNESS_STATE at the folder the harness made, or unset it.")
     if everything:
         return [p for p in [st / "envs", st / "src", st / "logs", st / "status", st / "cache",
                             st / "wheelhouse", st / "buildspeed",

@@ -19,7 +19,9 @@ from .layout import Layout, venv_python
 
 
 def _layout(a) -> Layout:
-    return Layout.default(Path(a.root) if getattr(a, "root", None) else None)
+    layout = Layout.default(Path(a.root) if getattr(a, "root", None) else None)
+    layout.check()  # a folder the harness did not make is refused by every command, before it is touched
+    return layout
 
 
 def _variant(layout: Layout, name: str | None, required: bool = True):
@@ -225,11 +227,22 @@ def _show_verdict(a, result: dict, text: str, code: int) -> int:
 
 
 def cmd_clean(a) -> int:
+    from contextlib import ExitStack
+
+    from . import locks
     from .clean import clean
     layout = _layout(a)
+    name = None
     if a.variant and not a.all:
-        _variant(layout, a.variant)  # an unknown name is an error, not a silent no-op
-    res = clean(layout, a.variant, a.all, a.dry_run, a.pip_cache, wheelhouse=getattr(a, "wheelhouse", False))
+        name = _variant(layout, a.variant).name  # a name or a path; an unknown one is an error, not a no-op
+    # the variants' locks: a build of the variant (of any, with --all) finishes before its tree is removed
+    names = [name] if name else sorted(p.stem for p in (layout.state / "locks").glob("*.lock")) if a.all else []
+    with ExitStack() as held:
+        if layout.is_state_folder():
+            for n in names:
+                held.enter_context(locks.held(layout.lock(n), f"variant {n}", wait=not a.no_wait,
+                                              say=lambda t: print(t, file=sys.stderr)))
+        res = clean(layout, name, a.all, a.dry_run, a.pip_cache, wheelhouse=getattr(a, "wheelhouse", False))
     if a.json:
         _out(a, res)
     else:
@@ -362,6 +375,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--pip-cache", dest="pip_cache", action="store_true")
     s.add_argument("--wheelhouse", action="store_true",
                    help="also remove the variant's wheels (all wheels without --variant); kept otherwise")
+    s.add_argument("--no-wait", dest="no_wait", action="store_true",
+                   help="fail at once if a run holds the variant (default: wait for it to finish)")
     s.add_argument("--json", action="store_true")
     for name, help_ in [("fetch", "get the variant's vLLM source"), ("prepare", "strip torch pins (use_existing_torch.py)"),
                         ("deps", "make the venv, install torch and the build requirements"),

@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .core import gitcmd
 from .errors import StepFailed
 
 KEYWORDS = {"GIT_REPOSITORY", "GIT_TAG", "GIT_SHALLOW", "GIT_PROGRESS", "GIT_SUBMODULES", "GIT_SUBMODULES_RECURSE",
@@ -217,10 +218,7 @@ def cached_dir(root: Path, dep: Dep) -> Path | None:
 
 
 def _git(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=GIT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(["git", *args], 124, "", f"timed out after {GIT_TIMEOUT}s")
+    return gitcmd.run(args, env, cwd=cwd, timeout=GIT_TIMEOUT)
 
 
 def _err(r: subprocess.CompletedProcess) -> str:
@@ -243,14 +241,17 @@ def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str 
     tmp = root / (dep.dirname + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     genv = git_env(env, [tmp, final], extra=[tmp / s for s in (dep.submodules or [])])
-    steps = [["init", "-q", str(tmp)], ["-C", str(tmp), "remote", "add", "origin", dep.url]]
+    gitcmd.check_url(dep.url, f"{dep.file}:{dep.line} ({dep.name})")
+    gitcmd.check_ref(dep.rev, f"{dep.file}:{dep.line} ({dep.name})")
+    steps = [["init", "-q", "--", str(tmp)], ["-C", str(tmp), "remote", "add", "--", "origin", dep.url]]
     for args in steps:
         r = _git(args, genv)
         if r.returncode != 0:
             raise StepFailed(f"deps: git {' '.join(args[:1])} for {dep.name} failed: {_err(r)}", None)
-    r = _git(["-C", str(tmp), "fetch", "-q", "--depth", "1", "origin", dep.rev], genv)
+    r = _git(["-C", str(tmp), "fetch", "-q", "--depth", "1", "--", "origin", dep.rev], genv)
     if r.returncode != 0:  # a server that does not serve unadvertised commits: fetch everything, then look
-        r = _git(["-C", str(tmp), "fetch", "-q", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"], genv)
+        r = _git(["-C", str(tmp), "fetch", "-q", "--tags", "--", "origin", "+refs/heads/*:refs/remotes/origin/*"],
+                 genv)
         target = dep.rev
     else:
         target = "FETCH_HEAD"

@@ -30,14 +30,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .core import gitcmd
 from .errors import StepFailed, UsageError
 from .runner import write_json
 
 PYPI_JSON = os.environ.get("VLLM_HARNESS_PYPI_JSON", "https://pypi.org/pypi/{name}/{version}/json")
 PYPI_SIMPLE = os.environ.get("VLLM_HARNESS_PYPI_SIMPLE", "https://pypi.org/simple/{name}/")
 COPY_IGNORE = shutil.ignore_patterns("build", "dist", ".deps", "*.egg-info", "*.so", "__pycache__", ".git")
-GIT_TIMEOUT = 1800
-HEX_RE = re.compile(r"^[0-9a-f]{7,40}$")
+GIT_TIMEOUT = gitcmd.GIT_TIMEOUT
+HEX_RE = gitcmd.HEX_RE
 
 
 # ------------------------------------------------------------------------------------- --source override
@@ -63,6 +64,9 @@ def parse_source(text: str) -> dict:
         s = s[4:]
     if re.match(r"^(https?|ssh|git|file)://", s) or re.match(r"^[\w.-]+@[\w.-]+:", s):
         url, ref = _split_ref(s)
+        gitcmd.check_url(url, f"--source {text}")
+        if ref is not None:
+            gitcmd.check_ref(ref, f"--source {text}")
         return {"source": "git", "git": url, "ref": ref}
     p = Path(s).expanduser()
     if p.is_file() and (p.name.endswith((".tar.gz", ".tgz", ".tar"))):
@@ -272,13 +276,7 @@ def unpack(archive: Path, base: Path) -> Path:
 
 def _git(args: list[str], env: dict[str, str], cwd: Path | None = None,
          timeout: int = GIT_TIMEOUT) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError:
-        raise UsageError("git is not installed.", "Install git (apt-get install git), or use source = "
-                         "'pypi-sdist' / 'path'.") from None
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(["git", *args], 124, "", f"git {args[0]} timed out after {timeout}s")
+    return gitcmd.run(args, env, cwd=cwd, timeout=timeout)
 
 
 def _last_line(r: subprocess.CompletedProcess) -> str:
@@ -309,13 +307,15 @@ def _fetch_head(cache: Path) -> tuple[str | None, str]:
 
 def git_mirror_ref(url: str, ref: str, cache_root: Path, env: dict[str, str], force: bool = False) -> dict:
     """Make ``ref`` of ``url`` available in the bare clone cache; return {"cache", "commit", "kind", ...}."""
+    gitcmd.check_url(url, "[vllm].git")
+    gitcmd.check_ref(ref, "[vllm].ref")
     cache_root.mkdir(parents=True, exist_ok=True)
     cache = cache_root / f"{_slug(url)}.git"
     genv = git_env(env, [cache])
     if not (cache / "HEAD").is_file():
         tmp = cache.with_name(cache.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        r = _git(["init", "--bare", "-q", str(tmp)], genv)
+        r = _git(["init", "--bare", "-q", "--", str(tmp)], genv)
         if r.returncode != 0:
             raise StepFailed(f"fetch: cannot make the git cache {cache}: {_last_line(r)}", None)
         os.replace(tmp, cache)
@@ -325,19 +325,21 @@ def git_mirror_ref(url: str, ref: str, cache_root: Path, env: dict[str, str], fo
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError):
         meta = {}
-    have = _git(["--git-dir", str(cache), "rev-parse", "--verify", "-q", local + "^{commit}"], genv).stdout.strip()
+    have = _git(["--git-dir", str(cache), "rev-parse", "--verify", "-q", "--end-of-options", local + "^{commit}"],
+                genv).stdout.strip()
     known = meta.get(ref, {})
     immutable = known.get("kind") == "tag" or (HEX_RE.match(ref) and have.startswith(ref))
     if have and immutable and not force:
         return {"cache": str(cache), "commit": have, "kind": known.get("kind", "commit"), "from_cache": True,
                 "local_ref": local}
-    r = _git(["--git-dir", str(cache), "fetch", "--depth", "1", "--no-tags", url, ref], genv)
+    r = _git(["--git-dir", str(cache), "fetch", "--depth", "1", "--no-tags", "--", url, ref], genv)
     if r.returncode != 0 and HEX_RE.match(ref):
         # a server that does not serve unadvertised commits: take its branches and tags, then look again
-        r = _git(["--git-dir", str(cache), "fetch", "--no-tags", url, "+refs/heads/*:refs/harness-remote/heads/*",
+        r = _git(["--git-dir", str(cache), "fetch", "--no-tags", "--", url, "+refs/heads/*:refs/harness-remote/heads/*",
                   "+refs/tags/*:refs/harness-remote/tags/*"], genv)
         if r.returncode == 0:
-            full = _git(["--git-dir", str(cache), "rev-parse", "--verify", "-q", ref + "^{commit}"], genv)
+            full = _git(["--git-dir", str(cache), "rev-parse", "--verify", "-q", "--end-of-options", ref + "^{commit}"],
+                        genv)
             if full.returncode != 0:
                 raise UsageError(f"{url} has no commit {ref}.", "Check the ref.")
             (cache / "FETCH_HEAD").write_text(f"{full.stdout.strip()}\t\t{url}\n")
@@ -355,7 +357,8 @@ def git_mirror_ref(url: str, ref: str, cache_root: Path, env: dict[str, str], fo
                            f"or supply it offline: copy {cache_root} from a machine where `invoke fetch` of this "
                            f"ref worked, or clone it there and pass --source <the clone>.")
     sha, kind = _fetch_head(cache)
-    commit = _git(["--git-dir", str(cache), "rev-parse", "--verify", "-q", f"{sha}^{{commit}}"], genv).stdout.strip()
+    commit = _git(["--git-dir", str(cache), "rev-parse", "--verify", "-q", "--end-of-options", f"{sha}^{{commit}}"],
+                  genv).stdout.strip()
     _git(["--git-dir", str(cache), "update-ref", local, commit], genv)
     meta[ref] = {"commit": commit, "kind": kind, "url": url, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     meta_file.write_text(json.dumps(meta, indent=2))
@@ -368,16 +371,16 @@ def checkout_from_cache(mirror: dict, ref: str, url: str, dest: Path, env: dict[
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     genv = git_env(env, [dest, Path(mirror["cache"])])
-    for args in (["init", "-q", str(dest)],
-                 ["-C", str(dest), "fetch", "-q", "--no-tags", mirror["cache"], mirror["local_ref"]],
+    for args in (["init", "-q", "--", str(dest)],
+                 ["-C", str(dest), "fetch", "-q", "--no-tags", "--", mirror["cache"], mirror["local_ref"]],
                  ["-C", str(dest), "checkout", "-q", "--detach", mirror["commit"]]):
         r = _git(args, genv)
         if r.returncode != 0:
             raise StepFailed(f"fetch: git {args[2] if args[0] == '-C' else args[0]} in {dest} failed: "
                              f"{_last_line(r)}", f"Delete {mirror['cache']} and fetch again.")
-    _git(["-C", str(dest), "remote", "add", "origin", url], genv)
+    _git(["-C", str(dest), "remote", "add", "--", "origin", url], genv)
     if mirror["kind"] == "tag":  # setuptools-scm reads the version from the tag (v0.8.5 -> 0.8.5)
-        _git(["-C", str(dest), "tag", ref, mirror["commit"]], genv)
+        _git(["-C", str(dest), "tag", "--", ref, mirror["commit"]], genv)
 
 
 def fetch_git(url: str, ref: str, dest: Path, cache_root: Path, env: dict[str, str], force: bool = False) -> dict:
@@ -406,6 +409,18 @@ def _path_provenance(src: Path, env: dict[str, str]) -> dict:
 
 # ------------------------------------------------------------------------------------------- fetch
 
+def _refuse_enclosing(src: Path, layout) -> None:
+    """A ``path`` source is copied into the state folder (or built in place): one that is ``/`` or holds
+    the state folder or the harness checkout would copy the copy into itself."""
+    real = src.resolve()
+    for what, inner in (("the harness's state folder", layout.state.resolve()), ("the harness checkout",
+                                                                                  layout.root.resolve())):
+        if real == Path(real.anchor) or real == inner or real in inner.parents:
+            raise UsageError(f"vLLM source path {src} is / or contains {what} ({inner}): it cannot be the "
+                             "source tree.", "Point [vllm].path (or --source) at the vLLM checkout itself, "
+                             "e.g. path = '../vllm'.")
+
+
 def fetch(variant, layout, env: dict[str, str], force: bool = False) -> tuple[Path, dict]:
     """Return (source dir, provenance)."""
     v = variant.vllm
@@ -415,6 +430,7 @@ def fetch(variant, layout, env: dict[str, str], force: bool = False) -> tuple[Pa
         src = Path(v["path"]) if Path(v["path"]).is_absolute() else variant.source_path()
         if not src or not src.is_dir():
             raise UsageError(f"vLLM source path {src} is not a directory.", "Fix [vllm].path or --source.")
+        _refuse_enclosing(src, layout)
         if v["in_place"]:
             prov = {"from": "path", "path": str(src), "in_place": True, **_path_provenance(src, env)}
             prov["fetched_at"] = when
@@ -504,7 +520,7 @@ def git_env(env: dict[str, str], trees: list[Path], extra: list[Path] | tuple = 
         out[f"GIT_CONFIG_VALUE_{n}"] = value
         n += 1
     out["GIT_CONFIG_COUNT"] = str(n)
-    return out
+    return gitcmd.restrict_env(out)  # transports limited for every git the step starts (FetchContent too)
 
 
 def task_fetch(ctx, a) -> int:

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,17 +55,89 @@ class Layout:
         return [self.root / "envs"]
 
     MARKER = ".harness-state"
+    #: what the harness itself puts at the top of its state folder (a folder holding anything else was
+    #: not made by it)
+    ENTRIES = frozenset({"envs", "src", "logs", "status", "cache", "locks", "wheelhouse", "buildspeed",
+                         "last-failed.json", "last-built", MARKER})
+
+    def _forbidden(self) -> Path | None:
+        st = self.state.resolve()
+        for p in (Path(st.anchor), Path.home().resolve(), self.root.resolve()):
+            if st == p:
+                return p
+        return None
+
+    def _marker_record(self) -> dict | None:
+        """The marker's record when it is the harness's own (a regular file, not a link, in the harness's
+        format); None otherwise.  A copied state folder (another path, another machine) keeps its record."""
+        marker = self.state / self.MARKER
+        try:
+            if marker.is_symlink() or not marker.is_file() or marker.stat().st_size > 4096:
+                return None
+            text = marker.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            # the plain-text marker of earlier versions: trusted only while the folder holds nothing else
+            legacy = text.startswith("vllm-harness state folder") and not self.foreign_entries()
+            return {"tool": "vllm-harness", "path": str(self.state.resolve()), "legacy": True} if legacy else None
+        if not isinstance(rec, dict) or rec.get("tool") != "vllm-harness":
+            return None
+        return rec
+
+    def foreign_entries(self) -> list[str]:
+        try:
+            names = sorted(p.name for p in self.state.iterdir())
+        except OSError:
+            return []
+        return [n for n in names if n not in self.ENTRIES and not n.startswith(("last-failed.", ".harness-state."))]
+
+    def _refusal(self, why: str) -> UsageError:
+        return UsageError(f"{self.state} is not a harness state folder: it {why}. The harness writes and deletes "
+                          f"only in a folder it made itself (one with its {self.MARKER} record), so nothing was "
+                          "written or deleted there.",
+                          "Unset VLLM_HARNESS_STATE (default: .harness/ in the checkout), or point it at a new or "
+                          "empty folder; if .harness is a link to your own folder, remove the link.")
+
+    def check(self) -> None:
+        """Refuse a state folder the harness did not make (every command calls this before it touches it)."""
+        bad = self._forbidden()
+        if bad is not None:
+            raise self._refusal(f"is {bad} (/, your home or the harness checkout itself)")
+        st = self.state
+        if not st.exists() and not st.is_symlink():
+            return
+        if not st.is_dir():
+            raise self._refusal("is not a folder")
+        if self._marker_record() is None and any(True for _ in st.iterdir()):
+            foreign = self.foreign_entries()
+            held = f"holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}" if foreign else \
+                "holds files but no harness record"
+            raise self._refusal(f"was not made by the harness ({held})")
 
     def ensure(self) -> None:
-        """Create the state folder with its marker: `clean` deletes only inside a folder that has it."""
-        self.state.mkdir(parents=True, exist_ok=True)
-        marker = self.state / self.MARKER
-        if not marker.exists():
-            marker.write_text("vllm-harness state folder: everything here was made by the harness\n")
+        """Create the state folder with its marker, or adopt an empty folder; refuse any other folder.  The
+        marker records that the harness made the folder: ``clean`` deletes only inside a folder that has it."""
+        self.check()
+        st = self.state
+        created = not st.exists()
+        st.mkdir(parents=True, exist_ok=True)
+        rec = self._marker_record()
+        if rec is not None and not rec.get("legacy"):
+            return
+        if rec is None and any(True for _ in st.iterdir()):  # filled by someone else since check()
+            raise self._refusal("was filled while the harness started")
+        record = {"tool": "vllm-harness", "path": str(st.resolve()),
+                  "how": "upgraded" if rec else ("created" if created else "adopted an empty folder"),
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        tmp = st / f"{self.MARKER}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        os.replace(tmp, st / self.MARKER)
 
     def is_state_folder(self) -> bool:
-        forbidden = {Path("/"), Path.home().resolve(), self.root.resolve()}
-        return (self.state / self.MARKER).is_file() and self.state.resolve() not in forbidden
+        return self._forbidden() is None and self._marker_record() is not None
 
     def venv(self, variant: str) -> Path:
         return self.state / "envs" / variant

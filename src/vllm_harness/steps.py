@@ -200,8 +200,22 @@ def _run(ctx: Ctx, step: str, key: str, fn) -> None:
         ctx.status.fail(step, str(log), "interrupted")
         raise
     secs = time.monotonic() - t0
+    gone = _tree_gone(ctx, step)
+    if gone:  # deleted under the step (by hand: clean waits for the variant's lock): never recorded as done
+        ctx.status.fail(step, str(log) if log.exists() else None, f"{gone} disappeared during the step")
+        raise StepFailed(f"{step}: {gone} disappeared while the step ran; the step is recorded as failed.",
+                         f"Run it again (`nox -s build-{ctx.name}` resumes at this step).")
     ctx.status.finish(step, key, str(log) if log.exists() else None, secs, **extra)
     summary(step, True, secs, log if log.exists() else None, note=extra.get("note", ""), quiet=ctx.quiet)
+
+
+def _tree_gone(ctx: Ctx, step: str) -> str | None:
+    """The tree a step just made or used, when it is no longer there."""
+    if step in ("fetch", "prepare"):
+        s = ctx.status.step("fetch") or {}
+        src = s.get("source") if step == "prepare" else None
+        return src if src and not Path(src).is_dir() else None
+    return None if ctx.py.exists() else str(ctx.py)
 
 
 def do_env(ctx: Ctx, interp: pythons.Interpreter, log: Path) -> dict:
@@ -598,6 +612,8 @@ def _interpreter(ctx: Ctx) -> pythons.Interpreter:
 def run_single(ctx: Ctx, step: str, **kw) -> dict:
     """One step, as an invoke task runs it: checked for order, locked, recorded."""
     with _locked(ctx):
+        if not ctx.py.exists():  # env deleted (by hand, or cleaned): nothing recorded in it can be trusted
+            ctx.status.invalidate("env")
         group = TASK_STEPS.get(step, [step])
         require(ctx, group[0])
         interp = _interpreter(ctx) if "env" in group else None

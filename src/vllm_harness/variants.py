@@ -16,6 +16,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from .core import gitcmd
 from .errors import UsageError
 
 try:  # Python 3.11+
@@ -100,6 +101,20 @@ def _url(v: Any) -> str:
         raise Bad(f"{s!r} is not an http(s):// or file:// URL", "give the index URL, e.g. "
                   "'https://download.pytorch.org/whl/cu118'")
     return s
+
+
+def _git_url(v: Any) -> str:
+    try:
+        return gitcmd.check_url(_nonempty(v), "git")
+    except UsageError as e:
+        raise Bad(e.message.removeprefix("git: "), e.fix or "") from None
+
+
+def _git_ref(v: Any) -> str:
+    try:
+        return gitcmd.check_ref(_nonempty(v), "ref")
+    except UsageError as e:
+        raise Bad(e.message.removeprefix("ref: "), e.fix or "") from None
 
 
 def _relpath(v: Any) -> str:
@@ -200,8 +215,8 @@ SCHEMA: dict[str, dict[str, Field_]] = {
         "source": (_choice("pypi-sdist", "git", "path"), False, "pypi-sdist"),
         "requirement": (_requirement, False, None),
         "index_url": (_url, False, None),
-        "git": (_nonempty, False, None),
-        "ref": (_nonempty, False, None),
+        "git": (_git_url, False, None),
+        "ref": (_git_ref, False, None),
         "path": (_relpath, False, None),
         "in_place": (check_bool, False, False),
         "package": (_nonempty, False, "vllm"),

@@ -1,0 +1,241 @@
+"""Bounded reading of the files a user hands the harness (variant files, machine profiles, state files).
+
+Every such file is checked for its type before a byte is read (a FIFO, ``/dev/zero`` or a directory is
+refused, never read forever) and for its size (the limit is checked on the open file, and the read stops one
+byte past it, so a file that grows while it is read cannot exhaust memory).  TOML is scanned before it is
+parsed: the standard parser recurses on deep nesting and takes quadratic time and memory on long dotted
+keys (``a.a.a...=1``: 40 kB costs 13 s and 1.5 GB), so nesting depth, key length and key count are capped
+first.  Every problem is one :class:`UsageError` naming the file and the fix (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+MiB = 1 << 20
+TOML_MAX_BYTES = MiB
+TOML_MAX_DEPTH = 16        # [..] / {..} nesting, table header parts, dotted key parts
+TOML_MAX_KEYS = 20_000     # keys and array items in the whole document
+JSON_MAX_BYTES = 16 * MiB
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_bytes(path: str | Path, what: str, limit: int, fix: str = "") -> bytes:
+    """The bytes of the regular file ``path`` (at most ``limit``), or a UsageError naming ``what``."""
+    p = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise UsageError(f"{what} {p}: no such file.", fix or "Check the path.") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {p}: is a directory, not a file.", fix or "Give the path of a file.") from None
+    except OSError as e:
+        raise UsageError(f"{what} {p}: cannot be read ({e.strerror}).",
+                         fix or "Check the path and its permissions.") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{what} {p}: is {_kind(st.st_mode)}, not a regular file; nothing was read.",
+                             fix or "Give the path of a regular file.")
+        if st.st_size > limit:
+            raise UsageError(f"{what} {p}: is {st.st_size} bytes, more than the {limit} bytes such a file may "
+                             "have; nothing was read.", fix or f"Give a file under {limit} bytes.")
+        chunks, got = [], 0
+        while got <= limit:
+            b = os.read(fd, min(1 << 16, limit + 1 - got))
+            if not b:
+                break
+            chunks.append(b)
+            got += len(b)
+        if got > limit:
+            raise UsageError(f"{what} {p}: grew past {limit} bytes while it was read.",
+                             fix or f"Give a file under {limit} bytes.")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_text(path: str | Path, what: str, limit: int, fix: str = "") -> str:
+    raw = read_bytes(path, what, limit, fix)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {path}: is not UTF-8 text (byte {e.start}).", fix or "Save it as UTF-8.") from None
+
+
+# ------------------------------------------------------------------------------------------------ TOML
+
+class TomlLimit(ValueError):
+    """The document goes past one of the limits (message says which, and on which line)."""
+
+
+def _scan_string(text: str, i: int) -> int:
+    """Index just past the string starting at ``text[i]`` (basic, literal, or their multi-line forms)."""
+    q = text[i]
+    n = len(text)
+    if text.startswith(q * 3, i):
+        j = i + 3
+        while True:
+            k = text.find(q * 3, j) if q == "'" else _find_unescaped(text, q * 3, j)
+            if k < 0:
+                return n
+            k += 3
+            for _ in range(2):  # a closing delimiter may be preceded by up to two quotes: """""
+                if k < n and text[k] == q:
+                    k += 1
+            return k
+    j = i + 1
+    while j < n:
+        c = text[j]
+        if c == "\\" and q == '"':
+            j += 2
+            continue
+        if c == q or c == "\n":
+            return j + 1
+        j += 1
+    return n
+
+
+def _find_unescaped(text: str, needle: str, j: int) -> int:
+    while True:
+        k = text.find(needle, j)
+        if k < 0:
+            return -1
+        back = 0
+        while k - back - 1 >= j and text[k - back - 1] == "\\":
+            back += 1
+        if back % 2 == 0:
+            return k
+        j = k + 1
+
+
+def prescan_toml(text: str, max_depth: int = TOML_MAX_DEPTH, max_keys: int = TOML_MAX_KEYS) -> None:
+    """Raise :class:`TomlLimit` when ``text`` nests deeper than ``max_depth`` (brackets, braces, dotted key
+    or table-header parts) or holds more than ``max_keys`` keys and items.  A lexical pass: strings and
+    comments are skipped, so values may hold any text."""
+    depth = 0          # open [ / { outside strings
+    dots = 0           # dots in the key being read
+    items = 0
+    line = 1
+    in_key = True      # at the start of a line (depth 0) or after '{' / ',' inside an inline table
+    stack: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line += 1
+            if not stack:
+                in_key, dots = True, 0
+            i += 1
+            continue
+        if c == "#":
+            k = text.find("\n", i)
+            i = n if k < 0 else k
+            continue
+        if c in "\"'":
+            j = _scan_string(text, i)
+            line += text.count("\n", i, j)
+            i = j
+            continue
+        if c in "[{":
+            # a table header [a.b] / [[a.b]] counts its parts like a dotted key
+            if c == "[" and not stack and in_key:
+                in_key, dots = True, 0
+                k = i
+                while k < n and text[k] == "[":
+                    k += 1
+                i = k
+                stack.append("header")
+                continue
+            stack.append(c)
+            depth = sum(1 for s in stack if s != "header")
+            if depth > max_depth:
+                raise TomlLimit(f"line {line}: nesting deeper than {max_depth} levels")
+            in_key = c == "{"
+            dots = 0
+            i += 1
+            continue
+        if c in "]}":
+            if stack:
+                top = stack.pop()
+                if top == "header":
+                    while i < n and text[i] == "]":
+                        i += 1
+                    in_key = False
+                    continue
+            i += 1
+            continue
+        if c == ".":
+            if in_key or (stack and stack[-1] == "header"):
+                dots += 1
+                if dots >= max_depth:
+                    raise TomlLimit(f"line {line}: a key of more than {max_depth} dotted parts")
+            i += 1
+            continue
+        if c == "=":
+            if in_key:
+                items += 1
+                if items > max_keys:
+                    raise TomlLimit(f"line {line}: more than {max_keys} keys")
+            in_key, dots = False, 0
+            i += 1
+            continue
+        if c == ",":
+            items += 1
+            if items > max_keys:
+                raise TomlLimit(f"line {line}: more than {max_keys} keys and items")
+            if stack and stack[-1] == "{":
+                in_key, dots = True, 0
+            i += 1
+            continue
+        i += 1
+
+
+def parse_toml(text: str, what: str, path: str | Path, fix: str = "Correct the TOML syntax at that line.") -> dict:
+    """tomllib.loads with the limits above; every failure is one UsageError naming the file."""
+    try:
+        prescan_toml(text)
+    except TomlLimit as e:
+        raise UsageError(f"{what} {path}: {e}, past what the harness reads; nothing was used.",
+                         "Flatten the file (this is not a variant, profile or patch the harness writes).") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{what} {path}: is not valid TOML ({e}).", fix) from None
+    except (RecursionError, MemoryError):  # pragma: no cover - the prescan bounds both
+        raise UsageError(f"{what} {path}: is nested too deeply to parse.", "Flatten the file.") from None
+
+
+def load_toml(path: str | Path, what: str, limit: int = TOML_MAX_BYTES,
+              fix: str = "Correct the TOML syntax at that line.") -> dict:
+    return parse_toml(read_text(path, what, limit), what, path, fix)
+
+
+def load_json(path: str | Path, what: str, reset: str, limit: int = JSON_MAX_BYTES) -> Any:
+    """A state file the harness wrote itself; a broken one is reported with ``reset`` (the command that
+    resets it)."""
+    raw = read_bytes(path, what, limit, reset)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise UsageError(f"{what} {path} is corrupt (not the JSON the harness writes).", reset) from None
