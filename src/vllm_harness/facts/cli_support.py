@@ -14,6 +14,7 @@ def compat_command(a, layout, out) -> int:
     lock = Path(a.out) if getattr(a, "out", None) else compat.LOCK_PATH
     cache = layout.state / "cache" / "index"
     if a.refresh:
+        layout.ensure()   # the cache lives in the state folder, which carries the harness's marker
         res = im.refresh(out_path=lock, index=a.index_url or im.DEFAULT_INDEX,
                          pytorch_index=a.pytorch_index or im.PYTORCH_INDEX, cache_dir=cache,
                          progress=not a.json and sys.stderr.isatty())
