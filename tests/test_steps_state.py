@@ -4,10 +4,12 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 from vllm_harness import prepare
 from vllm_harness.clean import clean
+from vllm_harness.errors import UsageError
 from vllm_harness.layout import Layout
 from vllm_harness.status import Status, dependents
 
@@ -27,10 +29,17 @@ def test_rerunning_a_step_invalidates_exactly_what_depends_on_it(tmp_path):
     assert dependents("env") == ["env", "torch", "deps", "build", "post-install", "verify"]
 
 
-def test_corrupt_status_file_means_nothing_done(tmp_path):
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b"[]", b'{"steps": []}',
+                                     b'{"steps": {"env": "ok"}}', b'{"steps": {}, "built": "yes"}',
+                                     b'{"steps": {"env": {"status": 1}}}', b"[" * 100000])
+def test_corrupt_status_file_is_reported_with_its_reset(tmp_path, content):
+    """A status file with wrong bytes or types: one message naming the file and the clean command."""
     p = tmp_path / "s.json"
-    p.write_text("{not json")
-    assert Status(p, "v").data["steps"] == {}
+    p.write_bytes(content)
+    with pytest.raises(UsageError) as e:
+        Status(p, "v")
+    assert str(p) in e.value.message and "corrupt" in e.value.message
+    assert "invoke clean --variant v" in e.value.fix
 
 
 def _tree(tmp_path: Path) -> Path:

@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .core import procs
+
 PRIOR_GIB_PER_THREAD = {"cuda": 3.5, "cpu": 1.0}
 PRIOR_WHY = {"cuda": "prior for nvcc/cicc on vLLM's kernels (2.5-2.8 GB measured per file; not yet measured here)",
              "cpu": "prior for g++ on torch's headers (not yet measured here)"}
@@ -48,6 +50,7 @@ OOM_FACTOR = 1.5       # a build killed for memory: its figure is raised by this
 MAX_RECORDS = 50
 JOB_PARENTS = {"ninja", "make", "gmake"}
 CACHE_MODES = ("auto", "sccache", "ccache", "none")
+SCCACHE_IDLE_TIMEOUT = 120  # seconds without a request before a build's sccache server stops by itself
 OOM_RE = re.compile(r"Killed signal terminated program|fatal error: Killed|virtual memory exhausted|"
                     r"out of memory allocating|std::bad_alloc|cannot allocate memory|nvcc error\s*:.*Killed",
                     re.IGNORECASE)
@@ -399,6 +402,10 @@ class CompilerCache:
             if r.returncode != 0:
                 raise RuntimeError(f"sccache --start-server failed: {(r.stderr or r.stdout).strip()[-300:]}")
             self.server_pids = _find_sccache_servers(self.env.get("SCCACHE_SERVER_UDS", ""))
+            guardian = procs.Guardian.get()  # the server and its compiles end with the harness, even on SIGKILL
+            for pid in self.server_pids:
+                guardian.track_tree(pid)
+            guardian.track_file(self.env.get("SCCACHE_SERVER_UDS", ""))
             self._run(["--zero-stats"], env)
         else:
             self._run(["--zero-stats"], env)
@@ -428,16 +435,25 @@ class CompilerCache:
         servers = sorted(set(self.server_pids) | set(_find_sccache_servers(sock)))
         if interrupted:
             end_process_trees(servers)
-            return
-        try:
-            self._run(["--stop-server"], env, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        deadline = time.monotonic() + 10
-        while (left := [p for p in servers if _alive(p)]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if left:
-            end_process_trees(left)
+        else:
+            try:
+                self._run(["--stop-server"], env, timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            deadline = time.monotonic() + 10
+            while (left := [p for p in servers if _alive(p)]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if left:
+                end_process_trees(left)
+        guardian = procs.Guardian.get()
+        for pid in servers:
+            guardian.untrack_tree(pid)
+        if sock and not any(_alive(p) for p in servers):  # no socket file is left behind
+            try:
+                os.unlink(sock)
+            except OSError:
+                pass
+        guardian.untrack_file(sock)
 
 
 def _descendants(pids: list[int]) -> list[int]:
@@ -587,8 +603,13 @@ def cache_root(state: Path, env: dict[str, str]) -> Path:
     return Path(shared).expanduser().resolve() if shared else state / "cache"
 
 
-def _sock_path(key: str) -> str:
-    return str(Path(tempfile.gettempdir()) / f"vllm-harness-sccache-{hashlib.sha256(key.encode()).hexdigest()[:12]}.sock")
+def _sock_path(key: str, cdir: Path | None = None) -> str:
+    """The server's unix socket: in the cache folder (removed with it by ``clean --all``) when the path fits
+    in a socket address (107 bytes), else in the temporary folder."""
+    name = f"vllm-harness-sccache-{hashlib.sha256(key.encode()).hexdigest()[:12]}.sock"
+    if cdir is not None and len(str(cdir / name).encode()) < 100:
+        return str(cdir / name)
+    return str(Path(tempfile.gettempdir()) / name)
 
 
 def find_tool(name: str, venv: Path, env: dict[str, str]) -> str | None:
@@ -636,8 +657,9 @@ def setup_cache(mode: str, state: Path, venv: Path, env: dict[str, str], basedir
     cdir.mkdir(parents=True, exist_ok=True)
     bases = ":".join(str(b) for b in dict.fromkeys(str(b) for b in basedirs))
     if tool == "sccache":
-        cenv = {"SCCACHE_DIR": str(cdir), "SCCACHE_SERVER_UDS": _sock_path(f"{cdir}|{path}"),
-                "SCCACHE_IDLE_TIMEOUT": "900", "SCCACHE_BASEDIRS": bases}
+        # idle timeout short: a server left by a run killed some other way than the watchdog sees stops soon
+        cenv = {"SCCACHE_DIR": str(cdir), "SCCACHE_SERVER_UDS": _sock_path(f"{cdir}|{path}", cdir),
+                "SCCACHE_IDLE_TIMEOUT": str(SCCACHE_IDLE_TIMEOUT), "SCCACHE_BASEDIRS": bases}
         remote = [k for k in env if k.startswith(("SCCACHE_REDIS", "SCCACHE_BUCKET", "SCCACHE_GCS", "SCCACHE_MEMCACHED",
                                                   "SCCACHE_WEBDAV", "SCCACHE_AZURE", "SCCACHE_GHA", "SCCACHE_OSS"))]
         loc = f"remote ({', '.join(sorted(remote))})" if remote else f"local {cdir}"

@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import EXIT_OK, EXIT_USAGE, HarnessError, StepFailed, UsageError
@@ -19,20 +20,24 @@ from .layout import Layout, venv_python
 
 
 def _layout(a) -> Layout:
+    """The state folder, made (with its marker) if it is not there; a folder the harness did not make is
+    refused by every command before anything touches it.  ``clean`` only checks: it never makes one."""
     layout = Layout.default(Path(a.root) if getattr(a, "root", None) else None)
-    layout.check()  # a folder the harness did not make is refused by every command, before it is touched
+    if getattr(a, "command", None) == "clean":
+        layout.check()
+    else:
+        layout.ensure()
     return layout
 
 
 def _variant(layout: Layout, name: str | None, required: bool = True):
     from .variants import load_variant
     if not name:
-        if layout.last_built.is_file():
-            name = layout.last_built.read_text().strip()
-        elif required:
+        name = layout.read_last_built()
+        if not name and required:
             raise UsageError("No variant given and none was built yet.", "Pass --variant NAME (see `invoke --list` "
                              "or `nox -l`).")
-        else:
+        if not name:
             return None
     return load_variant(name, layout.envs_dirs)
 
@@ -129,9 +134,9 @@ def cmd_diagnose(a) -> int:
     log = a.log
     context = {}
     if not log:
-        if not layout.last_failed.is_file():
+        last = layout.read_last_failed()
+        if last is None:
             raise UsageError("No failed step recorded yet.", "Pass --log FILE (or - for stdin).")
-        last = json.loads(layout.last_failed.read_text())
         log = last["log"]
         try:
             context = _variant(layout, last.get("variant")).fix_context()
@@ -443,6 +448,26 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
         if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # respect `nohup`
             signal.signal(signal.SIGHUP, _terminate)
+    # every line this command prints (tables, progress, messages, JSON) passes through the one masking rule
+    with _masked_output():
+        return _main(argv)
+
+
+@contextmanager
+def _masked_output():
+    from .core.masking import MaskingStream
+    saved = sys.stdout, sys.stderr
+    if not isinstance(sys.stdout, MaskingStream):
+        sys.stdout, sys.stderr = MaskingStream(sys.stdout), MaskingStream(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = saved
+
+
+def _main(argv: list[str] | None) -> int:
     p = parser()
     try:
         a = p.parse_args(argv)

@@ -169,6 +169,35 @@ class Layout:
     def last_built(self) -> Path:
         return self.state / "last-built"
 
+    def _reset_fix(self, path: Path) -> str:
+        return f"Delete {path} (the harness writes it again), or run `invoke clean --all`."
+
+    def read_last_built(self) -> str | None:
+        """The variant built last, or None; a corrupt record is a UsageError naming the file and its reset."""
+        from .core import safeio
+        p = self.last_built
+        if not p.exists() and not p.is_symlink():
+            return None
+        raw = safeio.read_bytes(p, "State file", 4096, self._reset_fix(p))
+        name = raw.decode("utf-8", "replace").strip()
+        from .variants import NAME_RE
+        if not NAME_RE.match(name):
+            raise UsageError(f"State file {p} is corrupt (not a variant name: {name[:40]!r}).", self._reset_fix(p))
+        return name
+
+    def read_last_failed(self) -> dict | None:
+        """{variant, step, log} of the last failed step, or None; a corrupt record is a UsageError."""
+        from .core import safeio
+        p = self.last_failed
+        if not p.exists() and not p.is_symlink():
+            return None
+        data = safeio.load_json(p, "State file", self._reset_fix(p), limit=1 << 16)
+        if not (isinstance(data, dict) and isinstance(data.get("log"), str) and data["log"]
+                and isinstance(data.get("variant"), (str, type(None)))
+                and isinstance(data.get("step"), (str, type(None)))):
+            raise UsageError(f"State file {p} is corrupt (not the record of a failed step).", self._reset_fix(p))
+        return data
+
     def managed_trees(self) -> list[Path]:
         """The folders ``clean`` may delete from (never anything outside these)."""
         return [self.state]

@@ -36,6 +36,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
+from .core import safeio
 from .errors import UsageError
 from .variants import Bad as _Bad
 from .variants import check_bool as _bool
@@ -642,24 +643,22 @@ def validate_profile(data: Any, where: str = "machine profile") -> dict:
 
 def parse_profile(text: str, where: str = "machine profile") -> dict:
     try:
+        safeio.prescan_toml(text)
         data = tomllib.loads(text)
+    except safeio.TomlLimit as e:
+        raise UsageError(f"{where}: {e}, past what a machine profile may hold.",
+                         "Give a file written by `invoke doctor --save-machine FILE`.") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{where}: is not valid TOML ({e}).", "Correct the TOML syntax at that line.") from None
     return validate_profile(data, where)
 
 
 def load_profile(path: Path) -> dict:
-    """A saved profile, validated.  Bad file, bad TOML, wrong type or unknown key: ``UsageError``."""
+    """A saved profile, validated.  A FIFO, a device, a huge file, bad TOML, a wrong type or an unknown key:
+    ``UsageError`` (checked on the open file before anything is read)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"Machine profile {path} cannot be read ({e.strerror}).",
-                         "Give the path of a file written by `invoke doctor --save-machine FILE`.") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: is not UTF-8 text.", "Save it as UTF-8.") from None
+    text = safeio.read_text(path, "Machine profile", safeio.TOML_MAX_BYTES,
+                            "Give the path of a file written by `invoke doctor --save-machine FILE`.")
     return parse_profile(text, str(path))
 
 

@@ -34,12 +34,8 @@ from pathlib import Path
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from .core import safeio
 from .errors import UsageError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib  # type: ignore[no-redef]
 
 STATUSES = ("applied", "already-applied", "not-needed", "failed")
 
@@ -80,10 +76,7 @@ def _bad(meta: Path, key: str, problem: str, fix: str) -> UsageError:
 
 
 def load_patch(meta: Path) -> Patch:
-    try:
-        data = tomllib.loads(meta.read_text())
-    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{meta}: not valid TOML ({e}).", "Correct the TOML syntax.") from None
+    data = safeio.load_toml(meta, "Patch record", fix="Correct the TOML syntax.")
     known = {"patch", "versions", "why", "upstream", "needed_if"}
     for k in data:
         if k not in known:

@@ -27,6 +27,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from .core import procs
 from .errors import StepFailed, UsageError
 
 TORCH_INFO = r"""
@@ -137,24 +138,31 @@ def run_probe(src: Path, python: Path, env: dict[str, str], log: Path, device: s
     with open(log, "w") as fh:
         fh.write(f"# compile probe: vLLM tree {src}\n# torch {info['torch_version']} at {info['torch_dir']}; "
                  f"this source pins torch {pin} ({pin_from})\n")
-        procs = []
-        for name, argv in cmds:
-            fh.write(f"$ {' '.join(argv)}\n")
-            fh.flush()
-            procs.append((name, argv, subprocess.Popen(argv, cwd=src, env=env, stdout=subprocess.PIPE,
-                                                       stderr=subprocess.STDOUT)))
-        for name, _argv, p in procs:
-            try:
-                out, _ = p.communicate(timeout=max(1, timeout - (time.monotonic() - t0)))
-                rc = p.returncode
-            except subprocess.TimeoutExpired:
-                p.kill()
-                out, _ = p.communicate()
-                rc = 124
-                out = (out or b"") + f"\nprobe: {name} did not finish in {timeout}s\n".encode()
-            text = (out or b"").decode(errors="replace")
-            fh.write(f"== {name}: exit {rc}\n{text}\n")
-            results.append({"file": name, "rc": rc})
+        started = []
+        try:
+            for name, argv in cmds:  # side by side, each in its own process group (g++ and its cc1plus)
+                fh.write(f"$ {' '.join(argv)}\n")
+                fh.flush()
+                started.append((name, procs.popen(argv, cwd=src, env=env, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)))
+            for name, p in started:
+                try:
+                    out, _ = p.communicate(timeout=max(1, timeout - (time.monotonic() - t0)))
+                    rc = p.returncode
+                except subprocess.TimeoutExpired:
+                    procs.end_group(p, grace=2)
+                    out, _ = p.communicate()
+                    rc = 124
+                    out = (out or b"") + f"\nprobe: {name} did not finish in {timeout}s\n".encode()
+                procs.release(p)
+                text = (out or b"").decode(errors="replace")
+                fh.write(f"== {name}: exit {rc}\n{text}\n")
+                results.append({"file": name, "rc": rc})
+        except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: no compiler outlives the probe
+            for _name, p in started:
+                procs.end_group(p, grace=2)
+            fh.write("# interrupted: the probe's compilers were ended\n")
+            raise
     secs = round(time.monotonic() - t0, 1)
     ctx = {"torch": pin, **(context or {})} if pin else dict(context or {})
     report = diagnose.diagnose_path(str(log), context=ctx).to_dict()

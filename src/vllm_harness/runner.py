@@ -11,23 +11,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .core import masking, procs
 from .errors import StepFailed
 
 NINJA_RE = re.compile(rb"\[(\d+)/(\d+)\]")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-SECRET_RE = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<cred>[^/@\s:]+(:[^/@\s]*)?)@")
 
 
 def mask(text: str) -> str:
-    """Hide credentials in index URLs (https://user:token@host -> https://***@host)."""
-    return SECRET_RE.sub(lambda m: m.group("scheme") + "***@", text)
+    """Hide credentials in URLs (https://user:token@host -> https://***@host): core.masking's one rule."""
+    return masking.mask(text)
 
 
 def console():
@@ -177,15 +176,13 @@ def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict
             for argv in commands:
                 fh.write(f"$ {mask(' '.join(argv))}\n".encode())
                 fh.write(f"# cwd: {cwd or os.getcwd()}\n".encode())
-                try:
-                    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                try:  # its own process group, ended with the harness even if the harness is SIGKILLed
+                    proc = procs.popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
                 except OSError as e:
                     fh.write(f"cannot start {argv[0]}: {e}\n".encode())
                     raise StepFailed(f"{step}: cannot start {argv[0]} ({e.strerror}).",
                                      "Check that it is installed and on PATH.", log=str(log_path)) from None
-                guard = _Watchdog(proc.pid)
                 try:
                     assert proc.stdout is not None
                     for raw in iter(proc.stdout.readline, b""):
@@ -196,11 +193,11 @@ def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict
                             raise TimeoutError
                     rc = proc.wait()
                 except BaseException as e:
-                    _kill_group(proc)
+                    procs.end_group(proc)
                     fh.write(f"# interrupted ({type(e).__name__} {e}): child processes ended\n".encode())
                     raise
                 finally:
-                    guard.release()
+                    procs.release(proc)
                 fh.write(f"# exit status {rc}\n".encode())
                 if rc != 0:
                     raise StepFailed(f"{step} failed: `{mask(' '.join(_short(argv)))}` exited with {rc}.",
@@ -213,67 +210,6 @@ def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict
 def _short(argv: list[str]) -> list[str]:
     out = [Path(argv[0]).name] + argv[1:]
     return out if len(out) <= 8 else out[:8] + ["..."]
-
-
-_WATCHDOG = """
-import os, signal, sys, time
-pgid = int(sys.argv[1])
-if not os.read(0, 1):  # end of file without a word: the harness died (SIGKILL, OOM killer)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except OSError:
-            break
-        time.sleep(5)
-"""
-
-
-class _Watchdog:
-    """Ends the command's process group if the harness itself dies without a chance to do it (SIGKILL, the
-    OOM killer): a small process in its own session holds the read end of a pipe whose write end only the
-    harness has; the kernel closes it when the harness dies, and the watchdog then ends the group.  When the
-    command is over, ``release()`` tells it to leave."""
-
-    def __init__(self, pgid: int) -> None:
-        self.proc: subprocess.Popen | None = None
-        self.w = -1
-        r, w = os.pipe()
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pgid)], stdin=r,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         start_new_session=True, env={"PATH": os.environ.get("PATH", "")})
-            self.w = w
-        except OSError:
-            os.close(w)
-        finally:
-            os.close(r)
-
-    def release(self) -> None:
-        if self.w < 0:
-            return
-        try:
-            os.write(self.w, b"x")
-        except OSError:
-            pass
-        os.close(self.w)
-        self.w = -1
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def summary(step: str, ok: bool, seconds: float, log: Path | None, note: str = "", quiet: bool = False) -> None:
@@ -321,5 +257,5 @@ def explain_failure(log: Path, context: dict | None, quiet: bool = False) -> dic
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(mask(json.dumps(data, indent=2)))
     os.replace(tmp, path)

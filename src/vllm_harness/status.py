@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .core import masking, safeio
+from .errors import UsageError
+
 STEPS = ["fetch", "prepare", "env", "torch", "deps", "build", "post-install", "verify"]
 # step -> the steps whose result it uses; re-running a step clears everything that depends on it
 DEPENDS = {"fetch": [], "prepare": ["fetch"], "env": [], "torch": ["env"], "deps": ["torch", "prepare"],
@@ -38,18 +41,24 @@ def key_of(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _well_formed(data: Any) -> bool:
+    return (isinstance(data, dict) and isinstance(data.get("steps"), dict) and isinstance(data.get("built", False), bool)
+            and all(isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("status"), str)
+                    for k, v in data["steps"].items()))
+
+
 class Status:
     def __init__(self, path: Path, variant: str):
         self.path = path
         self.variant = variant
         self.data: dict[str, Any] = {"variant": variant, "built": False, "steps": {}}
-        if path.is_file():
-            try:
-                loaded = json.loads(path.read_text())
-                if isinstance(loaded, dict) and isinstance(loaded.get("steps"), dict):
-                    self.data = loaded
-            except (OSError, ValueError):
-                pass  # a corrupt status file means nothing is known to be done
+        if path.exists() or path.is_symlink():
+            fix = (f"`invoke clean --variant {variant}` removes it with the variant's env (or delete {path}: the "
+                   "next run starts the variant over).")
+            loaded = safeio.load_json(path, "Status file", fix, limit=1 << 22)
+            if not _well_formed(loaded):
+                raise UsageError(f"Status file {path} is corrupt (not the record the harness writes).", fix)
+            self.data = loaded
 
     @property
     def built(self) -> bool:
@@ -95,5 +104,5 @@ class Status:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+        tmp.write_text(masking.mask(json.dumps(self.data, indent=2, sort_keys=True)))
         os.replace(tmp, self.path)

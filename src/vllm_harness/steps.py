@@ -268,24 +268,62 @@ def _see_interpreter_packages(ctx: Ctx, interp: pythons.Interpreter, env: dict[s
     return scripts  # its tools (cmake, ninja from pip) go on the build's PATH after the venv's own
 
 
+def _index_auth(url: str) -> tuple[str, str | None]:
+    """(the URL without credentials, an Authorization header or None), found as pip and uv find them: the
+    URL's own user information, else ~/.netrc (or $NETRC) for its host, else keyring where it is installed."""
+    import base64
+    from urllib.parse import urlsplit
+
+    from .core.masking import strip_credentials
+    bare, user, password = strip_credentials(url)
+    host = urlsplit(bare).hostname or ""
+    if user is not None and password is None:
+        try:  # a token-only URL (https://token@host) is basic auth with an empty password, as pip sends it
+            import keyring  # optional, as for pip's keyring support
+            cred = keyring.get_credential(bare, user)
+            password = cred.password if cred else None
+        except Exception:  # noqa: BLE001 - no keyring, or a backend that fails: go on without it
+            password = None
+    if user is None and host:
+        try:
+            import netrc
+            found = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+            if found:
+                user, password = found[0] or "", found[2] or ""
+        except (OSError, netrc.NetrcParseError):
+            pass
+    if user is None:
+        return bare, None
+    token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+    return bare, f"Basic {token}"
+
+
 def check_index(url: str | None, what: str, timeout: float = 15.0) -> None:
-    """An index the variant names must answer before anything is installed from it (exit 2 otherwise)."""
+    """An index the variant names must answer before anything is installed from it (exit 2 otherwise).
+    Credentials are sent as pip/uv send them (urllib alone would put them in the host name and fail)."""
     if not url or url.startswith("file://"):
         return
     import urllib.error
     import urllib.request
 
     from .runner import mask
+    bare, auth = _index_auth(url)
+    req = urllib.request.Request(bare.rstrip("/") + "/", headers={"Authorization": auth} if auth else {})
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/", timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             r.read(1)
     except urllib.error.HTTPError as e:
+        if e.code in (401, 403) and auth is None:
+            return  # it answered; pip/uv may hold credentials this check does not (a keyring provider)
+        if e.code in (401, 403):
+            raise UsageError(f"The index {mask(url)} for {what} refused the credentials (HTTP {e.code}).",
+                             "Check the user and token in the URL, ~/.netrc or the keyring.") from None
         if e.code < 500:
-            return  # it answered: a 403/404 on the index root says nothing about the packages
+            return  # it answered: a 404 on the index root says nothing about the packages
         raise UsageError(f"The index {mask(url)} for {what} answered HTTP {e.code}.",
                          "Retry later or point index_url at a mirror.") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise UsageError(f"Cannot reach the index {mask(url)} for {what} ({getattr(e, 'reason', e)}).",
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise UsageError(f"Cannot reach the index {mask(url)} for {what} ({mask(str(getattr(e, 'reason', e)))}).",
                          "Check the network or proxy (HTTPS_PROXY); offline, download the wheels elsewhere and set "
                          "UV_FIND_LINKS/PIP_FIND_LINKS to their folder, or set index_url to a reachable mirror.") from None
 

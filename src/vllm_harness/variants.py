@@ -16,7 +16,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .core import gitcmd
+from .core import gitcmd, safeio
 from .errors import UsageError
 
 try:  # Python 3.11+
@@ -308,7 +308,11 @@ def _fail(file: Path, key: str, reason: str, fix: str) -> UsageError:
 
 def parse_variant(name: str, path: Path, text: str) -> Variant:
     try:
+        safeio.prescan_toml(text)
         data = tomllib.loads(text)
+    except safeio.TomlLimit as e:
+        raise _fail(path, "", f"{e}, past what a variant file may hold", "flatten the file (a variant is "
+                    "a few tables of plain keys)") from None
     except tomllib.TOMLDecodeError as e:
         raise _fail(path, "", f"is not valid TOML ({e})", "correct the TOML syntax at that line") from None
     sections: dict[str, dict] = {}
@@ -377,16 +381,9 @@ def load_variant_file(path: Path) -> Variant:
     if not NAME_RE.match(name):
         raise _fail(path, "", f"variant name {name!r} is not allowed",
                     "name the file with lowercase letters, digits, '.', '_' or '-'")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise _fail(path, "", f"cannot be read ({e.strerror})", "check the path and its permissions") from None
-    if len(raw) > 1 << 20:
-        raise _fail(path, "", f"is {len(raw)} bytes, too large for a variant file", "keep it under 1 MiB")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _fail(path, "", "is not UTF-8 text", "save it as UTF-8") from None
+    # type and size are checked on the open file before a byte is read (a FIFO, /dev/zero, a 5 GB file)
+    text = safeio.read_text(path, "Variant file", safeio.TOML_MAX_BYTES,
+                            "Give a variant file: a regular UTF-8 TOML file under 1 MiB (see envs/).")
     return parse_variant(name, path, text)
 
 
@@ -403,7 +400,7 @@ def load_variant(name_or_path: str, envs_dirs: list[Path]) -> Variant:
     """A variant by name (searched in ``envs_dirs``) or by path to a ``.toml`` file."""
     if name_or_path.endswith(".toml") or "/" in name_or_path:
         p = Path(name_or_path)
-        if not p.is_file():
+        if not p.exists():
             raise UsageError(f"Variant file {p} does not exist.", "Give the path of an envs/*.toml file.")
         return load_variant_file(p.resolve())
     for d in envs_dirs:
