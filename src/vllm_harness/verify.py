@@ -275,44 +275,42 @@ def multi_gpu_tables(result: dict) -> list:
                       f"{p['gbps']:.0f}" if p.get("gbps") else p.get("error", "")[:40])
         out.append(t)
     sweep = next((c for n, c in by.items() if n.startswith("all-reduce")), {}).get("metrics", {})
-    custom = (by.get("vllm custom all-reduce") or {}).get("metrics", {})
-    rows: dict[int, dict] = {}
-    for r in sweep.get("sizes") or []:
-        rows.setdefault(r["bytes"], {})["nccl"] = r
-    for r in custom.get("sizes") or []:
-        rows.setdefault(r["bytes"], {})[r["dtype"]] = r
-    if not rows:
-        return out
-    peak = sweep.get("peak_gbps")
-    title = "all-reduce per size" + (f" (link peak {peak:.0f} GB/s per GPU and direction)" if peak else "")
-    t = Table(title=title, show_lines=False)
     backend = (result.get("multi_gpu") or {}).get("backend") or "nccl"
-    cols = ["size", f"{backend.upper() if backend == 'nccl' else backend} fp32 µs", "bus GB/s"]
-    if peak:
-        cols.append("of peak")
-    dtypes = [d for d in ("float16", "bfloat16") if any(d in v for v in rows.values())]
-    for d in dtypes:
-        short = {"float16": "fp16", "bfloat16": "bf16"}[d]
-        cols += [f"vLLM custom {short} µs", f"NCCL {short} µs", f"custom vs NCCL ({short})"]
-    for col in cols:
-        t.add_column(col, justify="right")
-    for nbytes in sorted(rows):
-        v = rows[nbytes]
-        n = v.get("nccl")
-        cells = [_size(nbytes), f"{n['us']:.1f}" if n else "", f"{n['bus_gbps']:.3g}" if n else ""]
-        if peak:
-            cells.append(f"{n['bus_gbps'] / peak:.0%}" if n else "")
-        for d in dtypes:
-            c = v.get(d)
-            if not c:
-                cells += ["", "", ""]
-                continue
-            sp = c.get("speedup") or 0
-            mark = "green" if sp > 1 else "yellow"
-            bad = "" if c.get("ok", True) else " [red]differs[/]"
-            cells += [f"{c['custom_us']:.1f}", f"{c['nccl_us']:.1f}", f"[{mark}]{sp:.2f}x[/]{bad}"]
-        t.add_row(*cells)
-    out.append(t)
+    bname = "NCCL" if backend == "nccl" else backend
+    peak = sweep.get("peak_gbps")
+    if sweep.get("sizes"):
+        title = f"{bname} all-reduce, fp32" + (f" (link peak {peak:.0f} GB/s per GPU and direction)" if peak else "")
+        t = Table(title=title, show_lines=False)
+        for col in ["size", "µs", "algbw GB/s", "bus GB/s"] + (["of peak"] if peak else []):
+            t.add_column(col, justify="right")
+        for r in sweep["sizes"]:
+            t.add_row(_size(r["bytes"]), f"{r['us']:.1f}", f"{r['algbw_gbps']:.3g}", f"{r['bus_gbps']:.3g}",
+                      *([f"{r['bus_gbps'] / peak:.0%}"] if peak else []))
+        out.append(t)
+    custom = (by.get("vllm custom all-reduce") or {}).get("metrics", {})
+    if custom.get("sizes"):
+        graphs = any(r.get("graph_custom_us") for r in custom["sizes"])
+        t = Table(title=f"vLLM custom all-reduce vs {bname}, same input (µs per all-reduce)", show_lines=False)
+        cols = ["size", "dtype"]
+        if graphs:
+            cols += ["custom (graph)", f"{bname} (graph)", "speedup (graph)"]
+        cols += ["custom (eager)", f"{bname} (eager)", "speedup (eager)", "result"]
+        for col in cols:
+            t.add_column(col, justify="right")
+
+        def sp(x):
+            return f"[{'green' if x > 1 else 'yellow'}]{x:.2f}x[/]" if x else ""
+        for r in custom["sizes"]:
+            cells = [_size(r["bytes"]), {"float16": "fp16", "bfloat16": "bf16"}.get(r["dtype"], r["dtype"])]
+            if graphs:
+                g = r.get("graph_custom_us")
+                cells += [f"{g:.1f}" if g else "", f"{r['graph_nccl_us']:.1f}" if g else "",
+                          sp(r.get("graph_speedup"))]
+            ok = r["ok"] and r.get("graph_ok") is not False
+            cells += [f"{r['custom_us']:.1f}", f"{r['nccl_us']:.1f}", sp(r.get("speedup")),
+                      ("exact" if r.get("exact") else f"err {r['max_abs_err']:.2g}") if ok else "[red]differs[/]"]
+            t.add_row(*cells)
+        out.append(t)
     return out
 
 
