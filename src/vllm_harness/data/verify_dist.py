@@ -600,10 +600,11 @@ def _graph_pair(torch, dist, gloo, ar, inp, out, scratch):
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         gc, gn = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(gc):
+        # thread_local: ProcessGroupNCCL's watchdog thread queries CUDA events while this thread captures
+        with torch.cuda.graph(gc, capture_error_mode="thread_local"):
             for _ in range(GRAPH_CALLS):
                 ar.all_reduce_registered(inp, out)
-        with torch.cuda.graph(gn):
+        with torch.cuda.graph(gn, capture_error_mode="thread_local"):
             for _ in range(GRAPH_CALLS):
                 dist.all_reduce(scratch)
         graphs = (gc, gn)
