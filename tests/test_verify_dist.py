@@ -217,3 +217,21 @@ def test_verify_runs_the_multi_gpu_layer_in_the_envs_python(torch_python):
     text = con.export_text()
     assert "gloo all-reduce, fp32" in text and "64 KB" in text
     assert "vLLM custom all-reduce vs gloo" in text and "bf16" in text and "exact" in text
+
+
+@pytest.mark.slow
+def test_an_installed_vllm_is_found_without_importing_it(torch_python, tmp_path):
+    """No --libs: the _C libraries of the vllm package on the path are loaded (never `import vllm`, whose
+    Python stack may be absent or broken); a library that does not load is named with its error."""
+    pkg = tmp_path / "site" / "vllm"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('vllm must not be imported by verify_dist')\n")
+    (pkg / "_C.abi3.so").write_bytes(b"not an ELF file")
+    (pkg / "_moe_C.abi3.so").write_bytes(b"")
+    out = _run(torch_python, "--backend", "gloo", "--world", "2", "--sizes", "8K",
+               env={"PYTHONPATH": str(tmp_path / "site")})
+    assert list(out["libraries"]) == [str(pkg / "_C.abi3.so")]
+    assert out["libraries"][str(pkg / "_C.abi3.so")]  # the loader's error
+    c = _by(out)["vllm custom all-reduce"]
+    assert c["status"] == "skip" and c["metrics"]["libraries"] == out["libraries"]
+    assert c["reason"].startswith("vLLM's library did not load (_C.abi3.so: ")

@@ -154,7 +154,7 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     result["checks"] = sorted(checks, key=lambda c: order.get(c.get("layer", ""), len(LAYERS)))
     secs = result.get("layer_seconds", {})
     secs["binaries"] = binfo.pop("seconds")
-    secs["total"] = round(wall + secs["binaries"], 3)
+    secs["total"] = round(wall + secs["binaries"] + secs.get("multi-gpu", 0), 3)
     result["layer_seconds"] = {k: secs[k] for k in [*LAYERS, "total"] if k in secs}
     result["binaries"] = binfo
     result["driver"] = driver

@@ -887,8 +887,10 @@ def main():
         custom_reason = "no op table: pass --custom-ar-table (tomllib/tomli not importable here)"
     elif gen is None:
         loaded = [p for p, e in lib_status.items() if e is None]
+        failed = [f"{os.path.basename(p)}: {e}" for p, e in lib_status.items() if e]
         custom_reason = (f"op not registered: none of the {len(loaded)} loaded libraries registers "
                          f"{table['namespace']}::init_custom_ar in a known generation" if loaded else
+                         f"vLLM's library did not load ({'; '.join(failed)[:300]})" if failed else
                          "no vLLM extension loaded: pass --libs (vllm/_C.abi3.so) or install vllm")
         if schemas:
             custom_reason = f"{table['namespace']} has ops {sorted(schemas)} matching no known generation"
