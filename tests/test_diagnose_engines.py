@@ -12,13 +12,8 @@ import pytest
 
 from vllm_harness import diagnose as dg
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
 LOGS = Path(__file__).parent / "logs"
-INDEX = tomllib.loads((LOGS / "index.toml").read_text(encoding="utf-8"))["log"]
+INDEX = dg.load_corpus(LOGS)  # index.toml and every index-*.toml
 
 
 def test_engines_agree_on_the_corpus_and_on_resumed_scans(monkeypatch, tmp_path):

@@ -113,6 +113,17 @@ PARALLEL_MIN_BYTES = 64 * 1024 * 1024
 MAX_WORKERS = 8
 #: Anchor hits collected per Hyperscan pass (the rest of a block is scanned when needed).
 HS_BATCH = 512
+#: Lines before and after an anchor's line that may belong to its message (wrapped lines).
+WRAP_BEFORE = 1
+WRAP_AFTER = 2
+#: Characters a wrapped match reaches from its anchor (at most) into the line before or after.
+JOIN_REACH = 160
+#: A line at least this wide (as shown, prefix included) may go on in the next line.
+WRAP_MIN_CHARS = 60
+#: Bytes of context kept around a block at most (the lines before it, the lines after it).
+CONTEXT_BYTES = 64 * 1024
+#: Lines remembered per scan as matching nothing on their own (logs repeat near-miss lines).
+SEEN_LINES = 4096
 #: Minimum length of a derived anchor.
 MIN_ANCHOR = 4
 #: Maximum length of a derived anchor (longer literals are cut; a prefix is still mandatory).
@@ -120,17 +131,33 @@ MAX_ANCHOR = 40
 
 _ID_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _PLACEHOLDER_RE = re.compile(r"\{(\w+)(?:\|([^{}]*))?\}")
-_RULE_KEYS = {"id", "severity", "patterns", "cause", "fix", "implies", "hides", "anchors"}
+_RULE_KEYS = {
+    "id", "severity", "patterns", "weak_patterns", "cause", "fix", "implies", "explains", "hides", "anchors",
+    "wrap_anchors",
+}
 _REQUIRED_KEYS = ("id", "severity", "patterns", "cause", "fix")
 _TOP_KEYS = {"version", "failure"}
 
 # ANSI CSI / OSC / two-character escape sequences.
 _ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
-# Decorations before the real text of a line: indentation, pip's/uv's box drawing, ``> `` quotes,
-# docker buildkit ``#12 3.456`` step prefixes, ISO timestamps of CI logs.
-_PREFIX_RE = re.compile(
-    r"^(?:[ \t]+|[│║┃|╎┆┊>]+|[╰╭├└┌─━╴]+(?:▶|─>|>)?|#\d+ \d+(?:\.\d+)? |"
-    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z? )+"
+# Line prefixes: timestamps of docker buildkit, CI and loggers; indentation and box drawing.
+_STAMP = (
+    r"#\d+ \d+(?:\.\d+)? |\d+\.\d+ {2,}|"  # docker buildkit (``#12 3.456 ``, ``6884.2   ``)
+    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z? |"  # CI (GitHub Actions, ...)
+    r"\[\s*\d+(?:\.\d+)?\] |"  # ``[  136.92] `` (seconds since start)
+    r"\[?\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?\]? |"  # logging
+    r"\[\d\d:\d\d:\d\d(?:\.\d+)?\] "  # ``[12:00:01] ``
+)
+_INDENT = r"[ \t]+|[│║┃|╎┆┊>]+|[╰╭├└┌─━╴]+(?:▶|─>|>)?"
+# Timestamps added to every line by CI, docker or a logger: never part of a message.
+_STAMP_RE = re.compile(r"^(?:" + _STAMP + r")+")
+# Decorations before the real text of a line: the stamps, indentation, pip's/uv's box drawing,
+# ``> `` quotes.
+_PREFIX_RE = re.compile(r"^(?:" + _STAMP + r"|" + _INDENT + r")+")
+# A line that starts a message of its own (never the continuation of a wrapped one).
+_NEW_RECORD_RE = re.compile(
+    r"(?:\[\d+/\d+\]|(?:ERROR|WARNING|INFO|DEBUG|CRITICAL|FATAL)\b|(?:error|warning|note|hint|help|fatal)(?:\[[\w-]+\])?:"
+    r"|Caused by:|CMake (?:Error|Warning)|Traceback \(|File \"|\$ |[×✗✓⚠]|-- |\w+(?:Error|Exception|Warning):)"
 )
 # The first line of an error block (when no known failure is recognised).
 _FIRST_ERROR_RE = re.compile(
@@ -247,6 +274,15 @@ class Rule:
     fix: str
     implies: tuple[str, ...] = ()
     anchors: tuple[bytes, ...] = ()
+    #: ids this failure is a more specific reading of (the same lines trigger both)
+    explains: tuple[str, ...] = ()
+    #: patterns[strong:] are weak evidence (generic wording that other causes print too)
+    strong: int = -1
+    #: anchor -> (can a match holding it begin on an earlier line, end on a later one)
+    edges: Mapping[bytes, tuple[bool, bool]] = field(default_factory=dict)
+
+    def strength(self, pattern: int) -> str:
+        return "weak" if 0 <= self.strong <= pattern else "strong"
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -262,6 +298,8 @@ class Finding:
     cause: str
     fix: str
     explained_by: list[str] = field(default_factory=list)
+    #: why it is ranked where it is: root or not, strength of its evidence, what it explains
+    rank: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -272,6 +310,7 @@ class Finding:
             "cause": self.cause,
             "fix": self.fix,
             "explained_by": list(self.explained_by),
+            "rank": dict(self.rank),
         }
 
 
@@ -344,17 +383,15 @@ def _density(chars: Iterable[str]) -> int:
     return sum(_BYTE_FREQ.get(chr(c.encode("utf-8")[0]) if c else c, 2) for c in chars)
 
 
-def _derive_anchors(pattern: re.Pattern[str]) -> list[str] | None:
-    """Literals of which every match of the regex contains at least one (None if none found).
-
-    The prefilter skips fastest over bytes that no anchor starts with, so a literal starting
-    with a rare character (upper case, quotes, punctuation) is preferred over a longer one."""
+def _anchor_candidates(pattern: re.Pattern[str]) -> list[tuple[int, int, int, int, list[str]]]:
+    """Every literal a match of the regex must contain: (score, run, start, end, variants); the
+    lower the score, the better an anchor (see :func:`_derive_anchors`)."""
     if pattern.flags & re.IGNORECASE:
-        return None
+        return []
     runs: list[list[tuple[str, ...]]] = []
     _literal_runs(_sre_parse.parse(pattern.pattern, pattern.flags), runs, [], False)
-    best: tuple[float, list[str]] | None = None
-    for run in runs:
+    out = []
+    for r, run in enumerate(runs):
         for i in range(len(run)):
             head = run[i]
             tail = []
@@ -368,9 +405,36 @@ def _derive_anchors(pattern: re.Pattern[str]) -> list[str] | None:
             score = _density(head) * 20 + (
                 240 if length < 6 else 120 if length < 8 else 40 if length < 10 else 0
             )
-            if best is None or score < best[0]:
-                best = (score, [c + "".join(tail) for c in head])
-    return best[1] if best else None
+            out.append((score, r, i, i + length, [c + "".join(tail) for c in head]))
+    return out
+
+
+def _literal_ends(pattern: re.Pattern[str]) -> tuple[str, str]:
+    """The literal text every match of the regex begins with, and the one it ends with."""
+    if pattern.flags & re.IGNORECASE:
+        return "", ""
+    ops = list(_sre_parse.parse(pattern.pattern, pattern.flags))
+
+    def literals(seq: Iterable[Any]) -> list[str]:
+        out = []
+        for op, av in seq:
+            if op is _sre_c.AT:  # ^, $, \b: zero-width
+                continue
+            if op is not _sre_c.LITERAL:
+                break
+            out.append(chr(av))
+        return out
+
+    return "".join(literals(ops)), "".join(reversed(literals(reversed(ops))))
+
+
+def _derive_anchors(pattern: re.Pattern[str]) -> list[str] | None:
+    """Literals of which every match of the regex contains at least one (None if none found).
+
+    The prefilter skips fastest over bytes that no anchor starts with, so a literal starting
+    with a rare character (upper case, quotes, punctuation) is preferred over a longer one."""
+    cands = _anchor_candidates(pattern)
+    return min(cands, key=lambda c: c[0])[4] if cands else None
 
 
 def _check_str(path: Path | str, where: str, entry: Mapping[str, Any], key: str) -> str:
@@ -440,6 +504,9 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
             raise _bad(path, where, "fix", "unbalanced '{' or '}' (placeholders are {key} or {key|fallback})")
 
         sources = _check_str_list(path, where, entry, "patterns", empty_ok=False)
+        weak = _check_str_list(path, where, entry, "weak_patterns", empty_ok=True)
+        strong = len(sources) if weak else -1
+        sources = sources + weak
         compiled: list[re.Pattern[str]] = []
         for n, src in enumerate(sources, 1):
             try:
@@ -450,6 +517,8 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
                 ) from None
 
         explicit = _check_str_list(path, where, entry, "anchors", empty_ok=True)
+        # anchor -> (may the match begin on an earlier line, may it end on a later one)
+        edges: dict[bytes, tuple[bool, bool]] = {}
         if explicit:
             anchors = tuple(dict.fromkeys(a.encode("utf-8") for a in explicit))
         else:
@@ -465,16 +534,31 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
                         "characters to anchor the prefilter; give 'anchors' explicitly",
                     )
                 derived.extend(a.encode("utf-8") for a in found_anchors)
+                head, tail = _literal_ends(pat)
+                for a in found_anchors:
+                    before, after = edges.get(a.encode("utf-8"), (False, False))
+                    edges[a.encode("utf-8")] = (before or not head.startswith(a), after or not tail.endswith(a))
             anchors = tuple(dict.fromkeys(derived))
+        wrap = _check_str_list(path, where, entry, "wrap_anchors", empty_ok=True)
+        anchors = tuple(dict.fromkeys(anchors + tuple(a.encode("utf-8") for a in wrap)))
 
         implies = _check_str_list(path, where, entry, "implies", empty_ok=True)
         implies += [
             h for h in _check_str_list(path, where, entry, "hides", empty_ok=True) if h not in implies
         ]
-        rules.append(Rule(rid, severity, tuple(compiled), cause, fix, tuple(implies), anchors))
+        explains = _check_str_list(path, where, entry, "explains", empty_ok=True)
+        edges = {a: edges.get(a, (True, True)) for a in anchors}
+        rules.append(
+            Rule(rid, severity, tuple(compiled), cause, fix, tuple(implies), anchors, tuple(explains), strong, edges)
+        )
 
     ids = {r.id for r in rules}
     for rule in rules:
+        for target in rule.explains:
+            if target not in ids:
+                raise _bad(path, f"failure '{rule.id}'", "explains", f"unknown id {target!r}")
+            if target == rule.id:
+                raise _bad(path, f"failure '{rule.id}'", "explains", "a failure cannot explain itself")
         for target in rule.implies:
             if target not in ids:
                 raise _bad(path, f"failure '{rule.id}'", "implies", f"unknown id {target!r}")
@@ -483,7 +567,7 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
     reach = _reachability(rules)
     for rule in rules:
         if rule.id in reach[rule.id]:
-            raise _bad(path, f"failure '{rule.id}'", "implies", "cycle in implies/hides")
+            raise _bad(path, f"failure '{rule.id}'", "implies", "cycle in implies/explains/hides")
     return rules
 
 
@@ -513,7 +597,7 @@ def load_knowledge(path: str | Path | None = None) -> list[Rule]:
 
 
 def _reachability(rules: Sequence[Rule]) -> dict[str, set[str]]:
-    graph = {r.id: set(r.implies) for r in rules}
+    graph = {r.id: set(r.implies) | set(r.explains) for r in rules}
     reach: dict[str, set[str]] = {}
     for start in graph:
         seen: set[str] = set()
@@ -608,6 +692,118 @@ def _clean_segments(raw: bytes) -> list[str]:
     return out
 
 
+def _shown(raw: bytes) -> tuple[str, str]:
+    """One physical line as a terminal shows it (ANSI codes removed, the last ``\\r`` redraw) and
+    the same without its decoration prefix (:data:`_PREFIX_RE`), both without trailing space;
+    timestamps (:data:`_STAMP_RE`) are not part of what is shown."""
+    text = raw.decode("utf-8", "replace")
+    if "\x1b" in text:
+        text = _ANSI_RE.sub("", text)
+    segs = [seg for seg in text.split("\r") if seg.strip()]
+    shown = segs[-1].rstrip() if segs else ""
+    shown = _STAMP_RE.sub("", shown)
+    return shown, _PREFIX_RE.sub("", shown)
+
+
+def _continues(shown: str, next_clean: str) -> bool:
+    """May a line shown as ``shown`` go on in the next one (wrapped at the terminal's width or by
+    the tool: pip, uv, rich)?  Only a wide line does, and not into the start of a new message."""
+    return len(shown) >= WRAP_MIN_CHARS and bool(next_clean) and not _NEW_RECORD_RE.match(next_clean)
+
+
+def _wrapped_messages(
+    block: bytes, ls: int, le: int, line_no: int, before: bool = True, after: bool = True
+) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The message that the line ``block[ls:le]`` (number ``line_no``) belongs to when it was
+    wrapped: the line joined with the wide lines before it and the lines it goes on in (at most
+    :data:`WRAP_BEFORE` and :data:`WRAP_AFTER`).  Where a break could be mid-word (no space or
+    indentation at it) there are two readings, joined with nothing and with a space.  Returns
+    ``[(text, [(offset in text, line number), ...]), ...]``; nothing when the line stands alone.
+    ``before``/``after``: look at the lines before / after it at all."""
+    # bytes >= characters shown: a short line neither goes on nor follows a short line
+    prev_start = block.rfind(b"\n", 0, ls - 1) + 1 if ls > 0 else ls
+    long_prev = before and ls - 1 - prev_start >= WRAP_MIN_CHARS
+    if not long_prev and (not after or le - ls < WRAP_MIN_CHARS):
+        return []
+    line = _shown(block[ls:le])
+    run = [line]
+    first = line_no
+    # backwards: wide lines that go on in this one
+    pos, prev_ok = ls, long_prev
+    while prev_ok and len(run) <= WRAP_BEFORE and pos > 0:
+        start = block.rfind(b"\n", 0, pos - 1) + 1
+        if pos - 1 - start > MAX_LINE_CHARS:
+            break
+        prev = _shown(block[start : pos - 1])
+        if not _continues(prev[0], run[0][1]):
+            break
+        run.insert(0, prev)
+        first -= 1
+        pos = start
+        prev_ok = start > 0 and start - 1 - (block.rfind(b"\n", 0, start - 1) + 1) >= WRAP_MIN_CHARS
+    # forwards: the lines this one goes on in
+    pos, count = le, 0
+    while after and count < WRAP_AFTER and pos < len(block) and len(run[-1][0]) >= WRAP_MIN_CHARS:
+        end = block.find(b"\n", pos + 1)
+        if end == -1:
+            end = len(block)
+        if end - pos - 1 > MAX_LINE_CHARS:
+            break
+        nxt = _shown(block[pos + 1 : end])
+        if not _continues(run[-1][0], nxt[1]):
+            break
+        run.append(nxt)
+        pos, count = end, count + 1
+    if len(run) == 1:
+        return []
+    out = []
+    ambiguous = False
+    for glue in ("", " "):
+        parts: list[str] = []
+        starts: list[tuple[int, int]] = []
+        size = 0
+        for k, (shown, clean) in enumerate(run):
+            if k:
+                # a break at a space, or a continuation indented by the tool: a word boundary
+                if shown != clean or run[k - 1][0].endswith((" ", "\t")):
+                    sep = " "
+                else:
+                    sep, ambiguous = glue, True
+                parts.append(sep)
+                size += len(sep)
+            starts.append((size, first + k))
+            parts.append(clean)
+            size += len(clean)
+        out.append(("".join(parts), starts))
+        if not ambiguous:
+            break
+    return out
+
+
+def _first_match(
+    patterns: Sequence[re.Pattern[str]],
+    text: str,
+    starts: list[tuple[int, int]] | None = None,
+    line_no: int = 0,
+) -> tuple[re.Match[str] | None, int]:
+    """The first pattern's match in ``text`` and its index (for a joined message: only a match
+    that covers part of line ``line_no``)."""
+    for n, pat in enumerate(patterns):
+        hit = pat.search(text)
+        if hit and (starts is None or _touches(hit, starts, line_no)):
+            return hit, n
+    return None, -1
+
+
+def _touches(hit: re.Match[str], starts: list[tuple[int, int]], line_no: int) -> bool:
+    """Does the match cover part of line ``line_no`` of a joined message?"""
+    for k, (off, n) in enumerate(starts):
+        if n == line_no:
+            end = starts[k + 1][0] if k + 1 < len(starts) else 1 << 62
+            return hit.start() < end and hit.end() > off
+    return False
+
+
 def _evidence(text: str, match: re.Match[str] | None) -> str:
     if len(text) <= EVIDENCE_CHARS:
         return text
@@ -627,10 +823,11 @@ class _Scanner:
             )
         self.rules = list(rules)
         self.order = {r.id: i for i, r in enumerate(self.rules)}
-        self.found: dict[str, tuple[int, str]] = {}
+        self.found: dict[str, tuple[int, str, int]] = {}  # id: line, evidence, pattern
         self.first_error: list[tuple[int, str]] = []
         self.track_first_error = True
         self.pending_error_lines = 0
+        self.error_started = False  # the first error line was just seen: copy the lines after it
         self.anchor_rules: dict[bytes, list[Rule]] = {}
         for rule in self.rules:
             for anchor in rule.anchors:
@@ -669,6 +866,7 @@ class _Scanner:
                     searches.append(_trie_regex(group))  # type: ignore[arg-type]
             main = _trie_regex(trie_words)
             self.searches = ([main] if main is not None else []) + searches
+        self.seen: dict[bytes, tuple[tuple[Rule, ...], dict[bytes, tuple[int, int]]]] = {}
         # for a line that holds anchors: which ones (also overlapping ones and prefixes)
         self.overlapping = _trie_regex(words, overlapping=True)
         self.prefixes: dict[bytes, list[bytes]] = {}
@@ -742,74 +940,77 @@ class _Scanner:
         return best
 
     # -- one block of whole lines (or of one endless line) -----------------------------------
-    def scan_block(self, block: bytes, first_line: int) -> int:
-        """Scan ``block`` whose first line has number ``first_line``; returns its newline count."""
-        pos = 0
-        counted_pos = 0
+    def scan_block(self, block: bytes, lo: int, hi: int, first_line: int) -> int:
+        """Scan the lines of ``block[lo:hi]`` (``lo`` starts line ``first_line``); the bytes before
+        ``lo`` and after ``hi`` are context (wrapped messages), scanned in the blocks before and
+        after.  Returns the newline count of ``block[lo:hi]``."""
+        pos = lo
+        counted_pos = lo
         line_no = first_line
         if self.pending_error_lines:
-            self._continue_error_block(block, first_line)
+            self._continue_error_block(block, first_line, lo, hi)
         cache = self._new_cache()
         while self.scan_words:
             hit = self._next_hit(block, pos, cache)
-            if hit < 0:
+            if hit < 0 or hit >= hi:
                 break
-            ls = block.rfind(b"\n", 0, hit) + 1
+            ls = block.rfind(b"\n", lo, hit) + 1 or lo
             le = block.find(b"\n", hit)
             if le == -1:
                 le = len(block)
             line_no += block.count(b"\n", counted_pos, ls)
             counted_pos = ls
             if le - ls > MAX_LINE_CHARS:
-                lo = max(ls, hit - MAX_LINE_CHARS // 2)
-                hi = min(le, lo + MAX_LINE_CHARS)
-                region = block[lo:hi]
-                next_pos = max(hi - MAX_ANCHOR, hit + 1)
+                r_lo = max(ls, hit - MAX_LINE_CHARS // 2)
+                r_hi = min(le, r_lo + MAX_LINE_CHARS)
+                changed = self._check(block[r_lo:r_hi], line_no, None)
+                next_pos = max(r_hi - MAX_ANCHOR, hit + 1)
             else:
-                region = block[ls:le]
+                changed = self._check(block[ls:le], line_no, (block, ls, le))
                 next_pos = le + 1
-            changed = self._check(region, line_no)
-            if self.pending_error_lines:
+            if self.error_started:
                 # copy the lines after the first error line; they are still scanned for anchors
-                self._continue_error_block(block, line_no + 1, start=le + 1)
+                self.error_started = False
+                self._continue_error_block(block, line_no + 1, le + 1, hi)
             if changed:
                 self._rebuild()
                 cache = self._new_cache()
             pos = next_pos
-        return block.count(b"\n")
+        return line_no - first_line + block.count(b"\n", counted_pos, hi)
 
-    def _check(self, region: bytes, line_no: int) -> bool:
-        """Match the full regexes of the failures whose anchors ``region`` holds."""
-        present: set[bytes] = set()
-        if self.overlapping is not None:
-            for m in self.overlapping.finditer(region):
-                word = m.group(1)
-                prefixes = self.prefixes.get(word)
-                if prefixes is None:  # the trie matched the longest word; shorter ones count too
-                    prefixes = self.prefixes[word] = [p for p in self.scan_words if word.startswith(p)]
-                present.update(prefixes)
-        rules: list[Rule] = []
-        for anchor in present:
-            for rule in self.anchor_rules.get(anchor, ()):
-                if rule.id not in self.found and rule not in rules:
-                    rules.append(rule)
-        want_error = self.track_first_error and not present.isdisjoint(_FIRST_ERROR_ANCHORS)
-        if not rules and not want_error:
-            return False
-        changed = False
-        segments = _clean_segments(region)
-        for rule in sorted(rules, key=lambda r: self.order[r.id]):
-            for seg in segments:
-                hit = None
-                for pat in rule.patterns:
-                    hit = pat.search(seg)
+    def _check(self, region: bytes, line_no: int, where: tuple[bytes, int, int] | None) -> bool:
+        """Match the full regexes of the failures whose anchors ``region`` holds: on the line
+        itself, then on the message it belongs to when the line was wrapped (``where``: the block
+        and the line's bounds in it, for the lines around it)."""
+        seen = self.seen.get(region)
+        if seen is None:
+            changed, missed, present, segments, want_error = self._check_line(region, line_no)
+            if not changed and not (want_error and not self.first_error):
+                if len(self.seen) >= SEEN_LINES:
+                    self.seen.clear()
+                self.seen[region] = (missed, present)
+        else:  # the same line again: it matched nothing on its own then, nor does it now
+            (missed, present), changed, segments, want_error = seen, False, [], False
+        if missed and where is not None:
+            # a match can only go on in the line before (after) if the pattern does not begin
+            # (end) with the anchor seen, and that anchor is near the line's start (end)
+            before = after = False
+            for rule in missed:
+                for anchor, (first, last) in present.items():
+                    edge = rule.edges.get(anchor)
+                    if edge:
+                        before = before or (edge[0] and first <= JOIN_REACH)
+                        after = after or (edge[1] and len(region) - last <= JOIN_REACH)
+            for text, starts in _wrapped_messages(*where, line_no, before, after):
+                for rule in missed:
+                    if rule.id in self.found:
+                        continue
+                    hit, n = _first_match(rule.patterns, text, starts, line_no)
                     if hit:
-                        break
-                if hit:
-                    self.found[rule.id] = (line_no, _evidence(seg, hit))
-                    changed = True
-                    break
-        if self.found and self.track_first_error:
+                        at = max(k for k, (off, _) in enumerate(starts) if off <= hit.start())
+                        self.found[rule.id] = (starts[at][1], _evidence(text, hit), n)
+                        changed = True
+        if changed and self.track_first_error:
             # the first error block is only reported when nothing is recognised
             self.track_first_error = False
             self.first_error = []
@@ -820,28 +1021,80 @@ class _Scanner:
                 self.first_error = [(line_no, _evidence(" ".join(segments), None))]
                 self.track_first_error = False
                 self.pending_error_lines = FIRST_ERROR_BLOCK - 1
+                self.error_started = True
                 return True
         return changed
 
-    def _continue_error_block(self, block: bytes, line_no: int, start: int = 0) -> int:
-        """Copy the lines after the first error line; returns the position after them."""
+    def _check_line(
+        self, region: bytes, line_no: int
+    ) -> tuple[bool, tuple[Rule, ...], dict[bytes, tuple[int, int]], list[str], bool]:
+        """Match the failures whose anchors ``region`` holds on the line alone.  Returns whether
+        one was found, the failures not found and the anchors seen (for the wrapped reading),
+        the line's cleaned segments and whether it holds a first-error anchor."""
+        present: dict[bytes, tuple[int, int]] = {}  # anchor: (first start, last end)
+        if self.overlapping is not None:
+            for m in self.overlapping.finditer(region):
+                word = m.group(1)
+                prefixes = self.prefixes.get(word)
+                if prefixes is None:  # the trie matched the longest word; shorter ones count too
+                    prefixes = self.prefixes[word] = [p for p in self.scan_words if word.startswith(p)]
+                at = m.start()
+                for p in prefixes:
+                    present[p] = (present[p][0] if p in present else at, at + len(p))
+        rules: list[Rule] = []
+        for anchor in present:
+            for rule in self.anchor_rules.get(anchor, ()):
+                if rule.id not in self.found and rule not in rules:
+                    rules.append(rule)
+        want_error = self.track_first_error and not present.keys().isdisjoint(_FIRST_ERROR_ANCHORS)
+        if not rules and not want_error:
+            return False, (), {}, [], False
+        changed = False
+        segments = _clean_segments(region)
+        rules.sort(key=lambda r: self.order[r.id])
+        missed: list[Rule] = []
+        for rule in rules:
+            for seg in segments:
+                hit, n = _first_match(rule.patterns, seg)
+                if hit:
+                    self.found[rule.id] = (line_no, _evidence(seg, hit), n)
+                    changed = True
+                    break
+            else:
+                missed.append(rule)
+        return changed, tuple(missed), present, segments, want_error
+
+    def _continue_error_block(self, block: bytes, line_no: int, start: int, end: int) -> int:
+        """Copy the lines of ``block[start:end]`` after the first error line; returns the position
+        after them."""
         pos = start
-        while self.pending_error_lines and pos < len(block):
-            end = block.find(b"\n", pos)
-            if end == -1:
-                end = len(block)
-            segments = _clean_segments(block[pos : min(end, pos + MAX_LINE_CHARS)])
+        while self.pending_error_lines and pos < end:
+            stop = block.find(b"\n", pos, end)
+            if stop == -1:
+                stop = end
+            segments = _clean_segments(block[pos : min(stop, pos + MAX_LINE_CHARS)])
             self.first_error.append((line_no, _evidence(" ".join(segments), None)))
             self.pending_error_lines -= 1
             line_no += 1
-            pos = end + 1
+            pos = stop + 1
         return pos
 
 
-def _order(
-    rules: Sequence[Rule], found: Mapping[str, tuple[int, str]]
-) -> tuple[list[str], dict[str, list[str]]]:
+def _rank(
+    rules: Sequence[Rule], found: Mapping[str, tuple[int, str, int]]
+) -> tuple[list[str], dict[str, list[str]], dict[str, dict[str, Any]]]:
+    """Order the findings root cause first.
+
+    1. *specificity*: a failure that implies or explains another found one (directly or through
+       others) comes before it; the other lists it in ``explained_by``;
+    2. among the failures nothing found explains: *evidence strength* (a strong pattern before a
+       weak one: generic wording that other causes print too);
+    3. then *position*: the earliest line first (the first error in causal order, not the last
+       traceback), then the knowledge file's order.
+
+    Returns the ids in order, ``explained_by`` per id, and per id the facts that ranked it."""
     reach = _reachability(rules)
+    by_id = {r.id: r for r in rules}
     order_index = {r.id: i for i, r in enumerate(rules)}
     ids = list(found)
     explained: dict[str, list[str]] = {i: [] for i in ids}
@@ -851,20 +1104,54 @@ def _order(
             if a != b and b in reach[a]:
                 explained[b].append(a)
                 indegree[b] += 1
-    heap = [(found[i][0], order_index[i], i) for i in ids if indegree[i] == 0]
+
+    def strength(i: str) -> str:
+        return by_id[i].strength(found[i][2])
+
+    def key(i: str) -> tuple[int, int, int, str]:
+        return (strength(i) == "weak", found[i][0], order_index[i], i)
+
+    heap = [key(i) for i in ids if indegree[i] == 0]
     heapq.heapify(heap)
     out: list[str] = []
     while heap:
-        _, _, node = heapq.heappop(heap)
+        node = heapq.heappop(heap)[-1]
         out.append(node)
         for b in ids:
             if b != node and b in reach[node]:
                 indegree[b] -= 1
                 if indegree[b] == 0:
-                    heapq.heappush(heap, (found[b][0], order_index[b], b))
+                    heapq.heappush(heap, key(b))
     for b in explained:
         explained[b].sort(key=lambda a: (found[a][0], order_index[a]))
-    return out, explained
+    roots = [i for i in out if not explained[i]]
+    why: dict[str, dict[str, Any]] = {}
+    for pos, i in enumerate(out):
+        explains = [b for b in out if b != i and b in reach[i]]
+        if explained[i]:
+            reason = f"follows from {', '.join(explained[i])}"
+        else:
+            parts = []
+            if explains:
+                parts.append(f"explains {', '.join(explains)}")
+            others = [r for r in roots if r != i]
+            if others:
+                parts.append(
+                    f"{strength(i)} evidence at line {found[i][0]}"
+                    + (", before the other root causes" if pos == 0 else f", after {out[0]}")
+                )
+            else:
+                parts.append(f"{strength(i)} evidence at line {found[i][0]}")
+            reason = "; ".join(parts)
+        why[i] = {
+            "position": pos + 1,
+            "root": not explained[i],
+            "strength": strength(i),
+            "pattern": found[i][2] + 1,
+            "explains": explains,
+            "reason": reason,
+        }
+    return out, explained, why
 
 
 class _Limited:
@@ -882,61 +1169,105 @@ class _Limited:
         return data
 
 
-def _scan(binary_stream: Any, rules: Sequence[Rule], engine: str | None = None) -> tuple[_Scanner, int]:
-    """Scan a stream; returns the scanner and the number of lines it went through."""
+def _tail_lines(buf: bytes, count: int) -> bytes:
+    """The last ``count`` lines of ``buf`` (which ends with a newline), at most CONTEXT_BYTES."""
+    base = max(0, len(buf) - CONTEXT_BYTES)
+    pos = len(buf) - 1
+    for _ in range(count):
+        pos = buf.rfind(b"\n", base, pos)
+        if pos == -1:
+            return buf[base:] if base == 0 else buf[buf.find(b"\n", base) + 1 :]
+    return buf[pos + 1 :]
+
+
+def _lookahead_cut(block: bytes, lo: int, long: bool) -> int:
+    """Where the lines of ``block[lo:]`` that still lack their WRAP_AFTER following lines start
+    (they are scanned with the next block); -1: wait for more data.  When the look-ahead would be
+    over CONTEXT_BYTES, or ``long`` (a line too long to wait for), every complete line is taken."""
+    pos = len(block)
+    for _ in range(WRAP_AFTER + 1):
+        pos = block.rfind(b"\n", lo, pos)
+        if pos == -1:
+            break
+    if pos != -1 and len(block) - pos <= CONTEXT_BYTES:
+        return pos + 1
+    last = block.rfind(b"\n", lo)
+    if last == -1 or (pos == -1 and not long):
+        return -1
+    return last + 1
+
+
+def _scan(
+    binary_stream: Any,
+    rules: Sequence[Rule],
+    engine: str | None = None,
+    head: bytes = b"",
+    stop: int | None = None,
+) -> tuple[_Scanner, int, int]:
+    """Scan a stream; returns the scanner, the number of lines it went through and their bytes.
+
+    ``head``: the bytes before the stream (context for its first lines); ``stop``: scan only the
+    lines that start before this offset (the stream goes on a little, as context)."""
     scanner = _Scanner(rules, engine)
     overlap = max((len(a) for a in scanner.anchor_rules), default=1) + max(
         len(a) for a in _FIRST_ERROR_ANCHORS
     )
-    pending: list[bytes] = []  # the start of the current line (no newline seen yet)
-    pending_len = 0
+    ctx = _tail_lines(head, WRAP_BEFORE) if head else b""
+    todo: list[bytes] = []  # bytes not scanned yet (the last lines wait for their look-ahead)
+    todo_len = 0
+    base = 0  # stream offset of todo's first byte
     line = 1
-    while not scanner.done:
+    while not scanner.done and (stop is None or base < stop):
         data = binary_stream.read(CHUNK_SIZE)
-        if not data:
-            if pending_len:
-                scanner.scan_block(b"".join(pending), line)
-            return scanner, line - 1
-        nl = data.rfind(b"\n")
-        if nl >= 0:
-            block = b"".join(pending) + data[: nl + 1] if pending else data[: nl + 1]
-            line += scanner.scan_block(block, line)
-            rest = data[nl + 1 :]
-            pending, pending_len = ([rest], len(rest)) if rest else ([], 0)
+        eof = not data
+        if not eof:
+            todo.append(data)
+            todo_len += len(data)
+            if b"\n" not in data and todo_len < LONG_LINE_BYTES:
+                continue
+        block = ctx + b"".join(todo)
+        lo = len(ctx)
+        hi = len(block) if eof else _lookahead_cut(block, lo, todo_len >= LONG_LINE_BYTES)
+        if hi == -1:
+            if todo_len < LONG_LINE_BYTES:
+                continue
+            # a line longer than LONG_LINE_BYTES (progress bars, minified output): scan what we have
+            cut = block.rfind(b"\r", lo) + 1
+            # \r ends a redraw segment: no anchor spans it; else keep an overlap for an anchor cut in two
+            hi, keep = (cut, cut) if cut else (len(block), len(block) - overlap)
+            if stop is not None:
+                hi = min(hi, lo + stop - base)
+            scanner.scan_block(block, lo, hi, line)
+            base += keep - lo
+            ctx, todo = b"", [block[keep:]]
+            todo_len = len(block) - keep
             continue
-        pending.append(data)
-        pending_len += len(data)
-        if pending_len < LONG_LINE_BYTES:
-            continue
-        # A line longer than LONG_LINE_BYTES (progress bars, minified output): scan what we have.
-        buf = b"".join(pending)
-        cut = buf.rfind(b"\r") + 1
-        if cut:
-            # \r ends a redraw segment: no anchor spans it, the line number stays the same
-            scanner.scan_block(buf[:cut], line)
-            rest = buf[cut:]
-        else:
-            # keep an overlap so that an anchor cut in two is still seen next time
-            scanner.scan_block(buf, line)
-            rest = buf[-overlap:]
-        pending, pending_len = [rest], len(rest)
-
-    return scanner, line - 1
+        if stop is not None:
+            hi = min(hi, lo + stop - base)
+        if hi > lo:
+            line += scanner.scan_block(block, lo, hi, line)
+        base += hi - lo
+        if eof:
+            break
+        ctx = _tail_lines(block[:hi], WRAP_BEFORE) if hi > 0 else b""
+        todo = [block[hi:]] if hi < len(block) else []
+        todo_len = len(block) - hi
+    return scanner, line - 1, base
 
 
 def _report(
     rules: Sequence[Rule],
-    found: Mapping[str, tuple[int, str]],
+    found: Mapping[str, tuple[int, str, int]],
     first_error: list[tuple[int, str]],
     context: Mapping[str, Any] | None,
     name: str,
 ) -> Report:
-    ids, explained = _order(rules, found)
+    ids, explained, why = _rank(rules, found)
     by_id = {r.id: r for r in rules}
     findings = []
     for rid in ids:
         rule = by_id[rid]
-        line_no, evidence = found[rid]
+        line_no, evidence, _pattern = found[rid]
         findings.append(
             Finding(
                 id=rid,
@@ -946,6 +1277,7 @@ def _report(
                 cause=rule.cause,
                 fix=render_fix(rule.fix, context),
                 explained_by=explained[rid],
+                rank=why[rid],
             )
         )
     first_error = [] if findings else first_error
@@ -962,23 +1294,29 @@ def diagnose_stream(
 ) -> Report:
     """Scan a binary stream (read in chunks, never whole) and return the report."""
     rules = load_knowledge() if rules is None else list(rules)
-    scanner, _ = _scan(binary_stream, rules, engine)
+    scanner, _, _ = _scan(binary_stream, rules, engine)
     return _report(rules, scanner.found, scanner.first_error, context, name)
 
 
 def _scan_range(
     path: str, start: int, end: int, rules: Sequence[Rule], engine: str | None = None
 ) -> tuple[dict, list, int, int]:
-    """Worker: scan bytes [start, end) of a file (whole lines).  Returns the findings and first
-    error block (line numbers relative to ``start``), the lines still missing from that block,
-    and the number of newlines in the range."""
+    """Worker: scan the lines of bytes [start, end) of a file (the lines around it are context).
+    Returns the findings and first error block (line numbers relative to ``start``), the lines
+    still missing from that block, and the number of newlines in the range."""
     with open(path, "rb") as fh:
+        head = b""
+        if start:
+            fh.seek(max(0, start - CONTEXT_BYTES))
+            head = fh.read(start - max(0, start - CONTEXT_BYTES))
         fh.seek(start)
-        reader = _Limited(fh, end - start)
-        scanner, lines = _scan(reader, rules, engine)
-        if reader.left > 0:  # stopped early: count the rest of the range for the line numbers
+        reader = _Limited(fh, end - start + CONTEXT_BYTES)
+        scanner, lines, done = _scan(reader, rules, engine, head=head, stop=end - start)
+        if done < end - start:  # stopped early: count the rest of the range for the line numbers
+            fh.seek(start + done)
+            rest = _Limited(fh, end - start - done)
             while True:
-                data = reader.read(CHUNK_SIZE)
+                data = rest.read(CHUNK_SIZE)
                 if not data:
                     break
                 lines += data.count(b"\n")
@@ -1019,13 +1357,13 @@ def _diagnose_parallel(
             for i in range(len(points) - 1)
         ]
         results = [f.result() for f in futures]
-    found: dict[str, tuple[int, str]] = {}
+    found: dict[str, tuple[int, str, int]] = {}
     first_error: list[tuple[int, str]] = []
     offset = 0
     for index, (part_found, part_error, missing, lines) in enumerate(results):
-        for rid, (line_no, evidence) in part_found.items():
+        for rid, (line_no, evidence, pattern) in part_found.items():
             if rid not in found:
-                found[rid] = (line_no + offset, evidence)
+                found[rid] = (line_no + offset, evidence, pattern)
         if not first_error and part_error:
             first_error = [(n + offset, text) for n, text in part_error]
             if missing:  # the block goes on in the next part(s)
@@ -1112,3 +1450,109 @@ def render_table(report: Report, console: Any = None, show: bool = True) -> str:
     from .runner import emit
 
     return emit(parts, console, show)
+
+
+# --------------------------------------------------------------------------------------------
+# the corpus of real logs (tests/logs) and the accuracy measure (tests and the benchmark)
+
+#: The corpus's index files: ``index.toml`` (the logs the rules were written on before the
+#: held-back split existed) and every ``index-*.toml`` (logs gathered later).
+CORPUS_INDEX = "index.toml"
+CORPUS_EXTRA_GLOB = "index-*.toml"
+#: Keys a corpus entry may have.
+CORPUS_KEYS = {"file", "expected", "source", "synthetic", "reason", "note", "why"}
+#: One source thread in EVAL_SHARE goes to the held-back ``eval`` part (by a hash of its URL).
+EVAL_SHARE = 3
+
+
+def corpus_thread(source: str) -> str:
+    """The thread a log comes from, normalised: scheme, ``www.``, query, fragment (``#issuecomment-``)
+    and a trailing ``/`` dropped; a GitHub pull request and an issue of one number are one thread."""
+    from urllib.parse import urlsplit
+
+    text = source.strip()
+    parts = urlsplit(text)
+    if not parts.netloc:
+        return text.lower()
+    host = parts.netloc.lower().removeprefix("www.")
+    segs = [s for s in parts.path.split("/") if s]
+    if host == "github.com" and len(segs) >= 4 and segs[2] in ("issues", "pull", "pulls", "discussions"):
+        kind = "discussions" if segs[2] == "discussions" else "issues"
+        segs = [segs[0].lower(), segs[1].lower(), kind, segs[3]]
+    return host + "/" + "/".join(segs)
+
+
+def corpus_split(source: str, tuned_threads: Iterable[str] = ()) -> str:
+    """``tune`` or ``eval`` for a log of this source, decided once: the threads of the logs the
+    rules were written on (``tuned_threads``) are ``tune``; any other thread is ``eval`` when the
+    first 8 bytes of the SHA-256 of :func:`corpus_thread` are 0 modulo :data:`EVAL_SHARE`."""
+    import hashlib
+
+    thread = corpus_thread(source)
+    if thread in set(tuned_threads):
+        return "tune"
+    digest = hashlib.sha256(thread.encode("utf-8")).digest()
+    return "eval" if int.from_bytes(digest[:8], "big") % EVAL_SHARE == 0 else "tune"
+
+
+def load_corpus(logs_dir: str | Path) -> list[dict[str, Any]]:
+    """The entries of ``index.toml`` and every ``index-*.toml`` in ``logs_dir``, each with
+    ``index`` (its index file) and ``split`` (``tune``/``eval``, :func:`corpus_split`) added."""
+    root = Path(logs_dir)
+    files = [root / CORPUS_INDEX] + sorted(p for p in root.glob(CORPUS_EXTRA_GLOB) if p.is_file())
+    entries: list[dict[str, Any]] = []
+    for path in files:
+        try:
+            doc = _toml.loads(path.read_text(encoding="utf-8"))
+        except _toml.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML: {exc}") from None
+        for entry in doc.get("log", []):
+            entries.append({**entry, "index": path.name})
+    tuned = {corpus_thread(e["source"]) for e in entries if e["index"] == CORPUS_INDEX}
+    for entry in entries:
+        entry["split"] = "tune" if entry["index"] == CORPUS_INDEX else corpus_split(entry["source"], tuned)
+    return entries
+
+
+def accuracy(
+    entries: Sequence[Mapping[str, Any]], logs_dir: str | Path, engine: str | None = None
+) -> dict[str, Any]:
+    """Diagnose every corpus log and measure, per split (``tune``, ``eval``, ``all``): how often the
+    expected root id comes first, false alarms on the controls (``expected = []``: any finding), and
+    per id precision and recall of the root (the first finding)."""
+    root = Path(logs_dir)
+    rows = []
+    rules = load_knowledge()
+    for entry in entries:
+        report = diagnose_path(root / entry["file"], rules=rules, workers=1, engine=engine)
+        want = entry["expected"][0] if entry["expected"] else None
+        got = report.ids[0] if report.ids else None
+        rows.append({"file": entry["file"], "split": entry["split"], "expected": want, "got": got,
+                     "ids": report.ids})
+    out: dict[str, Any] = {"logs": rows}
+    for split in ("tune", "eval", "all"):
+        part = [r for r in rows if split == "all" or r["split"] == split]
+        failing = [r for r in part if r["expected"]]
+        controls = [r for r in part if not r["expected"]]
+        per_id: dict[str, dict[str, int]] = {}
+        for r in part:
+            for rid in {r["expected"], r["got"]} - {None}:
+                per_id.setdefault(rid, {"tp": 0, "fp": 0, "fn": 0})
+            if r["expected"] and r["got"] == r["expected"]:
+                per_id[r["expected"]]["tp"] += 1
+                continue
+            if r["expected"]:
+                per_id[r["expected"]]["fn"] += 1
+            if r["got"]:
+                per_id[r["got"]]["fp"] += 1
+        out[split] = {
+            "logs": len(part),
+            "failing": len(failing),
+            "root_first": sum(r["got"] == r["expected"] for r in failing),
+            "controls": len(controls),
+            "false_alarms": sum(bool(r["ids"]) for r in controls),
+            "misses": [r for r in failing if r["got"] != r["expected"]],
+            "alarms": [r for r in controls if r["ids"]],
+            "per_id": dict(sorted(per_id.items())),
+        }
+    return out
