@@ -11,11 +11,14 @@
   recognised by its generation (data/custom_ar_ops.toml: 0.5.5 to the newest release), set up as vLLM's
   CustomAllreduce does (shared IPC buffers, handles exchanged on a gloo group), run on fp16/bf16 tensors at
   the sizes vLLM sends it (8 KB up to its 8 MiB max_size, exclusive), compared with NCCL's result on the same
-  input and timed against NCCL size by size.  Torn down (dispose, IPC mappings closed, buffers freed) also
-  when a comparison fails.
+  input and timed against NCCL size by size: eager (input copied into the registered buffer, as
+  CustomAllreduce.all_reduce(registered=False)) and in CUDA graphs (registered inputs and
+  register_graph_buffers, as vLLM's decode graphs run it).  Torn down (dispose, IPC mappings closed, buffers
+  freed) also when a comparison fails.
 
-With ``--backend gloo`` the all-reduce code runs on CPU processes (how it is tested without GPUs); the custom
-all-reduce then reports its discovery and a skip (it is a CUDA kernel).
+With ``--backend gloo`` the same code runs on CPU processes (how it is tested without GPUs): the all-reduce
+sweep, and the custom all-reduce when an op library with CPU kernels is given (``--libs tests/
+custom_ar_model.py``: a .py file is run, an op library written with torch.library).
 
 Prints one JSON object on the last line: {"world": n, "backend": ..., "gpus": n, "checks": [...], ...}.
 """
