@@ -606,10 +606,10 @@ def cache_root(state: Path, env: dict[str, str]) -> Path:
 def _sock_path(key: str, cdir: Path | None = None) -> str:
     """The server's unix socket: in the cache folder (removed with it by ``clean --all``) when the path fits
     in a socket address (107 bytes), else in the temporary folder."""
-    name = f"vllm-harness-sccache-{hashlib.sha256(key.encode()).hexdigest()[:12]}.sock"
-    if cdir is not None and len(str(cdir / name).encode()) < 100:
-        return str(cdir / name)
-    return str(Path(tempfile.gettempdir()) / name)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    if cdir is not None and len(str(cdir / f"sccache-{digest}.sock").encode()) < 107:
+        return str(cdir / f"sccache-{digest}.sock")
+    return str(Path(tempfile.gettempdir()) / f"vllm-harness-sccache-{digest}.sock")
 
 
 def find_tool(name: str, venv: Path, env: dict[str, str]) -> str | None:

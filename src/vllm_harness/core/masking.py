@@ -20,20 +20,27 @@ _URL_RE = re.compile(r"""(?i)\b[a-z][a-z0-9+.-]{0,15}://[^\s"'<>`|\\\]\[(){}]+""
 MASK = "***"
 
 
-_UNENCODED_RE = re.compile(r"^[^/?#@:]*:[^@\s]*?@(?=[A-Za-z0-9.-]+(?::\d+)?(?:[/?#]|$))")
+# an '@' that ends user information: the host after it looks like one (a dotted name, an IP, localhost)
+_HOST = r"(?:\[[0-9A-Fa-f:.]+\]|localhost|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}|\d{1,3}(?:\.\d{1,3}){3})"
+_CRED_RE = re.compile(r"^[^\s/?#]*?@(?=" + _HOST + r"(?::\d+)?(?:[/?#]|$))")
+_CRED_ANY_RE = re.compile(r"^[^\s/@:]*:[^\s]*?@(?=" + _HOST + r"(?::\d+)?(?:[/?#]|$))")
 
 
 def _mask_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    # the first '@' followed by a host: a password may hold '@', ':' or even an unencoded '/'
+    # (https://bob:s3cr@t:pa/ss@pypi.example/...), which urlsplit alone would cut at the '/'
+    for pattern in (_CRED_RE, _CRED_ANY_RE):
+        m = pattern.match(rest)
+        if m and (pattern is _CRED_RE or "/" in m.group(0)[:-1]):
+            return f"{scheme}{sep}{MASK}@{rest[m.end():]}"
     try:
         parts = urlsplit(url)
     except ValueError:
         return url
-    if "@" in parts.netloc:  # urlsplit's authority ends at the first '/', '?' or '#'; its last '@' ends the user info
+    if "@" in parts.netloc:  # any other host (a single-label intranet name): urlsplit's authority, last '@'
         return urlunsplit(parts._replace(netloc=f"{MASK}@{parts.netloc.rpartition('@')[2]}"))
-    # a password holding an unencoded '/', '?' or '#' (user:pa/ss@host): the authority ends after the '@'
-    scheme, sep, rest = url.partition("://")
-    m = _UNENCODED_RE.match(rest)
-    return f"{scheme}{sep}{MASK}@{rest[m.end():]}" if m else url
+    return url
 
 
 def mask(text: str) -> str:
