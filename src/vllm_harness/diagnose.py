@@ -11,9 +11,17 @@ one streaming pass over binary chunks (never reading it whole):
   (``error:``...) in a literal-prefix regex of their own (:data:`ENGINES`).  Lines holding no
   anchor cost no Python work at all;
 * a line holding an anchor is decoded (``errors="replace"``), cleaned (ANSI codes, ``\r``
-  redraw segments, pip/uv box prefixes, docker build and CI timestamp prefixes) and checked with
-  the full regexes of the failures whose anchors it holds, on at most :data:`MAX_LINE_CHARS`
-  bytes around each anchor (very long lines);
+  redraw segments, pip/uv box prefixes, docker build, CI and logger timestamps such as
+  ``[  136.92]``) and checked with the full regexes of the failures whose anchors it holds, on at
+  most :data:`MAX_LINE_CHARS` bytes around each anchor (very long lines);
+* when the line alone does not match, the message it belongs to is tried: logs posted in issues
+  are wrapped at the terminal's width (mid-word, mid-path, mid-symbol) and uv, pip and rich wrap
+  their own messages (indented continuations).  A wide line (:data:`WRAP_MIN_CHARS`) is joined with
+  the lines it goes on in (:data:`WRAP_BEFORE`, :data:`WRAP_AFTER`; never into a line that starts a
+  message of its own), with nothing or a space at each break, and the finding keeps the original
+  number of the line where the match begins.  Blocks are scanned with the lines around them as
+  context (also the parts of a parallel scan), so chunk boundaries change nothing.  Rules name a
+  second literal (``wrap_anchors``) for messages a break could cut through their first one;
 * a failure id is reported once, at its first occurrence; once an id is found its anchors leave
   the prefilter, and the scan stops as soon as nothing is left to look for;
 * when nothing is recognised, the report carries the first error block (``error:``, ``Error``,
@@ -21,8 +29,15 @@ one streaming pass over binary chunks (never reading it whole):
 * files of :data:`PARALLEL_MIN_BYTES` or more are split at line boundaries and scanned by
   several processes (``diagnose_path(..., workers=1)`` forces one pass).
 
-Findings are ordered root cause first: a failure that ``implies`` another (e.g. ``compiler-oom``
-implies ``stale-build-state``) is listed before it, otherwise by line.
+Findings are ranked root cause first (:func:`_rank`): *specificity* first (a failure that
+``implies`` another, e.g. ``compiler-oom`` implies ``stale-build-state``, or ``explains`` it, e.g.
+a missing ``torch==2.6.0+cu118`` wheel is what pip's resolver conflict means, comes before it),
+then *evidence strength* (``weak_patterns``: generic wording that other causes print too), then
+*position* (the earliest line).  Each finding's ``rank`` (JSON) says why it stands where it does.
+
+The corpus of real logs (``tests/logs/index*.toml``), its tune/eval split and the accuracy
+measure are here too (:func:`load_corpus`, :func:`corpus_split`, :func:`accuracy`), for the tests
+and ``benchmarks/bench_diagnose.py --accuracy``.
 
 ``rich`` is imported only inside :func:`render_table`.
 """
@@ -57,8 +72,12 @@ __all__ = [
     "Finding",
     "Report",
     "Rule",
+    "accuracy",
+    "corpus_split",
+    "corpus_thread",
     "diagnose_path",
     "diagnose_stream",
+    "load_corpus",
     "load_knowledge",
     "render_fix",
     "render_table",
@@ -127,7 +146,7 @@ SEEN_LINES = 4096
 #: Minimum length of a derived anchor.
 MIN_ANCHOR = 4
 #: Maximum length of a derived anchor (longer literals are cut; a prefix is still mandatory).
-MAX_ANCHOR = 40
+MAX_ANCHOR = 24
 
 _ID_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _PLACEHOLDER_RE = re.compile(r"\{(\w+)(?:\|([^{}]*))?\}")
