@@ -34,7 +34,7 @@ from pathlib import Path
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .core import safeio
+from .core import procs, safeio
 from .errors import UsageError
 
 STATUSES = ("applied", "already-applied", "not-needed", "failed")
@@ -120,7 +120,7 @@ def _env(src: Path, env: dict[str, str]) -> dict[str, str]:
 
 
 def _run(argv: list[str], src: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=src, env=env, capture_output=True, text=True, timeout=120)
+    return procs.run(argv, cwd=src, env=env, capture_output=True, text=True, timeout=120)
 
 
 def _tool() -> str:

@@ -30,6 +30,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from .core import procs
 from .errors import StepFailed
 
 TORCH_NAMES = ("torch", "torchvision", "torchaudio")
@@ -267,7 +268,7 @@ def prepare(src: Path, python: Path, log: Path, env: dict[str, str], version: st
             rel = str(script.relative_to(src)) + (" --prefix" if kind == "prefix" else "")
             fh.write(f"$ {' '.join(argv)}   (cwd {src})\n")
             fh.flush()
-            r = subprocess.run(argv, cwd=src, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=300)
+            r = procs.run(argv, cwd=src, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=300)
             if r.returncode != 0:
                 raise StepFailed(f"prepare: {rel} exited with {r.returncode}.", None, log=str(log))
             how = rel if kind != "no-op" else "harness-equivalent"

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from . import binaries
+from .core import procs
 from .errors import StepFailed
 
 SCRIPT = Path(__file__).parent / "data" / "verify_env.py"
@@ -35,8 +36,8 @@ EXT_SUFFIX = re.compile(r"(\.abi3|\.cpython-[^.]+)?\.so$")
 def _probe(python: Path, env: dict[str, str], timeout: float = 60) -> dict:
     """Where the env's packages are (no import of torch or vllm)."""
     try:
-        r = subprocess.run([str(python), str(SCRIPT), "--probe"], capture_output=True, text=True, env=env,
-                           timeout=timeout, stdin=subprocess.DEVNULL)
+        r = procs.run([str(python), str(SCRIPT), "--probe"], capture_output=True, text=True, env=env,
+                      timeout=timeout)
     except subprocess.TimeoutExpired:
         raise StepFailed(f"verify: {python} did not answer in {timeout:.0f}s.", "Check the env's interpreter.") from None
     except OSError as e:
@@ -127,8 +128,7 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     # the PTX JIT cache off for this run: a PTX-only build shows its real first-call cost every time
     env = {**env, "CUDA_CACHE_DISABLE": "1"}
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
+        r = procs.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise StepFailed(f"verify: the checks did not finish in {timeout:.0f}s.", "Look at the GPU's state "
                          "(nvidia-smi) and rerun.") from None
@@ -194,7 +194,7 @@ def multi_gpu_layer(python: Path, env: dict[str, str], result: dict, timeout: fl
     if libs:
         argv += ["--libs", ",".join(libs)]
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+        r = procs.run(argv, capture_output=True, text=True, env=env, timeout=timeout)  # its ranks end with it
         out = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
         checks = out["checks"]
         result["multi_gpu"] = {k: out.get(k) for k in ("world", "backend", "link", "libraries", "seconds")}

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
+from . import procs
 
 ALLOWED_SCHEMES = ("https", "ssh", "git", "file")
 GIT_TIMEOUT = 1800
@@ -76,8 +77,8 @@ def run(args: list[str], env: dict[str, str], cwd: Path | None = None,
     """``git <protocol limits> <args>``; a missing git is a UsageError, a timeout exit 124."""
     argv = ["git", *protocol_config(), *args]
     try:
-        return subprocess.run(argv, cwd=cwd, env=restrict_env(env), capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+        # its own process group (git-remote-https, ssh), ended with the harness
+        return procs.run(argv, cwd=cwd, env=restrict_env(env), capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         raise UsageError("git is not installed.", "Install git (apt-get install git), or use source = "
                          "'pypi-sdist' / 'path'.") from None
