@@ -457,7 +457,7 @@ def test_the_json_reader_refuses_a_fifo_and_a_big_file(tmp_path):
     big = tmp_path / "b.json"
     with open(big, "wb") as fh:
         fh.truncate(safeio.JSON_MAX_BYTES + 1)
-    with pytest.raises(UsageError, match="more than"):
+    with pytest.raises(UsageError, match="too large"):
         safeio.load_json(big, "Status file", "reset it")
 
 

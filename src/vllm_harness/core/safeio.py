@@ -58,8 +58,8 @@ def read_bytes(path: str | Path, what: str, limit: int, fix: str = "") -> bytes:
             raise UsageError(f"{what} {p}: is {_kind(st.st_mode)}, not a regular file; nothing was read.",
                              fix or "Give the path of a regular file.")
         if st.st_size > limit:
-            raise UsageError(f"{what} {p}: is {st.st_size} bytes, more than the {limit} bytes such a file may "
-                             "have; nothing was read.", fix or f"Give a file under {limit} bytes.")
+            raise UsageError(f"{what} {p}: is {st.st_size} bytes, too large (more than the {limit} bytes such a "
+                             "file may have); nothing was read.", fix or f"Give a file under {limit} bytes.")
         chunks, got = [], 0
         while got <= limit:
             b = os.read(fd, min(1 << 16, limit + 1 - got))
