@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vllm_harness import buildspeed as bs  # noqa: E402
+from vllm_harness.steps import buildspeed as bs  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "vllm-mini"
 VLLM_FILES = ["csrc/layernorm_kernels.cu", "csrc/activation_kernels.cu", "csrc/moe/topk_softmax_kernels.cu"]
@@ -374,7 +374,7 @@ def _gpu_arch(given: str | None) -> tuple[str, str]:
     if given:
         return given, "--gpu-arch"
     try:
-        from vllm_harness.machine import probe_gpus
+        from vllm_harness.facts.machine import probe_gpus
         caps = sorted({g["compute_capability"] for g in probe_gpus()[0] if g.get("compute_capability")})
         if caps:
             return caps[-1], "this machine's GPU"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vllm_harness import binaries as b  # noqa: E402
+from vllm_harness.verify import binaries as b  # noqa: E402
 
 
 def dist(argv: list[str]) -> int:
@@ -29,7 +29,7 @@ def dist(argv: list[str]) -> int:
     import platform
     import subprocess
 
-    from vllm_harness import verify as v
+    from vllm_harness.verify import checks as v
     ap = argparse.ArgumentParser(prog="bench_verify.py dist")
     ap.add_argument("--libs", action="append", default=[], help="vLLM extension libraries (vllm/_C.abi3.so)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter with torch (default: this one)")

@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import fixture_variant, live_pids_with, needs_pypi, status_of
 
-from vllm_harness import buildspeed as bs
-from vllm_harness.runner import Progress
+from vllm_harness.core.runner import Progress
+from vllm_harness.steps import buildspeed as bs
 
 GIB = 2 ** 30
 
@@ -147,8 +147,8 @@ def test_given_archs_are_checked_not_mapped():
 
 
 def test_arch_list_step_logic(tmp_path):
-    from vllm_harness.errors import UsageError
-    from vllm_harness.steps import arch_list
+    from vllm_harness.core.errors import UsageError
+    from vllm_harness.pipeline.run import arch_list
     gpus = [{"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}]
     assert arch_list(_ctx(tmp_path, gpus=gpus)) == ("8.9", "the GPUs of this machine")
     two = gpus + [{"name": "NVIDIA H100", "compute_capability": "9.0"}]
@@ -494,8 +494,8 @@ def test_fixture_cold_shared_cache_and_wheel_reuse(harness, state, tmp_path, mon
     assert rc == 0 and json.loads(out)["checks"]
 
     # clean: the variant goes, its wheel stays; --wheelhouse takes the wheel too
-    from vllm_harness.clean import clean
-    from vllm_harness.layout import Layout
+    from vllm_harness.commands.clean import clean
+    from vllm_harness.core.layout import Layout
     layout = Layout.default()
     res = clean(layout, "fixture-cpu")
     assert Path(b3["wheel"]).is_file() and not any("wheelhouse" in p for p in res["removed"])

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from vllm_harness import compat, doctor
 from vllm_harness.cli import main as cli
-from vllm_harness.errors import UsageError
+from vllm_harness.core.errors import UsageError
+from vllm_harness.doctor import checks as doctor
+from vllm_harness.facts import compat
 from vllm_harness.facts import index_metadata as im
-from vllm_harness.variants import load_variant_file
+from vllm_harness.facts.variants import load_variant_file
 
 DATA = Path(__file__).parent / "data" / "index"
 MACHINES = Path(__file__).parent / "machines"
@@ -198,7 +199,7 @@ def _variant(tmp_path: Path, vllm: str, torch: str, cuda: str = "13.0", name: st
 
 
 def _h200_driver580() -> dict:
-    from vllm_harness import machine
+    from vllm_harness.facts import machine
     text = (MACHINES / "h100-driver535.toml").read_text()
     text = text.replace('driver = "535.183.01"', 'driver = "580.95.05"').replace('driver_cuda = "12.2"', 'driver_cuda = "13.0"')
     return machine.parse_profile(text, "h100-driver580")
@@ -234,11 +235,11 @@ def _write(p: Path, text: str) -> Path:
 
 def test_packaged_data_judges_the_shipped_variants():
     """The committed lock: cu130 (vLLM 0.33.0) and cu128 are judged fully on machines their files name."""
-    from vllm_harness.variants import load_variant
+    from vllm_harness.facts.variants import load_variant
     envs = [Path(__file__).parent.parent / "envs"]
     fs = doctor.check(load_variant("cu130", envs), _h200_driver580())
     assert not [f for f in fs if f.id in ("compat-unknown", "compat-stale")] and doctor.verdict(fs) != "will fail"
-    from vllm_harness import machine
+    from vllm_harness.facts import machine
     p = machine.load_profile(MACHINES / "rtx4090-gcc13-ubuntu24.toml")   # driver 570
     fs = doctor.check(load_variant("cu128", envs), p)
     assert not [f for f in fs if f.id in ("compat-unknown", "compat-stale")] and doctor.verdict(fs) != "will fail"

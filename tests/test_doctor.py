@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from vllm_harness import compat, doctor, machine
-from vllm_harness.errors import UsageError
-from vllm_harness.variants import load_variant, parse_variant
+from vllm_harness.core.errors import UsageError
+from vllm_harness.doctor import checks as doctor
+from vllm_harness.facts import compat, machine
+from vllm_harness.facts.variants import load_variant, parse_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = [ROOT / "envs"]
@@ -501,8 +502,8 @@ def test_arch_helpers():
 def test_a_too_new_default_gcc_with_a_supported_gcc_n_installed_is_handled_by_the_build(tmp_path):
     """Debian 12 + its CUDA 11.8: gcc 12 is the default, gcc-11 is installed: no error, and the build
     points nvcc at gcc-11 itself (CC/CXX/CUDAHOSTCXX) unless the user named a compiler."""
-    from vllm_harness.layout import Layout
-    from vllm_harness.steps import Ctx, host_compiler_env
+    from vllm_harness.core.layout import Layout
+    from vllm_harness.pipeline.run import Ctx, host_compiler_env
     prof = machine.load_profile(MACHINES / "debian12-cuda118-gcc11.toml")
     cu118 = load_variant("cu118", [ROOT / "envs"])
     found = {f.id: f for f in doctor.check(cu118, prof, env={})}

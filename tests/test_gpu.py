@@ -102,7 +102,7 @@ def test_verify_with_a_real_vllm_wheels_libraries(harness, state):
 @pytest.mark.skipif(GPUS < 2, reason=f"needs 2 or more GPUs: {WHY}")
 def test_multi_gpu_layer_on_every_visible_gpu():
     py = _torch_python()
-    from vllm_harness.verify import multi_gpu_layer
+    from vllm_harness.verify.checks import multi_gpu_layer
     libs = [p for p in os.environ.get("VLLM_HARNESS_GPU_LIBS", "").split(os.pathsep) if p]
     result: dict = {}
     checks = multi_gpu_layer(py, dict(os.environ), result, timeout=900, libs=libs or None)

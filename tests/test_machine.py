@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_harness import machine
-from vllm_harness.errors import UsageError
+from vllm_harness.core.errors import UsageError
+from vllm_harness.facts import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINES = ROOT / "tests" / "machines"

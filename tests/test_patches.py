@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, needs_pypi
 
-from vllm_harness import patches, prepare
-from vllm_harness.errors import StepFailed, UsageError
+from vllm_harness.core.errors import StepFailed, UsageError
+from vllm_harness.steps import patches, prepare
 
 PATCH = """--- a/hello.txt
 +++ b/hello.txt

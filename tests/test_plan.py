@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vllm_harness import compat, doctor, machine
 from vllm_harness.cli import main as cli
-from vllm_harness.facts import planner
-from vllm_harness.variants import load_variant_file
+from vllm_harness.doctor import checks as doctor
+from vllm_harness.facts import compat, machine, planner
+from vllm_harness.facts.variants import load_variant_file
 
 MACHINES = Path(__file__).parent / "machines"
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, local_cpu_torch, needs_pypi
 
-from vllm_harness import probe
-from vllm_harness.errors import StepFailed
+from vllm_harness.core.errors import StepFailed
+from vllm_harness.steps import probe
 
 needs_cxx = pytest.mark.skipif(not shutil.which("g++") and not shutil.which("c++"), reason="needs a C++ compiler")
 

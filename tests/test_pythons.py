@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_harness import pythons
-from vllm_harness.errors import UsageError
+from vllm_harness.core.errors import UsageError
+from vllm_harness.facts import pythons
 
 MINOR = f"3.{sys.version_info[1]}"
 

@@ -177,7 +177,7 @@ def test_sigkill_of_the_harness_still_ends_the_build_processes(tmp_path):
 
 
 def test_a_finished_command_leaves_no_watchdog(tmp_path):
-    from vllm_harness import runner as runner_mod
+    from vllm_harness.core import runner as runner_mod
     before = {p for p in live_pids_with("os.killpg(pgid")}
     runner_mod.run_commands("x", [["true"]], tmp_path / "x.log", {"PATH": "/usr/bin:/bin"}, quiet=True)
     assert {p for p in live_pids_with("os.killpg(pgid")} - before == set()

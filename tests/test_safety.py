@@ -22,10 +22,11 @@ from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_harness import buildspeed, steps
-from vllm_harness.errors import UsageError
-from vllm_harness.layout import Layout
-from vllm_harness.variants import parse_variant
+from vllm_harness.core.errors import UsageError
+from vllm_harness.core.layout import Layout
+from vllm_harness.facts.variants import parse_variant
+from vllm_harness.pipeline import run as steps
+from vllm_harness.steps import buildspeed
 
 VARIANT = ROOT / "envs" / "cu124.toml"
 NO_GPU = ROOT / "tests" / "machines" / "no-gpu.toml"
@@ -187,7 +188,7 @@ def test_git_itself_refuses_other_transports(tmp_path):
 DRIVER = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {src!r})
-    from vllm_harness import probe
+    from vllm_harness.steps import probe
     from vllm_harness.cli import main
     pids = {pids!r}
     # a compiler driver and the compiler it starts (g++ -> cc1plus): a parent and a grandchild
@@ -352,7 +353,7 @@ def test_clean_accepts_a_variant_path_as_every_command_does(harness, state):
 
 
 def test_a_step_whose_env_vanished_is_never_recorded_ok(state):
-    from vllm_harness.variants import load_variant
+    from vllm_harness.facts.variants import load_variant
     layout = Layout.default()
     ctx = steps.Ctx(layout=layout, variant=load_variant("cu124", layout.envs_dirs), quiet=True)
     ctx.py.parent.mkdir(parents=True)

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from conftest import needs_pypi, status_of
 
-from vllm_harness import deps_cache, fetch, prepare
-from vllm_harness.errors import StepFailed, UsageError
-from vllm_harness.layout import Layout
+from vllm_harness.core.errors import StepFailed, UsageError
+from vllm_harness.core.layout import Layout
+from vllm_harness.steps import deps_cache, fetch, prepare
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from vllm_harness import prepare
-from vllm_harness.clean import clean
-from vllm_harness.errors import UsageError
-from vllm_harness.layout import Layout
-from vllm_harness.status import Status, dependents
+from vllm_harness.commands.clean import clean
+from vllm_harness.core.errors import UsageError
+from vllm_harness.core.layout import Layout
+from vllm_harness.core.status import Status, dependents
+from vllm_harness.steps import prepare
 
 
 def test_rerunning_a_step_invalidates_exactly_what_depends_on_it(tmp_path):
@@ -150,7 +150,7 @@ def test_clean_refuses_a_state_folder_the_harness_did_not_make(harness, tmp_path
 
 
 def test_credentials_in_index_urls_are_masked():
-    from vllm_harness.runner import mask
+    from vllm_harness.core.runner import mask
     line = "Looking in indexes: https://alice:s3cr3t@pypi.corp.example/simple, https://token@h.example/x"
     masked = mask(line)
     assert "s3cr3t" not in masked and "alice" not in masked and "token@" not in masked

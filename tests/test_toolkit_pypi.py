@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, needs_pypi, status_of
 
-from vllm_harness import doctor, machine, toolkit
-from vllm_harness.errors import UsageError
-from vllm_harness.variants import load_variant_file, parse_variant
+from vllm_harness.core.errors import UsageError
+from vllm_harness.doctor import checks as doctor
+from vllm_harness.facts import machine, toolkit
+from vllm_harness.facts.variants import load_variant_file, parse_variant
 
 # torch 2.11.0's own Requires-Dist lines (its manylinux x86_64 wheel's metadata on PyPI)
 TORCH_211_REQUIRES = [
@@ -255,7 +256,7 @@ def test_a_gpu_the_toolkit_cannot_target_gets_a_toolkit_that_can_and_how_to_inst
 @pytest.mark.slow
 def test_cuda13_fixture_builds_with_the_pypi_toolkit_and_no_system_toolkit(harness, state, tmp_path, monkeypatch):
     needs_pypi()
-    from vllm_harness import binaries
+    from vllm_harness.verify import binaries
     # no CUDA tool anywhere on PATH (this machine: /usr/local/bin/nvcc runs CUDA 13.0's, /usr/bin/nvcc is Debian's
     # 11.8): a folder on PATH that holds one is replaced by links to its other programs (git, gcc, ...)
     cuda_tools = {"nvcc", "cudafe++", "ptxas", "fatbinary", "nvlink", "bin2c", "cuobjdump", "nvdisasm", "nvprune",

@@ -5,8 +5,8 @@ from conftest import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_harness.errors import UsageError
-from vllm_harness.variants import load_variant, parse_variant, variant_names
+from vllm_harness.core.errors import UsageError
+from vllm_harness.facts.variants import load_variant, parse_variant, variant_names
 
 ENVS = [ROOT / "envs"]
 GOOD = (ROOT / "envs" / "cu124.toml").read_text()

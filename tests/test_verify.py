@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import needs_pypi
 
-from vllm_harness import binaries as b
-from vllm_harness import verify as verify_mod
+from vllm_harness.verify import binaries as b
+from vllm_harness.verify import checks as verify_mod
 
 GCC = shutil.which("gcc") or shutil.which("cc")
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
@@ -269,7 +269,7 @@ def test_wheel_with_wrong_cuda_major_and_torch_pin_is_refused(tmp_path, harness)
     data = json.loads(out)
     assert rc == 0 and data["verdict"].startswith("ACCEPTED"), data["verdict"]
     # no GPU and no --cc: the archs are not verified -> exit 1 unless --allow-no-gpu (when no GPU is visible)
-    from vllm_harness.machine import probe_gpus
+    from vllm_harness.facts.machine import probe_gpus
     if not probe_gpus()[0]:
         rc, out, _ = harness("verify", "--wheel", good, "--variant", "cu124", "--json")
         assert rc == 1 and "NOT VERIFIED" in json.loads(out)["verdict"]
@@ -478,7 +478,7 @@ def test_an_xformers_built_for_another_torch_fails_verify_though_it_imports(tmp_
     needs_pypi()
     import urllib.request
 
-    from vllm_harness.fetch import PYPI_SIMPLE, _get_json
+    from vllm_harness.steps.fetch import PYPI_SIMPLE, _get_json
 
     # PyPI's simple index as PEP 691 JSON (the test env may have no pip: nox's uv backend)
     index = _get_json(PYPI_SIMPLE.format(name="xformers"), accept="application/vnd.pypi.simple.v1+json")

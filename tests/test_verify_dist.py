@@ -203,7 +203,7 @@ def test_verify_runs_the_multi_gpu_layer_in_the_envs_python(torch_python):
     here on gloo, with the CPU model standing in for vLLM's library, and the figures rendered as tables."""
     from rich.console import Console
 
-    from vllm_harness.verify import multi_gpu_layer, multi_gpu_tables
+    from vllm_harness.verify.checks import multi_gpu_layer, multi_gpu_tables
     result = {"layer_seconds": {}}
     checks = multi_gpu_layer(torch_python, dict(os.environ), result, timeout=300, libs=[str(MODEL)], backend="gloo",
                              extra=["--world", "2", "--sizes", "8K,64K", "--custom-sizes", "8K"])

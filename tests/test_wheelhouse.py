@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from vllm_harness import wheelhouse as wh
-from vllm_harness.clean import clean, plan
-from vllm_harness.layout import Layout
+from vllm_harness.commands.clean import clean, plan
+from vllm_harness.core.layout import Layout
+from vllm_harness.steps import wheelhouse as wh
 
 FIXTURE = ROOT / "tests" / "fixtures" / "vllm-mini"
 

@@ -15,8 +15,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import EXIT_OK, EXIT_USAGE, HarnessError, StepFailed, UsageError
-from .layout import Layout, venv_python
+from vllm_harness.core.errors import EXIT_OK, EXIT_USAGE, HarnessError, StepFailed, UsageError
+from vllm_harness.core.layout import Layout, venv_python
 
 
 def _layout(a) -> Layout:
@@ -31,7 +31,7 @@ def _layout(a) -> Layout:
 
 
 def _variant(layout: Layout, name: str | None, required: bool = True):
-    from .variants import load_variant
+    from vllm_harness.facts.variants import load_variant
     if not name:
         name = layout.read_last_built()
         if not name and required:
@@ -43,7 +43,7 @@ def _variant(layout: Layout, name: str | None, required: bool = True):
 
 
 def _ctx(a, layout=None, variant=None):
-    from .steps import Ctx
+    from vllm_harness.pipeline.run import Ctx
     layout = layout or _layout(a)
     variant = variant or _variant(layout, a.variant)
     return Ctx(layout=layout, variant=variant, quiet=getattr(a, "json", False), force=getattr(a, "force", False),
@@ -53,7 +53,7 @@ def _ctx(a, layout=None, variant=None):
 
 def _out(a, data: dict) -> None:
     if getattr(a, "json", False):
-        from .runner import mask
+        from vllm_harness.core.runner import mask
         print(mask(json.dumps(data, indent=2, default=str)))
 
 
@@ -61,7 +61,7 @@ def machine_banner() -> str:
     """The machine facts printed at the start of a session (urllib3's noxfile does the same)."""
     import shutil
 
-    from . import toolkit
+    from vllm_harness.facts import toolkit
     tk = toolkit.find_toolkits()
     gpu = "unknown"
     try:
@@ -79,7 +79,7 @@ def machine_banner() -> str:
 # --------------------------------------------------------------------------------------------- commands
 
 def cmd_list(a) -> int:
-    from .variants import load_variant_file, variant_files
+    from vllm_harness.facts.variants import load_variant_file, variant_files
     layout = _layout(a)
     rows = []
     for f in variant_files(layout.root / "envs"):
@@ -105,31 +105,32 @@ def cmd_list(a) -> int:
 
 
 def cmd_doctor(a) -> int:
-    from . import doctor, doctor_run
+    from vllm_harness.doctor import checks as doctor
+    from vllm_harness.pipeline import preflight as doctor_run
     ctx = _ctx(a)
     report, secs = doctor_run.run_doctor(ctx, a.machine, a.save_machine, Path(a.source) if a.source else None)
     report["seconds"] = round(secs, 2)
     if a.json:
         _out(a, report)
     else:
-        from .runner import console
+        from vllm_harness.core.runner import console
         doctor.render_table(report, console=console())
         print(f"doctor: {report['verdict']} ({secs:.1f}s)")
     return 1 if any(f["severity"] == "error" for f in report["findings"]) else 0
 
 
 def cmd_compat(a) -> int:
-    from .facts import cli_support
+    from vllm_harness.commands import compat_plan as cli_support
     return cli_support.compat_command(a, _layout(a), _out)
 
 
 def cmd_plan(a) -> int:
-    from .facts import cli_support
+    from vllm_harness.commands import compat_plan as cli_support
     return cli_support.plan_command(a, _layout(a), _out)
 
 
 def cmd_diagnose(a) -> int:
-    from . import diagnose
+    from vllm_harness import diagnose
     layout = _layout(a)
     log = a.log
     context = {}
@@ -148,7 +149,7 @@ def cmd_diagnose(a) -> int:
         context = _variant(layout, a.variant).fix_context()
     if log != "-" and Path(log).name == "probe.log":
         # a compile probe's log: its fix names the torch the *source* pins (the probe's record), not the variant's
-        from .probe import load_record
+        from vllm_harness.steps.probe import load_record
         pin = (load_record(Path(log)) or {}).get("source_pins_torch")
         if pin:
             context = {**context, "torch": pin}
@@ -161,8 +162,8 @@ def cmd_diagnose(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from . import verify as verify_mod
-    from .steps import do_verify
+    from vllm_harness.pipeline.run import do_verify
+    from vllm_harness.verify import checks as verify_mod
     ccs = [c.strip() for c in (a.cc or "").split(",") if c.strip()]
     for c in ccs:
         if not re.fullmatch(r"\d+\.\d+", c):
@@ -174,7 +175,7 @@ def cmd_verify(a) -> int:
         py = Path(a.python)
         if not py.exists():
             raise UsageError(f"--python {py}: no such file.", "Give the python of an env that has vLLM.")
-        from . import toolkit
+        from vllm_harness.facts import toolkit
         env = toolkit.clean_env()
         result = verify_mod.run_verify(py, a.device or "cuda", ["vllm"], ["vllm._C"],
                                        ["rms_norm", "fused_add_rms_norm", "silu_and_mul"], env, **opts)
@@ -193,7 +194,7 @@ def cmd_verify(a) -> int:
         if not a.json:
             print(str(e), file=sys.stderr)
         if not res:
-            from . import verify as vm
+            from vllm_harness.verify import checks as vm
             vv = ctx.variant.verify
             res = vm.run_verify(ctx.py, vv["device"], vv["imports"], vv["extensions"], vv["ops"], ctx.env(), **opts)
     if a.json:
@@ -203,8 +204,8 @@ def cmd_verify(a) -> int:
 
 def _verify_wheel(a, ccs: list[str]) -> int:
     """`verify --wheel FILE --variant NAME`: the binary checks on a wheel before it is installed."""
-    from . import toolkit
-    from . import verify as verify_mod
+    from vllm_harness.facts import toolkit
+    from vllm_harness.verify import checks as verify_mod
     wheel = Path(a.wheel)
     if not wheel.is_file():
         raise UsageError(f"--wheel {wheel}: no such file.", "Give a downloaded .whl file (pip download --no-deps).")
@@ -222,7 +223,7 @@ def _verify_wheel(a, ccs: list[str]) -> int:
 
 
 def _show_verdict(a, result: dict, text: str, code: int) -> int:
-    from . import verify as verify_mod
+    from vllm_harness.verify import checks as verify_mod
     result["verdict"] = text
     if a.json:
         _out(a, result)
@@ -234,8 +235,8 @@ def _show_verdict(a, result: dict, text: str, code: int) -> int:
 def cmd_clean(a) -> int:
     from contextlib import ExitStack
 
-    from . import locks
-    from .clean import clean
+    from vllm_harness.commands.clean import clean
+    from vllm_harness.core import locks
     layout = _layout(a)
     name = None
     if a.variant and not a.all:
@@ -259,12 +260,12 @@ def cmd_clean(a) -> int:
 
 
 def cmd_step(a) -> int:
-    from .steps import run_single
+    from vllm_harness.pipeline.run import run_single
     if a.command == "patches":  # needs no variant
-        from .patches import task_patches
+        from vllm_harness.steps.patches import task_patches
         return task_patches(_layout(a), a)
     if a.command == "probe" and a.source and a.python and not a.variant:
-        from .probe import task_probe
+        from vllm_harness.steps.probe import task_probe
         return task_probe(None, a, _layout(a))
     ctx = _ctx(a)
     ctx.rebuild, ctx.cache = getattr(a, "rebuild", False), getattr(a, "cache", None)  # buildspeed
@@ -272,17 +273,17 @@ def cmd_step(a) -> int:
         ctx.variant.build["nvcc_threads"] = a.nvcc_threads
     step = a.command
     if step == "probe":
-        from .probe import task_probe
+        from vllm_harness.steps.probe import task_probe
         return task_probe(ctx, a, ctx.layout)
     if step == "fetch" and (a.source or a.deps):
-        from .fetch import task_fetch
+        from vllm_harness.steps.fetch import task_fetch
         return task_fetch(ctx, a)
     if step == "prepare" and a.source:
-        from .steps import do_prepare
+        from vllm_harness.pipeline.run import do_prepare
         src = Path(a.source)
         if not src.is_dir():
             raise UsageError(f"--source {src}: not a directory.", "Give a vLLM source tree.")
-        from .runner import summary
+        from vllm_harness.core.runner import summary
         log = ctx.log("prepare")
         try:
             res = do_prepare(ctx, log, src=src.resolve())
@@ -302,7 +303,7 @@ def cmd_step(a) -> int:
 
 
 def cmd_build_variant(a) -> int:
-    from .steps import build_variant
+    from vllm_harness.pipeline.run import build_variant
     ctx = _ctx(a)
     ctx.rebuild, ctx.cache = getattr(a, "rebuild", False), getattr(a, "cache", None)  # buildspeed
     if not a.json:
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextmanager
 def _masked_output():
-    from .core.masking import MaskingStream
+    from vllm_harness.core.masking import MaskingStream
     saved = sys.stdout, sys.stderr
     if not isinstance(sys.stdout, MaskingStream):
         sys.stdout, sys.stderr = MaskingStream(sys.stdout), MaskingStream(sys.stderr)

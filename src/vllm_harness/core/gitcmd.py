@@ -19,8 +19,8 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import UsageError
-from . import procs
+from vllm_harness.core import procs
+from vllm_harness.core.errors import UsageError
 
 ALLOWED_SCHEMES = ("https", "ssh", "git", "file")
 GIT_TIMEOUT = 1800

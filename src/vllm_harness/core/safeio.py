@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from vllm_harness.core.errors import UsageError
 
 try:  # Python 3.11+
     import tomllib

@@ -49,7 +49,7 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
-from ..errors import UsageError
+from vllm_harness.core.errors import UsageError
 
 DEFAULT_INDEX = "https://pypi.org/simple"
 PYTORCH_INDEX = "https://download.pytorch.org/whl"

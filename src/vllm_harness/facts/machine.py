@@ -36,11 +36,11 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from .core import safeio
-from .errors import UsageError
-from .variants import Bad as _Bad
-from .variants import check_bool as _bool
-from .variants import list_of
+from vllm_harness.core import safeio
+from vllm_harness.core.errors import UsageError
+from vllm_harness.facts.variants import Bad as _Bad
+from vllm_harness.facts.variants import check_bool as _bool
+from vllm_harness.facts.variants import list_of
 
 try:  # Python 3.11+
     import tomllib
@@ -412,7 +412,7 @@ def _in_container(env: dict[str, str]) -> bool:
 
 def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
     """This machine's profile, shaped like machine-profile.md (``{"machine": {...}, "gpu": [...]}``)."""
-    from . import pythons
+    from vllm_harness.facts import pythons
 
     env = dict(os.environ if env is None else env)
     with ThreadPoolExecutor(max_workers=10) as pool:

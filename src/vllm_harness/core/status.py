@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .core import masking, safeio
-from .errors import UsageError
+from vllm_harness.core import masking, safeio
+from vllm_harness.core.errors import UsageError
 
 STEPS = ["fetch", "prepare", "env", "torch", "deps", "build", "post-install", "verify"]
 # step -> the steps whose result it uses; re-running a step clears everything that depends on it

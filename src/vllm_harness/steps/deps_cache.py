@@ -28,8 +28,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .core import gitcmd
-from .errors import StepFailed
+from vllm_harness.core import gitcmd
+from vllm_harness.core.errors import StepFailed
 
 KEYWORDS = {"GIT_REPOSITORY", "GIT_TAG", "GIT_SHALLOW", "GIT_PROGRESS", "GIT_SUBMODULES", "GIT_SUBMODULES_RECURSE",
             "SOURCE_DIR", "SOURCE_SUBDIR", "BINARY_DIR", "SUBBUILD_DIR", "CONFIGURE_COMMAND", "BUILD_COMMAND",
@@ -228,7 +228,7 @@ def _err(r: subprocess.CompletedProcess) -> str:
 
 def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str | None = None) -> Path:
     """Clone dep.url at dep.rev (with its submodules) into the cache; return its folder."""
-    from .fetch import git_env
+    from vllm_harness.steps.fetch import git_env
     have = cached_dir(root, dep)
     if have:
         return have
@@ -293,7 +293,7 @@ def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str 
 
 
 def _all_submodule_paths(repo: Path) -> list[Path]:
-    from .fetch import _submodule_dirs
+    from vllm_harness.steps.fetch import _submodule_dirs
     return _submodule_dirs(repo, depth=3)
 
 
@@ -394,7 +394,7 @@ def build_env(src: Path, root: Path, workdir: Path, env: dict[str, str], device:
 
 def apply(ctx, src: Path, env: dict[str, str]) -> dict[str, str]:
     """The build step's environment with the cached dependency sources (and git trusting them)."""
-    from .fetch import git_env
+    from vllm_harness.steps.fetch import git_env
     root = cache_root(ctx.layout, ctx.base_env)
     plan = build_env(src, root, ctx.layout.src(ctx.name), env, device=ctx.device)
     out = dict(env)

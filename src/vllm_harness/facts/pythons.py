@@ -19,7 +19,7 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from .errors import UsageError
+from vllm_harness.core.errors import UsageError
 
 _PROBE = ("import sys, json, sysconfig; print(json.dumps({'version': '%d.%d.%d' % sys.version_info[:3], "
           "'executable': sys.executable, 'include': sysconfig.get_paths()['include']}))")

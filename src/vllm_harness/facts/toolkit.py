@@ -22,7 +22,7 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from .errors import UsageError
+from vllm_harness.core.errors import UsageError
 
 PYPI_MIN_CUDA = 13
 # cuda-toolkit's extras for a working nvcc: nvcc (nvcc, cudafe++, ptxas, fatbinary, nvlink), crt (crt/*.h,
@@ -45,7 +45,7 @@ def clean_env(base: dict[str, str] | None = None) -> dict[str, str]:
 def find_toolkits(env: dict[str, str] | None = None) -> dict[str, str]:
     """{'11.8': '/usr/local/cuda-11.8', ...}: each toolkit found, by the version its nvcc reports
     (the same search as doctor's machine probe)."""
-    from .machine import probe_toolkits
+    from vllm_harness.facts.machine import probe_toolkits
     return probe_toolkits(dict(os.environ if env is None else env))[0]
 
 
@@ -169,7 +169,7 @@ def link_pypi_toolkit(root: Path, venv: Path) -> list[str]:
 
 def _sources() -> dict:
     import tomllib
-    return tomllib.loads((Path(__file__).parent / "data" / "toolkit_sources.toml").read_text())
+    return tomllib.loads((Path(__file__).resolve().parents[1] / "data" / "toolkit_sources.toml").read_text())
 
 
 def _ver(v: str) -> tuple[int, ...]:

@@ -16,8 +16,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .core import gitcmd, safeio
-from .errors import UsageError
+from vllm_harness.core import gitcmd, safeio
+from vllm_harness.core.errors import UsageError
 
 try:  # Python 3.11+
     import tomllib

@@ -27,8 +27,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from .core import procs
-from .errors import StepFailed, UsageError
+from vllm_harness.core import procs
+from vllm_harness.core.errors import StepFailed, UsageError
 
 TORCH_INFO = r"""
 import importlib.util, json, os, re, sysconfig
@@ -126,8 +126,8 @@ def run_probe(src: Path, python: Path, env: dict[str, str], log: Path, device: s
               kernel: bool = False, timeout: int = 300, context: dict | None = None) -> dict:
     """Compile the probe files; return {"status": pass|fail, "files", "torch", "source_pins_torch",
     "seconds", "findings", "log"} (findings from diagnose, root cause first)."""
-    from . import diagnose
-    from .prepare import source_torch_pin
+    from vllm_harness import diagnose
+    from vllm_harness.steps.prepare import source_torch_pin
     src = src.resolve()
     info = torch_info(python, env)
     pin, pin_from = source_torch_pin(src)
@@ -236,7 +236,7 @@ def before_build(ctx, src: Path, env: dict[str, str]) -> dict | None:
 def _show(res: dict, quiet: bool = False) -> None:
     if quiet:
         return
-    from .runner import console, mask
+    from vllm_harness.core.runner import console, mask
     con = console()
     top = (res.get("findings") or [None])[0]
     if top:
@@ -250,11 +250,11 @@ def _show(res: dict, quiet: bool = False) -> None:
 
 def task_probe(ctx, a, layout) -> int:
     """`invoke probe [--variant NAME] [--source DIR] [--python PY] [--kernel] [--json]`."""
-    from .toolkit import clean_env
+    from vllm_harness.facts.toolkit import clean_env
     if ctx is not None:
         src = Path(a.source) if a.source else None
         if src is None:
-            from .steps import source_dir
+            from vllm_harness.pipeline.run import source_dir
             src = source_dir(ctx)
         py = Path(a.python) if a.python else ctx.py
         env = ctx.env(cuda=bool(a.kernel) and ctx.device == "cuda") if py == ctx.py else \

@@ -30,9 +30,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .core import gitcmd
-from .errors import StepFailed, UsageError
-from .runner import write_json
+from vllm_harness.core import gitcmd
+from vllm_harness.core.errors import StepFailed, UsageError
+from vllm_harness.core.runner import write_json
 
 PYPI_JSON = os.environ.get("VLLM_HARNESS_PYPI_JSON", "https://pypi.org/pypi/{name}/{version}/json")
 PYPI_SIMPLE = os.environ.get("VLLM_HARNESS_PYPI_SIMPLE", "https://pypi.org/simple/{name}/")
@@ -481,7 +481,7 @@ def fetchcontent_dirs(tree: Path) -> list[Path]:
     ``.deps/*-src`` / ``build/*/_deps/*-src`` left by an earlier build."""
     dirs: list[Path] = []
     try:
-        from .deps_cache import parse_deps
+        from vllm_harness.steps.deps_cache import parse_deps
         dirs += [tree / ".deps" / f"{d.name.lower()}-src" for d in parse_deps(tree)]
     except Exception:  # a tree the parser does not understand still gets the globbed ones
         pass
@@ -526,8 +526,8 @@ def git_env(env: dict[str, str], trees: list[Path], extra: list[Path] | tuple = 
 def task_fetch(ctx, a) -> int:
     """`invoke fetch --variant X [--source PATH|URL@REF|sdist] [--deps]`: the fetch step (with the source
     override, for this run) and, with --deps, vLLM's CMake dependencies into the deps cache."""
-    from . import deps_cache
-    from .steps import run_single
+    from vllm_harness.pipeline.run import run_single
+    from vllm_harness.steps import deps_cache
     if a.source:
         override(ctx.variant, parse_source(a.source))
     res = dict(run_single(ctx, "fetch"))

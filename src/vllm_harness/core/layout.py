@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from vllm_harness.core.errors import UsageError
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -32,7 +32,7 @@ def find_root(start: Path | None = None) -> Path:
     for d in [here, *here.parents]:
         if (d / "envs").is_dir() and (d / "noxfile.py").is_file():
             return d
-    pkg_root = Path(__file__).resolve().parents[2]  # src/vllm_harness/layout.py -> repo
+    pkg_root = Path(__file__).resolve().parents[3]  # src/vllm_harness/core/layout.py -> repo
     if (pkg_root / "envs").is_dir():
         return pkg_root
     raise UsageError(f"No harness checkout found from {here} (a folder with envs/ and noxfile.py).",
@@ -174,20 +174,20 @@ class Layout:
 
     def read_last_built(self) -> str | None:
         """The variant built last, or None; a corrupt record is a UsageError naming the file and its reset."""
-        from .core import safeio
+        from vllm_harness.core import safeio
         p = self.last_built
         if not p.exists() and not p.is_symlink():
             return None
         raw = safeio.read_bytes(p, "State file", 4096, self._reset_fix(p))
         name = raw.decode("utf-8", "replace").strip()
-        from .variants import NAME_RE
+        from vllm_harness.facts.variants import NAME_RE
         if not NAME_RE.match(name):
             raise UsageError(f"State file {p} is corrupt (not a variant name: {name[:40]!r}).", self._reset_fix(p))
         return name
 
     def read_last_failed(self) -> dict | None:
         """{variant, step, log} of the last failed step, or None; a corrupt record is a UsageError."""
-        from .core import safeio
+        from vllm_harness.core import safeio
         p = self.last_failed
         if not p.exists() and not p.is_symlink():
             return None

@@ -29,7 +29,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .status import key_of
+from vllm_harness.core.status import key_of
 
 SCHEMA = 1
 SKIP_DIRS = {"build", "dist", ".deps", ".git", "__pycache__", ".eggs", ".pytest_cache", ".mypy_cache"}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import StepFailed
+from vllm_harness.core.errors import StepFailed
 
 
 def _holder_path(lock: Path) -> Path:

@@ -30,8 +30,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from .core import procs
-from .errors import StepFailed
+from vllm_harness.core import procs
+from vllm_harness.core.errors import StepFailed
 
 TORCH_NAMES = ("torch", "torchvision", "torchaudio")
 # A requirement line naming torch itself (not open_clip_torch, torch-neuronx, not '# via torch' comments).
@@ -149,7 +149,7 @@ def vllm_version(src: Path, fallback: str | None = None, env: dict[str, str] | N
     if v:
         return v, "PKG-INFO"
     if (src / ".git").exists():
-        from .fetch import git_env
+        from vllm_harness.steps.fetch import git_env
         try:
             r = subprocess.run(["git", "-C", str(src), "describe", "--tags", "--match", "v[0-9]*"],
                                capture_output=True, text=True, timeout=60,
@@ -227,7 +227,7 @@ def prepare(src: Path, python: Path, log: Path, env: dict[str, str], version: st
             patches_dir: Path | None = None, apply_patches: bool = True) -> dict:
     """Returns the contract's JSON: {"source", "vllm_version", "changed": [{"file", "what"}],
     "patches": [{"name", "status"}]} plus how, script, torch_pin, version_from."""
-    from . import patches as patches_mod
+    from vllm_harness.steps import patches as patches_mod
     src = src.resolve()
     files = requirement_files(src)
     refuse_outside_links(src, files + [p for p in (src / x for x in SCRIPT_PLACES) if p.exists()])

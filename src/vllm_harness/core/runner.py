@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core import masking, procs
-from .errors import StepFailed
+from vllm_harness.core import masking, procs
+from vllm_harness.core.errors import StepFailed
 
 NINJA_RE = re.compile(rb"\[(\d+)/(\d+)\]")
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -230,7 +230,7 @@ def _rel(p: Path) -> str:
 def explain_failure(log: Path, context: dict | None, quiet: bool = False) -> dict | None:
     """Run diagnose on a failed step's log and print its top finding.  Returns the report dict."""
     try:
-        from . import diagnose
+        from vllm_harness import diagnose
         report = diagnose.diagnose_path(str(log), context=context)
     except Exception as e:  # diagnose must never hide the real failure
         print(f"  (diagnose could not read the log: {e})", file=sys.stderr)

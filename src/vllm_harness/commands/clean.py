@@ -13,8 +13,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import UsageError
-from .layout import Layout
+from vllm_harness.core.errors import UsageError
+from vllm_harness.core.layout import Layout
 
 STALE = ("build", "dist", ".deps")
 
@@ -45,7 +45,7 @@ def plan(layout: Layout, variant: str | None, everything: bool, wheelhouse: bool
     """What clean removes.  The wheelhouse (built wheels), the compiler cache and the recorded peak RSS are
     kept by a per-variant clean; ``wheelhouse`` adds the variant's wheels (every wheel without a variant),
     ``everything`` (--all) takes them all."""
-    from . import wheelhouse as wheelhouse_mod
+    from vllm_harness.steps import wheelhouse as wheelhouse_mod
     st = layout.state
     layout.check()  # refuses /, home, the checkout, and any folder the harness did not make
     if not st.exists():

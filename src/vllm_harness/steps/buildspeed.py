@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core import procs
+from vllm_harness.core import procs
 
 PRIOR_GIB_PER_THREAD = {"cuda": 3.5, "cpu": 1.0}
 PRIOR_WHY = {"cuda": "prior for nvcc/cicc on vLLM's kernels (2.5-2.8 GB measured per file; not yet measured here)",
@@ -309,7 +309,7 @@ def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
     so a GPU newer than the toolkit gets the toolkit's newest arch of its major (SASS runs on later minors)
     or PTX of the newest arch (JIT), and a GPU older than the toolkit is an error.  A list the user gave is
     only checked: a name the toolkit does not build is an error."""
-    from . import compat
+    from vllm_harness.facts import compat
     cf = compat.load().cuda(cuda)
     if cf is None:
         return ArchCheck(";".join(wanted) or None, [f"CUDA {cuda} is not in the compat data: archs not checked"])
@@ -347,7 +347,7 @@ def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
 
 def default_archs(vllm_version: str, cuda: str) -> str | None:
     """The arch list vLLM's CMake builds by itself for this CUDA (compat data), None when unknown."""
-    from . import compat
+    from vllm_harness.facts import compat
     vf = compat.load().vllm(vllm_version)
     f = vf.build_archs(cuda) if vf is not None else None
     return str(f.value) if f is not None else None
@@ -713,9 +713,10 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
     """The source build step: reuse a wheel with this build's key, else compile (cache, RSS sampled), leave
     the wheel in the wheelhouse and record the peak RSS.  ``before_compile()`` (the compile probe) runs before
     a compile whose key has no wheel yet."""
-    from . import steps, wheelhouse
-    from .errors import StepFailed
-    from .runner import run_commands
+    from vllm_harness.core.errors import StepFailed
+    from vllm_harness.core.runner import run_commands
+    from vllm_harness.pipeline import run as steps
+    from vllm_harness.steps import wheelhouse
     v = ctx.variant
     state = ctx.layout.state
     fetched = ctx.status.step("fetch") or {}

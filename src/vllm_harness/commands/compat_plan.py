@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .. import compat
-from ..errors import EXIT_OK, EXIT_PROBLEM
+from vllm_harness.core.errors import EXIT_OK, EXIT_PROBLEM
+from vllm_harness.facts import compat
 
 
 def compat_command(a, layout, out) -> int:
-    from . import index_metadata as im
+    from vllm_harness.facts import index_metadata as im
     lock = Path(a.out) if getattr(a, "out", None) else compat.LOCK_PATH
     cache = layout.state / "cache" / "index"
     if a.refresh:
@@ -48,8 +48,7 @@ def compat_command(a, layout, out) -> int:
 
 
 def plan_command(a, layout, out) -> int:
-    from .. import machine
-    from . import planner
+    from vllm_harness.facts import machine, planner
     if a.machine:
         profile, name = machine.load_profile(Path(a.machine)), Path(a.machine).stem
     else:

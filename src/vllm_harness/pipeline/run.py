@@ -23,15 +23,16 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from . import fetch as fetch_mod
-from . import locks, pythons, toolkit
-from . import prepare as prepare_mod
-from . import verify as verify_mod
-from .errors import HarnessError, StepFailed, UsageError
-from .layout import Layout, venv_python
-from .runner import explain_failure, run_commands, summary, write_json
-from .status import DEPENDS, STEPS, Status, key_of
-from .variants import Variant
+from vllm_harness.core import locks
+from vllm_harness.core.errors import HarnessError, StepFailed, UsageError
+from vllm_harness.core.layout import Layout, venv_python
+from vllm_harness.core.runner import explain_failure, run_commands, summary, write_json
+from vllm_harness.core.status import DEPENDS, STEPS, Status, key_of
+from vllm_harness.facts import pythons, toolkit
+from vllm_harness.facts.variants import Variant
+from vllm_harness.steps import fetch as fetch_mod
+from vllm_harness.steps import prepare as prepare_mod
+from vllm_harness.verify import checks as verify_mod
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Ctx:
     def say(self, text: str) -> None:
         if not self.quiet:
 
-            from .runner import console
+            from vllm_harness.core.runner import console
             console().print(text)
 
     # ---- children's environment
@@ -274,7 +275,7 @@ def _index_auth(url: str) -> tuple[str, str | None]:
     import base64
     from urllib.parse import urlsplit
 
-    from .core.masking import strip_credentials
+    from vllm_harness.core.masking import strip_credentials
     bare, user, password = strip_credentials(url)
     host = urlsplit(bare).hostname or ""
     if user is not None and password is None:
@@ -306,7 +307,7 @@ def check_index(url: str | None, what: str, timeout: float = 15.0) -> None:
     import urllib.error
     import urllib.request
 
-    from .runner import mask
+    from vllm_harness.core.runner import mask
     bare, auth = _index_auth(url)
     req = urllib.request.Request(bare.rstrip("/") + "/", headers={"Authorization": auth} if auth else {})
     try:
@@ -417,7 +418,7 @@ def _pypi_toolkit(ctx: Ctx, log: Path, reqs: list[str], why: str) -> dict:
     """[build] toolkit = "pypi", after its wheels are installed: where they landed (the build's CUDA_HOME), the
     links a build needs there (inside the venv only), and a check that nothing a build needs is missing."""
     root = toolkit.pypi_root(ctx.py, ctx.env(), ctx.variant.cuda)
-    from .machine import toolkit_missing
+    from vllm_harness.facts.machine import toolkit_missing
     if root is None:
         raise StepFailed(f"deps: {' '.join(reqs)} installed no nvidia/cu{ctx.variant.cuda.split('.')[0]}/bin/nvcc "
                          f"in {ctx.venv}.", "Read the log; set toolkit = \"system\" to use an installed toolkit.",
@@ -446,7 +447,7 @@ def _torch_kept(ctx: Ctx, log: Path) -> None:
 def auto_jobs(ctx: Ctx, n_archs: int = 1) -> tuple[int, str]:
     """MAX_JOBS and why: --jobs, [build] jobs, else from available RAM / the measured per-job peak RSS and
     cores (buildspeed.jobs_for, which also picks NVCC_THREADS)."""
-    from .buildspeed import jobs_for
+    from vllm_harness.steps.buildspeed import jobs_for
     c = jobs_for(ctx, n_archs)
     return c.jobs, c.why
 
@@ -454,8 +455,8 @@ def auto_jobs(ctx: Ctx, n_archs: int = 1) -> tuple[int, str]:
 def arch_list(ctx: Ctx) -> tuple[str | None, str]:
     """TORCH_CUDA_ARCH_LIST and why: --arch, [build] arch_list (both checked against what the variant's nvcc
     builds), else this machine's GPUs (mapped onto the toolkit's archs), else unset: the source's own list."""
-    from .buildspeed import check_archs, default_archs
-    from .compat import parse_arch_list
+    from vllm_harness.facts.compat import parse_arch_list
+    from vllm_harness.steps.buildspeed import check_archs, default_archs
     if ctx.device != "cuda":
         return None, "CPU build: no CUDA archs"
     given = [(ctx.arch, "--arch"), (ctx.variant.build["arch_list"], "variant build.arch_list")]
@@ -468,7 +469,7 @@ def arch_list(ctx: Ctx) -> tuple[str | None, str]:
             return chk.archs, where
     gpus = (ctx.profile or {}).get("gpu")
     if gpus is None:
-        from .machine import probe_gpus
+        from vllm_harness.facts.machine import probe_gpus
         gpus = probe_gpus(ctx.base_env)[0]
     caps = sorted({g["compute_capability"] for g in gpus if g.get("compute_capability")}, key=parse_arch_list)
     if caps:
@@ -487,13 +488,13 @@ def host_compiler_env(ctx: Ctx) -> dict[str, str]:
     too new for it (gcc 12 with CUDA 11.8) and the user named no compiler.  Prevents 'unsupported GNU
     version' instead of diagnosing it after the fact."""
     if ctx.profile is None:  # a single `invoke build`: no doctor ran before it
-        from . import machine
+        from vllm_harness.facts import machine
         ctx.profile = machine.probe(ctx.layout.state, env=ctx.base_env)
     m = ctx.profile.get("machine", {})
     if any(k in ctx.variant.build["env"] or k in ctx.base_env for k in ("CC", "CXX", "CUDAHOSTCXX")):
         return {}
     try:
-        from . import compat
+        from vllm_harness.facts import compat
         limit = int(compat.load().cuda(ctx.variant.cuda).gcc_max.value)
     except Exception:  # noqa: BLE001 - CUDA version not in the data: leave the compiler alone
         return {}
@@ -548,8 +549,8 @@ def do_build(ctx: Ctx, log: Path) -> dict:
     if v.vllm["mode"] == "wheel":
         return install_checked_wheel(ctx, log)
     src = source_dir(ctx)
-    from .buildspeed import default_archs, jobs_for, run_source_build
-    from .compat import parse_arch_list
+    from vllm_harness.facts.compat import parse_arch_list
+    from vllm_harness.steps.buildspeed import default_archs, jobs_for, run_source_build
     archs, why_arch = arch_list(ctx)
     n_archs = len(parse_arch_list(archs or default_archs(v.vllm["version"], v.cuda) or "")) or 1
     choice = jobs_for(ctx, n_archs)
@@ -564,7 +565,7 @@ def do_build(ctx: Ctx, log: Path) -> dict:
     extra.update(v.build["env"])
     cuda = ctx.device == "cuda"
     env = fetch_mod.git_env(ctx.env(cuda=cuda, extra=extra), [src])
-    from . import deps_cache, probe
+    from vllm_harness.steps import deps_cache, probe
     env = deps_cache.apply(ctx, src, env)   # cached FetchContent sources (offline builds)
     # wheelhouse reuse, compiler cache, peak-RSS record, the wheel: src/vllm_harness/buildspeed.py.  The probe
     # (~20 s syntax check against the env's torch) runs before a compile, unless a wheel with this build's key
@@ -683,7 +684,7 @@ def _step_fn(ctx: Ctx, step: str, interp, **kw):
 
 def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False) -> dict:
     """The whole flow of ``nox -s build-<variant>``; steps that are done with the same inputs are reused."""
-    from . import doctor_run
+    from vllm_harness.pipeline import preflight as doctor_run
     with _locked(ctx):
         if not skip_doctor:
             doctor_run.preflight(ctx)

@@ -34,8 +34,8 @@ from pathlib import Path
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .core import procs, safeio
-from .errors import UsageError
+from vllm_harness.core import procs, safeio
+from vllm_harness.core.errors import UsageError
 
 STATUSES = ("applied", "already-applied", "not-needed", "failed")
 
@@ -113,7 +113,7 @@ def load_patches(folder: Path) -> list[Patch]:
 # ---------------------------------------------------------------------------------------------- apply
 
 def _env(src: Path, env: dict[str, str]) -> dict[str, str]:
-    from .fetch import git_env
+    from vllm_harness.steps.fetch import git_env
     out = git_env(env, [src])
     out["GIT_CEILING_DIRECTORIES"] = str(src.resolve().parent)  # never patch a repository around the tree
     return out
@@ -218,7 +218,7 @@ def release_versions(name: str = "vllm") -> list[tuple[str, str]]:
     """(version, sdist URL) of every non-pre-release sdist on PyPI (the simple index, PEP 691 JSON)."""
     from packaging.utils import parse_sdist_filename
 
-    from .fetch import PYPI_SIMPLE, _get_json
+    from vllm_harness.steps.fetch import PYPI_SIMPLE, _get_json
     index = _get_json(PYPI_SIMPLE.format(name=name), accept="application/vnd.pypi.simple.v1+json")
     out = {}
     for f in index.get("files", []):
@@ -288,11 +288,11 @@ def task_patches(layout, a) -> int:
     (dry run), or -- the default -- against every PyPI release each claims (network)."""
     import json
 
-    from .toolkit import clean_env
+    from vllm_harness.facts.toolkit import clean_env
     plist = load_patches(layout.root / "patches")
     env = clean_env()
     if a.source:
-        from .prepare import vllm_version
+        from vllm_harness.steps.prepare import vllm_version
         src = Path(a.source).resolve()
         ver = a.version or vllm_version(src)[0]
         res = {"source": str(src), "vllm_version": ver, "patches": apply_all(plist, src, ver, env, apply=False)}

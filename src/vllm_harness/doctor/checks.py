@@ -29,8 +29,15 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from . import compat as compat_mod
-from .compat import CompatData, Fact, arch_list_runs_on, major_minor, parse_arch_list, parse_cc
+from vllm_harness.facts import compat as compat_mod
+from vllm_harness.facts.compat import (
+    CompatData,
+    Fact,
+    arch_list_runs_on,
+    major_minor,
+    parse_arch_list,
+    parse_cc,
+)
 
 SEVERITIES = ("error", "warning", "info")
 DISK_SOURCE_GIB = 30.0         # source build: venv + torch + build tree + .deps + caches
@@ -523,7 +530,9 @@ def _nvcc_fix(data: CompatData, cc: tuple[int, int], machine: dict | None = None
     fix = f"use a CUDA toolkit that targets compute capability {_cc_str(cc)}: {', '.join(ok)}"
     if machine is None:
         return fix
-    from .toolkit import install_fix  # how to get the newest of them on this machine's distribution
+    from vllm_harness.facts.toolkit import (
+        install_fix,  # how to get the newest of them on this machine's distribution
+    )
     return f"{fix} (a variant for it; then {install_fix(machine.get('os'), ok[-1], machine.get('arch'))})"
 
 
@@ -773,7 +782,7 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
     v, m = ctx.variant, ctx.m
     cf = ctx.data.cuda(v.cuda)
     # --- CUDA toolkit
-    from .toolkit import PYPI_EXTRAS, install_fix
+    from vllm_harness.facts.toolkit import PYPI_EXTRAS, install_fix
     tk = m.get("cuda_toolkits")
     pypi = v.build.get("toolkit") == "pypi"
     # what installs this CUDA on this machine's distribution (profile key `os`), best first
@@ -901,7 +910,7 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
             pass
         # the build's own rule (buildspeed): the measured per-job peak of earlier builds, else the prior; a
         # reserve for the OS, pip and the linker; a margin on each job
-        from . import buildspeed as bs
+        from vllm_harness.steps import buildspeed as bs
         device = v.build.get("env", {}).get("VLLM_TARGET_DEVICE", "cuda")
         per_thread, per_why = bs.per_thread_gib(ctx.records, getattr(v, "name", ""), device)
         per_job = per_thread * max(1, threads)
@@ -1139,7 +1148,7 @@ def render_table(report: dict, console: Any = None, show: bool = True) -> str:
         f" | driver: {m.get('driver', 'none')} | toolkits: {', '.join(m.get('cuda_toolkits', {})) or 'none'}"
         f" | gcc {m.get('gcc', '?')} | cmake {m.get('cmake', '?')} | Python {', '.join(m.get('python', [])) or '?'}")
     parts = [table, summary] + (["no findings"] if not report.get("findings") else [])
-    from .runner import emit
+    from vllm_harness.core.runner import emit
     return emit(parts, console, show)
 
 
@@ -1147,7 +1156,7 @@ def run(variant: Any, build_dir: Path, machine_file: Path | None = None, save_ma
         source_dir: Path | None = None, env: dict | None = None) -> tuple[dict, int]:
     """What ``invoke doctor`` does: probe (or load ``machine_file``), optionally save the profile, check.
     Returns (report dict, exit code).  ``env`` defaults to this process's environment facts."""
-    from . import machine
+    from vllm_harness.facts import machine
 
     profile = machine.load_profile(machine_file) if machine_file else machine.probe(build_dir)
     if save_machine:
