@@ -1466,7 +1466,7 @@ def render_table(report: Report, console: Any = None, show: bool = True) -> str:
                 block.append(f"{n:>7}  ", style="dim")
                 block.append(text + "\n")
             parts.append(block)
-    from .runner import emit
+    from vllm_harness.core.runner import emit
 
     return emit(parts, console, show)
 
