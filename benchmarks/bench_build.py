@@ -44,7 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vllm_harness.steps import buildspeed as bs  # noqa: E402
+from vllm_harness.steps import build_archs as barch  # noqa: E402
+from vllm_harness.steps import build_cache as bcache  # noqa: E402
+from vllm_harness.steps import build_memory as bmem  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "vllm-mini"
 VLLM_FILES = ["csrc/layernorm_kernels.cu", "csrc/activation_kernels.cu", "csrc/moe/topk_softmax_kernels.cu"]
@@ -223,7 +225,7 @@ def _run_pool(argvs: list[list[str]], workers: int, env: dict[str, str]) -> list
         results = list(pool.map(lambda a: _timed(a, env), argvs))
     for a, (_s, _g, rc, tail) in zip(argvs, results, strict=True):
         if rc != 0:
-            raise RuntimeError(f"{'OOM-killed' if rc < 0 or bs.OOM_RE.search(tail) else 'failed'} ({rc}): "
+            raise RuntimeError(f"{'OOM-killed' if rc < 0 or bmem.OOM_RE.search(tail) else 'failed'} ({rc}): "
                                f"{' '.join(a[:3])}: {tail.strip()[-1500:]}")
     return [(s, g) for s, g, _rc, _t in results]
 
@@ -235,7 +237,7 @@ def run_each(argvs: list[list[str]], env: dict[str, str]) -> list[tuple[float, f
 
 def run_jobs(argvs: list[list[str]], jobs: int, env: dict[str, str], job_parents: list[int] = ()) -> tuple[float, dict]:
     """Run compiles with ``jobs`` at a time; (seconds, sampler result).  Raises on a failed compile."""
-    sampler = bs.RssSampler(interval=0.1)
+    sampler = bmem.RssSampler(interval=0.1)
     sampler.job_parents = {os.getpid(), *job_parents}
     t0 = time.monotonic()
     with sampler:
@@ -264,7 +266,7 @@ def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_ar
         (gen / macros).parent.mkdir(parents=True, exist_ok=True)
         (gen / macros).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         extra_inc.append(str(gen))
-    default = DEFAULT_ARCHS or bs.default_archs("0.20.2", cuda) or "7.5;8.0;8.6;8.7;8.9;9.0;10.0;11.0;12.0"
+    default = DEFAULT_ARCHS or barch.default_archs("0.20.2", cuda) or "7.5;8.0;8.6;8.7;8.9;9.0;10.0;11.0;12.0"
     n_default = len([a for a in default.split(";") if a])
     print(f"{part}: nvcc {cuda} ({nvcc}), torch {td['version']} headers"
           f"{' + generated ' + macros if extra_inc else ''}; GPU arch {gpu_arch} vs vLLM's default list for "
@@ -314,8 +316,8 @@ def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_ar
         per = max(v["peak_one_gib"] for v in res["files"].values())
         per_why = f"measured just now: {per:.2f} GiB per nvcc"
     else:
-        per, per_why = bs.PRIOR_GIB_PER_THREAD["cuda"], "the harness's prior figure"
-    choice = bs.choose_jobs(cores, bs.mem_available_gib(), per, per_why, "cuda", 1)
+        per, per_why = bmem.PRIOR_GIB_PER_THREAD["cuda"], "the harness's prior figure"
+    choice = bmem.choose_jobs(cores, bmem.mem_available_gib(), per, per_why, "cuda", 1)
     if "jobs" not in what and "sccache" not in what:
         return res
     argv = [nvcc_argv(nvcc, f, out / (f.stem + f".j{i}.o"), incs, td, gpu_arch) for i, f in enumerate(files)]
@@ -337,7 +339,7 @@ def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_ar
     if "sccache" not in what:
         pass
     elif sccache:
-        cache = bs.setup_cache(sccache, tmp / f"{part}-state", tmp / "no-venv", env, [tmp])
+        cache = bcache.setup_cache(sccache, tmp / f"{part}-state", tmp / "no-venv", env, [tmp])
         cenv = {**env, **cache.env}
         cache.start(cenv)
         try:
@@ -365,7 +367,7 @@ def cores_here() -> int:
 
 def _find_sccache(given: str | None, fixture_venv: str | None) -> str | None:
     for c in [given, fixture_venv and str(Path(fixture_venv).parent / "sccache"), shutil.which("sccache")]:
-        if c and Path(c).is_file() and bs._tool_version(c) >= (0, 9):
+        if c and Path(c).is_file() and bcache._tool_version(c) >= (0, 9):
             return c
     return None
 
@@ -415,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     DEFAULT_ARCHS = a.default_archs.replace(" ", ";") if a.default_archs else None
     what = tuple(x.strip() for x in a.nvcc_cases.split(",") if x.strip())
     tmp = Path(tempfile.mkdtemp(prefix="bench-build-"))
-    cores, mem = len(os.sched_getaffinity(0)), bs.mem_available_gib()
+    cores, mem = len(os.sched_getaffinity(0)), bmem.mem_available_gib()
     gpu_arch, gpu_why = _gpu_arch(a.gpu_arch)
     print(f"bench_build: {platform.node()}, {cores} cores, {mem:.1f} GiB available; GPU arch {gpu_arch} ({gpu_why})")
     result: dict = {"machine": {"cores": cores, "mem_available_gib": round(mem, 1), "gpu_arch": gpu_arch,

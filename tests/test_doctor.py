@@ -503,7 +503,8 @@ def test_a_too_new_default_gcc_with_a_supported_gcc_n_installed_is_handled_by_th
     """Debian 12 + its CUDA 11.8: gcc 12 is the default, gcc-11 is installed: no error, and the build
     points nvcc at gcc-11 itself (CC/CXX/CUDAHOSTCXX) unless the user named a compiler."""
     from vllm_harness.core.layout import Layout
-    from vllm_harness.pipeline.run import Ctx, host_compiler_env
+    from vllm_harness.steps.build import host_compiler_env
+    from vllm_harness.steps.context import Ctx
     prof = machine.load_profile(MACHINES / "debian12-cuda118-gcc11.toml")
     cu118 = load_variant("cu118", [ROOT / "envs"])
     found = {f.id: f for f in doctor.check(cu118, prof, env={})}

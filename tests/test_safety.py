@@ -26,7 +26,8 @@ from vllm_harness.core.errors import UsageError
 from vllm_harness.core.layout import Layout
 from vllm_harness.facts.variants import parse_variant
 from vllm_harness.pipeline import run as steps
-from vllm_harness.steps import buildspeed
+from vllm_harness.steps import build_cache as bcache
+from vllm_harness.steps.context import check_index
 
 VARIANT = ROOT / "envs" / "cu124.toml"
 NO_GPU = ROOT / "tests" / "machines" / "no-gpu.toml"
@@ -308,11 +309,11 @@ def test_a_child_dies_with_its_parent_by_pdeathsig(tmp_path):
 
 
 def test_the_cache_server_stops_soon_by_itself_and_its_socket_lives_with_the_cache(tmp_path):
-    assert buildspeed.SCCACHE_IDLE_TIMEOUT <= 300
+    assert bcache.SCCACHE_IDLE_TIMEOUT <= 300
     cdir = Path(tempfile.mkdtemp(prefix="h-")) / "cache" / "sccache"
-    assert buildspeed._sock_path("k", cdir).startswith(str(cdir))
+    assert bcache._sock_path("k", cdir).startswith(str(cdir))
     deep = tmp_path / ("d" * 120)
-    assert buildspeed._sock_path("k", deep).startswith("/tmp/")  # too long for a socket address
+    assert bcache._sock_path("k", deep).startswith("/tmp/")  # too long for a socket address
 
 
 # --------------------------------------------------------------------------------- 4. clean and the lock
@@ -528,14 +529,14 @@ def auth_index():
 
 
 def test_an_index_with_credentials_is_checked_with_them(auth_index, tmp_path, monkeypatch):
-    steps.check_index(f"http://alice:p%40ss@{auth_index}/simple", "test")  # the URL's own credentials
+    check_index(f"http://alice:p%40ss@{auth_index}/simple", "test")  # the URL's own credentials
     with pytest.raises(UsageError, match="refused the credentials"):
-        steps.check_index(f"http://alice:wrong@{auth_index}/simple", "test")
+        check_index(f"http://alice:wrong@{auth_index}/simple", "test")
     netrc = tmp_path / "netrc"
     netrc.write_text("machine 127.0.0.1 login alice password p@ss\n")
     netrc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc))
-    steps.check_index(f"http://{auth_index}/simple", "test")  # ~/.netrc, as pip and uv read it
+    check_index(f"http://{auth_index}/simple", "test")  # ~/.netrc, as pip and uv read it
 
 
 def test_the_guardian_is_one_process_per_harness():

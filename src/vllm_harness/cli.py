@@ -43,7 +43,7 @@ def _variant(layout: Layout, name: str | None, required: bool = True):
 
 
 def _ctx(a, layout=None, variant=None):
-    from vllm_harness.pipeline.run import Ctx
+    from vllm_harness.steps.context import Ctx
     layout = layout or _layout(a)
     variant = variant or _variant(layout, a.variant)
     return Ctx(layout=layout, variant=variant, quiet=getattr(a, "json", False), force=getattr(a, "force", False),
@@ -162,7 +162,7 @@ def cmd_diagnose(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from vllm_harness.pipeline.run import do_verify
+    from vllm_harness.steps.verify import do_verify
     from vllm_harness.verify import checks as verify_mod
     ccs = [c.strip() for c in (a.cc or "").split(",") if c.strip()]
     for c in ccs:
@@ -262,10 +262,10 @@ def cmd_clean(a) -> int:
 def cmd_step(a) -> int:
     from vllm_harness.pipeline.run import run_single
     if a.command == "patches":  # needs no variant
-        from vllm_harness.steps.patches import task_patches
+        from vllm_harness.commands.patches import task_patches
         return task_patches(_layout(a), a)
     if a.command == "probe" and a.source and a.python and not a.variant:
-        from vllm_harness.steps.probe import task_probe
+        from vllm_harness.commands.probe import task_probe
         return task_probe(None, a, _layout(a))
     ctx = _ctx(a)
     ctx.rebuild, ctx.cache = getattr(a, "rebuild", False), getattr(a, "cache", None)  # buildspeed
@@ -273,13 +273,13 @@ def cmd_step(a) -> int:
         ctx.variant.build["nvcc_threads"] = a.nvcc_threads
     step = a.command
     if step == "probe":
-        from vllm_harness.steps.probe import task_probe
+        from vllm_harness.commands.probe import task_probe
         return task_probe(ctx, a, ctx.layout)
     if step == "fetch" and (a.source or a.deps):
-        from vllm_harness.steps.fetch import task_fetch
+        from vllm_harness.commands.fetch import task_fetch
         return task_fetch(ctx, a)
     if step == "prepare" and a.source:
-        from vllm_harness.pipeline.run import do_prepare
+        from vllm_harness.steps.prepare import do_prepare
         src = Path(a.source)
         if not src.is_dir():
             raise UsageError(f"--source {src}: not a directory.", "Give a vLLM source tree.")

@@ -227,31 +227,6 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
-def explain_failure(log: Path, context: dict | None, quiet: bool = False) -> dict | None:
-    """Run diagnose on a failed step's log and print its top finding.  Returns the report dict."""
-    try:
-        from vllm_harness import diagnose
-        report = diagnose.diagnose_path(str(log), context=context)
-    except Exception as e:  # diagnose must never hide the real failure
-        print(f"  (diagnose could not read the log: {e})", file=sys.stderr)
-        return None
-    data = report.to_dict()
-    if quiet:
-        return data
-    con = console()
-    if data["findings"]:
-        top = data["findings"][0]
-        con.print(f"  [red bold]{top['id']}[/] (log line {top['line']}): {mask(top['evidence'])}")
-        con.print(f"  cause: {top['cause']}")
-        con.print(f"  [bold]fix:[/] {top['fix']}")
-        more = len(data["findings"]) - 1
-        if more:
-            con.print(f"  (+{more} more: invoke diagnose --log {_rel(log)})")
-    else:
-        con.print("  diagnose: no known failure recognised; the first error lines:")
-        for n, line in (data.get("first_error_lines") or [])[:8]:
-            con.print(f"  {n:>6}: {mask(line)[:160]}", markup=False)
-    return data
 
 
 def write_json(path: Path, data: dict) -> None:

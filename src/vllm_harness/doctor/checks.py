@@ -910,18 +910,18 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
             pass
         # the build's own rule (buildspeed): the measured per-job peak of earlier builds, else the prior; a
         # reserve for the OS, pip and the linker; a margin on each job
-        from vllm_harness.steps import buildspeed as bs
+        from vllm_harness.steps import build_memory as bmem
         device = v.build.get("env", {}).get("VLLM_TARGET_DEVICE", "cuda")
-        per_thread, per_why = bs.per_thread_gib(ctx.records, getattr(v, "name", ""), device)
+        per_thread, per_why = bmem.per_thread_gib(ctx.records, getattr(v, "name", ""), device)
         per_job = per_thread * max(1, threads)
-        fit = bs.jobs_that_fit(ram, per_job)
+        fit = bmem.jobs_that_fit(ram, per_job)
         cores = m.get("cpu_cores")
         jobs: Any = v.build.get("jobs", "auto")
         src = "[build] jobs"
         if ctx.env.get("MAX_JOBS", "").strip().isdigit():
             jobs, src = int(ctx.env["MAX_JOBS"]), "MAX_JOBS"
-        basis = (f"{ram} GiB {'available' if ram_key == 'ram_available_gib' else 'RAM'} - {bs.RESERVE_GIB:g} "
-                 f"reserve, {per_job:.2f} GiB per compile job x {bs.MARGIN:g} ({per_why})")
+        basis = (f"{ram} GiB {'available' if ram_key == 'ram_available_gib' else 'RAM'} - {bmem.RESERVE_GIB:g} "
+                 f"reserve, {per_job:.2f} GiB per compile job x {bmem.MARGIN:g} ({per_why})")
         if fit < 1:
             ctx.add("compiler-oom", "error", "RAM for compiling", f"{basis}: not even one job fits",
                     "build on a machine with more memory, or add swap")

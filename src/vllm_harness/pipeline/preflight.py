@@ -29,7 +29,7 @@ def run_doctor(ctx, machine_file: str | None = None, save_machine: str | None = 
     env = {} if machine_file else ctx.base_env  # a what-if profile is judged without this shell's env
     from vllm_harness.steps.probe import load_record
     probe = load_record(ctx.log("probe")) if source is not None else None
-    from vllm_harness.steps.buildspeed import load_records
+    from vllm_harness.steps.build_memory import load_records
     records = [] if machine_file else load_records(ctx.layout.state)  # a what-if profile is another machine
     findings = doctor.check(ctx.variant, ctx.profile, source_dir=source, env=env, probe=probe, records=records)
     report = doctor.report_dict(ctx.variant, ctx.profile, findings)

@@ -25,166 +25,34 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from vllm_harness.core import gitcmd
 from vllm_harness.core.errors import StepFailed
+from vllm_harness.facts.source_tree import Dep, parse_deps
 
-KEYWORDS = {"GIT_REPOSITORY", "GIT_TAG", "GIT_SHALLOW", "GIT_PROGRESS", "GIT_SUBMODULES", "GIT_SUBMODULES_RECURSE",
-            "SOURCE_DIR", "SOURCE_SUBDIR", "BINARY_DIR", "SUBBUILD_DIR", "CONFIGURE_COMMAND", "BUILD_COMMAND",
-            "INSTALL_COMMAND", "TEST_COMMAND", "UPDATE_COMMAND", "PATCH_COMMAND", "URL", "URL_HASH", "URL_MD5",
-            "QUIET", "OVERRIDE_FIND_PACKAGE", "FIND_PACKAGE_ARGS", "EXCLUDE_FROM_ALL", "SYSTEM",
-            "DOWNLOAD_EXTRACT_TIMESTAMP", "GIT_CONFIG", "GIT_REMOTE_NAME", "TLS_VERIFY"}
-# override variables whose name does not contain the dependency's name
-ALIASES = {"arm_compute": ["ACL_ROOT_DIR"], "flashmla": ["FLASH_MLA_SRC_DIR"]}
-OVERRIDE_RE = re.compile(r"\$ENV\{(\w+)\}|DEFINED\s+ENV\{(\w+)\}")
-CMAKE_VAR_OVERRIDE_RE = re.compile(r"if\s*\(\s*(\w+_SRC_DIR)\s*\)", re.IGNORECASE)
 GIT_TIMEOUT = 3600
 
 
-@dataclass
-class Dep:
-    name: str
-    url: str | None
-    rev: str | None
-    file: str
-    line: int
-    submodules: list[str] | None = None      # GIT_SUBMODULES; None = all, recursively (FetchContent's default)
-    subdir: str | None = None                # SOURCE_SUBDIR
-    env_override: str | None = None          # environment variable the tree reads for a local copy
-    cmake_override: str | None = None        # CMake variable the tree reads (when not from the environment)
-    direct_populate: bool = False            # FetchContent_Populate(name ... GIT_REPOSITORY ...)
-    condition: str = ""                      # the if() the declaration sits in (aarch64 vs x86 oneDNN...)
-    unresolved: list[str] = field(default_factory=list)
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}@{self.rev}"
-
-    @property
-    def dirname(self) -> str:
-        rev = re.sub(r"[^A-Za-z0-9._-]", "_", self.rev or "none")
-        return f"{re.sub(r'[^A-Za-z0-9._-]', '_', self.name)}-{rev[:16]}"
 
 
 # ---------------------------------------------------------------------------------------------- parse
 
-def _strip_comments(text: str) -> str:
-    out = []
-    for line in text.splitlines():
-        q = False
-        for i, ch in enumerate(line):
-            if ch == '"':
-                q = not q
-            elif ch == "#" and not q:
-                line = line[:i]
-                break
-        out.append(line)
-    return "\n".join(out)
 
 
-def _tokens(body: str) -> list[str]:
-    return [a if b == "" else b for a, b in re.findall(r'([^\s"]+)|"([^"]*)"', body)]
 
 
-def cmake_files(src: Path) -> list[Path]:
-    files = [src / "CMakeLists.txt"] if (src / "CMakeLists.txt").is_file() else []
-    return files + sorted(p for p in (src / "cmake").rglob("*.cmake") if p.is_file()) if (src / "cmake").is_dir() \
-        else files
 
 
-def _sets(text: str) -> list[tuple[int, str, str]]:
-    out = []
-    for m in re.finditer(r"\bset\s*\(\s*([A-Za-z_][\w-]*)\s+(\"[^\"]*\"|[^\s)]+)", text, re.IGNORECASE):
-        out.append((m.start(), m.group(1), m.group(2).strip('"')))
-    return out
 
 
-def _resolve(value: str, pos: int, local: list[tuple[int, str, str]], glob: dict[str, str],
-             missing: list[str], depth: int = 0) -> str:
-    def sub(m: re.Match) -> str:
-        name = m.group(1)
-        before = [v for p, n, v in local if n == name and p < pos]
-        val = before[-1] if before else glob.get(name)
-        if val is None:
-            missing.append(name)
-            return m.group(0)
-        return _resolve(val, pos, local, glob, missing, depth + 1) if depth < 8 else val
-    return re.sub(r"\$\{(\w+)\}", sub, value)
 
 
-def _condition(text: str, pos: int) -> str:
-    """The innermost open if()/elseif()/else() before pos (a rough view, enough to tell arch variants)."""
-    stack: list[str] = []
-    for m in re.finditer(r"\b(if|elseif|else|endif)\s*\(([^)]*)\)", text[:pos], re.IGNORECASE):
-        kw = m.group(1).lower()
-        if kw == "if":
-            stack.append(m.group(2).strip())
-        elif kw in ("elseif", "else") and stack:
-            stack[-1] = (m.group(2).strip() if kw == "elseif" else f"NOT ({stack[-1]})")
-        elif kw == "endif" and stack:
-            stack.pop()
-    return " AND ".join(stack)
 
 
-def _norm(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())
 
 
-def parse_deps(src: Path) -> list[Dep]:
-    """Every git dependency the tree's CMake fetches, at the revision it pins (in file order)."""
-    files = cmake_files(src)
-    texts = {f: _strip_comments(f.read_text(errors="replace")) for f in files}
-    glob_sets: dict[str, str] = {}
-    for t in texts.values():
-        for _, n, v in _sets(t):
-            glob_sets.setdefault(n, v)
-    deps: list[Dep] = []
-    for f, text in texts.items():
-        local = _sets(text)
-        overrides = set()
-        for m in OVERRIDE_RE.finditer(text):
-            overrides.add(m.group(1) or m.group(2))
-        cmake_vars = set(CMAKE_VAR_OVERRIDE_RE.findall(text))
-        for m in re.finditer(r"\bFetchContent_(Declare|Populate)\s*\(([^)]*)\)", text, re.IGNORECASE):
-            toks = _tokens(m.group(2))
-            if not toks:
-                continue
-            name, args = toks[0], toks[1:]
-            kw: dict[str, list[str]] = {}
-            cur = None
-            for a in args:
-                if a in KEYWORDS:
-                    cur = a
-                    kw.setdefault(cur, [])
-                elif cur:
-                    kw[cur].append(a)
-            if "GIT_REPOSITORY" not in kw:
-                continue
-            missing: list[str] = []
-            url = _resolve(" ".join(kw["GIT_REPOSITORY"]), m.start(), local, glob_sets, missing)
-            rev = _resolve(" ".join(kw.get("GIT_TAG", [])), m.start(), local, glob_sets, missing) or None
-            subs = kw.get("GIT_SUBMODULES")
-            dep = Dep(name=name, url=url, rev=rev, file=str(f.relative_to(src)),
-                      line=text.count("\n", 0, m.start()) + 1,
-                      submodules=[s for s in subs if s] if subs is not None else None,
-                      subdir=(kw.get("SOURCE_SUBDIR") or [None])[0],
-                      direct_populate=m.group(1).lower() == "populate",
-                      condition=_condition(text, m.start()), unresolved=sorted(set(missing)))
-            want = [_norm(a) for a in ALIASES.get(name.lower(), [])]
-            for var in sorted(overrides):
-                nv = _norm(var)
-                if _norm(var) in want or (_norm(name) in nv and re.search(r"(SRC|SOURCE|ROOT)_?DIR", var)):
-                    dep.env_override = var
-                    break
-            if not dep.env_override:
-                for var in sorted(cmake_vars):
-                    if _norm(name) in _norm(var) or _norm(var) in want:
-                        dep.cmake_override = var
-                        break
-            deps.append(dep)
-    return deps
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -228,7 +96,7 @@ def _err(r: subprocess.CompletedProcess) -> str:
 
 def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str | None = None) -> Path:
     """Clone dep.url at dep.rev (with its submodules) into the cache; return its folder."""
-    from vllm_harness.steps.fetch import git_env
+    from vllm_harness.facts.source_tree import git_env
     have = cached_dir(root, dep)
     if have:
         return have
@@ -293,7 +161,7 @@ def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str 
 
 
 def _all_submodule_paths(repo: Path) -> list[Path]:
-    from vllm_harness.steps.fetch import _submodule_dirs
+    from vllm_harness.facts.source_tree import _submodule_dirs
     return _submodule_dirs(repo, depth=3)
 
 
@@ -394,7 +262,7 @@ def build_env(src: Path, root: Path, workdir: Path, env: dict[str, str], device:
 
 def apply(ctx, src: Path, env: dict[str, str]) -> dict[str, str]:
     """The build step's environment with the cached dependency sources (and git trusting them)."""
-    from vllm_harness.steps.fetch import git_env
+    from vllm_harness.facts.source_tree import git_env
     root = cache_root(ctx.layout, ctx.base_env)
     plan = build_env(src, root, ctx.layout.src(ctx.name), env, device=ctx.device)
     out = dict(env)

@@ -33,6 +33,8 @@ from pathlib import Path
 from vllm_harness.core import gitcmd
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.runner import write_json
+from vllm_harness.facts.source_tree import git_env
+from vllm_harness.steps.context import Ctx
 
 PYPI_JSON = os.environ.get("VLLM_HARNESS_PYPI_JSON", "https://pypi.org/pypi/{name}/{version}/json")
 PYPI_SIMPLE = os.environ.get("VLLM_HARNESS_PYPI_SIMPLE", "https://pypi.org/simple/{name}/")
@@ -463,82 +465,18 @@ def fetch(variant, layout, env: dict[str, str], force: bool = False) -> tuple[Pa
 
 # ------------------------------------------------------------------------------------ git trust (env)
 
-def _submodule_dirs(repo: Path, depth: int = 2) -> list[Path]:
-    out = []
-    gm = repo / ".gitmodules"
-    if depth <= 0 or not gm.is_file():
-        return out
-    for m in re.finditer(r"^\s*path\s*=\s*(.+?)\s*$", gm.read_text(errors="replace"), re.MULTILINE):
-        sub = repo / m.group(1)
-        out.append(sub)
-        out += _submodule_dirs(sub, depth - 1)
-    return out
 
 
-def fetchcontent_dirs(tree: Path) -> list[Path]:
-    """The git checkouts CMake's FetchContent makes (or made, maybe as another user) under a vLLM tree:
-    ``.deps/<name>-src`` (and their submodules) for every dependency the tree's CMake declares, and any
-    ``.deps/*-src`` / ``build/*/_deps/*-src`` left by an earlier build."""
-    dirs: list[Path] = []
-    try:
-        from vllm_harness.steps.deps_cache import parse_deps
-        dirs += [tree / ".deps" / f"{d.name.lower()}-src" for d in parse_deps(tree)]
-    except Exception:  # a tree the parser does not understand still gets the globbed ones
-        pass
-    dirs += sorted(tree.glob(".deps/*-src")) + sorted(tree.glob("build/*/_deps/*-src"))
-    for d in list(dirs):
-        if d.is_dir():
-            dirs += _submodule_dirs(d)
-    return dirs
 
 
-def git_env(env: dict[str, str], trees: list[Path], extra: list[Path] | tuple = ()) -> dict[str, str]:
-    """Trust exactly the harness's own trees for git, through the child's environment only.
-
-    Never ``git config --global``, never ``safe.directory = *``: GIT_CONFIG_COUNT/KEY/VALUE reach the
-    git processes of this step (clone, setuptools-scm, CMake's FetchContent under .deps) and nothing else.
-    Each tree gets its own entry, ``<tree>/.deps/*`` (a leading-path match, git >= 2.46), and, for older
-    git that only matches exact paths, one entry per FetchContent checkout (``.deps/cutlass-src``, its
-    submodules...) that the tree declares or that an earlier build left.
-    """
-    out = dict(env)
-    n = int(out.get("GIT_CONFIG_COUNT", "0") or 0)
-    seen = {out.get(f"GIT_CONFIG_VALUE_{i}") for i in range(n) if out.get(f"GIT_CONFIG_KEY_{i}") == "safe.directory"}
-    entries: list[Path] = []
-    for t in trees:
-        t = Path(t)
-        entries += [t, t / ".deps" / "*"]
-        if (t / "CMakeLists.txt").is_file() or (t / ".deps").is_dir():
-            entries += fetchcontent_dirs(t)
-    entries += [Path(p) for p in extra]
-    for p in entries:
-        value = str(p)
-        if value in seen or value.strip() in ("*", ""):
-            continue
-        seen.add(value)
-        out[f"GIT_CONFIG_KEY_{n}"] = "safe.directory"
-        out[f"GIT_CONFIG_VALUE_{n}"] = value
-        n += 1
-    out["GIT_CONFIG_COUNT"] = str(n)
-    return gitcmd.restrict_env(out)  # transports limited for every git the step starts (FetchContent too)
 
 
-def task_fetch(ctx, a) -> int:
-    """`invoke fetch --variant X [--source PATH|URL@REF|sdist] [--deps]`: the fetch step (with the source
-    override, for this run) and, with --deps, vLLM's CMake dependencies into the deps cache."""
-    from vllm_harness.pipeline.run import run_single
-    from vllm_harness.steps import deps_cache
-    if a.source:
-        override(ctx.variant, parse_source(a.source))
-    res = dict(run_single(ctx, "fetch"))
-    if a.deps:
-        src = Path(res["source"])
-        root = deps_cache.cache_root(ctx.layout, ctx.base_env)
-        say = (lambda s: None) if a.json else print
-        res["deps"] = deps_cache.fill(src, root, ctx.base_env, device=ctx.device, every=a.every_arch, log=say,
-                                      variant=ctx.name)
-        if not a.json:
-            print(f"deps: {len(res['deps']['fetched'])} fetched, {len(res['deps']['cached'])} already in {root}")
-    if a.json:
-        print(json.dumps(res, indent=2, default=str))
-    return 0
+
+
+def do_fetch(ctx: Ctx, log: Path) -> dict:
+    src, prov = fetch(ctx.variant, ctx.layout, ctx.base_env, force=ctx.force)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(json.dumps(prov, indent=2) + "\n")
+    where = prov.get("commit") or prov.get("sha256", "")[:16]
+    return {"source": str(src), "provenance": prov,
+            "note": f"{src} ({prov['from']}{', ' + where if where else ''}{', cached' if prov.get('from_cache') else ''})"}

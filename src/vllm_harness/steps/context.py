@@ -1,0 +1,191 @@
+"""TODO"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_harness.core.errors import StepFailed, UsageError
+from vllm_harness.core.layout import Layout, venv_python
+from vllm_harness.core.status import Status
+from vllm_harness.facts import toolkit
+from vllm_harness.facts.variants import Variant
+
+
+@dataclass
+class Ctx:
+    layout: Layout
+    variant: Variant
+    quiet: bool = False
+    force: bool = False
+    python: str | None = None            # --python override for the env step
+    jobs: int | None = None
+    arch: str | None = None
+    no_wait: bool = False
+    base_env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    profile: dict | None = None
+    status: Status = field(init=False)
+
+    def __post_init__(self):
+        self.layout.ensure()
+        self.status = Status(self.layout.status(self.variant.name), self.variant.name)
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    @property
+    def venv(self) -> Path:
+        return self.layout.venv(self.name)
+
+    @property
+    def py(self) -> Path:
+        return venv_python(self.venv)
+
+    @property
+    def device(self) -> str:
+        return self.variant.build["env"].get("VLLM_TARGET_DEVICE", "cuda")
+
+    def log(self, step: str) -> Path:
+        return self.layout.logs(self.name) / f"{step}.log"
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+
+            from vllm_harness.core.runner import console
+            console().print(text)
+
+    # ---- children's environment
+    def env(self, cuda: bool = False, extra: dict[str, str] | None = None) -> dict[str, str]:
+        home = Path(self.cuda_home()) if cuda else None
+        scripts = (self.status.step("env") or {}).get("interpreter_scripts")
+        return toolkit.child_env(self.base_env, self.venv, home, extra or {},
+                                 drop_precompiled=self.variant.vllm["mode"] == "source",
+                                 more_path=[scripts] if scripts else [])
+
+    def cuda_home(self) -> str:
+        if self.variant.build["toolkit"] == "pypi":  # the venv's own, installed by the deps step
+            root = (self.status.step("deps") or {}).get("toolkit")
+            if not root or not (Path(root) / "bin" / "nvcc").is_file():
+                raise UsageError(f"Variant {self.name} takes its CUDA toolkit from PyPI ([build] toolkit = "
+                                 f"\"pypi\"), and none is installed in {self.venv}.",
+                                 f"Run `invoke deps --variant {self.name}` (or `nox -s build-{self.name}`).")
+            return root
+        toolkits = (self.profile or {}).get("machine", {}).get("cuda_toolkits") or toolkit.find_toolkits(self.base_env)
+        if self.variant.cuda in toolkits:
+            return toolkits[self.variant.cuda]
+        have = ", ".join(f"{v} at {p}" for v, p in sorted(toolkits.items())) or "none"
+        raise UsageError(f"No CUDA {self.variant.cuda} toolkit found for variant {self.name} (found: {have}).",
+                         f"Install CUDA {self.variant.cuda} (e.g. /usr/local/cuda-{self.variant.cuda}) or set "
+                         f"CUDA_HOME to its root.")
+
+    # ---- installer
+    def install_cmd(self, reqs: list[str], index_url: str | None = None, constraints: bool = True,
+                    extra: list[str] | None = None) -> list[str]:
+        if self.variant.installer == "uv" and _uv_bin():
+            argv = [_uv_bin(), "pip", "install", "--python", str(self.py)]
+        else:
+            argv = [str(self.py), "-m", "pip", "install", "--progress-bar", "off"]
+        if index_url:
+            argv += ["--index-url", index_url]
+        cfile = self.layout.constraints(self.name)
+        if constraints and cfile.is_file():
+            argv += ["--constraint", str(cfile)]
+        return argv + (extra or []) + reqs
+
+
+def _uv_bin() -> str | None:
+    try:
+        from uv import find_uv_bin
+        return find_uv_bin()
+    except Exception:
+        return shutil.which("uv")
+
+
+def installed_versions(py: Path, names: list[str], env: dict[str, str]) -> dict[str, str | None]:
+    code = ("import json, importlib.metadata as m, sys\nout={}\nfor n in sys.argv[1:]:\n"
+            "    try: out[n]=m.version(n)\n    except Exception: out[n]=None\nprint(json.dumps(out))")
+    r = subprocess.run([str(py), "-c", code, *names], capture_output=True, text=True, env=env, timeout=120)
+    if r.returncode != 0:
+        return {n: None for n in names}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _index_auth(url: str) -> tuple[str, str | None]:
+    """(the URL without credentials, an Authorization header or None), found as pip and uv find them: the
+    URL's own user information, else ~/.netrc (or $NETRC) for its host, else keyring where it is installed."""
+    import base64
+    from urllib.parse import urlsplit
+
+    from vllm_harness.core.masking import strip_credentials
+    bare, user, password = strip_credentials(url)
+    host = urlsplit(bare).hostname or ""
+    if user is not None and password is None:
+        try:  # a token-only URL (https://token@host) is basic auth with an empty password, as pip sends it
+            import keyring  # optional, as for pip's keyring support
+            cred = keyring.get_credential(bare, user)
+            password = cred.password if cred else None
+        except Exception:  # noqa: BLE001 - no keyring, or a backend that fails: go on without it
+            password = None
+    if user is None and host:
+        try:
+            import netrc
+            found = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+            if found:
+                user, password = found[0] or "", found[2] or ""
+        except (OSError, netrc.NetrcParseError):
+            pass
+    if user is None:
+        return bare, None
+    token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+    return bare, f"Basic {token}"
+
+
+def check_index(url: str | None, what: str, timeout: float = 15.0) -> None:
+    """An index the variant names must answer before anything is installed from it (exit 2 otherwise).
+    Credentials are sent as pip/uv send them (urllib alone would put them in the host name and fail)."""
+    if not url or url.startswith("file://"):
+        return
+    import urllib.error
+    import urllib.request
+
+    from vllm_harness.core.runner import mask
+    bare, auth = _index_auth(url)
+    req = urllib.request.Request(bare.rstrip("/") + "/", headers={"Authorization": auth} if auth else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read(1)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403) and auth is None:
+            return  # it answered; pip/uv may hold credentials this check does not (a keyring provider)
+        if e.code in (401, 403):
+            raise UsageError(f"The index {mask(url)} for {what} refused the credentials (HTTP {e.code}).",
+                             "Check the user and token in the URL, ~/.netrc or the keyring.") from None
+        if e.code < 500:
+            return  # it answered: a 404 on the index root says nothing about the packages
+        raise UsageError(f"The index {mask(url)} for {what} answered HTTP {e.code}.",
+                         "Retry later or point index_url at a mirror.") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise UsageError(f"Cannot reach the index {mask(url)} for {what} ({mask(str(getattr(e, 'reason', e)))}).",
+                         "Check the network or proxy (HTTPS_PROXY); offline, download the wheels elsewhere and set "
+                         "UV_FIND_LINKS/PIP_FIND_LINKS to their folder, or set index_url to a reachable mirror.") from None
+
+
+def source_dir(ctx: Ctx) -> Path:
+    s = ctx.status.step("fetch")
+    if not s or s.get("status") != "ok":
+        raise UsageError(f"Variant {ctx.name} has no fetched source yet.",
+                         f"Run `invoke fetch --variant {ctx.name}` (or `nox -s build-{ctx.name}`).")
+    return Path(s["source"])
+
+
+def _torch_kept(ctx: Ctx, log: Path) -> None:
+    want = (ctx.status.step("torch") or {}).get("versions", {}).get("torch")
+    have = installed_versions(ctx.py, ["torch"], ctx.env()).get("torch")
+    if want and have != want:
+        raise StepFailed(f"torch-replaced: torch {want} was replaced by {have} in {ctx.venv}.",
+                         "Rebuild the env (`nox -s build-" + ctx.name + "`); pin the torch the variant names.",
+                         log=str(log) if log.exists() else None)

@@ -1,0 +1,63 @@
+"""TODO"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from vllm_harness.core.errors import StepFailed
+from vllm_harness.core.runner import run_commands
+from vllm_harness.facts import pythons, toolkit
+from vllm_harness.steps.context import Ctx, _uv_bin
+
+
+def do_env(ctx: Ctx, interp: pythons.Interpreter, log: Path) -> dict:
+    v = ctx.variant
+    if ctx.venv.exists():
+        shutil.rmtree(ctx.venv)
+    ctx.venv.parent.mkdir(parents=True, exist_ok=True)
+    uv = _uv_bin()
+    cmds = []
+    if uv:
+        # pip comes from the interpreter's own ensurepip: works offline (GPU servers often are)
+        cmds = [[uv, "venv", "--python", interp.executable, str(ctx.venv)],
+                [str(ctx.py), "-m", "ensurepip", "--default-pip"]]
+    else:
+        try:
+            import virtualenv  # noqa: F401
+            cmds = [[sys.executable, "-m", "virtualenv", "--python", interp.executable, str(ctx.venv)]]
+        except ImportError:
+            cmds = [[interp.executable, "-m", "venv", str(ctx.venv)]]
+    env = toolkit.clean_env(ctx.base_env)
+    try:
+        try:
+            run_commands("env", cmds, log, env, quiet=ctx.quiet)
+        except StepFailed:
+            if not (uv and ctx.py.exists()):
+                raise
+            # no ensurepip (Debian's python3 without python3-venv): let uv seed pip from the index
+            run_commands("env", [[uv, "pip", "install", "--python", str(ctx.py), "pip"]], log, env,
+                         quiet=ctx.quiet)
+        scripts = _see_interpreter_packages(ctx, interp, env) if v.torch["preinstalled"] else None
+    except BaseException:
+        shutil.rmtree(ctx.venv, ignore_errors=True)
+        raise
+    return {"python": interp.executable, "python_version": interp.version, "interpreter_scripts": scripts,
+            "note": f"Python {interp.version} ({interp.origin}: {interp.executable})"}
+
+
+def _see_interpreter_packages(ctx: Ctx, interp: pythons.Interpreter, env: dict[str, str]) -> None:
+    """preinstalled torch: the venv sees the interpreter's own site-packages (also when that interpreter is
+    itself a venv or a conda env, where --system-site-packages would show the wrong ones), after its own."""
+    code = "import json, sysconfig; p = sysconfig.get_paths(); print(json.dumps([p['scripts'], " \
+           "sorted({p['purelib'], p['platlib']})]))"
+    r = subprocess.run([interp.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    if r.returncode != 0:
+        raise StepFailed(f"env: cannot read the site-packages of {interp.executable}.", "Pass another --python.")
+    scripts, dirs = json.loads(r.stdout.strip().splitlines()[-1])
+    site = subprocess.run([str(ctx.py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, env=env, timeout=60).stdout.strip()
+    Path(site, "_harness_interpreter_packages.pth").write_text("".join(d + "\n" for d in dirs))
+    return scripts  # its tools (cmake, ninja from pip) go on the build's PATH after the venv's own
