@@ -7,12 +7,15 @@ the variant's own isolated venv is made by the harness under .harness/envs/<vari
 
 from __future__ import annotations
 
-import re
+import sys
 from pathlib import Path
 
 import nox
 
 ROOT = Path(__file__).parent
+sys.path.insert(0, str(ROOT / "src"))
+from vllm_harness.core.layout import NAME_RE  # noqa: E402  (the package's one variant-name rule)
+
 nox.needs_version = ">=2024.4.15"
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["tests", "lint"]
@@ -24,8 +27,11 @@ def _harness(session: nox.Session, *args: str) -> None:
 
 
 def _description(path: Path) -> str:
-    m = re.search(r'^description\s*=\s*"(.*)"\s*$', path.read_text(errors="replace"), re.MULTILINE)
-    return m.group(1) if m else "(no description)"
+    try:  # the session validates the whole file; the list only needs its one line
+        text = nox.project.load_toml(path).get("description")
+    except Exception:  # noqa: BLE001 - a broken file still gets its session, which says what is wrong
+        return "(unreadable variant file: `nox -s build-NAME` says why)"
+    return str(text) if text else "(no description)"
 
 
 def _make_build_session(variant: str, path: Path) -> None:
@@ -37,7 +43,7 @@ def _make_build_session(variant: str, path: Path) -> None:
 
 
 for _path in sorted((ROOT / "envs").glob("*.toml")):
-    if re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", _path.stem):
+    if NAME_RE.match(_path.stem):
         _make_build_session(_path.stem, _path)
 
 
@@ -65,3 +71,16 @@ def lint(session: nox.Session) -> None:
     """ruff over the package, tests, noxfile and tasks."""
     session.install("ruff")
     session.run("ruff", "check", "src", "tests", "noxfile.py", "tasks.py", "benchmarks")
+
+
+@nox.session
+def compat(session: nox.Session) -> None:
+    """Refresh the compatibility data from the package index (-- --json; see `invoke compat --help`)."""
+    _harness(session, "compat", "--refresh", *session.posargs)
+
+
+@nox.session(name="tests-gpu", venv_backend="none")
+def tests_gpu(session: nox.Session) -> None:
+    """The GPU test set on a GPU machine, with the interpreter that has a CUDA torch (VLLM_HARNESS_GPU_LIBS:
+    a real vLLM wheel's libraries for verify --libs)."""
+    session.run(sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", *session.posargs)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
-from vllm_harness.core.errors import UsageError
+from vllm_harness.commands.common import layout_of, print_json, variant_of
+from vllm_harness.core.errors import EXIT_OK, UsageError
 from vllm_harness.core.layout import Layout
 
 STALE = ("build", "dist", ".deps")
@@ -100,3 +102,30 @@ def clean(layout: Layout, variant: str | None = None, everything: bool = False, 
         if not dry_run:
             subprocess.run(cmd, check=False, capture_output=True, timeout=600)
     return {"removed": removed, "kept": kept, "bytes": total, "dry_run": dry_run}
+
+
+def cmd_clean(a) -> int:
+    from contextlib import ExitStack
+
+    from vllm_harness.commands.clean import clean
+    from vllm_harness.core import locks
+    layout = layout_of(a)
+    name = None
+    if a.variant and not a.all:
+        name = variant_of(layout, a.variant).name  # a name or a path; an unknown one is an error, not a no-op
+    # the variants' locks: a build of the variant (of any, with --all) finishes before its tree is removed
+    names = [name] if name else sorted(p.stem for p in (layout.state / "locks").glob("*.lock")) if a.all else []
+    with ExitStack() as held:
+        if layout.is_state_folder():
+            for n in names:
+                held.enter_context(locks.held(layout.lock(n), f"variant {n}", wait=not a.no_wait,
+                                              say=lambda t: print(t, file=sys.stderr)))
+        res = clean(layout, name, a.all, a.dry_run, a.pip_cache, wheelhouse=getattr(a, "wheelhouse", False))
+    if a.json:
+        print_json(a, res)
+    else:
+        verb = "would remove" if a.dry_run else "removed"
+        for p in res["removed"]:
+            print(f"{verb}: {p}")
+        print(f"{verb} {len(res['removed'])} path(s), {res['bytes'] / 2**20:.1f} MiB")
+    return EXIT_OK

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from vllm_harness.commands.common import layout_of, print_json
 from vllm_harness.core.errors import EXIT_OK, EXIT_PROBLEM
 from vllm_harness.facts import compat
 
@@ -68,3 +69,13 @@ def plan_command(a, layout, out) -> int:
         if written is not None:
             print(f"wrote {written}: build it with `nox -s build-{written.stem}`")
     return EXIT_OK if report.get("recommendation") else EXIT_PROBLEM
+
+
+def cmd_compat(a) -> int:
+    from vllm_harness.commands import compat_plan as cli_support
+    return cli_support.compat_command(a, layout_of(a), print_json)
+
+
+def cmd_plan(a) -> int:
+    from vllm_harness.commands import compat_plan as cli_support
+    return cli_support.plan_command(a, layout_of(a), print_json)

@@ -1,9 +1,9 @@
-"""TODO"""
+"""`invoke fetch`: the variant's source (or `--source`), and with `--deps` the sources vLLM's CMake fetches."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from vllm_harness.commands.common import print_json
 from vllm_harness.steps.fetch import override, parse_source
 
 
@@ -24,5 +24,5 @@ def task_fetch(ctx, a) -> int:
         if not a.json:
             print(f"deps: {len(res['deps']['fetched'])} fetched, {len(res['deps']['cached'])} already in {root}")
     if a.json:
-        print(json.dumps(res, indent=2, default=str))
+        print_json(a, res)
     return 0

@@ -1,8 +1,9 @@
-"""TODO"""
+"""`invoke patches`: check patches/ against every vLLM release each claims, or dry-run them on one tree."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from vllm_harness.commands.common import print_json
 from vllm_harness.core.errors import UsageError
 from vllm_harness.steps.patches import apply_all, check_releases, load_patches, release_versions
 
@@ -10,7 +11,6 @@ from vllm_harness.steps.patches import apply_all, check_releases, load_patches, 
 def task_patches(layout, a) -> int:
     """`invoke patches [--version V] [--source DIR] [--json]`: list the patches, check them against a tree
     (dry run), or -- the default -- against every PyPI release each claims (network)."""
-    import json
 
     from vllm_harness.facts.toolkit import clean_env
     plist = load_patches(layout.root / "patches")
@@ -31,7 +31,7 @@ def task_patches(layout, a) -> int:
                              log=(lambda s: None) if a.json else print)
         ok = res["ok"]
     if a.json:
-        print(json.dumps(res, indent=2, default=str))
+        print_json(a, res)
     elif a.source:
         for p in res["patches"]:
             st = "applies (dry run)" if p.get("dry_run") else p["status"]

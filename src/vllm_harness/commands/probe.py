@@ -1,9 +1,9 @@
-"""TODO"""
+"""`invoke probe`: compile vLLM's bindings against the env's torch (syntax only) before the long build."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from vllm_harness.commands.common import print_json
 from vllm_harness.core.errors import UsageError
 from vllm_harness.steps.probe import _show, fail, run_probe
 
@@ -34,7 +34,7 @@ def task_probe(ctx, a, layout) -> int:
                          "with torch.")
     res = run_probe(src, py, env, log, device=a.device or device, kernel=bool(a.kernel), timeout=a.timeout)
     if a.json:
-        print(json.dumps(res, indent=2, default=str))
+        print_json(a, res)
     else:
         verdict = "compiles" if res["status"] == "pass" else "does NOT compile"
         print(f"probe: {Path(res['source']).name} {verdict} against torch {res['torch']} (this source pins torch "

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_harness.core.errors import UsageError
+
+#: a variant's name (envs/NAME.toml, nox's build-NAME, the state folder's entries): the one rule
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -180,7 +184,6 @@ class Layout:
             return None
         raw = safeio.read_bytes(p, "State file", 4096, self._reset_fix(p))
         name = raw.decode("utf-8", "replace").strip()
-        from vllm_harness.facts.variants import NAME_RE
         if not NAME_RE.match(name):
             raise UsageError(f"State file {p} is corrupt (not a variant name: {name[:40]!r}).", self._reset_fix(p))
         return name

@@ -1,4 +1,7 @@
-"""TODO"""
+"""Facts read from a vLLM source tree without building it: the dependencies its CMake fetches
+(``FetchContent_Declare``: URL, tag, override variable), its version (PKG-INFO, setuptools-scm's tag) and
+the git trust its build needs (``safe.directory`` entries for the tree, its submodules and the
+FetchContent checkouts, through the child's environment only)."""
 from __future__ import annotations
 
 import os

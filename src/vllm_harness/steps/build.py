@@ -1,4 +1,6 @@
-"""TODO"""
+"""The build step: the prebuilt wheel (downloaded, checked against the variant before install) or a
+source build with ``--no-build-isolation`` (jobs from memory, archs from the GPUs, a compiler cache, the
+wheelhouse reused), every variable in the child's environment only."""
 from __future__ import annotations
 
 import os

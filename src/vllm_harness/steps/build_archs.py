@@ -1,4 +1,9 @@
-"""TODO"""
+"""Build archs:
+
+* **Archs.**  :func:`check_archs` keeps what the toolkit can build (``compat`` data: ``nvcc --list-gpu-code``
+  of each CUDA), maps a GPU newer than the toolkit to the toolkit's newest arch of the same major (or PTX),
+  and refuses a GPU that the toolkit cannot target at all.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

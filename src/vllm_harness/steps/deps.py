@@ -1,4 +1,5 @@
-"""TODO"""
+"""The deps step: the source tree's build and runtime requirements and the variant's ``[deps]``, with the
+installed torch pinned; a CUDA toolkit from PyPI when the variant asks for it."""
 from __future__ import annotations
 
 from pathlib import Path

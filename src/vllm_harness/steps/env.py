@@ -1,4 +1,5 @@
-"""TODO"""
+"""The env step: the variant's isolated venv from the discovered interpreter (uv, else virtualenv, else
+venv; pip seeded from the interpreter's own ensurepip so that it works offline)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""TODO"""
+"""The post-install step: the packages vLLM needs at run time (xformers from its index), torch kept."""
 from __future__ import annotations
 
 from pathlib import Path

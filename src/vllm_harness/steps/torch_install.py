@@ -1,4 +1,5 @@
-"""TODO"""
+"""The torch step: the variant's torch from its index (checked reachable first), then the constraints file
+that every later install keeps."""
 from __future__ import annotations
 
 from pathlib import Path

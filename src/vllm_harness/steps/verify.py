@@ -1,4 +1,5 @@
-"""TODO"""
+"""The verify step: vLLM's own checks in the built env (imports, compiled extensions, kernels against
+torch), recorded like the other steps."""
 from __future__ import annotations
 
 from pathlib import Path
