@@ -14,7 +14,7 @@ import pytest
 
 from vllm_harness.cli import main as cli
 from vllm_harness.core.errors import UsageError
-from vllm_harness.doctor import checks as doctor
+from vllm_harness.doctor import report as doctor
 from vllm_harness.facts import compat
 from vllm_harness.facts import index_metadata as im
 from vllm_harness.facts.variants import load_variant_file

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vllm_harness.core.errors import UsageError
-from vllm_harness.doctor import checks as doctor
+from vllm_harness.doctor import report as doctor
 from vllm_harness.facts import compat, machine
 from vllm_harness.facts.variants import load_variant, parse_variant
 

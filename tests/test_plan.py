@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vllm_harness.cli import main as cli
-from vllm_harness.doctor import checks as doctor
+from vllm_harness.doctor import report as doctor
 from vllm_harness.facts import compat, machine, planner
 from vllm_harness.facts.variants import load_variant_file
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, needs_pypi, status_of
 
 from vllm_harness.core.errors import UsageError
-from vllm_harness.doctor import checks as doctor
+from vllm_harness.doctor import report as doctor
 from vllm_harness.facts import machine, toolkit
 from vllm_harness.facts.variants import load_variant_file, parse_variant
 

@@ -7,7 +7,7 @@ from vllm_harness.commands.common import context_of, print_json
 
 
 def cmd_doctor(a) -> int:
-    from vllm_harness.doctor import checks as doctor
+    from vllm_harness.doctor import report as doctor
     from vllm_harness.pipeline import preflight as doctor_run
     ctx = context_of(a)
     report, secs = doctor_run.run_doctor(ctx, a.machine, a.save_machine, Path(a.source) if a.source else None)

@@ -19,7 +19,7 @@ def machine_profile(layout, given: str | None = None, save: str | None = None) -
 
 def run_doctor(ctx, machine_file: str | None = None, save_machine: str | None = None,
                source: Path | None = None) -> tuple[dict, float]:
-    from vllm_harness.doctor import checks as doctor
+    from vllm_harness.doctor import report as doctor
     t0 = time.monotonic()
     ctx.profile = machine_profile(ctx.layout, machine_file, save_machine)
     if source is None:
@@ -38,7 +38,7 @@ def run_doctor(ctx, machine_file: str | None = None, save_machine: str | None = 
 
 def preflight(ctx) -> dict:
     """Doctor before anything slow; an error finding stops the build unless --force."""
-    from vllm_harness.doctor import checks as doctor
+    from vllm_harness.doctor import report as doctor
     report, secs = run_doctor(ctx)
     if not ctx.quiet:
         shown = dict(report, findings=[f for f in report["findings"] if f["severity"] != "info"])

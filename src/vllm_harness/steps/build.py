@@ -31,14 +31,6 @@ from vllm_harness.steps.context import Ctx, _torch_kept, _uv_bin, source_dir
 from vllm_harness.verify import checks as verify_mod
 
 
-def auto_jobs(ctx: Ctx, n_archs: int = 1) -> tuple[int, str]:
-    """MAX_JOBS and why: --jobs, [build] jobs, else from available RAM / the measured per-job peak RSS and
-    cores (buildspeed.jobs_for, which also picks NVCC_THREADS)."""
-
-    c = jobs_for(ctx, n_archs)
-    return c.jobs, c.why
-
-
 def arch_list(ctx: Ctx) -> tuple[str | None, str]:
     """TORCH_CUDA_ARCH_LIST and why: --arch, [build] arch_list (both checked against what the variant's nvcc
     builds), else this machine's GPUs (mapped onto the toolkit's archs), else unset: the source's own list."""

@@ -347,6 +347,3 @@ def setup_cache(mode: str, state: Path, venv: Path, env: dict[str, str], basedir
     return CompilerCache(tool, path, cdir, cenv, why, loc)
 
 
-def hit_rate(stats: dict) -> float | None:
-    h, m = stats.get("hits", 0), stats.get("misses", 0)
-    return h / (h + m) if h + m else None

@@ -1,0 +1,169 @@
+"""doctor's findings model, its run context and the rule registry.
+
+A rule is a function ``fn(ctx)`` registered with :func:`rule`: its name, the failure ids it can emit (each in
+data/failures.toml; tests/test_architecture.py checks), the machine-profile keys it needs (a missing one
+becomes one ``check-skipped`` finding naming the key, and the rule does not run), when it applies (source
+builds only, ...) and its place in the order.  ``report.check()`` runs the registry.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
+
+from vllm_harness.facts.compat import (
+    CompatData,
+    Fact,
+)
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass
+class Finding:
+    id: str
+    severity: str              # 'error' | 'warning' | 'info'
+    subject: str
+    evidence: str
+    fix: str
+    check: str = ""            # the check a check-skipped / compat-unknown finding stands for
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity {self.severity!r} is not one of {SEVERITIES}")
+        if not self.check:
+            self.check = self.id
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Ctx:
+    variant: Any
+    profile: dict
+    data: CompatData
+    env: dict[str, str]
+    source_dir: Path | None
+    findings: list[Finding] = field(default_factory=list)
+    pins: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    probe: dict = field(default_factory=dict)
+    records: list = field(default_factory=list)
+    vf: Any = None                     # the vLLM release's facts (None: not in the data)
+    tf: Any = None                     # the torch release's facts
+
+    def probe_passed(self) -> bool:
+        """The compile probe of this very source tree passed against the variant's torch."""
+        p = self.probe
+        if p.get("status") != "pass" or self.source_dir is None or not p.get("torch"):
+            return False
+        try:
+            same_src = Path(p.get("source", "")).resolve() == self.source_dir.resolve()
+            return same_src and Version(str(p["torch"])).public == self.torch_version
+        except (InvalidVersion, OSError):
+            return False
+
+    @property
+    def m(self) -> dict:
+        return self.profile.get("machine") or {}
+
+    @property
+    def source(self) -> bool:
+        return self.variant.vllm["mode"] == "source"
+
+    @property
+    def vllm_version(self) -> str:
+        return self.variant.vllm["version"]
+
+    @property
+    def torch_version(self) -> str:
+        return Version(self.variant.torch["version"]).public
+
+    def add(self, id: str, severity: str, subject: str, evidence: str, fix: str, check: str = "") -> None:
+        self.findings.append(Finding(id, severity, subject, evidence, fix, check))
+
+    def skipped(self, check: str, subject: str, key: str) -> None:
+        self.add("check-skipped", "info", subject, f"the machine profile has no {key}, so this was not checked",
+                 f"probe the machine itself (`invoke doctor`) or add {key} to the profile", check)
+
+    def unknown(self, check: str, subject: str, what: str) -> None:
+        self.add("compat-unknown", "warning", subject,
+                 f"{what} is not in the compatibility data (src/vllm_harness/data/compat.toml); not checked",
+                 "add the facts with their source to data/compat.toml, or choose versions the data knows", check)
+
+    def not_found(self, tool: str) -> bool:
+        return tool in (self.m.get("not_found") or [])
+
+
+def _cite(f: Fact | None) -> str:
+    return f" [{f.cite()}]" if f is not None else ""
+
+
+def _v(s: str) -> Version | None:
+    try:
+        return Version(s)
+    except (InvalidVersion, TypeError):
+        return None
+
+
+
+
+def _req_named(variant: Any, name: str, sections: Iterable[str] = ("torch", "deps", "post_install")) -> list[Requirement]:
+    out = []
+    for sec in sections:
+        for r in getattr(variant, sec).get("packages") or []:
+            try:
+                req = Requirement(r)
+            except InvalidRequirement:
+                continue
+            if req.name.lower() == name:
+                out.append(req)
+    return out
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    fn: Callable[[_Ctx], None]
+    ids: tuple[str, ...]
+    needs: tuple[str, ...] = ()          # machine-profile keys ("machine.disk_free_gib")
+    when: Callable[[_Ctx], bool] | None = None
+    order: int = 50
+
+    def missing(self, ctx: _Ctx) -> list[str]:
+        out = []
+        for key in self.needs:
+            section, _, name = key.partition(".")
+            if (ctx.profile.get(section) or {}).get(name) is None:
+                out.append(key)
+        return out
+
+
+RULES: dict[str, Rule] = {}
+
+
+def rule(name: str, ids: tuple[str, ...], needs: tuple[str, ...] = (), when: Callable[[_Ctx], bool] | None = None,
+         order: int = 50) -> Callable[[Callable[[_Ctx], None]], Callable[[_Ctx], None]]:
+    """Register ``fn(ctx)`` as doctor's rule ``name``."""
+    def register(fn: Callable[[_Ctx], None]) -> Callable[[_Ctx], None]:
+        RULES[name] = Rule(name, fn, ids, needs, when, order)
+        return fn
+    return register
+
+
+def run_rules(ctx: _Ctx) -> None:
+    """Every registered rule that applies, in order; a rule whose profile keys are missing is one
+    check-skipped finding per key instead."""
+    for r in sorted(RULES.values(), key=lambda r: (r.order, r.name)):
+        if r.when is not None and not r.when(ctx):
+            continue
+        missing = r.missing(ctx)
+        if missing:
+            for key in missing:
+                ctx.skipped(r.ids[0], r.name, key)
+            continue
+        r.fn(ctx)
