@@ -19,10 +19,34 @@ from vllm_harness.core.layout import NAME_RE  # noqa: E402  (the package's one v
 nox.needs_version = ">=2024.4.15"
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["tests", "lint"]
+# the daily loop: a session's tool venv is kept between runs (`nox --reuse-venv=no` makes it anew), and the
+# harness is installed into it again only when what the install depends on changed (_install)
+nox.options.reuse_venv = "yes"
+
+
+def _install(session: nox.Session, spec: str) -> None:
+    """``pip install -e SPEC`` unless this venv already has it from the same pyproject.toml: an editable
+    install reads the code from src/, so only the project's metadata (dependencies, entry points) asks for
+    a new install.  ``--reuse-venv=no`` or a changed pyproject.toml installs again."""
+    import hashlib
+    venv = getattr(session, "virtualenv", None)
+    location = getattr(venv, "location", None)
+    if not location or not Path(location).is_dir():  # venv_backend="none": nothing of ours to keep
+        session.install("-e", spec)
+        return
+    stamp = Path(location) / ".vllm-harness-install"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + spec.encode() + str(ROOT).encode()).hexdigest()
+    if stamp.is_file() and stamp.read_text() == want:
+        session.log(f"{spec}: unchanged since it was installed in this venv, not installed again")
+        return
+    session.install("-e", spec)  # skipped with -R / --no-install
+    runner = getattr(session, "_runner", None)  # -R / --no-install on a reused venv skipped the install
+    if not getattr(getattr(runner, "global_config", None), "no_install", False):
+        stamp.write_text(want)
 
 
 def _harness(session: nox.Session, *args: str) -> None:
-    session.install("-e", ".")  # skipped with -R / --no-install
+    _install(session, ".")
     session.run("python", "-m", "vllm_harness", *args)
 
 
@@ -62,7 +86,7 @@ def doctor(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The project's test suite (what .ci/run runs)."""
-    session.install("-e", ".[test]")
+    _install(session, ".[test]")
     session.run("pytest", *session.posargs)
 
 

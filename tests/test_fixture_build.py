@@ -31,7 +31,7 @@ def test_fixture_builds_verifies_and_reuses_its_steps(harness, state, tmp_path):
     assert "torch==2.5.1" in (ROOT / "tests/fixtures/vllm-mini/requirements/build.txt").read_text()
 
     # a second run (doctor on: the fixture's deliberate torch 2.5.1 pin is outweighed by the compile probe that
-    # passed on this tree) reuses every step, and verify runs again
+    # passed on this tree) reuses every step, verify too (its inputs are unchanged)
     rc, out, err = harness("build-variant", "--variant", variant)
     assert rc == 0, out + err
     doctor_report = json.loads((state / "logs" / "fixture-cpu" / "doctor.log").read_text())
@@ -39,7 +39,8 @@ def test_fixture_builds_verifies_and_reuses_its_steps(harness, state, tmp_path):
     assert pin and pin[0]["severity"] == "warning" and "compile probe" in pin[0]["evidence"], pin
     for step in ["fetch", "prepare", "env", "torch", "deps", "build", "post-install"]:
         assert f"· {step}" in out and "reused" in out
-    assert "VERIFIED" in out
+    assert "VERIFIED" in out and "verified earlier (" in out and "inputs unchanged" in out
+    verified_at = status_of(state, "fixture-cpu")["steps"]["verify"]["finished"]
 
     # the JSON of verify, as the contract gives it
     rc, out, err = harness("verify", "--variant", variant, "--json")
@@ -52,6 +53,18 @@ def test_fixture_builds_verifies_and_reuses_its_steps(harness, state, tmp_path):
     names = {c["name"] for c in data["checks"]}
     assert {"rms_norm bfloat16 (cpu)", "fused_add_rms_norm float16 (cpu)", "silu_and_mul float32 (cpu)",
             "rotary_embedding float32 (cpu)"} <= names
+    assert data["reused"]["verified_at"] == verified_at   # the build's result, its inputs unchanged
+
+    # --reverify runs the checks again and records the new result; a changed env does the same by itself
+    rc, out, err = harness("verify", "--variant", variant, "--reverify", "--json")
+    assert rc == 0 and "reused" not in json.loads(out), out + err
+    again = status_of(state, "fixture-cpu")["steps"]["verify"]
+    assert again["finished"] > verified_at and again["status"] == "ok"
+    site = next((state / "envs" / "fixture-cpu").glob("lib/python*/site-packages"))
+    (site / "extra_dist-1.0.dist-info").mkdir()
+    (site / "extra_dist-1.0.dist-info" / "RECORD").write_text("extra_dist.py,,\n")
+    rc, out, err = harness("build-variant", "--variant", variant, "--skip-doctor")
+    assert rc == 0 and "verified earlier" not in out and "VERIFIED (" in out, out + err
 
 
 def test_old_cmake_fails_the_build_and_leaves_the_env_marked_not_built(harness, state, tmp_path):

@@ -72,6 +72,8 @@ SPEED = (Arg("--rebuild", "compile even when the wheelhouse has a wheel with thi
 JOBS = Arg("--jobs", "MAX_JOBS (default: from RAM, the measured per-job peak and cores)", type=int)
 ARCH = Arg("--arch", "TORCH_CUDA_ARCH_LIST, e.g. '7.5;8.9' (default: this machine's GPUs)")
 STEPS = "vllm_harness.commands.steps:cmd_step"
+REVERIFY = Arg("--reverify", "run verify's checks again even when the env, GPUs, driver and checks are those of the "
+               "recorded result (default: reuse it)", switch=True)
 
 COMMANDS: tuple[Command, ...] = (
     Command("list", "The variants in envs/ (CUDA, Python, torch, vLLM, mode).", "vllm_harness.commands.info:cmd_list",
@@ -107,7 +109,7 @@ COMMANDS: tuple[Command, ...] = (
                  "machine's GPUs"),
              Arg("--no-speed", "skip the bandwidth measurements", switch=True),
              Arg("--fatbin-reader", "how to list fatbin archs: cuobjdump when present (auto), or the built-in ELF "
-                 "reader", choices=("auto", "cuobjdump", "python"), default="auto"))),
+                 "reader", choices=("auto", "cuobjdump", "python"), default="auto"), REVERIFY)),
     Command("clean", "Remove what the harness made for a variant: stale build/, .deps, egg-info, its venv and logs.",
             "vllm_harness.commands.clean:cmd_clean",
             (VARIANT, Arg("--all", "every variant, and the download cache", switch=True),
@@ -151,7 +153,8 @@ COMMANDS: tuple[Command, ...] = (
              Arg("--force", "build despite doctor errors; redo finished steps", switch=True),
              Arg("--python", "interpreter for the venv (default: discovered)"), JOBS, ARCH, *SPEED,
              Arg("--skip-doctor", "skip the preflight (doctor) before the build", switch=True), NO_WAIT,
-             Arg("--strict-verify", "fail when the GPU checks could not run (no GPU)", switch=True), JSON)),
+             Arg("--strict-verify", "fail when the GPU checks could not run (no GPU)", switch=True), REVERIFY,
+             JSON)),
 )
 
 BY_NAME = {c.name: c for c in COMMANDS}

@@ -35,9 +35,25 @@ def cmd_verify(a) -> int:
     if not ctx.py.exists():
         raise UsageError(f"Variant {ctx.name} has no env yet ({ctx.venv}).", f"Run `nox -s build-{ctx.name}` first.")
     log = ctx.log("verify")
+    from vllm_harness.steps import verify as verify_step
+    ctx.reverify = getattr(a, "reverify", False)
+    proof = verify_step.proof_of(ctx, opts)
+    ctx._verify_proof = proof
+    done = verify_step.reusable(ctx, proof, a.allow_no_gpu)
+    if done is not None:  # the recorded result proved these very inputs
+        res = done["result"]
+        text, code = verify_mod.verdict(res, ctx.variant.verify["device"], a.allow_no_gpu)
+        if a.json:
+            print_json(a, {**res, "reused": {"verified_at": done.get("finished"), "proof": done.get("proof")}})
+        else:
+            verify_mod.render(res, text)
+            print(verify_step.reused_line(done))
+        return code
     try:
-        res = do_verify(ctx, log, allow_no_gpu=a.allow_no_gpu, as_json=a.json, **opts)["result"]
+        out = do_verify(ctx, log, allow_no_gpu=a.allow_no_gpu, as_json=a.json, **opts)
+        res = out["result"]
         code = 0
+        verify_step.record(ctx, log, out)
     except StepFailed as e:
         res = json.loads(json.dumps(getattr(e, "result", None) or {}))
         code = 1

@@ -48,7 +48,7 @@ def _step_keys(ctx: Ctx, interp_key: str) -> dict[str, str]:
     build = {k: x for k, x in v.build.items() if k != "toolkit" or tk}
     keys["build"] = key_of(keys["deps"], build, ctx.jobs, ctx.arch, v.vllm["mode"])
     keys["post-install"] = key_of(keys["build"], v.post_install)
-    keys["verify"] = key_of(keys["post-install"], v.verify, time.time())  # verify always runs again
+    keys["verify"] = key_of(keys["post-install"], v.verify)  # + what it proves: _verify_key, just before it runs
     return keys
 
 
@@ -244,12 +244,29 @@ def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False
         keys = _step_keys(ctx, _interp_key(ctx, interp))
         for step in steps_for(ctx.variant):
             kw = {"allow_no_gpu": allow_no_gpu} if step == "verify" else {}
-            _run(ctx, step, keys[step], _step_fn(ctx, step, interp, **kw))
+            key = _verify_key(ctx, allow_no_gpu) if step == "verify" else keys[step]
+            if key is None:  # verified earlier with these very inputs
+                continue
+            _run(ctx, step, key, _step_fn(ctx, step, interp, **kw))
             if step == "post-install":
                 ctx.status.set_built(True)
                 ctx.layout.last_built.parent.mkdir(parents=True, exist_ok=True)
                 ctx.layout.last_built.write_text(ctx.name + "\n")
         return ctx.status.data
+
+
+def _verify_key(ctx: Ctx, allow_no_gpu: bool) -> str | None:
+    """verify's key from what it proves (the env's distributions, GPUs, driver, checks: steps/verify.proof_of),
+    None when the recorded result proved the same inputs (printed as such; --reverify runs it again)."""
+    from vllm_harness.steps import verify as verify_step
+    proof = verify_step.proof_of(ctx, {})
+    ctx._verify_proof = proof
+    s = verify_step.reusable(ctx, proof, allow_no_gpu)
+    if s is None:
+        return proof["key"]
+    from rich.markup import escape
+    ctx.say(f"[dim]· {'verify':<13} {escape(verify_step.reused_line(s))}[/]")
+    return None
 
 
 def explain_failure(log: Path, context: dict | None, quiet: bool = False) -> dict | None:

@@ -1,0 +1,100 @@
+"""Issue 17: verify's result is kept with the inputs it proved and reused while they are unchanged."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from vllm_harness.core.layout import Layout
+from vllm_harness.facts.variants import load_variant
+from vllm_harness.steps import verify as verify_step
+from vllm_harness.steps.context import Ctx
+
+
+@pytest.fixture
+def ctx(state, tmp_path):
+    layout = Layout.default(ROOT)
+    c = Ctx(layout=layout, variant=load_variant(str(ROOT / "tests" / "envs" / "fixture-cpu.toml"), layout.envs_dirs),
+            quiet=True)
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    subprocess.run([base, "-m", "venv", "--without-pip", str(c.venv)], check=True, timeout=120)
+    site = next(c.venv.glob("lib/python*/site-packages"))
+    dist = site / "demo-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n")
+    (dist / "RECORD").write_text("demo/__init__.py,sha256=aaaa,10\n")
+    c.site = site
+    return c
+
+
+def _recorded(c: Ctx, proof: dict, verdict: str = "VERIFIED (3 checks passed)") -> None:
+    c.status.finish("post-install", "pk", None, 1.0)
+    result = {"checks": [{"name": "x", "status": "pass", "layer": "imports", "metrics": {}}], "gpus": []}
+    c.status.finish("verify", proof["key"], None, 7.0, note=verdict, result=result, proof=proof["summary"],
+                    proof_key=proof["key"])
+
+
+def test_same_inputs_reuse_the_result_and_every_input_change_runs_it_again(ctx):
+    ctx.status.finish("post-install", "pk", None, 1.0)
+    first = verify_step.proof_of(ctx, {})
+    assert first["summary"]["distributions"] >= 1
+    _recorded(ctx, first)
+    again = verify_step.proof_of(ctx, {})
+    assert again["key"] == first["key"]
+    s = verify_step.reusable(ctx, again)
+    assert s is not None and "inputs unchanged" in verify_step.reused_line(s)
+
+    # a distribution's files changed (RECORD's hashes): run again
+    (ctx.site / "demo-1.0.dist-info" / "RECORD").write_text("demo/__init__.py,sha256=bbbb,10\n")
+    changed = verify_step.proof_of(ctx, {})
+    assert changed["key"] != first["key"] and verify_step.reusable(ctx, changed) is None
+    # a new distribution
+    _recorded(ctx, changed)
+    (ctx.site / "other-2.0.dist-info").mkdir()
+    (ctx.site / "other-2.0.dist-info" / "RECORD").write_text("other.py,,\n")
+    added = verify_step.proof_of(ctx, {})
+    assert added["key"] != changed["key"] and added["summary"]["distributions"] == changed["summary"]["distributions"] + 1
+    # other checks asked for, or the build steps before it redone
+    _recorded(ctx, added)
+    assert verify_step.proof_of(ctx, {"speed": False})["key"] != added["key"]
+    ctx.status.finish("post-install", "pk2", None, 1.0)
+    assert verify_step.proof_of(ctx, {})["key"] != added["key"]
+
+
+def test_an_editable_install_is_proved_by_its_compiled_libraries(ctx, tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "pkg").mkdir(parents=True)
+    so = tree / "pkg" / "_C.so"
+    so.write_bytes(b"\x7fELF one")
+    dist = ctx.site / "pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "RECORD").write_text("pkg.pth,,\n")
+    (dist / "direct_url.json").write_text(json.dumps({"url": tree.as_uri(), "dir_info": {"editable": True}}))
+    before, _ = verify_step.env_fingerprint(ctx.py, ctx.env())
+    so.write_bytes(b"\x7fELF rebuilt, longer")
+    after, _ = verify_step.env_fingerprint(ctx.py, ctx.env())
+    assert before != after
+
+
+def test_reverify_force_and_a_verdict_this_run_refuses_are_not_reused(ctx):
+    proof = verify_step.proof_of(ctx, {})
+    _recorded(ctx, proof, "NOT VERIFIED on a GPU")
+    ctx.variant.verify["device"] = "cuda"   # the recorded result saw no GPU
+    assert verify_step.reusable(ctx, proof, allow_no_gpu=True) is not None
+    assert verify_step.reusable(ctx, proof, allow_no_gpu=False) is None   # --strict-verify runs it
+    ctx.reverify = True
+    assert verify_step.reusable(ctx, proof) is None
+    ctx.reverify = False
+    ctx.force = True
+    assert verify_step.reusable(ctx, proof) is None
+    ctx.force = False
+    ctx.status.fail("verify", None, "boom")
+    assert verify_step.reusable(ctx, proof) is None
+
+
+def test_reverify_is_a_flag_of_verify_and_build_variant():
+    from vllm_harness.commands.table import BY_NAME
+    for name in ("verify", "build-variant"):
+        assert "--reverify" in {a.flag for a in BY_NAME[name].args}
