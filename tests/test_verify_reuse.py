@@ -98,3 +98,22 @@ def test_reverify_is_a_flag_of_verify_and_build_variant():
     from vllm_harness.commands.table import BY_NAME
     for name in ("verify", "build-variant"):
         assert "--reverify" in {a.flag for a in BY_NAME[name].args}
+
+
+def test_clean_uv_cache_is_opt_in_and_clears_uv_cache_dir(harness, state, tmp_path, monkeypatch):
+    """`invoke clean --uv-cache` clears uv's own cache (here UV_CACHE_DIR), reported with its path; without the
+    flag it is left alone; --dry-run only reports."""
+    cache = tmp_path / "uv-cache"
+    monkeypatch.setenv("UV_CACHE_DIR", str(cache))
+    from vllm_harness.steps.context import _uv_bin
+    subprocess.run([_uv_bin(), "cache", "dir"], check=True, capture_output=True)   # uv answers for it
+    (cache / "wheels-v5").mkdir(parents=True)
+    (cache / "wheels-v5" / "blob").write_bytes(b"x" * 4096)
+    rc, out, err = harness("clean", "--all", "--json")
+    assert rc == 0 and (cache / "wheels-v5" / "blob").exists() and "uv cache" not in out
+    rc, out, err = harness("clean", "--all", "--uv-cache", "--dry-run", "--json")
+    data = json.loads(out)
+    assert rc == 0 and any(str(cache) in r for r in data["removed"]) and data["bytes"] >= 4096
+    assert (cache / "wheels-v5" / "blob").exists()
+    rc, out, err = harness("clean", "--all", "--uv-cache")
+    assert rc == 0 and "uv cache" in out and not (cache / "wheels-v5" / "blob").exists(), out + err

@@ -80,8 +80,24 @@ def plan(layout: Layout, variant: str | None, everything: bool, wheelhouse: bool
     return out
 
 
+def uv_cache(dry_run: bool) -> tuple[str, int]:
+    """uv's own cache (outside the state folder: UV_CACHE_DIR, else ~/.cache/uv): its path and size, cleared
+    with ``uv cache clean`` unless ``dry_run``.  Only with ``--uv-cache``."""
+    from vllm_harness.steps.context import _uv_bin
+    uv = _uv_bin()
+    if not uv:
+        return "uv cache (no uv found: nothing to clear)", 0
+    r = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True, timeout=60, check=False)
+    where = Path(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else None
+    size = _size(where) if where is not None and where.exists() else 0
+    if not dry_run:
+        subprocess.run([uv, "cache", "clean"], check=False, capture_output=True, timeout=1800)
+    return f"uv cache ({where or 'uv cache dir failed'}; uv cache clean)", size
+
+
 def clean(layout: Layout, variant: str | None = None, everything: bool = False, dry_run: bool = False,
-          pip_cache: bool = False, python: str | None = None, wheelhouse: bool = False) -> dict:
+          pip_cache: bool = False, python: str | None = None, wheelhouse: bool = False,
+          uv: bool = False) -> dict:
     targets = plan(layout, variant, everything, wheelhouse)
     removed, kept, total = [], [], 0
     for p in targets:
@@ -101,6 +117,10 @@ def clean(layout: Layout, variant: str | None = None, everything: bool = False, 
         removed.append("pip cache (pip cache purge)")
         if not dry_run:
             subprocess.run(cmd, check=False, capture_output=True, timeout=600)
+    if uv:
+        what, size = uv_cache(dry_run)
+        removed.append(what)
+        total += size
     return {"removed": removed, "kept": kept, "bytes": total, "dry_run": dry_run}
 
 
@@ -120,7 +140,8 @@ def cmd_clean(a) -> int:
             for n in names:
                 held.enter_context(locks.held(layout.lock(n), f"variant {n}", wait=not a.no_wait,
                                               say=lambda t: print(t, file=sys.stderr)))
-        res = clean(layout, name, a.all, a.dry_run, a.pip_cache, wheelhouse=getattr(a, "wheelhouse", False))
+        res = clean(layout, name, a.all, a.dry_run, a.pip_cache, wheelhouse=getattr(a, "wheelhouse", False),
+                    uv=getattr(a, "uv_cache", False))
     if a.json:
         print_json(a, res)
     else:

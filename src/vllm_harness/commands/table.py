@@ -115,6 +115,8 @@ COMMANDS: tuple[Command, ...] = (
             (VARIANT, Arg("--all", "every variant, and the download cache", switch=True),
              Arg("--dry-run", "show what would be removed, remove nothing", switch=True),
              Arg("--pip-cache", "also purge pip's own cache (opt-in)", switch=True),
+             Arg("--uv-cache", "also clear uv's own cache (UV_CACHE_DIR, else ~/.cache/uv; opt-in: other projects "
+                 "share it)", switch=True),
              Arg("--wheelhouse", "also remove the variant's wheels (all wheels without --variant); kept otherwise",
                  switch=True),
              Arg("--no-wait", "fail at once if a run holds the variant (default: wait for it to finish)",
