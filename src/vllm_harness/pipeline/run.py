@@ -23,7 +23,7 @@ from vllm_harness.core.runner import _rel, console, summary, write_json
 from vllm_harness.core.status import DEPENDS, STEPS, Status, key_of
 from vllm_harness.facts import pythons
 from vllm_harness.facts.variants import Variant
-from vllm_harness.steps.build import do_build
+from vllm_harness.steps.build import do_build, start_wheel_download
 from vllm_harness.steps.context import Ctx
 from vllm_harness.steps.deps import do_deps
 from vllm_harness.steps.env import do_env
@@ -247,6 +247,8 @@ def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False
             key = _verify_key(ctx, allow_no_gpu) if step == "verify" else keys[step]
             if key is None:  # verified earlier with these very inputs
                 continue
+            if step == "torch" and (ctx.force or not ctx.status.is_done(step, key)):
+                start_wheel_download(ctx)  # wheel mode: vLLM's wheel downloads beside torch (build checks it)
             _run(ctx, step, key, _step_fn(ctx, step, interp, **kw))
             if step == "post-install":
                 ctx.status.set_built(True)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +87,66 @@ def host_compiler_env(ctx: Ctx) -> dict[str, str]:
     return {"CC": f"gcc-{n}", "CXX": f"g++-{n}", "CUDAHOSTCXX": f"g++-{n}"}
 
 
+_DOWNLOADS: dict[str, tuple[threading.Thread, dict]] = {}
+
+
+def _wheel_download_cmd(ctx: Ctx, dest: Path) -> list[str]:
+    v = ctx.variant
+    dl = [str(ctx.py), "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off",
+          "-d", str(dest), v.vllm_requirement]
+    if v.vllm["index_url"]:
+        dl += ["--index-url", v.vllm["index_url"]]
+    return dl
+
+
+def start_wheel_download(ctx: Ctx) -> None:
+    """Wheel mode: download the vLLM wheel into the harness cache in the background, while the torch step
+    downloads torch (one wheel of 300+ MB less on the critical path); the build step waits for it, checks the
+    file there and installs that very file."""
+    if ctx.variant.vllm["mode"] != "wheel" or ctx.name in _DOWNLOADS or not ctx.py.exists():
+        return
+    from vllm_harness.core import procs
+    dest = ctx.layout.cache / "wheels"
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd, env, out = _wheel_download_cmd(ctx, dest), ctx.env(), {"before": set(dest.glob("*.whl"))}
+
+    def work() -> None:
+        t0 = time.monotonic()
+        try:
+            r = procs.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+            out.update(rc=r.returncode, text=f"$ {' '.join(cmd)}\n{r.stdout}\n{r.stderr}\n")
+        except BaseException as e:  # noqa: BLE001 - the build step downloads again in the foreground
+            out.update(rc=None, text=f"$ {' '.join(cmd)}\n# background download failed: {e}\n")
+        out["seconds"] = round(time.monotonic() - t0, 1)
+
+    t = threading.Thread(target=work, name=f"wheel-download-{ctx.name}", daemon=True)
+    t.start()
+    _DOWNLOADS[ctx.name] = (t, out)
+
+
+def _download_wheel(ctx: Ctx, log: Path, dest: Path) -> set[Path]:
+    """The wheel in the cache: the background download's (started with the torch step), else downloaded now.
+    Returns the wheels that were there before."""
+    pending = _DOWNLOADS.pop(ctx.name, None)
+    if pending is not None:
+        thread, out = pending
+        if thread.is_alive():
+            ctx.say("  waiting for the vLLM wheel's download (started with the torch step)")
+            while thread.is_alive():
+                thread.join(timeout=15)
+                if thread.is_alive() and not ctx.quiet:
+                    ctx.say(f"  ... still downloading {ctx.variant.vllm_requirement}")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as fh:
+            fh.write(out.get("text", "") + f"# exit status {out.get('rc')} (downloaded in the background, "
+                     f"{out.get('seconds')}s, beside the torch step)\n")
+        if out.get("rc") == 0:
+            return out["before"]
+    before = set(dest.glob("*.whl"))
+    run_commands("build", [_wheel_download_cmd(ctx, dest)], log, ctx.env(), quiet=ctx.quiet)
+    return before
+
+
 def install_checked_wheel(ctx: Ctx, log: Path) -> dict:
     """Wheel mode: download the prebuilt vLLM wheel, refuse it before install when its CUDA major, torch pin
     or device code does not fit the variant (the source document's libcudart.so.12-in-an-11.8-env case),
@@ -93,12 +154,7 @@ def install_checked_wheel(ctx: Ctx, log: Path) -> dict:
     v = ctx.variant
     dest = ctx.layout.cache / "wheels"
     dest.mkdir(parents=True, exist_ok=True)
-    before = set(dest.glob("*.whl"))
-    dl = [str(ctx.py), "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off",
-          "-d", str(dest), v.vllm_requirement]
-    if v.vllm["index_url"]:
-        dl += ["--index-url", v.vllm["index_url"]]
-    run_commands("build", [dl], log, ctx.env(), quiet=ctx.quiet)
+    before = _download_wheel(ctx, log, dest)
     name = Requirement(v.vllm_requirement).name.replace("-", "_").lower()
     wheels = sorted(p for p in dest.glob("*.whl") if p.name.lower().startswith(name + "-")
                     and Requirement(v.vllm_requirement).specifier.contains(p.name.split("-")[1], prereleases=True))
