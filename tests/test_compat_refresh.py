@@ -15,7 +15,7 @@ import pytest
 from vllm_harness.cli import main as cli
 from vllm_harness.core.errors import UsageError
 from vllm_harness.doctor import report as doctor
-from vllm_harness.facts import compat
+from vllm_harness.facts import compat, machine_profile
 from vllm_harness.facts import index_metadata as im
 from vllm_harness.facts.variants import load_variant_file
 
@@ -199,10 +199,9 @@ def _variant(tmp_path: Path, vllm: str, torch: str, cuda: str = "13.0", name: st
 
 
 def _h200_driver580() -> dict:
-    from vllm_harness.facts import machine
     text = (MACHINES / "h100-driver535.toml").read_text()
     text = text.replace('driver = "535.183.01"', 'driver = "580.95.05"').replace('driver_cuda = "12.2"', 'driver_cuda = "13.0"')
-    return machine.parse_profile(text, "h100-driver580")
+    return machine_profile.parse_profile(text, "h100-driver580")
 
 
 def test_doctor_before_and_after_a_refresh(index, tmp_path):
@@ -239,8 +238,7 @@ def test_packaged_data_judges_the_shipped_variants():
     envs = [Path(__file__).parent.parent / "envs"]
     fs = doctor.check(load_variant("cu130", envs), _h200_driver580())
     assert not [f for f in fs if f.id in ("compat-unknown", "compat-stale")] and doctor.verdict(fs) != "will fail"
-    from vllm_harness.facts import machine
-    p = machine.load_profile(MACHINES / "rtx4090-gcc13-ubuntu24.toml")   # driver 570
+    p = machine_profile.load_profile(MACHINES / "rtx4090-gcc13-ubuntu24.toml")   # driver 570
     fs = doctor.check(load_variant("cu128", envs), p)
     assert not [f for f in fs if f.id in ("compat-unknown", "compat-stale")] and doctor.verdict(fs) != "will fail"
     for name in ("cu118", "cu124", "cu128", "cu130"):

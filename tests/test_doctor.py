@@ -17,6 +17,7 @@ import pytest
 from vllm_harness.core.errors import UsageError
 from vllm_harness.doctor import report as doctor
 from vllm_harness.facts import compat, machine
+from vllm_harness.facts.machine_profile import load_profile
 from vllm_harness.facts.variants import load_variant, parse_variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def variant(name: str):
 
 
 def profile(name: str) -> dict:
-    return machine.load_profile(MACHINES / f"{name}.toml")
+    return load_profile(MACHINES / f"{name}.toml")
 
 
 def edited(name: str, *replacements: tuple[str, str], new_name: str | None = None):
@@ -505,7 +506,7 @@ def test_a_too_new_default_gcc_with_a_supported_gcc_n_installed_is_handled_by_th
     from vllm_harness.core.layout import Layout
     from vllm_harness.steps.build import host_compiler_env
     from vllm_harness.steps.context import Ctx
-    prof = machine.load_profile(MACHINES / "debian12-cuda118-gcc11.toml")
+    prof = load_profile(MACHINES / "debian12-cuda118-gcc11.toml")
     cu118 = load_variant("cu118", [ROOT / "envs"])
     found = {f.id: f for f in doctor.check(cu118, prof, env={})}
     assert found["host-compiler-unsupported"].severity == "info"

@@ -11,6 +11,14 @@ import pytest
 
 from vllm_harness.core.errors import UsageError
 from vllm_harness.facts import machine
+from vllm_harness.facts.cuda_toolkits import probe_toolkits, toolkit_candidates
+from vllm_harness.facts.machine_profile import (
+    dump_profile,
+    load_profile,
+    parse_profile,
+    save_profile,
+    validate_profile,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINES = ROOT / "tests" / "machines"
@@ -40,7 +48,7 @@ def test_probe_this_machine(tmp_path):
     assert m["ram_available_gib"] <= m["ram_gib"] + 0.1
     assert isinstance(m["python"], list) and isinstance(m["in_container"], bool)
     assert isinstance(m["cuda_toolkits"], dict)
-    machine.validate_profile(p)  # the probe's own output is a valid profile
+    validate_profile(p)  # the probe's own output is a valid profile
     if not _has_nvidia_gpu():
         assert p["gpu"] == [] and "driver" not in m and "driver_cuda" not in m
     if shutil.which("nvcc"):
@@ -56,7 +64,7 @@ def test_probe_without_tools_does_not_crash(tmp_path):
     for tool in ("gcc", "cmake", "ninja", "git"):
         assert tool not in m
     assert m["not_found"] == ["cmake", "gcc", "git", "ninja"]
-    machine.validate_profile(p)
+    validate_profile(p)
 
 
 def test_toolkits_from_cuda_home_runtime_only_and_pip(tmp_path):
@@ -76,7 +84,7 @@ def test_toolkits_from_cuda_home_runtime_only_and_pip(tmp_path):
         executable = str(venv / "bin" / "python")
 
     env = {"PATH": str(tmp_path / "empty"), "CUDA_HOME": str(tk), "CUDA_PATH": str(rt), "HOME": str(tmp_path)}
-    toolkits, no_nvcc = machine.probe_toolkits(env, [Interp()])
+    toolkits, no_nvcc = probe_toolkits(env, [Interp()])
     assert toolkits["11.8"] == str(tk)
     assert toolkits["12.4"] == str(venv / "lib" / "python3.12" / "site-packages" / "nvidia" / "cuda_nvcc")
     assert str(rt) in no_nvcc
@@ -92,7 +100,7 @@ def test_nvcc_wrapper_on_path_resolves_to_its_toolkit(tmp_path):
     _script(wrapper_dir / "nvcc",
             f'case "$*" in *--dryrun*) echo "#$ TOP={real}/bin/.." ;; *) exec {real}/bin/nvcc "$@" ;; esac\n')
     env = {"PATH": str(wrapper_dir), "HOME": str(tmp_path)}
-    roots = [r for r, origin in machine.toolkit_candidates(env) if origin == "PATH"]
+    roots = [r for r, origin in toolkit_candidates(env) if origin == "PATH"]
     assert roots == [real]
 
 
@@ -105,8 +113,8 @@ def test_debian_layout_nvcc_in_usr_bin(tmp_path):
     (usr / "include").mkdir()
     (usr / "include" / "cuda_runtime.h").write_text("")
     env = {"PATH": str(usr / "bin"), "HOME": str(tmp_path)}
-    assert [r for r, o in machine.toolkit_candidates(env) if o == "PATH"] == [usr]
-    toolkits, _ = machine.probe_toolkits(env)
+    assert [r for r, o in toolkit_candidates(env) if o == "PATH"] == [usr]
+    toolkits, _ = probe_toolkits(env)
     assert toolkits.get("12.4") == str(usr)
 
 
@@ -139,25 +147,25 @@ def test_env_facts_keeps_only_what_doctor_reads():
 
 def test_round_trip_of_a_probe(tmp_path):
     p = machine.probe(tmp_path / "build")
-    path = machine.save_profile(p, tmp_path / "out" / "this.toml")
-    assert machine.load_profile(path) == p
+    path = save_profile(p, tmp_path / "out" / "this.toml")
+    assert load_profile(path) == p
 
 
 @pytest.mark.parametrize("path", sorted(MACHINES.glob("*.toml")), ids=lambda p: p.stem)
 def test_round_trip_of_the_test_machines(path, tmp_path):
-    p = machine.load_profile(path)
-    out = machine.save_profile(p, tmp_path / path.name)
-    again = machine.load_profile(out)
+    p = load_profile(path)
+    out = save_profile(p, tmp_path / path.name)
+    again = load_profile(out)
     assert again == p
-    assert machine.dump_profile(again) == out.read_text()
+    assert dump_profile(again) == out.read_text()
 
 
 def test_round_trip_of_awkward_strings(tmp_path):
     p = {"machine": {"os": 'we"ird\\os\tname', "python": [], "cuda_toolkits": {"12.4": "/opt/cuda 12.4/\u00e9"},
                      "cpu_cores": 3, "ram_gib": 0.1, "in_container": False},
          "gpu": [{"name": "GPU \"x\"\n", "compute_capability": "10.0", "memory_gib": 94.5}]}
-    out = machine.save_profile(p, tmp_path / "p.toml")
-    assert machine.load_profile(out) == p
+    out = save_profile(p, tmp_path / "p.toml")
+    assert load_profile(out) == p
 
 
 def test_the_contract_example_loads():
@@ -165,7 +173,7 @@ def test_the_contract_example_loads():
     if not text.is_file():
         pytest.skip("contract not present on this machine")
     body = text.read_text().split("```toml", 1)[1].split("```", 1)[0]
-    p = machine.parse_profile(body, "machine-profile.md")
+    p = parse_profile(body, "machine-profile.md")
     assert p["machine"]["cuda_toolkits"] == {"11.8": "/usr/local/cuda-11.8"}
     assert p["gpu"][0]["compute_capability"] == "7.5"
 
@@ -173,7 +181,7 @@ def test_the_contract_example_loads():
 def test_ints_for_float_keys_are_accepted_and_normalised(tmp_path):
     f = tmp_path / "m.toml"
     f.write_text("[machine]\nram_gib = 64\n")
-    assert machine.load_profile(f) == {"machine": {"ram_gib": 64.0}}
+    assert load_profile(f) == {"machine": {"ram_gib": 64.0}}
 
 
 # ---------------------------------------------------------------------------------- malformed
@@ -203,7 +211,7 @@ def test_malformed_profile_names_file_and_key(tmp_path, text, key):
     f = tmp_path / "bad.toml"
     f.write_text(text)
     with pytest.raises(UsageError) as e:
-        machine.load_profile(f)
+        load_profile(f)
     assert str(f) in e.value.message and f"'{key}'" in e.value.message
     assert e.value.fix and e.value.exit_code == 2
 
@@ -212,19 +220,19 @@ def test_bad_toml_and_missing_file(tmp_path):
     f = tmp_path / "broken.toml"
     f.write_text("[machine\ncpu_cores = 4\n")
     with pytest.raises(UsageError) as e:
-        machine.load_profile(f)
+        load_profile(f)
     assert str(f) in e.value.message and "TOML" in e.value.message and e.value.fix
     with pytest.raises(UsageError) as e:
-        machine.load_profile(tmp_path / "nope.toml")
+        load_profile(tmp_path / "nope.toml")
     assert "nope.toml" in e.value.message and "--save-machine" in e.value.fix
     f.write_bytes(b"\xff\xfe[machine]")
     with pytest.raises(UsageError):
-        machine.load_profile(f)
+        load_profile(f)
 
 
 def test_save_refuses_an_invalid_profile(tmp_path):
     with pytest.raises(UsageError) as e:
-        machine.save_profile({"machine": {"cpu_cores": "many"}}, tmp_path / "x.toml")
+        save_profile({"machine": {"cpu_cores": "many"}}, tmp_path / "x.toml")
     assert "machine.cpu_cores" in e.value.message
     assert not (tmp_path / "x.toml").exists()
 
@@ -249,8 +257,8 @@ def test_any_profile_is_valid_or_one_usage_error(mach, gpus, extra_key):
     if extra_key == "extra":
         data["extra"] = {"a": 1}
     try:
-        prof = machine.validate_profile(data, where="fuzz.toml")
+        prof = validate_profile(data, where="fuzz.toml")
     except UsageError as e:
         assert "fuzz.toml" in str(e) and "Fix:" in str(e)
         return
-    assert machine.parse_profile(machine.dump_profile(prof), where="again") == prof
+    assert parse_profile(dump_profile(prof), where="again") == prof

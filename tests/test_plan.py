@@ -9,14 +9,15 @@ import pytest
 
 from vllm_harness.cli import main as cli
 from vllm_harness.doctor import report as doctor
-from vllm_harness.facts import compat, machine, planner
+from vllm_harness.facts import compat, planner
+from vllm_harness.facts.machine_profile import load_profile
 from vllm_harness.facts.variants import load_variant_file
 
 MACHINES = Path(__file__).parent / "machines"
 
 
 def _plan(name: str) -> dict:
-    return planner.plan(machine.load_profile(MACHINES / f"{name}.toml"), compat.load(), name)
+    return planner.plan(load_profile(MACHINES / f"{name}.toml"), compat.load(), name)
 
 
 @pytest.mark.parametrize("name", ["rtx4090-driver550", "titanrtx-driver520", "titanrtx-driver470", "h100-driver535",
@@ -24,7 +25,7 @@ def _plan(name: str) -> dict:
 def test_recommends_a_cuda_line_the_driver_runs(name):
     rep = _plan(name)
     rec = rep["recommendation"]
-    prof = machine.load_profile(MACHINES / f"{name}.toml")
+    prof = load_profile(MACHINES / f"{name}.toml")
     runs, how = planner.driver_supports(compat.load(), rec["cuda"], prof["machine"]["driver"], prof["machine"]["driver_cuda"])
     assert runs, how
     assert {o["cuda"] for o in rep["options"]} == set(compat.load().cuda_versions())
@@ -64,7 +65,7 @@ def test_json_shape_and_write_builds_a_variant(tmp_path, capsys):
     rec = rep["recommendation"]
     assert (v.cuda, v.torch["version"], v.vllm["version"], v.vllm["mode"]) == (rec["cuda"], rec["torch"], rec["vllm"], rec["mode"])
     # the written variant passes doctor on the machine it was planned for
-    fs = doctor.check(v, machine.load_profile(MACHINES / "rtx4090-driver550.toml"))
+    fs = doctor.check(v, load_profile(MACHINES / "rtx4090-driver550.toml"))
     assert doctor.verdict(fs) != "will fail", [f for f in fs if f.severity == "error"]
 
 

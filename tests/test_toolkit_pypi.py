@@ -16,6 +16,8 @@ from conftest import ROOT, needs_pypi, status_of
 from vllm_harness.core.errors import UsageError
 from vllm_harness.doctor import report as doctor
 from vllm_harness.facts import machine, toolkit
+from vllm_harness.facts.cuda_toolkits import toolkit_missing
+from vllm_harness.facts.machine_profile import dump_profile, parse_profile, validate_profile
 from vllm_harness.facts.variants import load_variant_file, parse_variant
 
 # torch 2.11.0's own Requires-Dist lines (its manylinux x86_64 wheel's metadata on PyPI)
@@ -133,7 +135,7 @@ def test_a_cu12_nvcc_wheel_is_incomplete(tmp_path):
     _exe(root / "bin" / "ptxas")
     (root / "include" / "crt").mkdir(parents=True)
     (root / "include" / "crt" / "host_config.h").write_text("")
-    missing = machine.toolkit_missing(root, "12.4")
+    missing = toolkit_missing(root, "12.4")
     assert missing[:3] == ["bin/nvcc", "bin/cudafe++", "bin/fatbinary"]
     assert "bin/ptxas" not in missing and "include/cuda_runtime.h" in missing and "nvvm/bin/cicc" in missing
 
@@ -142,16 +144,16 @@ def test_wheel_layout_needs_lib64_and_the_links_make_it_complete(tmp_path):
     venv = tmp_path / "venv"
     root = venv / "lib" / "python3.11" / "site-packages" / "nvidia" / "cu13"
     _wheel_layout(root)
-    assert machine.toolkit_missing(root, "13.0") == ["lib64/libcudart_static.a"]
+    assert toolkit_missing(root, "13.0") == ["lib64/libcudart_static.a"]
     made = toolkit.link_pypi_toolkit(root, venv)
     assert made == ["lib64 -> lib", "lib/libcudart.so -> libcudart.so.13",
                     "lib/libnvrtc-builtins.so -> libnvrtc-builtins.so.13.0"]
     assert os.readlink(root / "lib64") == "lib" and (root / "lib" / "libcudart.so").resolve().name == "libcudart.so.13"
-    assert machine.toolkit_missing(root, "13.0") == []
+    assert toolkit_missing(root, "13.0") == []
     assert toolkit.link_pypi_toolkit(root, venv) == []  # done once
     # CUDA 13's headers include CCCL's nv/target
     (root / "include" / "cccl" / "nv" / "target").unlink()
-    assert machine.toolkit_missing(root, "13.0") == ["include/cccl/nv/target"]
+    assert toolkit_missing(root, "13.0") == ["include/cccl/nv/target"]
 
 
 def test_links_are_never_made_outside_the_venv(tmp_path):
@@ -172,8 +174,8 @@ def test_probe_reports_an_incomplete_toolkit(tmp_path):
     assert toolkits["13.0"] == str(tk)
     assert incomplete == [f"{tk} (CUDA 13.0): no bin/cudafe++, bin/ptxas, bin/fatbinary, nvvm/bin/cicc, "
                           "include/crt/host_config.h, include/cccl/nv/target, lib64/libcudart_static.a"]
-    prof = machine.validate_profile({"machine": {"cuda_toolkits": toolkits, "cuda_incomplete": incomplete}})
-    assert machine.parse_profile(machine.dump_profile(prof)) == prof
+    prof = validate_profile({"machine": {"cuda_toolkits": toolkits, "cuda_incomplete": incomplete}})
+    assert parse_profile(dump_profile(prof)) == prof
 
 
 # ------------------------------------------------------------------------------------- doctor's fix
@@ -290,7 +292,7 @@ def test_cuda13_fixture_builds_with_the_pypi_toolkit_and_no_system_toolkit(harne
     root = Path(deps["toolkit"])
     assert root.name == "cu13" and root.is_relative_to(state / "envs" / name)
     assert deps["toolkit_requirements"] == ["cuda-toolkit[nvcc,crt,nvvm,cccl,cudart]==13.0.2"]
-    assert machine.toolkit_missing(root, "13.0") == []
+    assert toolkit_missing(root, "13.0") == []
     # CMake and torch's CMake config took the venv's nvcc and headers; no system toolkit's path reached the build
     log = (state / "logs" / name / "build.log").read_text()
     assert f"-- Check for working CUDA compiler: {root}/bin/nvcc" in log

@@ -49,9 +49,9 @@ def compat_command(a, layout, out) -> int:
 
 
 def plan_command(a, layout, out) -> int:
-    from vllm_harness.facts import machine, planner
+    from vllm_harness.facts import machine, machine_profile, planner
     if a.machine:
-        profile, name = machine.load_profile(Path(a.machine)), Path(a.machine).stem
+        profile, name = machine_profile.load_profile(Path(a.machine)), Path(a.machine).stem
     else:
         profile, name = machine.probe(layout.state), "this machine"
     data = compat.load()

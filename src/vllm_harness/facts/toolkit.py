@@ -45,7 +45,7 @@ def clean_env(base: dict[str, str] | None = None) -> dict[str, str]:
 def find_toolkits(env: dict[str, str] | None = None) -> dict[str, str]:
     """{'11.8': '/usr/local/cuda-11.8', ...}: each toolkit found, by the version its nvcc reports
     (the same search as doctor's machine probe)."""
-    from vllm_harness.facts.machine import probe_toolkits
+    from vllm_harness.facts.cuda_toolkits import probe_toolkits
     return probe_toolkits(dict(os.environ if env is None else env))[0]
 
 

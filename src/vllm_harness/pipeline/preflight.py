@@ -10,10 +10,10 @@ from vllm_harness.core.errors import StepFailed
 
 
 def machine_profile(layout, given: str | None = None, save: str | None = None) -> dict:
-    from vllm_harness.facts import machine
-    profile = machine.load_profile(Path(given)) if given else machine.probe(layout.state)
+    from vllm_harness.facts import machine, machine_profile
+    profile = machine_profile.load_profile(Path(given)) if given else machine.probe(layout.state)
     if save:
-        machine.save_profile(profile, Path(save))
+        machine_profile.save_profile(profile, Path(save))
     return profile
 
 

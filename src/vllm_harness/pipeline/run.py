@@ -93,8 +93,8 @@ def _run(ctx: Ctx, step: str, key: str, fn) -> None:
             if report and report["findings"] and not e.fix:
                 e.fix = report["findings"][0]["fix"]
         raise
-    except HarnessError as e:
-        ctx.status.fail(step, None, e.message)
+    except HarnessError as e:  # before the step had a log (an index, a toolkit, a bundle): still diagnosable
+        record_failure(ctx, step, e, started=time.time() - (time.monotonic() - t0))
         raise
     except BaseException:  # Ctrl-C, SIGTERM, a bug: never leave the step looking done
         ctx.status.fail(step, str(log), "interrupted")
@@ -107,6 +107,26 @@ def _run(ctx: Ctx, step: str, key: str, fn) -> None:
                          f"Run it again (`nox -s build-{ctx.name}` resumes at this step).")
     ctx.status.finish(step, key, str(log) if log.exists() else None, secs, **extra)
     summary(step, True, secs, log if log.exists() else None, note=extra.get("note", ""), quiet=ctx.quiet)
+
+
+def record_failure(ctx: Ctx, step: str, e: HarnessError, started: float | None = None) -> None:
+    """A failure without a log of its own (an unreachable index, doctor's refusal, a missing toolkit, a lock
+    held too long, a bundle that lacks a file): its message, the fix and any evidence line go into the step's
+    log, the step is recorded as failed, and last-failed names that log, so `invoke diagnose` explains it."""
+    if getattr(e, "recorded", False):
+        return
+    log = ctx.log(step)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fresh = started is not None and log.exists() and log.stat().st_mtime >= started  # written by this attempt
+    lines = ([] if fresh else [f"# {step}: failed before it ran a command"])
+    lines += [x for x in (getattr(e, "evidence", None), f"ERROR: {e.message}", f"Fix: {e.fix}" if e.fix else None) if x]
+    with open(log, "a" if fresh else "w") as fh:
+        fh.write(mask("\n".join(lines)) + "\n")
+    if step in STEPS:
+        ctx.status.fail(step, str(log), e.message)
+    write_json(ctx.layout.last_failed, {"variant": ctx.name, "step": step, "log": str(log), "message": mask(e.message),
+                                        "fix": mask(e.fix) if e.fix else None})
+    e.recorded = True
 
 
 def _tree_gone(ctx: Ctx, step: str) -> str | None:
@@ -165,6 +185,20 @@ def _locked(ctx: Ctx):
         yield
 
 
+@contextmanager
+def _recorded(ctx: Ctx, what: str):
+    """Failures outside a step (waiting for the lock, doctor's refusal) recorded for diagnose too."""
+    started = time.time()
+    try:
+        yield
+    except HarnessError as e:
+        if what == "lock" and "is in use by" not in e.message:
+            what = "start"  # no interpreter, a bundle refused, ...; a step run out of order is not recorded
+        if not getattr(e, "recorded", False) and not e.message.startswith("Step '"):
+            record_failure(ctx, what, e, started=started)
+        raise
+
+
 def require(ctx: Ctx, step: str) -> None:
     """Refuse a single step whose inputs have not been made (a step run out of order)."""
     order = steps_for(ctx.variant)
@@ -200,7 +234,7 @@ def _interpreter(ctx: Ctx) -> pythons.Interpreter:
 
 def run_single(ctx: Ctx, step: str, **kw) -> dict:
     """One step, as an invoke task runs it: checked for order, locked, recorded."""
-    with _locked(ctx):
+    with _recorded(ctx, "lock"), _locked(ctx):
         if not ctx.py.exists():  # env deleted (by hand, or cleaned): nothing recorded in it can be trusted
             ctx.status.invalidate("env")
         group = TASK_STEPS.get(step, [step])
@@ -235,9 +269,10 @@ def _step_fn(ctx: Ctx, step: str, interp, **kw):
 def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False) -> dict:
     """The whole flow of ``nox -s build-<variant>``; steps that are done with the same inputs are reused."""
     from vllm_harness.pipeline import preflight as doctor_run
-    with _locked(ctx):
+    with _recorded(ctx, "lock"), _locked(ctx):
         if not skip_doctor:
-            doctor_run.preflight(ctx)
+            with _recorded(ctx, "doctor"):
+                doctor_run.preflight(ctx)
         interp = _interpreter(ctx)
         if not ctx.py.exists():  # env deleted by hand: nothing in it can be trusted
             ctx.status.invalidate("env")

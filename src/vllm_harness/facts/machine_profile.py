@@ -1,0 +1,286 @@
+"""A machine profile on disk (`invoke doctor --save-machine`, `--machine FILE`): the schema of its keys
+(shared/contract/machine-profile.md), validation with one message per bad key, and the TOML writer."""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+from vllm_harness.core import safeio
+from vllm_harness.core.errors import UsageError
+from vllm_harness.facts.machine import TOOLS
+from vllm_harness.facts.variants import Bad as _Bad
+from vllm_harness.facts.variants import check_bool as _bool
+from vllm_harness.facts.variants import list_of
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+def _s(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"expected a string, got {type(v).__name__} {v!r:.60}", "quote the value")
+    if len(v) > 4096:
+        raise _Bad("string is too long", "keep it under 4096 characters")
+    return v
+
+
+def _ver(v: Any) -> str:
+    s = _s(v).strip()
+    if not re.fullmatch(r"\d+(\.\d+){0,3}", s):
+        raise _Bad(f"{s!r} is not a version", "write a dotted version such as \"3.22.1\"")
+    try:
+        Version(s)
+    except InvalidVersion:  # pragma: no cover - the regex already rules this out
+        raise _Bad(f"{s!r} is not a version", "write a dotted version such as \"3.22.1\"") from None
+    return s
+
+
+def _mm_str(what: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        s = _s(v).strip()
+        if not re.fullmatch(r"\d{1,2}\.\d{1,2}", s):
+            raise _Bad(f"{s!r} is not a {what}", f"write major.minor in quotes, e.g. \"{'8.9' if 'capab' in what else '12.4'}\"")
+        return s
+    return check
+
+
+def _int_pos(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _Bad(f"expected a whole number, got {v!r:.60}", "write a number without quotes, e.g. 16")
+    if not 1 <= v <= 100000:
+        raise _Bad(f"{v} is out of range", "write a number from 1 to 100000")
+    return v
+
+
+def _num(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _Bad(f"expected a number, got {v!r:.60}", "write a number without quotes, e.g. 64.0")
+    f = float(v)
+    if not math.isfinite(f) or f < 0:
+        raise _Bad(f"{v} is not a finite non-negative number", "write a number such as 64.0")
+    return f
+
+
+def _list(check: Callable[[Any], Any]) -> Callable[[Any], list]:
+    return list_of(check, limit=256, example='["3.10.13"]')
+
+
+def _tool_name(v: Any) -> str:
+    s = _s(v)
+    if s not in TOOLS:
+        raise _Bad(f"{s!r} is not a tool the probe looks for", f"use some of: {', '.join(TOOLS)}")
+    return s
+
+
+def _driver(v: Any) -> str:
+    s = _s(v).strip()
+    if not re.fullmatch(r"\d+(\.\d+){0,3}", s):
+        raise _Bad(f"{s!r} is not a driver version", "write it as nvidia-smi shows it, e.g. \"550.54.15\"")
+    return s
+
+
+def _nonempty(v: Any) -> str:
+    s = _s(v)
+    if not s.strip():
+        raise _Bad("is empty", "give a value or remove the key")
+    return s
+
+
+def validate_profile(data: Any, where: str = "machine profile") -> dict:
+    """The profile, normalised (numbers for *_gib are floats); ``UsageError`` naming ``where`` + key + fix."""
+    def fail(key: str, reason: str, fix: str) -> UsageError:
+        return UsageError(f"{where}: key '{key}': {reason}.", fix[0].upper() + fix[1:] + ".")
+
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: is not a table of [machine] and [[gpu]].", "Write it as machine-profile.md shows.")
+    for key in data:
+        if key not in ("machine", "gpu"):
+            raise fail(key, "is not a known key", "use [machine] and [[gpu]] only (or remove it)")
+    out: dict[str, Any] = {}
+    if "machine" in data:
+        m = data["machine"]
+        if not isinstance(m, dict):
+            raise fail("machine", "must be a table", "write it as [machine]")
+        mo: dict[str, Any] = {}
+        for key, value in m.items():
+            if key not in MACHINE_KEYS:
+                raise fail(f"machine.{key}", "is not a known key",
+                           f"use one of: {', '.join(MACHINE_KEYS)} (or remove it)")
+            if key == "cuda_toolkits":
+                if not isinstance(value, dict):
+                    raise fail("machine.cuda_toolkits", f"expected a table, got {type(value).__name__}",
+                               "write [machine.cuda_toolkits] with lines like \"11.8\" = \"/usr/local/cuda-11.8\"")
+                tk = {}
+                for ver, root in value.items():
+                    if not re.fullmatch(r"\d{1,2}\.\d{1,2}", ver):
+                        raise fail(f"machine.cuda_toolkits.{ver}", "is not a CUDA major.minor",
+                                   "use the toolkit version as the key, e.g. \"12.4\"")
+                    try:
+                        tk[ver] = _nonempty(root)
+                    except _Bad as e:
+                        raise fail(f"machine.cuda_toolkits.{ver}", e.reason, "give the toolkit root (CUDA_HOME) as a string") from None
+                mo[key] = tk
+                continue
+            try:
+                mo[key] = MACHINE_KEYS[key](value)
+            except _Bad as e:
+                raise fail(f"machine.{key}", e.reason, e.fix) from None
+        out["machine"] = mo
+    if "gpu" in data:
+        gl = data["gpu"]
+        if not isinstance(gl, list):
+            raise fail("gpu", "must be an array of tables", "write each GPU as a [[gpu]] table")
+        go = []
+        for i, g in enumerate(gl):
+            if not isinstance(g, dict):
+                raise fail(f"gpu[{i}]", "must be a table", "write each GPU as a [[gpu]] table")
+            gd = {}
+            for key, value in g.items():
+                if key not in GPU_KEYS:
+                    raise fail(f"gpu[{i}].{key}", "is not a known key", f"use one of: {', '.join(GPU_KEYS)} (or remove it)")
+                try:
+                    gd[key] = GPU_KEYS[key](value)
+                except _Bad as e:
+                    raise fail(f"gpu[{i}].{key}", e.reason, e.fix) from None
+            go.append(gd)
+        out["gpu"] = go
+    return out
+
+
+def parse_profile(text: str, where: str = "machine profile") -> dict:
+    try:
+        safeio.prescan_toml(text)
+        data = tomllib.loads(text)
+    except safeio.TomlLimit as e:
+        raise UsageError(f"{where}: {e}, past what a machine profile may hold.",
+                         "Give a file written by `invoke doctor --save-machine FILE`.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{where}: is not valid TOML ({e}).", "Correct the TOML syntax at that line.") from None
+    return validate_profile(data, where)
+
+
+def load_profile(path: Path) -> dict:
+    """A saved profile, validated.  A FIFO, a device, a huge file, bad TOML, a wrong type or an unknown key:
+    ``UsageError`` (checked on the open file before anything is read)."""
+    path = Path(path)
+    text = safeio.read_text(path, "Machine profile", safeio.TOML_MAX_BYTES,
+                            "Give the path of a file written by `invoke doctor --save-machine FILE`.")
+    return parse_profile(text, str(path))
+
+
+def _tstr(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _tkey(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) and not re.fullmatch(r"\d+(\.\d+)*", k) else _tstr(k)
+
+
+def _tval(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        r = repr(v)
+        return r if any(c in r for c in ".en") else r + ".0"
+    if isinstance(v, str):
+        return _tstr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_tval(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")  # pragma: no cover - validated before
+
+
+def dump_profile(profile: dict) -> str:
+    """The TOML text of ``profile`` (validated first)."""
+    p = validate_profile(profile, "profile to save")
+    lines = ["# Machine profile written by vllm-harness (shared/contract/machine-profile.md).",
+             "# `invoke doctor --machine FILE` judges a variant against it."]
+    if "gpu" in p and not p["gpu"]:
+        lines.append("gpu = []   # no NVIDIA GPU found")
+    if "machine" in p:
+        m = p["machine"]
+        lines += ["", "[machine]"]
+        lines += [f"{_tkey(k)} = {_tval(v)}" for k, v in m.items() if k != "cuda_toolkits"]
+        if "cuda_toolkits" in m:
+            lines += ["", "[machine.cuda_toolkits]      # toolkit version -> its root (CUDA_HOME)"]
+            lines += [f"{_tstr(k)} = {_tval(v)}" for k, v in m["cuda_toolkits"].items()]
+    for g in p.get("gpu", []):
+        lines += ["", "[[gpu]]"] + [f"{_tkey(k)} = {_tval(v)}" for k, v in g.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_profile(profile: dict, path: Path) -> Path:
+    """Write ``profile`` as TOML to ``path`` (atomically); returns the path."""
+    path = Path(path)
+    text = dump_profile(profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".toml", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
+    "os": _nonempty,
+    "arch": _nonempty,
+    "cpu_cores": _int_pos,
+    "ram_gib": _num,
+    "ram_available_gib": _num,
+    "disk_free_gib": _num,
+    "python": _list(_ver),
+    "python_without_headers": _list(_ver),
+    "gcc": _ver,
+    "gcc_alternatives": _list(_ver),
+    "cmake": _ver,
+    "git": _ver,
+    "ninja": _ver,
+    "driver": _driver,
+    "driver_cuda": _mm_str("CUDA version"),
+    "in_container": _bool,
+    "not_found": _list(_tool_name),
+    "cuda_without_nvcc": _list(_nonempty),
+    "cuda_incomplete": _list(_nonempty),
+    "cuda_toolkits": None,  # table, checked below
+}
+
+
+GPU_KEYS: dict[str, Callable[[Any], Any]] = {
+    "name": _nonempty,
+    "compute_capability": _mm_str("compute capability"),
+    "memory_gib": _num,
+}
