@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT
@@ -117,3 +118,31 @@ def test_clean_uv_cache_is_opt_in_and_clears_uv_cache_dir(harness, state, tmp_pa
     assert (cache / "wheels-v5" / "blob").exists()
     rc, out, err = harness("clean", "--all", "--uv-cache")
     assert rc == 0 and "uv cache" in out and not (cache / "wheels-v5" / "blob").exists(), out + err
+
+
+def test_a_silent_child_still_gets_a_heartbeat_every_15_s(tmp_path, capsys):
+    """Off a terminal, a command that prints nothing (a download, an import) gets a line every 15 s."""
+    from vllm_harness.core.runner import Progress
+    now = [0.0]
+    p = Progress("torch", quiet=False, clock=lambda: now[0])
+    p.feed(b"Resolved 24 packages in 1.2s")
+    for t in (5.0, 14.0):
+        now[0] = t
+        p.tick()
+    assert capsys.readouterr().out == ""
+    now[0] = 15.0
+    p.tick()
+    now[0] = 30.5
+    p.tick()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["  ... torch 15s Resolved 24 packages in 1.2s", "  ... torch 30s Resolved 24 packages in 1.2s"]
+    p.close()
+
+
+def test_run_commands_heartbeat_while_the_child_is_silent(tmp_path, capsys, monkeypatch):
+    from vllm_harness.core import runner
+    monkeypatch.setattr(runner.Progress.__init__, "__defaults__", (False, time.monotonic, 1.0, False))
+    runner.run_commands("torch", [[sys.executable, "-c", "import time; print('start', flush=True); time.sleep(3.5)"]],
+                        tmp_path / "t.log", {"PATH": "/usr/bin:/bin"})
+    out = capsys.readouterr().out
+    assert out.count("... torch ") >= 2, out

@@ -2,8 +2,8 @@
 
 Every child gets an argument list and an explicit environment (never ``shell=True``).  While it runs the
 terminal shows the step, the time, ninja's ``[n/N]`` as a bar when the build prints it, and the last
-line; when stdout is not a terminal a heartbeat line is printed every 30 s instead.  When a command
-fails, the log is read by ``diagnose`` and its top finding is printed under the summary.
+line; when stdout is not a terminal a heartbeat line is printed every 15 s instead, also while the child
+is silent.  When a command fails, the log is read by ``diagnose`` and its top finding is printed under the summary.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,8 @@ class Progress:
     ``N``, e.g. the next extension's ninja, starts a new count).  The full output still goes to the log.
     """
 
-    def __init__(self, step: str, quiet: bool = False, clock=time.monotonic, beat: float = 30.0):
+    def __init__(self, step: str, quiet: bool = False, clock=time.monotonic, beat: float = 15.0,
+                 ticker: bool = False):
         self.step = step
         self.quiet = quiet
         self.clock = clock
@@ -99,6 +101,25 @@ class Progress:
                                        console=self._con, transient=True)
                 self._task = self._live.add_task("", total=None, rate="")
                 self._live.start()
+        # a silent child (a download, an import) still gets its heartbeat: a thread ticks every second
+        self._stop = threading.Event()
+        self._ticker = None
+        if ticker and not quiet and self._live is None:
+            self._ticker = threading.Thread(target=self._tick_loop, name=f"progress-{step}", daemon=True)
+            self._ticker.start()
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self.tick()
+
+    def tick(self) -> None:
+        """The heartbeat without new output: at least one line every ``beat`` seconds off a terminal."""
+        now = self.clock()
+        if self._live is None and not self.quiet and now >= self.next_beat:
+            self.next_beat = now + self.beat
+            st = self.status()
+            line = "" if st and NINJA_RE.match(self.last_line.encode()) else self.last_line[-100:]
+            print(" ".join(x for x in (f"  ... {self.step} {now - self.t0:.0f}s", st, mask(line)) if x), flush=True)
 
     def rate(self) -> float | None:
         """Edges a second in this ninja run (None until two edges have finished)."""
@@ -145,13 +166,13 @@ class Progress:
                 self._live.update(self._task, completed=self.done, total=self.total, description=desc, rate=rate)
             else:
                 self._live.update(self._task, description=desc)
-        elif not self.quiet and now >= self.next_beat:
-            self.next_beat = now + self.beat
-            st = self.status()
-            line = "" if st and NINJA_RE.match(self.last_line.encode()) else self.last_line[-100:]
-            print(f"  ... {self.step} {now - self.t0:.0f}s {st} {mask(line)}".rstrip(), flush=True)
+        else:
+            self.tick()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=2)
         if self._live is not None:
             self._live.stop()
 
@@ -169,7 +190,7 @@ def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict
     whole process group (pip, cmake, ninja, nvcc) is ended before the exception goes on.
     """
     log = StepLog(log_path)
-    prog = Progress(step, quiet=quiet)
+    prog = Progress(step, quiet=quiet, ticker=True)
     t0 = time.monotonic()
     try:
         with log.open() as fh:
