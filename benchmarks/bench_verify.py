@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from vllm_harness.verify import binaries as b  # noqa: E402
+from vllm_harness.verify.elf import _plain, fatbin_entries_cuobjdump, fatbin_entries_python
 
 
 def dist(argv: list[str]) -> int:
@@ -69,16 +70,16 @@ def main(paths: list[str]) -> int:
     for p in map(Path, paths):
         t0 = time.perf_counter()
         info = b.read_elf(p)
-        py = b.fatbin_entries_python(p, info)
+        py = fatbin_entries_python(p, info)
         t_py = time.perf_counter() - t0
         line = (f"{p.name}: {p.stat().st_size / 2**20:.1f} MiB, NEEDED {len(info.needed)}; python reader "
                 f"{t_py:.3f}s: {len(py)} entries in {len({e.container for e in py})} containers {b.arch_summary(py)}")
         if cuobjdump:
             t0 = time.perf_counter()
-            cu = b.fatbin_entries_cuobjdump(p, cuobjdump) or []
+            cu = fatbin_entries_cuobjdump(p, cuobjdump) or []
             t_cu = time.perf_counter() - t0
             # cuobjdump names family entries (sm_100f) like plain ones (sm_100): compare without the suffix
-            same = b._plain(cu) == b._plain(py) and len(cu) == len(py)
+            same = _plain(cu) == _plain(py) and len(cu) == len(py)
             bad += not same
             line += f"; cuobjdump {t_cu:.3f}s: {len(cu)} entries, {'SAME' if same else 'DIFFERENT: ' + str(b.arch_summary(cu))}"
         print(line)

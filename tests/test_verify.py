@@ -18,6 +18,8 @@ from conftest import needs_pypi
 
 from vllm_harness.verify import binaries as b
 from vllm_harness.verify import checks as verify_mod
+from vllm_harness.verify import elf
+from vllm_harness.verify.elf import FATBIN_MAGIC, parse_fatbin
 
 GCC = shutil.which("gcc") or shutil.which("cc")
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
@@ -83,13 +85,13 @@ def _fatbin_blob(entries: list[tuple[int, int, int]]) -> bytes:
         payload = b"\0" * 24
         hdr = struct.pack("<HHIQIIHHIIIQQQ", kind, 0x101, 64, len(payload), 0, 0, 8, 1, arch, 0, 0, flags, 0, 0)
         body += hdr + payload
-    return struct.pack("<IHHQ", b.FATBIN_MAGIC, 1, 16, len(body)) + body
+    return struct.pack("<IHHQ", FATBIN_MAGIC, 1, 16, len(body)) + body
 
 
 def test_parse_synthetic_fatbin_containers_and_coverage():
     blob = (b"\0" * 8 + _fatbin_blob([(2, 80, 0x11), (1, 90, 0x8011)])
             + _fatbin_blob([(2, 90, 0x108011), (2, 100, 0x1208011)]))
-    es = b.parse_fatbin(blob)
+    es = parse_fatbin(blob)
     assert [e.label for e in es] == ["sm_80", "compute_90", "sm_90a", "sm_100f"]
     assert [e.container for e in es] == [0, 0, 1, 1]
     assert b.coverage(es, "9.0")["level"] == "sass"           # sm_90a on exactly 9.0
@@ -116,8 +118,8 @@ def test_fatbin_made_by_nvcc_lists_its_archs(tmp_path):
                                "arch=compute_90,code=compute_90")
     if r.returncode != 0:
         pytest.skip(f"nvcc cannot build here: {r.stderr[-300:]}")
-    es = b.parse_fatbin(fat.read_bytes())
-    assert {(e.kind, e.arch) for e in es} == {(b.KIND_ELF, 80), (b.KIND_PTX, 90)}
+    es = parse_fatbin(fat.read_bytes())
+    assert {(e.kind, e.arch) for e in es} == {(elf.KIND_ELF, 80), (elf.KIND_PTX, 90)}
     assert b.arch_summary(es) == {"sass": ["sm_80"], "ptx": ["compute_90"]}
     # the same inside a shared library: found through the ELF's .nv_fatbin section
     so = tmp_path / "libk.so"
@@ -152,7 +154,7 @@ def test_arch_specific_family_and_compressed_entries(tmp_path):
                                 "arch=compute_100f,code=sm_100f", "-Xfatbin", "-compress-all")
     if r.returncode != 0:
         pytest.skip(f"this nvcc does not know sm_90a/sm_100f: {r.stderr[-200:]}")
-    es = b.parse_fatbin(fat.read_bytes())
+    es = parse_fatbin(fat.read_bytes())
     assert sorted(e.label for e in es) == ["sm_100f", "sm_90a"]
 
 

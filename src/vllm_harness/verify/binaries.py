@@ -17,11 +17,9 @@ Stdlib only: the harness runs it in its own process, on any env's files.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import shutil
-import struct
 import subprocess
 import tempfile
 import time
@@ -29,17 +27,17 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ELF_MAGIC = b"\x7fELF"
-FATBIN_MAGIC = 0xBA55ED50
-FATBIN_MAGIC_BYTES = struct.pack("<I", FATBIN_MAGIC)
-FATBIN_SECTIONS = (".nv_fatbin", "__nv_relfatbin")
-KIND_PTX, KIND_ELF = 1, 2
-FLAG_ARCH_SPECIFIC = 0x100000   # sm_90a / compute_90a: runs on that exact compute capability only
-FLAG_FAMILY = 0x200000          # sm_100f: the family (same major, minor >= this one)
-
-SHT_DYNAMIC = 6
-PT_LOAD, PT_DYNAMIC = 1, 2
-DT_NULL, DT_NEEDED, DT_STRTAB, DT_SONAME, DT_RPATH, DT_RUNPATH = 0, 1, 5, 14, 15, 29
+from vllm_harness.verify.elf import (
+    ElfInfo,
+    NotElf,
+    _elf_kind,
+    arch_summary,
+    coverage,
+    fatbin_entries,
+    find_cuobjdump,
+    is_elf,
+    read_elf,
+)
 
 # the NVIDIA driver's own libraries: present only where a driver is installed (not in any env)
 DRIVER_LIBS = re.compile(r"^lib(cuda|nvidia-ml|nvidia-ptxjitcompiler|nvcuvid|nvidia-encode)\.so(\.\d+)*$")
@@ -50,332 +48,50 @@ CUDA_LIB = re.compile(r"^lib(cudart|cublas|cublasLt|nvrtc|nvJitLink|cusparse|cuf
 DEFAULT_DIRS = ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"]
 
 
-class NotElf(ValueError):
-    pass
 
 
 # ------------------------------------------------------------------------------------------------ ELF
 
-@dataclass
-class Section:
-    name: str
-    type: int
-    offset: int
-    size: int
-    addr: int
-    link: int
 
 
-@dataclass
-class ElfInfo:
-    path: str
-    bits: int
-    little: bool
-    machine: int
-    etype: int
-    needed: list[str] = field(default_factory=list)
-    soname: str | None = None
-    rpath: list[str] = field(default_factory=list)
-    runpath: list[str] = field(default_factory=list)
-    sections: dict[str, Section] = field(default_factory=dict)
 
 
-def _open_map(path: Path) -> tuple[object, mmap.mmap | bytes]:
-    f = open(path, "rb")  # noqa: SIM115 - closed by the caller through _close
-    size = os.fstat(f.fileno()).st_size
-    if size < 16:
-        f.close()
-        raise NotElf(f"{path}: {size} bytes, not an ELF file")
-    return f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def _parse(path: Path, buf) -> ElfInfo:
-    if bytes(buf[:4]) != ELF_MAGIC:
-        raise NotElf(f"{path}: not an ELF file")
-    cls, data = buf[4], buf[5]
-    if cls not in (1, 2) or data not in (1, 2):
-        raise NotElf(f"{path}: unknown ELF class/data ({cls}, {data})")
-    bits, e = (64 if cls == 2 else 32), ("<" if data == 1 else ">")
-    hdr = e + ("HHIQQQIHHHHHH" if bits == 64 else "HHIIIIIHHHHHH")
-    (etype, machine, _v, _entry, phoff, shoff, _flags, _ehsize, phentsize, phnum, shentsize, shnum,
-     shstrndx) = struct.unpack_from(hdr, buf, 16)
-    info = ElfInfo(str(path), bits, data == 1, machine, etype)
-    n = len(buf)
-    sh_fmt = e + ("IIQQQQIIQQ" if bits == 64 else "IIIIIIIIII")
-
-    def shdr(i: int) -> tuple:
-        return struct.unpack_from(sh_fmt, buf, shoff + i * shentsize)
-
-    raw = []
-    if shoff and shentsize >= struct.calcsize(sh_fmt) and shoff < n:
-        if shnum == 0:               # more than 0xff00 sections: the count is in section 0
-            shnum = shdr(0)[5]
-        if shstrndx == 0xFFFF:       # SHN_XINDEX
-            shstrndx = shdr(0)[6]
-        if shoff + shnum * shentsize <= n:
-            raw = [shdr(i) for i in range(shnum)]
-    if raw:
-        stro = raw[shstrndx][4] if shstrndx < len(raw) else 0
-        for s in raw:
-            nm, typ, _fl, addr, off, size, link = s[:7]
-            end = buf.find(b"\0", stro + nm) if stro else -1
-            name = bytes(buf[stro + nm:end]).decode("latin-1") if end >= 0 else ""
-            info.sections.setdefault(name, Section(name, typ, off, size, addr, link))
-    # the dynamic section: through the section headers, else through the program headers
-    dyn_off = dyn_size = str_off = None
-    dyn = next((s for s in raw if s[1] == SHT_DYNAMIC), None)
-    if dyn is not None:
-        dyn_off, dyn_size = dyn[4], dyn[5]
-        if dyn[6] < len(raw):
-            str_off = raw[dyn[6]][4]
-    ph_fmt = e + ("IIQQQQQQ" if bits == 64 else "IIIIIIII")
-    loads = []
-    if phoff and phentsize >= struct.calcsize(ph_fmt) and phoff + phnum * phentsize <= n:
-        for i in range(phnum):
-            p = struct.unpack_from(ph_fmt, buf, phoff + i * phentsize)
-            if bits == 64:
-                ptype, poff, pvaddr, pfilesz = p[0], p[2], p[3], p[5]
-            else:
-                ptype, poff, pvaddr, pfilesz = p[0], p[1], p[2], p[4]
-            if ptype == PT_LOAD:
-                loads.append((pvaddr, poff, pfilesz))
-            elif ptype == PT_DYNAMIC and dyn_off is None:
-                dyn_off, dyn_size = poff, pfilesz
-    if dyn_off is None:
-        return info  # a static binary or an object file: no NEEDED
-    d_fmt = e + ("qQ" if bits == 64 else "iI")
-    d_size = struct.calcsize(d_fmt)
-    entries = []
-    for i in range(min(dyn_size, n - dyn_off) // d_size):
-        tag, val = struct.unpack_from(d_fmt, buf, dyn_off + i * d_size)
-        if tag == DT_NULL:
-            break
-        entries.append((tag, val))
-    if str_off is None:  # DT_STRTAB is an address: map it through the PT_LOAD segments
-        addr = next((v for t, v in entries if t == DT_STRTAB), None)
-        for vaddr, off, filesz in loads:
-            if addr is not None and vaddr <= addr < vaddr + filesz:
-                str_off = addr - vaddr + off
-    if str_off is None:
-        return info
-
-    def s(off: int) -> str:
-        end = buf.find(b"\0", str_off + off)
-        return bytes(buf[str_off + off:end if end >= 0 else n]).decode("utf-8", "replace")
-
-    for tag, val in entries:
-        if tag == DT_NEEDED:
-            info.needed.append(s(val))
-        elif tag == DT_SONAME:
-            info.soname = s(val)
-        elif tag == DT_RPATH:
-            info.rpath += [p for p in s(val).split(":") if p]
-        elif tag == DT_RUNPATH:
-            info.runpath += [p for p in s(val).split(":") if p]
-    return info
 
 
-def read_elf(path: str | Path) -> ElfInfo:
-    """The ELF header, section table and dynamic section of a file; NotElf if it is none."""
-    path = Path(path)
-    f, buf = _open_map(path)
-    try:
-        return _parse(path, buf)
-    except struct.error as e:
-        raise NotElf(f"{path}: truncated or damaged ELF ({e})") from None
-    finally:
-        buf.close()
-        f.close()
 
 
-def is_elf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == ELF_MAGIC
-    except OSError:
-        return False
 
 
-def _elf_kind(path: Path) -> tuple[int, int] | None:
-    """(class, machine) of an ELF file, from its first 20 bytes; None if it is not one."""
-    try:
-        with open(path, "rb") as f:
-            h = f.read(20)
-    except OSError:
-        return None
-    if len(h) < 20 or h[:4] != ELF_MAGIC:
-        return None
-    return h[4], struct.unpack_from("<H" if h[5] == 1 else ">H", h, 18)[0]
 
 
 # --------------------------------------------------------------------------------------------- fatbin
 
-@dataclass(frozen=True)
-class FatEntry:
-    kind: int        # KIND_PTX or KIND_ELF
-    arch: int        # 80 for sm_80 / compute_80
-    flags: int = 0
-    container: int = 0
-
-    @property
-    def suffix(self) -> str:
-        return "a" if self.flags & FLAG_ARCH_SPECIFIC else "f" if self.flags & FLAG_FAMILY else ""
-
-    @property
-    def label(self) -> str:
-        return f"{'sm' if self.kind == KIND_ELF else 'compute'}_{self.arch}{self.suffix}"
 
 
-def parse_fatbin(buf, start: int = 0, end: int | None = None) -> list[FatEntry]:
-    """The entries of every fatbin container in buf[start:end] (a .nv_fatbin section holds one per
-    translation unit).  Only the entry headers are read: compressed payloads need no decompression."""
-    end = len(buf) if end is None else end
-    out: list[FatEntry] = []
-    pos, container = start, 0
-    while pos + 16 <= end:
-        magic, _version, hsize, fsize = struct.unpack_from("<IHHQ", buf, pos)
-        if magic != FATBIN_MAGIC:
-            nxt = buf.find(FATBIN_MAGIC_BYTES, pos + 1, end)
-            if nxt < 0:
-                break
-            pos = nxt
-            continue
-        stop = min(pos + hsize + fsize, end)
-        e = pos + hsize
-        while e + 32 <= stop:
-            kind, _ver, ehsize, payload = struct.unpack_from("<HHIQ", buf, e)
-            if kind not in (KIND_PTX, KIND_ELF) or ehsize < 32:
-                break
-            arch = struct.unpack_from("<I", buf, e + 28)[0]
-            flags = struct.unpack_from("<Q", buf, e + 40)[0] if ehsize >= 48 else 0
-            out.append(FatEntry(kind, arch, flags, container))
-            e += ehsize + payload
-        container += 1
-        pos = max(stop, pos + 16)
-        pos += (-pos) % 8
-    return out
 
 
-def fatbin_entries_python(path: Path, info: ElfInfo | None = None) -> list[FatEntry]:
-    info = info or read_elf(path)
-    secs = [info.sections[n] for n in FATBIN_SECTIONS if n in info.sections]
-    if not secs:
-        return []
-    f, buf = _open_map(path)
-    try:
-        out: list[FatEntry] = []
-        for s in secs:
-            if s.type == 8:  # SHT_NOBITS
-                continue
-            base = len({e.container for e in out})
-            out += [FatEntry(x.kind, x.arch, x.flags, x.container + base)
-                    for x in parse_fatbin(buf, s.offset, min(s.offset + s.size, len(buf)))]
-        return out
-    finally:
-        buf.close()
-        f.close()
 
 
-_CUOBJ_LINE = re.compile(r"^(ELF|PTX) file\s+\d+:\s*(\S+)")
-_CUOBJ_NAME = re.compile(r"\.(\d+)\.(sm|compute)_(\d+)([af]?)\.(cubin|ptx)$")
 
 
-def find_cuobjdump(env: dict[str, str] | None = None) -> str | None:
-    env = dict(os.environ if env is None else env)
-    found = shutil.which("cuobjdump", path=env.get("PATH"))
-    if found:
-        return found
-    for home in [env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"]:
-        if home and (Path(home) / "bin" / "cuobjdump").is_file():
-            return str(Path(home) / "bin" / "cuobjdump")
-    return None
 
 
-def fatbin_entries_cuobjdump(path: Path, cuobjdump: str, timeout: float = 120) -> list[FatEntry] | None:
-    """The entries as cuobjdump lists them; None when cuobjdump cannot read the file."""
-    try:
-        r = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(path)], capture_output=True, text=True,
-                           timeout=timeout, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    out = []
-    for line in r.stdout.splitlines():
-        m = _CUOBJ_LINE.match(line.strip())
-        if not m:
-            continue
-        n = _CUOBJ_NAME.search(m.group(2))
-        if not n:
-            continue
-        flags = FLAG_ARCH_SPECIFIC if n.group(4) == "a" else FLAG_FAMILY if n.group(4) == "f" else 0
-        out.append(FatEntry(KIND_ELF if m.group(1) == "ELF" else KIND_PTX, int(n.group(3)), flags, int(n.group(1))))
-    if r.returncode != 0 and not out:
-        # "does not contain device code" is a normal answer for a host-only library
-        return [] if "does not contain" in (r.stderr + r.stdout) else None
-    return out
 
 
-def fatbin_entries(path: Path, info: ElfInfo | None = None, cuobjdump: str | None = None,
-                   reader: str = "auto") -> tuple[list[FatEntry], str]:
-    """(entries, reader): cuobjdump when there is one (reader 'auto' or 'cuobjdump'), else this module's.
-
-    The built-in reader runs too (it takes milliseconds): when cuobjdump cannot read the file (an older
-    toolkit's cuobjdump fails on newer fatbins) or lists nothing where there is device code, its answer counts;
-    when both list entries and differ, cuobjdump's counts and the reader says so."""
-    py = fatbin_entries_python(path, info)
-    if reader in ("auto", "cuobjdump") and cuobjdump:
-        got = fatbin_entries_cuobjdump(path, cuobjdump)
-        if got is None or (not got and py):
-            return py, f"python ({cuobjdump} could not read it)"
-        if arch_summary(got) == arch_summary(py):
-            return got, "cuobjdump (= built-in reader)"
-        if _plain(got) == _plain(py) and len(got) == len(py):
-            # cuobjdump's file names drop the family suffix (sm_100f listed as sm_100): the built-in reader
-            # reads it from the entry's flags
-            return py, "built-in reader (= cuobjdump, which names sm_XXXf as sm_XXX)"
-        return got, "cuobjdump (the built-in reader differs)"
-    return py, "python"
 
 
-def _plain(entries: list[FatEntry]) -> dict:
-    return {k: sorted({re.sub(r"f$", "", x) for x in v}) for k, v in arch_summary(entries).items()}
 
 
-def _cc(cc: str) -> tuple[int, int]:
-    major, minor = cc.split(".")[:2]
-    return int(major), int(minor)
 
 
-def _runs_on(e: FatEntry, cc: tuple[int, int]) -> bool:
-    major, minor = divmod(e.arch, 10)
-    if e.flags & FLAG_ARCH_SPECIFIC:
-        return (major, minor) == cc
-    if e.kind == KIND_ELF or e.flags & FLAG_FAMILY:   # SASS: same major, minor up to the GPU's
-        return major == cc[0] and minor <= cc[1]
-    return (major, minor) <= cc                        # PTX: JIT-compiled for any newer GPU
 
 
-def coverage(entries: list[FatEntry], cc: str) -> dict:
-    """How one library's device code covers compute capability cc: 'sass', 'ptx' (JIT only) or 'none',
-    plus how many of its containers (translation units) hold nothing for it."""
-    c = _cc(cc)
-    sass = sorted({e.label for e in entries if e.kind == KIND_ELF and _runs_on(e, c)})
-    ptx = sorted({e.label for e in entries if e.kind == KIND_PTX and _runs_on(e, c)})
-    by_container: dict[int, list[FatEntry]] = {}
-    for e in entries:
-        by_container.setdefault(e.container, []).append(e)
-    uncovered = sum(1 for es in by_container.values() if not any(_runs_on(e, c) for e in es))
-    return {"cc": cc, "level": "sass" if sass else "ptx" if ptx else "none", "sass": sass, "ptx": ptx,
-            "containers": len(by_container), "containers_without_code": uncovered}
 
 
-def arch_summary(entries: list[FatEntry]) -> dict:
-    return {"sass": sorted({e.label for e in entries if e.kind == KIND_ELF}, key=_arch_key),
-            "ptx": sorted({e.label for e in entries if e.kind == KIND_PTX}, key=_arch_key)}
 
 
-def _arch_key(label: str) -> tuple[int, str]:
-    m = re.search(r"_(\d+)([af]?)$", label)
-    return (int(m.group(1)), m.group(2)) if m else (0, label)
 
 
 # ------------------------------------------------------------------------------------- loader path
