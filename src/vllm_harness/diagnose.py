@@ -138,7 +138,7 @@ WRAP_AFTER = 2
 #: Characters a wrapped match reaches from its anchor (at most) into the line before or after.
 JOIN_REACH = 160
 #: A line at least this wide (as shown, prefix included) may go on in the next line.
-WRAP_MIN_CHARS = 60
+WRAP_MIN_CHARS = 45
 #: Bytes of context kept around a block at most (the lines before it, the lines after it).
 CONTEXT_BYTES = 64 * 1024
 #: Lines remembered per scan as matching nothing on their own (logs repeat near-miss lines).
