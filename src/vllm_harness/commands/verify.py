@@ -55,7 +55,7 @@ def cmd_verify(a) -> int:
         code = 0
         verify_step.record(ctx, log, out)
     except StepFailed as e:
-        res = json.loads(json.dumps(getattr(e, "result", None) or {}))
+        res = json.loads(json.dumps(e.result or {}))
         code = 1
         if not a.json:
             print(str(e), file=sys.stderr)

@@ -31,6 +31,9 @@ class UsageError(HarnessError):
 class StepFailed(HarnessError):
     exit_code = EXIT_PROBLEM
 
-    def __init__(self, message: str, fix: str | None = None, log: str | None = None):
+    def __init__(self, message: str, fix: str | None = None, log: str | None = None, id: str | None = None,
+                 result: dict | None = None):
         super().__init__(message, fix)
-        self.log = log
+        self.log = log          # the step's log, for diagnose
+        self.id = id            # the failure id (data/failures.toml) when the harness knows it
+        self.result = result    # the command's JSON object (--json still prints it on failure)

