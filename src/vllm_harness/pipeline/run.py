@@ -270,7 +270,7 @@ def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False
     """The whole flow of ``nox -s build-<variant>``; steps that are done with the same inputs are reused."""
     from vllm_harness.pipeline import preflight as doctor_run
     with _recorded(ctx, "lock"), _locked(ctx):
-        if not skip_doctor:
+        if not skip_doctor and not _nothing_to_build(ctx):
             with _recorded(ctx, "doctor"):
                 doctor_run.preflight(ctx)
         interp = _interpreter(ctx)
@@ -290,6 +290,21 @@ def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False
                 ctx.layout.last_built.parent.mkdir(parents=True, exist_ok=True)
                 ctx.layout.last_built.write_text(ctx.name + "\n")
         return ctx.status.data
+
+
+def _nothing_to_build(ctx: Ctx) -> bool:
+    """Every step before verify is done with today's inputs (the recorded interpreter, the same keys): the
+    preflight guards slow work and there is none, so doctor is skipped (said so; --force runs it).  verify
+    still compares the GPUs and driver with those it proved."""
+    env = ctx.status.step("env") or {}
+    if ctx.force or ctx.python or env.get("status") != "ok" or not ctx.py.exists():
+        return False
+    keys = _step_keys(ctx, _interp_key(ctx, None))
+    if not all(ctx.status.is_done(s, keys[s]) for s in steps_for(ctx.variant) if s != "verify"):
+        return False
+    ctx.say(f"[dim]· {'doctor':<13} skipped: every step is done with these inputs (`invoke doctor --variant "
+            f"{ctx.name}` runs it; a step to redo runs it first)[/]")
+    return True
 
 
 def _verify_key(ctx: Ctx, allow_no_gpu: bool) -> str | None:
