@@ -26,8 +26,14 @@ CHECK_DEFAULTS = {"libs": None, "speed": True, "reader": "auto", "ccs": None}
 def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = False, **opts) -> dict:
     vv = ctx.variant.verify
     proof = getattr(ctx, "_verify_proof", None) or proof_of(ctx, opts)
-    result = verify_mod.run_verify(ctx.py, vv["device"], vv["imports"], vv["extensions"], vv["ops"],
-                                   ctx.env(), log=log, **opts)
+    from vllm_harness.core.runner import Progress
+    prog = Progress("verify", quiet=ctx.quiet or as_json, ticker=True)  # a live line / a 15 s heartbeat
+    prog.feed(b"binaries, then imports, kernels and speed in the env's interpreter")
+    try:
+        result = verify_mod.run_verify(ctx.py, vv["device"], vv["imports"], vv["extensions"], vv["ops"],
+                                       ctx.env(), log=log, **opts)
+    finally:
+        prog.close()
     text, code = verify_mod.verdict(result, vv["device"], allow_no_gpu)
     result["variant"] = ctx.name
     result["verdict"] = text
