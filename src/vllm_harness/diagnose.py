@@ -152,7 +152,7 @@ _ID_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _PLACEHOLDER_RE = re.compile(r"\{(\w+)(?:\|([^{}]*))?\}")
 _RULE_KEYS = {
     "id", "severity", "patterns", "weak_patterns", "cause", "fix", "implies", "explains", "hides", "anchors",
-    "wrap_anchors",
+    "wrap_anchors", "reported_by",
 }
 _REQUIRED_KEYS = ("id", "severity", "patterns", "cause", "fix")
 _TOP_KEYS = {"version", "failure"}

@@ -8,38 +8,18 @@ builds only, ...) and its place in the order.  ``report.check()`` runs the regis
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
+from vllm_harness.core.findings import Finding
 from vllm_harness.facts.compat import (
     CompatData,
     Fact,
 )
-
-SEVERITIES = ("error", "warning", "info")
-
-
-@dataclass
-class Finding:
-    id: str
-    severity: str              # 'error' | 'warning' | 'info'
-    subject: str
-    evidence: str
-    fix: str
-    check: str = ""            # the check a check-skipped / compat-unknown finding stands for
-
-    def __post_init__(self) -> None:
-        if self.severity not in SEVERITIES:
-            raise ValueError(f"severity {self.severity!r} is not one of {SEVERITIES}")
-        if not self.check:
-            self.check = self.id
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -84,7 +64,7 @@ class _Ctx:
         return Version(self.variant.torch["version"]).public
 
     def add(self, id: str, severity: str, subject: str, evidence: str, fix: str, check: str = "") -> None:
-        self.findings.append(Finding(id, severity, subject, evidence, fix, check))
+        self.findings.append(Finding(id, severity, subject=subject, evidence=evidence, fix=fix, check=check))
 
     def skipped(self, check: str, subject: str, key: str) -> None:
         self.add("check-skipped", "info", subject, f"the machine profile has no {key}, so this was not checked",

@@ -21,8 +21,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vllm_harness.core.findings import SEVERITIES, Finding
 from vllm_harness.doctor import rules_build, rules_gpu, rules_versions  # noqa: F401  (importing them registers the rules)
-from vllm_harness.doctor.model import SEVERITIES, Finding, _Ctx, run_rules
+from vllm_harness.doctor.model import _Ctx, run_rules
 from vllm_harness.doctor.pins import read_source_pins
 from vllm_harness.facts import compat as compat_mod
 from vllm_harness.facts.compat import (
