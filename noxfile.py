@@ -83,11 +83,28 @@ def doctor(session: nox.Session) -> None:
     _harness(session, "doctor", *session.posargs)
 
 
+def _pytest(session: nox.Session, marks: str) -> None:
+    _install(session, ".[test]")
+    # pytest-xdist: one worker per core (the tests wait on subprocesses, pip and the network as much as on
+    # the CPU); `-- -n 0` runs them in this process; `-- -m ...` picks other tests
+    given = session.posargs
+    parallel = [] if any(a.startswith(("-n", "--numprocesses", "-p")) for a in given) else ["-n", "auto"]
+    select = [] if any(a == "-m" or a.startswith("-m") for a in given) else ["-m", marks]
+    session.run("pytest", *parallel, *select, *given)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The project's test suite (what .ci/run runs)."""
-    _install(session, ".[test]")
-    session.run("pytest", *session.posargs)
+    """The test suite without the heavy end-to-end cases (marked slow: real builds), in parallel: a few
+    minutes, run it before every commit.  .ci/run runs it, then tests-slow."""
+    _pytest(session, "not slow")
+
+
+@nox.session(name="tests-slow")
+def tests_slow(session: nox.Session) -> None:
+    """The heavy end-to-end cases (real builds of the fixture, interrupted and concurrent runs, the PyPI CUDA
+    toolkit build), in parallel; CI runs them after `tests`."""
+    _pytest(session, "slow")
 
 
 @nox.session

@@ -30,12 +30,15 @@ def test_fixture_builds_verifies_and_reuses_its_steps(harness, state, tmp_path):
     # the repo's fixture tree was not touched (the harness works on a copy)
     assert "torch==2.5.1" in (ROOT / "tests/fixtures/vllm-mini/requirements/build.txt").read_text()
 
-    # a second run (doctor on: the fixture's deliberate torch 2.5.1 pin is outweighed by the compile probe that
-    # passed on this tree) reuses every step, verify too (its inputs are unchanged)
+    # a second run reuses every step, verify too (its inputs are unchanged); with nothing to build, doctor (the
+    # guard before slow work) is skipped and says so
     rc, out, err = harness("build-variant", "--variant", variant)
     assert rc == 0, out + err
-    doctor_report = json.loads((state / "logs" / "fixture-cpu" / "doctor.log").read_text())
-    pin = [f for f in doctor_report["findings"] if f["id"] == "torch-api-mismatch"]
+    assert "· doctor" in out and "skipped: every step is done" in out
+    assert not (state / "logs" / "fixture-cpu" / "doctor.log").exists()
+    # doctor on this tree: the fixture's deliberate torch 2.5.1 pin is outweighed by the compile probe that passed
+    rc, dout, err = harness("doctor", "--variant", variant, "--json")
+    pin = [f for f in json.loads(dout)["findings"] if f["id"] == "torch-api-mismatch"]
     assert pin and pin[0]["severity"] == "warning" and "compile probe" in pin[0]["evidence"], pin
     for step in ["fetch", "prepare", "env", "torch", "deps", "build", "post-install"]:
         assert f"· {step}" in out and "reused" in out

@@ -188,12 +188,16 @@ def pypi_file(project: str, filename: str) -> str:
 def torch_headers(version: str) -> Path:
     """torch/include + torch/version.py of PyPI's cp311 Linux wheel of ``version``, and nothing else."""
     dest = CACHE / f"torch-{version}-headers"
-    if (dest / "torch" / "version.py").is_file():
-        return dest
-    url = pypi_file("torch", f"torch-{version}-cp311-cp311-manylinux1_x86_64.whl")
-    with zipfile.ZipFile(_RangeFile(url)) as z:
-        for n in z.namelist():
-            if (n.startswith("torch/include/") or n in ("torch/version.py", "torch/__init__.py")) and not n.endswith("/"):
+    from filelock import FileLock
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):  # pytest-xdist's workers: one extracts, the others wait
+        if (dest / "torch" / "version.py").is_file():
+            return dest
+        url = pypi_file("torch", f"torch-{version}-cp311-cp311-manylinux1_x86_64.whl")
+        with zipfile.ZipFile(_RangeFile(url)) as z:
+            names = [n for n in z.namelist() if (n.startswith("torch/include/") or n in (
+                "torch/__init__.py",)) and not n.endswith("/")]
+            for n in names + ["torch/version.py"]:   # version.py last: it marks a complete extraction
                 z.extract(n, dest)
     return dest
 

@@ -94,6 +94,8 @@ def test_interrupted_runs_resume_and_concurrent_runs_serialise(tmp_path):
     needs_pypi()
     state = tmp_path / "state"
     variant = fixture_variant(tmp_path)
+    # pip, not uv's cache (conftest): the torch install must last long enough to be interrupted
+    variant.write_text(variant.read_text().replace('installer = "uv"', 'installer = "pip"'))
     fixture_before = _tree_digest(ROOT / "tests" / "fixtures" / "vllm-mini")
     sentinel = tmp_path / "outside.txt"
     sentinel.write_text("must survive")
@@ -124,7 +126,9 @@ def test_interrupted_runs_resume_and_concurrent_runs_serialise(tmp_path):
     assert st["steps"]["build"]["status"] == "failed" and st["built"] is False
     assert "post-install" not in st["steps"]
     assert "# interrupted" in (state / "logs" / "fixture-cpu" / "build.log").read_text()
-    time.sleep(1)
+    deadline = time.monotonic() + 15   # the ended group's last processes are reaped: wait for it, no fixed sleep
+    while _leftovers(state) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _leftovers(state) == []
 
     # 3. two runs of the variant at once: one builds, the other waits for it, then reuses every step
