@@ -72,6 +72,8 @@ SPEED = (Arg("--rebuild", "compile even when the wheelhouse has a wheel with thi
 JOBS = Arg("--jobs", "MAX_JOBS (default: from RAM, the measured per-job peak and cores)", type=int)
 ARCH = Arg("--arch", "TORCH_CUDA_ARCH_LIST, e.g. '7.5;8.9' (default: this machine's GPUs)")
 STEPS = "vllm_harness.commands.steps:cmd_step"
+FROM_BUNDLE = Arg("--from-bundle", "install only from this bundle (`invoke bundle`): no index, no network "
+                  "(env: VLLM_HARNESS_BUNDLE)")
 REVERIFY = Arg("--reverify", "run verify's checks again even when the env, GPUs, driver and checks are those of the "
                "recorded result (default: reuse it)", switch=True)
 
@@ -128,17 +130,18 @@ COMMANDS: tuple[Command, ...] = (
              Arg("--deps", "also fetch vLLM's CMake dependencies (CUTLASS, flash-attention, ...) into "
                  ".harness/cache/deps (needs GitHub; copy it to offline machines)", switch=True),
              Arg("--every-arch", "with --deps: every arch's variant of a dependency (a cache for other machines)",
-                 switch=True))),
+                 switch=True), FROM_BUNDLE)),
     Command("prepare", "Run the tree's use_existing_torch.py (or the equivalent) and check no torch pin is left.",
             STEPS, (VARIANT, JSON, FORCE, NO_WAIT,
                     Arg("--source", "prepare this tree instead of the variant's fetched one"))),
     Command("deps", "Make the variant's venv, install its torch, then the build requirements (torch kept).", STEPS,
-            (VARIANT, JSON, FORCE, NO_WAIT, Arg("--python", "the interpreter for the venv (default: discovered)"))),
+            (VARIANT, JSON, FORCE, NO_WAIT, Arg("--python", "the interpreter for the venv (default: discovered)"),
+             FROM_BUNDLE)),
     Command("build", "Build vLLM with --no-build-isolation under CUDA_HOME/LD_LIBRARY_PATH (or install its wheel).",
             STEPS, (VARIANT, JSON, FORCE, NO_WAIT, JOBS, Arg("--nvcc-threads", "NVCC_THREADS", type=int), ARCH,
-                    *SPEED)),
+                    *SPEED, FROM_BUNDLE)),
     Command("post-install", "Install what vLLM needs at run time after the build (xformers from the variant's "
-            "index).", STEPS, (VARIANT, JSON, FORCE, NO_WAIT)),
+            "index).", STEPS, (VARIANT, JSON, FORCE, NO_WAIT, FROM_BUNDLE)),
     Command("probe", "Compile vLLM's torch_bindings.cpp against the env's torch (syntax only, ~20 s) before the "
             "long build.", STEPS,
             (VARIANT, Arg("--source", "a vLLM tree (default: the variant's fetched one)"),
@@ -154,9 +157,20 @@ COMMANDS: tuple[Command, ...] = (
             (Arg("--variant", VARIANT.help, required=True),
              Arg("--force", "build despite doctor errors; redo finished steps", switch=True),
              Arg("--python", "interpreter for the venv (default: discovered)"), JOBS, ARCH, *SPEED,
-             Arg("--skip-doctor", "skip the preflight (doctor) before the build", switch=True), NO_WAIT,
+             Arg("--skip-doctor", "skip the preflight (doctor) before the build", switch=True), NO_WAIT, FROM_BUNDLE,
              Arg("--strict-verify", "fail when the GPU checks could not run (no GPU)", switch=True), REVERIFY,
              JSON)),
+)
+
+COMMANDS += (
+    Command("bundle", "Everything a variant's build needs (wheels for the target, vLLM's sdist or wheel, the "
+            "FetchContent sources) in one folder for an offline machine; --check verifies one.",
+            "vllm_harness.commands.bundle:cmd_bundle",
+            (VARIANT, Arg("--out", "the bundle folder (made; re-running adds only what is missing)"),
+             Arg("--machine", "bundle for this machine profile's Python and platform (default: this machine)"),
+             Arg("--python", "the target's Python (default: the variant's interpreter here, or the profile's)"),
+             Arg("--check", "verify the bundle DIR (every file's size and sha256 against its manifest)"),
+             Arg("--archive", "also write DIR.tar", switch=True), JSON)),
 )
 
 BY_NAME = {c.name: c for c in COMMANDS}

@@ -85,10 +85,14 @@ def _run(ctx: Ctx, step: str, key: str, fn) -> None:
     try:
         extra = fn(log) or {}
     except StepFailed as e:
+        if not e.log:  # failed before it ran a command: recorded with its message as for any other error
+            record_failure(ctx, step, e, started=time.time() - (time.monotonic() - t0))
+            raise
         ctx.status.fail(step, e.log or str(log), e.message)
         summary(step, False, time.monotonic() - t0, Path(e.log) if e.log else None, quiet=ctx.quiet)
         if e.log:
             write_json(ctx.layout.last_failed, {"variant": ctx.name, "step": step, "log": e.log})
+            e.recorded = True
             report = explain_failure(Path(e.log), ctx.variant.fix_context(), quiet=ctx.quiet)
             if report and report["findings"] and not e.fix:
                 e.fix = report["findings"][0]["fix"]
@@ -199,6 +203,18 @@ def _recorded(ctx: Ctx, what: str):
         raise
 
 
+def _use_bundle(ctx: Ctx) -> None:
+    """--from-bundle: the bundle checked (variant, target, every file's sha256) before anything is installed;
+    pip and uv then see only its wheels (steps/bundle.use)."""
+    if ctx.bundle is None or getattr(ctx, "bundle_env", None) is not None:
+        return
+    from vllm_harness.steps import bundle
+    with _recorded(ctx, "bundle"):
+        ctx.bundle_env = bundle.use(ctx, ctx.bundle)["env"]
+    ctx.base_env.update(ctx.bundle_env)
+    ctx.say(f"[dim]· bundle        {ctx.bundle}: pip and uv use only its wheels (no index, no network)[/]")
+
+
 def require(ctx: Ctx, step: str) -> None:
     """Refuse a single step whose inputs have not been made (a step run out of order)."""
     order = steps_for(ctx.variant)
@@ -235,6 +251,7 @@ def _interpreter(ctx: Ctx) -> pythons.Interpreter:
 def run_single(ctx: Ctx, step: str, **kw) -> dict:
     """One step, as an invoke task runs it: checked for order, locked, recorded."""
     with _recorded(ctx, "lock"), _locked(ctx):
+        _use_bundle(ctx)
         if not ctx.py.exists():  # env deleted (by hand, or cleaned): nothing recorded in it can be trusted
             ctx.status.invalidate("env")
         group = TASK_STEPS.get(step, [step])
@@ -270,6 +287,7 @@ def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False
     """The whole flow of ``nox -s build-<variant>``; steps that are done with the same inputs are reused."""
     from vllm_harness.pipeline import preflight as doctor_run
     with _recorded(ctx, "lock"), _locked(ctx):
+        _use_bundle(ctx)
         if not skip_doctor and not _nothing_to_build(ctx):
             with _recorded(ctx, "doctor"):
                 doctor_run.preflight(ctx)

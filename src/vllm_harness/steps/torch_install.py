@@ -8,7 +8,7 @@ from packaging.requirements import Requirement
 
 from vllm_harness.core.errors import StepFailed
 from vllm_harness.core.runner import run_commands
-from vllm_harness.steps.context import Ctx, check_index, installed_versions
+from vllm_harness.steps.context import Ctx, index_or_local, installed_versions
 
 
 def do_torch(ctx: Ctx, log: Path) -> dict:
@@ -16,8 +16,8 @@ def do_torch(ctx: Ctx, log: Path) -> dict:
     env = ctx.env()
     names = [Requirement(r).name for r in v.torch["packages"]]
     if not v.torch["preinstalled"]:
-        check_index(v.torch["index_url"], f"{ctx.variant.path.name} [torch]")
-        cmd = ctx.install_cmd(v.torch["packages"], v.torch["index_url"], constraints=False)
+        local = index_or_local(v.torch["index_url"], f"{ctx.variant.path.name} [torch]", v.torch["packages"], env)
+        cmd = ctx.install_cmd(v.torch["packages"], v.torch["index_url"], constraints=False, local=local)
         run_commands("torch", [cmd], log, env, quiet=ctx.quiet)
     have = installed_versions(ctx.py, names, env)
     if not have.get("torch"):

@@ -1,0 +1,52 @@
+"""`invoke bundle`: everything a variant's build needs, for an air-gapped machine (steps/bundle); `--check`."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from vllm_harness.commands.common import context_of, layout_of, print_json, variant_of
+from vllm_harness.core.errors import EXIT_OK, EXIT_PROBLEM, HarnessError, UsageError
+
+
+def cmd_bundle(a) -> int:
+    from vllm_harness.steps import bundle
+    layout = layout_of(a)
+    say = (lambda s: None) if a.json else (lambda s: print(s, flush=True))
+    if a.check:
+        variant = variant_of(layout, a.variant) if a.variant else None
+        res = bundle.check(Path(a.check), layout.cache / "bundle-verified.json", variant)
+        if a.json:
+            print_json(a, res)
+        else:
+            print(f"bundle {a.check}: {res['files']} files, {res['bytes'] / 2**30:.2f} GiB, every sha256 matches "
+                  f"its manifest (variant {res['variant']['name']}, Python {res['target']['python']} on "
+                  f"{res['target']['arch']})" + (f"; INCOMPLETE: {len(res['missing'])} missing: "
+                                                  + "; ".join(m["what"] for m in res["missing"]) if res["missing"] else ""))
+        return EXIT_PROBLEM if res["missing"] else EXIT_OK
+    if not a.variant or not a.out:
+        raise UsageError("bundle needs --variant NAME and --out DIR (or --check DIR).",
+                         "e.g. `invoke bundle --variant cu118 --out /tmp/cu118-bundle`.")
+    ctx = context_of(a, layout)
+    profile = None
+    if a.machine:
+        from vllm_harness.pipeline.preflight import machine_profile
+        profile = machine_profile(layout, a.machine)
+    version = a.python if a.python and re.fullmatch(r"\d+\.\d+(\.\d+)?", a.python) else None
+    target = bundle.target_for(ctx.variant, profile, a.machine, python=version, given=None if version else a.python)
+    if ctx.variant.vllm["mode"] == "source":  # the tree the build will use: its requirement files, its CMake pins
+        from vllm_harness.pipeline.run import run_single
+        try:
+            run_single(ctx, "fetch")
+            run_single(ctx, "prepare")
+        except HarnessError as e:
+            say(f"  ! vLLM source: {e}")
+    res = bundle.make(ctx, Path(a.out), target, say=say, archive=a.archive, machine=a.machine)
+    print_json(a, res)
+    return EXIT_PROBLEM if res["missing"] else EXIT_OK
+
+
+def bundle_of(a) -> Path | None:
+    """--from-bundle DIR, else VLLM_HARNESS_BUNDLE."""
+    given = getattr(a, "from_bundle", None) or os.environ.get("VLLM_HARNESS_BUNDLE")
+    return Path(given).expanduser().resolve() if given else None

