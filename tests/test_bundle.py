@@ -324,18 +324,31 @@ def test_failure_before_a_log_reaches_diagnose(harness, tmp_path, monkeypatch):
     assert "FIND_LINKS" in rep["findings"][0]["fix"]
 
 
-def test_doctor_refusal_reaches_diagnose(harness, tmp_path):
-    """doctor's refusal (here: no CUDA 12.4 toolkit, no driver on a profile) is recorded as the doctor step."""
+def test_lock_refusal_reaches_diagnose(harness, tmp_path):
+    """Another run holds the variant and --no-wait fails at once: recorded (step 'lock'), and diagnose with no
+    arguments shows that message and its fix."""
+    import sys
     v = _tiny(tmp_path, CLOSED)
-    rc, out, err = harness("build-variant", "--variant", v)
     state = Path(os.environ["VLLM_HARNESS_STATE"])
-    if rc == 0 or not (state / "last-failed.json").is_file():
-        pytest.skip("doctor found nothing to refuse on this machine")
+    assert harness("bundle", "--check", tmp_path)[0] == 2   # makes the state folder (with its marker)
+    lock = state / "locks" / "tiny.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               "lk = FileLock(sys.argv[1]); lk.acquire(); print('held', flush=True); time.sleep(60)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc, out, err = harness("deps", "--variant", v, "--no-wait")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rc != 0 and "in use" in err
     last = json.loads((state / "last-failed.json").read_text())
-    assert last["step"] in ("doctor", "torch")
-    assert Path(last["log"]).is_file() and "ERROR: " in Path(last["log"]).read_text()
+    assert last["step"] == "lock" and "in use" in last["message"]
+    log = Path(last["log"]).read_text()
+    assert "ERROR: " in log and "in use" in log
     rc, out, err = harness("diagnose")
-    assert last["message"][:40] in " ".join(out.split())
+    assert "in use" in " ".join(out.split())
 
 
 # ------------------------------------------------------------------------------------------ slow proof
