@@ -44,6 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vllm_harness import diagnose as dg  # noqa: E402
+from vllm_harness.diagnose.engine import MAX_WORKERS  # noqa: E402
+from vllm_harness.diagnose.normalize import (  # noqa: E402
+    _FIRST_ERROR_ANCHORS,
+    _FIRST_ERROR_RE,
+    _clean_segments,
+    _first_match,
+    _wrapped_messages,
+)
 
 CORPUS = ROOT / "tests" / "logs"
 
@@ -99,8 +107,8 @@ def corpus_lines(quiet_only: bool = False, rules: list[dg.Rule] | None = None) -
             ls, n = starts[-2], len(starts) - 1
             le = ls + len(line.rstrip(b"\r\n"))
             if is_quiet(data[ls:le], rules or []) and not any(
-                dg._first_match(r.patterns, text, at, n)[0]
-                for text, at in dg._wrapped_messages(data, ls, le, n)
+                _first_match(r.patterns, text, at, n)[0]
+                for text, at in _wrapped_messages(data, ls, le, n)
                 for r in rules or []
             ):
                 lines.append(data[ls:le] + b"\n")
@@ -108,8 +116,8 @@ def corpus_lines(quiet_only: bool = False, rules: list[dg.Rule] | None = None) -
 
 
 def is_quiet(line: bytes, rules: list[dg.Rule]) -> bool:
-    segs = dg._clean_segments(line)
-    if any(dg._FIRST_ERROR_RE.search(s) for s in segs):
+    segs = _clean_segments(line)
+    if any(_FIRST_ERROR_RE.search(s) for s in segs):
         return False
     return not any(p.search(s) for r in rules for p in r.patterns for s in segs)
 
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     # the prefilter's literals alone: what any scanner must at least look for (a reference that
     # does not grow with the regexes: grep -E's automaton gets slower as patterns are added)
     literals = tmp / "anchors.txt"
-    words = sorted({a for r in rules for a in r.anchors} | set(dg._FIRST_ERROR_ANCHORS))
+    words = sorted({a for r in rules for a in r.anchors} | set(_FIRST_ERROR_ANCHORS))
     literals.write_bytes(b"\n".join(words) + b"\n")
     tail = (
         b"CMake Error at CMakeLists.txt:1 (cmake_minimum_required):\n"
@@ -321,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         f"python {sys.version.split()[0]}; {os.cpu_count()} CPUs; engine {dg.default_engine()} "
         f"(available: {', '.join(dg.ENGINES)})"
     )
-    workers = min(os.cpu_count() or 1, dg.MAX_WORKERS)
+    workers = min(os.cpu_count() or 1, MAX_WORKERS)
     header = (
         f"{'case':<6} {'MB':>6} {'grep s':>7} {'MB/s':>6} | {'diag 1 proc s':>13} {'MB/s':>6} {'ratio':>5} | "
         f"{'diag auto s':>11} {'MB/s':>6} {'ratio':>5} | {'re 1 proc s':>11} {'ratio':>5}"

@@ -14,6 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_harness import diagnose as dg
+from vllm_harness.diagnose import engine as dge
+from vllm_harness.diagnose.corpus import CORPUS_INDEX, CORPUS_KEYS
+from vllm_harness.diagnose.engine import CHUNK_SIZE, FIRST_ERROR_BLOCK
+from vllm_harness.diagnose.normalize import _FIRST_ERROR_RE, EVIDENCE_CHARS, _wrapped_messages
+from vllm_harness.diagnose.rules import MIN_ANCHOR
 
 LOGS = Path(__file__).parent / "logs"
 # tests/logs/index.toml and every tests/logs/index-*.toml, each entry with its split (tune/eval)
@@ -82,7 +87,7 @@ def test_every_rule_is_complete():
         assert rule.cause.strip().endswith(".")
         assert rule.fix.strip()
         # no anchor is shorter than the minimum: a short anchor would make the prefilter useless
-        assert all(len(a) >= dg.MIN_ANCHOR for a in rule.anchors), rule.id
+        assert all(len(a) >= MIN_ANCHOR for a in rule.anchors), rule.id
 
 
 def test_implies_put_root_causes_first():
@@ -181,12 +186,12 @@ def test_index_and_corpus_agree():
     assert len(indexed) == len(set(indexed))
     assert files == set(indexed)
     for entry in INDEX:
-        assert set(entry) - {"index", "split"} <= dg.CORPUS_KEYS, entry["file"]
+        assert set(entry) - {"index", "split"} <= CORPUS_KEYS, entry["file"]
         assert isinstance(entry["synthetic"], bool)
         assert entry["source"].startswith("https://") or entry["synthetic"]
         if entry["synthetic"]:
             assert entry.get("reason")
-        if entry["index"] != dg.CORPUS_INDEX:  # gathered logs say why they have that label
+        if entry["index"] != CORPUS_INDEX:  # gathered logs say why they have that label
             assert entry.get("why"), entry["file"]
         assert set(entry["expected"]) <= set(CONTRACT_IDS + PROJECT_IDS), entry["file"]
 
@@ -209,15 +214,15 @@ def test_split_is_by_thread_and_stable():
     for entry in INDEX:
         by_thread.setdefault(dg.corpus_thread(entry["source"]), set()).add(entry["split"])
     assert all(len(parts) == 1 for parts in by_thread.values())
-    assert {e["split"] for e in INDEX if e["index"] == dg.CORPUS_INDEX} == {"tune"}
+    assert {e["split"] for e in INDEX if e["index"] == CORPUS_INDEX} == {"tune"}
     assert dg.corpus_thread("https://github.com/Vllm-Project/vllm/pull/123#issuecomment-9") == (
         dg.corpus_thread("https://www.github.com/vllm-project/vllm/issues/123/")
     )
-    gathered = [e for e in INDEX if e["index"] != dg.CORPUS_INDEX]
+    gathered = [e for e in INDEX if e["index"] != CORPUS_INDEX]
     share = sum(e["split"] == "eval" for e in gathered) / len(gathered)
     assert 0.2 <= share <= 0.45
     # decided by the thread alone: the same answer every time, whatever else is in the corpus
-    tuned = {dg.corpus_thread(e["source"]) for e in INDEX if e["index"] == dg.CORPUS_INDEX}
+    tuned = {dg.corpus_thread(e["source"]) for e in INDEX if e["index"] == CORPUS_INDEX}
     assert [dg.corpus_split(e["source"], tuned) for e in gathered] == [e["split"] for e in gathered]
 
 
@@ -229,14 +234,14 @@ def test_tune_log_root_first(entry):
         assert entry["expected"][0] in report.ids[1:]
     else:
         assert report.ids[:1] == entry["expected"][:1]
-    if entry["index"] == dg.CORPUS_INDEX:
+    if entry["index"] == CORPUS_INDEX:
         assert set(report.ids) == set(entry["expected"])
     elif entry["file"] not in TUNE_MISSES:
         assert set(entry["expected"]) <= set(report.ids)
     for finding in report.findings:
         assert finding.line >= 1
         assert finding.evidence and "\x1b" not in finding.evidence and "\r" not in finding.evidence
-        assert len(finding.evidence) <= dg.EVIDENCE_CHARS + 2
+        assert len(finding.evidence) <= EVIDENCE_CHARS + 2
         assert "{" not in finding.fix and "}" not in finding.fix
         assert finding.rank["position"] == report.findings.index(finding) + 1
 
@@ -264,13 +269,13 @@ def test_clean_and_outside_logs_give_no_finding(entry):
     if entry["file"].startswith("outside_") and report.first_error_lines:
         # a failure outside the list: the user is pointed at its first error line
         first_line, first_text = report.first_error_lines[0]
-        assert dg._FIRST_ERROR_RE.search(first_text)
+        assert _FIRST_ERROR_RE.search(first_text)
         lines = (LOGS / entry["file"]).read_bytes().split(b"\n")
         assert first_text.split()[0].encode() in lines[first_line - 1]
-        assert len(report.first_error_lines) <= dg.FIRST_ERROR_BLOCK
-    if entry["index"] == dg.CORPUS_INDEX and entry["file"].startswith("outside_"):
+        assert len(report.first_error_lines) <= FIRST_ERROR_BLOCK
+    if entry["index"] == CORPUS_INDEX and entry["file"].startswith("outside_"):
         assert report.first_error_lines, entry["file"]
-    elif entry["index"] == dg.CORPUS_INDEX:
+    elif entry["index"] == CORPUS_INDEX:
         assert report.first_error_lines == []
 
 
@@ -305,7 +310,7 @@ def test_root_cause_first_even_when_it_comes_later():
 def test_small_chunks_give_the_same_results(monkeypatch):
     """Chunk boundaries (anchors cut in two, carried partial lines) must not change anything."""
     expected = {e["file"]: dg.diagnose_path(LOGS / e["file"]).to_dict() for e in INDEX}
-    monkeypatch.setattr(dg, "CHUNK_SIZE", 37)
+    monkeypatch.setattr(dge, "CHUNK_SIZE", 37)
     for entry in INDEX:
         assert dg.diagnose_path(LOGS / entry["file"]).to_dict() == expected[entry["file"]], entry["file"]
 
@@ -379,12 +384,12 @@ def test_very_long_lines():
     assert report.ids == ["torch-cpu-only"]
     assert report.findings[0].line == 2
     assert "Torch not compiled with CUDA enabled" in report.findings[0].evidence
-    assert len(report.findings[0].evidence) <= dg.EVIDENCE_CHARS + 2
+    assert len(report.findings[0].evidence) <= EVIDENCE_CHARS + 2
 
 
 def test_endless_line_without_newline(monkeypatch):
-    monkeypatch.setattr(dg, "CHUNK_SIZE", 1000)
-    monkeypatch.setattr(dg, "LONG_LINE_BYTES", 3000)
+    monkeypatch.setattr(dge, "CHUNK_SIZE", 1000)
+    monkeypatch.setattr(dge, "LONG_LINE_BYTES", 3000)
     data = b"y" * 5003 + b"nvcc fatal   : Unsupported gpu architecture 'compute_90a'" + b"z" * 7001
     report = scan(data)
     assert report.ids == ["arch-unsupported-by-nvcc"]
@@ -422,8 +427,8 @@ def test_first_error_block_when_nothing_is_recognised():
     report = scan(data)
     assert report.findings == []
     assert report.first_error_lines[0] == (6, "Traceback (most recent call last):")
-    assert len(report.first_error_lines) == dg.FIRST_ERROR_BLOCK
-    assert [n for n, _ in report.first_error_lines] == list(range(6, 6 + dg.FIRST_ERROR_BLOCK))
+    assert len(report.first_error_lines) == FIRST_ERROR_BLOCK
+    assert [n for n, _ in report.first_error_lines] == list(range(6, 6 + FIRST_ERROR_BLOCK))
 
 
 # ------------------------------------------------------------------------------------------
@@ -464,7 +469,7 @@ def test_stdin_and_chunked_reading(monkeypatch):
         sizes: list[int] = []
 
         def read(self, size=-1):
-            assert size is not None and 0 < size <= dg.CHUNK_SIZE  # never the whole stream at once
+            assert size is not None and 0 < size <= CHUNK_SIZE  # never the whole stream at once
             self.sizes.append(size)
             return super().read(size)
 
@@ -479,7 +484,7 @@ def test_stdin_and_chunked_reading(monkeypatch):
 
 
 def test_early_stop_keeps_line_numbers(monkeypatch):
-    monkeypatch.setattr(dg, "CHUNK_SIZE", 64)
+    monkeypatch.setattr(dge, "CHUNK_SIZE", 64)
     body = b"".join(b"line %d of a long and boring build log\n" % i for i in range(1, 2001))
     data = body + b"fatal: detected dubious ownership in repository at '/app/vllm'\n" + body
     report = scan(data)
@@ -499,7 +504,7 @@ def test_parallel_scan_gives_the_same_report(tmp_path):
     assert [(f["id"], f["line"]) for f in single["findings"]] == [("torch-missing-at-build", 3001)]
     for cut in (len(body), len(body) + wrapped.index(b"\n") + 1, len(body) + len(wrapped)):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(dg, "_split_points", lambda _path, size, _parts, cut=cut: [0, cut, size])
+            mp.setattr(dge, "_split_points", lambda _path, size, _parts, cut=cut: [0, cut, size])
             assert dg.diagnose_path(path, workers=2).to_dict() == single, cut
     cases = {
         "findings": body
@@ -539,7 +544,7 @@ def test_module_imports_without_rich(monkeypatch):
     import importlib
 
     monkeypatch.setitem(sys.modules, "rich", None)
-    module = importlib.reload(dg)
+    module = importlib.reload(dge)
     assert module.diagnose_stream(io.BytesIO(b"Killed signal terminated program cc1plus\n")).ids == [
         "compiler-oom"
     ]
@@ -552,16 +557,16 @@ def test_module_imports_without_rich(monkeypatch):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=4096), st.sampled_from([None, 7, 64, 4096]))
 def test_random_bytes_never_crash(blob, chunk):
-    old = dg.CHUNK_SIZE
+    old = dge.CHUNK_SIZE
     try:
         if chunk:
-            dg.CHUNK_SIZE = chunk
+            dge.CHUNK_SIZE = chunk
         report = dg.diagnose_stream(io.BytesIO(blob))
         json.dumps(report.to_dict())
         for finding in report.findings:
             assert finding.line >= 1
     finally:
-        dg.CHUNK_SIZE = old
+        dge.CHUNK_SIZE = old
 
 
 @settings(max_examples=150, deadline=None)
@@ -670,7 +675,7 @@ def test_unrelated_neighbour_lines_are_not_joined():
 def test_wrapped_readings_keep_line_numbers():
     block = b"x\n" + b"a" * 70 + b"\n" + b"bbb ccc\n" + b"ERROR: new message\n"
     ls = block.index(b"bbb")
-    readings = dg._wrapped_messages(block, ls, block.index(b"\n", ls), 3)
+    readings = _wrapped_messages(block, ls, block.index(b"\n", ls), 3)
     assert [text for text, _ in readings] == ["a" * 70 + "bbb ccc", "a" * 70 + " bbb ccc"]
     assert readings[0][1] == [(0, 2), (70, 3)]
 

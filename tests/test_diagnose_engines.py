@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from vllm_harness import diagnose as dg
+from vllm_harness.diagnose import engine as dge
+from vllm_harness.diagnose.engine import HS_BATCH
 
 LOGS = Path(__file__).parent / "logs"
 INDEX = dg.load_corpus(LOGS)  # index.toml and every index-*.toml
@@ -26,8 +28,8 @@ def test_engines_agree_on_the_corpus_and_on_resumed_scans(monkeypatch, tmp_path)
     big.write_bytes(body + (LOGS / "compiler-oom_vllm-1777.log").read_bytes() + body)
     paths = [LOGS / e["file"] for e in INDEX] + [big]
     want = {p: dg.diagnose_path(p, workers=1, engine="re").to_dict() for p in paths}
-    for batch in (dg.HS_BATCH, 2):
-        monkeypatch.setattr(dg, "HS_BATCH", batch)
+    for batch in (HS_BATCH, 2):
+        monkeypatch.setattr(dge, "HS_BATCH", batch)
         for p in paths:
             assert dg.diagnose_path(p, workers=1, engine="hyperscan").to_dict() == want[p], (p.name, batch)
     assert [f.line for f in dg.diagnose_path(big, workers=1, engine="hyperscan").findings][0] > 9000
@@ -43,13 +45,13 @@ def test_module_works_without_hyperscan(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "hyperscan", None)
     try:
-        module = importlib.reload(dg)
+        module = importlib.reload(dge)
         assert module.ENGINES == ("re",)
         report = module.diagnose_path(LOGS / "compiler-oom_vllm-1777.log")
         assert report.ids[0] == "compiler-oom"
     finally:
         monkeypatch.undo()
-        importlib.reload(dg)
+        importlib.reload(dge)
 
 
 def test_a_hyperscan_that_cannot_compile_falls_back_to_re(monkeypatch):
@@ -59,6 +61,6 @@ def test_a_hyperscan_that_cannot_compile_falls_back_to_re(monkeypatch):
     def broken(words):
         raise RuntimeError("this CPU lacks SSSE3")
 
-    monkeypatch.setattr(dg, "_hyperscan_db", broken)
+    monkeypatch.setattr(dge, "_hyperscan_db", broken)
     report = dg.diagnose_path(LOGS / "compiler-oom_vllm-1777.log", workers=1, engine="hyperscan")
     assert report.ids[0] == "compiler-oom"

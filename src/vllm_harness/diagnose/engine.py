@@ -1,0 +1,773 @@
+"""Recognise known build/install/run failures in a log and explain them.
+
+The knowledge base (``data/failures.toml``) maps each failure id of the contract to regexes,
+a cause and a fix.  :func:`diagnose_path` / :func:`diagnose_stream` scan a log of any size in
+one streaming pass over binary chunks (never reading it whole):
+
+* every pattern has mandatory literals (*anchors*, derived from the regex or given in the
+  knowledge file).  The anchors of the failures not found yet are searched over whole chunks in
+  C: with Hyperscan (the ``hyperscan`` package, a multi-literal matcher as fast as grep) where
+  it is installed, else as one trie-shaped bytes regex, anchors starting with a frequent byte
+  (``error:``...) in a literal-prefix regex of their own (:data:`ENGINES`).  Lines holding no
+  anchor cost no Python work at all;
+* a line holding an anchor is decoded (``errors="replace"``), cleaned (ANSI codes, ``\r``
+  redraw segments, pip/uv box prefixes, docker build, CI and logger timestamps such as
+  ``[  136.92]``) and checked with the full regexes of the failures whose anchors it holds, on at
+  most :data:`MAX_LINE_CHARS` bytes around each anchor (very long lines);
+* when the line alone does not match, the message it belongs to is tried: logs posted in issues
+  are wrapped at the terminal's width (mid-word, mid-path, mid-symbol) and uv, pip and rich wrap
+  their own messages (indented continuations).  A wide line (:data:`WRAP_MIN_CHARS`) is joined with
+  the lines it goes on in (:data:`WRAP_BEFORE`, :data:`WRAP_AFTER`; never into a line that starts a
+  message of its own), with nothing or a space at each break, and the finding keeps the original
+  number of the line where the match begins.  Blocks are scanned with the lines around them as
+  context (also the parts of a parallel scan), so chunk boundaries change nothing.  Rules name a
+  second literal (``wrap_anchors``) for messages a break could cut through their first one;
+* a failure id is reported once, at its first occurrence; once an id is found its anchors leave
+  the prefilter, and the scan stops as soon as nothing is left to look for;
+* when nothing is recognised, the report carries the first error block (``error:``, ``Error``,
+  ``FAILED``, ``Traceback``... and the lines after it) so that the user starts at the right line;
+* files of :data:`PARALLEL_MIN_BYTES` or more are split at line boundaries and scanned by
+  several processes (``diagnose_path(..., workers=1)`` forces one pass).
+
+Findings are ranked root cause first (:func:`_rank`): *specificity* first (a failure that
+``implies`` another, e.g. ``compiler-oom`` implies ``stale-build-state``, or ``explains`` it, e.g.
+a missing ``torch==2.6.0+cu118`` wheel is what pip's resolver conflict means, comes before it),
+then *evidence strength* (``weak_patterns``: generic wording that other causes print too), then
+*position* (the earliest line).  Each finding's ``rank`` (JSON) says why it stands where it does.
+
+The corpus of real logs (``tests/logs/index*.toml``), its tune/eval split and the accuracy
+measure are here too (:func:`load_corpus`, :func:`corpus_split`, :func:`accuracy`), for the tests
+and ``benchmarks/bench_diagnose.py --accuracy``.
+
+``rich`` is imported only inside :func:`render_table`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from vllm_harness.diagnose.normalize import (
+    _FIRST_ERROR_ANCHORS,
+    _FIRST_ERROR_RE,
+    JOIN_REACH,
+    MAX_LINE_CHARS,
+    WRAP_AFTER,
+    WRAP_BEFORE,
+    _clean_segments,
+    _evidence,
+    _first_match,
+    _wrapped_messages,
+)
+from vllm_harness.diagnose.rank import _rank
+from vllm_harness.diagnose.rules import (
+    _BYTE_FREQ,
+    _OWN_SEARCH_PERMILLE,
+    MAX_ANCHOR,
+    Finding,
+    Report,
+    Rule,
+    load_knowledge,
+    render_fix,
+)
+
+try:  # optional accelerator (x86_64 wheels on PyPI); the pure-``re`` prefilter is the fallback
+    import hyperscan as _hyperscan
+except Exception:  # noqa: BLE001 - ImportError, or a CPU/library it cannot use
+    _hyperscan = None
+
+#: Prefilter engines: ``hyperscan`` (when importable) and ``re``.  ``VLLM_HARNESS_DIAGNOSE_ENGINE``
+#: picks one; the default is the first available.
+ENGINES = tuple(e for e in ("hyperscan", "re") if e != "hyperscan" or _hyperscan is not None)
+
+
+def default_engine() -> str:
+    wanted = os.environ.get("VLLM_HARNESS_DIAGNOSE_ENGINE", "").strip()
+    return wanted if wanted in ENGINES else ENGINES[0]
+
+
+
+
+
+#: Lines of the first error block reported when nothing is recognised.
+FIRST_ERROR_BLOCK = 15
+#: Bytes read per chunk.
+CHUNK_SIZE = 8 * 1024 * 1024
+#: A line without newline is buffered up to this size before it is scanned in pieces.
+LONG_LINE_BYTES = 64 * 1024 * 1024
+#: Files of this size or more are scanned by several processes (see diagnose_path).
+PARALLEL_MIN_BYTES = 64 * 1024 * 1024
+#: At most this many processes.
+MAX_WORKERS = 8
+#: Anchor hits collected per Hyperscan pass (the rest of a block is scanned when needed).
+HS_BATCH = 512
+#: Bytes of context kept around a block at most (the lines before it, the lines after it).
+CONTEXT_BYTES = 64 * 1024
+#: Lines remembered per scan as matching nothing on their own (logs repeat near-miss lines).
+SEEN_LINES = 4096
+
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# data model
+
+
+
+
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# knowledge base
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# scanning
+
+
+def _trie_regex(words: Iterable[bytes], overlapping: bool = False) -> re.Pattern[bytes] | None:
+    trie: dict[Any, Any] = {}
+    for word in words:
+        node = trie
+        for byte in word:
+            node = node.setdefault(byte, {})
+        node[None] = True
+
+    def render(node: dict[Any, Any]) -> bytes:
+        end = None in node
+        alts = [
+            re.escape(bytes([b])) + render(child)
+            for b, child in sorted((k, v) for k, v in node.items() if k is not None)
+        ]
+        if not alts:
+            return b""
+        if len(alts) == 1 and not end:
+            return alts[0]
+        body = b"(?:" + b"|".join(alts) + b")"
+        return body + b"?" if end else body
+
+    if not trie:
+        return None
+    body = render(trie)
+    return re.compile(b"(?=(" + body + b"))" if overlapping else body)
+
+
+_HS_CACHE: dict[tuple[bytes, ...], Any] = {}
+
+
+def _hyperscan_db(words: tuple[bytes, ...]) -> Any:
+    """A Hyperscan block-mode database of ``words`` as literals (pattern id = index)."""
+    db = _HS_CACHE.get(words)
+    if db is None:
+        db = _hyperscan.Database(mode=_hyperscan.HS_MODE_BLOCK)
+        db.compile(
+            expressions=list(words),
+            ids=list(range(len(words))),
+            elements=len(words),
+            flags=[0] * len(words),
+            literal=True,
+        )
+        if len(_HS_CACHE) > 64:
+            _HS_CACHE.clear()
+        _HS_CACHE[words] = db
+    return db
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+class _Scanner:
+    """State of one scan: what is found, what is still looked for, the first error block."""
+
+    def __init__(self, rules: Sequence[Rule], engine: str | None = None) -> None:
+        self.engine = engine or default_engine()
+        if self.engine not in ENGINES:
+            raise ValueError(
+                f"diagnose engine {self.engine!r} is not available here (have: {', '.join(ENGINES)})"
+            )
+        self.rules = list(rules)
+        self.order = {r.id: i for i, r in enumerate(self.rules)}
+        self.found: dict[str, tuple[int, str, int]] = {}  # id: line, evidence, pattern
+        self.first_error: list[tuple[int, str]] = []
+        self.track_first_error = True
+        self.pending_error_lines = 0
+        self.error_started = False  # the first error line was just seen: copy the lines after it
+        self.anchor_rules: dict[bytes, list[Rule]] = {}
+        for rule in self.rules:
+            for anchor in rule.anchors:
+                self.anchor_rules.setdefault(anchor, []).append(rule)
+        self._rebuild()
+
+    # -- prefilter -------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        """The anchors still needed, and their search: one Hyperscan database, else the trie regex
+        and the regexes of the anchors that start with a frequent byte."""
+        self.active_anchors = [
+            a for a, rs in self.anchor_rules.items() if any(r.id not in self.found for r in rs)
+        ]
+        words = list(self.active_anchors)
+        if self.track_first_error:
+            words += _FIRST_ERROR_ANCHORS
+        self.scan_words = words
+        self.hs_lengths = [len(w) for w in words]
+        self.hs_db = None
+        self.searches: list[re.Pattern[bytes]] = []
+        if self.engine == "hyperscan" and words:
+            try:
+                self.hs_db = _hyperscan_db(tuple(words))
+            except Exception:  # noqa: BLE001 - e.g. a CPU without the instructions it needs: fall back to re
+                self.engine = "re"
+        if self.hs_db is None:
+            by_first: dict[int, list[bytes]] = {}
+            for word in words:
+                by_first.setdefault(word[0], []).append(word)
+            trie_words: list[bytes] = []
+            searches: list[re.Pattern[bytes]] = []
+            for first, group in sorted(by_first.items()):
+                if _BYTE_FREQ.get(chr(first), 2) <= _OWN_SEARCH_PERMILLE:
+                    trie_words += group
+                else:
+                    searches.append(_trie_regex(group))  # type: ignore[arg-type]
+            main = _trie_regex(trie_words)
+            self.searches = ([main] if main is not None else []) + searches
+        self.seen: dict[bytes, tuple[tuple[Rule, ...], dict[bytes, tuple[int, int]]]] = {}
+        # for a line that holds anchors: which ones (also overlapping ones and prefixes)
+        self.overlapping = _trie_regex(words, overlapping=True)
+        self.prefixes: dict[bytes, list[bytes]] = {}
+
+    def _new_cache(self) -> list[int]:
+        return [2, 0] if self.hs_db is not None else [-2] * len(self.searches)
+
+    def _hs_fill(self, block: bytes, start: int, cache: list[int]) -> None:
+        """Fill ``cache`` with the next anchor starts from ``start``: at most about HS_BATCH of
+        them, since after a finding the anchors change and the rest would be scanned again."""
+        found = self._hs_scan(block, start, HS_BATCH)
+        lengths = self.hs_lengths
+        resume = -1
+        if len(found) >= 2 * HS_BATCH:  # stopped early
+            # every anchor starting before (last end - longest anchor) has been reported
+            resume = start + found[-1] - max(lengths)
+            if resume <= start:  # a batch too small for the anchors at one position
+                found, resume = self._hs_scan(block, start, 0), -1
+        starts = sorted({start + end - lengths[i] for i, end in zip(found[::2], found[1::2], strict=True)})
+        if resume != -1:
+            starts = [x for x in starts if x < resume]
+        cache[:] = [2, resume, *starts]
+
+    def _hs_scan(self, block: bytes, start: int, limit: int) -> list[int]:
+        """[pattern id, end, ...] of the anchors in ``block[start:]`` (``limit``: stop after as
+        many; 0: no limit)."""
+        found: list[int] = []
+        cap = 2 * limit
+
+        def collect(pattern_id: int, _start: int, end: int, _flags: int, _context: Any) -> bool:
+            found.append(pattern_id)
+            found.append(end)
+            return bool(cap) and len(found) >= cap  # True stops the scan
+
+        try:
+            self.hs_db.scan(memoryview(block)[start:], match_event_handler=collect)
+        except _hyperscan.ScanTerminated:  # collect stopped it after ``limit`` hits
+            pass
+        return found
+
+    @property
+    def done(self) -> bool:
+        return not self.scan_words and self.pending_error_lines == 0
+
+    def _next_hit(self, block: bytes, pos: int, cache: list[int]) -> int:
+        """Position of the next anchor at or after ``pos`` (-1: none).  ``cache`` keeps the
+        next match of every search (``re``), or every anchor position of the block after the
+        position where it was built (``hyperscan``), so that no stretch is searched twice."""
+        if self.hs_db is not None:
+            # cache: [index of the next candidate, position to scan on from (-1: block done),
+            #         anchor starts in order...]
+            i, n = cache[0], len(cache)
+            while i < n and cache[i] < pos:
+                i += 1
+            while i == n and cache[1] != -1:
+                self._hs_fill(block, max(pos, cache[1]), cache)
+                i, n = 2, len(cache)
+                while i < n and cache[i] < pos:
+                    i += 1
+            cache[0] = i
+            return cache[i] if i < n else -1
+        best = -1
+        for i, rx in enumerate(self.searches):
+            at = cache[i]
+            if at != -1 and at < pos:
+                m = rx.search(block, pos)
+                at = m.start() if m is not None else -1
+                cache[i] = at
+            if at != -1 and (best == -1 or at < best):
+                best = at
+        return best
+
+    # -- one block of whole lines (or of one endless line) -----------------------------------
+    def scan_block(self, block: bytes, lo: int, hi: int, first_line: int) -> int:
+        """Scan the lines of ``block[lo:hi]`` (``lo`` starts line ``first_line``); the bytes before
+        ``lo`` and after ``hi`` are context (wrapped messages), scanned in the blocks before and
+        after.  Returns the newline count of ``block[lo:hi]``."""
+        pos = lo
+        counted_pos = lo
+        line_no = first_line
+        if self.pending_error_lines:
+            self._continue_error_block(block, first_line, lo, hi)
+        cache = self._new_cache()
+        while self.scan_words:
+            hit = self._next_hit(block, pos, cache)
+            if hit < 0 or hit >= hi:
+                break
+            ls = block.rfind(b"\n", lo, hit) + 1 or lo
+            le = block.find(b"\n", hit)
+            if le == -1:
+                le = len(block)
+            line_no += block.count(b"\n", counted_pos, ls)
+            counted_pos = ls
+            if le - ls > MAX_LINE_CHARS:
+                r_lo = max(ls, hit - MAX_LINE_CHARS // 2)
+                r_hi = min(le, r_lo + MAX_LINE_CHARS)
+                changed = self._check(block[r_lo:r_hi], line_no, None)
+                next_pos = max(r_hi - MAX_ANCHOR, hit + 1)
+            else:
+                changed = self._check(block[ls:le], line_no, (block, ls, le))
+                next_pos = le + 1
+            if self.error_started:
+                # copy the lines after the first error line; they are still scanned for anchors
+                self.error_started = False
+                self._continue_error_block(block, line_no + 1, le + 1, hi)
+            if changed:
+                self._rebuild()
+                cache = self._new_cache()
+            pos = next_pos
+        return line_no - first_line + block.count(b"\n", counted_pos, hi)
+
+    def _check(self, region: bytes, line_no: int, where: tuple[bytes, int, int] | None) -> bool:
+        """Match the full regexes of the failures whose anchors ``region`` holds: on the line
+        itself, then on the message it belongs to when the line was wrapped (``where``: the block
+        and the line's bounds in it, for the lines around it)."""
+        seen = self.seen.get(region)
+        if seen is None:
+            changed, missed, present, segments, want_error = self._check_line(region, line_no)
+            if not changed and not (want_error and not self.first_error):
+                if len(self.seen) >= SEEN_LINES:
+                    self.seen.clear()
+                self.seen[region] = (missed, present)
+        else:  # the same line again: it matched nothing on its own then, nor does it now
+            (missed, present), changed, segments, want_error = seen, False, [], False
+        if missed and where is not None:
+            # a match can only go on in the line before (after) if the pattern does not begin
+            # (end) with the anchor seen, and that anchor is near the line's start (end)
+            before = after = False
+            for rule in missed:
+                for anchor, (first, last) in present.items():
+                    edge = rule.edges.get(anchor)
+                    if edge:
+                        before = before or (edge[0] and first <= JOIN_REACH)
+                        after = after or (edge[1] and len(region) - last <= JOIN_REACH)
+            for text, starts in _wrapped_messages(*where, line_no, before, after):
+                for rule in missed:
+                    if rule.id in self.found:
+                        continue
+                    hit, n = _first_match(rule.patterns, text, starts, line_no)
+                    if hit:
+                        at = max(k for k, (off, _) in enumerate(starts) if off <= hit.start())
+                        self.found[rule.id] = (starts[at][1], _evidence(text, hit), n)
+                        changed = True
+        if changed and self.track_first_error:
+            # the first error block is only reported when nothing is recognised
+            self.track_first_error = False
+            self.first_error = []
+            self.pending_error_lines = 0
+            return True
+        if want_error and not self.first_error:
+            if any(_FIRST_ERROR_RE.search(seg) for seg in segments):
+                self.first_error = [(line_no, _evidence(" ".join(segments), None))]
+                self.track_first_error = False
+                self.pending_error_lines = FIRST_ERROR_BLOCK - 1
+                self.error_started = True
+                return True
+        return changed
+
+    def _check_line(
+        self, region: bytes, line_no: int
+    ) -> tuple[bool, tuple[Rule, ...], dict[bytes, tuple[int, int]], list[str], bool]:
+        """Match the failures whose anchors ``region`` holds on the line alone.  Returns whether
+        one was found, the failures not found and the anchors seen (for the wrapped reading),
+        the line's cleaned segments and whether it holds a first-error anchor."""
+        present: dict[bytes, tuple[int, int]] = {}  # anchor: (first start, last end)
+        if self.overlapping is not None:
+            for m in self.overlapping.finditer(region):
+                word = m.group(1)
+                prefixes = self.prefixes.get(word)
+                if prefixes is None:  # the trie matched the longest word; shorter ones count too
+                    prefixes = self.prefixes[word] = [p for p in self.scan_words if word.startswith(p)]
+                at = m.start()
+                for p in prefixes:
+                    present[p] = (present[p][0] if p in present else at, at + len(p))
+        rules: list[Rule] = []
+        for anchor in present:
+            for rule in self.anchor_rules.get(anchor, ()):
+                if rule.id not in self.found and rule not in rules:
+                    rules.append(rule)
+        want_error = self.track_first_error and not present.keys().isdisjoint(_FIRST_ERROR_ANCHORS)
+        if not rules and not want_error:
+            return False, (), {}, [], False
+        changed = False
+        segments = _clean_segments(region)
+        rules.sort(key=lambda r: self.order[r.id])
+        missed: list[Rule] = []
+        for rule in rules:
+            for seg in segments:
+                hit, n = _first_match(rule.patterns, seg)
+                if hit:
+                    self.found[rule.id] = (line_no, _evidence(seg, hit), n)
+                    changed = True
+                    break
+            else:
+                missed.append(rule)
+        return changed, tuple(missed), present, segments, want_error
+
+    def _continue_error_block(self, block: bytes, line_no: int, start: int, end: int) -> int:
+        """Copy the lines of ``block[start:end]`` after the first error line; returns the position
+        after them."""
+        pos = start
+        while self.pending_error_lines and pos < end:
+            stop = block.find(b"\n", pos, end)
+            if stop == -1:
+                stop = end
+            segments = _clean_segments(block[pos : min(stop, pos + MAX_LINE_CHARS)])
+            self.first_error.append((line_no, _evidence(" ".join(segments), None)))
+            self.pending_error_lines -= 1
+            line_no += 1
+            pos = stop + 1
+        return pos
+
+
+
+
+class _Limited:
+    """A binary reader that stops after ``limit`` bytes."""
+
+    def __init__(self, raw: BinaryIO, limit: int) -> None:
+        self.raw = raw
+        self.left = limit
+
+    def read(self, size: int) -> bytes:
+        if self.left <= 0:
+            return b""
+        data = self.raw.read(min(size, self.left))
+        self.left -= len(data)
+        return data
+
+
+def _tail_lines(buf: bytes, count: int) -> bytes:
+    """The last ``count`` lines of ``buf`` (which ends with a newline), at most CONTEXT_BYTES."""
+    base = max(0, len(buf) - CONTEXT_BYTES)
+    pos = len(buf) - 1
+    for _ in range(count):
+        pos = buf.rfind(b"\n", base, pos)
+        if pos == -1:
+            return buf[base:] if base == 0 else buf[buf.find(b"\n", base) + 1 :]
+    return buf[pos + 1 :]
+
+
+def _lookahead_cut(block: bytes, lo: int, long: bool) -> int:
+    """Where the lines of ``block[lo:]`` that still lack their WRAP_AFTER following lines start
+    (they are scanned with the next block); -1: wait for more data.  When the look-ahead would be
+    over CONTEXT_BYTES, or ``long`` (a line too long to wait for), every complete line is taken."""
+    pos = len(block)
+    for _ in range(WRAP_AFTER + 1):
+        pos = block.rfind(b"\n", lo, pos)
+        if pos == -1:
+            break
+    if pos != -1 and len(block) - pos <= CONTEXT_BYTES:
+        return pos + 1
+    last = block.rfind(b"\n", lo)
+    if last == -1 or (pos == -1 and not long):
+        return -1
+    return last + 1
+
+
+def _scan(
+    binary_stream: Any,
+    rules: Sequence[Rule],
+    engine: str | None = None,
+    head: bytes = b"",
+    stop: int | None = None,
+) -> tuple[_Scanner, int, int]:
+    """Scan a stream; returns the scanner, the number of lines it went through and their bytes.
+
+    ``head``: the bytes before the stream (context for its first lines); ``stop``: scan only the
+    lines that start before this offset (the stream goes on a little, as context)."""
+    scanner = _Scanner(rules, engine)
+    overlap = max((len(a) for a in scanner.anchor_rules), default=1) + max(
+        len(a) for a in _FIRST_ERROR_ANCHORS
+    )
+    ctx = _tail_lines(head, WRAP_BEFORE) if head else b""
+    todo: list[bytes] = []  # bytes not scanned yet (the last lines wait for their look-ahead)
+    todo_len = 0
+    base = 0  # stream offset of todo's first byte
+    line = 1
+    while not scanner.done and (stop is None or base < stop):
+        data = binary_stream.read(CHUNK_SIZE)
+        eof = not data
+        if not eof:
+            todo.append(data)
+            todo_len += len(data)
+            if b"\n" not in data and todo_len < LONG_LINE_BYTES:
+                continue
+        block = ctx + b"".join(todo)
+        lo = len(ctx)
+        hi = len(block) if eof else _lookahead_cut(block, lo, todo_len >= LONG_LINE_BYTES)
+        if hi == -1:
+            if todo_len < LONG_LINE_BYTES:
+                continue
+            # a line longer than LONG_LINE_BYTES (progress bars, minified output): scan what we have
+            cut = block.rfind(b"\r", lo) + 1
+            # \r ends a redraw segment: no anchor spans it; else keep an overlap for an anchor cut in two
+            hi, keep = (cut, cut) if cut else (len(block), len(block) - overlap)
+            if stop is not None:
+                hi = min(hi, lo + stop - base)
+            scanner.scan_block(block, lo, hi, line)
+            base += keep - lo
+            ctx, todo = b"", [block[keep:]]
+            todo_len = len(block) - keep
+            continue
+        if stop is not None:
+            hi = min(hi, lo + stop - base)
+        if hi > lo:
+            line += scanner.scan_block(block, lo, hi, line)
+        base += hi - lo
+        if eof:
+            break
+        ctx = _tail_lines(block[:hi], WRAP_BEFORE) if hi > 0 else b""
+        todo = [block[hi:]] if hi < len(block) else []
+        todo_len = len(block) - hi
+    return scanner, line - 1, base
+
+
+def _report(
+    rules: Sequence[Rule],
+    found: Mapping[str, tuple[int, str, int]],
+    first_error: list[tuple[int, str]],
+    context: Mapping[str, Any] | None,
+    name: str,
+) -> Report:
+    ids, explained, why = _rank(rules, found)
+    by_id = {r.id: r for r in rules}
+    findings = []
+    for rid in ids:
+        rule = by_id[rid]
+        line_no, evidence, _pattern = found[rid]
+        findings.append(
+            Finding(
+                id=rid,
+                severity=rule.severity,
+                line=line_no,
+                evidence=evidence,
+                cause=rule.cause,
+                fix=render_fix(rule.fix, context),
+                explained_by=explained[rid],
+                rank=why[rid],
+            )
+        )
+    first_error = [] if findings else first_error
+    return Report(log=name, findings=findings, first_error_lines=first_error)
+
+
+def diagnose_stream(
+    binary_stream: BinaryIO,
+    context: Mapping[str, Any] | None = None,
+    *,
+    rules: Sequence[Rule] | None = None,
+    name: str = "<stream>",
+    engine: str | None = None,
+) -> Report:
+    """Scan a binary stream (read in chunks, never whole) and return the report."""
+    rules = load_knowledge() if rules is None else list(rules)
+    scanner, _, _ = _scan(binary_stream, rules, engine)
+    return _report(rules, scanner.found, scanner.first_error, context, name)
+
+
+def _scan_range(
+    path: str, start: int, end: int, rules: Sequence[Rule], engine: str | None = None
+) -> tuple[dict, list, int, int]:
+    """Worker: scan the lines of bytes [start, end) of a file (the lines around it are context).
+    Returns the findings and first error block (line numbers relative to ``start``), the lines
+    still missing from that block, and the number of newlines in the range."""
+    with open(path, "rb") as fh:
+        head = b""
+        if start:
+            fh.seek(max(0, start - CONTEXT_BYTES))
+            head = fh.read(start - max(0, start - CONTEXT_BYTES))
+        fh.seek(start)
+        reader = _Limited(fh, end - start + CONTEXT_BYTES)
+        scanner, lines, done = _scan(reader, rules, engine, head=head, stop=end - start)
+        if done < end - start:  # stopped early: count the rest of the range for the line numbers
+            fh.seek(start + done)
+            rest = _Limited(fh, end - start - done)
+            while True:
+                data = rest.read(CHUNK_SIZE)
+                if not data:
+                    break
+                lines += data.count(b"\n")
+    return scanner.found, scanner.first_error, scanner.pending_error_lines, lines
+
+
+def _split_points(path: str, size: int, parts: int) -> list[int]:
+    points = [0]
+    with open(path, "rb") as fh:
+        for i in range(1, parts):
+            fh.seek(max(points[-1], size * i // parts))
+            while True:
+                piece = fh.read(65536)
+                if not piece:
+                    break
+                nl = piece.find(b"\n")
+                if nl >= 0:
+                    points.append(fh.tell() - len(piece) + nl + 1)
+                    break
+    points.append(size)
+    return sorted(set(points))
+
+
+def _diagnose_parallel(
+    path: str, rules: Sequence[Rule], workers: int, engine: str | None = None
+) -> tuple[dict, list]:
+    import concurrent.futures
+    import multiprocessing
+
+    size = os.path.getsize(path)
+    points = _split_points(path, size, workers)
+    ctx_name = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with concurrent.futures.ProcessPoolExecutor(
+        len(points) - 1, mp_context=multiprocessing.get_context(ctx_name)
+    ) as pool:
+        futures = [
+            pool.submit(_scan_range, path, points[i], points[i + 1], rules, engine)
+            for i in range(len(points) - 1)
+        ]
+        results = [f.result() for f in futures]
+    found: dict[str, tuple[int, str, int]] = {}
+    first_error: list[tuple[int, str]] = []
+    offset = 0
+    for index, (part_found, part_error, missing, lines) in enumerate(results):
+        for rid, (line_no, evidence, pattern) in part_found.items():
+            if rid not in found:
+                found[rid] = (line_no + offset, evidence, pattern)
+        if not first_error and part_error:
+            first_error = [(n + offset, text) for n, text in part_error]
+            if missing:  # the block goes on in the next part(s)
+                next_start = points[index + 1]
+                with open(path, "rb") as fh:
+                    fh.seek(next_start)
+                    n = offset + lines + 1
+                    for raw in fh:
+                        first_error.append(
+                            (n, _evidence(" ".join(_clean_segments(raw[:MAX_LINE_CHARS])), None))
+                        )
+                        n += 1
+                        missing -= 1
+                        if not missing:
+                            break
+        offset += lines
+    return found, first_error
+
+
+def diagnose_path(
+    path: str | Path,
+    context: Mapping[str, Any] | None = None,
+    *,
+    rules: Sequence[Rule] | None = None,
+    workers: int | None = None,
+    engine: str | None = None,
+) -> Report:
+    """Diagnose a log file; ``"-"`` reads standard input.
+
+    ``workers``: processes scanning parts of a large file in parallel; ``None`` = one per CPU
+    (at most :data:`MAX_WORKERS`) for regular files of :data:`PARALLEL_MIN_BYTES` or more,
+    ``1`` = always a single streaming pass.  ``engine``: the prefilter (:data:`ENGINES`)."""
+    rules = load_knowledge() if rules is None else list(rules)
+    if str(path) == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:  # pragma: no cover - stdin replaced by a text stream
+            stream = io.BytesIO(sys.stdin.read().encode("utf-8", "replace"))
+        return diagnose_stream(stream, context, rules=rules, name="-", engine=engine)
+    name = str(path)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, MAX_WORKERS)
+        try:
+            if not Path(path).is_file() or os.path.getsize(path) < PARALLEL_MIN_BYTES:
+                workers = 1
+        except OSError:
+            workers = 1
+    if workers > 1:
+        found, first_error = _diagnose_parallel(name, rules, workers, engine)
+        return _report(rules, found, [] if found else first_error, context, name)
+    with open(path, "rb") as fh:
+        return diagnose_stream(fh, context, rules=rules, name=name, engine=engine)
+
+
+# --------------------------------------------------------------------------------------------
+# presentation
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# the corpus of real logs (tests/logs) and the accuracy measure (tests and the benchmark)
+
+
+
+
+
+
+
+
+

@@ -1,0 +1,501 @@
+"""diagnose's knowledge: data/failures.toml loaded and checked (ids, severities, patterns, the literals
+(*anchors*) every pattern needs, ``implies``/``explains`` for the ranking), and the fix templates."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # Python >= 3.11
+    import tomllib as _toml
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as _toml  # type: ignore[no-redef]
+
+try:  # Python >= 3.11 keeps the regex parser here
+    from re import _constants as _sre_c
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre_c  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+#: Wording used for a missing context key when the fix gives no fallback of its own.
+GENERIC_WORDING = {
+    "cuda": "the variant's CUDA version",
+    "torch": "the variant's PyTorch version",
+    "torch_index": "the variant's PyTorch index URL",
+    "variant": "<variant>",
+    "python": "the environment's Python",
+    "xformers": "the xformers release built for the variant's PyTorch",
+    "cmake_min": "3.26",
+}
+_CACHE: dict[tuple[str, int, int], list[Rule]] = {}
+
+DEFAULT_KNOWLEDGE = Path(__file__).resolve().parents[1] / "data" / "failures.toml"
+
+
+
+
+SEVERITIES = ("error", "warning", "info")
+
+
+#: Keys a fix may use as ``{key}`` or ``{key|fallback wording}``.
+CONTEXT_KEYS = ("cuda", "torch", "torch_index", "variant", "python", "xformers", "cmake_min")
+
+
+#: Minimum length of a derived anchor.
+MIN_ANCHOR = 4
+
+
+#: Maximum length of a derived anchor (longer literals are cut; a prefix is still mandatory).
+MAX_ANCHOR = 24
+
+
+_ID_RE = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+
+
+_PLACEHOLDER_RE = re.compile(r"\{(\w+)(?:\|([^{}]*))?\}")
+
+
+_RULE_KEYS = {
+    "id", "severity", "patterns", "weak_patterns", "cause", "fix", "implies", "explains", "hides", "anchors",
+    "wrap_anchors", "reported_by",
+}
+
+
+_REQUIRED_KEYS = ("id", "severity", "patterns", "cause", "fix")
+
+
+_TOP_KEYS = {"version", "failure"}
+
+
+# Frequency (per mille) of bytes in build logs (measured on the test corpus).  An anchor starting
+# with a rare byte costs the prefilter little; anchors starting with a frequent byte are searched
+# with bytes.find instead (see _Scanner).
+_BYTE_FREQ = {
+    " ": 124,
+    "e": 65,
+    "i": 52,
+    "n": 46,
+    "t": 45,
+    "o": 42,
+    "a": 38,
+    "l": 37,
+    "s": 36,
+    "r": 32,
+    "c": 30,
+    "/": 27,
+    "p": 25,
+    ".": 23,
+    "d": 22,
+    "u": 21,
+    "m": 19,
+    "-": 17,
+    "\n": 15,
+    "h": 15,
+    "g": 14,
+    "_": 14,
+    "f": 13,
+    "y": 12,
+    "1": 12,
+    "0": 12,
+    "b": 11,
+    "v": 9,
+    "2": 9,
+    "3": 8,
+    "k": 8,
+    "^": 7,
+    ",": 7,
+    ":": 7,
+    "x": 6,
+    "\xe2": 6,
+    "w": 5,
+    "C": 5,
+    '"': 4,
+    "(": 4,
+    ")": 4,
+    "8": 4,
+    "R": 4,
+    "4": 4,
+    "F": 4,
+    "9": 4,
+    "=": 4,
+    "6": 3,
+    "5": 3,
+    "D": 3,
+    "E": 2,
+    "U": 2,
+    "A": 2,
+    "\\": 2,
+    "'": 2,
+    ">": 2,
+    "~": 2,
+}
+
+
+#: Per mille of byte density above which the anchors starting with that byte are searched with a
+#: regex of their own (a literal prefix: fast) instead of being a branch of the main trie (whose
+#: cost grows with the density of all the first bytes it has to stop at).
+_OWN_SEARCH_PERMILLE = 7.5
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One known failure of the knowledge base."""
+
+    id: str
+    severity: str
+    patterns: tuple[re.Pattern[str], ...]
+    cause: str
+    fix: str
+    implies: tuple[str, ...] = ()
+    anchors: tuple[bytes, ...] = ()
+    #: ids this failure is a more specific reading of (the same lines trigger both)
+    explains: tuple[str, ...] = ()
+    #: patterns[strong:] are weak evidence (generic wording that other causes print too)
+    strong: int = -1
+    #: anchor -> (can a match holding it begin on an earlier line, end on a later one)
+    edges: Mapping[bytes, tuple[bool, bool]] = field(default_factory=dict)
+
+    def strength(self, pattern: int) -> str:
+        return "weak" if 0 <= self.strong <= pattern else "strong"
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(p.pattern for p in self.patterns)
+
+
+@dataclass
+class Finding:
+    id: str
+    severity: str
+    line: int
+    evidence: str
+    cause: str
+    fix: str
+    explained_by: list[str] = field(default_factory=list)
+    #: why it is ranked where it is: root or not, strength of its evidence, what it explains
+    rank: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "severity": self.severity,
+            "line": self.line,
+            "evidence": self.evidence,
+            "cause": self.cause,
+            "fix": self.fix,
+            "explained_by": list(self.explained_by),
+            "rank": dict(self.rank),
+        }
+
+
+@dataclass
+class Report:
+    log: str
+    findings: list[Finding] = field(default_factory=list)
+    first_error_lines: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[str]:
+        return [f.id for f in self.findings]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "log": self.log,
+            "findings": [f.to_dict() for f in self.findings],
+            "first_error_lines": [[n, text] for n, text in self.first_error_lines],
+        }
+
+
+def _bad(path: Path | str, where: str, key: str, problem: str) -> ValueError:
+    return ValueError(f"{path}: {where}: key '{key}': {problem}")
+
+
+def _literal_runs(
+    parsed: Any, runs: list[list[tuple[str, ...]]], current: list[tuple[str, ...]], ignorecase: bool
+) -> None:
+    """Collect the runs of characters every match of ``parsed`` must contain.
+
+    A run is a list of positions; each position is a tuple of the characters allowed there
+    (one for a literal, up to four for a small class such as ``['‘`]``)."""
+
+    def flush() -> None:
+        if current:
+            runs.append(list(current))
+            current.clear()
+
+    for op, av in parsed:
+        if op is _sre_c.LITERAL and not ignorecase:
+            current.append((chr(av),))
+        elif (
+            op is _sre_c.IN
+            and not ignorecase
+            and 0 < len(av) <= 4
+            and all(o is _sre_c.LITERAL for o, _ in av)
+        ):
+            current.append(tuple(chr(c) for _, c in av))
+        elif op is _sre_c.SUBPATTERN:
+            add_flags = av[1] if len(av) >= 4 else 0
+            flush()
+            _literal_runs(av[-1], runs, current, ignorecase or bool(add_flags & _sre_c.SRE_FLAG_IGNORECASE))
+            flush()
+        elif op in (_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT) and av[0] >= 1:
+            flush()
+            _literal_runs(av[2], runs, current, ignorecase)
+            flush()
+        elif op is _sre_c.AT or op is _sre_c.ASSERT_NOT or op is _sre_c.ASSERT:
+            continue  # zero-width: does not break a run
+        else:
+            flush()
+    flush()
+
+
+def _density(chars: Iterable[str]) -> int:
+    return sum(_BYTE_FREQ.get(chr(c.encode("utf-8")[0]) if c else c, 2) for c in chars)
+
+
+def _anchor_candidates(pattern: re.Pattern[str]) -> list[tuple[int, int, int, int, list[str]]]:
+    """Every literal a match of the regex must contain: (score, run, start, end, variants); the
+    lower the score, the better an anchor (see :func:`_derive_anchors`)."""
+    if pattern.flags & re.IGNORECASE:
+        return []
+    runs: list[list[tuple[str, ...]]] = []
+    _literal_runs(_sre_parse.parse(pattern.pattern, pattern.flags), runs, [], False)
+    out = []
+    for r, run in enumerate(runs):
+        for i in range(len(run)):
+            head = run[i]
+            tail = []
+            for item in run[i + 1 : i + MAX_ANCHOR]:
+                if len(item) != 1:
+                    break
+                tail.append(item[0])
+            length = 1 + len(tail)
+            if length < MIN_ANCHOR or any(c.isspace() for c in head):
+                continue
+            score = _density(head) * 20 + (
+                240 if length < 6 else 120 if length < 8 else 40 if length < 10 else 0
+            )
+            out.append((score, r, i, i + length, [c + "".join(tail) for c in head]))
+    return out
+
+
+def _literal_ends(pattern: re.Pattern[str]) -> tuple[str, str]:
+    """The literal text every match of the regex begins with, and the one it ends with."""
+    if pattern.flags & re.IGNORECASE:
+        return "", ""
+    ops = list(_sre_parse.parse(pattern.pattern, pattern.flags))
+
+    def literals(seq: Iterable[Any]) -> list[str]:
+        out = []
+        for op, av in seq:
+            if op is _sre_c.AT:  # ^, $, \b: zero-width
+                continue
+            if op is not _sre_c.LITERAL:
+                break
+            out.append(chr(av))
+        return out
+
+    return "".join(literals(ops)), "".join(reversed(literals(reversed(ops))))
+
+
+def _derive_anchors(pattern: re.Pattern[str]) -> list[str] | None:
+    """Literals of which every match of the regex contains at least one (None if none found).
+
+    The prefilter skips fastest over bytes that no anchor starts with, so a literal starting
+    with a rare character (upper case, quotes, punctuation) is preferred over a longer one."""
+    cands = _anchor_candidates(pattern)
+    return min(cands, key=lambda c: c[0])[4] if cands else None
+
+
+def _check_str(path: Path | str, where: str, entry: Mapping[str, Any], key: str) -> str:
+    value = entry.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(path, where, key, "must be a non-empty string")
+    return value
+
+
+def _check_str_list(
+    path: Path | str, where: str, entry: Mapping[str, Any], key: str, *, empty_ok: bool
+) -> list[str]:
+    value = entry.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _bad(path, where, key, "must be a list of non-empty strings")
+    if not value and not empty_ok:
+        raise _bad(path, where, key, "must not be empty")
+    return value
+
+
+def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise ValueError(
+            f"{path}: top level: key '{sorted(unknown)[0]}': unknown key (allowed: {sorted(_TOP_KEYS)})"
+        )
+    entries = doc.get("failure")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(
+            f"{path}: top level: key 'failure': must be a non-empty array of tables ([[failure]])"
+        )
+
+    rules: list[Rule] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries, 1):
+        where = f"failure #{index}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: {where}: must be a table")
+        if "id" not in entry:
+            raise _bad(path, where, "id", "missing")
+        rid = entry["id"]
+        if not isinstance(rid, str) or not _ID_RE.match(rid):
+            raise _bad(path, where, "id", f"{rid!r} is not a kebab-case id")
+        where = f"failure '{rid}'"
+        if rid in seen:
+            raise _bad(path, where, "id", "duplicate id")
+        seen.add(rid)
+        for key in entry:
+            if key not in _RULE_KEYS:
+                raise _bad(path, where, key, f"unknown key (allowed: {sorted(_RULE_KEYS)})")
+        for key in _REQUIRED_KEYS:
+            if key not in entry:
+                raise _bad(path, where, key, "missing")
+
+        severity = _check_str(path, where, entry, "severity")
+        if severity not in SEVERITIES:
+            raise _bad(path, where, "severity", f"{severity!r} is not one of {SEVERITIES}")
+        cause = _check_str(path, where, entry, "cause")
+        fix = _check_str(path, where, entry, "fix")
+        for m in _PLACEHOLDER_RE.finditer(fix):
+            if m.group(1) not in CONTEXT_KEYS:
+                raise _bad(
+                    path, where, "fix", f"unknown placeholder {{{m.group(1)}}} (known: {CONTEXT_KEYS})"
+                )
+        leftover = _PLACEHOLDER_RE.sub("", fix)
+        if "{" in leftover or "}" in leftover:
+            raise _bad(path, where, "fix", "unbalanced '{' or '}' (placeholders are {key} or {key|fallback})")
+
+        sources = _check_str_list(path, where, entry, "patterns", empty_ok=False)
+        weak = _check_str_list(path, where, entry, "weak_patterns", empty_ok=True)
+        strong = len(sources) if weak else -1
+        sources = sources + weak
+        compiled: list[re.Pattern[str]] = []
+        for n, src in enumerate(sources, 1):
+            try:
+                compiled.append(re.compile(src))
+            except re.error as exc:
+                raise _bad(
+                    path, where, "patterns", f"pattern #{n} {src!r} is not a valid regex: {exc}"
+                ) from None
+
+        explicit = _check_str_list(path, where, entry, "anchors", empty_ok=True)
+        # anchor -> (may the match begin on an earlier line, may it end on a later one)
+        edges: dict[bytes, tuple[bool, bool]] = {}
+        if explicit:
+            anchors = tuple(dict.fromkeys(a.encode("utf-8") for a in explicit))
+        else:
+            derived: list[bytes] = []
+            for n, pat in enumerate(compiled, 1):
+                found_anchors = _derive_anchors(pat)
+                if found_anchors is None:
+                    raise _bad(
+                        path,
+                        where,
+                        "patterns",
+                        f"pattern #{n} {pat.pattern!r} has no case-sensitive literal of {MIN_ANCHOR}+ "
+                        "characters to anchor the prefilter; give 'anchors' explicitly",
+                    )
+                derived.extend(a.encode("utf-8") for a in found_anchors)
+                head, tail = _literal_ends(pat)
+                for a in found_anchors:
+                    before, after = edges.get(a.encode("utf-8"), (False, False))
+                    edges[a.encode("utf-8")] = (before or not head.startswith(a), after or not tail.endswith(a))
+            anchors = tuple(dict.fromkeys(derived))
+        wrap = _check_str_list(path, where, entry, "wrap_anchors", empty_ok=True)
+        anchors = tuple(dict.fromkeys(anchors + tuple(a.encode("utf-8") for a in wrap)))
+
+        implies = _check_str_list(path, where, entry, "implies", empty_ok=True)
+        implies += [
+            h for h in _check_str_list(path, where, entry, "hides", empty_ok=True) if h not in implies
+        ]
+        explains = _check_str_list(path, where, entry, "explains", empty_ok=True)
+        edges = {a: edges.get(a, (True, True)) for a in anchors}
+        rules.append(
+            Rule(rid, severity, tuple(compiled), cause, fix, tuple(implies), anchors, tuple(explains), strong, edges)
+        )
+
+    ids = {r.id for r in rules}
+    for rule in rules:
+        for target in rule.explains:
+            if target not in ids:
+                raise _bad(path, f"failure '{rule.id}'", "explains", f"unknown id {target!r}")
+            if target == rule.id:
+                raise _bad(path, f"failure '{rule.id}'", "explains", "a failure cannot explain itself")
+        for target in rule.implies:
+            if target not in ids:
+                raise _bad(path, f"failure '{rule.id}'", "implies", f"unknown id {target!r}")
+            if target == rule.id:
+                raise _bad(path, f"failure '{rule.id}'", "implies", "a failure cannot imply itself")
+    reach = _reachability(rules)
+    for rule in rules:
+        if rule.id in reach[rule.id]:
+            raise _bad(path, f"failure '{rule.id}'", "implies", "cycle in implies/explains/hides")
+    return rules
+
+
+def load_knowledge(path: str | Path | None = None) -> list[Rule]:
+    """Load and validate a knowledge file (default: the packaged ``data/failures.toml``).
+
+    Raises ``ValueError`` naming the file, the entry and the key on any problem (unknown key,
+    missing field, bad regex, unknown placeholder or id, cycle); ``OSError`` if unreadable.
+    """
+    p = Path(path) if path is not None else DEFAULT_KNOWLEDGE
+    stat = p.stat()
+    key = (str(p.resolve()), stat.st_mtime_ns, stat.st_size)
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return list(cached)
+    try:
+        with p.open("rb") as fh:
+            doc = _toml.load(fh)
+    except _toml.TOMLDecodeError as exc:
+        raise ValueError(f"{p}: not valid TOML: {exc}") from None
+    rules = _parse_rules(p, doc)
+    _CACHE[key] = rules
+    return list(rules)
+
+
+def _reachability(rules: Sequence[Rule]) -> dict[str, set[str]]:
+    graph = {r.id: set(r.implies) | set(r.explains) for r in rules}
+    reach: dict[str, set[str]] = {}
+    for start in graph:
+        seen: set[str] = set()
+        stack = list(graph[start])
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.extend(graph.get(node, ()))
+        reach[start] = seen
+    return reach
+
+
+def render_fix(template: str, context: Mapping[str, Any] | None = None) -> str:
+    """Fill ``{key}`` / ``{key|fallback}`` placeholders from ``context``."""
+    ctx = context or {}
+
+    def sub(m: re.Match[str]) -> str:
+        value = ctx.get(m.group(1))
+        if value is not None and str(value) != "":
+            return str(value)
+        if m.group(2) is not None:
+            return m.group(2)
+        return GENERIC_WORDING.get(m.group(1), m.group(1))
+
+    return _PLACEHOLDER_RE.sub(sub, template)
+
+
+
+
