@@ -435,6 +435,7 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
     reuse = old.get("resolved_key") == resolved_key and not old.get("missing")
     constraints: list[str] = []
     kept: list[str] = []
+    torch_missing = False
     for step in plan:
         if reuse and step["step"] in old.get("pins", {}):
             pins = old["pins"][step["step"]]
@@ -452,7 +453,12 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
                                 "reason": mask(why or err),
                                 "fill": _pip_download_hint(step, target, out, v)})
                 say(f"  ! {step['step']}: cannot resolve ({mask(why or err)[:200]})")
+                if step["step"] == "torch":  # later steps resolve against the public release's metadata
+                    kept = constraints = _torch_stand_in(v)
+                    torch_missing = True
                 continue
+        if torch_missing and step["step"] != "torch":  # torch's own closure comes with the torch step
+            pins = [p for p in pins if not _torch_closure(p, v)]
         pins_by_step[step["step"]] = pins
         constraints = _merge(constraints, pins)
         if step["step"] == "torch":  # the constraints file the torch step writes: torch's pins and numpy's
@@ -487,6 +493,24 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
     for m in missing:
         say(f"  missing {m['what']} (from {m['source']}): {m['reason'][:300]}\n    fill it: {m['fill']}")
     return res
+
+
+def _torch_stand_in(v) -> list[str]:
+    """The torch step could not be resolved (its index unreachable): the later steps are resolved with the
+    same releases without the local tag (torch==2.6.0 for 2.6.0+cu118: the same API and pins), and what
+    torch itself brings is left to the torch step (listed missing)."""
+    out = []
+    for r in v.torch["packages"] + [r for r in v.deps["packages"] if Requirement(r).name.lower() == "numpy"]:
+        req = Requirement(r)
+        specs = [f"{s.operator}{s.version.split('+')[0]}" for s in req.specifier]
+        out.append(req.name + ",".join(specs))
+    return out
+
+
+def _torch_closure(pin: str, v) -> bool:
+    name = canonicalize_name(Requirement(pin).name)
+    torchs = {canonicalize_name(Requirement(r).name) for r in v.torch["packages"]}
+    return name in torchs or name == "triton" or name.startswith("nvidia-")
 
 
 def _file_digest(f: str) -> str:
@@ -594,7 +618,7 @@ def _deps(ctx, out: Path, say, missing: list) -> dict:
     from vllm_harness.steps import deps_cache
     from vllm_harness.steps.context import source_dir
     src = source_dir(ctx)
-    root = deps_cache.cache_root(ctx.layout, {k: x for k, x in ctx.base_env.items() if k != "VLLM_HARNESS_DEPS_CACHE"})
+    root = deps_cache.cache_root(ctx.layout, ctx.base_env)
     dest = out / "deps"
     got: dict = {}
     want = deps_cache.select(parse_deps(src), ctx.device)
@@ -608,9 +632,10 @@ def _deps(ctx, out: Path, say, missing: list) -> dict:
         except (StepFailed, UsageError) as e:
             missing.append({"what": f"FetchContent {d.name} {d.rev} ({d.url})", "step": "build",
                             "requirements": [], "source": d.url, "reason": e.message,
-                            "fill": f"on a machine that reaches {d.url}: `invoke fetch --variant {ctx.name} --deps`"
-                                    f" then `{bundle_cmd(ctx.variant, out)}` (or `git clone {d.url} && git -C "
-                                    f"{d.name} checkout {d.rev}` into {dest}/ and run `invoke bundle` again)"})
+                            "fill": f"on a machine that reaches {d.url}: `{bundle_cmd(ctx.variant, out)}` with {out} "
+                                    f"copied there (adds only what is missing); or there `invoke fetch --variant "
+                                    f"{ctx.name} --deps`, copy its deps cache ({root.name}/ under .harness/cache) "
+                                    f"here, set VLLM_HARNESS_DEPS_CACHE to the copy and run `invoke bundle` again"})
             say(f"  ! {d.name} {d.rev}: not in the cache and {d.url} unreachable")
             continue
         target = dest / path.name
