@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from vllm_harness import diagnose as dg  # noqa: E402
-from vllm_harness.diagnose.engine import MAX_WORKERS  # noqa: E402
+from vllm_harness.diagnose import corpus as dgc  # noqa: E402
+from vllm_harness.diagnose import stream as dgs  # noqa: E402
 from vllm_harness.diagnose.normalize import (  # noqa: E402
     _FIRST_ERROR_ANCHORS,
     _FIRST_ERROR_RE,
@@ -52,6 +53,7 @@ from vllm_harness.diagnose.normalize import (  # noqa: E402
     _first_match,
     _wrapped_messages,
 )
+from vllm_harness.diagnose.stream import MAX_WORKERS  # noqa: E402
 
 CORPUS = ROOT / "tests" / "logs"
 
@@ -185,7 +187,7 @@ def accuracy_tables(entries: list[dict]) -> tuple[str, dict]:
     lines = [
         f"Corpus: {len(entries)} logs ({', '.join(f'`{f}`' for f in files)}); split once by source thread: "
         f"the logs the rules were written on before issue 19 (`index.toml`) are `tune`, every other thread "
-        f"goes to `eval` when the SHA-256 of its normalised URL is 0 modulo {dg.EVAL_SHARE} "
+        f"goes to `eval` when the SHA-256 of its normalised URL is 0 modulo {dgc.EVAL_SHARE} "
         f"(`vllm_harness.diagnose.corpus_split`). Rules are tuned on `tune` only; `eval` is only measured.",
         "",
         "| part | logs | failing logs | root first | controls | false alarms |",
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"(ratio = diagnose time / grep time; 'auto' = diagnose_path default: up to {workers} processes "
-        f"for files >= {dg.PARALLEL_MIN_BYTES >> 20} MiB)"
+        f"for files >= {dgs.PARALLEL_MIN_BYTES >> 20} MiB)"
     )
     for r in results:
         print(

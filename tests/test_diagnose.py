@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 
 from vllm_harness import diagnose as dg
 from vllm_harness.diagnose import engine as dge
+from vllm_harness.diagnose import stream as dgs
 from vllm_harness.diagnose.corpus import CORPUS_INDEX, CORPUS_KEYS
-from vllm_harness.diagnose.engine import CHUNK_SIZE, FIRST_ERROR_BLOCK
+from vllm_harness.diagnose.engine import FIRST_ERROR_BLOCK
 from vllm_harness.diagnose.normalize import _FIRST_ERROR_RE, EVIDENCE_CHARS, _wrapped_messages
 from vllm_harness.diagnose.rules import MIN_ANCHOR
+from vllm_harness.diagnose.stream import CHUNK_SIZE
 
 LOGS = Path(__file__).parent / "logs"
 # tests/logs/index.toml and every tests/logs/index-*.toml, each entry with its split (tune/eval)
@@ -310,7 +312,7 @@ def test_root_cause_first_even_when_it_comes_later():
 def test_small_chunks_give_the_same_results(monkeypatch):
     """Chunk boundaries (anchors cut in two, carried partial lines) must not change anything."""
     expected = {e["file"]: dg.diagnose_path(LOGS / e["file"]).to_dict() for e in INDEX}
-    monkeypatch.setattr(dge, "CHUNK_SIZE", 37)
+    monkeypatch.setattr(dgs, "CHUNK_SIZE", 37)
     for entry in INDEX:
         assert dg.diagnose_path(LOGS / entry["file"]).to_dict() == expected[entry["file"]], entry["file"]
 
@@ -388,8 +390,8 @@ def test_very_long_lines():
 
 
 def test_endless_line_without_newline(monkeypatch):
-    monkeypatch.setattr(dge, "CHUNK_SIZE", 1000)
-    monkeypatch.setattr(dge, "LONG_LINE_BYTES", 3000)
+    monkeypatch.setattr(dgs, "CHUNK_SIZE", 1000)
+    monkeypatch.setattr(dgs, "LONG_LINE_BYTES", 3000)
     data = b"y" * 5003 + b"nvcc fatal   : Unsupported gpu architecture 'compute_90a'" + b"z" * 7001
     report = scan(data)
     assert report.ids == ["arch-unsupported-by-nvcc"]
@@ -484,7 +486,7 @@ def test_stdin_and_chunked_reading(monkeypatch):
 
 
 def test_early_stop_keeps_line_numbers(monkeypatch):
-    monkeypatch.setattr(dge, "CHUNK_SIZE", 64)
+    monkeypatch.setattr(dgs, "CHUNK_SIZE", 64)
     body = b"".join(b"line %d of a long and boring build log\n" % i for i in range(1, 2001))
     data = body + b"fatal: detected dubious ownership in repository at '/app/vllm'\n" + body
     report = scan(data)
@@ -504,7 +506,7 @@ def test_parallel_scan_gives_the_same_report(tmp_path):
     assert [(f["id"], f["line"]) for f in single["findings"]] == [("torch-missing-at-build", 3001)]
     for cut in (len(body), len(body) + wrapped.index(b"\n") + 1, len(body) + len(wrapped)):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(dge, "_split_points", lambda _path, size, _parts, cut=cut: [0, cut, size])
+            mp.setattr(dgs, "_split_points", lambda _path, size, _parts, cut=cut: [0, cut, size])
             assert dg.diagnose_path(path, workers=2).to_dict() == single, cut
     cases = {
         "findings": body
@@ -544,7 +546,8 @@ def test_module_imports_without_rich(monkeypatch):
     import importlib
 
     monkeypatch.setitem(sys.modules, "rich", None)
-    module = importlib.reload(dge)
+    importlib.reload(dge)
+    module = importlib.reload(dgs)
     assert module.diagnose_stream(io.BytesIO(b"Killed signal terminated program cc1plus\n")).ids == [
         "compiler-oom"
     ]
@@ -557,16 +560,16 @@ def test_module_imports_without_rich(monkeypatch):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=4096), st.sampled_from([None, 7, 64, 4096]))
 def test_random_bytes_never_crash(blob, chunk):
-    old = dge.CHUNK_SIZE
+    old = dgs.CHUNK_SIZE
     try:
         if chunk:
-            dge.CHUNK_SIZE = chunk
+            dgs.CHUNK_SIZE = chunk
         report = dg.diagnose_stream(io.BytesIO(blob))
         json.dumps(report.to_dict())
         for finding in report.findings:
             assert finding.line >= 1
     finally:
-        dge.CHUNK_SIZE = old
+        dgs.CHUNK_SIZE = old
 
 
 @settings(max_examples=150, deadline=None)

@@ -12,6 +12,7 @@ import pytest
 
 from vllm_harness import diagnose as dg
 from vllm_harness.diagnose import engine as dge
+from vllm_harness.diagnose import stream as dgs
 from vllm_harness.diagnose.engine import HS_BATCH
 
 LOGS = Path(__file__).parent / "logs"
@@ -45,13 +46,15 @@ def test_module_works_without_hyperscan(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "hyperscan", None)
     try:
-        module = importlib.reload(dge)
-        assert module.ENGINES == ("re",)
-        report = module.diagnose_path(LOGS / "compiler-oom_vllm-1777.log")
+        engine = importlib.reload(dge)
+        stream = importlib.reload(dgs)  # the scan binds the engine it was loaded with
+        assert engine.ENGINES == ("re",)
+        report = stream.diagnose_path(LOGS / "compiler-oom_vllm-1777.log")
         assert report.ids[0] == "compiler-oom"
     finally:
         monkeypatch.undo()
         importlib.reload(dge)
+        importlib.reload(dgs)
 
 
 def test_a_hyperscan_that_cannot_compile_falls_back_to_re(monkeypatch):

@@ -10,7 +10,7 @@
 """
 
 from vllm_harness.diagnose.corpus import accuracy, corpus_split, corpus_thread, load_corpus
-from vllm_harness.diagnose.engine import ENGINES, default_engine, diagnose_path, diagnose_stream
+from vllm_harness.diagnose.engine import ENGINES, default_engine
 from vllm_harness.diagnose.render import render_table
 from vllm_harness.diagnose.rules import (
     CONTEXT_KEYS,
@@ -21,6 +21,7 @@ from vllm_harness.diagnose.rules import (
     load_knowledge,
     render_fix,
 )
+from vllm_harness.diagnose.stream import diagnose_path, diagnose_stream
 
 __all__ = [
     "CONTEXT_KEYS",

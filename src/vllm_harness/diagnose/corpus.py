@@ -6,8 +6,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vllm_harness.diagnose.engine import diagnose_path
 from vllm_harness.diagnose.rules import load_knowledge
+from vllm_harness.diagnose.stream import diagnose_path
 
 try:  # Python >= 3.11
     import tomllib as _toml
