@@ -432,13 +432,22 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
     plan = install_plan(ctx) if v.vllm["mode"] == "wheel" or ctx.status.step("fetch") else []
     resolved_key = json.dumps([vhash, asdict(target), [(p["step"], p["requirements"], p["index"]) for p in plan],
                                [_file_digest(f) for p in plan for f in p["files"]]], sort_keys=True)
-    reuse = old.get("resolved_key") == resolved_key and not old.get("missing")
+    rescache = work / "resolved.json"
+    try:
+        resolved = json.loads(rescache.read_text())
+    except (OSError, ValueError):
+        resolved = {}
+    if old.get("resolved_key") == resolved_key and not old.get("missing"):
+        resolved[resolved_key] = old.get("pins", {})
+    reuse = resolved_key in resolved
+    known = _Verified(ctx.layout.cache / "bundle" / "known.json")       # filename -> sha256, size, origin URL
+    vc = _Verified(ctx.layout.cache / "bundle-verified.json")
     constraints: list[str] = []
     kept: list[str] = []
     torch_missing = False
     for step in plan:
-        if reuse and step["step"] in old.get("pins", {}):
-            pins = old["pins"][step["step"]]
+        if reuse and step["step"] in resolved[resolved_key]:
+            pins = resolved[resolved_key][step["step"]]
         else:
             why = _reachable(step["index"])
             say(f"  resolving {step['step']}: {', '.join(step['requirements'][:4])}"
@@ -468,7 +477,7 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
         for pin in pins:
             try:
                 rel, info = _get(pin, step["index"], links, target, cache, out, {**old.get("files", {}), **files},
-                                 say)
+                                 say, known.data, vc)
             except StepFailed as e:
                 missing.append({"what": pin, "step": step["step"], "requirements": [pin],
                                 "source": mask(step["index"]), "reason": e.message,
@@ -482,6 +491,12 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
            "missing": missing, "resolved_key": resolved_key if not missing else None,
            "made": time.strftime("%Y-%m-%dT%H:%M:%S"), "fill": bundle_cmd(v, out, machine)}
     _save_manifest(out, man)
+    known.save()
+    vc.save()
+    if not missing:
+        resolved[resolved_key] = pins_by_step
+        work.mkdir(parents=True, exist_ok=True)
+        rescache.write_text(json.dumps(resolved))
     # files a previous run listed that this one no longer needs stay (harmless); the manifest names what counts
     size = sum(i["size"] for i in files.values())
     res = {"bundle": str(out), "files": len(files), "bytes": size, "missing": missing,
@@ -536,7 +551,7 @@ def _pip_download_hint(step: dict, target: Target, out: Path, variant) -> str:
 
 
 def _get(pin: str, index: str, links: list[str], target: Target, cache: Path, out: Path, old_files: dict,
-         say) -> tuple[str, dict]:
+         say, known: dict, vc: _Verified) -> tuple[str, dict]:
     req = Requirement(pin)
     version = Version(str(next(iter(req.specifier)).version))
     name = req.name
@@ -548,17 +563,21 @@ def _get(pin: str, index: str, links: list[str], target: Target, cache: Path, ou
     local: list[tuple[str, object]] = []
     for f in links + [str(cache)]:
         folder = Path(f[7:] if f.startswith("file://") else f)
-        local += [(p.name, (p, url)) for p, url in _candidates_local(folder, name, version)]
+        local += [(p.name, (p, url)) for p, url in _candidates_local(folder, name, version)
+                  if f != str(cache) or p.name in known]   # the download cache: files whose origin is known
     pick = best_file(local, target)
     if pick is not None:
         p, url = pick[1]
         dest = out / "wheels" / p.name
-        known = old_files.get(f"wheels/{p.name}")
-        if known and p.resolve() == dest.resolve() and dest.stat().st_size == known["size"]:
-            return f"wheels/{p.name}", {**known, "pin": pin}
+        listed = old_files.get(f"wheels/{p.name}")
+        if listed and p.resolve() == dest.resolve() and dest.stat().st_size == listed["size"]:
+            return f"wheels/{p.name}", {**listed, "pin": pin}
         if p.resolve() != dest.resolve():
             _link(p, dest)
-        info = {"sha256": sha256_file(dest), "size": dest.stat().st_size, "url": url, "pin": pin}
+        k = known.get(p.name) if p.parent.resolve() == cache.resolve() else None
+        if k and k["size"] == dest.stat().st_size:  # downloaded earlier: its origin, hash checked then
+            return f"wheels/{p.name}", {**k, "pin": pin}
+        info = {"sha256": vc.sha(dest), "size": dest.stat().st_size, "url": url, "pin": pin}
         return f"wheels/{p.name}", info
     # 3. the index
     files = [f for f in _index_files(index, name, cache.parent / "bundle" / "pages") if not f.yanked]
@@ -577,14 +596,15 @@ def _get(pin: str, index: str, links: list[str], target: Target, cache: Path, ou
                          None)
     f = pick[1]
     cached = cache / f.filename
-    if cached.is_file() and f.sha256 and sha256_file(cached) == f.sha256:
+    if cached.is_file() and f.sha256 and vc.sha(cached) == f.sha256:
         say(f"    {f.filename}: from the download cache")
         digest = f.sha256
     else:
         digest = _download(f.url, cached, f.sha256, say)
     dest = out / "wheels" / f.filename
     _link(cached, dest)
-    return f"wheels/{f.filename}", {"sha256": digest, "size": dest.stat().st_size, "url": mask(f.url), "pin": pin}
+    known[f.filename] = {"sha256": digest, "size": dest.stat().st_size, "url": mask(f.url)}
+    return f"wheels/{f.filename}", {**known[f.filename], "pin": pin}
 
 
 def _source(ctx, out: Path, say, missing: list) -> dict:
