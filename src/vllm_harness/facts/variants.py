@@ -61,13 +61,19 @@ def check_bool(v: Any) -> bool:
     return v
 
 
-def _version(v: Any) -> str:
-    s = _nonempty(v)
-    try:
-        Version(s)
-    except InvalidVersion:
-        raise Bad(f"{s!r} is not a version", "write a version such as '2.6.0'") from None
-    return s
+def _parsed_by(parse: Callable[[str], Any], error: type[Exception], what: str, fix: str) -> Callable[[Any], str]:
+    """A checker: the value is a non-empty string that ``parse`` accepts (packaging's Version, SpecifierSet...)."""
+    def check(v: Any) -> str:
+        s = _nonempty(v)
+        try:
+            parse(s)
+        except error:
+            raise Bad(f"{s!r} is not {what}", fix) from None
+        return s
+    return check
+
+
+_version = _parsed_by(Version, InvalidVersion, "a version", "write a version such as '2.6.0'")
 
 
 def _cuda(v: Any) -> str:
@@ -77,13 +83,7 @@ def _cuda(v: Any) -> str:
     return s
 
 
-def _specifier(v: Any) -> str:
-    s = _nonempty(v)
-    try:
-        SpecifierSet(s)
-    except InvalidSpecifier:
-        raise Bad(f"{s!r} is not a version specifier", "write e.g. '>=3.10,<3.11'") from None
-    return s
+_specifier = _parsed_by(SpecifierSet, InvalidSpecifier, "a version specifier", "write e.g. '>=3.10,<3.11'")
 
 
 def _requirement(v: Any) -> str:
