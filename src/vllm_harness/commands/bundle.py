@@ -1,7 +1,6 @@
 """`invoke bundle`: everything a variant's build needs, for an air-gapped machine (steps/bundle); `--check`."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -45,8 +44,3 @@ def cmd_bundle(a) -> int:
     print_json(a, res)
     return EXIT_PROBLEM if res["missing"] else EXIT_OK
 
-
-def bundle_of(a) -> Path | None:
-    """--from-bundle DIR, else VLLM_HARNESS_BUNDLE."""
-    given = getattr(a, "from_bundle", None) or os.environ.get("VLLM_HARNESS_BUNDLE")
-    return Path(given).expanduser().resolve() if given else None

@@ -36,7 +36,6 @@ def context_of(a, layout=None, variant=None):
     from vllm_harness.steps.context import Ctx
     layout = layout or layout_of(a)
     variant = variant or variant_of(layout, a.variant)
-    from vllm_harness.commands.bundle import bundle_of
     return Ctx(layout=layout, variant=variant, quiet=getattr(a, "json", False), force=getattr(a, "force", False),
                python=getattr(a, "python", None), jobs=getattr(a, "jobs", None), arch=getattr(a, "arch", None),
                no_wait=getattr(a, "no_wait", False), rebuild=getattr(a, "rebuild", False),
@@ -47,3 +46,10 @@ def print_json(a, data: dict) -> None:
     """The one JSON printer of every command (``--json``): credentials masked, as on every other output."""
     if getattr(a, "json", False):
         print(mask(json.dumps(data, indent=2, default=str)))
+
+
+def bundle_of(a) -> Path | None:
+    """--from-bundle DIR, else VLLM_HARNESS_BUNDLE (commands/bundle, steps/bundle)."""
+    import os
+    given = getattr(a, "from_bundle", None) or os.environ.get("VLLM_HARNESS_BUNDLE")
+    return Path(given).expanduser().resolve() if given else None
