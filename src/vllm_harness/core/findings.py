@@ -11,7 +11,7 @@ import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import tomllib
+from vllm_harness.core.safeio import tomllib
 
 SEVERITIES = ("error", "warning", "info")
 FAILURES = Path(__file__).resolve().parents[1] / "data" / "failures.toml"

@@ -6,15 +6,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vllm_harness.core.safeio import tomllib as _toml  # the one TOML shim (tomli on 3.10)
 from vllm_harness.diagnose.rules import load_knowledge
 from vllm_harness.diagnose.stream import diagnose_path
-
-try:  # Python >= 3.11
-    import tomllib as _toml
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as _toml  # type: ignore[no-redef]
-
-
 
 #: The corpus's index files: ``index.toml`` (the logs the rules were written on before the
 #: held-back split existed) and every ``index-*.toml`` (logs gathered later).

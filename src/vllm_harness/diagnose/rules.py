@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:  # Python >= 3.11
-    import tomllib as _toml
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as _toml  # type: ignore[no-redef]
+from vllm_harness.core.findings import SEVERITIES
+from vllm_harness.core.findings import Finding as CoreFinding
+from vllm_harness.core.safeio import tomllib as _toml  # the one TOML shim (tomli on 3.10)
 
 try:  # Python >= 3.11 keeps the regex parser here
     from re import _constants as _sre_c
@@ -37,7 +36,6 @@ DEFAULT_KNOWLEDGE = Path(__file__).resolve().parents[1] / "data" / "failures.tom
 
 
 
-SEVERITIES = ("error", "warning", "info")
 
 
 #: Keys a fix may use as ``{key}`` or ``{key|fallback wording}``.
@@ -167,13 +165,11 @@ class Rule:
 
 
 @dataclass
-class Finding:
-    id: str
-    severity: str
-    line: int
-    evidence: str
-    cause: str
-    fix: str
+class Finding(CoreFinding):
+    """A failure found in a log: the one findings model (core/findings) with the line it was found on and
+    its place in the ranking."""
+
+    line: int = 0
     explained_by: list[str] = field(default_factory=list)
     #: why it is ranked where it is: root or not, strength of its evidence, what it explains
     rank: dict[str, Any] = field(default_factory=dict)

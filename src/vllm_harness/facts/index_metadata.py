@@ -40,6 +40,7 @@ from packaging.utils import (
 from packaging.version import InvalidVersion, Version
 
 from vllm_harness.core.errors import UsageError
+from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.facts.package_index import (
     SIMPLE_JSON,
     FetchError,
@@ -370,7 +371,6 @@ def _guard(work):
 
 
 def _read_lock(path: Path) -> dict:
-    import tomllib
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -14,15 +14,11 @@ from packaging.version import InvalidVersion, Version
 
 from vllm_harness.core import safeio
 from vllm_harness.core.errors import UsageError
+from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.facts.machine import TOOLS
 from vllm_harness.facts.variants import Bad as _Bad
 from vllm_harness.facts.variants import check_bool as _bool
 from vllm_harness.facts.variants import list_of
-
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 
 def _s(v: Any) -> str:

@@ -23,6 +23,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from vllm_harness.core.errors import UsageError
+from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 
 PYPI_MIN_CUDA = 13
 # cuda-toolkit's extras for a working nvcc: nvcc (nvcc, cudafe++, ptxas, fatbinary, nvlink), crt (crt/*.h,
@@ -168,7 +169,6 @@ def link_pypi_toolkit(root: Path, venv: Path) -> list[str]:
 # ------------------------------------------------------------------------------ where to get a toolkit
 
 def _sources() -> dict:
-    import tomllib
     return tomllib.loads((Path(__file__).resolve().parents[1] / "data" / "toolkit_sources.toml").read_text())
 
 

@@ -19,11 +19,7 @@ from packaging.version import InvalidVersion, Version
 from vllm_harness.core import gitcmd, safeio
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.layout import NAME_RE
-
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_LIST = 64

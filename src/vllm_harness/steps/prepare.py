@@ -32,6 +32,7 @@ from pathlib import Path
 
 from vllm_harness.core import procs
 from vllm_harness.core.errors import StepFailed
+from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.facts.source_tree import vllm_version
 from vllm_harness.facts.toolkit import clean_env
 from vllm_harness.steps.context import Ctx, source_dir
@@ -287,10 +288,6 @@ def runtime_requirement_files(src: Path, device: str) -> list[Path]:
 
 
 def build_system_requires(src: Path) -> list[str]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # pragma: no cover
-        import tomli as tomllib  # type: ignore[no-redef]
     p = src / "pyproject.toml"
     if not p.is_file():
         return []

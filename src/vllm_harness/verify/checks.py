@@ -23,6 +23,7 @@ from pathlib import Path
 
 from vllm_harness.core import procs
 from vllm_harness.core.errors import StepFailed
+from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.verify import binaries
 
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "verify_env.py"
@@ -176,10 +177,6 @@ def dist_libraries(libs: list[str]) -> list[str]:
 
 def custom_ar_table() -> dict:
     """data/custom_ar_ops.toml: where each vLLM release registers its custom all-reduce ops."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
     return tomllib.loads(DIST_TABLE.read_text(encoding="utf-8"))
 
 
