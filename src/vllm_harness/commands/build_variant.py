@@ -5,10 +5,10 @@ from vllm_harness.commands.common import context_of, print_json
 from vllm_harness.commands.info import machine_banner
 from vllm_harness.core.errors import EXIT_OK
 from vllm_harness.core.layout import venv_python
+from vllm_harness.pipeline.run import build_variant
 
 
 def cmd_build_variant(a) -> int:
-    from vllm_harness.pipeline.run import build_variant
     ctx = context_of(a)
     ctx.reverify = getattr(a, "reverify", False)  # steps/verify.reusable
     if not a.json:

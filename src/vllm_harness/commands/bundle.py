@@ -6,10 +6,12 @@ from pathlib import Path
 
 from vllm_harness.commands.common import context_of, layout_of, print_json, variant_of
 from vllm_harness.core.errors import EXIT_OK, EXIT_PROBLEM, HarnessError, UsageError
+from vllm_harness.pipeline.preflight import machine_profile
+from vllm_harness.pipeline.run import run_single
+from vllm_harness.steps import bundle
 
 
 def cmd_bundle(a) -> int:
-    from vllm_harness.steps import bundle
     layout = layout_of(a)
     say = (lambda s: None) if a.json else (lambda s: print(s, flush=True))
     if a.check:
@@ -29,12 +31,10 @@ def cmd_bundle(a) -> int:
     ctx = context_of(a, layout)
     profile = None
     if a.machine:
-        from vllm_harness.pipeline.preflight import machine_profile
         profile = machine_profile(layout, a.machine)
     version = a.python if a.python and re.fullmatch(r"\d+\.\d+(\.\d+)?", a.python) else None
     target = bundle.target_for(ctx.variant, profile, a.machine, python=version, given=None if version else a.python)
     if ctx.variant.vllm["mode"] == "source":  # the tree the build will use: its requirement files, its CMake pins
-        from vllm_harness.pipeline.run import run_single
         try:
             run_single(ctx, "fetch")
             run_single(ctx, "prepare")

@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 from vllm_harness.commands.common import layout_of, print_json, variant_of
+from vllm_harness.core import locks
 from vllm_harness.core.errors import EXIT_OK, UsageError
 from vllm_harness.core.layout import Layout
+from vllm_harness.steps import wheelhouse as wheelhouse_mod
+from vllm_harness.steps.context import _uv_bin
 
 STALE = ("build", "dist", ".deps")
 
@@ -47,7 +50,6 @@ def plan(layout: Layout, variant: str | None, everything: bool, wheelhouse: bool
     """What clean removes.  The wheelhouse (built wheels), the compiler cache and the recorded peak RSS are
     kept by a per-variant clean; ``wheelhouse`` adds the variant's wheels (every wheel without a variant),
     ``everything`` (--all) takes them all."""
-    from vllm_harness.steps import wheelhouse as wheelhouse_mod
     st = layout.state
     layout.check()  # refuses /, home, the checkout, and any folder the harness did not make
     if not st.exists():
@@ -83,7 +85,6 @@ def plan(layout: Layout, variant: str | None, everything: bool, wheelhouse: bool
 def uv_cache(dry_run: bool) -> tuple[str, int]:
     """uv's own cache (outside the state folder: UV_CACHE_DIR, else ~/.cache/uv): its path and size, cleared
     with ``uv cache clean`` unless ``dry_run``.  Only with ``--uv-cache``."""
-    from vllm_harness.steps.context import _uv_bin
     uv = _uv_bin()
     if not uv:
         return "uv cache (no uv found: nothing to clear)", 0
@@ -128,7 +129,6 @@ def cmd_clean(a) -> int:
     from contextlib import ExitStack
 
     from vllm_harness.commands.clean import clean
-    from vllm_harness.core import locks
     layout = layout_of(a)
     name = None
     if a.variant and not a.all:

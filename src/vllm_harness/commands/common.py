@@ -7,6 +7,8 @@ from pathlib import Path
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.layout import Layout
 from vllm_harness.core.masking import mask
+from vllm_harness.facts.variants import load_variant
+from vllm_harness.steps.context import Ctx
 
 
 def layout_of(a) -> Layout:
@@ -21,7 +23,6 @@ def layout_of(a) -> Layout:
 
 
 def variant_of(layout: Layout, name: str | None, required: bool = True):
-    from vllm_harness.facts.variants import load_variant
     if not name:
         name = layout.read_last_built()
         if not name and required:
@@ -33,7 +34,6 @@ def variant_of(layout: Layout, name: str | None, required: bool = True):
 
 
 def context_of(a, layout=None, variant=None):
-    from vllm_harness.steps.context import Ctx
     layout = layout or layout_of(a)
     variant = variant or variant_of(layout, a.variant)
     return Ctx(layout=layout, variant=variant, quiet=getattr(a, "json", False), force=getattr(a, "force", False),

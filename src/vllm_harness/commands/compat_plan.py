@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from vllm_harness.commands import compat_plan as cli_support
 from vllm_harness.commands.common import layout_of, print_json
 from vllm_harness.core.errors import EXIT_OK, EXIT_PROBLEM
-from vllm_harness.facts import compat
+from vllm_harness.facts import compat, machine, machine_profile, planner
+from vllm_harness.facts import index_metadata as im
 
 
 def compat_command(a, layout, out) -> int:
-    from vllm_harness.facts import index_metadata as im
     lock = Path(a.out) if getattr(a, "out", None) else compat.LOCK_PATH
     cache = layout.state / "cache" / "index"
     if a.refresh:
@@ -49,7 +50,6 @@ def compat_command(a, layout, out) -> int:
 
 
 def plan_command(a, layout, out) -> int:
-    from vllm_harness.facts import machine, machine_profile, planner
     if a.machine:
         profile, name = machine_profile.load_profile(Path(a.machine)), Path(a.machine).stem
     else:
@@ -72,10 +72,8 @@ def plan_command(a, layout, out) -> int:
 
 
 def cmd_compat(a) -> int:
-    from vllm_harness.commands import compat_plan as cli_support
     return cli_support.compat_command(a, layout_of(a), print_json)
 
 
 def cmd_plan(a) -> int:
-    from vllm_harness.commands import compat_plan as cli_support
     return cli_support.plan_command(a, layout_of(a), print_json)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vllm_harness import diagnose
 from vllm_harness.commands.common import layout_of, print_json, variant_of
 from vllm_harness.core.errors import HarnessError, UsageError
+from vllm_harness.steps.probe import load_record
 
 
 def cmd_diagnose(a) -> int:
-    from vllm_harness import diagnose
     layout = layout_of(a)
     log = a.log
     context = {}
@@ -27,7 +28,6 @@ def cmd_diagnose(a) -> int:
         context = variant_of(layout, a.variant).fix_context()
     if log != "-" and Path(log).name == "probe.log":
         # a compile probe's log: its fix names the torch the *source* pins (the probe's record), not the variant's
-        from vllm_harness.steps.probe import load_record
         pin = (load_record(Path(log)) or {}).get("source_pins_torch")
         if pin:
             context = {**context, "torch": pin}

@@ -4,14 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from vllm_harness.commands.common import print_json
+from vllm_harness.pipeline.run import run_single
+from vllm_harness.steps import deps_cache
 from vllm_harness.steps.fetch import override, parse_source
 
 
 def task_fetch(ctx, a) -> int:
     """`invoke fetch --variant X [--source PATH|URL@REF|sdist] [--deps]`: the fetch step (with the source
     override, for this run) and, with --deps, vLLM's CMake dependencies into the deps cache."""
-    from vllm_harness.pipeline.run import run_single
-    from vllm_harness.steps import deps_cache
     if a.source:
         ctx.variant = override(ctx.variant, parse_source(a.source))
     res = dict(run_single(ctx, "fetch"))

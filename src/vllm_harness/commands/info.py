@@ -6,13 +6,14 @@ import platform
 
 from vllm_harness.commands.common import layout_of, print_json
 from vllm_harness.core.errors import EXIT_OK, UsageError
+from vllm_harness.facts import toolkit
+from vllm_harness.facts.variants import load_variant_file, variant_files
 
 
 def machine_banner() -> str:
     """The machine facts printed at the start of a session (urllib3's noxfile does the same)."""
     import shutil
 
-    from vllm_harness.facts import toolkit
     tk = toolkit.find_toolkits()
     gpu = "unknown"
     try:
@@ -28,7 +29,6 @@ def machine_banner() -> str:
 
 
 def cmd_list(a) -> int:
-    from vllm_harness.facts.variants import load_variant_file, variant_files
     layout = layout_of(a)
     rows = []
     for f in variant_files(layout.root / "envs"):

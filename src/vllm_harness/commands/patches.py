@@ -5,6 +5,8 @@ from pathlib import Path
 
 from vllm_harness.commands.common import print_json
 from vllm_harness.core.errors import UsageError
+from vllm_harness.facts.source_tree import vllm_version
+from vllm_harness.facts.toolkit import clean_env
 from vllm_harness.steps.patches import apply_all, check_releases, load_patches, release_versions
 
 
@@ -12,11 +14,9 @@ def task_patches(layout, a) -> int:
     """`invoke patches [--version V] [--source DIR] [--json]`: list the patches, check them against a tree
     (dry run), or -- the default -- against every PyPI release each claims (network)."""
 
-    from vllm_harness.facts.toolkit import clean_env
     plist = load_patches(layout.root / "patches")
     env = clean_env()
     if a.source:
-        from vllm_harness.facts.source_tree import vllm_version
         src = Path(a.source).resolve()
         ver = a.version or vllm_version(src)[0]
         res = {"source": str(src), "vllm_version": ver, "patches": apply_all(plist, src, ver, env, apply=False)}

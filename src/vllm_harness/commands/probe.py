@@ -5,16 +5,16 @@ from pathlib import Path
 
 from vllm_harness.commands.common import print_json
 from vllm_harness.core.errors import UsageError
+from vllm_harness.facts.toolkit import clean_env
+from vllm_harness.steps.context import source_dir
 from vllm_harness.steps.probe import _show, fail, run_probe
 
 
 def task_probe(ctx, a, layout) -> int:
     """`invoke probe [--variant NAME] [--source DIR] [--python PY] [--kernel] [--json]`."""
-    from vllm_harness.facts.toolkit import clean_env
     if ctx is not None:
         src = Path(a.source) if a.source else None
         if src is None:
-            from vllm_harness.steps.context import source_dir
             src = source_dir(ctx)
         py = Path(a.python) if a.python else ctx.py
         env = ctx.env(cuda=bool(a.kernel) and ctx.device == "cuda") if py == ctx.py else \

@@ -9,11 +9,14 @@ from pathlib import Path
 from vllm_harness.commands.common import context_of, layout_of, print_json, variant_of
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.layout import venv_python
+from vllm_harness.facts import toolkit
+from vllm_harness.steps import verify as verify_step
+from vllm_harness.steps.verify import do_verify
+from vllm_harness.verify import checks as verify_mod
+from vllm_harness.verify import checks as vm
 
 
 def cmd_verify(a) -> int:
-    from vllm_harness.steps.verify import do_verify
-    from vllm_harness.verify import checks as verify_mod
     ccs = [c.strip() for c in (a.cc or "").split(",") if c.strip()]
     for c in ccs:
         if not re.fullmatch(r"\d+\.\d+", c):
@@ -25,7 +28,6 @@ def cmd_verify(a) -> int:
         py = Path(a.python)
         if not py.exists():
             raise UsageError(f"--python {py}: no such file.", "Give the python of an env that has vLLM.")
-        from vllm_harness.facts import toolkit
         env = toolkit.clean_env()
         result = verify_mod.run_verify(py, a.device or "cuda", ["vllm"], ["vllm._C"],
                                        ["rms_norm", "fused_add_rms_norm", "silu_and_mul"], env, **opts)
@@ -35,7 +37,6 @@ def cmd_verify(a) -> int:
     if not ctx.py.exists():
         raise UsageError(f"Variant {ctx.name} has no env yet ({ctx.venv}).", f"Run `nox -s build-{ctx.name}` first.")
     log = ctx.log("verify")
-    from vllm_harness.steps import verify as verify_step
     ctx.reverify = getattr(a, "reverify", False)
     proof = verify_step.proof_of(ctx, opts)
     ctx._verify_proof = proof
@@ -60,7 +61,6 @@ def cmd_verify(a) -> int:
         if not a.json:
             print(str(e), file=sys.stderr)
         if not res:
-            from vllm_harness.verify import checks as vm
             vv = ctx.variant.verify
             res = vm.run_verify(ctx.py, vv["device"], vv["imports"], vv["extensions"], vv["ops"], ctx.env(), **opts)
     if a.json:
@@ -70,8 +70,6 @@ def cmd_verify(a) -> int:
 
 def _verify_wheel(a, ccs: list[str]) -> int:
     """`verify --wheel FILE --variant NAME`: the binary checks on a wheel before it is installed."""
-    from vllm_harness.facts import toolkit
-    from vllm_harness.verify import checks as verify_mod
     wheel = Path(a.wheel)
     if not wheel.is_file():
         raise UsageError(f"--wheel {wheel}: no such file.", "Give a downloaded .whl file (pip download --no-deps).")
@@ -89,7 +87,6 @@ def _verify_wheel(a, ccs: list[str]) -> int:
 
 
 def _show_verdict(a, result: dict, text: str, code: int) -> int:
-    from vllm_harness.verify import checks as verify_mod
     result["verdict"] = text
     if a.json:
         print_json(a, result)

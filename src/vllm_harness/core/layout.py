@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_harness.core import safeio
 from vllm_harness.core.errors import UsageError
 
 #: a variant's name (envs/NAME.toml, nox's build-NAME, the state folder's entries): the one rule
@@ -178,7 +179,6 @@ class Layout:
 
     def read_last_built(self) -> str | None:
         """The variant built last, or None; a corrupt record is a UsageError naming the file and its reset."""
-        from vllm_harness.core import safeio
         p = self.last_built
         if not p.exists() and not p.is_symlink():
             return None
@@ -190,7 +190,6 @@ class Layout:
 
     def read_last_failed(self) -> dict | None:
         """{variant, step, log} of the last failed step, or None; a corrupt record is a UsageError."""
-        from vllm_harness.core import safeio
         p = self.last_failed
         if not p.exists() and not p.is_symlink():
             return None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm_harness.core.runner import emit
 from vllm_harness.diagnose.rules import Report
 
 
@@ -32,6 +33,5 @@ def render_table(report: Report, console: Any = None, show: bool = True) -> str:
                 block.append(f"{n:>7}  ", style="dim")
                 block.append(text + "\n")
             parts.append(block)
-    from vllm_harness.core.runner import emit
 
     return emit(parts, console, show)

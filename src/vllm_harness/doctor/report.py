@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_harness.core.findings import SEVERITIES, Finding
+from vllm_harness.core.runner import emit
 from vllm_harness.doctor import rules_build, rules_gpu, rules_versions  # noqa: F401  (importing them registers the rules)
 from vllm_harness.doctor.model import _Ctx, run_rules
 from vllm_harness.doctor.pins import read_source_pins
@@ -196,7 +197,6 @@ def render_table(report: dict, console: Any = None, show: bool = True) -> str:
         f" | driver: {m.get('driver', 'none')} | toolkits: {', '.join(m.get('cuda_toolkits', {})) or 'none'}"
         f" | gcc {m.get('gcc', '?')} | cmake {m.get('cmake', '?')} | Python {', '.join(m.get('python', [])) or '?'}")
     parts = [table, summary] + (["no findings"] if not report.get("findings") else [])
-    from vllm_harness.core.runner import emit
     return emit(parts, console, show)
 
 

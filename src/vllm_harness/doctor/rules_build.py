@@ -13,6 +13,8 @@ from packaging.version import Version
 from vllm_harness.doctor.model import _cite, _Ctx, rule
 from vllm_harness.doctor.rules_versions import _venv_provides
 from vllm_harness.facts import compat as compat_mod
+from vllm_harness.facts.toolkit import PYPI_EXTRAS, install_fix
+from vllm_harness.steps import build_memory as bmem
 
 DISK_SOURCE_GIB = 30.0         # source build: venv + torch + build tree + .deps + caches
 
@@ -24,7 +26,6 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
     v, m = ctx.variant, ctx.m
     cf = ctx.data.cuda(v.cuda)
     # --- CUDA toolkit
-    from vllm_harness.facts.toolkit import PYPI_EXTRAS, install_fix
     tk = m.get("cuda_toolkits")
     pypi = v.build.get("toolkit") == "pypi"
     # what installs this CUDA on this machine's distribution (profile key `os`), best first
@@ -152,7 +153,6 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
             pass
         # the build's own rule (buildspeed): the measured per-job peak of earlier builds, else the prior; a
         # reserve for the OS, pip and the linker; a margin on each job
-        from vllm_harness.steps import build_memory as bmem
         device = v.build.get("env", {}).get("VLLM_TARGET_DEVICE", "cuda")
         per_thread, per_why = bmem.per_thread_gib(ctx.records, getattr(v, "name", ""), device)
         per_job = per_thread * max(1, threads)

@@ -15,6 +15,9 @@ from vllm_harness.facts.compat import (
     parse_arch_list,
     parse_cc,
 )
+from vllm_harness.facts.toolkit import (
+    install_fix,  # how to get the newest of them on this machine's distribution
+)
 
 NVIDIA_DRIVER_DOCS = "https://www.nvidia.com/en-us/drivers/"
 
@@ -232,9 +235,6 @@ def _nvcc_fix(data: CompatData, cc: tuple[int, int], machine: dict | None = None
     fix = f"use a CUDA toolkit that targets compute capability {_cc_str(cc)}: {', '.join(ok)}"
     if machine is None:
         return fix
-    from vllm_harness.facts.toolkit import (
-        install_fix,  # how to get the newest of them on this machine's distribution
-    )
     return f"{fix} (a variant for it; then {install_fix(machine.get('os'), ok[-1], machine.get('arch'))})"
 
 

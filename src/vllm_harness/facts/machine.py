@@ -32,6 +32,7 @@ from typing import Any
 
 from packaging.version import Version
 
+from vllm_harness.facts import pythons
 from vllm_harness.facts.cuda_toolkits import _first_version, _probe_toolkits, _run
 
 TOOLS = ("gcc", "cmake", "ninja", "git")
@@ -223,7 +224,6 @@ def _in_container(env: dict[str, str]) -> bool:
 
 def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
     """This machine's profile, shaped like machine-profile.md (``{"machine": {...}, "gpu": [...]}``)."""
-    from vllm_harness.facts import pythons
 
     env = dict(os.environ if env is None else env)
     with ThreadPoolExecutor(max_workers=10) as pool:

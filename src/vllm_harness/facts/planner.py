@@ -20,6 +20,7 @@ from packaging.version import InvalidVersion, Version
 
 from vllm_harness.core.errors import UsageError
 from vllm_harness.facts.compat import CompatData, arch_list_runs_on, major_minor, parse_arch_list, parse_cc
+from vllm_harness.facts.variants import load_variant_file
 
 PYTORCH_WHL = "https://download.pytorch.org/whl"
 
@@ -301,7 +302,6 @@ def render_variant(report: dict, data: CompatData) -> str:
 
 
 def write_variant(report: dict, data: CompatData, path: Path) -> Path:
-    from vllm_harness.facts.variants import load_variant_file
     path = Path(path)
     if path.suffix != ".toml":
         raise UsageError(f"--write {path}: a variant file ends in .toml.", "Write it as envs/NAME.toml.")

@@ -24,6 +24,7 @@ from packaging.utils import canonicalize_name
 
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
+from vllm_harness.facts.cuda_toolkits import probe_toolkits
 
 PYPI_MIN_CUDA = 13
 # cuda-toolkit's extras for a working nvcc: nvcc (nvcc, cudafe++, ptxas, fatbinary, nvlink), crt (crt/*.h,
@@ -46,7 +47,6 @@ def clean_env(base: dict[str, str] | None = None) -> dict[str, str]:
 def find_toolkits(env: dict[str, str] | None = None) -> dict[str, str]:
     """{'11.8': '/usr/local/cuda-11.8', ...}: each toolkit found, by the version its nvcc reports
     (the same search as doctor's machine probe)."""
-    from vllm_harness.facts.cuda_toolkits import probe_toolkits
     return probe_toolkits(dict(os.environ if env is None else env))[0]
 
 

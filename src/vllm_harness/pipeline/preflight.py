@@ -7,6 +7,10 @@ import time
 from pathlib import Path
 
 from vllm_harness.core.errors import StepFailed
+from vllm_harness.core.runner import console
+from vllm_harness.doctor import report as doctor
+from vllm_harness.steps.build_memory import load_records
+from vllm_harness.steps.probe import load_record
 
 
 def machine_profile(layout, given: str | None = None, save: str | None = None) -> dict:
@@ -19,7 +23,6 @@ def machine_profile(layout, given: str | None = None, save: str | None = None) -
 
 def run_doctor(ctx, machine_file: str | None = None, save_machine: str | None = None,
                source: Path | None = None) -> tuple[dict, float]:
-    from vllm_harness.doctor import report as doctor
     t0 = time.monotonic()
     ctx.profile = machine_profile(ctx.layout, machine_file, save_machine)
     if source is None:
@@ -27,9 +30,7 @@ def run_doctor(ctx, machine_file: str | None = None, save_machine: str | None = 
         if fetched.get("status") == "ok" and Path(fetched.get("source", "")).is_dir():
             source = Path(fetched["source"])
     env = {} if machine_file else ctx.base_env  # a what-if profile is judged without this shell's env
-    from vllm_harness.steps.probe import load_record
     probe = load_record(ctx.log("probe")) if source is not None else None
-    from vllm_harness.steps.build_memory import load_records
     records = [] if machine_file else load_records(ctx.layout.state)  # a what-if profile is another machine
     findings = doctor.check(ctx.variant, ctx.profile, source_dir=source, env=env, probe=probe, records=records)
     report = doctor.report_dict(ctx.variant, ctx.profile, findings)
@@ -38,11 +39,9 @@ def run_doctor(ctx, machine_file: str | None = None, save_machine: str | None = 
 
 def preflight(ctx) -> dict:
     """Doctor before anything slow; an error finding stops the build unless --force."""
-    from vllm_harness.doctor import report as doctor
     report, secs = run_doctor(ctx)
     if not ctx.quiet:
         shown = dict(report, findings=[f for f in report["findings"] if f["severity"] != "info"])
-        from vllm_harness.core.runner import console
         doctor.render_table(shown, console=console())
         print(f"doctor: {report['verdict']} ({secs:.1f}s)")
     log = ctx.log("doctor")

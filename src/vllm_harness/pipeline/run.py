@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from vllm_harness import diagnose
 from vllm_harness.core import locks
 from vllm_harness.core.errors import HarnessError, StepFailed, UsageError
 from vllm_harness.core.masking import mask
@@ -23,6 +24,9 @@ from vllm_harness.core.runner import _rel, console, summary, write_json
 from vllm_harness.core.status import DEPENDS, STEPS, Status, key_of
 from vllm_harness.facts import pythons
 from vllm_harness.facts.variants import Variant
+from vllm_harness.pipeline import preflight as doctor_run
+from vllm_harness.steps import bundle
+from vllm_harness.steps import verify as verify_step
 from vllm_harness.steps.build import do_build, start_wheel_download
 from vllm_harness.steps.context import Ctx
 from vllm_harness.steps.deps import do_deps
@@ -208,7 +212,6 @@ def _use_bundle(ctx: Ctx) -> None:
     pip and uv then see only its wheels (steps/bundle.use)."""
     if ctx.bundle is None or getattr(ctx, "bundle_env", None) is not None:
         return
-    from vllm_harness.steps import bundle
     with _recorded(ctx, "bundle"):
         ctx.bundle_env = bundle.use(ctx, ctx.bundle)["env"]
     ctx.base_env.update(ctx.bundle_env)
@@ -285,7 +288,6 @@ def _step_fn(ctx: Ctx, step: str, interp, **kw):
 
 def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False) -> dict:
     """The whole flow of ``nox -s build-<variant>``; steps that are done with the same inputs are reused."""
-    from vllm_harness.pipeline import preflight as doctor_run
     with _recorded(ctx, "lock"), _locked(ctx):
         _use_bundle(ctx)
         if not skip_doctor and not _nothing_to_build(ctx):
@@ -328,7 +330,6 @@ def _nothing_to_build(ctx: Ctx) -> bool:
 def _verify_key(ctx: Ctx, allow_no_gpu: bool) -> str | None:
     """verify's key from what it proves (the env's distributions, GPUs, driver, checks: steps/verify.proof_of),
     None when the recorded result proved the same inputs (printed as such; --reverify runs it again)."""
-    from vllm_harness.steps import verify as verify_step
     proof = verify_step.proof_of(ctx, {})
     ctx._verify_proof = proof
     s = verify_step.reusable(ctx, proof, allow_no_gpu)
@@ -342,7 +343,6 @@ def _verify_key(ctx: Ctx, allow_no_gpu: bool) -> str | None:
 def explain_failure(log: Path, context: dict | None, quiet: bool = False) -> dict | None:
     """Run diagnose on a failed step's log and print its top finding.  Returns the report dict."""
     try:
-        from vllm_harness import diagnose
         report = diagnose.diagnose_path(str(log), context=context)
     except Exception as e:  # diagnose must never hide the real failure
         print(f"  (diagnose could not read the log: {e})", file=sys.stderr)

@@ -14,10 +14,15 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from vllm_harness.core import procs
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.runner import run_commands
+from vllm_harness.facts import compat, machine
+from vllm_harness.facts.compat import parse_arch_list
+from vllm_harness.facts.machine import probe_gpus
 from vllm_harness.facts.source_tree import git_env
-from vllm_harness.steps import deps_cache, probe
+from vllm_harness.steps import deps_cache, probe, wheelhouse
+from vllm_harness.steps.build_archs import check_archs, default_archs
 from vllm_harness.steps.build_cache import CompilerCache, normalize_header_mtimes, setup_cache, stats_note
 from vllm_harness.steps.build_memory import (
     JobsChoice,
@@ -36,8 +41,6 @@ from vllm_harness.verify import checks as verify_mod
 def arch_list(ctx: Ctx) -> tuple[str | None, str]:
     """TORCH_CUDA_ARCH_LIST and why: --arch, [build] arch_list (both checked against what the variant's nvcc
     builds), else this machine's GPUs (mapped onto the toolkit's archs), else unset: the source's own list."""
-    from vllm_harness.facts.compat import parse_arch_list
-    from vllm_harness.steps.build_archs import check_archs, default_archs
     if ctx.device != "cuda":
         return None, "CPU build: no CUDA archs"
     given = [(ctx.arch, "--arch"), (ctx.variant.build["arch_list"], "variant build.arch_list")]
@@ -50,7 +53,6 @@ def arch_list(ctx: Ctx) -> tuple[str | None, str]:
             return chk.archs, where
     gpus = (ctx.profile or {}).get("gpu")
     if gpus is None:
-        from vllm_harness.facts.machine import probe_gpus
         gpus = probe_gpus(ctx.base_env)[0]
     caps = sorted({g["compute_capability"] for g in gpus if g.get("compute_capability")}, key=parse_arch_list)
     if caps:
@@ -69,13 +71,11 @@ def host_compiler_env(ctx: Ctx) -> dict[str, str]:
     too new for it (gcc 12 with CUDA 11.8) and the user named no compiler.  Prevents 'unsupported GNU
     version' instead of diagnosing it after the fact."""
     if ctx.profile is None:  # a single `invoke build`: no doctor ran before it
-        from vllm_harness.facts import machine
         ctx.profile = machine.probe(ctx.layout.state, env=ctx.base_env)
     m = ctx.profile.get("machine", {})
     if any(k in ctx.variant.build["env"] or k in ctx.base_env for k in ("CC", "CXX", "CUDAHOSTCXX")):
         return {}
     try:
-        from vllm_harness.facts import compat
         limit = int(compat.load().cuda(ctx.variant.cuda).gcc_max.value)
     except Exception:  # noqa: BLE001 - CUDA version not in the data: leave the compiler alone
         return {}
@@ -106,7 +106,6 @@ def start_wheel_download(ctx: Ctx) -> None:
     file there and installs that very file."""
     if ctx.variant.vllm["mode"] != "wheel" or ctx.name in _DOWNLOADS or not ctx.py.exists():
         return
-    from vllm_harness.core import procs
     dest = ctx.layout.cache / "wheels"
     dest.mkdir(parents=True, exist_ok=True)
     cmd, env, out = _wheel_download_cmd(ctx, dest), ctx.env(), {"before": set(dest.glob("*.whl"))}
@@ -212,8 +211,6 @@ def do_build(ctx: Ctx, log: Path) -> dict:
     if v.vllm["mode"] == "wheel":
         return install_checked_wheel(ctx, log)
     src = source_dir(ctx)
-    from vllm_harness.facts.compat import parse_arch_list
-    from vllm_harness.steps.build_archs import default_archs
     archs, why_arch = arch_list(ctx)
     n_archs = len(parse_arch_list(archs or default_archs(v.vllm["version"], v.cuda) or "")) or 1
     choice = jobs_for(ctx, n_archs)
@@ -260,9 +257,6 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
     """The source build step: reuse a wheel with this build's key, else compile (cache, RSS sampled), leave
     the wheel in the wheelhouse and record the peak RSS.  ``before_compile()`` (the compile probe) runs before
     a compile whose key has no wheel yet."""
-    from vllm_harness.core.errors import StepFailed
-    from vllm_harness.core.runner import run_commands
-    from vllm_harness.steps import wheelhouse
     v = ctx.variant
     state = ctx.layout.state
     fetched = ctx.status.step("fetch") or {}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vllm_harness.facts import compat
+
 
 @dataclass
 class ArchCheck:
@@ -22,7 +24,6 @@ def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
     so a GPU newer than the toolkit gets the toolkit's newest arch of its major (SASS runs on later minors)
     or PTX of the newest arch (JIT), and a GPU older than the toolkit is an error.  A list the user gave is
     only checked: a name the toolkit does not build is an error."""
-    from vllm_harness.facts import compat
     cf = compat.load().cuda(cuda)
     if cf is None:
         return ArchCheck(";".join(wanted) or None, [f"CUDA {cuda} is not in the compat data: archs not checked"])
@@ -60,7 +61,6 @@ def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
 
 def default_archs(vllm_version: str, cuda: str) -> str | None:
     """The arch list vLLM's CMake builds by itself for this CUDA (compat data), None when unknown."""
-    from vllm_harness.facts import compat
     vf = compat.load().vllm(vllm_version)
     f = vf.build_archs(cuda) if vf is not None else None
     return str(f.value) if f is not None else None

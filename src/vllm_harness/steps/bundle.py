@@ -30,6 +30,9 @@ from packaging.version import Version
 
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.masking import mask
+from vllm_harness.facts.source_tree import parse_deps
+from vllm_harness.steps import deps_cache
+from vllm_harness.steps import prepare as prepare_mod
 from vllm_harness.steps.bundle_files import (  # noqa: F401 - the bundle's API is here
     MANIFEST,
     SCHEMA,
@@ -47,6 +50,7 @@ from vllm_harness.steps.bundle_files import (  # noqa: F401 - the bundle's API i
     target_for,
     variant_hash,
 )
+from vllm_harness.steps.context import _uv_bin, check_index, find_links, source_dir
 
 PYPI = "https://pypi.org/simple"
 ENV_VAR = "VLLM_HARNESS_BUNDLE"
@@ -60,8 +64,6 @@ def _default_index(env: dict[str, str]) -> str:
 
 def install_plan(ctx) -> list[dict]:
     """The installs a build of ``ctx.variant`` makes, in order: {step, requirements, args (-r files), index}."""
-    from vllm_harness.steps import prepare as prepare_mod
-    from vllm_harness.steps.context import source_dir
     v = ctx.variant
     env = ctx.base_env
     plan = []
@@ -88,7 +90,6 @@ def install_plan(ctx) -> list[dict]:
 
 
 def _uv() -> str:
-    from vllm_harness.steps.context import _uv_bin
     uv = _uv_bin()
     if not uv:
         raise UsageError("bundle needs uv to resolve for the target (`uv pip compile`).", "pip install uv")
@@ -97,7 +98,6 @@ def _uv() -> str:
 
 def _reachable(index: str) -> str | None:
     """None when the index answers, else why not."""
-    from vllm_harness.steps.context import check_index
     try:
         check_index(index, "bundle", timeout=10)
     except UsageError as e:
@@ -224,7 +224,6 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UsageError(f"--out {out} is a non-empty folder that is not a bundle.", "Give an empty or new folder.")
     (out / "wheels").mkdir(parents=True, exist_ok=True)
-    from vllm_harness.steps.context import find_links
     v = ctx.variant
     old = load_manifest(out) or {}
     if old and old["variant"]["name"] != v.name:
@@ -446,9 +445,6 @@ def _source(ctx, out: Path, say, missing: list) -> dict:
 def _deps(ctx, out: Path, say, missing: list) -> dict:
     """The FetchContent sources at the tree's pinned revisions: from the harness's deps cache (filled from
     GitHub when reachable), copied into DIR/deps with deps_cache's manifest."""
-    from vllm_harness.facts.source_tree import parse_deps
-    from vllm_harness.steps import deps_cache
-    from vllm_harness.steps.context import source_dir
     src = source_dir(ctx)
     root = deps_cache.cache_root(ctx.layout, ctx.base_env)
     dest = out / "deps"

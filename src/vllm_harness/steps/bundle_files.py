@@ -17,8 +17,11 @@ from packaging import tags as ptags
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 from packaging.version import Version
 
+from vllm_harness.core import safeio
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.masking import mask
+from vllm_harness.facts import index_metadata as im
+from vllm_harness.facts import pythons
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -69,7 +72,6 @@ def target_for(variant, profile: dict | None = None, profile_path: str | None = 
         where = str(profile_path)
     else:
         if python is None:
-            from vllm_harness.facts import pythons
             python = pythons.find(variant.python, given, dict(os.environ), what=f"variant {variant.name}").version
         py = python
         glibc = platform.libc_ver()[1] or "2.28"
@@ -137,7 +139,6 @@ def best_file(names: list[tuple[str, object]], target: Target) -> tuple[int, obj
 
 
 def _index_files(index: str, name: str, cache_dir: Path) -> list:
-    from vllm_harness.facts import index_metadata as im
     http = im.Http(cache_dir)
     try:
         return im.read_project(http, index, name)
@@ -183,7 +184,6 @@ def load_manifest(out: Path) -> dict | None:
     p = out / MANIFEST
     if not p.is_file():
         return None
-    from vllm_harness.core import safeio
     data = safeio.load_json(p, "Bundle manifest", f"Delete {p} and run `invoke bundle` again.", limit=1 << 24)
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("files"), dict):
         raise UsageError(f"Bundle manifest {p} is not one this harness writes (schema {SCHEMA}).",

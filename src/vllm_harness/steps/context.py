@@ -11,6 +11,8 @@ from pathlib import Path
 
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.layout import Layout, venv_python
+from vllm_harness.core.masking import strip_credentials
+from vllm_harness.core.runner import console, mask
 from vllm_harness.core.status import Status
 from vllm_harness.facts import toolkit
 from vllm_harness.facts.variants import Variant
@@ -60,7 +62,6 @@ class Ctx:
     def say(self, text: str) -> None:
         if not self.quiet:
 
-            from vllm_harness.core.runner import console
             console().print(text)
 
     # ---- children's environment
@@ -132,7 +133,6 @@ def _index_auth(url: str) -> tuple[str, str | None]:
     import base64
     from urllib.parse import urlsplit
 
-    from vllm_harness.core.masking import strip_credentials
     bare, user, password = strip_credentials(url)
     host = urlsplit(bare).hostname or ""
     if user is not None and password is None:
@@ -224,7 +224,6 @@ def check_index(url: str | None, what: str, timeout: float = 15.0) -> None:
     import urllib.error
     import urllib.request
 
-    from vllm_harness.core.runner import mask
     bare, auth = _index_auth(url)
     req = urllib.request.Request(bare.rstrip("/") + "/", headers={"Authorization": auth} if auth else {})
     try:

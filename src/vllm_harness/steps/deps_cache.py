@@ -30,7 +30,7 @@ from pathlib import Path
 
 from vllm_harness.core import gitcmd
 from vllm_harness.core.errors import StepFailed
-from vllm_harness.facts.source_tree import Dep, parse_deps
+from vllm_harness.facts.source_tree import Dep, _submodule_dirs, git_env, parse_deps
 
 GIT_TIMEOUT = 3600
 
@@ -96,7 +96,6 @@ def _err(r: subprocess.CompletedProcess) -> str:
 
 def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str | None = None) -> Path:
     """Clone dep.url at dep.rev (with its submodules) into the cache; return its folder."""
-    from vllm_harness.facts.source_tree import git_env
     have = cached_dir(root, dep)
     if have:
         return have
@@ -161,7 +160,6 @@ def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str 
 
 
 def _all_submodule_paths(repo: Path) -> list[Path]:
-    from vllm_harness.facts.source_tree import _submodule_dirs
     return _submodule_dirs(repo, depth=3)
 
 
@@ -262,7 +260,6 @@ def build_env(src: Path, root: Path, workdir: Path, env: dict[str, str], device:
 
 def apply(ctx, src: Path, env: dict[str, str]) -> dict[str, str]:
     """The build step's environment with the cached dependency sources (and git trusting them)."""
-    from vllm_harness.facts.source_tree import git_env
     root = cache_root(ctx.layout, ctx.base_env)
     plan = build_env(src, root, ctx.layout.src(ctx.name), env, device=ctx.device)
     out = dict(env)

@@ -36,6 +36,8 @@ from packaging.version import InvalidVersion, Version
 
 from vllm_harness.core import procs, safeio
 from vllm_harness.core.errors import UsageError
+from vllm_harness.facts.source_tree import git_env
+from vllm_harness.steps.fetch import PYPI_SIMPLE, _get_json
 
 STATUSES = ("applied", "already-applied", "not-needed", "failed")
 
@@ -113,7 +115,6 @@ def load_patches(folder: Path) -> list[Patch]:
 # ---------------------------------------------------------------------------------------------- apply
 
 def _env(src: Path, env: dict[str, str]) -> dict[str, str]:
-    from vllm_harness.facts.source_tree import git_env
     out = git_env(env, [src])
     out["GIT_CEILING_DIRECTORIES"] = str(src.resolve().parent)  # never patch a repository around the tree
     return out
@@ -218,7 +219,6 @@ def release_versions(name: str = "vllm") -> list[tuple[str, str]]:
     """(version, sdist URL) of every non-pre-release sdist on PyPI (the simple index, PEP 691 JSON)."""
     from packaging.utils import parse_sdist_filename
 
-    from vllm_harness.steps.fetch import PYPI_SIMPLE, _get_json
     index = _get_json(PYPI_SIMPLE.format(name=name), accept="application/vnd.pypi.simple.v1+json")
     out = {}
     for f in index.get("files", []):

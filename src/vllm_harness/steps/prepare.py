@@ -35,6 +35,7 @@ from vllm_harness.core.errors import StepFailed
 from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.facts.source_tree import vllm_version
 from vllm_harness.facts.toolkit import clean_env
+from vllm_harness.steps import patches as patches_mod
 from vllm_harness.steps.context import Ctx, source_dir
 
 TORCH_NAMES = ("torch", "torchvision", "torchaudio")
@@ -202,7 +203,6 @@ def prepare(src: Path, python: Path, log: Path, env: dict[str, str], version: st
             patches_dir: Path | None = None, apply_patches: bool = True) -> dict:
     """Returns the contract's JSON: {"source", "vllm_version", "changed": [{"file", "what"}],
     "patches": [{"name", "status"}]} plus how, script, torch_pin, version_from."""
-    from vllm_harness.steps import patches as patches_mod
     src = src.resolve()
     files = requirement_files(src)
     refuse_outside_links(src, files + [p for p in (src / x for x in SCRIPT_PLACES) if p.exists()])

@@ -27,8 +27,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from vllm_harness import diagnose
 from vllm_harness.core import procs
 from vllm_harness.core.errors import StepFailed, UsageError
+from vllm_harness.core.runner import console, mask
+from vllm_harness.steps.prepare import source_torch_pin
 
 TORCH_INFO = r"""
 import importlib.util, json, os, re, sysconfig
@@ -126,8 +129,6 @@ def run_probe(src: Path, python: Path, env: dict[str, str], log: Path, device: s
               kernel: bool = False, timeout: int = 300, context: dict | None = None) -> dict:
     """Compile the probe files; return {"status": pass|fail, "files", "torch", "source_pins_torch",
     "seconds", "findings", "log"} (findings from diagnose, root cause first)."""
-    from vllm_harness import diagnose
-    from vllm_harness.steps.prepare import source_torch_pin
     src = src.resolve()
     info = torch_info(python, env)
     pin, pin_from = source_torch_pin(src)
@@ -236,7 +237,6 @@ def before_build(ctx, src: Path, env: dict[str, str]) -> dict | None:
 def _show(res: dict, quiet: bool = False) -> None:
     if quiet:
         return
-    from vllm_harness.core.runner import console, mask
     con = console()
     top = (res.get("findings") or [None])[0]
     if top:

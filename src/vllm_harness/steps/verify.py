@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from vllm_harness.core import locks
 from vllm_harness.core.errors import StepFailed
-from vllm_harness.core.status import key_of
+from vllm_harness.core.runner import Progress
+from vllm_harness.core.status import Status, key_of
+from vllm_harness.facts.machine import probe_gpus
 from vllm_harness.steps.context import Ctx
 from vllm_harness.verify import checks as verify_mod
 
@@ -26,7 +29,6 @@ CHECK_DEFAULTS = {"libs": None, "speed": True, "reader": "auto", "ccs": None}
 def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = False, **opts) -> dict:
     vv = ctx.variant.verify
     proof = getattr(ctx, "_verify_proof", None) or proof_of(ctx, opts)
-    from vllm_harness.core.runner import Progress
     prog = Progress("verify", quiet=ctx.quiet or as_json, ticker=True)  # a live line / a 15 s heartbeat
     prog.feed(b"binaries, then imports, kernels and speed in the env's interpreter")
     try:
@@ -116,7 +118,6 @@ def _scripts_hash() -> str:
 def proof_of(ctx: Ctx, opts: dict) -> dict:
     """The inputs a verify result proves: the env's distributions, the GPUs and driver, the checks asked for,
     the harness's check scripts, and the build steps it follows (their chained key)."""
-    from vllm_harness.facts.machine import probe_gpus
     vv = ctx.variant.verify
     env = ctx.env()
     dists_key, n = env_fingerprint(ctx.py, env)
@@ -155,8 +156,6 @@ def reused_line(s: dict) -> str:
 def record(ctx: Ctx, log: Path, out: dict) -> None:
     """Keep a passing ``invoke verify`` result as the variant's verify step (under the variant's lock), when the
     steps it follows are recorded as done: a later run with the same inputs reuses it."""
-    from vllm_harness.core import locks
-    from vllm_harness.core.status import Status
     if not (ctx.status.step("post-install") or {}).get("status") == "ok":
         return
     with locks.held(ctx.layout.lock(ctx.name), f"variant {ctx.name}", wait=True, say=ctx.say):

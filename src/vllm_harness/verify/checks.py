@@ -23,7 +23,9 @@ from pathlib import Path
 
 from vllm_harness.core import procs
 from vllm_harness.core.errors import StepFailed
+from vllm_harness.core.runner import console
 from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
+from vllm_harness.facts.machine import probe_gpus
 from vllm_harness.verify import binaries
 
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "verify_env.py"
@@ -92,7 +94,6 @@ def binary_layer(probe: dict, env: dict[str, str], gpu_ccs: list[str], driver_pr
 def run_verify(python: Path, device: str, imports: list[str], extensions: list[str], ops: list[str],
                env: dict[str, str], log: Path | None = None, timeout: float = 600, *, libs: list[str] | None = None,
                speed: bool = True, reader: str = "auto", ccs: list[str] | None = None) -> dict:
-    from vllm_harness.facts.machine import probe_gpus
     probe = _probe(python, env)
     gpus, driver, driver_cuda = probe_gpus(env) if device == "cuda" else ([], None, None)
     gpu_ccs = ccs or [g["compute_capability"] for g in gpus if g.get("compute_capability")]
@@ -314,7 +315,6 @@ def multi_gpu_tables(result: dict) -> list:
 def render(result: dict, verdict_text: str) -> None:
     from rich.table import Table
 
-    from vllm_harness.core.runner import console
     con = console()
     gpus = ", ".join(f"{g['name']} (sm {g['compute_capability']}, {g.get('memory_gib')} GiB, driver "
                      f"{g.get('driver') or result.get('driver')})" for g in result.get("gpus", [])) or "none"
@@ -355,7 +355,6 @@ def verify_wheel(wheel: Path, variant, env: dict[str, str], python: Path | None,
                  reader: str = "auto") -> dict:
     """The binary layer on a wheel file, before install: refused (a failed check) when its CUDA major or its
     torch pin does not fit the variant, or when its device code does not cover this machine's GPUs."""
-    from vllm_harness.facts.machine import probe_gpus
     t0 = time.perf_counter()
     gpus, driver, _dc = probe_gpus(env)
     gpu_ccs = ccs or [g["compute_capability"] for g in gpus if g.get("compute_capability")]
