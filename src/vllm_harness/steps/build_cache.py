@@ -28,7 +28,8 @@ from vllm_harness.steps.build_memory import _read_procs
 CACHE_MODES = ("auto", "sccache", "ccache", "none")
 
 
-SCCACHE_IDLE_TIMEOUT = 120  # seconds without a request before a build's sccache server stops by itself
+SCCACHE_IDLE_TIMEOUT = 600  # seconds without a request before a build's sccache server stops by itself: a
+# backstop only (the watchdog ends it with the harness); long enough for a loaded machine's configure step
 
 
 @dataclass
