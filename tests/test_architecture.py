@@ -8,12 +8,12 @@ import ast
 import sys
 
 import pytest
-import tomllib
 from conftest import ROOT
 from import_graph import PKG, cycles, graph, modules
 
 from vllm_harness.cli import parser
 from vllm_harness.commands.table import COMMANDS
+from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 
 MAX_LINES = 650                      # "no module over ~600 lines"
 LAYERS = ["core", "facts", "diagnose", "verify", "steps", "doctor", "pipeline", "commands", "cli", "__main__"]

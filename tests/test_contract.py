@@ -4,12 +4,12 @@ its commands and flags exist in the one command table, its machine-profile keys 
 from __future__ import annotations
 
 import re
-import tomllib
 
 import pytest
 from conftest import ROOT
 
 from vllm_harness.commands.table import BY_NAME
+from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.facts.machine_profile import GPU_KEYS, MACHINE_KEYS
 
 DOCS = ROOT / "docs" / "contract"

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_harness import diagnose as dg
+from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.diagnose import engine as dge
 from vllm_harness.diagnose import stream as dgs
 from vllm_harness.diagnose.corpus import CORPUS_INDEX, CORPUS_KEYS

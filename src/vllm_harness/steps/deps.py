@@ -7,6 +7,7 @@ from pathlib import Path
 from vllm_harness.core.errors import StepFailed
 from vllm_harness.core.runner import run_commands
 from vllm_harness.facts import toolkit
+from vllm_harness.facts.cuda_toolkits import toolkit_missing
 from vllm_harness.steps import prepare as prepare_mod
 from vllm_harness.steps.context import Ctx, _torch_kept, source_dir
 
@@ -43,7 +44,6 @@ def _pypi_toolkit(ctx: Ctx, log: Path, reqs: list[str], why: str) -> dict:
     """[build] toolkit = "pypi", after its wheels are installed: where they landed (the build's CUDA_HOME), the
     links a build needs there (inside the venv only), and a check that nothing a build needs is missing."""
     root = toolkit.pypi_root(ctx.py, ctx.env(), ctx.variant.cuda)
-    from vllm_harness.facts.machine import toolkit_missing
     if root is None:
         raise StepFailed(f"deps: {' '.join(reqs)} installed no nvidia/cu{ctx.variant.cuda.split('.')[0]}/bin/nvcc "
                          f"in {ctx.venv}.", "Read the log; set toolkit = \"system\" to use an installed toolkit.",
