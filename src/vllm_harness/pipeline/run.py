@@ -210,7 +210,7 @@ def _recorded(ctx: Ctx, what: str):
 def _use_bundle(ctx: Ctx) -> None:
     """--from-bundle: the bundle checked (variant, target, every file's sha256) before anything is installed;
     pip and uv then see only its wheels (steps/bundle.use)."""
-    if ctx.bundle is None or getattr(ctx, "bundle_env", None) is not None:
+    if ctx.bundle is None or ctx.bundle_env is not None:
         return
     with _recorded(ctx, "bundle"):
         ctx.bundle_env = bundle.use(ctx, ctx.bundle)["env"]

@@ -34,6 +34,7 @@ class Ctx:
     cache: str | None = None             # --cache: the compiler cache (auto, sccache, ccache, none, a path)
     nvcc_threads: int | None = None      # --nvcc-threads: overrides [build] nvcc_threads for this run
     bundle: Path | None = None           # --from-bundle / VLLM_HARNESS_BUNDLE: install only from it (steps/bundle)
+    bundle_env: dict[str, str] | None = None  # the offline install variables once the bundle was checked
     status: Status = field(init=False)
 
     def __post_init__(self):
