@@ -10,6 +10,7 @@ first.  Every problem is one :class:`UsageError` naming the file and the fix (ex
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -239,3 +240,12 @@ def load_json(path: str | Path, what: str, reset: str, limit: int = JSON_MAX_BYT
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise UsageError(f"{what} {path} is corrupt (not the JSON the harness writes).", reset) from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a (possibly large) file, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -233,20 +233,29 @@ class Release:
         return any(f.filename.endswith((".tar.gz", ".zip")) and not f.yanked for f in self.files)
 
 
+def dist_name_version(filename: str) -> tuple[str, Version] | None:
+    """(canonical name, version) of a wheel or sdist file name; None for anything else."""
+    try:
+        if filename.endswith(".whl"):
+            name, v, _b, _t = parse_wheel_filename(filename)
+        elif filename.endswith((".tar.gz", ".zip")):
+            name, v = parse_sdist_filename(filename)
+        else:
+            return None
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
+        return None
+    return name, v
+
+
 def group_releases(files: Iterable[IndexFile], project: str) -> list[Release]:
     """Final releases (no pre/dev) with at least one file that is not yanked, oldest first."""
     by: dict[Version, Release] = {}
     want = canonicalize_name(project)
     for f in files:
-        try:
-            if f.filename.endswith(".whl"):
-                name, v, _b, _t = parse_wheel_filename(f.filename)
-            elif f.filename.endswith((".tar.gz", ".zip")):
-                name, v = parse_sdist_filename(f.filename)
-            else:
-                continue
-        except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
+        parsed = dist_name_version(f.filename)
+        if parsed is None:
             continue
+        name, v = parsed
         if name != want or v.is_prerelease or v.is_devrelease or v.local:
             continue
         by.setdefault(v, Release(v)).files.append(f)

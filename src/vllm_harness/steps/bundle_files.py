@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packaging import tags as ptags
-from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
+from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
 from vllm_harness.core import safeio
@@ -22,6 +22,7 @@ from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.masking import mask
 from vllm_harness.facts import index_metadata as im
 from vllm_harness.facts import pythons
+from vllm_harness.facts.package_index import dist_name_version
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -85,12 +86,7 @@ def variant_hash(variant) -> str:
     return hashlib.sha256(Path(variant.path).read_bytes()).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = safeio.sha256_file
 
 
 def bundle_cmd(variant, out: Path | str, machine: str | None = None) -> str:
@@ -104,15 +100,10 @@ def _candidates_local(folder: Path, name: str, version: Version) -> list[tuple[P
     if not folder.is_dir():
         return out
     for p in folder.iterdir():
-        try:
-            if p.name.endswith(".whl"):
-                n, ver, _b, _t = parse_wheel_filename(p.name)
-            elif p.name.endswith((".tar.gz", ".zip")):
-                n, ver = parse_sdist_filename(p.name)
-            else:
-                continue
-        except ValueError:
+        parsed = dist_name_version(p.name)
+        if parsed is None:
             continue
+        n, ver = parsed
         if n == canonicalize_name(name) and ver == version:
             out.append((p, p.resolve().as_uri()))
     return out

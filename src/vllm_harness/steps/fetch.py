@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from vllm_harness.core import gitcmd
+from vllm_harness.core import gitcmd, safeio
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.runner import write_json
 from vllm_harness.facts.source_tree import git_env
@@ -172,12 +172,7 @@ def sdist_info(name: str, version: str, cache: Path | None = None) -> dict:
     raise UsageError(f"PyPI has no sdist for {name} {version}.", "Use source = 'git' with a ref.")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256_file = safeio.sha256_file
 
 
 def _download(url: str, dest: Path, sha256: str | None, offline_fix: str = "") -> None:
