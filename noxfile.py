@@ -88,7 +88,7 @@ def _pytest(session: nox.Session, marks: str) -> None:
     # pytest-xdist: one worker per core (the tests wait on subprocesses, pip and the network as much as on
     # the CPU); `-- -n 0` runs them in this process; `-- -m ...` picks other tests
     given = session.posargs
-    parallel = [] if any(a.startswith(("-n", "--numprocesses", "-p")) for a in given) else ["-n", "auto"]
+    parallel = [] if any(a.startswith(("-n", "--numprocesses")) for a in given) else ["-n", "auto"]
     select = [] if any(a == "-m" or a.startswith("-m") for a in given) else ["-m", marks]
     session.run("pytest", *parallel, *select, *given)
 
