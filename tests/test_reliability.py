@@ -150,7 +150,7 @@ def test_interrupted_runs_resume_and_concurrent_runs_serialise(tmp_path):
 KILLED_RUNNER = """
 import sys
 from pathlib import Path
-from vllm_harness.runner import run_commands
+from vllm_harness.core.runner import run_commands
 marker = sys.argv[1]
 # a build-like command whose own children (a compiler under ninja) must not outlive the harness
 run_commands("build", [["sh", "-c", "sleep 300 & sleep 300; : " + marker]], Path(sys.argv[2]), {"PATH": "/usr/bin:/bin"},
@@ -180,8 +180,15 @@ def test_sigkill_of_the_harness_still_ends_the_build_processes(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_a_finished_command_leaves_no_watchdog(tmp_path):
+def test_finished_commands_leave_one_watchdog_per_harness(tmp_path):
+    """One guardian per harness process, however many commands ran (not one per command); and it keeps
+    nothing registered once they are done."""
+    from vllm_harness.core import procs
     from vllm_harness.core import runner as runner_mod
-    before = {p for p in live_pids_with("os.killpg(pgid")}
-    runner_mod.run_commands("x", [["true"]], tmp_path / "x.log", {"PATH": "/usr/bin:/bin"}, quiet=True)
-    assert {p for p in live_pids_with("os.killpg(pgid")} - before == set()
+    before = set(live_pids_with("_watchdog.py"))
+    for n in range(3):
+        runner_mod.run_commands("x", [["true"]], tmp_path / f"x{n}.log", {"PATH": "/usr/bin:/bin"}, quiet=True)
+    new = set(live_pids_with("_watchdog.py")) - before
+    assert len(new) <= 1
+    guardian = procs.Guardian.get()
+    assert guardian.proc is not None and guardian.proc.poll() is None

@@ -258,7 +258,7 @@ def test_a_gpu_the_toolkit_cannot_target_gets_a_toolkit_that_can_and_how_to_inst
 @pytest.mark.slow
 def test_cuda13_fixture_builds_with_the_pypi_toolkit_and_no_system_toolkit(harness, state, tmp_path, monkeypatch):
     needs_pypi()
-    from vllm_harness.verify import binaries
+    from vllm_harness.verify import elf as binaries  # ELF and fatbin reading
     # no CUDA tool anywhere on PATH (this machine: /usr/local/bin/nvcc runs CUDA 13.0's, /usr/bin/nvcc is Debian's
     # 11.8): a folder on PATH that holds one is replaced by links to its other programs (git, gcc, ...)
     cuda_tools = {"nvcc", "cudafe++", "ptxas", "fatbinary", "nvlink", "bin2c", "cuobjdump", "nvdisasm", "nvprune",

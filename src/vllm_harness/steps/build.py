@@ -215,7 +215,7 @@ def do_build(ctx: Ctx, log: Path) -> dict:
     n_archs = len(parse_arch_list(archs or default_archs(v.vllm["version"], v.cuda) or "")) or 1
     choice = jobs_for(ctx, n_archs)
     env = build_env(ctx, src, choice, archs)
-    # wheelhouse reuse, compiler cache, peak-RSS record, the wheel: src/vllm_harness/buildspeed.py.  The probe
+    # wheelhouse reuse, compiler cache, peak-RSS record, the wheel: run_source_build below.  The probe
     # (~20 s syntax check against the env's torch) runs before a compile, unless a wheel with this build's key
     # exists (that source already compiled against this torch)
     return run_source_build(ctx, src, log, env, choice, archs, why_arch,
