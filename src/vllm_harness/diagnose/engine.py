@@ -59,6 +59,7 @@ from vllm_harness.diagnose.normalize import (
     _first_match,
     _wrapped_messages,
 )
+from vllm_harness.diagnose.rank import _standing
 from vllm_harness.diagnose.rules import (
     _BYTE_FREQ,
     _OWN_SEARCH_PERMILLE,
@@ -228,7 +229,7 @@ class _Scanner:
         """The anchors still needed, and their search: one Hyperscan database, else the trie regex
         and the regexes of the anchors that start with a frequent byte."""
         self.active_anchors = [
-            a for a, rs in self.anchor_rules.items() if any(r.id not in self.found for r in rs)
+            a for a, rs in self.anchor_rules.items() if any(self._open(r) for r in rs)
         ]
         words = list(self.active_anchors)
         if self.track_first_error:
@@ -259,6 +260,16 @@ class _Scanner:
         # for a line that holds anchors: which ones (also overlapping ones and prefixes)
         self.overlapping = _trie_regex(words, overlapping=True)
         self.prefixes: dict[bytes, list[bytes]] = {}
+
+    def _open(self, rule: Rule) -> bool:
+        """Is ``rule`` still looked for: not found yet, or found by weak evidence only (strong
+        evidence found later takes its place)?"""
+        found = self.found.get(rule.id)
+        return found is None or rule.strength(found[2]) == "weak"
+
+    def _takes(self, rule: Rule, pattern: int) -> bool:
+        """Does a match of ``rule``'s pattern ``pattern`` make (or better) its finding?"""
+        return rule.id not in self.found or rule.strength(pattern) == "strong"
 
     def _new_cache(self) -> list[int]:
         return [2, 0] if self.hs_db is not None else [-2] * len(self.searches)
@@ -392,14 +403,14 @@ class _Scanner:
                         after = after or (edge[1] and len(region) - last <= JOIN_REACH)
             for text, starts in _wrapped_messages(*where, line_no, before, after):
                 for rule in missed:
-                    if rule.id in self.found:
+                    if not self._open(rule):
                         continue
                     hit, n = _first_match(rule.patterns, text, starts, line_no)
-                    if hit:
+                    if hit and self._takes(rule, n):
                         at = max(k for k, (off, _) in enumerate(starts) if off <= hit.start())
                         self.found[rule.id] = (starts[at][1], _evidence(text, hit), n)
                         changed = True
-        if changed and self.track_first_error:
+        if changed and self.track_first_error and _standing(self.rules, self.found):
             # the first error block is only reported when nothing is recognised
             self.track_first_error = False
             self.first_error = []
@@ -433,7 +444,7 @@ class _Scanner:
         rules: list[Rule] = []
         for anchor in present:
             for rule in self.anchor_rules.get(anchor, ()):
-                if rule.id not in self.found and rule not in rules:
+                if rule not in rules and self._open(rule):
                     rules.append(rule)
         want_error = self.track_first_error and not present.keys().isdisjoint(_FIRST_ERROR_ANCHORS)
         if not rules and not want_error:
@@ -446,8 +457,9 @@ class _Scanner:
             for seg in segments:
                 hit, n = _first_match(rule.patterns, seg)
                 if hit:
-                    self.found[rule.id] = (line_no, _evidence(seg, hit), n)
-                    changed = True
+                    if self._takes(rule, n):
+                        self.found[rule.id] = (line_no, _evidence(seg, hit), n)
+                        changed = True
                     break
             else:
                 missed.append(rule)

@@ -9,6 +9,18 @@ from typing import Any
 from vllm_harness.diagnose.rules import Rule, _reachability
 
 
+def _standing(
+    rules: Sequence[Rule], found: Mapping[str, tuple[int, str, int]]
+) -> dict[str, tuple[int, str, int]]:
+    """The findings that stand: a failure found only by weak evidence that cannot stand alone
+    (``weak_alone = false``) is dropped when no other finding stands next to it."""
+    by_id = {r.id: r for r in rules}
+    lone = {i for i, f in found.items() if i in by_id and by_id[i].needs_company(f[2])}
+    if lone and len(lone) == len(found):
+        return {}
+    return dict(found)
+
+
 def _rank(
     rules: Sequence[Rule], found: Mapping[str, tuple[int, str, int]]
 ) -> tuple[list[str], dict[str, list[str]], dict[str, dict[str, Any]]]:

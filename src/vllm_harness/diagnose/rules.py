@@ -58,7 +58,7 @@ _PLACEHOLDER_RE = re.compile(r"\{(\w+)(?:\|([^{}]*))?\}")
 
 _RULE_KEYS = {
     "id", "severity", "patterns", "weak_patterns", "cause", "fix", "implies", "explains", "hides", "anchors",
-    "wrap_anchors", "reported_by",
+    "wrap_anchors", "reported_by", "weak_alone",
 }
 
 
@@ -155,9 +155,16 @@ class Rule:
     strong: int = -1
     #: anchor -> (can a match holding it begin on an earlier line, end on a later one)
     edges: Mapping[bytes, tuple[bool, bool]] = field(default_factory=dict)
+    #: False: found only by its weak patterns, the failure is reported only next to another finding
+    #: (the weak wording is an after-effect that alone names no cause)
+    weak_alone: bool = True
 
     def strength(self, pattern: int) -> str:
         return "weak" if 0 <= self.strong <= pattern else "strong"
+
+    def needs_company(self, pattern: int) -> bool:
+        """Does a finding by pattern ``pattern`` stand only next to another finding?"""
+        return not self.weak_alone and 0 <= self.strong <= pattern
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -375,6 +382,11 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
         sources = _check_str_list(path, where, entry, "patterns", empty_ok=False)
         weak = _check_str_list(path, where, entry, "weak_patterns", empty_ok=True)
         strong = len(sources) if weak else -1
+        weak_alone = entry.get("weak_alone", True)
+        if not isinstance(weak_alone, bool):
+            raise _bad(path, where, "weak_alone", "must be true or false")
+        if not weak_alone and not weak:
+            raise _bad(path, where, "weak_alone", "false needs 'weak_patterns' (the evidence that cannot stand alone)")
         sources = sources + weak
         compiled: list[re.Pattern[str]] = []
         for n, src in enumerate(sources, 1):
@@ -418,7 +430,10 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
         explains = _check_str_list(path, where, entry, "explains", empty_ok=True)
         edges = {a: edges.get(a, (True, True)) for a in anchors}
         rules.append(
-            Rule(rid, severity, tuple(compiled), cause, fix, tuple(implies), anchors, tuple(explains), strong, edges)
+            Rule(
+                rid, severity, tuple(compiled), cause, fix, tuple(implies), anchors, tuple(explains), strong, edges,
+                weak_alone,
+            )
         )
 
     ids = {r.id for r in rules}

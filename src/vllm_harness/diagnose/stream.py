@@ -18,7 +18,7 @@ from vllm_harness.diagnose.normalize import (
     _clean_segments,
     _evidence,
 )
-from vllm_harness.diagnose.rank import _rank
+from vllm_harness.diagnose.rank import _rank, _standing
 from vllm_harness.diagnose.rules import (
     Finding,
     Report,
@@ -158,6 +158,7 @@ def _report(
     context: Mapping[str, Any] | None,
     name: str,
 ) -> Report:
+    found = _standing(rules, found)
     ids, explained, why = _rank(rules, found)
     by_id = {r.id: r for r in rules}
     findings = []
@@ -256,9 +257,13 @@ def _diagnose_parallel(
     found: dict[str, tuple[int, str, int]] = {}
     first_error: list[tuple[int, str]] = []
     offset = 0
+    by_id = {r.id: r for r in rules}
     for index, (part_found, part_error, missing, lines) in enumerate(results):
         for rid, (line_no, evidence, pattern) in part_found.items():
-            if rid not in found:
+            # the first part's finding, unless it is weak and a later part has strong evidence
+            if rid not in found or (
+                by_id[rid].strength(found[rid][2]) == "weak" and by_id[rid].strength(pattern) == "strong"
+            ):
                 found[rid] = (line_no + offset, evidence, pattern)
         if not first_error and part_error:
             first_error = [(n + offset, text) for n, text in part_error]
@@ -308,6 +313,6 @@ def diagnose_path(
             workers = 1
     if workers > 1:
         found, first_error = _diagnose_parallel(name, rules, workers, engine)
-        return _report(rules, found, [] if found else first_error, context, name)
+        return _report(rules, found, first_error, context, name)
     with open(path, "rb") as fh:
         return diagnose_stream(fh, context, rules=rules, name=name, engine=engine)
