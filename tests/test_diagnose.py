@@ -673,6 +673,40 @@ def test_unrelated_neighbour_lines_are_not_joined():
     assert report.findings == []
 
 
+def test_tool_wrap_at_a_space_of_the_anchor_or_before_a_long_word():
+    """uv and pip break at spaces: the space an anchor ended with is gone, and a long word (a repr,
+    a URL) leaves a short line before it, which still goes on in the indented next line."""
+    log = (
+        b"ERROR 02-19 19:40:53 engine.py:389] ModuleNotFoundError: No module named\n"
+        b"  'xformers'\n"
+    )
+    report = scan(log)
+    assert report.ids == ["xformers-missing"] and report.findings[0].line == 1
+    log = (
+        b"WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None,\n"
+        b"  status=None)) after connection broken by\n"
+        b"  'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at\n"
+        b"  0x7fe056f410f0>: Failed to establish a new connection: [Errno 101] Network is\n"
+        b"  unreachable',)': /whl/cpu/torch_stable.html\n"
+    )
+    report = scan(log)
+    assert report.ids == ["index-unreachable"] and report.findings[0].line == 2
+    # the same short line before a short word: it was not full, so it does not go on
+    short = b"  status=None)) after connection broken by\n  'NewConnectionError('<x>\n"
+    assert [t for t, _ in _wrapped_messages(short, 0, short.index(b"\n"), 1)] == []
+    # nor into a line that is not indented as a tool's continuation
+    flush = b"  status=None)) after connection broken by\n" + b"x" * 60 + b"\n"
+    assert [t for t, _ in _wrapped_messages(flush, 0, flush.index(b"\n"), 1)] == []
+    # a break at each space of a message that spans three lines: one of the rule's literals is whole
+    log = (
+        b"  2023-08-27T16:39:18.117Z [error] [cmake] CMake Error: The current\n"
+        b"  CMakeCache.txt directory /workspaces/mjx/build/CMakeCache.txt is different\n"
+        b"  than the directory /home/u/mjx/build where CMakeCache.txt was created.\n"
+    )
+    report = scan(log)
+    assert report.ids == ["stale-build-state"] and report.findings[0].line == 1
+
+
 def test_wrapped_readings_keep_line_numbers():
     block = b"x\n" + b"a" * 70 + b"\n" + b"bbb ccc\n" + b"ERROR: new message\n"
     ls = block.index(b"bbb")

@@ -16,7 +16,8 @@ one streaming pass over binary chunks (never reading it whole):
   most :data:`MAX_LINE_CHARS` bytes around each anchor (very long lines);
 * when the line alone does not match, the message it belongs to is tried: logs posted in issues
   are wrapped at the terminal's width (mid-word, mid-path, mid-symbol) and uv, pip and rich wrap
-  their own messages (indented continuations).  A wide line (:data:`WRAP_MIN_CHARS`) is joined with
+  their own messages (indented continuations, at spaces: a long word leaves a short line before it,
+  :data:`WRAP_WIDTH`; anchors never end in a space).  A wide line (:data:`WRAP_MIN_CHARS`) is joined with
   the lines it goes on in (:data:`WRAP_BEFORE`, :data:`WRAP_AFTER`; never into a line that starts a
   message of its own), with nothing or a space at each break, and the finding keeps the original
   number of the line where the match begins.  Blocks are scanned with the lines around them as

@@ -28,6 +28,12 @@ JOIN_REACH = 160
 WRAP_MIN_CHARS = 45
 
 
+#: The narrowest width at which tools wrap their messages (a terminal that reports no size: 80).  A
+#: narrower line goes on in the next one too when the next line's first word would not have fit on
+#: it: uv and pip break only at spaces, so a long word (a URL, a path, a repr) leaves a short line.
+WRAP_WIDTH = 80
+
+
 # ANSI CSI / OSC / two-character escape sequences.
 _ANSI_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 
@@ -122,10 +128,34 @@ def _shown(raw: bytes) -> tuple[str, str]:
     return shown, _PREFIX_RE.sub("", shown)
 
 
-def _continues(shown: str, next_clean: str) -> bool:
-    """May a line shown as ``shown`` go on in the next one (wrapped at the terminal's width or by
-    the tool: pip, uv, rich)?  Only a wide line does, and not into the start of a new message."""
-    return len(shown) >= WRAP_MIN_CHARS and bool(next_clean) and not _NEW_RECORD_RE.match(next_clean)
+def _continues(shown: str, next_line: tuple[str, str]) -> bool:
+    """May a line shown as ``shown`` go on in the next one (shown, cleaned: wrapped at the terminal's
+    width or by the tool: pip, uv, rich)?  Only a wide line does (or one that the next line's first
+    word would have made too wide, when that line is indented as a tool's continuation), and not
+    into the start of a new message."""
+    next_shown, next_clean = next_line
+    if not next_clean or _NEW_RECORD_RE.match(next_clean):
+        return False
+    if len(shown) >= WRAP_MIN_CHARS:
+        return True
+    return next_shown != next_clean and len(shown) + 1 + len(next_clean.split(None, 1)[0]) > WRAP_WIDTH
+
+
+def _word_after(block: bytes, pos: int) -> int:
+    """Bytes of the first word of the line starting at ``pos`` (after its indentation; counted up
+    to a line's width or so: only whether it is long matters)."""
+    stop = min(len(block), pos + 2 * WRAP_WIDTH)
+    end = block.find(b"\n", pos, stop)
+    line = block[pos : end if end != -1 else stop].lstrip()
+    cut = line.find(b" ")
+    return len(line) if cut == -1 else cut
+
+
+def _may_go_on(block: bytes, start: int, end: int) -> bool:
+    """Can the line ``block[start:end]`` go on in the next one (bytes >= characters shown: a
+    cheap bound of :func:`_continues`)?"""
+    width = end - start
+    return width >= WRAP_MIN_CHARS or (end < len(block) and width + 1 + _word_after(block, end + 1) > WRAP_WIDTH)
 
 
 def _wrapped_messages(
@@ -139,8 +169,8 @@ def _wrapped_messages(
     ``before``/``after``: look at the lines before / after it at all."""
     # bytes >= characters shown: a short line neither goes on nor follows a short line
     prev_start = block.rfind(b"\n", 0, ls - 1) + 1 if ls > 0 else ls
-    long_prev = before and ls - 1 - prev_start >= WRAP_MIN_CHARS
-    if not long_prev and (not after or le - ls < WRAP_MIN_CHARS):
+    long_prev = before and _may_go_on(block, prev_start, ls - 1)
+    if not long_prev and (not after or not _may_go_on(block, ls, le)):
         return []
     line = _shown(block[ls:le])
     run = [line]
@@ -152,22 +182,22 @@ def _wrapped_messages(
         if pos - 1 - start > MAX_LINE_CHARS:
             break
         prev = _shown(block[start : pos - 1])
-        if not _continues(prev[0], run[0][1]):
+        if not _continues(prev[0], run[0]):
             break
         run.insert(0, prev)
         first -= 1
         pos = start
-        prev_ok = start > 0 and start - 1 - (block.rfind(b"\n", 0, start - 1) + 1) >= WRAP_MIN_CHARS
+        prev_ok = start > 0 and _may_go_on(block, block.rfind(b"\n", 0, start - 1) + 1, start - 1)
     # forwards: the lines this one goes on in
     pos, count = le, 0
-    while after and count < WRAP_AFTER and pos < len(block) and len(run[-1][0]) >= WRAP_MIN_CHARS:
+    while after and count < WRAP_AFTER and pos < len(block):
         end = block.find(b"\n", pos + 1)
         if end == -1:
             end = len(block)
         if end - pos - 1 > MAX_LINE_CHARS:
             break
         nxt = _shown(block[pos + 1 : end])
-        if not _continues(run[-1][0], nxt[1]):
+        if not _continues(run[-1][0], nxt):
             break
         run.append(nxt)
         pos, count = end, count + 1

@@ -275,6 +275,8 @@ def _anchor_candidates(pattern: re.Pattern[str]) -> list[tuple[int, int, int, in
                 if len(item) != 1:
                     break
                 tail.append(item[0])
+            while tail and tail[-1].isspace():  # a line break at that space would cut it off
+                tail.pop()
             length = 1 + len(tail)
             if length < MIN_ANCHOR or any(c.isspace() for c in head):
                 continue
@@ -311,6 +313,12 @@ def _derive_anchors(pattern: re.Pattern[str]) -> list[str] | None:
     with a rare character (upper case, quotes, punctuation) is preferred over a longer one."""
     cands = _anchor_candidates(pattern)
     return min(cands, key=lambda c: c[0])[4] if cands else None
+
+
+def _trimmed(anchor: str) -> str:
+    """``anchor`` without spaces at its ends, unless that leaves it shorter than MIN_ANCHOR."""
+    core = anchor.strip(" ")
+    return core if len(core) >= MIN_ANCHOR else anchor
 
 
 def _check_str(path: Path | str, where: str, entry: Mapping[str, Any], key: str) -> str:
@@ -401,7 +409,8 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
         # anchor -> (may the match begin on an earlier line, may it end on a later one)
         edges: dict[bytes, tuple[bool, bool]] = {}
         if explicit:
-            anchors = tuple(dict.fromkeys(a.encode("utf-8") for a in explicit))
+            # a line break at a space at either end would cut it off (uv and pip wrap at spaces)
+            anchors = tuple(dict.fromkeys(_trimmed(a).encode("utf-8") for a in explicit))
         else:
             derived: list[bytes] = []
             for n, pat in enumerate(compiled, 1):
