@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from tiny_index import index  # noqa: E402,F401  (the tiny local package index fixture, for every test module)
+
 from vllm_harness.cli import main as harness_main  # noqa: E402
 
 

@@ -6,102 +6,18 @@ index; the build from the bundle then runs with every index URL pointed at a clo
 variable pointed at it too, and UV_OFFLINE=1.  The network-closed fixture build is marked slow."""
 from __future__ import annotations
 
-import base64
 import hashlib
-import http.server
 import json
 import os
 import subprocess
-import threading
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, fixture_variant, needs_pypi
+from tiny_index import PACKAGES, _Index, _tiny, _wheel
 
 CLOSED = "http://127.0.0.1:9/simple"   # the discard port: nothing listens, every connection is refused
-
-
-def _wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
-    """A real, installable pure-Python wheel (METADATA, WHEEL, RECORD)."""
-    dist = f"{name.replace('-', '_')}-{version}"
-    path = folder / f"{dist}-py3-none-any.whl"
-    files = {f"{name.replace('-', '_')}/__init__.py": f"__version__ = '{version}'\n",
-             f"{dist}.dist-info/METADATA": "Metadata-Version: 2.1\nName: " + name + "\nVersion: " + version + "\n"
-             + "".join(f"Requires-Dist: {r}\n" for r in requires),
-             f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    record = []
-    for n, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{n},sha256={digest},{len(text.encode())}")
-    record.append(f"{dist}.dist-info/RECORD,,")
-    with zipfile.ZipFile(path, "w") as z:
-        for n, text in files.items():
-            z.writestr(n, text)
-        z.writestr(f"{dist}.dist-info/RECORD", "\n".join(record) + "\n")
-    return path
-
-
-PACKAGES = [("torch", "2.6.0", ("tinysub>=1",)), ("tinysub", "1.0", ()), ("tinysub", "1.2", ()),
-            ("tinydep", "0.3", ("tinysub<1.2",)), ("vllm", "0.0.1", ("tinydep",)), ("xtra", "1.0", ())]
-
-
-class _Index(http.server.SimpleHTTPRequestHandler):
-    hits: list[str] = []
-
-    def log_message(self, *a):  # quiet
-        pass
-
-    def do_GET(self):  # noqa: N802 - http.server's name
-        _Index.hits.append(self.path)
-        super().do_GET()
-
-
-@pytest.fixture
-def index(tmp_path):
-    """A PEP 503 index of the tiny wheels on 127.0.0.1 (files/ and simple/<project>/index.html)."""
-    root = tmp_path / "index"
-    (root / "files").mkdir(parents=True)
-    by: dict[str, list[Path]] = {}
-    for name, ver, req in PACKAGES:
-        by.setdefault(name, []).append(_wheel(root / "files", name, ver, req))
-    for name, wheels in by.items():
-        page = root / "simple" / name
-        page.mkdir(parents=True)
-        links = "".join(f'<a href="../../files/{w.name}#sha256={hashlib.sha256(w.read_bytes()).hexdigest()}">'
-                        f"{w.name}</a>\n" for w in wheels)
-        (page / "index.html").write_text(f"<html><body>\n{links}</body></html>\n")
-    handler = lambda *a, **k: _Index(*a, directory=str(root), **k)  # noqa: E731
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    _Index.hits = []
-    yield f"http://127.0.0.1:{srv.server_address[1]}/simple"
-    srv.shutdown()
-
-
-def _tiny(tmp_path: Path, index: str, name: str = "tiny") -> Path:
-    p = tmp_path / f"{name}.toml"
-    p.write_text(f'''description = "tiny wheel-mode variant for the bundle tests"
-cuda = "12.4"
-python = ">=3.11,<3.12"
-installer = "uv"
-[torch]
-version = "2.6.0"
-packages = ["torch==2.6.0"]
-index_url = "{index}"
-[vllm]
-version = "0.0.1"
-mode = "wheel"
-index_url = "{index}"
-[deps]
-packages = ["tinydep"]
-index_url = "{index}"
-[post_install]
-packages = ["xtra==1.0"]
-index_url = "{index}"
-''')
-    return p
 
 
 def _manifest(b: Path) -> dict:

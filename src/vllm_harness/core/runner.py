@@ -59,10 +59,11 @@ def emit(parts: list, con=None, show: bool = True) -> str:
 class StepLog:
     path: Path
     started: float = field(default_factory=time.monotonic)
+    append: bool = False   # a later command of the same step: the log goes on (no new .prev.log)
 
     def open(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
+        if self.path.exists() and not self.append:
             os.replace(self.path, self.path.with_name(self.path.stem + ".prev.log"))
         return open(self.path, "ab", buffering=0)
 
@@ -183,13 +184,14 @@ def _hms(seconds: float) -> str:
 
 
 def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict[str, str],
-                 cwd: Path | None = None, quiet: bool = False, timeout: float | None = None) -> float:
+                 cwd: Path | None = None, quiet: bool = False, timeout: float | None = None,
+                 append: bool = False) -> float:
     """Run ``commands`` one after another; all output to ``log_path``.  Returns seconds taken.
 
     Raises ``StepFailed`` (with the log path) when one exits non-zero.  On Ctrl-C / SIGTERM the child's
     whole process group (pip, cmake, ninja, nvcc) is ended before the exception goes on.
     """
-    log = StepLog(log_path)
+    log = StepLog(log_path, append=append)
     prog = Progress(step, quiet=quiet, ticker=True)
     t0 = time.monotonic()
     try:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,22 @@ def _probe(path: str, origin: str, timeout: float = 15.0) -> Interpreter | str:
                        has_headers=Path(info["include"], "Python.h").is_file())
 
 
+_PROBED: dict[tuple, Interpreter | str] = {}
+
+
+def _probe_once(path: str, origin: str) -> Interpreter | str:
+    """_probe, remembered for this process while the file (and what it links to) is unchanged: doctor and the
+    build's own interpreter choice ask about the same candidates within one command."""
+    try:
+        st, real = os.stat(path), os.stat(os.path.realpath(path))
+        key = (path, origin, st.st_mtime_ns, st.st_size, real.st_mtime_ns, real.st_ino)
+    except OSError:
+        return _probe(path, origin)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(path, origin)
+    return _PROBED[key]
+
+
 def _candidates(env: dict[str, str]) -> list[tuple[str, str]]:
     seen: list[tuple[str, str]] = []
     names = [f"python3.{m}" for m in MINORS] + ["python3"]
@@ -83,14 +100,15 @@ def _candidates(env: dict[str, str]) -> list[tuple[str, str]]:
                 seen.append((str(d / "bin" / "python3"), "conda"))
     uv = shutil.which("uv", path=env.get("PATH"))
     if uv:
+        # uv-managed interpreters live in `uv python dir` (`uv python list` would also probe all of PATH: 1 s+)
         try:
-            out = subprocess.run([uv, "python", "list", "--only-installed", "--output-format", "json"],
-                                 capture_output=True, text=True, timeout=20)
-            for item in json.loads(out.stdout or "[]"):
-                if item.get("path"):
-                    seen.append((item["path"], "uv"))
-        except (OSError, subprocess.TimeoutExpired, ValueError):
-            pass
+            out = subprocess.run([uv, "python", "dir"], capture_output=True, text=True, timeout=20, env=env)
+            managed = Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+        except (OSError, subprocess.TimeoutExpired):
+            managed = None
+        for d in sorted(managed.glob("cpython-*")) if managed and managed.is_dir() else []:
+            if (d / "bin" / "python3").is_file():
+                seen.append((str(d / "bin" / "python3"), "uv"))
     for d in ("/usr/bin", "/usr/local/bin"):
         for m in MINORS:
             p = Path(d) / f"python3.{m}"
@@ -111,8 +129,11 @@ def discover(env: dict[str, str] | None = None) -> tuple[list[Interpreter], list
     good: list[Interpreter] = []
     bad: list[str] = []
     real_seen = set()
-    for path, origin in _candidates(env):
-        r = _probe(path, origin)
+    cands = _candidates(env)
+    # each candidate is a process start (a pyenv shim is a shell script): all at once, the order kept
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(cands)))) as pool:
+        results = list(pool.map(lambda c: _probe_once(*c), cands))
+    for r in results:
         if isinstance(r, str):
             bad.append(r)
             continue
