@@ -232,8 +232,7 @@ def prepare(src: Path, python: Path, log: Path, env: dict[str, str], version: st
             err = StepFailed(f"prepare: patch {failed[0]['name']} claims vLLM {ver} ({failed[0]['versions']}) "
                              f"but does not apply: {failed[0].get('reason', '')}",
                              f"Refresh patches/{failed[0]['name']}.patch for this release, or narrow its "
-                             f"versions; the failing hunk is in {log}.", log=str(log))
-            err.result = result  # (a declared field of StepFailed)
+                             f"versions; the failing hunk is in {log}.", log=str(log), result=result)
             raise err
         # 2. the tree's own script
         script = find_script(src)
@@ -262,8 +261,7 @@ def prepare(src: Path, python: Path, log: Path, env: dict[str, str], version: st
     if left:
         f, n, line = left[0]
         err = StepFailed(f"prepare: a torch pin is still in {f}:{n} ({line}).",
-                         "Remove it by hand or add a patch under patches/.", log=str(log))
-        err.result = result  # (a declared field of StepFailed)
+                         "Remove it by hand or add a patch under patches/.", log=str(log), result=result)
         raise err
     after = _snapshot(files)
     for f in files:

@@ -205,8 +205,7 @@ def fail(res: dict) -> StepFailed:
                f"[torch] to it), or build the vLLM release that pins torch {str(res['torch']).split('+')[0]}; "
                f"then rebuild from a clean tree.")
     err = StepFailed(f"probe: {Path(res['source']).name} does not compile against torch {res['torch']} "
-                     f"({res['seconds']}s): {what}", fix)
-    err.result = res  # (a declared field of StepFailed)
+                     f"({res['seconds']}s): {what}", fix, result=res)
     return err
 
 

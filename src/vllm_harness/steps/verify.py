@@ -46,8 +46,7 @@ def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = Fa
         fix = ("Read the table above; `invoke diagnose` reads the log." if failed else
                f"Run `nox -s verify -- --variant {ctx.name}` on a machine with the GPU, or pass --allow-no-gpu.")
         err = StepFailed(f"verify: {text}" + (f": {failed[0]['name']}: {failed[0]['reason']}" if failed else ""),
-                         fix, log=str(log) if failed else None)
-        err.result = result  # (a declared field of StepFailed)
+                         fix, log=str(log) if failed else None, result=result)
         raise err
     return {"note": text, "result": result, "proof": proof["summary"], "proof_key": proof["key"]}
 
