@@ -17,7 +17,8 @@ No-op, after the last pair, nothing changed: ``nox -s build-<variant>`` again (-
 Prints a table (each harness step's share of the cold run from the variant's status file; "rest" is the nox
 venv, the harness install, doctor and the process starts) and, with --json, one JSON object whose top level
 has ``cold_ratio`` (median harness / median bare) and ``noop_s`` (median no-op ``nox -s build-<variant>``).
-Targets: cold_ratio <= 1.2, noop_s <= 3, invoke build no-op <= 1 s.
+Targets: cold_ratio <= 1.2, noop_s <= 3, invoke build no-op <= 1 s.  Also in the JSON: ``install_ratio`` (the
+harness's install steps alone against bare uv) and ``verify_s`` (verify's share: vLLM's import and the checks).
 """
 
 from __future__ import annotations
@@ -121,6 +122,13 @@ def main() -> int:
         out["cold_harness_s"] = statistics.median(h) if h else None
         out["cold_bare_s"] = statistics.median(b) if b else None
         out["cold_ratio"] = round(out["cold_harness_s"] / out["cold_bare_s"], 2) if h and b else None
+        # where the rest of the ratio goes: the installs alone (env, torch, deps, build, post-install) against
+        # bare uv, and verify (the import of vLLM and its checks: work bare uv does not do)
+        inst = [sum(s for k, s in p["harness"]["steps"].items() if k != "verify") for p in out["pairs"]]
+        out["install_steps_s"] = statistics.median(inst) if inst else None
+        out["install_ratio"] = round(out["install_steps_s"] / out["cold_bare_s"], 2) if inst and b else None
+        ver = [p["harness"]["steps"].get("verify", 0.0) for p in out["pairs"]]
+        out["verify_s"] = statistics.median(ver) if ver else None
 
         noop: dict[str, list[float]] = {"nox": [], "invoke_build": [], "bare_uv": []}
         if keep_h is not None:
@@ -163,6 +171,8 @@ def _table(out: dict) -> None:
     if out.get("cold_ratio") is not None:
         print(f"{'cold (median)':<24}{out['cold_harness_s']:>10.1f}{out['cold_bare_s']:>10.1f}"
               f"{out['cold_ratio']:>8.2f}   target <= 1.2")
+        print(f"{'  its install steps':<24}{out['install_steps_s']:>10.1f}{out['cold_bare_s']:>10.1f}"
+              f"{out['install_ratio']:>8.2f}   (env, torch, deps, build, post-install; verify {out['verify_s']:.1f}s)")
     n = out.get("noop") or {}
     for k, label in (("nox", f"no-op nox -s build-{out['variant']}"), ("invoke_build", "no-op invoke build"),
                      ("bare_uv", "no-op bare uv pip install")):
