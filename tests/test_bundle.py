@@ -169,6 +169,13 @@ def test_bundle_for_another_machine_profile(harness, tmp_path, index):
     rc, out, err = harness("bundle", "--variant", v, "--out", tmp_path / "b", "--machine", prof, "--json")
     assert rc == 0, err
     assert json.loads(out)["target"] == {"python": "3.11", "arch": "x86_64", "glibc": "2.28", "where": str(prof)}
+    # a profile saved by doctor names its glibc: the bundle resolves for that manylinux
+    prof.write_text('[machine]\narch = "x86_64"\nglibc = "2.17"\npython = ["3.11.9"]\n')
+    rc, out, err = harness("bundle", "--variant", v, "--out", tmp_path / "b2", "--machine", prof, "--json")
+    assert rc == 0, err
+    assert json.loads(out)["target"]["glibc"] == "2.17"
+    from vllm_harness.steps.bundle_files import Target
+    assert Target(**json.loads(out)["target"]).uv_platform == "x86_64-manylinux_2_17"   # what uv resolves for
 
 
 def test_archive(harness, tmp_path, index):

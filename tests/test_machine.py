@@ -45,6 +45,10 @@ def test_probe_this_machine(tmp_path):
     assert m["ram_available_gib"] <= m["ram_gib"] + 0.1
     assert isinstance(m["python"], list) and isinstance(m["in_container"], bool)
     assert isinstance(m["cuda_toolkits"], dict)
+    import platform
+    libc, ver = platform.libc_ver()
+    if libc == "glibc":  # the C library's version, major.minor: which manylinux wheels run here
+        assert m["glibc"] == ".".join(ver.split(".")[:2])
     validate_profile(p)  # the probe's own output is a valid profile
     if not _has_nvidia_gpu():
         assert p["gpu"] == [] and "driver" not in m and "driver_cuda" not in m
@@ -192,6 +196,7 @@ def test_ints_for_float_keys_are_accepted_and_normalised(tmp_path):
     ("[machine]\npython = [\"three\"]\n", "machine.python"),
     ("[machine]\ngcc = \"eleven\"\n", "machine.gcc"),
     ("[machine]\ndriver_cuda = \"12\"\n", "machine.driver_cuda"),
+    ("[machine]\nglibc = \"glibc 2.36\"\n", "machine.glibc"),
     ("[machine]\nfavourite_colour = \"blue\"\n", "machine.favourite_colour"),
     ("[machine]\nnot_found = [\"nvcc\"]\n", "machine.not_found"),
     ("[machine.cuda_toolkits]\n\"cuda11\" = \"/usr/local/cuda\"\n", "machine.cuda_toolkits.cuda11"),

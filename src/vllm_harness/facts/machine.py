@@ -212,6 +212,17 @@ def _os_name() -> str | None:
     return f"{name}-{ver}" if name and ver else (name or None)
 
 
+def _glibc() -> str | None:
+    """The C library's version when it is glibc ("2.36"): which manylinux wheels run here (a bundle made for
+    this machine's profile picks its wheels by it)."""
+    try:
+        text = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):
+        text = ""
+    m = re.fullmatch(r"glibc (\d+)\.(\d+)(?:\.\d+)?", text.strip())
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
 def _in_container(env: dict[str, str]) -> bool:
     if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists() or env.get("container"):
         return True
@@ -245,6 +256,8 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
             machine["os"] = o
         if (a := platform.machine()):
             machine["arch"] = a
+        if (g := _glibc()):
+            machine["glibc"] = g
         if (c := _cores()):
             machine["cpu_cores"] = c
         if "MemTotal" in mem:

@@ -44,7 +44,7 @@ def _mm_str(what: str) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         s = _s(v).strip()
         if not re.fullmatch(r"\d{1,2}\.\d{1,2}", s):
-            raise _Bad(f"{s!r} is not a {what}", f"write major.minor in quotes, e.g. \"{'8.9' if 'capab' in what else '12.4'}\"")
+            raise _Bad(f"{s!r} is not a {what}", f"write major.minor in quotes, e.g. \"{'8.9' if 'capab' in what else '2.36' if 'glibc' in what else '12.4'}\"")
         return s
     return check
 
@@ -254,6 +254,7 @@ def save_profile(profile: dict, path: Path) -> Path:
 MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
     "os": _nonempty,
     "arch": _nonempty,
+    "glibc": _mm_str("glibc version"),
     "cpu_cores": _int_pos,
     "ram_gib": _num,
     "ram_available_gib": _num,
