@@ -270,7 +270,7 @@ class _Scanner:
 
     def _takes(self, rule: Rule, pattern: int) -> bool:
         """Does a match of ``rule``'s pattern ``pattern`` make (or better) its finding?"""
-        return rule.id not in self.found or rule.strength(pattern) == "strong"
+        return rule.takes(self.found.get(rule.id), pattern)
 
     def _new_cache(self) -> list[int]:
         return [2, 0] if self.hs_db is not None else [-2] * len(self.searches)

@@ -162,6 +162,11 @@ class Rule:
     def strength(self, pattern: int) -> str:
         return "weak" if 0 <= self.strong <= pattern else "strong"
 
+    def takes(self, found: tuple[int, str, int] | None, pattern: int) -> bool:
+        """Does a match of pattern ``pattern`` make this rule's finding, given the one ``found`` so far
+        (None: nothing yet)?  Strong evidence takes the place of weak evidence, never the reverse."""
+        return found is None or (self.strength(found[2]) == "weak" and self.strength(pattern) == "strong")
+
     def needs_company(self, pattern: int) -> bool:
         """Does a finding by pattern ``pattern`` stand only next to another finding?"""
         return not self.weak_alone and 0 <= self.strong <= pattern

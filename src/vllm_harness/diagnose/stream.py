@@ -261,9 +261,7 @@ def _diagnose_parallel(
     for index, (part_found, part_error, missing, lines) in enumerate(results):
         for rid, (line_no, evidence, pattern) in part_found.items():
             # the first part's finding, unless it is weak and a later part has strong evidence
-            if rid not in found or (
-                by_id[rid].strength(found[rid][2]) == "weak" and by_id[rid].strength(pattern) == "strong"
-            ):
+            if by_id[rid].takes(found.get(rid), pattern):
                 found[rid] = (line_no + offset, evidence, pattern)
         if not first_error and part_error:
             first_error = [(n + offset, text) for n, text in part_error]
