@@ -58,7 +58,7 @@ def test_a_wheel_that_does_not_resolve_with_the_variant_torch_is_still_refused_w
                                                                                               index):
     """vLLM 0.0.2 pins another torch: the three do not resolve together, so the torch step installs torch alone
     (uv's reason in its log) and the build step's wheel check refuses the wheel before it is installed."""
-    root = next(p for p in tmp_path.rglob("simple") if p.is_dir())
+    root = tmp_path / "index" / "simple"   # the index fixture's pages (same tmp_path)
     w = _wheel(root.parent / "files", "vllm", "0.0.2", ("torch==9.0",))
     page = root / "vllm" / "index.html"
     page.write_text(page.read_text().replace("</body>", anchor(w) + "</body>"))

@@ -61,10 +61,9 @@ def one_resolution(ctx: Ctx) -> bool:
 
 
 def resolve_with_vllm(ctx: Ctx, log: Path, env: dict[str, str]) -> list[str] | None:
-    """``uv pip compile`` of torch, [deps] and the vLLM requirement for this env's interpreter: the exact pins
-    of everything but vLLM, or None (not applicable, or no resolution: the log keeps uv's reason)."""
-    if not one_resolution(ctx):
-        return None
+    """``uv pip compile`` of torch, [deps] and the vLLM requirement for this env's interpreter (when
+    ``one_resolution``): the exact pins of everything but vLLM, or None (no resolution: the log keeps uv's
+    reason)."""
     v = ctx.variant
     folder = ctx.log("torch").parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,9 +72,8 @@ def resolve_with_vllm(ctx: Ctx, log: Path, env: dict[str, str]) -> list[str] | N
     wanted.write_text("".join(r + "\n" for r in (*v.torch["packages"], *v.deps["packages"], v.vllm_requirement)))
     out.unlink(missing_ok=True)
     argv = [_uv_bin(), "pip", "compile", "--python", str(ctx.py), "--no-header", "--no-annotate", "--quiet",
+            *(["--index-url", v.torch["index_url"]] if v.torch["index_url"] else []),
             "--output-file", str(out), str(wanted)]
-    if v.torch["index_url"]:
-        argv[3:3] = ["--index-url", v.torch["index_url"]]
     try:
         run_commands("torch", [argv], log, env, quiet=ctx.quiet)
     except StepFailed:

@@ -108,13 +108,10 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
 
     # with no compute capability to compare, the binary layer predicts nothing the script needs (no
     # no-kernel-image, no PTX-only library): it reads the ELF files here while the script imports there
-    pending = None
-    if ccs_here:
-        bchecks, binfo = binaries_layer()
-    else:
-        pending = ThreadPoolExecutor(max_workers=1)
-        later = pending.submit(binaries_layer)
-        bchecks, binfo = [], {}
+    beside = not ccs_here
+    pool = ThreadPoolExecutor(max_workers=1)
+    later = pool.submit(binaries_layer)
+    bchecks, binfo = ([], {}) if beside else later.result()
     predicted = [c.get("subject", c["name"]) for c in bchecks if c.get("id") == "no-kernel-image"]
     ptx_only = [c.get("subject", c["name"]) for c in bchecks if c["metrics"].get("warning") == "ptx-only"]
     # extension modules: the variant's, and every one found in the vllm package (loaded directly if need be)
@@ -150,11 +147,9 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     except OSError as e:
         raise StepFailed(f"verify: cannot run {python} ({e.strerror}).", "Build the env first.") from None
     finally:
-        if pending is not None:
-            pending.shutdown(wait=True)
+        pool.shutdown(wait=True)
     wall = time.perf_counter() - t0
-    if pending is not None:
-        bchecks, binfo = later.result()
+    bchecks, binfo = later.result()
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(f"$ {' '.join(argv)}\n{r.stdout}\n{r.stderr}\n# exit status {r.returncode}\n"
@@ -175,7 +170,7 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     secs = result.get("layer_seconds", {})
     secs["binaries"] = binfo.pop("seconds")
     # the binary layer read beside the script (no GPU to compare with) adds nothing to the total
-    secs["total"] = round(wall + (0.0 if pending is not None else secs["binaries"]) + secs.get("multi-gpu", 0), 3)
+    secs["total"] = round(wall + (0.0 if beside else secs["binaries"]) + secs.get("multi-gpu", 0), 3)
     result["layer_seconds"] = {k: secs[k] for k in [*LAYERS, "total"] if k in secs}
     result["binaries"] = binfo
     result["driver"] = driver
