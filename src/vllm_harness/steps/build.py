@@ -3,12 +3,14 @@ source build with ``--no-build-isolation`` (jobs from memory, archs from the GPU
 wheelhouse reused), every variable in the child's environment only."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -121,12 +123,15 @@ def start_wheel_download(ctx: Ctx) -> None:
         if out.get("rc") == 0:
             # the wheel's own checks (torch pin, CUDA major, device code) while torch still installs; the
             # build step adds nothing but reads this result (NEEDED resolution: verify's binary layer)
+            # uv unpacks the wheel into its cache first (the build step's install then only links), and the
+            # check reads the libraries there: one decompression of the wheel, not two
             try:
                 wheel = _newest_wheel(ctx, dest, out["before"])
                 if wheel is not None:
-                    out["precheck"] = (wheel, verify_mod.verify_wheel(wheel, ctx.variant, env, None))
-                    if not verify_mod.wheel_verdict(out["precheck"][1], allow_no_gpu=True)[0].startswith("REFUSED"):
-                        out["text"] += _unpack_into_uv_cache(ctx, wheel, env)
+                    with _unpacked_by_uv(ctx, wheel, env) as (site, text):
+                        out["text"] += text
+                        out["precheck"] = (wheel, verify_mod.verify_wheel(wheel, ctx.variant, env, None,
+                                                                          unpacked=site))
             except Exception as e:  # noqa: BLE001 - the build step checks again in the foreground
                 out["text"] += f"# wheel check beside the torch step failed ({e}): checked again\n"
 
@@ -135,23 +140,29 @@ def start_wheel_download(ctx: Ctx) -> None:
     _DOWNLOADS[ctx.name] = (t, out)
 
 
-def _unpack_into_uv_cache(ctx: Ctx, wheel: Path, env: dict[str, str]) -> str:
+@contextlib.contextmanager
+def _unpacked_by_uv(ctx: Ctx, wheel: Path, env: dict[str, str]) -> Iterator[tuple[Path | None, str]]:
     """uv unpacks a wheel into its cache before it links the files into a venv (1 GB for vLLM's: seconds).
     Done here, into a scratch venv of the harness cache while torch still installs, the build step's install
-    of the same file only links.  Returns what to log; a failure costs nothing but the time it saves."""
+    of the same file only links.  Yields the scratch venv's site-packages (None when uv could not) and what
+    to log; the scratch venv is removed afterwards.  A failure costs nothing but the time it saves."""
     uv = _uv_bin()
     if ctx.variant.installer != "uv" or not uv:
-        return ""
+        yield None, ""
+        return
     scratch = Path(tempfile.mkdtemp(prefix=".unpack-", dir=ctx.layout.cache))
     try:
         argv = [uv, "pip", "install", "--python", str(scratch / "bin" / "python"), "--no-deps", "--offline",
                 "--quiet", str(wheel)]
-        r1 = procs.run([uv, "venv", "--quiet", "--python", str(ctx.py), str(scratch)], capture_output=True,
-                       text=True, env=env, timeout=600)
-        r2 = procs.run(argv, capture_output=True, text=True, env=env, timeout=1800) if r1.returncode == 0 else r1
-        return f"$ {' '.join(argv)}\n{r2.stderr}# exit status {r2.returncode} (unpacked into uv's cache)\n"
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"# unpacking {wheel.name} into uv's cache failed ({e}): the install unpacks it\n"
+        try:
+            r1 = procs.run([uv, "venv", "--quiet", "--python", str(ctx.py), str(scratch)], capture_output=True,
+                           text=True, env=env, timeout=600)
+            r2 = procs.run(argv, capture_output=True, text=True, env=env, timeout=1800) if r1.returncode == 0 else r1
+            text = f"$ {' '.join(argv)}\n{r2.stderr}# exit status {r2.returncode} (unpacked into uv's cache)\n"
+            sites = sorted(scratch.glob("lib/python*/site-packages")) if r2.returncode == 0 else []
+        except (OSError, subprocess.SubprocessError) as e:
+            text, sites = f"# unpacking {wheel.name} into uv's cache failed ({e}): the install unpacks it\n", []
+        yield (sites[0] if sites else None), text
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -366,9 +366,10 @@ def render(result: dict, verdict_text: str) -> None:
 # -------------------------------------------------------------------------------------------- wheels
 
 def verify_wheel(wheel: Path, variant, env: dict[str, str], python: Path | None, ccs: list[str] | None = None,
-                 reader: str = "auto") -> dict:
+                 reader: str = "auto", unpacked: Path | None = None) -> dict:
     """The binary layer on a wheel file, before install: refused (a failed check) when its CUDA major or its
-    torch pin does not fit the variant, or when its device code does not cover this machine's GPUs."""
+    torch pin does not fit the variant, or when its device code does not cover this machine's GPUs.
+    unpacked: where this wheel's files already lie (read there, not extracted again)."""
     t0 = time.perf_counter()
     gpus, driver, _dc = probe_gpus(env)
     gpu_ccs = ccs or [g["compute_capability"] for g in gpus if g.get("compute_capability")]
@@ -379,7 +380,8 @@ def verify_wheel(wheel: Path, variant, env: dict[str, str], python: Path | None,
         lp = binaries.LoaderPath.for_env(env, probe.get("site_packages", []), probe["packages"].get("torch"),
                                          driver_present=bool(gpus) or driver is not None)
     checks = binaries.check_wheel(wheel, variant.cuda, str(variant.torch["version"]), gpu_ccs, lp, env, reader,
-                                  no_gpu_reason="no GPU visible (pass --cc to compare with a GPU elsewhere)")
+                                  no_gpu_reason="no GPU visible (pass --cc to compare with a GPU elsewhere)",
+                                  unpacked=unpacked)
     if lp is None:
         checks.append({"name": f"wheel {wheel.name}: NEEDED libraries", "status": "skip", "layer": "binaries",
                        "reason": f"variant {variant.name} has no env yet: NEEDED resolution is checked by "
