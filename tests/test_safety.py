@@ -213,7 +213,8 @@ def test_no_compiler_outlives_the_probe_whatever_ends_the_harness(tmp_path, sig)
     (src_tree / "csrc").mkdir(parents=True)
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(src=str(ROOT / "src"), pids=str(pids), src_tree=str(src_tree)))
-    env = dict(os.environ, VLLM_HARNESS_STATE=str(tmp_path / "state"), VLLM_HARNESS_ROOT=str(ROOT))
+    env = dict(os.environ, VLLM_HARNESS_STATE=str(tmp_path / "state"), VLLM_HARNESS_ROOT=str(ROOT),
+               PYTHONFAULTHANDLER="1")  # a harness that does not end says where it is (SIGABRT below)
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.monotonic()
@@ -222,7 +223,15 @@ def test_no_compiler_outlives_the_probe_whatever_ends_the_harness(tmp_path, sig)
     children = [int(x) for x in pids.read_text().split()]
     assert len(children) == 4 and all(_alive(p) for p in children)
     os.kill(proc.pid, sig)
-    proc.wait(timeout=60)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGABRT)  # faulthandler prints every thread's stack, then it dies
+        out = proc.communicate(timeout=30)[0].decode(errors="replace")
+        for p in children:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+        pytest.fail(f"the harness did not end within 60 s of {sig.name}; what it printed:\n{out[-6000:]}")
     deadline = time.monotonic() + 20
     while any(_alive(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.1)
