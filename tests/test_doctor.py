@@ -309,6 +309,33 @@ def test_disk_full_wheel_vs_source():
     assert ("disk-full", "error") not in ids(doctor.check(variant("cu124"), p))
 
 
+def test_uv_cache_on_a_small_disk_of_its_own_is_caught_before_the_install():
+    """~/.cache/uv on a small root disk, the build on a large one: uv unpacks every wheel into its cache
+    first, so that disk fills mid-install; on the build's own disk the build's disk check covers it."""
+    p = profile("no-gpu")
+    p["machine"].update(disk_free_gib=500.0, uv_cache_free_gib=4.0, uv_cache_same_disk=False)
+    f = by_id(doctor.check(variant("cu124"), p), "disk-full")
+    assert f.severity == "error" and f.subject == "uv cache disk" and "4.0 GiB free" in f.evidence
+    assert "UV_CACHE_DIR" in f.fix
+    p["machine"]["uv_cache_same_disk"] = True                  # one disk, 500 GiB free: nothing to say
+    assert ("disk-full", "error") not in ids(doctor.check(variant("cu124"), p))
+    p["machine"].update(uv_cache_same_disk=False, uv_cache_free_gib=40.0)
+    assert ("disk-full", "error") not in ids(doctor.check(variant("cu124"), p))
+    pip = edited("cu124", ('python = ">=3.12,<3.13"', 'python = ">=3.12,<3.13"\ninstaller = "pip"'))
+    p["machine"]["uv_cache_free_gib"] = 4.0                    # pip does not use uv's cache
+    assert ("disk-full", "error") not in ids(doctor.check(pip, p))
+
+
+def test_the_probe_says_whether_uvs_cache_shares_the_builds_disk(tmp_path):
+    shm = Path("/dev/shm")
+    out = machine._uv_cache(tmp_path, dict(os.environ, UV_CACHE_DIR=str(tmp_path / "uv-cache")))
+    assert out is not None and out[1] is True and out[0] > 0
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own")
+    out = machine._uv_cache(tmp_path, dict(os.environ, UV_CACHE_DIR=str(shm / "vllm-harness-test-uv-cache")))
+    assert out is not None and out[1] is False
+
+
 def test_no_toolkit_and_runtime_only_toolkit():
     p = profile("rtx4090-driver550")
     p["machine"]["cuda_toolkits"] = {}

@@ -20,6 +20,7 @@ DISK_SOURCE_GIB = 30.0         # source build: venv + torch + build tree + .deps
 
 
 DISK_WHEEL_GIB = 15.0          # wheel install: venv + torch + vLLM + deps + caches
+UV_CACHE_GIB = 10.0            # uv's cache on a disk of its own: a CUDA torch stack unpacks about 8 GiB there
 
 
 def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
@@ -203,6 +204,16 @@ def _check_disk(ctx: _Ctx) -> None:
     if free < need:  # the registry skips this rule when the profile has no disk_free_gib
         ctx.add("disk-full", "error", "disk space", f"{free} GiB free where builds go; {what} needs about {need:g} GiB",
                 "free space (`invoke clean --all`, pip/uv caches), or point the build directory at a larger disk")
+    # uv unpacks every wheel into its cache first; on another disk than the env (~/.cache/uv on a small root
+    # disk, the build on /data) that disk fills mid-install, and uv copies the files instead of hardlinking
+    cache_free, same = ctx.m.get("uv_cache_free_gib"), ctx.m.get("uv_cache_same_disk")
+    if ctx.variant.installer == "uv" and same is False and cache_free is not None and cache_free < UV_CACHE_GIB:
+        ctx.add("disk-full", "error", "uv cache disk",
+                f"uv's cache (`uv cache dir`) is on another disk than the build, with {cache_free} GiB free; uv "
+                f"unpacks every wheel there first (about 8 GiB for a CUDA torch stack): the install would stop "
+                f"with 'No space left on device'",
+                "point UV_CACHE_DIR at a folder on the build's disk (uv then hardlinks instead of copying; "
+                "VLLM_HARNESS_STATE and UV_CACHE_DIR can share one disk), or free space there (`uv cache prune`)")
 
 
 def _safe_directories(env: dict[str, str]) -> list[str]:

@@ -192,13 +192,44 @@ def _cores() -> int | None:
     return n or None
 
 
-def _disk_free(build_dir: Path) -> float | None:
-    p = Path(build_dir).absolute()
+def _existing(path: Path) -> Path:
+    p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
+    return p
+
+
+def _disk_free(build_dir: Path) -> float | None:
     try:
-        return _gib(shutil.disk_usage(p).free)
+        return _gib(shutil.disk_usage(_existing(build_dir)).free)
     except OSError:
+        return None
+
+
+def uv_bin() -> str | None:
+    """The uv the harness installs with: the ``uv`` package's binary in this interpreter, else uv on PATH."""
+    try:
+        from uv import find_uv_bin
+        return find_uv_bin()
+    except Exception:  # noqa: BLE001 - no uv package (or a broken one): PATH's
+        return shutil.which("uv")
+
+
+def _uv_cache(build_dir: Path, env: dict[str, str]) -> tuple[float, bool] | None:
+    """(free GiB where uv's cache is, whether it is on the build folder's disk) as ``uv cache dir`` names it
+    (UV_CACHE_DIR, uv.toml's cache-dir, XDG_CACHE_HOME): a wheel install unpacks its wheels there (8 GiB for
+    a CUDA torch stack), and uv hardlinks them into the env only on the same disk (else it copies them)."""
+    uv = uv_bin()
+    if not uv:
+        return None
+    try:
+        r = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True, timeout=20, env=env,
+                           stdin=subprocess.DEVNULL)
+        if r.returncode != 0 or not r.stdout.strip():
+            return None
+        cache, build = _existing(Path(r.stdout.strip().splitlines()[-1])), _existing(build_dir)
+        return _gib(shutil.disk_usage(cache).free), cache.stat().st_dev == build.stat().st_dev
+    except (OSError, subprocess.SubprocessError):
         return None
 
 
@@ -245,6 +276,7 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
         f_cmake = pool.submit(_tool_version, "cmake", ["--version"], env)
         f_ninja = pool.submit(_tool_version, "ninja", ["--version"], env)
         f_git = pool.submit(_tool_version, "git", ["--version"], env)
+        f_uv = pool.submit(_uv_cache, build_dir, env)
         try:
             interpreters, _failed = f_py.result()
         except (OSError, ValueError, subprocess.SubprocessError):  # discovery must not take the probe down
@@ -286,6 +318,8 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
             if driver_cuda:
                 machine["driver_cuda"] = driver_cuda
         machine["in_container"] = _in_container(env)
+        if (uvc := f_uv.result()) is not None:
+            machine["uv_cache_free_gib"], machine["uv_cache_same_disk"] = uvc
         if not_found:
             machine["not_found"] = sorted(not_found)
         toolkits, no_nvcc, incomplete = f_tk.result()

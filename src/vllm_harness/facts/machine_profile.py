@@ -259,6 +259,8 @@ MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
     "ram_gib": _num,
     "ram_available_gib": _num,
     "disk_free_gib": _num,
+    "uv_cache_free_gib": _num,
+    "uv_cache_same_disk": _bool,
     "python": _list(_ver),
     "python_without_headers": _list(_ver),
     "gcc": _ver,

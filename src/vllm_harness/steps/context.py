@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from vllm_harness.core.masking import strip_credentials
 from vllm_harness.core.runner import console, mask
 from vllm_harness.core.status import Status
 from vllm_harness.facts import toolkit
+from vllm_harness.facts.machine import uv_bin
 from vllm_harness.facts.variants import Variant
 
 
@@ -111,12 +111,7 @@ class Ctx:
         return argv + (extra or []) + reqs
 
 
-def _uv_bin() -> str | None:
-    try:
-        from uv import find_uv_bin
-        return find_uv_bin()
-    except Exception:
-        return shutil.which("uv")
+_uv_bin = uv_bin  # the one lookup of the harness's uv (facts/machine.py)
 
 
 def installed_versions(py: Path, names: list[str], env: dict[str, str]) -> dict[str, str | None]:
