@@ -245,15 +245,20 @@ def _wheel(tmp_path: Path, torch_pin: str, so: Path | None, name: str = "vllm") 
     return w
 
 
+def _links(tmp_path: Path, soname: str, out: Path | None = None) -> Path:
+    """A shared library (tmp_path/_C.so, or ``out``) whose NEEDED names ``soname`` (a stub built in tmp_path/stub)."""
+    (tmp_path / "stub").mkdir(exist_ok=True)
+    (tmp_path / "s.c").write_text("int s(void) { return 0; }\n")
+    _gcc("-shared", "-fPIC", f"-Wl,-soname,{soname}", "-o", tmp_path / "stub" / soname, tmp_path / "s.c")
+    (tmp_path / "u.c").write_text("int s(void);\nint u(void) { return s(); }\n")
+    so = out or tmp_path / "_C.so"
+    _gcc("-shared", "-fPIC", "-o", so, tmp_path / "u.c", "-Wl,--no-as-needed", tmp_path / "stub" / soname)
+    return so
+
+
 @needs_gcc
 def test_wheel_with_wrong_cuda_major_and_torch_pin_is_refused(tmp_path, harness):
-    (tmp_path / "stub").mkdir()
-    (tmp_path / "s.c").write_text("int s(void) { return 0; }\n")
-    _gcc("-shared", "-fPIC", "-Wl,-soname,libcudart.so.12", "-o", tmp_path / "stub" / "libcudart.so.12",
-         tmp_path / "s.c")
-    (tmp_path / "u.c").write_text("int s(void);\nint u(void) { return s(); }\n")
-    so = tmp_path / "_C.so"
-    _gcc("-shared", "-fPIC", "-o", so, tmp_path / "u.c", "-Wl,--no-as-needed", tmp_path / "stub" / "libcudart.so.12")
+    so = _links(tmp_path, "libcudart.so.12")
     bad = _wheel(tmp_path, "torch==2.6.0", so)
     checks = b.check_wheel(bad, "13.0", "2.11.0", ["9.0"])
     by = {c["name"].split(": ", 1)[-1]: c for c in checks}
@@ -283,13 +288,7 @@ def test_wheel_with_wrong_cuda_major_and_torch_pin_is_refused(tmp_path, harness)
 def test_wheel_check_reads_an_unpacked_copy_only_when_it_holds_this_wheels_files(tmp_path, monkeypatch):
     """The background check reads the libraries where uv unpacked the wheel (no second extraction); a file
     there that is not the wheel's member (another size or CRC) is not trusted: that member is extracted."""
-    (tmp_path / "stub").mkdir()
-    (tmp_path / "s.c").write_text("int s(void) { return 0; }\n")
-    _gcc("-shared", "-fPIC", "-Wl,-soname,libcudart.so.12", "-o", tmp_path / "stub" / "libcudart.so.12",
-         tmp_path / "s.c")
-    (tmp_path / "u.c").write_text("int s(void);\nint u(void) { return s(); }\n")
-    so = tmp_path / "_C.so"
-    _gcc("-shared", "-fPIC", "-o", so, tmp_path / "u.c", "-Wl,--no-as-needed", tmp_path / "stub" / "libcudart.so.12")
+    so = _links(tmp_path, "libcudart.so.12")
     whl = _wheel(tmp_path, "torch==2.6.0", so)
     site = tmp_path / "site"
     with zipfile.ZipFile(whl) as z:
@@ -303,11 +302,7 @@ def test_wheel_check_reads_an_unpacked_copy_only_when_it_holds_this_wheels_files
     assert extracted == [] and runtime["status"] == "fail" and "libcudart.so.12" in runtime["reason"]
     assert runtime["subject"] == f"{whl.name}!vllm/_C.abi3.so"
     # the unpacked copy replaced by another library (CUDA 11 here): the wheel's own member is read instead
-    (tmp_path / "v.c").write_text("int v(void) { return 1; }\n")
-    _gcc("-shared", "-fPIC", "-Wl,-soname,libcudart.so.11.0", "-o", tmp_path / "stub" / "libcudart.so.11.0",
-         tmp_path / "v.c")
-    _gcc("-shared", "-fPIC", "-o", site / "vllm" / "_C.abi3.so", tmp_path / "u.c", "-Wl,--no-as-needed",
-         tmp_path / "stub" / "libcudart.so.11.0")
+    _links(tmp_path, "libcudart.so.11.0", out=site / "vllm" / "_C.abi3.so")
     checks = b.check_wheel(whl, "13.0", "2.6.0", [], unpacked=site)
     runtime = next(c for c in checks if c["name"].endswith("CUDA runtime"))
     assert extracted == ["vllm/_C.abi3.so"] and "libcudart.so.12" in runtime["reason"]
