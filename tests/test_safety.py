@@ -215,8 +215,11 @@ def test_no_compiler_outlives_the_probe_whatever_ends_the_harness(tmp_path, sig)
     script.write_text(DRIVER.format(src=str(ROOT / "src"), pids=str(pids), src_tree=str(src_tree)))
     env = dict(os.environ, VLLM_HARNESS_STATE=str(tmp_path / "state"), VLLM_HARNESS_ROOT=str(ROOT),
                PYTHONFAULTHANDLER="1")  # a harness that does not end says where it is (SIGABRT below)
+    # as from a terminal: a shell's background job (`pytest ... &`) inherits "ignore SIGINT", which the
+    # harness respects (as it respects nohup's SIGHUP); the test wants the terminal's Ctrl-C
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.monotonic()
     while (not pids.exists() or len(pids.read_text().split()) < 4) and time.monotonic() - t0 < 60:
         time.sleep(0.05)
