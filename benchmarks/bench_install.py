@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vllm_harness.core.layout import Layout  # noqa: E402
 from vllm_harness.facts import pythons  # noqa: E402
+from vllm_harness.facts.machine import uv_bin  # noqa: E402
 from vllm_harness.facts.variants import load_variant  # noqa: E402
-from vllm_harness.steps.context import _uv_bin  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -78,7 +78,7 @@ def bare_cold(pins: list[str], interp: str, base: Path, log: Path, imports: list
     the proof verify gives on a GPU-less machine done by hand: ``python -c "import <the variant's imports>"``."""
     base.mkdir(parents=True)
     env = _env(base)
-    uv = _uv_bin()
+    uv = uv_bin()
     t0 = time.monotonic()
     s1, rc1 = _timed([uv, "venv", "--python", interp, str(base / "venv")], env, log)
     s2, rc2 = _timed([uv, "pip", "install", "--python", str(base / "venv" / "bin" / "python"), *pins], env, log)
@@ -153,7 +153,7 @@ def main() -> int:
                 noop["nox"].append(round(secs, 2) if rc == 0 else float("nan"))
                 secs, rc = _timed([str(BIN / "invoke"), "-r", str(ROOT), "build", "--variant", v.name], env_h, log)
                 noop["invoke_build"].append(round(secs, 2) if rc == 0 else float("nan"))
-                secs, rc = _timed([_uv_bin(), "pip", "install", "--python", str(keep_b / "venv" / "bin" / "python"),
+                secs, rc = _timed([uv_bin(), "pip", "install", "--python", str(keep_b / "venv" / "bin" / "python"),
                                    *pins], env_b, log)
                 noop["bare_uv"].append(round(secs, 2) if rc == 0 else float("nan"))
         out["noop"] = noop

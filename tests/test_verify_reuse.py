@@ -106,8 +106,8 @@ def test_clean_uv_cache_is_opt_in_and_clears_uv_cache_dir(harness, state, tmp_pa
     flag it is left alone; --dry-run only reports."""
     cache = tmp_path / "uv-cache"
     monkeypatch.setenv("UV_CACHE_DIR", str(cache))
-    from vllm_harness.steps.context import _uv_bin
-    subprocess.run([_uv_bin(), "cache", "dir"], check=True, capture_output=True)   # uv answers for it
+    from vllm_harness.facts.machine import uv_bin
+    subprocess.run([uv_bin(), "cache", "dir"], check=True, capture_output=True)   # uv answers for it
     (cache / "wheels-v5").mkdir(parents=True)
     (cache / "wheels-v5" / "blob").write_bytes(b"x" * 4096)
     rc, out, err = harness("clean", "--all", "--json")

@@ -18,8 +18,8 @@ from vllm_harness.commands.common import layout_of, print_json, variant_of
 from vllm_harness.core import locks
 from vllm_harness.core.errors import EXIT_OK, UsageError
 from vllm_harness.core.layout import Layout
+from vllm_harness.facts.machine import uv_bin
 from vllm_harness.steps import wheelhouse as wheelhouse_mod
-from vllm_harness.steps.context import _uv_bin
 
 STALE = ("build", "dist", ".deps")
 
@@ -85,7 +85,7 @@ def plan(layout: Layout, variant: str | None, everything: bool, wheelhouse: bool
 def uv_cache(dry_run: bool) -> tuple[str, int]:
     """uv's own cache (outside the state folder: UV_CACHE_DIR, else ~/.cache/uv): its path and size, cleared
     with ``uv cache clean`` unless ``dry_run``.  Only with ``--uv-cache``."""
-    uv = _uv_bin()
+    uv = uv_bin()
     if not uv:
         return "uv cache (no uv found: nothing to clear)", 0
     r = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True, timeout=60, check=False)

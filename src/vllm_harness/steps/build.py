@@ -21,7 +21,7 @@ from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.runner import run_commands
 from vllm_harness.facts import compat, machine
 from vllm_harness.facts.compat import parse_arch_list
-from vllm_harness.facts.machine import probe_gpus
+from vllm_harness.facts.machine import probe_gpus, uv_bin
 from vllm_harness.facts.source_tree import git_env
 from vllm_harness.steps import deps_cache, probe, wheelhouse
 from vllm_harness.steps.build_archs import check_archs, default_archs
@@ -36,7 +36,7 @@ from vllm_harness.steps.build_memory import (
     per_thread_gib,
     save_record,
 )
-from vllm_harness.steps.context import Ctx, _torch_kept, _uv_bin, source_dir
+from vllm_harness.steps.context import Ctx, _torch_kept, source_dir
 from vllm_harness.verify import checks as verify_mod
 
 
@@ -121,10 +121,10 @@ def start_wheel_download(ctx: Ctx) -> None:
             out.update(rc=None, text=f"$ {' '.join(cmd)}\n# background download failed: {e}\n")
         out["seconds"] = round(time.monotonic() - t0, 1)
         if out.get("rc") == 0:
-            # the wheel's own checks (torch pin, CUDA major, device code) while torch still installs; the
-            # build step adds nothing but reads this result (NEEDED resolution: verify's binary layer)
-            # uv unpacks the wheel into its cache first (the build step's install then only links), and the
-            # check reads the libraries there: one decompression of the wheel, not two
+            # while torch still installs: uv unpacks the wheel into its cache (the build step's install then
+            # only links), and the wheel's own checks (torch pin, CUDA major, device code) read its libraries
+            # there, one decompression, not two; the build step only reads this result (NEEDED resolution is
+            # verify's binary layer)
             try:
                 wheel = _newest_wheel(ctx, dest, out["before"])
                 if wheel is not None:
@@ -146,7 +146,7 @@ def _unpacked_by_uv(ctx: Ctx, wheel: Path, env: dict[str, str]) -> Iterator[tupl
     Done here, into a scratch venv of the harness cache while torch still installs, the build step's install
     of the same file only links.  Yields the scratch venv's site-packages (None when uv could not) and what
     to log; the scratch venv is removed afterwards.  A failure costs nothing but the time it saves."""
-    uv = _uv_bin()
+    uv = uv_bin()
     if ctx.variant.installer != "uv" or not uv:
         yield None, ""
         return
@@ -325,7 +325,7 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
         t0 = time.monotonic()
         ctx.say(f"  wheelhouse: {found.name} was built with this key ({key}); installing it instead of "
                 f"compiling{' (a regular install, not editable)' if v.build['editable'] else ''}; --rebuild compiles")
-        run_commands("build", [wheelhouse.install_cmd(ctx.py, found, _uv_bin())], log, ctx.env(),
+        run_commands("build", [wheelhouse.install_cmd(ctx.py, found, uv_bin())], log, ctx.env(),
                      quiet=ctx.quiet)
         _torch_kept(ctx, log)
         secs = time.monotonic() - t0

@@ -30,6 +30,7 @@ from packaging.version import Version
 
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.masking import mask
+from vllm_harness.facts.machine import uv_bin
 from vllm_harness.facts.source_tree import parse_deps
 from vllm_harness.steps import deps_cache
 from vllm_harness.steps import prepare as prepare_mod
@@ -50,7 +51,7 @@ from vllm_harness.steps.bundle_files import (  # noqa: F401 - the bundle's API i
     target_for,
     variant_hash,
 )
-from vllm_harness.steps.context import _uv_bin, check_index, find_links, source_dir
+from vllm_harness.steps.context import check_index, find_links, source_dir
 
 PYPI = "https://pypi.org/simple"
 ENV_VAR = "VLLM_HARNESS_BUNDLE"
@@ -90,7 +91,7 @@ def install_plan(ctx) -> list[dict]:
 
 
 def _uv() -> str:
-    uv = _uv_bin()
+    uv = uv_bin()
     if not uv:
         raise UsageError("bundle needs uv to resolve for the target (`uv pip compile`).", "pip install uv")
     return uv

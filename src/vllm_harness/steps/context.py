@@ -94,9 +94,9 @@ class Ctx:
                     extra: list[str] | None = None, local: bool = False) -> list[str]:
         """The installer's argv.  ``local`` (a bundle, or find-links that hold the wheels): no index at all,
         only the find-links folders (uv: --offline too)."""
-        uv = self.variant.installer == "uv" and _uv_bin()
+        uv = self.variant.installer == "uv" and uv_bin()
         if uv:
-            argv = [_uv_bin(), "pip", "install", "--python", str(self.py)]
+            argv = [uv_bin(), "pip", "install", "--python", str(self.py)]
         else:
             argv = [str(self.py), "-m", "pip", "install", "--progress-bar", "off"]
         if local or self.bundle is not None:
@@ -109,9 +109,6 @@ class Ctx:
         if constraints and cfile.is_file():
             argv += ["--constraint", str(cfile)]
         return argv + (extra or []) + reqs
-
-
-_uv_bin = uv_bin  # the one lookup of the harness's uv (facts/machine.py)
 
 
 def installed_versions(py: Path, names: list[str], env: dict[str, str]) -> dict[str, str | None]:

@@ -11,7 +11,8 @@ from pathlib import Path
 from vllm_harness.core.errors import StepFailed
 from vllm_harness.core.runner import run_commands
 from vllm_harness.facts import pythons, toolkit
-from vllm_harness.steps.context import Ctx, _uv_bin
+from vllm_harness.facts.machine import uv_bin
+from vllm_harness.steps.context import Ctx
 
 
 def do_env(ctx: Ctx, interp: pythons.Interpreter, log: Path) -> dict:
@@ -19,7 +20,7 @@ def do_env(ctx: Ctx, interp: pythons.Interpreter, log: Path) -> dict:
     if ctx.venv.exists():
         shutil.rmtree(ctx.venv)
     ctx.venv.parent.mkdir(parents=True, exist_ok=True)
-    uv = _uv_bin()
+    uv = uv_bin()
     cmds = []
     if uv:
         # pip is the interpreter's own bundled wheel (ensurepip's), installed by uv: offline, as GPU servers

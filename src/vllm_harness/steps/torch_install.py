@@ -16,7 +16,8 @@ from packaging.utils import canonicalize_name
 
 from vllm_harness.core.errors import StepFailed
 from vllm_harness.core.runner import run_commands
-from vllm_harness.steps.context import Ctx, _uv_bin, index_or_local, installed_versions
+from vllm_harness.facts.machine import uv_bin
+from vllm_harness.steps.context import Ctx, index_or_local, installed_versions
 
 
 def do_torch(ctx: Ctx, log: Path) -> dict:
@@ -55,7 +56,7 @@ def one_resolution(ctx: Ctx) -> bool:
     bundle, and one index for the three (uv's first-index rule would otherwise take a package from whichever
     index lists it first: a PyTorch index also serves numpy)."""
     v = ctx.variant
-    return (v.vllm["mode"] == "wheel" and v.installer == "uv" and bool(_uv_bin()) and ctx.bundle is None
+    return (v.vllm["mode"] == "wheel" and v.installer == "uv" and bool(uv_bin()) and ctx.bundle is None
             and not v.torch["preinstalled"]
             and v.torch["index_url"] == v.deps["index_url"] == v.vllm["index_url"])
 
@@ -71,7 +72,7 @@ def resolve_with_vllm(ctx: Ctx, log: Path, env: dict[str, str]) -> list[str] | N
     out = folder / "torch-resolution.txt"
     wanted.write_text("".join(r + "\n" for r in (*v.torch["packages"], *v.deps["packages"], v.vllm_requirement)))
     out.unlink(missing_ok=True)
-    argv = [_uv_bin(), "pip", "compile", "--python", str(ctx.py), "--no-header", "--no-annotate", "--quiet",
+    argv = [uv_bin(), "pip", "compile", "--python", str(ctx.py), "--no-header", "--no-annotate", "--quiet",
             *(["--index-url", v.torch["index_url"]] if v.torch["index_url"] else []),
             "--output-file", str(out), str(wanted)]
     try:
