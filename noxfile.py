@@ -108,6 +108,25 @@ def tests_slow(session: nox.Session) -> None:
 
 
 @nox.session
+def variants(session: nox.Session) -> None:
+    """Every variant in envs/ built here as a user would (`build-variant`), one after another: wheel mode end to
+    end (without a GPU, verify's CPU-side layers); each env is removed once verified, uv's cache is shared.
+    A source-mode variant is not compiled here (an hour of nvcc): it is named as not built.  CI runs this, so a
+    variant whose release no longer fits cannot land.  `-- NAME ...` picks variants."""
+    names = session.posargs or [p.stem for p in sorted((ROOT / "envs").glob("*.toml")) if NAME_RE.match(p.stem)]
+    not_built = []
+    for name in names:
+        mode = nox.project.load_toml(ROOT / "envs" / f"{name}.toml").get("vllm", {}).get("mode", "source")
+        if mode != "wheel":
+            not_built.append(f"{name} (mode = {mode!r}: a source build is not run here)")
+            continue
+        _harness(session, "build-variant", "--variant", name)
+        session.run("python", "-m", "vllm_harness", "clean", "--variant", name)
+    for line in not_built:
+        session.log(f"NOT BUILT: {line}")
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff over the package, tests, noxfile and tasks."""
     session.install("ruff")

@@ -233,15 +233,15 @@ def test_missing_cuda_library_gets_its_id_and_driver_library_is_a_skip_without_d
 
 # ----------------------------------------------------------------------------------------- wheels
 
-def _wheel(tmp_path: Path, torch_pin: str, so: Path | None, name: str = "vllm") -> Path:
+def _wheel(tmp_path: Path, torch_pin: str, so: Path | None, name: str = "vllm", modules: tuple[str, ...] = ("_C",)) -> Path:
     w = tmp_path / f"{name}-9.9.9-cp38-abi3-linux_x86_64.whl"
     with zipfile.ZipFile(w, "w") as z:
         z.writestr(f"{name}-9.9.9.dist-info/METADATA",
                    f"Metadata-Version: 2.1\nName: {name}\nVersion: 9.9.9\nRequires-Dist: {torch_pin}\n"
                    f"Requires-Dist: zentorch; extra == \"zen\"\n\nA description. Requires-Dist: torch==0.0\n")
         z.writestr(f"{name}/__init__.py", "")
-        if so is not None:
-            z.write(so, f"{name}/_C.abi3.so")
+        for mod in modules if so is not None else ():
+            z.write(so, f"{name}/{mod}.abi3.so")
     return w
 
 
@@ -271,7 +271,7 @@ def test_wheel_with_wrong_cuda_major_and_torch_pin_is_refused(tmp_path, harness)
     assert rc == 1 and data["verdict"].startswith("REFUSED") and "torch" in data["verdict"]
     # the right pin and CUDA 12 against a CUDA 12.4 variant with torch 2.6.0: accepted
     (tmp_path / "g").mkdir()
-    good = _wheel(tmp_path / "g", "torch==2.6.0", so)
+    good = _wheel(tmp_path / "g", "torch==2.6.0", so, modules=("_C", "_moe_C"))  # what cu124 verifies
     rc, out, err = harness("verify", "--wheel", good, "--variant", "cu124", "--cc", "9.0", "--json")
     data = json.loads(out)
     assert rc == 0 and data["verdict"].startswith("ACCEPTED"), data["verdict"]

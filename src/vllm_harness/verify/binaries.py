@@ -36,9 +36,11 @@ from vllm_harness.verify.elf import (
     coverage,
     fatbin_entries,
     find_cuobjdump,
+    for_particular_gpus,
     is_elf,
     read_elf,
 )
+from vllm_harness.verify.roles import MAX_SOURCE_BYTES, PythonSide, Role
 
 # the NVIDIA driver's own libraries: present only where a driver is installed (not in any env)
 DRIVER_LIBS = re.compile(r"^lib(cuda|nvidia-ml|nvidia-ptxjitcompiler|nvcuvid|nvidia-encode)\.so(\.\d+)*$")
@@ -47,52 +49,6 @@ CUDA_MAJOR_LIBS = re.compile(r"^lib(cudart|cublas|cublasLt|nvrtc|nvJitLink|cuspa
 CUDA_LIB = re.compile(r"^lib(cudart|cublas|cublasLt|nvrtc|nvJitLink|cusparse|cufft|curand|cusolver|cudnn|nccl|"
                       r"nvToolsExt|cupti|cufile|cusparseLt|nvshmem)")
 DEFAULT_DIRS = ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"]
-
-
-
-
-# ------------------------------------------------------------------------------------------------ ELF
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------------------------- fatbin
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ------------------------------------------------------------------------------------- loader path
@@ -241,12 +197,60 @@ def torch_facts(torch_dir: str | None) -> dict:
     return facts
 
 
+def _sm(cc: str) -> str:
+    return f"sm_{cc.replace('.', '')}"
+
+
+def _arch_check(label: str, path: Path, entries: list, gpu_ccs: list[str], archs: str, m: dict,
+                role: Role | None) -> dict:
+    """The GPU archs verdict of one library with device code: a GPU it holds no code for fails only where the
+    library is one the package needs there (roles.py): a library built for particular GPUs only (sm_90a,
+    sm_100f) or one its Python imports guarded is "not used" on the others."""
+    covs = [coverage(entries, cc) for cc in gpu_ccs]
+    m["gpus"] = covs
+    none = [c for c in covs if c["level"] == "none"]
+    ptx = [c for c in covs if c["level"] == "ptx"]
+    if role is not None:
+        m["role"] = role.kind
+        if role.sites:
+            m["imported_at"] = [str(x) for x in role.sites[:5]]
+    if none:
+        ccs = ", ".join(_sm(c["cc"]) for c in none)
+        if for_particular_gpus(entries):
+            m["not_used"] = [c["cc"] for c in none]
+            why = f"not used on {ccs}: built for {archs} only"
+            if role is not None and role.sites:
+                why += f" (loaded where that code runs: {role.where})"
+        elif role is not None and role.kind == "optional":
+            m["not_used"] = [c["cc"] for c in none]
+            why = (f"not used on {ccs}: no code for it (has {archs}); the package imports it guarded "
+                   f"({role.where}) and picks another kernel where it has none")
+        else:
+            how = f"; imported unconditionally at {role.where}" if role is not None and role.kind == "required" \
+                else ""
+            return _check(f"{label}: GPU archs", "fail", f"no SASS or PTX for {ccs} (has {archs}){how}: predicts "
+                          f"'no kernel image is available for execution on the device'", m, "no-kernel-image",
+                          str(path))
+        covered = [c for c in covs if c["level"] != "none"]
+        if covered:
+            why += "; " + ", ".join(f"{_sm(c['cc'])}: {' '.join(c['sass'] or c['ptx'])}" for c in covered)
+        return _check(f"{label}: GPU archs", "pass", why, m, subject=str(path))
+    if ptx:
+        ccs = ", ".join(_sm(c["cc"]) for c in ptx)
+        m["warning"] = "ptx-only"
+        return _check(f"{label}: GPU archs", "pass", f"warning: PTX only for {ccs} ({', '.join(ptx[0]['ptx'])}): "
+                      f"JIT-compiled at first use (slow first call)", m, subject=str(path))
+    ccs = ", ".join(f"{_sm(c['cc'])}: {' '.join(c['sass'])}" for c in covs)
+    return _check(f"{label}: GPU archs", "pass", f"SASS for {ccs} (of {archs})", m, subject=str(path))
+
+
 def check_library(path: Path, label: str, lp: LoaderPath | None, torch_cuda: str | None, gpu_ccs: list[str],
                   cuobjdump: str | None = None, reader: str = "auto", expect_cuda: str | None = None,
-                  no_gpu_reason: str = "no GPU visible") -> list[dict]:
+                  no_gpu_reason: str = "no GPU visible", role: Role | None = None) -> list[dict]:
     """The binary checks of one library: NEEDED resolved (when lp is given), CUDA runtime major, fatbin archs.
 
-    expect_cuda: the CUDA the library must match when torch's is unknown (a wheel checked before install)."""
+    expect_cuda: the CUDA the library must match when torch's is unknown (a wheel checked before install).
+    role: how the package's Python imports it (roles.py), for a GPU it has no code for."""
     t0 = time.perf_counter()
     try:
         info = read_elf(path)
@@ -316,28 +320,24 @@ def check_library(path: Path, label: str, lp: LoaderPath | None, torch_cuda: str
             checks.append(_check(f"{label}: GPU archs", "skip", f"{no_gpu_reason}: nothing to compare {archs} with",
                                  m, subject=str(path)))
         else:
-            covs = [coverage(entries, cc) for cc in gpu_ccs]
-            m["gpus"] = covs
-            none = [c for c in covs if c["level"] == "none"]
-            ptx = [c for c in covs if c["level"] == "ptx"]
-            if none:
-                ccs = ", ".join(f"sm_{c['cc'].replace('.', '')}" for c in none)
-                checks.append(_check(f"{label}: GPU archs", "fail",
-                                     f"no SASS or PTX for {ccs} (has {archs}): predicts 'no kernel image is "
-                                     f"available for execution on the device'", m, "no-kernel-image", str(path)))
-            elif ptx:
-                ccs = ", ".join(f"sm_{c['cc'].replace('.', '')}" for c in ptx)
-                m["warning"] = "ptx-only"
-                checks.append(_check(f"{label}: GPU archs", "pass",
-                                     f"warning: PTX only for {ccs} ({', '.join(ptx[0]['ptx'])}): JIT-compiled at "
-                                     f"first use (slow first call)", m, subject=str(path)))
-            else:
-                ccs = ", ".join(f"sm_{c['cc'].replace('.', '')}: {' '.join(c['sass'])}" for c in covs)
-                checks.append(_check(f"{label}: GPU archs", "pass", f"SASS for {ccs} (of {archs})", m,
-                                     subject=str(path)))
+            checks.append(_arch_check(label, path, entries, gpu_ccs, archs, m, role))
     for c in checks:
         c["metrics"].setdefault("seconds", round((time.perf_counter() - t0) / len(checks), 4))
     return checks
+
+
+def dir_sources(package_dirs: dict[str, str]):
+    """(path, text) of the Python files under installed package dirs, paths relative to site-packages."""
+    for d in package_dirs.values():
+        root = Path(d)
+        if not root.is_dir():
+            continue
+        for f in root.rglob("*.py"):
+            try:
+                if f.stat().st_size <= MAX_SOURCE_BYTES:
+                    yield f.relative_to(root.parent).as_posix(), f.read_text("utf-8", "replace")
+            except OSError:
+                continue
 
 
 def find_libraries(package_dirs: dict[str, str], extra: list[str] | None = None) -> list[tuple[Path, str]]:
@@ -372,15 +372,19 @@ def find_libraries(package_dirs: dict[str, str], extra: list[str] | None = None)
 
 def check_libraries(libs: list[tuple[Path, str]], lp: LoaderPath | None, torch_cuda: str | None,
                     gpu_ccs: list[str], env: dict[str, str] | None = None, reader: str = "auto",
-                    expect_cuda: str | None = None, no_gpu_reason: str = "no GPU visible") -> list[dict]:
+                    expect_cuda: str | None = None, no_gpu_reason: str = "no GPU visible",
+                    python_side: PythonSide | None = None) -> list[dict]:
+    """check_library over libs ((file, label) with label the path inside site-packages); python_side gives
+    each extension module's role where a GPU lacks its code."""
     # cuobjdump is the second opinion where a verdict rests on the archs: with no GPU to compare them with
     # ('auto'), the built-in reader's summary is only reported, and cuobjdump's seconds per library are saved
     wanted = reader == "cuobjdump" or (reader == "auto" and bool(gpu_ccs))
     cuobjdump = find_cuobjdump(env) if wanted else None
     checks: list[dict] = []
     for path, label in libs:
+        role = python_side.role(label) if python_side is not None and gpu_ccs else None
         checks += check_library(path, label, lp, torch_cuda, gpu_ccs, cuobjdump, reader, expect_cuda,
-                                no_gpu_reason)
+                                no_gpu_reason, role)
     return checks
 
 
@@ -442,11 +446,41 @@ def _same_member(info: zipfile.ZipInfo, path: Path) -> bool:
         return False
 
 
+def wheel_sources(zf: zipfile.ZipFile):
+    """(path, text) of a wheel's Python files (each under roles.MAX_SOURCE_BYTES; decompressed one at a time)."""
+    for info in zf.infolist():
+        if info.filename.endswith(".py") and info.file_size <= MAX_SOURCE_BYTES:
+            with zf.open(info) as fh:
+                yield info.filename, fh.read(MAX_SOURCE_BYTES + 1).decode("utf-8", "replace")
+
+
+def _declared_extensions(label: str, wheel: Path, zf: zipfile.ZipFile, side: PythonSide,
+                         declared: list[str]) -> list[dict]:
+    """The variant's [verify] extensions that belong to this wheel's packages must be modules it ships: a
+    release renames them (vLLM 0.25: ``_C`` -> ``_C_stable_libtorch``), and verify would fail after install."""
+    tops = {n.split("/", 1)[0] for n in zf.namelist() if "/" in n and ".dist-info/" not in n + "/"}
+    mine = [e for e in declared if e.split(".", 1)[0] in tops]
+    if not mine:
+        return []
+    missing = [e for e in mine if e not in side.modules]
+    m = {"declared": mine, "ships": sorted(side.modules)}
+    if not missing:
+        return [_check(f"wheel {label}: extension modules", "pass", f"ships {', '.join(mine)}", m, subject=str(wheel))]
+    m["missing"] = missing
+    return [_check(f"wheel {label}: extension modules", "fail",
+                   f"the variant's [verify] extensions names {', '.join(missing)}, which this wheel does not ship "
+                   f"(it ships {', '.join(sorted(side.modules)) or 'none'}). Fix: remove {', '.join(missing)} from "
+                   f"[verify] extensions (verify loads every extension module the release ships by default)",
+                   m, subject=str(wheel))]
+
+
 def check_wheel(wheel: Path, variant_cuda: str, variant_torch: str, gpu_ccs: list[str],
                 lp: LoaderPath | None = None, env: dict[str, str] | None = None, reader: str = "auto",
-                no_gpu_reason: str = "no GPU visible", unpacked: Path | None = None) -> list[dict]:
+                no_gpu_reason: str = "no GPU visible", unpacked: Path | None = None,
+                extensions: list[str] | None = None) -> list[dict]:
     """The binary layer on a wheel file before it is installed: torch pin and CUDA major vs the variant,
-    NEEDED (the wheel's own libraries and the loader path given), device archs vs the GPUs.
+    NEEDED (the wheel's own libraries and the loader path given), device archs vs the GPUs (each library
+    judged by what it is: roles.py), and the variant's ``[verify] extensions`` against what the wheel ships.
 
     unpacked: a folder where this very wheel was unpacked (a scratch venv's site-packages): its libraries are
     read there instead of being extracted again (1 GB of writes for vLLM's)."""
@@ -483,8 +517,10 @@ def check_wheel(wheel: Path, variant_cuda: str, variant_torch: str, gpu_ccs: lis
                 majors.update(cuda_majors(read_elf(p).needed))
             except NotElf:
                 pass
+        side = PythonSide(lambda: wheel_sources(zf), members)
+        checks += _declared_extensions(label, wheel, zf, side, extensions or [])
         checks += check_libraries(libs, lp, None, gpu_ccs, env, reader, expect_cuda=variant_cuda,
-                                  no_gpu_reason=no_gpu_reason)
+                                  no_gpu_reason=no_gpu_reason, python_side=side)
         roots = [tmp, *([str(unpacked)] if unpacked is not None else [])]
         for c in checks:
             for root in roots:

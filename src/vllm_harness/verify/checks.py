@@ -35,6 +35,7 @@ DIST_TABLE = SCRIPT.with_name("custom_ar_ops.toml")
 DIST_LIB = re.compile(r"^_C(_stable_libtorch)?(\.abi3|\.cpython-[^.]+)?\.so$")
 LAYERS = ("environment", "binaries", "imports", "kernels", "speed", "multi-gpu")
 EXT_SUFFIX = re.compile(r"(\.abi3|\.cpython-[^.]+)?\.so$")
+CPYTHON_TAG = re.compile(r"\.cpython-[^./]+\.so$")
 
 
 def _probe(python: Path, env: dict[str, str], timeout: float = 60) -> dict:
@@ -61,6 +62,20 @@ def _module_name(pkg_dir: Path, pkg: str, f: Path) -> str | None:
     return ".".join([pkg, *rel.parts[:-1], stem])
 
 
+def other_interpreter(path: str, suffixes: list[str] | None) -> bool:
+    """A CPython extension module built for another interpreter than the env's (vLLM ships deep_gemm's ``_C``
+    once per CPython version): that python never loads it, so verify does not either."""
+    return bool(suffixes) and bool(CPYTHON_TAG.search(path)) and \
+        not any(path.endswith(x) for x in suffixes if CPYTHON_TAG.search(x))
+
+
+def _other_interpreter_check(path: str, suffixes: list[str]) -> dict:
+    tag = CPYTHON_TAG.search(path).group(0)
+    return {"name": f"load {Path(path).name}", "status": "skip", "layer": "imports", "metrics": {"file": path},
+            "reason": f"built for another interpreter ({tag}); this python loads "
+                      f"{next((x for x in suffixes if x.startswith('.cpython-')), suffixes[0])} files"}
+
+
 def _expand_libs(libs: list[str] | None) -> list[str]:
     out = []
     for x in libs or []:
@@ -80,7 +95,9 @@ def binary_layer(probe: dict, env: dict[str, str], gpu_ccs: list[str], driver_pr
     lp = binaries.LoaderPath.for_env(env, probe.get("site_packages", []), torch_dir, driver_present=driver_present)
     pkg_dirs = {k: v for k, v in probe["packages"].items() if k != "torch"}
     files = binaries.find_libraries(pkg_dirs, extra=libs)
-    checks = binaries.check_libraries(files, lp, tf.get("cuda"), gpu_ccs, env, reader, no_gpu_reason=no_gpu_reason)
+    side = binaries.PythonSide(lambda: binaries.dir_sources(pkg_dirs), [label for _f, label in files])
+    checks = binaries.check_libraries(files, lp, tf.get("cuda"), gpu_ccs, env, reader, no_gpu_reason=no_gpu_reason,
+                                      python_side=side)
     if not files:
         checks.append({"name": "compiled libraries", "status": "fail" if not libs else "skip", "layer": "binaries",
                        "reason": f"no compiled library found in {', '.join(pkg_dirs) or 'no vLLM package'}",
@@ -99,6 +116,9 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     gpus, driver, driver_cuda = probe_gpus(env) if device == "cuda" else ([], None, None)
     gpu_ccs = ccs or [g["compute_capability"] for g in gpus if g.get("compute_capability")]
     direct = _expand_libs(libs)
+    sfx = probe.get("ext_suffixes")
+    elsewhere = [_other_interpreter_check(f, sfx) for f in direct if other_interpreter(f, sfx)]
+    direct = [f for f in direct if not other_interpreter(f, sfx)]
     why = "device = cpu" if device != "cuda" else "no GPU visible (pass --cc to compare with a GPU elsewhere)"
     ccs_here = gpu_ccs if device == "cuda" else []
 
@@ -125,9 +145,11 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
             continue
         for f, _label in binaries.find_libraries({pkg: d}):
             name = _module_name(Path(d), pkg, f)
-            if name:
+            if name and not other_interpreter(str(f), sfx):
                 ext_files[name] = str(f)
     exts = [e for e in extensions if e.split(".")[0] in probe["packages"] or not direct]
+    stale = missing_extensions(exts, probe["packages"], ext_files)
+    exts = [e for e in exts if e not in {c["metrics"]["module"] for c in stale}]
     argv = [str(python), str(SCRIPT), "--device", device, "--imports", ",".join(imports),
             "--extensions", ",".join(exts), "--ops", ",".join(ops),
             "--ext-files", ",".join(f"{k}={v}" for k, v in ext_files.items()),
@@ -160,7 +182,7 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
         raise StepFailed(f"verify: {python} crashed before reporting (exit {r.returncode}): {tail}", None,
                          log=str(log) if log else None)
     result = json.loads(lines[-1])
-    checks = result["checks"] + bchecks
+    checks = result["checks"] + stale + elsewhere + bchecks
     if device == "cuda" and len(result.get("gpus") or []) >= 2:
         dist_libs = dist_libraries(direct) + [f for name, f in ext_files.items()
                                               if name in ("vllm._C", "vllm._C_stable_libtorch")]
@@ -181,6 +203,22 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
         result["gpus_nvml"] = gpus  # NVML sees GPUs that torch does not
     result["layers"] = layer_summary(result)
     return result
+
+
+def missing_extensions(declared: list[str], packages: dict[str, str], ext_files: dict[str, str]) -> list[dict]:
+    """A declared extension module of an installed package that the package does not ship (a release renamed
+    it): one failing check naming what it ships, instead of the script's bare ModuleNotFoundError."""
+    out = []
+    for e in declared:
+        pkg = e.split(".", 1)[0]
+        if pkg in packages and Path(packages[pkg]).is_dir() and e not in ext_files:
+            ships = sorted(n for n in ext_files if n.split(".", 1)[0] == pkg)
+            out.append({"name": f"load {e}", "status": "fail", "layer": "imports", "metrics": {"module": e,
+                        "ships": ships},
+                        "reason": f"{pkg} has no extension module {e} (it ships {', '.join(ships) or 'none'}). Fix: "
+                                  f"remove {e} from the variant's [verify] extensions (verify loads every extension "
+                                  f"module {pkg} ships by default)"})
+    return out
 
 
 def dist_libraries(libs: list[str]) -> list[str]:
@@ -381,7 +419,7 @@ def verify_wheel(wheel: Path, variant, env: dict[str, str], python: Path | None,
                                          driver_present=bool(gpus) or driver is not None)
     checks = binaries.check_wheel(wheel, variant.cuda, str(variant.torch["version"]), gpu_ccs, lp, env, reader,
                                   no_gpu_reason="no GPU visible (pass --cc to compare with a GPU elsewhere)",
-                                  unpacked=unpacked)
+                                  unpacked=unpacked, extensions=list(variant.verify.get("extensions") or []))
     if lp is None:
         checks.append({"name": f"wheel {wheel.name}: NEEDED libraries", "status": "skip", "layer": "binaries",
                        "reason": f"variant {variant.name} has no env yet: NEEDED resolution is checked by "

@@ -337,6 +337,13 @@ def coverage(entries: list[FatEntry], cc: str) -> dict:
             "containers": len(by_container), "containers_without_code": uncovered}
 
 
+def for_particular_gpus(entries: list[FatEntry]) -> bool:
+    """Whether a library's device code is for particular GPUs only: SASS with architecture-specific (sm_90a) or
+    family-specific (sm_100f) targets and no PTX -- code that by construction runs nowhere else."""
+    return bool(entries) and all(e.kind == KIND_ELF and e.flags & (FLAG_ARCH_SPECIFIC | FLAG_FAMILY)
+                                 for e in entries)
+
+
 def arch_summary(entries: list[FatEntry]) -> dict:
     return {"sass": sorted({e.label for e in entries if e.kind == KIND_ELF}, key=_arch_key),
             "ptx": sorted({e.label for e in entries if e.kind == KIND_PTX}, key=_arch_key)}
