@@ -17,6 +17,22 @@ from vllm_harness.cli import main as harness  # noqa: E402
 from vllm_harness.commands.table import COMMANDS, Command  # noqa: E402
 
 
+class TableTask(Task):
+    """A task whose short flags are the command table's (``-j`` is --jobs, as in make and ninja), never
+    generated from the flag's letters (invoke's default gave ``-j`` to --json and ``-h``, help everywhere, to
+    --cache)."""
+
+    def __init__(self, body, shorts: dict[str, str], **kw):
+        super().__init__(body, auto_shortflags=False, **kw)
+        self.shorts = shorts
+
+    def arg_opts(self, name, default, taken_names):
+        opts = super().arg_opts(name, default, taken_names)
+        if self.shorts.get(name):
+            opts["names"] = [*opts["names"], self.shorts[name].lstrip("-")]
+        return opts
+
+
 def _task(cmd: Command) -> Task:
     def body(c, **given):
         argv = [cmd.name]
@@ -40,8 +56,8 @@ def _task(cmd: Command) -> Task:
     body.__signature__ = inspect.Signature(params)  # invoke reads the flags from the signature
     body.__doc__ = cmd.help
     body.__name__ = cmd.name.replace("-", "_")
-    return Task(body, name=cmd.name, help={a.dest: a.help for a in cmd.args},
-                iterable=[a.dest for a in cmd.args if a.repeat])
+    return TableTask(body, {a.dest: a.short for a in cmd.args}, name=cmd.name, help={a.dest: a.help for a in cmd.args},
+                     iterable=[a.dest for a in cmd.args if a.repeat])
 
 
 ns = Collection()

@@ -109,7 +109,7 @@ def corpus_lines(quiet_only: bool = False, rules: list[dg.Rule] | None = None) -
             ls, n = starts[-2], len(starts) - 1
             le = ls + len(line.rstrip(b"\r\n"))
             if is_quiet(data[ls:le], rules or []) and not any(
-                _first_match(r.patterns, text, at, n)[0]
+                _first_match(_patterns(r, text), text, at, n)[0]
                 for text, at in _wrapped_messages(data, ls, le, n)
                 for r in rules or []
             ):
@@ -121,7 +121,12 @@ def is_quiet(line: bytes, rules: list[dg.Rule]) -> bool:
     segs = _clean_segments(line)
     if any(_FIRST_ERROR_RE.search(s) for s in segs):
         return False
-    return not any(p.search(s) for r in rules for p in r.patterns for s in segs)
+    return not any(p.search(s) for r in rules for s in segs for p in _patterns(r, s))
+
+
+def _patterns(rule: dg.Rule, text: str) -> tuple:
+    """The patterns diagnose tries on ``text``: case-insensitive ones on a line without capitals."""
+    return rule.folded if text == text.lower() else rule.patterns
 
 
 def build(path: Path, lines: list[bytes], size: int, tail: bytes = b"", seed: int = 7) -> None:
@@ -281,8 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     # the prefilter's literals alone: what any scanner must at least look for (a reference that
     # does not grow with the regexes: grep -E's automaton gets slower as patterns are added)
     literals = tmp / "anchors.txt"
-    words = sorted({a for r in rules for a in r.anchors} | set(_FIRST_ERROR_ANCHORS))
+    # every literal the prefilter looks for from the start: the anchors, their lower-cased forms (a message
+    # pasted in lower case) and the first-error anchors; and, for comparison, without the lower-cased ones
+    words = sorted({a for r in rules for a in r.anchors + r.lower_anchors} | set(_FIRST_ERROR_ANCHORS))
     literals.write_bytes(b"\n".join(words) + b"\n")
+    cased = tmp / "anchors-cased.txt"
+    cased_words = sorted({a for r in rules for a in r.anchors} | set(_FIRST_ERROR_ANCHORS))
+    cased.write_bytes(b"\n".join(cased_words) + b"\n")
     tail = (
         b"CMake Error at CMakeLists.txt:1 (cmake_minimum_required):\n"
         b"  CMake 3.26 or higher is required.  You are running version 3.22.1\n"
@@ -302,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                     pass
             g_time, g_note = time_grep(patterns, path)
             f_time, _ = time_grep(literals, path, "-F")
+            fc_time, _ = time_grep(cased, path, "-F")
             row = {
                 "case": name,
                 "mb": round(mb, 1),
@@ -309,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                 "grep_mb_s": round(mb / g_time, 1) if g_time == g_time else None,
                 "grep": g_note,
                 "grep_F_anchors_s": round(f_time, 3),
+                "grep_F_cased_anchors_s": round(fc_time, 3),
             }
             for label, workers, engine in (
                 ("diagnose_1proc", 1, None),
@@ -320,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{label}_mb_s"] = round(mb / d_time, 1)
                 row[f"{label}_ratio_to_grep"] = round(d_time / g_time, 2) if g_time == g_time else None
                 row[f"{label}_ratio_to_grep_F"] = round(d_time / f_time, 2) if f_time == f_time else None
+                row[f"{label}_ratio_to_grep_F_cased"] = round(d_time / fc_time, 2) if fc_time == fc_time else None
                 row[label] = d_note
             results.append(row)
     finally:
@@ -352,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(
             f"  {r['case']}: grep -> {r['grep']}; diagnose -> {r['diagnose_1proc']}; grep -F with the "
-            f"{sum(len(x.anchors) for x in rules)} anchors: {r['grep_F_anchors_s']} s "
-            f"(diagnose 1 proc / grep -F = {r['diagnose_1proc_ratio_to_grep_F']})"
+            f"{len(words)} prefilter literals: {r['grep_F_anchors_s']} s "
+            f"(diagnose 1 proc / grep -F = {r['diagnose_1proc_ratio_to_grep_F']}); with the {len(cased_words)} "
+            f"without the lower-cased forms: {r['grep_F_cased_anchors_s']} s "
+            f"(diagnose 1 proc / grep -F = {r['diagnose_1proc_ratio_to_grep_F_cased']})"
         )
     print(
         json.dumps(

@@ -115,3 +115,26 @@ def test_every_emitted_failure_id_is_in_failures_toml():
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: c.name)
 def test_every_handler_in_the_table_exists(cmd):
     assert callable(cmd.load())
+
+
+def test_short_flags_are_chosen_in_the_table_the_same_in_cli_and_invoke():
+    """`-j N` is --jobs (make, ninja, cmake --build), `-h` is help: invoke generated -j for --json and -o for
+    --jobs ("No idea what '8' is!") and -h for --cache before the table named them."""
+    sys.path.insert(0, str(ROOT))
+    import tasks
+    from invoke.parser import Parser
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for cmd in COMMANDS:
+        cli_short = {o: a.dest for a in sub.choices[cmd.name]._actions for o in a.option_strings
+                     if not o.startswith("--") and o != "-h"}
+        inv_short = {"-" + n: a.attr_name or a.name for a in tasks.ns.tasks[cmd.name].get_arguments()
+                     for n in a.names if len(n) == 1}
+        assert cli_short == inv_short == {a.short: a.dest for a in cmd.args if a.short}, cmd.name
+        assert "-h" not in inv_short
+    assert {a.short for c in COMMANDS for a in c.args if a.dest == "jobs"} == {"-j"}
+    # invoke parses `build -j 8` as --jobs 8
+    got = Parser(contexts=tasks.ns.to_contexts()).parse_argv(["build", "-j", "8"])
+    assert got[-1].name == "build" and str(got[-1].args["jobs"].value) == "8"  # the CLI parses it as int
+    # and the CLI the same
+    ns = parser().parse_args(["build", "--variant", "x", "-j", "8"])
+    assert ns.jobs == 8

@@ -46,9 +46,9 @@ TUNE_MISSES = {
     "`pip install -U xformers`: the same note reads as a dependency conflict in open-instruct-172; only the command "
     "line tells them apart, and diagnose matches no command lines",
 }
-# The held-back part (never tuned on): its measured floor, asserted as such (issue 19 asks >= 92 %
-# and no false alarm).
-EVAL_ROOT_FIRST_FLOOR = 0.92
+# The held-back part (never tuned on): its measured floor, asserted as such (issue 19 asked >= 92 %,
+# issue 29 >= 95 %, and no false alarm).
+EVAL_ROOT_FIRST_FLOOR = 0.95
 # Its false alarms, measured: reported, not tuned away (none since the ninja wording became weak
 # evidence that does not stand alone, for what the message means; no tune log has that line).
 EVAL_KNOWN_ALARMS: dict[str, str] = {}
@@ -453,7 +453,7 @@ def test_fix_placeholders():
     )
     assert "CUDA 12.4" in full and "torch 2.6.0" in full and "whl/cu124" in full
     generic = dg.render_fix(rule.fix, {})
-    assert "the variant's CUDA version" in generic
+    assert "CUDA <version>" in generic and "torch <version>" in generic
     assert "{" not in generic and "}" not in generic
     assert dg.render_fix("x {cmake_min} y", None) == "x 3.26 y"
     for rule in dg.load_knowledge():

@@ -102,6 +102,59 @@ CASES = {
                                      ("flash-attn-unsupported-gpu", "warning"), ("compiler-oom", "info")},
     ("gtx1080-driver550", "cu124"): {("no-kernel-image", "error"), ("bf16-unsupported", "warning"),
                                      ("flash-attn-unsupported-gpu", "warning")},
+    # issue 28's classes (tests/machines/ from public facts): the platform is judged (CPU arch, glibc, Jetson)
+    # Grace Hopper (aarch64): PyPI's torch there is CPU-only (the PyTorch index fixes it); vLLM 0.8.5 has
+    # x86_64 wheels only; torch 2.7.1+cu118 has no aarch64 CUDA build; the toolkit is 12.8
+    ("gh200-aarch64", "cu118"): {("torch-wheel-not-found", "error"), ("cuda-torch-version-mismatch", "error"),
+                                 ("cmake-too-old", "info"), ("compiler-oom", "info")},
+    ("gh200-aarch64", "cu124"): {("torch-wheel-not-found", "error"), ("torch-cpu-only", "error")},
+    ("gh200-aarch64", "cu128"): {("torch-cpu-only", "error")},
+    ("gh200-aarch64", "cu130"): {("torch-cpu-only", "error"), ("driver-too-old", "error")},
+    # GB200 (sm 10.0, aarch64, Python 3.12 only, gcc 13): vLLM 0.8.5 has no sm 10.0 kernels either
+    ("gb200-aarch64", "cu118"): {("torch-wheel-not-found", "error"), ("cuda-torch-version-mismatch", "error"),
+                                 ("arch-unsupported-by-nvcc", "error"), ("no-kernel-image", "error"),
+                                 ("python-unsupported", "error"), ("host-compiler-unsupported", "error"),
+                                 ("compiler-oom", "info")},
+    ("gb200-aarch64", "cu124"): {("torch-wheel-not-found", "error"), ("torch-cpu-only", "error"),
+                                 ("no-kernel-image", "error")},
+    ("gb200-aarch64", "cu128"): {("torch-cpu-only", "error")},
+    ("gb200-aarch64", "cu130"): {("torch-cpu-only", "error")},
+    # DGX Spark (GB10, sm 12.1, aarch64): sm 12.0 SASS runs on it; the rest as on GB200
+    ("dgx-spark-gb10", "cu118"): {("torch-wheel-not-found", "error"), ("cuda-torch-version-mismatch", "error"),
+                                  ("arch-unsupported-by-nvcc", "error"), ("no-kernel-image", "error"),
+                                  ("python-unsupported", "error"), ("host-compiler-unsupported", "error"),
+                                  ("compiler-oom", "info")},
+    ("dgx-spark-gb10", "cu124"): {("torch-wheel-not-found", "error"), ("torch-cpu-only", "error"),
+                                  ("no-kernel-image", "error")},
+    ("dgx-spark-gb10", "cu128"): {("torch-cpu-only", "error")},
+    ("dgx-spark-gb10", "cu130"): {("torch-cpu-only", "error")},
+    # Jetson AGX Orin (JetPack 6.2, CUDA 12.6, Python 3.10): SBSA wheels do not run; only JetPack's CUDA
+    ("jetson-agx-orin-jp6", "cu118"): {("torch-wheel-not-found", "error"), ("driver-too-old", "error"),
+                                       ("cuda-torch-version-mismatch", "error"), ("cmake-too-old", "info"),
+                                       ("compiler-oom", "info")},
+    ("jetson-agx-orin-jp6", "cu124"): {("torch-wheel-not-found", "error"), ("driver-too-old", "error"),
+                                       ("python-unsupported", "error")},
+    ("jetson-agx-orin-jp6", "cu128"): {("torch-wheel-not-found", "error"), ("driver-too-old", "error"),
+                                       ("python-unsupported", "error")},
+    ("jetson-agx-orin-jp6", "cu130"): {("torch-wheel-not-found", "error"), ("driver-too-old", "error"),
+                                       ("python-unsupported", "error")},
+    # CentOS 7 (glibc 2.17): torch 2.10/2.14's manylinux_2_28 wheels do not install; no toolkit
+    ("centos7-glibc217", "cu118"): {("cuda-home-missing", "error"), ("cmake-too-old", "info"), ("compiler-oom", "info")},
+    ("centos7-glibc217", "cu124"): {("driver-too-old", "warning"), ("python-unsupported", "error")},
+    ("centos7-glibc217", "cu128"): {("driver-too-old", "warning"), ("python-unsupported", "error"),
+                                    ("torch-wheel-not-found", "error")},
+    ("centos7-glibc217", "cu130"): {("driver-too-old", "error"), ("python-unsupported", "error"),
+                                    ("torch-wheel-not-found", "error")},
+    # RTX 3090 on driver 470 with no toolkit (Debian 12, Python 3.11): CUDA 11.8 after installing Debian's toolkit
+    ("driver470-no-toolkit", "cu118"): {("cuda-home-missing", "error"), ("driver-too-old", "warning"),
+                                        ("python-unsupported", "error"), ("host-compiler-unsupported", "info"),
+                                        ("cmake-too-old", "info"), ("compiler-oom", "info")},
+    ("driver470-no-toolkit", "cu124"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning"),
+                                        ("python-unsupported", "error")},
+    ("driver470-no-toolkit", "cu128"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning"),
+                                        ("python-unsupported", "error")},
+    ("driver470-no-toolkit", "cu130"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning"),
+                                        ("python-unsupported", "error")},
 }
 
 

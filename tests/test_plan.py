@@ -9,7 +9,7 @@ import pytest
 
 from vllm_harness.cli import main as cli
 from vllm_harness.doctor import report as doctor
-from vllm_harness.facts import compat, planner
+from vllm_harness.facts import compat, feasibility, planner
 from vllm_harness.facts.machine_profile import load_profile
 from vllm_harness.facts.variants import load_variant_file
 
@@ -59,8 +59,12 @@ def test_json_shape_and_write_builds_a_variant(tmp_path, capsys):
     rc = cli(["plan", "--machine", str(MACHINES / "rtx4090-driver550.toml"), "--write", str(out), "--json"])
     rep = json.loads(capsys.readouterr().out)
     assert rc == 0 and set(rep) >= {"machine", "options", "recommendation"}
-    assert set(rep["options"][0]) == {"cuda", "torch", "vllm", "python", "mode", "ok", "why"}
-    assert set(rep["recommendation"]) == {"variant", "cuda", "torch", "vllm", "python", "mode"}
+    # cli.md's keys, extended by the feasibility judge's tier and fixes (issue 28)
+    assert set(rep["options"][0]) == {"cuda", "torch", "vllm", "python", "mode", "ok", "why", "tier", "fixes"}
+    assert set(rep["recommendation"]) == {"variant", "cuda", "torch", "vllm", "python", "mode", "tier", "fixes",
+                                          "reason"}
+    assert set(rep["tiers"]) == {"runs", "runs_with_warnings", "runs_after_fixes"}
+    assert all(o["ok"] == (o["tier"] in ("runs", "runs with warnings")) for o in rep["options"])
     v = load_variant_file(out)
     rec = rep["recommendation"]
     assert (v.cuda, v.torch["version"], v.vllm["version"], v.vllm["mode"]) == (rec["cuda"], rec["torch"], rec["vllm"], rec["mode"])
@@ -80,3 +84,45 @@ def test_source_variant_written_for_the_titan(tmp_path):
 def test_nothing_to_write_is_a_usage_error(tmp_path, capsys):
     rc = cli(["plan", "--machine", str(MACHINES / "gtx1080-driver550.toml"), "--write", str(tmp_path / "x.toml")])
     assert rc == 2 and "nothing runs" in capsys.readouterr().err and not (tmp_path / "x.toml").exists()
+
+
+# ------------------------------------------------------------------------- issue 28: tiers and fleets
+
+def test_plan_shows_the_tiers_and_the_platform(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    rc = cli(["plan", "--machine", str(MACHINES / "gh200-aarch64.toml")])
+    text = " ".join(capsys.readouterr().out.split())
+    assert rc == 0 and "aarch64 glibc 2.35" in text and "recommendation: cu128-vllm0191" in text
+    assert "runs after fixes: vLLM" in text and "runs as is here" in text
+
+
+def test_a_fleet_of_three_gets_the_fewest_variants_that_serve_them_all(capsys):
+    names = ["gh200-aarch64", "rtx4090-driver550", "titanrtx-driver520"]
+    rc = cli(["plan", "--json"] + [x for n in names for x in ("--machine", str(MACHINES / f"{n}.toml"))])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["machines"] == names and rep["unserved"] == []
+    served = [m for v in rep["variants"] for m in v["machines"]]
+    assert sorted(served) == sorted(names) and len(rep["variants"]) == 2     # each machine once, two variants
+    data = compat.load()
+    for v in rep["variants"]:
+        cand = feasibility.Candidate(v["cuda"], v["torch"], v["vllm"], v["mode"], torch_index=v["torch_index"])
+        for m in v["machines"]:
+            verdict = feasibility.judge(data, load_profile(MACHINES / f"{m}.toml"), cand)
+            assert verdict.tier == v["machines"][m] and verdict.tier in ("runs", "runs with warnings")
+    # the GH200 and the 4090 share one wheel variant (torch from the PyTorch index serves both platforms);
+    # the TITAN RTX (sm 7.5, driver 520) gets a CUDA 11.8 source build for its arch only
+    shared = next(v for v in rep["variants"] if "gh200-aarch64" in v["machines"])
+    assert shared["mode"] == "wheel" and shared["torch_index"].endswith("/cu128") and "rtx4090-driver550" in shared["machines"]
+    titan = next(v for v in rep["variants"] if "titanrtx-driver520" in v["machines"])
+    assert titan["cuda"] == "11.8" and titan["mode"] == "source" and titan["arch_list"] == "7.5"
+
+
+def test_a_fleet_names_the_machines_nothing_serves_and_refuses_write(tmp_path, capsys):
+    rc = cli(["plan", "--json", "--machine", str(MACHINES / "rtx4090-driver550.toml"),
+              "--machine", str(MACHINES / "gtx1080-driver550.toml")])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 1 and [u["machine"] for u in rep["unserved"]] == ["gtx1080-driver550"]
+    assert "arch dropped" in rep["unserved"][0]["why"]
+    rc = cli(["plan", "--machine", str(MACHINES / "rtx4090-driver550.toml"), "--machine",
+              str(MACHINES / "gh200-aarch64.toml"), "--write", str(tmp_path / "x.toml")])
+    assert rc == 2 and "several --machine" in capsys.readouterr().err and not (tmp_path / "x.toml").exists()

@@ -17,7 +17,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import urllib.request
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -64,18 +66,25 @@ def sdist_bytes(version: str, torch: str = "2.6.0") -> bytes:
 
 @pytest.fixture
 def fake_pypi(tmp_path, monkeypatch):
-    """A PyPI with vllm 9.9.9 (simple index only: the JSON API answers nothing, as through some proxies)."""
+    """A PyPI with vllm 9.9.9 (simple index only: the JSON API answers nothing, as through some proxies), served
+    on 127.0.0.1 (the harness reads http/https only: issue 26)."""
     root = tmp_path / "pypi"
     (root / "simple" / "vllm").mkdir(parents=True)
+    quiet = type("Quiet", (SimpleHTTPRequestHandler,), {"log_message": lambda self, *a: None})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
     data = sdist_bytes("9.9.9")
     (root / "vllm-9.9.9.tar.gz").write_bytes(data)
     index = {"meta": {"api-version": "1.1"}, "name": "vllm", "versions": ["9.9.9"],
-             "files": [{"filename": "vllm-9.9.9.tar.gz", "url": (root / "vllm-9.9.9.tar.gz").as_uri(),
+             "files": [{"filename": "vllm-9.9.9.tar.gz", "url": f"{base}/vllm-9.9.9.tar.gz",
                         "hashes": {"sha256": hashlib.sha256(data).hexdigest()}}]}
     (root / "simple" / "vllm" / "index.json").write_text(json.dumps(index))
-    monkeypatch.setattr(fetch, "PYPI_JSON", (root / "json-api-missing" / "{name}-{version}.json").as_uri())
-    monkeypatch.setattr(fetch, "PYPI_SIMPLE", (root / "simple").as_uri() + "/{name}/index.json")
-    return root
+    monkeypatch.setattr(fetch, "PYPI_JSON", base + "/json-api-missing/{name}-{version}.json")
+    monkeypatch.setattr(fetch, "PYPI_SIMPLE", base + "/simple/{name}/index.json")
+    yield root
+    server.shutdown()
+    server.server_close()
 
 
 # ------------------------------------------------------------------------------------------- --source
@@ -118,7 +127,8 @@ def test_sdist_is_hash_checked_cached_and_reused_offline(harness, state, tmp_pat
     assert (state / "cache" / "sdist" / "vllm-9.9.9.tar.gz.sha256").is_file()
     assert json.loads((state / "src" / "sd" / "provenance.json").read_text())["sha256"] == prov["sha256"]
     # PyPI gone: the verified cached sdist is used without it
-    shutil.rmtree(fake_pypi / "simple")
+    monkeypatch.setattr(fetch, "PYPI_JSON", "http://127.0.0.1:9/pypi/{name}/{version}/json")
+    monkeypatch.setattr(fetch, "PYPI_SIMPLE", "http://127.0.0.1:9/simple/{name}/")
     rc, out, err = harness("fetch", "--variant", v, "--force", "--json")
     assert rc == 0, err
     prov = json.loads(out)["provenance"]

@@ -14,6 +14,7 @@ import threading
 from contextlib import contextmanager
 
 from vllm_harness.commands.table import COMMANDS
+from vllm_harness.core import oserrors
 from vllm_harness.core.errors import EXIT_USAGE, HarnessError
 from vllm_harness.core.masking import MaskingStream
 
@@ -72,6 +73,12 @@ def _main(argv: list[str] | None) -> int:
     except BrokenPipeError:  # `... | head`: the reader left; nothing more to say
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the interpreter's exit flushes them
         return 141
+    except OSError as e:  # the machine refused (a read-only or full disk, a path too long): one message
+        err = oserrors.from_args(e, vars(a))
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt as e:
         print("interrupted: the step was marked not done and its processes ended; rerun to resume",
               file=sys.stderr)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from vllm_harness.commands.common import layout_of, print_json, variant_of
-from vllm_harness.core import locks
+from vllm_harness.core import locks, procs
 from vllm_harness.core.errors import EXIT_OK, UsageError
 from vllm_harness.core.layout import Layout
 from vllm_harness.facts.machine import uv_bin
@@ -88,11 +88,11 @@ def uv_cache(dry_run: bool) -> tuple[str, int]:
     uv = uv_bin()
     if not uv:
         return "uv cache (no uv found: nothing to clear)", 0
-    r = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True, timeout=60, check=False)
+    r = procs.run([uv, "cache", "dir"], capture_output=True, text=True, timeout=60)
     where = Path(r.stdout.strip()) if r.returncode == 0 and r.stdout.strip() else None
     size = _size(where) if where is not None and where.exists() else 0
     if not dry_run:
-        subprocess.run([uv, "cache", "clean"], check=False, capture_output=True, timeout=1800)
+        procs.run([uv, "cache", "clean"], capture_output=True, timeout=1800)
     return f"uv cache ({where or 'uv cache dir failed'}; uv cache clean)", size
 
 
@@ -117,7 +117,7 @@ def clean(layout: Layout, variant: str | None = None, everything: bool = False, 
         cmd = [python or "python3", "-m", "pip", "cache", "purge"]
         removed.append("pip cache (pip cache purge)")
         if not dry_run:
-            subprocess.run(cmd, check=False, capture_output=True, timeout=600)
+            procs.run(cmd, capture_output=True, timeout=600)
     if uv:
         what, size = uv_cache(dry_run)
         removed.append(what)
@@ -125,21 +125,38 @@ def clean(layout: Layout, variant: str | None = None, everything: bool = False, 
     return {"removed": removed, "kept": kept, "bytes": total, "dry_run": dry_run}
 
 
-def cmd_clean(a) -> int:
-    from contextlib import ExitStack
+@contextmanager
+def locked(layout: Layout, variant: str | None, everything: bool, wait: bool, say):
+    """Every lock clean needs, all of them taken before anything is deleted; with ``wait=False`` a held one is
+    a refusal (StepFailed) and nothing is deleted.  ``--all``: the state folder's gate exclusively (no harness
+    run inside a lock, none entering one: a variant started while clean waited is waited for, never deleted
+    under it), then every lock file there (a holder outside the harness).  A variant: its bundle's lock (the
+    bundle reads its source tree; bundle takes it first, so clean does too), then the variant's."""
+    locks_dir = layout.state / "locks"   # where layout.lock() puts them
+    with ExitStack() as held:
+        if everything:
+            held.enter_context(locks.everything(locks_dir, "the state folder (every variant, the caches)",
+                                                wait=wait, say=say))
+            for lock in sorted(locks_dir.glob("*.lock")):
+                what = lock.stem.replace(locks.BUNDLE_PREFIX, "bundle of variant ", 1) \
+                    if lock.stem.startswith(locks.BUNDLE_PREFIX) else f"variant {lock.stem}"
+                held.enter_context(locks.held(lock, what, wait=wait, say=say))
+        elif variant:
+            held.enter_context(locks.held(locks.bundle_lock(locks_dir, variant), f"bundle of variant {variant}",
+                                          wait=wait, say=say))
+            held.enter_context(locks.held(layout.lock(variant), f"variant {variant}", wait=wait, say=say))
+        yield
 
-    from vllm_harness.commands.clean import clean
+
+def cmd_clean(a) -> int:
     layout = layout_of(a)
     name = None
     if a.variant and not a.all:
         name = variant_of(layout, a.variant).name  # a name or a path; an unknown one is an error, not a no-op
-    # the variants' locks: a build of the variant (of any, with --all) finishes before its tree is removed
-    names = [name] if name else sorted(p.stem for p in (layout.state / "locks").glob("*.lock")) if a.all else []
     with ExitStack() as held:
         if layout.is_state_folder():
-            for n in names:
-                held.enter_context(locks.held(layout.lock(n), f"variant {n}", wait=not a.no_wait,
-                                              say=lambda t: print(t, file=sys.stderr)))
+            held.enter_context(locked(layout, name, a.all, wait=not a.no_wait,
+                                      say=lambda t: print(t, file=sys.stderr)))
         res = clean(layout, name, a.all, a.dry_run, a.pip_cache, wheelhouse=getattr(a, "wheelhouse", False),
                     uv=getattr(a, "uv_cache", False))
     if a.json:

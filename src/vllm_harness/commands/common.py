@@ -39,7 +39,7 @@ def context_of(a, layout=None, variant=None):
     return Ctx(layout=layout, variant=variant, quiet=getattr(a, "json", False), force=getattr(a, "force", False),
                python=getattr(a, "python", None), jobs=getattr(a, "jobs", None), arch=getattr(a, "arch", None),
                no_wait=getattr(a, "no_wait", False), rebuild=getattr(a, "rebuild", False),
-               cache=getattr(a, "cache", None), nvcc_threads=getattr(a, "nvcc_threads", None), bundle=bundle_of(a) if hasattr(a, "from_bundle") else None)
+               cache=getattr(a, "cache", None), farm=getattr(a, "farm", None), nvcc_threads=getattr(a, "nvcc_threads", None), bundle=bundle_of(a) if hasattr(a, "from_bundle") else None)
 
 
 def print_json(a, data: dict) -> None:

@@ -7,19 +7,31 @@ from pathlib import Path
 
 from vllm_harness.commands import compat_plan as cli_support
 from vllm_harness.commands.common import layout_of, print_json
-from vllm_harness.core.errors import EXIT_OK, EXIT_PROBLEM
-from vllm_harness.facts import compat, machine, machine_profile, planner
+from vllm_harness.core import masking, writer
+from vllm_harness.core.errors import EXIT_OK, EXIT_PROBLEM, UsageError
+from vllm_harness.facts import compat, fleet, machine, machine_profile, planner
 from vllm_harness.facts import index_metadata as im
+
+#: the first line of the generated lock: how a file `compat --refresh --out` may replace is known
+LOCK_MARK = im._HEADER.splitlines()[0].encode()
 
 
 def compat_command(a, layout, out) -> int:
     lock = Path(a.out) if getattr(a, "out", None) else compat.LOCK_PATH
     cache = layout.state / "cache" / "index"
     if a.refresh:
+        for flag, url in (("--index-url", a.index_url), ("--pytorch-index", a.pytorch_index)):
+            if url:   # before any request: a URL an HTTP client would misread (and print) is refused
+                masking.check_url(url, flag)
+        # the target is judged before the index is read: a link, a hard link or a file the harness did not
+        # write (its GENERATED line) is refused now, unless --force for the last
+        writer.check_target(lock, what="compat --out", force=getattr(a, "force", False), marker=LOCK_MARK,
+                            fix="Give a new --out FILE, or pass --force to replace it.")
         layout.ensure()   # the cache lives in the state folder, which carries the harness's marker
-        res = im.refresh(out_path=lock, index=a.index_url or im.DEFAULT_INDEX,
-                         pytorch_index=a.pytorch_index or im.PYTORCH_INDEX, cache_dir=cache,
-                         progress=not a.json and sys.stderr.isatty())
+        with writer.permitted(lock if getattr(a, "force", False) else None):
+            res = im.refresh(out_path=lock, index=a.index_url or im.DEFAULT_INDEX,
+                             pytorch_index=a.pytorch_index or im.PYTORCH_INDEX, cache_dir=cache,
+                             progress=not a.json and sys.stderr.isatty())
         compat.load.cache_clear()
         if a.json:
             out(a, res.to_dict())
@@ -50,15 +62,20 @@ def compat_command(a, layout, out) -> int:
 
 
 def plan_command(a, layout, out) -> int:
-    if a.machine:
-        profile, name = machine_profile.load_profile(Path(a.machine)), Path(a.machine).stem
+    machines = a.machine if isinstance(a.machine, list) else ([a.machine] if a.machine else [])
+    if len(machines) > 1:
+        return _fleet(a, machines, out)
+    if a.write:   # the name and the target before anything is probed or read
+        planner.check_write(Path(a.write), getattr(a, "force", False))
+    if machines:
+        profile, name = machine_profile.load_profile(Path(machines[0])), Path(machines[0]).stem
     else:
         profile, name = machine.probe(layout.state), "this machine"
     data = compat.load()
     report = planner.plan(profile, data, name)
     written = None
     if a.write:
-        written = planner.write_variant(report, data, Path(a.write))
+        written = planner.write_variant(report, data, Path(a.write), force=getattr(a, "force", False))
     pub = planner.public(report)
     if written is not None:
         pub["written"] = str(written)
@@ -69,6 +86,26 @@ def plan_command(a, layout, out) -> int:
         if written is not None:
             print(f"wrote {written}: build it with `nox -s build-{written.stem}`")
     return EXIT_OK if report.get("recommendation") else EXIT_PROBLEM
+
+
+def _fleet(a, machines: list[str], out) -> int:
+    """Several --machine: the fewest variants that serve them all (facts/fleet.py)."""
+    if a.write:
+        raise UsageError("plan --write writes one machine's variant; with several --machine, plan prints the "
+                         "fleet's variants and writes nothing.",
+                         "Write each variant with `invoke plan --machine FILE --write envs/NAME.toml` for a machine "
+                         "it serves.")
+    names = [Path(m).stem for m in machines]
+    if len(set(names)) != len(names):
+        raise UsageError(f"plan --machine: two profiles share a name ({', '.join(sorted(names))}); each machine "
+                         "is named by its file's stem.", "Give each profile a file name of its own.")
+    profiles = [(Path(m).stem, machine_profile.load_profile(Path(m))) for m in machines]
+    rep = fleet.plan_fleet(profiles, compat.load())
+    if a.json:
+        out(a, rep)
+    else:
+        fleet.render_fleet(rep)
+    return EXIT_OK if not rep["unserved"] else EXIT_PROBLEM
 
 
 def cmd_compat(a) -> int:

@@ -1,12 +1,29 @@
 """`invoke diagnose`: the cause and fix of a failed log (default: the last failed step's)."""
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from vllm_harness import diagnose
 from vllm_harness.commands.common import layout_of, print_json, variant_of
+from vllm_harness.core import safeio
 from vllm_harness.core.errors import HarnessError, UsageError
 from vllm_harness.steps.probe import load_record
+
+
+FIX = "Give the path of a build or install log, or - for stdin (`cat FILE | invoke diagnose --log -`)."
+
+
+def _check_log(log: str, what: str) -> None:
+    """A log is a regular file: anything else is named for what it is (a FIFO would block the read, /dev/zero
+    would never end) and not read."""
+    try:
+        regular = stat.S_ISREG(os.stat(log).st_mode)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {log}: no such file.", FIX) from None
+    if not regular:  # safeio's bounded reader opens it without blocking and says what it is, reading nothing
+        safeio.read_bytes(log, what, 0, FIX)
 
 
 def cmd_diagnose(a) -> int:
@@ -22,8 +39,8 @@ def cmd_diagnose(a) -> int:
             context = variant_of(layout, last.get("variant")).fix_context()
         except HarnessError:
             context = {}
-    elif log != "-" and not Path(log).is_file():
-        raise UsageError(f"--log {log}: no such file.", "Give the path of a build or install log, or - for stdin.")
+    if log != "-":
+        _check_log(log, "--log" if a.log else "The last failed step's log")
     if a.variant:
         context = variant_of(layout, a.variant).fix_context()
     if log != "-" and Path(log).name == "probe.log":

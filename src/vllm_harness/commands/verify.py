@@ -29,11 +29,12 @@ def cmd_verify(a) -> int:
         if not py.exists():
             raise UsageError(f"--python {py}: no such file.", "Give the python of an env that has vLLM.")
         env = toolkit.clean_env()
-        result = verify_mod.run_verify(py, a.device or "cuda", ["vllm"], ["vllm._C"],
+        result = verify_mod.run_verify(py, a.device or "cuda", ["vllm"], [],  # []: every extension vllm ships
                                        ["rms_norm", "fused_add_rms_norm", "silu_and_mul"], env, **opts)
         text, code = verify_mod.verdict(result, a.device or "cuda", a.allow_no_gpu)
         return _show_verdict(a, result, text, code)
-    ctx = context_of(a)
+    layout = layout_of(a)
+    ctx = context_of(a, layout, variant_of(layout, _built_file(layout, a.variant)))
     if not ctx.py.exists():
         raise UsageError(f"Variant {ctx.name} has no env yet ({ctx.venv}).", f"Run `nox -s build-{ctx.name}` first.")
     log = ctx.log("verify")
@@ -66,6 +67,16 @@ def cmd_verify(a) -> int:
     if a.json:
         print_json(a, res)
     return code
+
+
+def _built_file(layout, given: str | None) -> str | None:
+    """What to load for ``--variant``: a bare NAME that the last build loaded from a file outside envs/
+    (``build-variant --variant path/NAME.toml``) is that file, as build-variant was given it."""
+    last = layout.read_last_built()
+    if given and "/" not in given and not given.endswith(".toml") and last and "/" in last \
+            and Path(last).stem == given and not any((d / f"{given}.toml").is_file() for d in layout.envs_dirs):
+        return last
+    return given
 
 
 def _verify_wheel(a, ccs: list[str]) -> int:

@@ -5,6 +5,8 @@ It reads a line protocol on stdin from the one harness process that holds the pi
     g PGID / -g PGID   a process group to end if the harness dies (a build command, a compile probe)
     t PID  / -t PID    a process tree to end (a compiler-cache server and the compiles it runs)
     f PATH / -f PATH   a file to remove (the server's socket)
+    o TAG              the harness's owner tag: every process whose environment holds VLLM_HARNESS_OWNER=TAG
+                       (what the harness started, and what that started, a setsid daemon included)
     bye                the harness is exiting normally: leave everything as it is
 
 End of file without ``bye`` means the harness died (SIGKILL, the OOM killer): every group gets SIGTERM and,
@@ -52,9 +54,23 @@ def _end_tree(root: int) -> None:
             pass
 
 
+def _tagged(tag: str) -> list:
+    needle = f"VLLM_HARNESS_OWNER={tag}".encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                with open(f"/proc/{d}/environ", "rb") as fh:
+                    if needle in fh.read().split(b"\0"):
+                        out.append(int(d))
+            except OSError:
+                continue
+    return out
+
+
 def main() -> None:
-    groups, trees, files = set(), set(), set()
-    sets = {"g": groups, "t": trees, "f": files}
+    groups, trees, files, owners = set(), set(), set(), set()
+    sets = {"g": groups, "t": trees, "f": files, "o": owners}
     for raw in sys.stdin.buffer:
         line = raw.decode("utf-8", "surrogateescape").rstrip("\n")
         if line == "bye":
@@ -63,7 +79,7 @@ def main() -> None:
         kind = op.lstrip("-")
         if kind not in sets or not arg:
             continue
-        value = arg if kind == "f" else int(arg)
+        value = arg if kind in ("f", "o") else int(arg)
         (sets[kind].discard if op.startswith("-") else sets[kind].add)(value)
     for root in trees:
         _end_tree(root)
@@ -86,6 +102,9 @@ def main() -> None:
                     alive.discard(g)
             time.sleep(0.1)
         groups = alive
+    for tag in owners:  # what left the groups (setsid daemons), after the groups had their SIGTERM
+        for root in _tagged(tag):
+            _end_tree(root)
     for f in files:
         try:
             os.unlink(f)

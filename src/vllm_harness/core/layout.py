@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_harness.core import safeio
+from vllm_harness.core import safeio, writer
 from vllm_harness.core.errors import UsageError
 
 #: a variant's name (envs/NAME.toml, nox's build-NAME, the state folder's entries): the one rule
@@ -137,9 +137,8 @@ class Layout:
         record = {"tool": "vllm-harness", "path": str(st.resolve()),
                   "how": "upgraded" if rec else ("created" if created else "adopted an empty folder"),
                   "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        tmp = st / f"{self.MARKER}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-        os.replace(tmp, st / self.MARKER)
+        # never through a link planted as the marker; the temporary name starts with the marker's (not foreign)
+        writer.write_file(st / self.MARKER, json.dumps(record) + "\n", what="State folder marker", force=True)
 
     def is_state_folder(self) -> bool:
         return self._forbidden() is None and self._marker_record() is not None
@@ -178,15 +177,17 @@ class Layout:
         return f"Delete {path} (the harness writes it again), or run `invoke clean --all`."
 
     def read_last_built(self) -> str | None:
-        """The variant built last, or None; a corrupt record is a UsageError naming the file and its reset."""
+        """The variant built last, or None: its name, or the path of its file when the build was given one
+        (``build-variant --variant path/NAME.toml``: the second line); a corrupt record is a UsageError naming
+        the file and its reset."""
         p = self.last_built
         if not p.exists() and not p.is_symlink():
             return None
         raw = safeio.read_bytes(p, "State file", 4096, self._reset_fix(p))
-        name = raw.decode("utf-8", "replace").strip()
-        if not NAME_RE.match(name):
+        name, _, path = raw.decode("utf-8", "replace").strip().partition("\n")
+        if not NAME_RE.match(name) or (path and Path(path).stem != name):
             raise UsageError(f"State file {p} is corrupt (not a variant name: {name[:40]!r}).", self._reset_fix(p))
-        return name
+        return path or name
 
     def read_last_failed(self) -> dict | None:
         """{variant, step, log} of the last failed step, or None; a corrupt record is a UsageError."""

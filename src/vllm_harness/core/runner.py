@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_harness.core import masking, procs
+from vllm_harness.core import masking, procs, writer
 from vllm_harness.core.errors import StepFailed
 
 NINJA_RE = re.compile(rb"\[(\d+)/(\d+)\]")
@@ -62,10 +62,9 @@ class StepLog:
     append: bool = False   # a later command of the same step: the log goes on (no new .prev.log)
 
     def open(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and not self.append:
-            os.replace(self.path, self.path.with_name(self.path.stem + ".prev.log"))
-        return open(self.path, "ab", buffering=0)
+        """The log, unbuffered; never written through a link (core.writer.open_log refuses one)."""
+        return writer.open_log(self.path, append=self.append,
+                               previous=self.path.with_name(self.path.stem + ".prev.log"))
 
 
 class Progress:
@@ -253,7 +252,5 @@ def _rel(p: Path) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(mask(json.dumps(data, indent=2)))
-    os.replace(tmp, path)
+    """A state file (in the harness's own folder: no ownership check), atomically, never through a link."""
+    writer.write_file(path, mask(json.dumps(data, indent=2)), what="State file", force=True)

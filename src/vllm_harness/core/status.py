@@ -4,11 +4,14 @@ A step is done when its recorded key equals the key of its inputs now; keys chai
 includes the previous step's), so a change to the variant's torch re-runs everything after torch, and
 a change to its post-install packages re-runs only post-install and verify.  A failed or interrupted
 step clears itself and every later step and sets ``built = false``: an env is never left looking good.
-Writes are atomic (temp file + rename).
+Writes are atomic (temp file + rename).  A write the machine refuses (a full disk, a read-only folder) leaves
+no temporary file behind and never a step recorded as "running": the record is removed instead (the next run
+starts the variant over) when the new one cannot be written in the space the old one frees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vllm_harness.core import masking, safeio
+from vllm_harness.core import masking, oserrors, safeio
 from vllm_harness.core.errors import UsageError
 
 STEPS = ["fetch", "prepare", "env", "torch", "deps", "build", "post-install", "verify"]
@@ -59,6 +62,10 @@ class Status:
             if not _well_formed(loaded):
                 raise UsageError(f"Status file {path} is corrupt (not the record the harness writes).", fix)
             self.data = loaded
+        self._running_on_disk = self._running()   # what the record on disk says (put right if a write fails)
+
+    def _running(self) -> bool:
+        return any(s.get("status") == "running" for s in self.data["steps"].values())
 
     @property
     def built(self) -> bool:
@@ -102,7 +109,38 @@ class Status:
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._write()
+        except OSError as e:
+            if not oserrors.refused(e):   # not the machine's refusal (full, read-only): raised as it is
+                raise
+            raise oserrors.refusal(e, "Status file", self.path, self._put_right()) from None
+        self._running_on_disk = self._running()
+
+    def _write(self) -> None:
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(masking.mask(json.dumps(self.data, indent=2, sort_keys=True)))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(masking.mask(json.dumps(self.data, indent=2, sort_keys=True)))
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):   # never a half-written file left on a full disk
+                tmp.unlink()
+            raise
+
+    def _put_right(self) -> str:
+        """After a refused write, a record on disk that says a step is running is not left so: it is removed
+        (and this record written once more in the space that frees).  Returns what was done, for the message."""
+        if not self._running_on_disk:
+            return "; the status on disk was not changed"
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            return ""   # a read-only folder: nothing can be put right there
+        try:
+            self._write()
+        except OSError:
+            self._running_on_disk = False
+            return "; its record was removed rather than left saying a step is running (the next run starts over)"
+        self._running_on_disk = self._running()
+        return "; the step's outcome was recorded in the space its old record freed"

@@ -15,6 +15,7 @@ Kept free of the harness's imports: it needs only torch and the env's own packag
 
 import argparse
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -43,7 +44,7 @@ NO_KERNEL = re.compile(r"no kernel image is available", re.I)
 def probe():
     """Where the env's packages are, without importing them."""
     out = {"python": sys.executable, "python_version": platform.python_version(), "packages": {},
-           "site_packages": []}
+           "site_packages": [], "ext_suffixes": list(importlib.machinery.EXTENSION_SUFFIXES)}
     try:
         out["site_packages"] = list(site.getsitepackages())
     except AttributeError:

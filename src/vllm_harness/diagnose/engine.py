@@ -23,8 +23,15 @@ one streaming pass over binary chunks (never reading it whole):
   number of the line where the match begins.  Blocks are scanned with the lines around them as
   context (also the parts of a parallel scan), so chunk boundaries change nothing.  Rules name a
   second literal (``wrap_anchors``) for messages a break could cut through their first one;
+* a line without capital letters (a message pasted in lower case) is matched with the patterns made
+  case-insensitive; the prefilter finds it through the anchors' lower-cased forms, literals like the others;
 * a failure id is reported once, at its first occurrence; once an id is found its anchors leave
-  the prefilter, and the scan stops as soon as nothing is left to look for;
+  the prefilter, and the scan stops as soon as nothing is left to look for; a finding whose rule has
+  ``recovered_by`` patterns is withdrawn by a later line matching one (the retry got through, the install
+  went on: their anchors join the prefilter while it stands; once per id; within one part of a parallel
+  scan);
+* the fix of a rule with ``fixes`` is chosen by the message and the lines just before it (the import line
+  of a traceback names the package);
 * when nothing is recognised, the report carries the first error block (``error:``, ``Error``,
   ``FAILED``, ``Traceback``... and the lines after it) so that the user starts at the right line;
 * files of :data:`PARALLEL_MIN_BYTES` or more are split at line boundaries and scanned by
@@ -92,6 +99,8 @@ FIRST_ERROR_BLOCK = 15
 HS_BATCH = 512
 #: Lines remembered per scan as matching nothing on their own (logs repeat near-miss lines).
 SEEN_LINES = 4096
+#: Lines before a message that a rule's ``fixes`` look at (the import line of a traceback).
+FIX_CONTEXT_LINES = 4
 
 
 
@@ -139,6 +148,20 @@ SEEN_LINES = 4096
 
 # --------------------------------------------------------------------------------------------
 # scanning
+
+
+_TRIE_CACHE: dict[tuple[tuple[bytes, ...], bool], re.Pattern[bytes] | None] = {}
+
+
+def _trie_cached(words: Iterable[bytes], overlapping: bool = False) -> re.Pattern[bytes] | None:
+    """:func:`_trie_regex`, compiled once per word list and process (a scan rebuilds its prefilter after
+    every finding, and the same lists recur from log to log)."""
+    key = (tuple(words), overlapping)
+    if key not in _TRIE_CACHE:
+        if len(_TRIE_CACHE) > 256:
+            _TRIE_CACHE.clear()
+        _TRIE_CACHE[key] = _trie_regex(key[0], overlapping)
+    return _TRIE_CACHE[key]
 
 
 def _trie_regex(words: Iterable[bytes], overlapping: bool = False) -> re.Pattern[bytes] | None:
@@ -214,15 +237,29 @@ class _Scanner:
             )
         self.rules = list(rules)
         self.order = {r.id: i for i, r in enumerate(self.rules)}
-        self.found: dict[str, tuple[int, str, int]] = {}  # id: line, evidence, pattern
+        # id: line, evidence, pattern, fix (-1: the rule's own, else the index of its ``fixes``)
+        self.found: dict[str, tuple[int, str, int, int]] = {}
         self.first_error: list[tuple[int, str]] = []
         self.track_first_error = True
         self.pending_error_lines = 0
         self.error_started = False  # the first error line was just seen: copy the lines after it
         self.anchor_rules: dict[bytes, list[Rule]] = {}
+        self.recovery_rules: dict[bytes, list[Rule]] = {}
+        #: ids whose finding a later line withdrew once: found again, their finding stands (a scan never
+        #: goes back and forth on one failure)
+        self.recovered: set[str] = set()
         for rule in self.rules:
-            for anchor in rule.anchors:
+            for anchor in rule.anchors + rule.lower_anchors:
                 self.anchor_rules.setdefault(anchor, []).append(rule)
+            for anchor in rule.recovery_anchors:
+                self.recovery_rules.setdefault(anchor, []).append(rule)
+        # for a line that holds anchors: which ones (also overlapping ones and prefixes), of every rule: built
+        # once (the anchors of the failures already found are ignored where the line is read)
+        self.all_words = tuple(
+            dict.fromkeys([*self.anchor_rules, *self.recovery_rules, *_FIRST_ERROR_ANCHORS])
+        )
+        self.overlapping = _trie_cached(self.all_words, overlapping=True)
+        self.prefixes: dict[bytes, list[bytes]] = {}
         self._rebuild()
 
     # -- prefilter -------------------------------------------------------------------------
@@ -232,7 +269,12 @@ class _Scanner:
         self.active_anchors = [
             a for a, rs in self.anchor_rules.items() if any(self._open(r) for r in rs)
         ]
-        words = list(self.active_anchors)
+        # a finding that a later line can withdraw (the step went on): that line's anchors
+        active = set(self.active_anchors)
+        words = list(self.active_anchors) + [
+            a for a, rs in self.recovery_rules.items()
+            if a not in active and any(r.id in self.found and r.id not in self.recovered for r in rs)
+        ]
         if self.track_first_error:
             words += _FIRST_ERROR_ANCHORS
         self.scan_words = words
@@ -254,13 +296,10 @@ class _Scanner:
                 if _BYTE_FREQ.get(chr(first), 2) <= _OWN_SEARCH_PERMILLE:
                     trie_words += group
                 else:
-                    searches.append(_trie_regex(group))  # type: ignore[arg-type]
-            main = _trie_regex(trie_words)
+                    searches.append(_trie_cached(group))  # type: ignore[arg-type]
+            main = _trie_cached(trie_words)
             self.searches = ([main] if main is not None else []) + searches
         self.seen: dict[bytes, tuple[tuple[Rule, ...], dict[bytes, tuple[int, int]]]] = {}
-        # for a line that holds anchors: which ones (also overlapping ones and prefixes)
-        self.overlapping = _trie_regex(words, overlapping=True)
-        self.prefixes: dict[bytes, list[bytes]] = {}
 
     def _open(self, rule: Rule) -> bool:
         """Is ``rule`` still looked for: not found yet, or found by weak evidence only (strong
@@ -385,7 +424,7 @@ class _Scanner:
         and the line's bounds in it, for the lines around it)."""
         seen = self.seen.get(region)
         if seen is None:
-            changed, missed, present, segments, want_error = self._check_line(region, line_no)
+            changed, missed, present, segments, want_error = self._check_line(region, line_no, where)
             if not changed and not (want_error and not self.first_error):
                 if len(self.seen) >= SEEN_LINES:
                     self.seen.clear()
@@ -406,10 +445,11 @@ class _Scanner:
                 for rule in missed:
                     if not self._open(rule):
                         continue
-                    hit, n = _first_match(rule.patterns, text, starts, line_no)
+                    hit, n = _first_match(self._patterns(rule, text), text, starts, line_no)
                     if hit and self._takes(rule, n):
                         at = max(k for k, (off, _) in enumerate(starts) if off <= hit.start())
-                        self.found[rule.id] = (starts[at][1], _evidence(text, hit), n)
+                        fix = self._fix_choice(rule, text, where)
+                        self.found[rule.id] = (starts[at][1], _evidence(text, hit), n, fix)
                         changed = True
         if changed and self.track_first_error and _standing(self.rules, self.found):
             # the first error block is only reported when nothing is recognised
@@ -426,8 +466,44 @@ class _Scanner:
                 return True
         return changed
 
+    @staticmethod
+    def _patterns(rule: Rule, text: str) -> tuple[re.Pattern[str], ...]:
+        """The rule's patterns; case-insensitive on a text without a capital letter (a message pasted in lower
+        case: it holds the rule's anchors lower-cased, which the prefilter looks for as literals too)."""
+        return rule.folded if text == text.lower() else rule.patterns
+
+    def _fix_choice(self, rule: Rule, text: str, where: tuple[bytes, int, int] | None) -> int:
+        """Which of the rule's fixes fits: ``when`` is matched on the message and the lines just before it
+        (a traceback's import line names the package that failed)."""
+        if not rule.fixes:
+            return -1
+        if where is not None:
+            block, ls, _le = where
+            start = ls
+            for _ in range(FIX_CONTEXT_LINES):
+                if start <= 0:
+                    break
+                start = block.rfind(b"\n", 0, start - 1) + 1
+            text = " ".join(_clean_segments(block[start:ls][-MAX_LINE_CHARS:])) + " " + text
+        return rule.fix_for(text)
+
+    def _recover(self, region: bytes, present: dict[bytes, tuple[int, int]], line_no: int) -> bool:
+        """Withdraw the findings that this line says were recovered from (a retry that succeeded, the step
+        going on); their rules are looked for again, and a failure found again after that stands."""
+        changed = False
+        for anchor in present:
+            for rule in self.recovery_rules.get(anchor, ()):
+                found = self.found.get(rule.id)
+                if found is None or found[0] >= line_no or rule.id in self.recovered:
+                    continue
+                if any(p.search(seg) for seg in _clean_segments(region) for p in rule.recovered):
+                    del self.found[rule.id]
+                    self.recovered.add(rule.id)
+                    changed = True
+        return changed
+
     def _check_line(
-        self, region: bytes, line_no: int
+        self, region: bytes, line_no: int, where: tuple[bytes, int, int] | None = None
     ) -> tuple[bool, tuple[Rule, ...], dict[bytes, tuple[int, int]], list[str], bool]:
         """Match the failures whose anchors ``region`` holds on the line alone.  Returns whether
         one was found, the failures not found and the anchors seen (for the wrapped reading),
@@ -438,10 +514,11 @@ class _Scanner:
                 word = m.group(1)
                 prefixes = self.prefixes.get(word)
                 if prefixes is None:  # the trie matched the longest word; shorter ones count too
-                    prefixes = self.prefixes[word] = [p for p in self.scan_words if word.startswith(p)]
+                    prefixes = self.prefixes[word] = [p for p in self.all_words if word.startswith(p)]
                 at = m.start()
                 for p in prefixes:
                     present[p] = (present[p][0] if p in present else at, at + len(p))
+        changed = bool(self.recovery_rules) and self._recover(region, present, line_no)
         rules: list[Rule] = []
         for anchor in present:
             for rule in self.anchor_rules.get(anchor, ()):
@@ -449,17 +526,17 @@ class _Scanner:
                     rules.append(rule)
         want_error = self.track_first_error and not present.keys().isdisjoint(_FIRST_ERROR_ANCHORS)
         if not rules and not want_error:
-            return False, (), {}, [], False
-        changed = False
+            return changed, (), {}, [], False
         segments = _clean_segments(region)
         rules.sort(key=lambda r: self.order[r.id])
         missed: list[Rule] = []
         for rule in rules:
             for seg in segments:
-                hit, n = _first_match(rule.patterns, seg)
+                hit, n = _first_match(self._patterns(rule, seg), seg)
                 if hit:
                     if self._takes(rule, n):
-                        self.found[rule.id] = (line_no, _evidence(seg, hit), n)
+                        fix = self._fix_choice(rule, seg, where)
+                        self.found[rule.id] = (line_no, _evidence(seg, hit), n, fix)
                         changed = True
                     break
             else:

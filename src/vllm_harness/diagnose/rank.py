@@ -10,8 +10,8 @@ from vllm_harness.diagnose.rules import Rule, _reachability
 
 
 def _standing(
-    rules: Sequence[Rule], found: Mapping[str, tuple[int, str, int]]
-) -> dict[str, tuple[int, str, int]]:
+    rules: Sequence[Rule], found: Mapping[str, tuple[int, str, int, int]]
+) -> dict[str, tuple[int, str, int, int]]:
     """The findings that stand: a failure found only by weak evidence that cannot stand alone
     (``weak_alone = false``) is dropped when no other finding stands next to it."""
     by_id = {r.id: r for r in rules}
@@ -22,7 +22,7 @@ def _standing(
 
 
 def _rank(
-    rules: Sequence[Rule], found: Mapping[str, tuple[int, str, int]]
+    rules: Sequence[Rule], found: Mapping[str, tuple[int, str, int, int]]
 ) -> tuple[list[str], dict[str, list[str]], dict[str, dict[str, Any]]]:
     """Order the findings root cause first.
 

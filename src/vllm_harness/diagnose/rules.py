@@ -21,12 +21,12 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 #: Wording used for a missing context key when the fix gives no fallback of its own.
 GENERIC_WORDING = {
-    "cuda": "the variant's CUDA version",
-    "torch": "the variant's PyTorch version",
-    "torch_index": "the variant's PyTorch index URL",
+    "cuda": "<version>",
+    "torch": "<version>",
+    "torch_index": "<the variant's PyTorch index>",
     "variant": "<variant>",
-    "python": "the environment's Python",
-    "xformers": "the xformers release built for the variant's PyTorch",
+    "python": "<version>",
+    "xformers": "xformers==<the release built for this PyTorch>",
     "cmake_min": "3.26",
 }
 _CACHE: dict[tuple[str, int, int], list[Rule]] = {}
@@ -58,8 +58,13 @@ _PLACEHOLDER_RE = re.compile(r"\{(\w+)(?:\|([^{}]*))?\}")
 
 _RULE_KEYS = {
     "id", "severity", "patterns", "weak_patterns", "cause", "fix", "implies", "explains", "hides", "anchors",
-    "wrap_anchors", "reported_by", "weak_alone",
+    "wrap_anchors", "reported_by", "weak_alone", "fixes", "recovered_by",
 }
+
+
+#: Keys of one entry of a failure's ``fixes`` (a fix for the logs whose message, or the lines just before
+#: it, match ``when``).
+_FIX_KEYS = {"when", "fix"}
 
 
 _REQUIRED_KEYS = ("id", "severity", "patterns", "cause", "fix")
@@ -158,11 +163,21 @@ class Rule:
     #: False: found only by its weak patterns, the failure is reported only next to another finding
     #: (the weak wording is an after-effect that alone names no cause)
     weak_alone: bool = True
+    #: the same patterns, case-insensitive: tried on a line that holds an anchor only lower-cased (a message
+    #: pasted in lower case)
+    folded: tuple[re.Pattern[str], ...] = ()
+    #: the anchors lower-cased (those that differ from every anchor): literal, so still a prefilter
+    lower_anchors: tuple[bytes, ...] = ()
+    #: (when, fix): the fix for a finding whose message or the lines just before it match ``when``
+    fixes: tuple[tuple[re.Pattern[str], str], ...] = ()
+    #: a later line matching one of these says the step went on (a retry succeeded): the finding is withdrawn
+    recovered: tuple[re.Pattern[str], ...] = ()
+    recovery_anchors: tuple[bytes, ...] = ()
 
     def strength(self, pattern: int) -> str:
         return "weak" if 0 <= self.strong <= pattern else "strong"
 
-    def takes(self, found: tuple[int, str, int] | None, pattern: int) -> bool:
+    def takes(self, found: tuple[int, str, int, int] | None, pattern: int) -> bool:
         """Does a match of pattern ``pattern`` make this rule's finding, given the one ``found`` so far
         (None: nothing yet)?  Strong evidence takes the place of weak evidence, never the reverse."""
         return found is None or (self.strength(found[2]) == "weak" and self.strength(pattern) == "strong")
@@ -174,6 +189,19 @@ class Rule:
     @property
     def sources(self) -> tuple[str, ...]:
         return tuple(p.pattern for p in self.patterns)
+
+    def fix_for(self, text: str) -> int:
+        """Index of the first of ``fixes`` whose ``when`` matches ``text`` (-1: the rule's own fix)."""
+        return next((n for n, (when, _fix) in enumerate(self.fixes) if when.search(text)), -1)
+
+    def params(self, evidence: str, pattern: int) -> dict[str, str]:
+        """The values a pattern's named groups (``(?P<cmake_min>...)``) take in the finding's evidence."""
+        for pats in (self.patterns, self.folded):
+            if 0 <= pattern < len(pats):
+                m = pats[pattern].search(evidence)
+                if m:
+                    return {k: v for k, v in m.groupdict().items() if v}
+        return {}
 
 
 @dataclass
@@ -382,15 +410,7 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
         if severity not in SEVERITIES:
             raise _bad(path, where, "severity", f"{severity!r} is not one of {SEVERITIES}")
         cause = _check_str(path, where, entry, "cause")
-        fix = _check_str(path, where, entry, "fix")
-        for m in _PLACEHOLDER_RE.finditer(fix):
-            if m.group(1) not in CONTEXT_KEYS:
-                raise _bad(
-                    path, where, "fix", f"unknown placeholder {{{m.group(1)}}} (known: {CONTEXT_KEYS})"
-                )
-        leftover = _PLACEHOLDER_RE.sub("", fix)
-        if "{" in leftover or "}" in leftover:
-            raise _bad(path, where, "fix", "unbalanced '{' or '}' (placeholders are {key} or {key|fallback})")
+        fix = _check_fix(path, where, "fix", _check_str(path, where, entry, "fix"))
 
         sources = _check_str_list(path, where, entry, "patterns", empty_ok=False)
         weak = _check_str_list(path, where, entry, "weak_patterns", empty_ok=True)
@@ -437,16 +457,32 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
         wrap = _check_str_list(path, where, entry, "wrap_anchors", empty_ok=True)
         anchors = tuple(dict.fromkeys(anchors + tuple(a.encode("utf-8") for a in wrap)))
 
+        lower = tuple(dict.fromkeys(a.lower() for a in anchors if a.lower() not in anchors))
+        fixes = _parse_fixes(path, where, entry.get("fixes", []))
+        recovered = tuple(
+            _compile(path, where, "recovered_by", n, src)
+            for n, src in enumerate(_check_str_list(path, where, entry, "recovered_by", empty_ok=True), 1)
+        )
+        recovery_anchors: list[bytes] = []
+        for n, pat in enumerate(recovered, 1):
+            found_anchors = _derive_anchors(pat)
+            if found_anchors is None:
+                raise _bad(path, where, "recovered_by", f"pattern #{n} {pat.pattern!r} has no literal of "
+                           f"{MIN_ANCHOR}+ characters to anchor the prefilter")
+            recovery_anchors.extend(a.encode("utf-8") for a in found_anchors)
+
         implies = _check_str_list(path, where, entry, "implies", empty_ok=True)
         implies += [
             h for h in _check_str_list(path, where, entry, "hides", empty_ok=True) if h not in implies
         ]
         explains = _check_str_list(path, where, entry, "explains", empty_ok=True)
         edges = {a: edges.get(a, (True, True)) for a in anchors}
+        edges.update({a.lower(): edges[a] for a in anchors if a.lower() in lower})
+        folded = tuple(re.compile(p.pattern, re.IGNORECASE) for p in compiled)
         rules.append(
             Rule(
                 rid, severity, tuple(compiled), cause, fix, tuple(implies), anchors, tuple(explains), strong, edges,
-                weak_alone,
+                weak_alone, folded, lower, fixes, recovered, tuple(dict.fromkeys(recovery_anchors)),
             )
         )
 
@@ -467,6 +503,39 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
         if rule.id in reach[rule.id]:
             raise _bad(path, f"failure '{rule.id}'", "implies", "cycle in implies/explains/hides")
     return rules
+
+
+def _compile(path: Path | str, where: str, key: str, n: int, src: str) -> re.Pattern[str]:
+    try:
+        return re.compile(src)
+    except re.error as exc:
+        raise _bad(path, where, key, f"pattern #{n} {src!r} is not a valid regex: {exc}") from None
+
+
+def _check_fix(path: Path | str, where: str, key: str, fix: Any) -> str:
+    if not isinstance(fix, str) or not fix.strip():
+        raise _bad(path, where, key, "must be a non-empty string")
+    for m in _PLACEHOLDER_RE.finditer(fix):
+        if m.group(1) not in CONTEXT_KEYS:
+            raise _bad(path, where, key, f"unknown placeholder {{{m.group(1)}}} (known: {CONTEXT_KEYS})")
+    leftover = _PLACEHOLDER_RE.sub("", fix)
+    if "{" in leftover or "}" in leftover:
+        raise _bad(path, where, key, "unbalanced '{' or '}' (placeholders are {key} or {key|fallback})")
+    return fix
+
+
+def _parse_fixes(path: Path | str, where: str, value: Any) -> tuple[tuple[re.Pattern[str], str], ...]:
+    """``fixes = [{when = "regex", fix = "..."}, ...]``: the fix for the logs whose message matches ``when``."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise _bad(path, where, "fixes", "must be a list of tables {when = \"regex\", fix = \"...\"}")
+    out = []
+    for n, item in enumerate(value, 1):
+        if set(item) != _FIX_KEYS:
+            raise _bad(path, where, "fixes", f"entry #{n} must have exactly the keys {sorted(_FIX_KEYS)}")
+        if not isinstance(item["when"], str) or not item["when"]:
+            raise _bad(path, where, "fixes", f"entry #{n}: 'when' must be a non-empty regex")
+        out.append((_compile(path, where, "fixes", n, item["when"]), _check_fix(path, where, "fixes", item["fix"])))
+    return tuple(out)
 
 
 def load_knowledge(path: str | Path | None = None) -> list[Rule]:

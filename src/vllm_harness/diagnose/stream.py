@@ -153,7 +153,7 @@ def _scan(
 
 def _report(
     rules: Sequence[Rule],
-    found: Mapping[str, tuple[int, str, int]],
+    found: Mapping[str, tuple[int, str, int, int]],
     first_error: list[tuple[int, str]],
     context: Mapping[str, Any] | None,
     name: str,
@@ -164,7 +164,9 @@ def _report(
     findings = []
     for rid in ids:
         rule = by_id[rid]
-        line_no, evidence, _pattern = found[rid]
+        line_no, evidence, pattern, fix = found[rid]
+        # values the log itself names (the cmake version it asks for) win over the variant's
+        values = {**(context or {}), **rule.params(evidence, pattern)}
         findings.append(
             Finding(
                 id=rid,
@@ -172,7 +174,7 @@ def _report(
                 line=line_no,
                 evidence=evidence,
                 cause=rule.cause,
-                fix=render_fix(rule.fix, context),
+                fix=render_fix(rule.fixes[fix][1] if fix >= 0 else rule.fix, values),
                 explained_by=explained[rid],
                 rank=why[rid],
             )
@@ -254,15 +256,15 @@ def _diagnose_parallel(
             for i in range(len(points) - 1)
         ]
         results = [f.result() for f in futures]
-    found: dict[str, tuple[int, str, int]] = {}
+    found: dict[str, tuple[int, str, int, int]] = {}
     first_error: list[tuple[int, str]] = []
     offset = 0
     by_id = {r.id: r for r in rules}
     for index, (part_found, part_error, missing, lines) in enumerate(results):
-        for rid, (line_no, evidence, pattern) in part_found.items():
+        for rid, (line_no, evidence, pattern, fix) in part_found.items():
             # the first part's finding, unless it is weak and a later part has strong evidence
             if by_id[rid].takes(found.get(rid), pattern):
-                found[rid] = (line_no + offset, evidence, pattern)
+                found[rid] = (line_no + offset, evidence, pattern, fix)
         if not first_error and part_error:
             first_error = [(n + offset, text) for n, text in part_error]
             if missing:  # the block goes on in the next part(s)

@@ -16,6 +16,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
 from vllm_harness.core.findings import Finding
+from vllm_harness.facts import feasibility
 from vllm_harness.facts.compat import (
     CompatData,
     Fact,
@@ -63,17 +64,23 @@ class _Ctx:
     def torch_version(self) -> str:
         return Version(self.variant.torch["version"]).public
 
+    @property
+    def candidate(self) -> feasibility.Candidate:
+        """The variant as the feasibility judge sees it (facts/feasibility.py)."""
+        return feasibility.candidate_of(self.variant)
+
     def add(self, id: str, severity: str, subject: str, evidence: str, fix: str, check: str = "") -> None:
         self.findings.append(Finding(id, severity, subject=subject, evidence=evidence, fix=fix, check=check))
 
+    def judged(self, issues: Iterable[feasibility.Issue]) -> None:
+        """The feasibility judge's issues, as doctor's findings (the judge owns their rules and texts)."""
+        self.findings.extend(i.finding for i in issues)
+
     def skipped(self, check: str, subject: str, key: str) -> None:
-        self.add("check-skipped", "info", subject, f"the machine profile has no {key}, so this was not checked",
-                 f"probe the machine itself (`invoke doctor`) or add {key} to the profile", check)
+        self.judged([feasibility.skipped(check, subject, key)])
 
     def unknown(self, check: str, subject: str, what: str) -> None:
-        self.add("compat-unknown", "warning", subject,
-                 f"{what} is not in the compatibility data (src/vllm_harness/data/compat.toml); not checked",
-                 "add the facts with their source to data/compat.toml, or choose versions the data knows", check)
+        self.judged([feasibility.unknown(check, subject, what)])
 
     def not_found(self, tool: str) -> bool:
         return tool in (self.m.get("not_found") or [])

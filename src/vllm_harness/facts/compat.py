@@ -65,6 +65,7 @@ class TorchFacts:
     pypi_default_cuda: Fact
     cuda_variants: Fact
     arch: dict[str, Fact]    # CUDA 'X.Y' -> TORCH_CUDA_ARCH_LIST of its wheels
+    wheels: Fact | None = None   # tag of the PyPI wheel its metadata was read from (Linux x86_64): its glibc floor
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,8 @@ class CompatData:
             "torch": [Version(v) for v in self._torch]}
         if lock:
             self._merge_lock(lock)
+        self._platform = {arch: {k: self._fact(f"platform.{arch}.{k}", f) for k, f in table.items()}
+                          for arch, table in raw.get("platform", {}).items()}
         g = raw.get("gpus", {})
         self._dc = self._fact("gpus.datacenter_name_patterns", g["datacenter_name_patterns"]) \
             if "datacenter_name_patterns" in g else None
@@ -275,7 +278,9 @@ class CompatData:
             else:
                 variants = self._inherit_variants(v, str(cuda), hand_torch)
             arch = dict(hand.arch) if hand is not None else self._inherit_arch(v, hand_torch)
-            self._torch[v] = TorchFacts(v, python, default, variants, arch)
+            tags = _wheel_tag(str(t.get("metadata_from", "")))
+            wheels = self._ifact(tags, f"read from {t['metadata_from']}") if tags else None
+            self._torch[v] = TorchFacts(v, python, default, variants, arch, wheels)
             self._known["torch"].append(Version(v))
         for v, t in lock.get("xformers", {}).items():
             if "torch" in t:
@@ -385,6 +390,11 @@ class CompatData:
             return None   # a release after the data: nothing is known of it (doctor: compat-stale)
         return self._hand_vllm(version)
 
+    def platform(self, arch: str) -> dict[str, Fact]:
+        """The facts of ``[platform.<arch>]`` (what differs from Linux x86_64, which the index data is read
+        for): empty when the data says nothing of that platform."""
+        return dict(self._platform.get(arch, {}))
+
     def is_datacenter(self, gpu_name: str) -> bool | None:
         """True / False from the name patterns; None when the name matches neither list."""
         name = f" {gpu_name} "
@@ -411,6 +421,12 @@ def _norm(version: str) -> str:
         return Version(version).public
     except InvalidVersion:
         return version
+
+
+def _wheel_tag(filename: str) -> list[str]:
+    """'torch-2.7.0-cp312-cp312-manylinux_2_28_x86_64.whl' -> ['cp312-cp312-manylinux_2_28_x86_64']."""
+    m = re.fullmatch(r"[^-]+-[^-]+(?:-\d[^-]*)?-([^-]+-[^-]+-[^-]+)\.whl", filename)
+    return [m.group(1)] if m else []
 
 
 def major_minor(version: str) -> str:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from packaging.version import Version
 
+from vllm_harness.core import procs
+
 
 def _has_headers(root: Path) -> bool:
     return (root / "include" / "cuda_runtime.h").is_file() or bool(
@@ -182,8 +184,7 @@ TIMEOUT = 10.0
 def _run(argv: list[str], env: dict[str, str] | None = None, timeout: float = TIMEOUT) -> tuple[int, str] | None:
     """(returncode, stdout+stderr) of ``argv``; None when it cannot be run or times out."""
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                           stdin=subprocess.DEVNULL, check=False)
+        p = procs.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     except (OSError, subprocess.TimeoutExpired, ValueError):
         return None
     return p.returncode, (p.stdout or "") + (p.stderr or "")

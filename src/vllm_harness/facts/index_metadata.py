@@ -17,6 +17,11 @@ The result is written to ``data/compat.lock.toml`` (``source = "index-metadata"`
 changed.  Index pages are cached with their ETag, metadata by the file's sha256, under the state folder's
 ``cache/index/``.  An unreachable or broken index changes nothing and names the URL; a malformed metadata
 file is skipped with its name.
+
+Every read goes through ``core.fetcher`` (issue 26): a deadline per request and per refresh, a request budget,
+size caps (decompressed too; METADATA in a zip by its stored and inflated size), http/https links only.  Every
+value is checked before it can reach the lock: an index entry whose file name, version, URL or hash is not
+well-formed, or a release whose facts are not, is skipped with a note (``skipped``) and never written.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
+from vllm_harness.core import writer
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.facts.package_index import (
@@ -51,7 +57,9 @@ from vllm_harness.facts.package_index import (
     Release,
     _linux_x86_64,
     _python_tags,
+    dist_name_version,
     fetch_metadata,
+    file_problem,
     group_releases,
     parse_metadata,
     parse_simple_html,
@@ -64,6 +72,8 @@ DEFAULT_INDEX = "https://pypi.org/simple"
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
 LOCK_PATH = Path(__file__).resolve().parent.parent / "data" / "compat.lock.toml"
 PROJECTS = ("vllm", "torch", "xformers")
+REFRESH_DEADLINE_S = 900.0      # the whole refresh (a cold one reads ~600 files in about a minute)
+REFRESH_MAX_REQUESTS = 5000
 VLLM_PINS = ("torch", "torchvision", "torchaudio", "xformers", "flashinfer-python")
 # Where the wheels run: the harness builds for Linux x86_64 (markers of Requires-Dist are evaluated so).
 MARKER_ENV = {"platform_system": "Linux", "platform_machine": "x86_64", "sys_platform": "linux",
@@ -224,14 +234,17 @@ def pytorch_cuda_variants(http: Http, index: str) -> dict[str, list[str]]:
     """{torch public version: ['11.8', '12.4', ...]} from the PyTorch index's torch page (local tags +cuXYZ)."""
     url = f"{index.rstrip('/')}/torch/"
     body, ctype = http.page(url, f"{SIMPLE_JSON}, text/html;q=0.1")
-    files = parse_simple_json(body, url) if "json" in ctype else parse_simple_html(body, url)
+    try:
+        files = parse_simple_json(body, url) if "json" in ctype else parse_simple_html(body, url)
+    except ValueError as e:
+        raise FetchError(url, f"broken index page ({e})") from None
     out: dict[str, set[str]] = {}
     for f in files:
-        if not f.filename.endswith(".whl"):
-            continue
+        if not f.filename.endswith(".whl") or dist_name_version(f.filename) is None:
+            continue   # only the file name is read here: it must be one packaging parses, within the caps
         try:
             _n, v, _b, tags = parse_wheel_filename(f.filename)
-        except (InvalidWheelFilename, InvalidVersion):
+        except (InvalidWheelFilename, InvalidVersion, ValueError):
             continue
         m = re.fullmatch(r"cu(\d+)(\d)", v.local or "")
         if m and _linux_x86_64(tags) and not v.is_prerelease and not v.is_devrelease:
@@ -270,11 +283,14 @@ def _progress(enabled: bool):
 
 def refresh(out_path: Path = LOCK_PATH, index: str = DEFAULT_INDEX, pytorch_index: str | None = PYTORCH_INDEX,
             cache_dir: Path | None = None, workers: int = 16, progress: bool = False, today: str | None = None,
-            timeout: float = 20.0) -> RefreshResult:
-    """Read the index and (re)write ``out_path``.  Raises ``UsageError`` naming the URL when the index cannot
-    be read (the file is left as it was)."""
+            timeout: float = 20.0, deadline_s: float | None = REFRESH_DEADLINE_S,
+            max_requests: int | None = REFRESH_MAX_REQUESTS) -> RefreshResult:
+    """Read the index and (re)write ``out_path``, within ``deadline_s`` seconds and ``max_requests`` requests
+    in all.  Raises ``UsageError`` naming the URL when the index cannot be read (the file is left as it was).
+    Every value is checked before it can reach the file: a file entry or a release with one that is not
+    well-formed is skipped with a note in ``skipped``, never written."""
     t0 = time.monotonic()
-    http = Http(cache_dir, timeout=timeout)
+    http = Http(cache_dir, timeout=timeout, deadline_s=deadline_s, max_requests=max_requests)
     notes: list[str] = []
     skipped: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -283,12 +299,12 @@ def refresh(out_path: Path = LOCK_PATH, index: str = DEFAULT_INDEX, pytorch_inde
         releases: dict[str, list[Release]] = {}
         for p, fut in pages.items():
             try:
-                releases[p] = group_releases(fut.result(), p)
+                releases[p] = group_releases(_usable(fut.result(), skipped), p)
             except FetchError as e:
                 raise UsageError(f"compat refresh: cannot read the package index at {e.url} ({e.reason}); "
                                  f"{out_path.name} was not changed.",
-                                 "Check the network or proxy (HTTPS_PROXY), or pass --index-url with a reachable "
-                                 "mirror; until then the last data stays in use.") from None
+                                 _fix(e, "Check the network or proxy (HTTPS_PROXY), or pass --index-url with a "
+                                      "reachable mirror")) from None
         variants: dict[str, list[str]] | None = None
         if pt is not None:
             try:
@@ -309,9 +325,11 @@ def refresh(out_path: Path = LOCK_PATH, index: str = DEFAULT_INDEX, pytorch_inde
             p, rel, f = job
             try:
                 meta = parse_metadata(fetch_metadata(http, f), p, rel.version)
-                return job, EXTRACT[p](meta, rel, f), None
-            except MetadataError as e:
-                return job, None, f"{f.filename}: {e}"
+                facts = EXTRACT[p](meta, rel, f)
+            except (MetadataError, ValueError) as e:   # ValueError: e.g. a pin that is not a version
+                return job, None, f"{f.filename}: {_printable(str(e))}"
+            why = facts_problem(facts)
+            return job, (None if why else facts), (f"{f.filename}: {why}" if why else None)
 
         with _progress(progress) as bar:
             task = bar.add_task("index metadata", total=len(jobs))
@@ -321,8 +339,8 @@ def refresh(out_path: Path = LOCK_PATH, index: str = DEFAULT_INDEX, pytorch_inde
                 if isinstance(err, FetchError):
                     raise UsageError(f"compat refresh: cannot read {err.url} ({err.reason}); {out_path.name} was "
                                      "not changed.",
-                                     "Check the network or proxy, or pass --index-url with a reachable mirror; "
-                                     "until then the last data stays in use.")
+                                     _fix(err, "Check the network or proxy, or pass --index-url with a reachable "
+                                          "mirror"))
                 if err:
                     skipped.append(err)
                     continue
@@ -334,18 +352,19 @@ def refresh(out_path: Path = LOCK_PATH, index: str = DEFAULT_INDEX, pytorch_inde
                 facts["cuda_variants"] = variants[v]
     else:
         for (p, v), facts in results.items():
-            prev = (old.get("torch") or {}).get(v) or {}
-            if p == "torch" and "cuda_variants" in prev:
-                facts["cuda_variants"] = prev["cuda_variants"]
+            prev = (old.get("torch") or {}).get(v) if isinstance(old.get("torch"), dict) else None
+            kept = prev.get("cuda_variants") if isinstance(prev, dict) else None
+            if p == "torch" and isinstance(kept, list) and all(isinstance(c, str) and _CUDA.fullmatch(c)
+                                                                for c in kept):
+                facts["cuda_variants"] = kept
     body = render_lock(results, index=index, pytorch_read=variants is not None)
     stamp = today or date.today().isoformat()
     changed = False
     old_text = out_path.read_text(encoding="utf-8") if out_path.is_file() else ""
     if _strip_generated(old_text) != _strip_generated(_with_header(body, stamp)):
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        tmp.write_text(_with_header(body, stamp), encoding="utf-8")
-        tmp.replace(out_path)
+        # core.writer: atomic, never through a link, only over a lock it wrote (its GENERATED line) or --force
+        writer.write_file(out_path, _with_header(body, stamp), what="compat data", marker=_HEADER.splitlines()[0]
+                          .encode(), fix="Give a new --out FILE, or pass --force to replace it.")
         changed = True
     else:
         m = re.search(r'^generated = "([^"]*)"', old_text, re.M)
@@ -359,6 +378,56 @@ def refresh(out_path: Path = LOCK_PATH, index: str = DEFAULT_INDEX, pytorch_inde
     counts = {p: sum(1 for (q, _v) in results if q == p) for p in PROJECTS}
     return RefreshResult(out_path, changed, counts, sorted(skipped), notes, time.monotonic() - t0,
                          http.requests, http.cache_hits, stamp)
+
+
+def _fix(e: FetchError, network_fix: str) -> str:
+    """The fix of a refresh that stopped at ``e``: the fetcher's own for a deadline, a budget, a size or a
+    refused URL; the network's otherwise."""
+    fix = e.fix if e.kind in ("deadline", "budget", "too-large", "scheme", "url") else network_fix
+    return fix.rstrip(".") + "; until then the last data stays in use."
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """``text`` for a note: control characters escaped, at most ``limit`` characters."""
+    out = text if text.isprintable() else ascii(text)[1:-1]
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+def _usable(files: list[IndexFile], skipped: list[str]) -> list[IndexFile]:
+    """The file entries whose every value may be used; the others noted in ``skipped`` (never written)."""
+    out = []
+    for f in files:
+        why = file_problem(f)
+        if why is None:
+            out.append(f)
+        else:
+            skipped.append(f"{_printable(f.filename, 120)}: index entry not used, {why}")
+    return out
+
+
+_CUDA = re.compile(r"\d{1,2}\.\d{1,2}")
+_VERSION_KEYS = ("torch", "torchvision", "torchaudio", "xformers", "flashinfer")
+
+
+def facts_problem(facts: dict) -> str | None:
+    """Why a release's facts may not be written (None: they may): every string printable and at most 300
+    characters, the pins versions packaging parses (at most 64 characters), the CUDA a major.minor."""
+    for k, v in facts.items():
+        for item in v if isinstance(v, list) else [v]:
+            if isinstance(item, bool):
+                continue
+            if not isinstance(item, str) or len(item) > 300 or not item.isprintable():
+                return f"{k} = {_printable(repr(item), 80)} is not a value the lock may hold"
+        if k in _VERSION_KEYS:
+            try:
+                if len(v) > 64:
+                    raise InvalidVersion(v)
+                Version(v)
+            except (InvalidVersion, ValueError):
+                return f"{k} = {_printable(repr(v), 80)} is not a version"
+        if k == "pypi_cuda" and not _CUDA.fullmatch(v):
+            return f"pypi_cuda = {_printable(repr(v), 80)} is not a CUDA major.minor"
+    return None
 
 
 def _guard(work):

@@ -32,6 +32,7 @@ from typing import Any
 
 from packaging.version import Version
 
+from vllm_harness.core import procs
 from vllm_harness.facts import pythons
 from vllm_harness.facts.cuda_toolkits import _first_version, _probe_toolkits, _run
 
@@ -223,8 +224,7 @@ def _uv_cache(build_dir: Path, env: dict[str, str]) -> tuple[float, bool] | None
     if not uv:
         return None
     try:
-        r = subprocess.run([uv, "cache", "dir"], capture_output=True, text=True, timeout=20, env=env,
-                           stdin=subprocess.DEVNULL)
+        r = procs.run([uv, "cache", "dir"], capture_output=True, text=True, timeout=20, env=env)
         if r.returncode != 0 or not r.stdout.strip():
             return None
         cache, build = _existing(Path(r.stdout.strip().splitlines()[-1])), _existing(build_dir)
@@ -252,6 +252,22 @@ def _glibc() -> str | None:
         text = ""
     m = re.fullmatch(r"glibc (\d+)\.(\d+)(?:\.\d+)?", text.strip())
     return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def _jetson(root: Path = Path("/")) -> tuple[str | None, str | None]:
+    """(L4T release, board) on a Jetson: /etc/nv_tegra_release ('# R36 (release), REVISION: 4.3, ...') and the
+    device tree's model; (None, None) elsewhere."""
+    try:
+        head = (root / "etc/nv_tegra_release").read_text(errors="replace")[:400]
+    except OSError:
+        return None, None
+    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)(?:\.(\d+))?", head)
+    l4t = f"{m.group(1)}.{m.group(2)}" + (f".{m.group(3)}" if m.group(3) else "") if m else None
+    try:
+        model = (root / "proc/device-tree/model").read_bytes()[:200].decode("utf-8", "replace").strip("\x00 \n")
+    except OSError:
+        model = ""
+    return l4t, (model or None)
 
 
 def _in_container(env: dict[str, str]) -> bool:
@@ -318,6 +334,13 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
             if driver_cuda:
                 machine["driver_cuda"] = driver_cuda
         machine["in_container"] = _in_container(env)
+        l4t, board = _jetson()
+        if l4t:
+            machine["l4t"] = l4t
+            for g in gpus:       # a Jetson's GPU is the SoC's own
+                g["integrated"] = True
+        if board and "jetson" in board.lower():
+            machine["jetson"] = board
         if (uvc := f_uv.result()) is not None:
             machine["uv_cache_free_gib"], machine["uv_cache_same_disk"] = uvc
         if not_found:

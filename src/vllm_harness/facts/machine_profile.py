@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from vllm_harness.core import safeio
+from vllm_harness.core import safeio, writer
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.facts.machine import TOOLS
@@ -20,13 +18,21 @@ from vllm_harness.facts.variants import Bad as _Bad
 from vllm_harness.facts.variants import check_bool as _bool
 from vllm_harness.facts.variants import list_of
 
+# what a terminal would act on rather than show: C0 controls but tab and newline (ESC starts CSI/OSC sequences,
+# BEL, CR rewrites the line), DEL, C1 controls (0x9b is a CSI on its own), the format characters that reorder
+# or hide text
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+
 
 def _s(v: Any) -> str:
+    """Every string of a profile: terminal controls are kept as visible escapes (``\\x1b``), never passed to a
+    terminal (a GPU name with ESC[2J would clear the screen of whoever runs doctor on the profile); tab and
+    newline are kept (a probe's strings survive save and load unchanged)."""
     if not isinstance(v, str):
         raise _Bad(f"expected a string, got {type(v).__name__} {v!r:.60}", "quote the value")
     if len(v) > 4096:
         raise _Bad("string is too long", "keep it under 4096 characters")
-    return v
+    return _CONTROL_RE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), v)
 
 
 def _ver(v: Any) -> str:
@@ -213,10 +219,15 @@ def _tval(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")  # pragma: no cover - validated before
 
 
+#: the first line of every saved profile: how a file ``--save-machine`` may replace is known
+PROFILE_MARK = "# Machine profile written by vllm-harness"
+_SAVE_FIX = "Give a new FILE, or pass --force to replace it."
+
+
 def dump_profile(profile: dict) -> str:
     """The TOML text of ``profile`` (validated first)."""
     p = validate_profile(profile, "profile to save")
-    lines = ["# Machine profile written by vllm-harness (shared/contract/machine-profile.md).",
+    lines = [f"{PROFILE_MARK} (shared/contract/machine-profile.md).",
              "# `invoke doctor --machine FILE` judges a variant against it."]
     if "gpu" in p and not p["gpu"]:
         lines.append("gpu = []   # no NVIDIA GPU found")
@@ -232,23 +243,14 @@ def dump_profile(profile: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_profile(profile: dict, path: Path) -> Path:
-    """Write ``profile`` as TOML to ``path`` (atomically); returns the path."""
+def save_profile(profile: dict, path: Path, force: bool = False) -> Path:
+    """Write ``profile`` as TOML to ``path`` (core.writer: validated first, atomic, never through a link, the
+    replaced file's mode kept); an existing file the harness did not write is refused unless ``force``."""
     path = Path(path)
+    writer.check_target(path, what="--save-machine", force=force, marker=PROFILE_MARK.encode(), fix=_SAVE_FIX)
     text = dump_profile(profile)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".toml", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return writer.write_file(path, text, what="--save-machine", force=force, marker=PROFILE_MARK.encode(),
+                             fix=_SAVE_FIX)
 
 
 MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
@@ -271,6 +273,8 @@ MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
     "driver": _driver,
     "driver_cuda": _mm_str("CUDA version"),
     "in_container": _bool,
+    "l4t": _ver,               # Jetson: the L4T release (/etc/nv_tegra_release), e.g. "36.4.3"
+    "jetson": _nonempty,       # Jetson: the board (/proc/device-tree/model)
     "not_found": _list(_tool_name),
     "cuda_without_nvcc": _list(_nonempty),
     "cuda_incomplete": _list(_nonempty),
@@ -282,4 +286,5 @@ GPU_KEYS: dict[str, Callable[[Any], Any]] = {
     "name": _nonempty,
     "compute_capability": _mm_str("compute capability"),
     "memory_gib": _num,
+    "integrated": _bool,       # an integrated GPU (Jetson/Tegra): CUDA comes with the board's JetPack
 }

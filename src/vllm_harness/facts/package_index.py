@@ -7,10 +7,9 @@ import hashlib
 import json
 import re
 import struct
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,60 +28,73 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
+from vllm_harness.core.fetcher import Fetcher, FetchError, url_problem
+
 SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 USER_AGENT = "vllm-harness-compat-refresh"
-
-
-
-class FetchError(Exception):
-    def __init__(self, url: str, reason: str):
-        super().__init__(f"{url}: {reason}")
-        self.url, self.reason = url, reason
+# the caps of what one answer may hold (torch's PyPI page is ~2 MB, the PyTorch index's ~5 MB; a METADATA
+# file some 50 kB; a wheel's central directory ~2 MB for torch's ~15000 members)
+PAGE_MAX = 64 << 20
+METADATA_MAX = 8 << 20
+ZIP_TAIL = 65536
+CENTRAL_DIR_MAX = 32 << 20
+FILENAME_MAX = 255
+VERSION_MAX = 64
+_FILENAME = re.compile(r"[A-Za-z0-9._+!-]+")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class MetadataError(Exception):
     """A metadata file that cannot be used (not parseable, wrong project or version)."""
 
 
-class Http:
-    """urllib with a timeout and an on-disk cache: pages by URL (revalidated with ETag / Last-Modified),
-    metadata by the file's sha256 (immutable)."""
+def _bounded_read(p: Path, limit: int) -> bytes | None:
+    """A cache file's bytes, None when it is missing or over ``limit`` (a cache is never read unbounded)."""
+    try:
+        with open(p, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError:
+        return None
+    return data if len(data) <= limit else None
 
-    def __init__(self, cache_dir: Path | None, timeout: float = 20.0):
+
+class Http:
+    """The index reader: core.fetcher's bounded GETs (deadline per request and per refresh, size caps, http(s)
+    only, a request budget) with retries of transient failures and an on-disk cache: pages by URL
+    (revalidated with ETag / Last-Modified), metadata by the file's sha256 (immutable)."""
+
+    def __init__(self, cache_dir: Path | None, timeout: float = 20.0, *, deadline_s: float | None = 600.0,
+                 max_requests: int | None = 5000, fetcher: Fetcher | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.timeout = timeout
-        self.requests = 0
+        self.fetcher = fetcher or Fetcher(deadline_s, max_requests, timeout_s=timeout,
+                                          request_deadline_s=max(60.0, 6 * timeout), user_agent=USER_AGENT)
         self.cache_hits = 0
 
-    def _open(self, url: str, headers: dict[str, str]):
-        req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **headers})
-        self.requests += 1
-        try:
-            return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 (http(s) and file URLs only)
-        except urllib.error.HTTPError as e:
-            if e.code == 304:
-                return e
-            raise FetchError(url, f"HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise FetchError(url, f"unreachable ({reason})") from None
+    @property
+    def requests(self) -> int:
+        return self.fetcher.requests
 
-    def get(self, url: str, headers: dict[str, str] | None = None, tries: int = 3) -> tuple[int, dict[str, str], bytes]:
-        """One GET; a transient failure (DNS, reset, 5xx) is tried again ``tries`` times in all."""
+    @staticmethod
+    def _retry(call, tries: int):
         for attempt in range(tries):
             try:
-                r = self._open(url, dict(headers or {}))
-                body = r.read()
-                break
+                return call()
             except FetchError as e:
-                if attempt + 1 == tries or re.match(r"HTTP 4\d\d", e.reason):
+                if attempt + 1 == tries or not e.transient:
                     raise
-            except OSError as e:
-                if attempt + 1 == tries:
-                    raise FetchError(url, f"connection broken ({e})") from None
             time.sleep(0.2 * (attempt + 1))
-        status = getattr(r, "status", None) or r.getcode() or 200
-        return status, {k.lower(): v for k, v in r.headers.items()}, body
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get(self, url: str, headers: dict[str, str] | None = None, tries: int = 3, *,
+            max_bytes: int = PAGE_MAX) -> tuple[int, dict[str, str], bytes]:
+        """One GET (a 2xx or 304); a transient failure (DNS, reset, 5xx) is tried again ``tries`` times in all."""
+        r = self._retry(lambda: self.fetcher.fetch(url, max_bytes=max_bytes, headers=headers, accept=(304,)), tries)
+        return r.status, r.headers, r.body
+
+    def range(self, url: str, start: int, end: int | None = None, *, max_bytes: int | None = None,
+              tries: int = 3) -> tuple[bytes, int]:
+        return self._retry(lambda: self.fetcher.get_range(url, start, end, max_bytes=max_bytes), tries)
 
     def _path(self, kind: str, key: str) -> Path | None:
         if self.cache_dir is None:
@@ -93,25 +105,30 @@ class Http:
         """A project page: (body, content type), revalidated against the cached copy."""
         p = self._path("pages", url)
         cached = None
-        if p is not None and p.is_file():
+        raw = _bounded_read(p, 8 * PAGE_MAX) if p is not None else None
+        if raw is not None:
             try:
-                cached = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                cached = json.loads(raw.decode("utf-8"))
+            except ValueError:
                 cached = None
-        headers = {"Accept": accept}
+            if not isinstance(cached, dict) or not isinstance(cached.get("body"), str):
+                cached = None
+        headers = {"Accept": accept, "Accept-Encoding": "gzip, deflate"}
         if cached:
-            if cached.get("etag"):
+            if isinstance(cached.get("etag"), str):
                 headers["If-None-Match"] = cached["etag"]
-            if cached.get("last_modified"):
+            if isinstance(cached.get("last_modified"), str):
                 headers["If-Modified-Since"] = cached["last_modified"]
         status, h, body = self.get(url, headers)
         if status == 304 and cached:
             self.cache_hits += 1
-            return cached["body"].encode("utf-8"), cached.get("content_type", "")
+            return cached["body"].encode("utf-8"), str(cached.get("content_type", ""))
+        if status == 304:
+            raise FetchError(url, "HTTP 304 without a cached copy asked for", kind="broken")
         ctype = h.get("content-type", "")
         if p is not None and (h.get("etag") or h.get("last-modified")):
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_suffix(".tmp")
+            tmp = p.with_name(p.name + f".{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps({"etag": h.get("etag"), "last_modified": h.get("last-modified"),
                                        "content_type": ctype, "body": body.decode("utf-8", "replace")}),
                            encoding="utf-8")
@@ -120,9 +137,10 @@ class Http:
 
     def cached_metadata(self, key: str) -> str | None:
         p = self._path("metadata", key)
-        if p is not None and p.is_file():
+        raw = _bounded_read(p, METADATA_MAX) if p is not None else None
+        if raw is not None:
             self.cache_hits += 1
-            return p.read_text(encoding="utf-8")
+            return raw.decode("utf-8", "replace")
         return None
 
     def store_metadata(self, key: str, text: str) -> None:
@@ -151,15 +169,22 @@ def parse_simple_json(body: bytes, page_url: str) -> list[IndexFile]:
         files = data["files"]
     except (ValueError, KeyError, TypeError):
         raise ValueError("not a PEP 691 JSON project page (no 'files' list)") from None
+    if not isinstance(files, list):
+        raise ValueError("not a PEP 691 JSON project page ('files' is not a list)")
     out = []
     for f in files:
-        if not isinstance(f, dict) or "filename" not in f or "url" not in f:
+        if not isinstance(f, dict) or not isinstance(f.get("filename"), str) or not isinstance(f.get("url"), str):
             continue
         cm = f.get("core-metadata", f.get("dist-info-metadata", False))
-        out.append(IndexFile(filename=f["filename"], url=urllib.parse.urljoin(page_url, f["url"]),
-                             sha256=(f.get("hashes") or {}).get("sha256"),
-                             requires_python=f.get("requires-python"), core_metadata=bool(cm),
-                             yanked=bool(f.get("yanked"))))
+        hashes = f.get("hashes") if isinstance(f.get("hashes"), dict) else {}
+        sha = hashes.get("sha256") if isinstance(hashes.get("sha256"), str) else None
+        rp = f.get("requires-python") if isinstance(f.get("requires-python"), str) else None
+        try:
+            url = urllib.parse.urljoin(page_url, f["url"])
+        except ValueError:
+            url = f["url"]   # file_problem() names it
+        out.append(IndexFile(filename=f["filename"], url=url, sha256=sha, requires_python=rp,
+                             core_metadata=bool(cm), yanked=bool(f.get("yanked"))))
     return out
 
 
@@ -195,7 +220,11 @@ def parse_simple_html(body: bytes, page_url: str) -> list[IndexFile]:
         name = text or urllib.parse.unquote(url.rsplit("/", 1)[-1])
         sha = frag.split("=", 1)[1] if frag.startswith("sha256=") else None
         cm = attrs.get("data-core-metadata") or attrs.get("data-dist-info-metadata")
-        out.append(IndexFile(filename=name, url=urllib.parse.urljoin(page_url, url), sha256=sha,
+        try:
+            url = urllib.parse.urljoin(page_url, url)
+        except ValueError:
+            pass   # file_problem() names it
+        out.append(IndexFile(filename=name, url=url, sha256=sha,
                              requires_python=attrs.get("data-requires-python"), core_metadata=bool(cm),
                              yanked="data-yanked" in attrs))
     return out
@@ -234,7 +263,10 @@ class Release:
 
 
 def dist_name_version(filename: str) -> tuple[str, Version] | None:
-    """(canonical name, version) of a wheel or sdist file name; None for anything else."""
+    """(canonical name, version) of a wheel or sdist file name; None for anything else (a name over 255
+    characters or with characters no file name of a dist has, a version over 64 characters)."""
+    if not isinstance(filename, str) or len(filename) > FILENAME_MAX or not _FILENAME.fullmatch(filename):
+        return None
     try:
         if filename.endswith(".whl"):
             name, v, _b, _t = parse_wheel_filename(filename)
@@ -242,9 +274,32 @@ def dist_name_version(filename: str) -> tuple[str, Version] | None:
             name, v = parse_sdist_filename(filename)
         else:
             return None
-    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion, ValueError):
+        return None   # ValueError: also a version whose digits exceed int()'s limit
+    if len(str(v)) > VERSION_MAX:
         return None
     return name, v
+
+
+def file_problem(f: IndexFile) -> str | None:
+    """Why an index page's file entry may not be used (None: it may): every value that could reach the lock
+    or a request is checked here -- the file name (no control characters, one a wheel or an sdist has,
+    parseable by packaging, a version of at most 64 characters), its URL (http/https) and its sha256 (hex)."""
+    fn = f.filename
+    if len(fn) > FILENAME_MAX:
+        return f"a file name of {len(fn)} characters"
+    if not _FILENAME.fullmatch(fn):
+        return "the file name holds a control character, a space or a character no dist file name has"
+    if fn.endswith((".whl", ".tar.gz", ".zip")):
+        if dist_name_version(fn) is None:
+            return "not a wheel or sdist file name packaging can parse (or its version is over " \
+                   f"{VERSION_MAX} characters)"
+    why = url_problem(f.url)
+    if why:
+        return f"its URL is refused: {why}"
+    if f.sha256 is not None and not _SHA256.fullmatch(f.sha256):
+        return "its sha256 is not 64 hex digits"
+    return None
 
 
 def group_releases(files: Iterable[IndexFile], project: str) -> list[Release]:
@@ -299,54 +354,54 @@ def _python_tags(rel: Release) -> list[str]:
     return sorted(out, key=lambda s: int(s[3:]))
 
 
-def _ranged(http: Http, url: str, rng: str) -> tuple[bytes, int]:
-    status, h, body = http.get(url, {"Range": f"bytes={rng}"})
-    cr = h.get("content-range", "")
-    if status != 206 or "/" not in cr:
-        raise FetchError(url, "the server does not answer range requests (and offers no .metadata file); "
-                         "reading the metadata would download the whole wheel")
-    try:
-        total = int(cr.rsplit("/", 1)[1])
-    except ValueError:
-        raise FetchError(url, f"bad Content-Range {cr!r}") from None
-    return body, total
-
-
 def metadata_from_zip(http: Http, url: str) -> str:
     """``*.dist-info/METADATA`` of a remote wheel through range requests: the end of central directory,
-    the central directory, then that one member."""
-    tail, total = _ranged(http, url, "-65536")
+    the central directory, then that one member -- each read capped, the member's stored and inflated size
+    too (METADATA_MAX)."""
+    tail, total = http.range(url, -ZIP_TAIL)
     i = tail.rfind(b"PK\x05\x06")
     if i < 0 or len(tail) < i + 22:
         raise MetadataError("no zip end-of-central-directory record")
     cd_size, cd_off = struct.unpack("<II", tail[i + 12:i + 20])
     if cd_off == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:
         raise MetadataError("zip64 archive (not read)")
+    if cd_size > CENTRAL_DIR_MAX or cd_off + cd_size > total:
+        raise MetadataError(f"zip central directory of {cd_size} bytes at {cd_off} (over {CENTRAL_DIR_MAX} "
+                            "bytes or past the end)")
     base = total - len(tail)
+    if cd_size == 0:
+        raise MetadataError("the wheel has no *.dist-info/METADATA")
     if cd_off >= base:
         cd = tail[cd_off - base:cd_off - base + cd_size]
     else:
-        cd, _ = _ranged(http, url, f"{cd_off}-{cd_off + cd_size - 1}")
+        cd, _ = http.range(url, cd_off, cd_off + cd_size - 1, max_bytes=CENTRAL_DIR_MAX)
     p = 0
     while p + 46 <= len(cd):
         if cd[p:p + 4] != b"PK\x01\x02":
             raise MetadataError("corrupt zip central directory")
         method, = struct.unpack("<H", cd[p + 10:p + 12])
-        csize, = struct.unpack("<I", cd[p + 20:p + 24])
+        csize, usize = struct.unpack("<II", cd[p + 20:p + 28])
         n, e, c = struct.unpack("<HHH", cd[p + 28:p + 34])
         off, = struct.unpack("<I", cd[p + 42:p + 46])
         name = cd[p + 46:p + 46 + n].decode("utf-8", "replace")
         p += 46 + n + e + c
         if re.fullmatch(r"[^/]+\.dist-info/METADATA", name):
-            data, _ = _ranged(http, url, f"{off}-{min(total - 1, off + 30 + csize + 65535)}")
-            if data[:4] != b"PK\x03\x04":
+            if method not in (0, 8):
+                raise MetadataError(f"METADATA is stored with zip method {method} (not stored or deflated)")
+            if csize > METADATA_MAX or usize > METADATA_MAX:
+                raise MetadataError(f"METADATA of {max(csize, usize)} bytes (over {METADATA_MAX})")
+            last = min(total - 1, off + 30 + csize + 65535)
+            data, _ = http.range(url, off, last, max_bytes=last - off + 1)
+            if data[:4] != b"PK\x03\x04" or len(data) < 30:
                 raise MetadataError("corrupt zip local header")
             n2, e2 = struct.unpack("<HH", data[26:30])
             raw = data[30 + n2 + e2:30 + n2 + e2 + csize]
             try:
-                out = zlib.decompress(raw, -15) if method == 8 else raw
+                out = zlib.decompressobj(-15).decompress(raw, METADATA_MAX + 1) if method == 8 else raw
             except zlib.error as exc:
                 raise MetadataError(f"METADATA does not inflate ({exc})") from None
+            if len(out) > METADATA_MAX:
+                raise MetadataError(f"METADATA inflates past {METADATA_MAX} bytes")
             return out.decode("utf-8", "replace")
     raise MetadataError("the wheel has no *.dist-info/METADATA")
 
@@ -358,7 +413,7 @@ def fetch_metadata(http: Http, f: IndexFile) -> str:
     if text is not None:
         return text
     if f.core_metadata:
-        _s, _h, body = http.get(f.url + ".metadata")
+        _s, _h, body = http.get(f.url + ".metadata", max_bytes=METADATA_MAX)
         text = body.decode("utf-8", "replace")
     else:
         text = metadata_from_zip(http, f.url)

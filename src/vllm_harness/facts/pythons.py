@@ -20,6 +20,7 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from vllm_harness.core import procs
 from vllm_harness.core.errors import UsageError
 
 _PROBE = ("import sys, json, sysconfig; print(json.dumps({'version': '%d.%d.%d' % sys.version_info[:3], "
@@ -42,8 +43,8 @@ class Interpreter:
 
 def _probe(path: str, origin: str, timeout: float = 15.0) -> Interpreter | str:
     try:
-        out = subprocess.run([path, "-c", _PROBE], capture_output=True, text=True, timeout=timeout,
-                             env={k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")})
+        out = procs.run([path, "-c", _PROBE], capture_output=True, text=True, timeout=timeout,
+                        env={k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")})
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{path}: {e.__class__.__name__}"
     if out.returncode != 0:
@@ -102,7 +103,7 @@ def _candidates(env: dict[str, str]) -> list[tuple[str, str]]:
     if uv:
         # uv-managed interpreters live in `uv python dir` (`uv python list` would also probe all of PATH: 1 s+)
         try:
-            out = subprocess.run([uv, "python", "dir"], capture_output=True, text=True, timeout=20, env=env)
+            out = procs.run([uv, "python", "dir"], capture_output=True, text=True, timeout=20, env=env)
             managed = Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
         except (OSError, subprocess.TimeoutExpired):
             managed = None

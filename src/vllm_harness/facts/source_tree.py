@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +202,12 @@ def fetchcontent_dirs(tree: Path) -> list[Path]:
 def git_env(env: dict[str, str], trees: list[Path], extra: list[Path] | tuple = ()) -> dict[str, str]:
     """Trust exactly the harness's own trees for git, through the child's environment only.
 
+    Only trees the harness made (its clone cache, its checkouts and copies under the state folder, the
+    FetchContent checkouts of its deps cache): never a tree the user handed over (``--source DIR``, an
+    ``in_place`` path), whose "dubious ownership" refusal must stand (a repository another user owns can
+    name a ``core.fsmonitor`` command that git would run as this user); those are read with
+    ``gitcmd.inspect``.
+
     Never ``git config --global``, never ``safe.directory = *``: GIT_CONFIG_COUNT/KEY/VALUE reach the
     git processes of this step (clone, setuptools-scm, CMake's FetchContent under .deps) and nothing else.
     Each tree gets its own entry, ``<tree>/.deps/*`` (a leading-path match, git >= 2.46), and, for older
@@ -246,14 +251,10 @@ def vllm_version(src: Path, fallback: str | None = None, env: dict[str, str] | N
     if v:
         return v, "PKG-INFO"
     if (src / ".git").exists():
-        from vllm_harness.facts.source_tree import git_env
-        try:
-            r = subprocess.run(["git", "-C", str(src), "describe", "--tags", "--match", "v[0-9]*"],
-                               capture_output=True, text=True, timeout=60,
-                               env=git_env(dict(os.environ) if env is None else env, [src]))
-        except (OSError, subprocess.TimeoutExpired):
-            r = None
-        if r is not None and r.returncode == 0:
+        # a tree the user handed over: no safe.directory, its commands off, no git if another user owns it
+        r = gitcmd.inspect(src, ["describe", "--tags", "--match", "v[0-9]*"],
+                           dict(os.environ) if env is None else env, timeout=60)
+        if r.returncode == 0:
             tag = r.stdout.strip()
             m = re.fullmatch(r"v(\d+(?:\.\d+)*(?:\.post\d+|rc\d+)?)(?:-(\d+)-g([0-9a-f]+))?", tag)
             if m:

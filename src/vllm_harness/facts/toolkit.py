@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from vllm_harness.core import procs
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.facts.cuda_toolkits import probe_toolkits
@@ -117,7 +117,7 @@ def torch_requires(py: Path, env: dict[str, str]) -> tuple[str, list[str]]:
     code = ("import json, importlib.metadata as m\ntry:\n    d = m.distribution('torch')\n"
             "    print(json.dumps([d.version, d.requires or []]))\nexcept m.PackageNotFoundError:\n"
             "    print(json.dumps(['', []]))")
-    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    r = procs.run([str(py), "-c", code], capture_output=True, text=True, env=env, timeout=120)
     if r.returncode != 0:
         return "", []
     version, reqs = json.loads(r.stdout.strip().splitlines()[-1])
@@ -128,7 +128,7 @@ def pypi_root(py: Path, env: dict[str, str], cuda: str) -> Path | None:
     """``nvidia/cuXX`` holding bin/nvcc, wherever the venv's interpreter imports the ``nvidia`` namespace from."""
     code = "import json\ntry:\n    import nvidia; print(json.dumps(list(nvidia.__path__)))\nexcept ImportError:\n" \
            "    print('[]')"
-    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    r = procs.run([str(py), "-c", code], capture_output=True, text=True, env=env, timeout=120)
     if r.returncode != 0:
         return None
     for d in json.loads(r.stdout.strip().splitlines()[-1]):

@@ -229,6 +229,7 @@ SCHEMA: dict[str, dict[str, Field_]] = {
         "cmake_min": (_version, False, "3.26"),
         "env": (_env_table, False, {}),
         "toolkit": (_choice("system", "pypi"), False, "system"),
+        "farm": (_url, False, None),     # the sccache-dist scheduler (steps/build_farm; --farm overrides)
     },
     "post_install": {
         "packages": (list_of(_requirement), False, []),

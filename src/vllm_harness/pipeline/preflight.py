@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from vllm_harness.core import writer
 from vllm_harness.core.errors import StepFailed
 from vllm_harness.core.runner import console
 from vllm_harness.doctor import report as doctor
@@ -13,18 +14,18 @@ from vllm_harness.steps.build_memory import load_records
 from vllm_harness.steps.probe import load_record
 
 
-def machine_profile(layout, given: str | None = None, save: str | None = None) -> dict:
+def machine_profile(layout, given: str | None = None, save: str | None = None, force: bool = False) -> dict:
     from vllm_harness.facts import machine, machine_profile
     profile = machine_profile.load_profile(Path(given)) if given else machine.probe(layout.state)
     if save:
-        machine_profile.save_profile(profile, Path(save))
+        machine_profile.save_profile(profile, Path(save), force=force)   # --force: replace a file not ours
     return profile
 
 
 def run_doctor(ctx, machine_file: str | None = None, save_machine: str | None = None,
                source: Path | None = None) -> tuple[dict, float]:
     t0 = time.monotonic()
-    ctx.profile = machine_profile(ctx.layout, machine_file, save_machine)
+    ctx.profile = machine_profile(ctx.layout, machine_file, save_machine, ctx.force)
     if source is None:
         fetched = ctx.status.step("fetch") or {}
         if fetched.get("status") == "ok" and Path(fetched.get("source", "")).is_dir():
@@ -45,8 +46,7 @@ def preflight(ctx) -> dict:
         doctor.render_table(shown, console=console())
         print(f"doctor: {report['verdict']} ({secs:.1f}s)")
     log = ctx.log("doctor")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(json.dumps(report, indent=2))
+    writer.write_file(log, json.dumps(report, indent=2), what="Log file", force=True)   # never through a link
     errors = [f for f in report["findings"] if f["severity"] == "error"]
     if errors and not ctx.force:
         e = errors[0]

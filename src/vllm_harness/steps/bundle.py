@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tarfile
 import time
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 from packaging.version import Version
 
+from vllm_harness.core import procs, writer
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.masking import mask
 from vllm_harness.facts.machine import uv_bin
@@ -36,16 +36,18 @@ from vllm_harness.steps import deps_cache
 from vllm_harness.steps import prepare as prepare_mod
 from vllm_harness.steps.bundle_files import (  # noqa: F401 - the bundle's API is here
     MANIFEST,
+    PARTIAL,
     SCHEMA,
+    Known,
     Target,
     _candidates_local,
     _download,
     _index_files,
     _link,
     _save_manifest,
-    _Verified,
     best_file,
     bundle_cmd,
+    inside,
     load_manifest,
     sha256_file,
     target_for,
@@ -124,7 +126,7 @@ def compile_step(step: dict, target: Target, constraints: list[str], links: list
     argv += ["--offline", "--no-index"] if offline else ["--index-url", step["index"]]
     cenv = {k: x for k, x in env.items() if not k.startswith(("UV_INDEX", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX",
                                                                 "UV_FIND_LINKS", "UV_OFFLINE", "UV_NO_INDEX"))}
-    r = subprocess.run(argv, capture_output=True, text=True, env=cenv, timeout=900, stdin=subprocess.DEVNULL)
+    r = procs.run(argv, capture_output=True, text=True, env=cenv, timeout=900)  # ends with the harness
     if r.returncode != 0:
         lines = [x.strip() for x in r.stderr.splitlines() if x.strip()]
         return None, " ".join(lines[-6:])[:800]
@@ -133,9 +135,13 @@ def compile_step(step: dict, target: Target, constraints: list[str], links: list
 
 
 def check(out: Path, verified_cache: Path | None = None, variant=None, target: Target | None = None) -> dict:
-    """Verify a bundle: every file of the manifest there with its size and sha256; the variant's file and the
-    target the same as the bundle's when given.  UsageError (exit 2) naming the first problems."""
-    out = Path(out)
+    """Verify a bundle: every file of the manifest there (inside the bundle) with its size and the sha256 of
+    its content; the variant's file and the target the same as the bundle's when given.  UsageError (exit 2)
+    naming the first problems.  ``verified_cache`` is no longer read: a verdict is always the content's."""
+    return _check(Path(out), variant, target)[0]
+
+
+def _check(out: Path, variant=None, target: Target | None = None) -> tuple[dict, dict]:
     man = load_manifest(out)
     if man is None:
         raise UsageError(f"{out} is not a bundle (no {MANIFEST}).",
@@ -155,24 +161,21 @@ def check(out: Path, verified_cache: Path | None = None, variant=None, target: T
                              f"build uses Python {target.python} on {target.arch}.",
                              f"Make the bundle for this machine: `{bundle_cmd(variant, out)} --machine PROFILE` "
                              "with this machine's profile (`invoke doctor --save-machine PROFILE`).")
-    vc = _Verified(verified_cache) if verified_cache else None
     bad, gone = [], []
     for rel, info in sorted(man["files"].items()):
-        p = out / rel
+        p = inside(out, rel)
         if not p.is_file():
             gone.append(rel)
             continue
         if p.stat().st_size != info["size"]:
             bad.append(f"{rel} (size {p.stat().st_size}, manifest {info['size']})")
             continue
-        digest = vc.sha(p) if vc else sha256_file(p)
+        digest = sha256_file(p)
         if digest != info["sha256"]:
             bad.append(f"{rel} (sha256 {digest[:16]}..., manifest {info['sha256'][:16]}...)")
     for name, d in (man.get("deps") or {}).items():
-        if not (out / "deps" / d["dir"]).is_dir():
+        if not inside(out, f"deps/{d['dir']}").is_dir():
             gone.append(f"deps/{d['dir']} ({name})")
-    if vc:
-        vc.save()
     if bad:
         raise UsageError(f"Bundle {out}: {len(bad)} file(s) differ from the manifest (corrupted or replaced): "
                          f"{'; '.join(bad[:5])}.", f"Delete them and run `{fix.split('`')[1]}` again.")
@@ -180,8 +183,8 @@ def check(out: Path, verified_cache: Path | None = None, variant=None, target: T
         raise UsageError(f"Bundle {out} lacks {len(gone)} file(s) its manifest lists: {', '.join(gone[:5])}"
                          f"{' ...' if len(gone) > 5 else ''}.", fix)
     size = sum(i["size"] for i in man["files"].values())
-    return {"bundle": str(out), "files": len(man["files"]), "bytes": size, "missing": man.get("missing", []),
-            "variant": man["variant"], "target": man["target"], "ok": True}
+    return ({"bundle": str(out), "files": len(man["files"]), "bytes": size, "missing": man.get("missing", []),
+             "variant": man["variant"], "target": man["target"], "ok": True}, man)
 
 
 def use(ctx, out: Path) -> dict:
@@ -191,18 +194,21 @@ def use(ctx, out: Path) -> dict:
     env_step = ctx.status.step("env") or {}
     interp_py = env_step.get("python_version") if ctx.python is None and env_step.get("status") == "ok" else None
     target = target_for(ctx.variant, None, python=interp_py, given=ctx.python)
-    res = check(out, ctx.layout.cache / "bundle-verified.json", ctx.variant, target)
+    res, man = _check(out, ctx.variant, target)
     if res["missing"]:
         names = [f"{m['what']}" for m in res["missing"]]
         raise UsageError(f"Bundle {out} is incomplete: it lacks {'; '.join(names)}.",
                          f"On a machine that reaches {', '.join(sorted({m.get('source', '?') for m in res['missing']}))}"
                          f": `{bundle_cmd(ctx.variant, out)}` (adds only these), then copy {out} here again.")
-    # vLLM's sdist where the fetch step looks first (its sha256 is the manifest's, checked above)
-    for rel, info in (load_manifest(out) or {}).get("files", {}).items():
+    # vLLM's sdist where the fetch step looks first, with the manifest's sha256 (its copy hashed again)
+    for rel, info in man["files"].items():
         if rel.startswith("sdist/"):
             dest = ctx.layout.cache / "sdist" / Path(rel).name
-            if not dest.is_file() or dest.stat().st_size != info["size"]:
-                _link(out / rel, dest)
+            _link(out / rel, dest)
+            if sha256_file(dest) != info["sha256"]:
+                dest.unlink(missing_ok=True)
+                raise UsageError(f"Bundle {out}: {rel} changed while it was used (sha256 differs from the "
+                                 "manifest's).", f"Run `invoke bundle --check {out}` and try again.")
             dest.with_name(dest.name + ".sha256").write_text(info["sha256"] + "\n")
     return {"env": offline_env(out), "deps": str(out / "deps"), "files": res["files"], "bytes": res["bytes"]}
 
@@ -216,19 +222,75 @@ def offline_env(out: Path) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ making one
 
-def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machine: str | None = None) -> dict:
-    """Fill ``out`` with what the variant's build needs for ``target``; re-running adds only what is missing."""
-    t0 = time.monotonic()
-    out = Path(out).expanduser().resolve()
+PIECES = ("wheels", "sdist", "deps")
+
+
+def _open_out(out: Path) -> bool:
+    """``out`` a folder that is (or becomes) a bundle; True when it holds a bundle's folders without a manifest
+    (a run killed before its first manifest was written: its files are used again, each checked)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file.", "Give a folder.")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise UsageError(f"--out {out} is a non-empty folder that is not a bundle.", "Give an empty or new folder.")
-    (out / "wheels").mkdir(parents=True, exist_ok=True)
+    if not out.is_dir() or (out / MANIFEST).is_file() or (out / MANIFEST).is_symlink():
+        return False
+    other = [p.name for p in out.iterdir()
+             if not (p.name in PIECES and p.is_dir() and not p.is_symlink()) and p.name != MANIFEST + ".tmp"]
+    if other:
+        raise UsageError(f"--out {out} is a non-empty folder that is not a bundle (it holds {', '.join(other[:3])}).",
+                         "Give an empty or new folder.")
+    return any(out.iterdir())
+
+
+def _verify_kept(out: Path, expected: dict, v) -> None:
+    """Every file the old manifest records (listed, or deleted since) and the folder holds: its content's
+    sha256 is the manifest's, else the run stops (nothing re-recorded) naming the files and the fix."""
+    bad = []
+    for rel, info in sorted(expected.items()):
+        p = inside(out, rel)
+        if p.is_file() and (p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]):
+            bad.append(rel)
+    if bad:
+        raise UsageError(f"Bundle {out}: {len(bad)} file(s) changed since its manifest recorded them (corrupted or "
+                         f"replaced): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; nothing was recorded.",
+                         f"Delete {' '.join(str(out / r) for r in bad[:5])} and run `{bundle_cmd(v, out)}` again "
+                         "(each is fetched again from its origin and checked against the recorded sha256); for "
+                         "another file of that name on purpose, make the bundle in a new folder.")
+
+
+def _unchanged(out: Path, rel: str, digest: str, expected: dict, origin: str) -> None:
+    """A file about to be (re)recorded under ``rel``: the same content the manifest recorded, if it did."""
+    was = expected.get(rel)
+    if was and was["sha256"] != digest:
+        raise UsageError(f"Bundle {out}: {rel} from {mask(origin)} has sha256 {digest[:16]}..., its manifest "
+                         f"recorded {was['sha256'][:16]}... under that name (another file of the same name); "
+                         "nothing was recorded.",
+                         f"Remove that file from {mask(origin)} (the recorded one is fetched from its origin), or "
+                         "make the bundle in a new folder if the new file is meant.")
+
+
+def _absent(expected: dict, files: dict) -> dict:
+    """The records of names the bundle once held and does not list now (kept: a later file of that name must
+    hash the same)."""
+    return {r: {"sha256": i["sha256"], "size": i["size"]} for r, i in expected.items() if r not in files}
+
+
+def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machine: str | None = None) -> dict:
+    """Fill ``out`` with what the variant's build needs for ``target``; re-running adds only what is missing.
+    The caller holds the variant's bundle lock (commands/bundle).  While it runs the manifest says the bundle
+    is incomplete (written at the start and after each file), so a killed run is resumed by running again."""
+    t0 = time.monotonic()
+    out = Path(out).expanduser().resolve()
+    resuming = _open_out(out)
+    if archive:   # DIR.tar is judged before the long part: never a link, nor a file the harness did not write
+        writer.check_target(_tar_of(out), what="bundle --archive", marker=ARCHIVE_MARK, fix=_ARCHIVE_FIX)
+    out.mkdir(parents=True, exist_ok=True)
     v = ctx.variant
     old = load_manifest(out) or {}
     if old and old["variant"]["name"] != v.name:
         raise UsageError(f"--out {out} holds a bundle for variant {old['variant']['name']}.", "Give another folder.")
+    # what the bundle recorded under each name (its files, and those deleted since): a file of that name is
+    # recorded again only with the same sha256
+    expected = {**old.get("recorded", {}), **old.get("files", {})}
+    _verify_kept(out, expected, v)
     vhash = variant_hash(v)
     env = dict(ctx.base_env)
     links = [str(out / "wheels")] + find_links(env)
@@ -237,10 +299,26 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
     files: dict = {}
     missing: list[dict] = []
     pins_by_step: dict = {}
-    say(f"bundle {v.name} for Python {target.python} on {target.uv_platform} ({target.where}) -> {out}")
+    base = {"schema": SCHEMA, "variant": {"name": v.name, "file": str(v.path), "sha256": vhash},
+            "target": asdict(target), "machine": machine, "fill": bundle_cmd(v, out, machine)}
+    kept = {r: i for r, i in expected.items() if (out / r).is_file()}   # checked above
+
+    def progress() -> None:
+        _save_manifest(out, {**base, "files": {**kept, **files}, "recorded": _absent(expected, {**kept, **files}),
+                             "pins": pins_by_step, "deps": {}, "partial": True,
+                             "resolved_key": None, "made": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "missing": [{"what": "the rest of the bundle (the run making it did not finish)",
+                                          "step": PARTIAL, "requirements": [], "source": "invoke bundle",
+                                          "reason": "interrupted", "fill": f"`{bundle_cmd(v, out, machine)}`"}]})
+
+    progress()
+    (out / "wheels").mkdir(exist_ok=True)
+    say(f"bundle {v.name} for Python {target.python} on {target.uv_platform} ({target.where}) -> {out}"
+        + (" (resuming: the files there are checked and used)" if resuming or old.get("partial") else ""))
 
     if v.vllm["mode"] == "source":
-        files.update(_source(ctx, out, say, missing))
+        files.update(_source(ctx, out, say, missing, expected))
+        progress()
     plan = install_plan(ctx) if v.vllm["mode"] == "wheel" or ctx.status.step("fetch") else []
     resolved_key = json.dumps([vhash, asdict(target), [(p["step"], p["requirements"], p["index"]) for p in plan],
                                [_file_digest(f) for p in plan for f in p["files"]]], sort_keys=True)
@@ -249,13 +327,14 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
         resolved = json.loads(rescache.read_text())
     except (OSError, ValueError):
         resolved = {}
+    if not isinstance(resolved, dict):
+        resolved = {}
     if old.get("resolved_key") == resolved_key and not old.get("missing"):
         resolved[resolved_key] = old.get("pins", {})
-    reuse = resolved_key in resolved
-    known = _Verified(ctx.layout.cache / "bundle" / "known.json")       # filename -> sha256, size, origin URL
-    vc = _Verified(ctx.layout.cache / "bundle-verified.json")
+    reuse = resolved_key in resolved and isinstance(resolved[resolved_key], dict)
+    known = Known(ctx.layout.cache / "bundle" / "known.json")       # filename -> sha256, size, origin URL
     constraints: list[str] = []
-    kept: list[str] = []
+    kept_cons: list[str] = []
     torch_missing = False
     for step in plan:
         if reuse and step["step"] in resolved[resolved_key]:
@@ -266,8 +345,8 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
                 f"{' ...' if len(step['requirements']) > 4 else ''} from {mask(step['index'])}"
                 + (" (unreachable: local files only)" if why else ""))
             pins, err = compile_step(step, target, constraints, links, env, offline=bool(why), workdir=work)
-            if pins is None and constraints != kept:  # as the install: only the env's constraints file is kept
-                pins, err = compile_step(step, target, kept, links, env, offline=bool(why), workdir=work)
+            if pins is None and constraints != kept_cons:  # as the install: only the env's constraints file is kept
+                pins, err = compile_step(step, target, kept_cons, links, env, offline=bool(why), workdir=work)
             if pins is None:
                 missing.append({"what": f"{step['step']}: {' '.join(step['requirements'])}", "step": step["step"],
                                 "requirements": step["requirements"], "source": mask(step["index"]),
@@ -275,7 +354,7 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
                                 "fill": _pip_download_hint(step, target, out, v)})
                 say(f"  ! {step['step']}: cannot resolve ({mask(why or err)[:200]})")
                 if step["step"] == "torch":  # later steps resolve against the public release's metadata
-                    kept = constraints = _torch_stand_in(v)
+                    kept_cons = constraints = _torch_stand_in(v)
                     torch_missing = True
                 continue
         if torch_missing and step["step"] != "torch":  # torch's own closure comes with the torch step
@@ -284,27 +363,28 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
         constraints = _merge(constraints, pins)
         if step["step"] == "torch":  # the constraints file the torch step writes: torch's pins and numpy's
             names = {canonicalize_name(Requirement(r).name) for r in v.torch["packages"]}
-            kept = [p for p in pins if canonicalize_name(Requirement(p).name) in names]
-            kept += [r for r in v.deps["packages"] if canonicalize_name(Requirement(r).name) == "numpy"]
+            kept_cons = [p for p in pins if canonicalize_name(Requirement(p).name) in names]
+            kept_cons += [r for r in v.deps["packages"] if canonicalize_name(Requirement(r).name) == "numpy"]
         for pin in pins:
             try:
-                rel, info = _get(pin, step["index"], links, target, cache, out, {**old.get("files", {}), **files},
-                                 say, known.data, vc)
+                rel, info = _get(pin, step["index"], links, target, cache, out, {**kept, **files},
+                                 say, known, expected)
             except StepFailed as e:
                 missing.append({"what": pin, "step": step["step"], "requirements": [pin],
                                 "source": mask(step["index"]), "reason": e.message,
                                 "fill": _pip_download_hint({**step, "requirements": [pin]}, target, out, v)})
                 say(f"  ! {pin}: {e.message}")
                 continue
+            new = {**kept, **files}.get(rel) != info
             files[rel] = info
+            if new:
+                progress()
     deps = _deps(ctx, out, say, missing) if v.vllm["mode"] == "source" and ctx.status.step("fetch") else {}
-    man = {"schema": SCHEMA, "variant": {"name": v.name, "file": str(v.path), "sha256": vhash},
-           "target": asdict(target), "machine": machine, "files": files, "pins": pins_by_step, "deps": deps,
+    man = {**base, "files": files, "recorded": _absent(expected, files), "pins": pins_by_step, "deps": deps,
            "missing": missing, "resolved_key": resolved_key if not missing else None,
-           "made": time.strftime("%Y-%m-%dT%H:%M:%S"), "fill": bundle_cmd(v, out, machine)}
+           "made": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _save_manifest(out, man)
     known.save()
-    vc.save()
     if not missing:
         resolved[resolved_key] = pins_by_step
         work.mkdir(parents=True, exist_ok=True)
@@ -363,34 +443,51 @@ def _pip_download_hint(step: dict, target: Target, out: Path, variant) -> str:
 
 
 def _get(pin: str, index: str, links: list[str], target: Target, cache: Path, out: Path, old_files: dict,
-         say, known: dict, vc: _Verified) -> tuple[str, dict]:
+         say, known: Known, expected: dict) -> tuple[str, dict]:
+    """The bundle's file of ``pin``: (its name in the bundle, its manifest entry).  Every file recorded is
+    hashed here (or was, against the manifest, when the run began), and one whose name the manifest already
+    records with another sha256 is refused (``_unchanged``): a swapped file is never recorded silently."""
     req = Requirement(pin)
     version = Version(str(next(iter(req.specifier)).version))
     name = req.name
-    # 1. already in the bundle (listed, same size): nothing to do
+    # 1. already in the bundle (listed; its content checked against the manifest when this run began)
     for rel, info in old_files.items():
         if info.get("pin") == pin and (out / rel).is_file() and (out / rel).stat().st_size == info["size"]:
             return rel, info
-    # 2. a local find-links folder or the download cache
+    # 2. a local find-links folder (the bundle's own wheels/ first) or the download cache
     local: list[tuple[str, object]] = []
     for f in links + [str(cache)]:
         folder = Path(f[7:] if f.startswith("file://") else f)
         local += [(p.name, (p, url)) for p, url in _candidates_local(folder, name, version)
-                  if f != str(cache) or p.name in known]   # the download cache: files whose origin is known
+                  if f != str(cache) or p.name in known.data]   # the download cache: files whose origin is known
     pick = best_file(local, target)
     if pick is not None:
         p, url = pick[1]
+        rel = f"wheels/{p.name}"
         dest = out / "wheels" / p.name
-        listed = old_files.get(f"wheels/{p.name}")
+        listed = old_files.get(rel)
         if listed and p.resolve() == dest.resolve() and dest.stat().st_size == listed["size"]:
-            return f"wheels/{p.name}", {**listed, "pin": pin}
-        if p.resolve() != dest.resolve():
-            _link(p, dest)
-        k = known.get(p.name) if p.parent.resolve() == cache.resolve() else None
-        if k and k["size"] == dest.stat().st_size:  # downloaded earlier: its origin, hash checked then
-            return f"wheels/{p.name}", {**k, "pin": pin}
-        info = {"sha256": vc.sha(dest), "size": dest.stat().st_size, "url": url, "pin": pin}
-        return f"wheels/{p.name}", info
+            return rel, {**listed, "pin": pin}
+        k = known.data.get(p.name)
+        from_cache = p.parent.resolve() == cache.resolve()
+        digest = sha256_file(p)
+        if from_cache and digest != k["sha256"]:
+            # the cached copy is not what was downloaded (edited in place through a hard link?): fetched again
+            say(f"    {p.name}: the download cache's copy changed since it was downloaded; fetching it again")
+            p.unlink(missing_ok=True)
+            del known.data[p.name]
+        else:
+            if k and not from_cache and p.resolve() == dest.resolve() and digest != k["sha256"]:
+                raise UsageError(f"Bundle {out}: {rel} has sha256 {digest[:16]}..., the file of that name "
+                                 f"downloaded from {k.get('url', '?')} had {k['sha256'][:16]}...; nothing was "
+                                 "recorded.",
+                                 f"Delete {dest} and run `invoke bundle` again (it is fetched again and checked).")
+            _unchanged(out, rel, digest, expected, str(p.parent))
+            if p.resolve() != dest.resolve():
+                _link(p, dest)
+            if k and digest == k["sha256"]:  # downloaded earlier: its origin
+                return rel, {**k, "pin": pin}
+            return rel, {"sha256": digest, "size": dest.stat().st_size, "url": url, "pin": pin}
     # 3. the index
     files = [f for f in _index_files(index, name, cache.parent / "bundle" / "pages") if not f.yanked]
     cands = []
@@ -408,18 +505,24 @@ def _get(pin: str, index: str, links: list[str], target: Target, cache: Path, ou
                          None)
     f = pick[1]
     cached = cache / f.filename
-    if cached.is_file() and f.sha256 and vc.sha(cached) == f.sha256:
+    if cached.is_file() and f.sha256 and sha256_file(cached) == f.sha256:
         say(f"    {f.filename}: from the download cache")
         digest = f.sha256
     else:
         digest = _download(f.url, cached, f.sha256, say)
+    rel = f"wheels/{f.filename}"
+    _unchanged(out, rel, digest, expected, f.url)
+    known.data[f.filename] = {"sha256": digest, "size": cached.stat().st_size, "url": mask(f.url)}
+    known.save()   # before the link: a killed run's file in the bundle is checked against it when resumed
     dest = out / "wheels" / f.filename
     _link(cached, dest)
-    known[f.filename] = {"sha256": digest, "size": dest.stat().st_size, "url": mask(f.url)}
-    return f"wheels/{f.filename}", {**known[f.filename], "pin": pin}
+    if sha256_file(dest) != digest:   # the cache's copy changed between the two (another process)
+        dest.unlink(missing_ok=True)
+        raise StepFailed(f"bundle: {cached} changed while it was linked into the bundle.", "Run `invoke bundle` again.")
+    return rel, {**known.data[f.filename], "pin": pin}
 
 
-def _source(ctx, out: Path, say, missing: list) -> dict:
+def _source(ctx, out: Path, say, missing: list, expected: dict | None = None) -> dict:
     """Source mode: vLLM's sdist (the command ran the fetch and prepare steps first, so the deps step's
     requirement files are read from the tree the build will use)."""
     v = ctx.variant
@@ -437,10 +540,13 @@ def _source(ctx, out: Path, say, missing: list) -> dict:
             f"{ctx.layout.src(v.name)} or make the variant's source a sdist)")
         return {}
     a = Path(archive)
-    _link(a, out / "sdist" / a.name)
+    rel = f"sdist/{a.name}"
+    digest = sha256_file(a)
+    _unchanged(out, rel, digest, expected or {}, str(a.parent))
+    _link(a, out / rel)
     say(f"  vLLM sdist: {a.name}")
-    return {f"sdist/{a.name}": {"sha256": sha256_file(out / "sdist" / a.name), "size": a.stat().st_size,
-                                "url": mask(prov.get("url") or a.resolve().as_uri()), "pin": f"vllm=={v.vllm['version']}"}}
+    return {rel: {"sha256": digest, "size": a.stat().st_size,
+                  "url": mask(prov.get("url") or a.resolve().as_uri()), "pin": f"vllm=={v.vllm['version']}"}}
 
 
 def _deps(ctx, out: Path, say, missing: list) -> dict:
@@ -487,10 +593,19 @@ def _hardlink(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+ARCHIVE_MARK = b"vllm-harness bundle archive"   # in the pax header that starts every DIR.tar it writes
+_ARCHIVE_FIX = "Move or remove that file (the harness did not write it), then run again."
+
+
+def _tar_of(out: Path) -> Path:
+    return out.with_name(out.name + ".tar")
+
+
 def _archive(out: Path, say) -> Path:
-    tar = out.with_name(out.name + ".tar")
+    tar = _tar_of(out)
     say(f"  archive: {tar}")
-    with tarfile.open(tar.with_name(tar.name + ".part"), "w") as t:
+    with writer.atomic_output(tar, what="bundle --archive", marker=ARCHIVE_MARK, fix=_ARCHIVE_FIX) as fh, \
+            tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT,
+                         pax_headers={"comment": ARCHIVE_MARK.decode()}) as t:
         t.add(out, arcname=out.name)
-    os.replace(tar.with_name(tar.name + ".part"), tar)
     return tar

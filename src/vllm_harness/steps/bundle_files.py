@@ -1,30 +1,39 @@
 """The bundle's pieces (steps/bundle): the target (Python, platform tags), picking the best file of a release for
-it, downloads (sha256 checked), hard links into the bundle, the manifest, and a sha256 record keyed by the
-file's stat so that re-checking an unchanged bundle costs stat calls."""
+it, downloads (sha256 checked), hard links into the bundle, and the manifest (every key checked for its type,
+every file entry a wheel or sdist name inside the bundle).  A verdict on a file is always its content's
+sha256: no record keyed by its stat (an edit that restores the mtime keeps size, inode and mtime)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from packaging import tags as ptags
-from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
 from packaging.version import Version
 
 from vllm_harness.core import safeio
 from vllm_harness.core.errors import StepFailed, UsageError
+from vllm_harness.core.fetcher import Fetcher, FetchError
 from vllm_harness.core.masking import mask
 from vllm_harness.facts import index_metadata as im
 from vllm_harness.facts import pythons
 from vllm_harness.facts.package_index import dist_name_version
 
 SCHEMA = 1
+DOWNLOAD_MAX = 8 << 30   # one wheel or sdist (torch's CUDA wheels are ~1-3 GB)
 MANIFEST = "manifest.json"
 
 # ------------------------------------------------------------------------------------------ the target
@@ -149,21 +158,15 @@ def _link(src: Path, dest: Path) -> None:
 
 
 def _download(url: str, dest: Path, sha256: str | None, say) -> str:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    h = hashlib.sha256()
     t0 = time.monotonic()
-    req = urllib.request.Request(url, headers={"User-Agent": "vllm-harness-bundle"})
-    with urllib.request.urlopen(req, timeout=60) as r, open(tmp, "wb") as fh:  # noqa: S310
-        for chunk in iter(lambda: r.read(1 << 20), b""):
-            fh.write(chunk)
-            h.update(chunk)
-    digest = h.hexdigest()
-    if sha256 and digest != sha256:
-        tmp.unlink(missing_ok=True)
-        raise StepFailed(f"bundle: {mask(url)} has sha256 {digest}, the index says {sha256}.",
-                         "Retry; if it persists the download is being altered (proxy/mirror).")
-    os.replace(tmp, dest)
+    fetcher = Fetcher(deadline_s=None, max_requests=8, timeout_s=60, request_deadline_s=3 * 3600,
+                      user_agent="vllm-harness-bundle")
+    try:   # core.fetcher: streamed to a temporary file beside dest, sha256 checked, renamed; bounded
+        digest = fetcher.download(url, dest, max_bytes=DOWNLOAD_MAX, sha256=sha256)
+    except FetchError as e:
+        if e.kind == "sha256":
+            raise StepFailed(f"bundle: {e.url} has sha256 {e.digest}, the index says {sha256}.", e.fix) from None
+        raise StepFailed(f"bundle: cannot download {e.url} ({e.reason}).", e.fix) from None
     size = dest.stat().st_size
     say(f"    downloaded {dest.name} ({size / 2**20:.1f} MiB, {size / 2**20 / max(time.monotonic() - t0, 1e-3):.1f} MiB/s)")
     return digest
@@ -171,15 +174,105 @@ def _download(url: str, dest: Path, sha256: str | None, say) -> str:
 
 # ------------------------------------------------------------------------------------------ manifest
 
+HEX64 = re.compile(r"[0-9a-f]{64}")
+SOURCE_ARCHIVE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\.(tar\.gz|tgz|tar\.bz2|tar\.xz|tar|zip)")
+PARTIAL = "bundle"   # the step name of the `missing` entry a manifest written while its run goes on carries
+
+
+def _fix(p: Path) -> str:
+    return (f"Delete {p.parent} (or just {p}) and make the bundle again: `invoke bundle --variant NAME --out "
+            f"{p.parent}` (it adds what is missing and checks every file it keeps).")
+
+
+def _bad(p: Path, why: str) -> UsageError:
+    return UsageError(f"Bundle manifest {p} is not one this harness writes: {why}.", _fix(p))
+
+
+def _check_rel(p: Path, rel: object) -> str:
+    """A file entry's name: ``wheels/<wheel or sdist name>`` or ``sdist/<sdist name>``, nothing else."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        raise _bad(p, f"file entry {str(rel)[:80]!r} is not a relative path")
+    parts = PurePosixPath(rel).parts
+    if PurePosixPath(rel).is_absolute() or ".." in parts or len(parts) != 2 or parts[0] not in ("wheels", "sdist") \
+            or rel != "/".join(parts):
+        raise _bad(p, f"file entry {rel[:120]!r} is not wheels/NAME or sdist/NAME inside the bundle")
+    name = parts[1]
+    try:
+        if name.endswith(".whl") and parts[0] == "wheels":
+            parse_wheel_filename(name)
+        else:
+            parse_sdist_filename(name)
+    except (InvalidWheelFilename, InvalidSdistFilename, ValueError):
+        # vLLM's own source archive may be a local file of the user's naming (fetch's `source = path`)
+        if not (parts[0] == "sdist" and SOURCE_ARCHIVE.fullmatch(name)):
+            raise _bad(p, f"file entry {rel[:120]!r} is not named as a wheel or an sdist") from None
+    return rel
+
+
+def _check_info(p: Path, rel: str, info: object) -> None:
+    if not isinstance(info, dict):
+        raise _bad(p, f"entry {rel!r} is not a table")
+    if not isinstance(info.get("sha256"), str) or not HEX64.fullmatch(info["sha256"]):
+        raise _bad(p, f"entry {rel!r} has no sha256 (64 hex digits)")
+    if type(info.get("size")) is not int or info["size"] < 0:
+        raise _bad(p, f"entry {rel!r} has no size (a whole number of bytes)")
+    for k in ("url", "pin"):
+        if not isinstance(info.get(k, ""), str):
+            raise _bad(p, f"entry {rel!r}: {k} is not text")
+
+
+def validate_manifest(p: Path, data: object) -> dict:
+    """The manifest's shape, every key the harness reads with its type; every file entry inside the bundle."""
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise _bad(p, f"not a schema {SCHEMA} bundle manifest")
+    v, t = data.get("variant"), data.get("target")
+    if not isinstance(v, dict) or not all(isinstance(v.get(k), str) for k in ("name", "sha256")):
+        raise _bad(p, "variant is not a table with name and sha256")
+    if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in ("python", "arch", "glibc", "where")):
+        raise _bad(p, "target is not a table with python, arch, glibc and where")
+    if not isinstance(data.get("files"), dict) or not isinstance(data.get("recorded", {}), dict):
+        raise _bad(p, "files is not a table")
+    for rel, info in [*data["files"].items(), *data.get("recorded", {}).items()]:
+        _check_info(p, _check_rel(p, rel), info)
+    missing = data.get("missing", [])
+    if not isinstance(missing, list) or not all(isinstance(m, dict) and isinstance(m.get("what"), str)
+                                                and all(isinstance(m.get(k, ""), str) for k in ("source", "reason",
+                                                                                                  "fill", "step"))
+                                                for m in missing):
+        raise _bad(p, "missing is not a list of tables with what")
+    deps = data.get("deps") or {}
+    if not isinstance(deps, dict):
+        raise _bad(p, "deps is not a table")
+    for name, d in deps.items():
+        dname = d.get("dir") if isinstance(d, dict) else None
+        if not isinstance(dname, str) or not dname or dname in (".", "..") or "/" in dname or "\\" in dname \
+                or "\x00" in dname:
+            raise _bad(p, f"deps entry {str(name)[:80]!r} has no dir (one folder name under deps/)")
+    for k in ("pins",):
+        if not isinstance(data.get(k, {}), dict):
+            raise _bad(p, f"{k} is not a table")
+    if not isinstance(data.get("resolved_key"), (str, type(None))):
+        raise _bad(p, "resolved_key is not text")
+    return data
+
+
+def inside(out: Path, rel: str) -> Path:
+    """``out/rel``, refused (UsageError naming it) when it resolves outside the bundle (a symlink out)."""
+    p = out / rel
+    root = out.resolve()
+    real = p.resolve()
+    if real != root and root not in real.parents:
+        raise UsageError(f"Bundle {out}: {rel} is a link to {real}, outside the bundle; nothing was used.",
+                         f"Replace {p} by the file itself (or delete it and run `invoke bundle` again).")
+    return p
+
+
 def load_manifest(out: Path) -> dict | None:
     p = out / MANIFEST
-    if not p.is_file():
+    if not p.is_file() and not p.is_symlink():
         return None
-    data = safeio.load_json(p, "Bundle manifest", f"Delete {p} and run `invoke bundle` again.", limit=1 << 24)
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("files"), dict):
-        raise UsageError(f"Bundle manifest {p} is not one this harness writes (schema {SCHEMA}).",
-                         f"Delete {p} and run `invoke bundle` again.")
-    return data
+    data = safeio.load_json(p, "Bundle manifest", _fix(p), limit=1 << 24)
+    return validate_manifest(p, data)
 
 
 def _save_manifest(out: Path, data: dict) -> None:
@@ -188,28 +281,25 @@ def _save_manifest(out: Path, data: dict) -> None:
     os.replace(tmp, out / MANIFEST)
 
 
-class _Verified:
-    """sha256 results by (path, size, mtime), so re-checking an unchanged 3 GB bundle costs stat calls."""
+class Known:
+    """filename -> {sha256, size, url} of the files the bundle downloaded into the harness's download cache:
+    where a cached file came from and what it was then.  A file is hashed again before it is used; this
+    record never says that a file is unchanged, only what it must hash to."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            self.data = json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except (OSError, ValueError):
-            self.data = {}
-
-    def sha(self, p: Path) -> str:
-        st = p.stat()
-        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-        if key not in self.data:
-            self.data[key] = sha256_file(p)
-        return self.data[key]
+            data = {}
+        self.data = {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("sha256"), str)
+                     and type(v.get("size")) is int} if isinstance(data, dict) else {}
 
     def save(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.data))
+            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.data))
+            os.replace(tmp, self.path)
         except OSError:
             pass
-
-

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_harness.core import procs
 from vllm_harness.core.errors import StepFailed, UsageError
+from vllm_harness.core.fetcher import Fetcher, FetchError
 from vllm_harness.core.layout import Layout, venv_python
 from vllm_harness.core.masking import strip_credentials
 from vllm_harness.core.runner import console, mask
@@ -32,6 +33,7 @@ class Ctx:
     profile: dict | None = None
     rebuild: bool = False                # --rebuild: compile even when the wheelhouse has this build's wheel
     cache: str | None = None             # --cache: the compiler cache (auto, sccache, ccache, none, a path)
+    farm: str | None = None              # --farm: the sccache-dist scheduler URL, or off (steps/build_farm)
     nvcc_threads: int | None = None      # --nvcc-threads: overrides [build] nvcc_threads for this run
     bundle: Path | None = None           # --from-bundle / VLLM_HARNESS_BUNDLE: install only from it (steps/bundle)
     bundle_env: dict[str, str] | None = None  # the offline install variables once the bundle was checked
@@ -114,7 +116,7 @@ class Ctx:
 def installed_versions(py: Path, names: list[str], env: dict[str, str]) -> dict[str, str | None]:
     code = ("import json, importlib.metadata as m, sys\nout={}\nfor n in sys.argv[1:]:\n"
             "    try: out[n]=m.version(n)\n    except Exception: out[n]=None\nprint(json.dumps(out))")
-    r = subprocess.run([str(py), "-c", code, *names], capture_output=True, text=True, env=env, timeout=120)
+    r = procs.run([str(py), "-c", code, *names], capture_output=True, text=True, env=env, timeout=120)
     if r.returncode != 0:
         return {n: None for n in names}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -214,26 +216,27 @@ def check_index(url: str | None, what: str, timeout: float = 15.0) -> None:
     Credentials are sent as pip/uv send them (urllib alone would put them in the host name and fail)."""
     if not url or url.startswith("file://"):
         return
-    import urllib.error
-    import urllib.request
-
     bare, auth = _index_auth(url)
-    req = urllib.request.Request(bare.rstrip("/") + "/", headers={"Authorization": auth} if auth else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+    fetcher = Fetcher(deadline_s=None, max_requests=8, timeout_s=timeout, request_deadline_s=2 * timeout)
+    try:   # core.fetcher: http/https only (redirects too), a deadline; only the first chunk is read
+        with fetcher.stream(bare.rstrip("/") + "/", max_bytes=1 << 40,
+                            headers={"Authorization": auth} if auth else None) as r:
             r.read(1)
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403) and auth is None:
+    except FetchError as e:
+        code = e.status
+        if code in (401, 403) and auth is None:
             return  # it answered; pip/uv may hold credentials this check does not (a keyring provider)
-        if e.code in (401, 403):
-            raise UsageError(f"The index {mask(url)} for {what} refused the credentials (HTTP {e.code}).",
+        if code in (401, 403):
+            raise UsageError(f"The index {mask(url)} for {what} refused the credentials (HTTP {code}).",
                              "Check the user and token in the URL, ~/.netrc or the keyring.") from None
-        if e.code < 500:
+        if code is not None and code < 500:
             return  # it answered: a 404 on the index root says nothing about the packages
-        raise UsageError(f"The index {mask(url)} for {what} answered HTTP {e.code}.",
-                         "Retry later or point index_url at a mirror.") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = mask(str(getattr(e, "reason", e)))
+        if code is not None:
+            raise UsageError(f"The index {mask(url)} for {what} answered HTTP {code}.",
+                             "Retry later or point index_url at a mirror.") from None
+        if e.kind in ("scheme", "url"):
+            raise UsageError(f"The index {mask(url)} for {what} cannot be read: {e.reason}.", e.fix) from None
+        reason = mask(e.reason)
         err = UsageError(f"Cannot reach the index {mask(url)} for {what} ({reason}).",
                          "Check the network or proxy (HTTPS_PROXY); offline, download the wheels elsewhere and set "
                          "UV_FIND_LINKS/PIP_FIND_LINKS to their folder, or make a bundle on a connected machine "

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vllm_harness.core import procs
 from vllm_harness.core.errors import StepFailed
 from vllm_harness.core.runner import run_commands
 from vllm_harness.facts import pythons, toolkit
@@ -57,12 +58,12 @@ def _see_interpreter_packages(ctx: Ctx, interp: pythons.Interpreter, env: dict[s
     itself a venv or a conda env, where --system-site-packages would show the wrong ones), after its own."""
     code = "import json, sysconfig; p = sysconfig.get_paths(); print(json.dumps([p['scripts'], " \
            "sorted({p['purelib'], p['platlib']})]))"
-    r = subprocess.run([interp.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    r = procs.run([interp.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     if r.returncode != 0:
         raise StepFailed(f"env: cannot read the site-packages of {interp.executable}.", "Pass another --python.")
     scripts, dirs = json.loads(r.stdout.strip().splitlines()[-1])
-    site = subprocess.run([str(ctx.py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, env=env, timeout=60).stdout.strip()
+    site = procs.run([str(ctx.py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                     capture_output=True, text=True, env=env, timeout=60).stdout.strip()
     Path(site, "_harness_interpreter_packages.pth").write_text("".join(d + "\n" for d in dirs))
     return scripts  # its tools (cmake, ninja from pip) go on the build's PATH after the venv's own
 
@@ -72,7 +73,7 @@ def _seed_pip(ctx: Ctx, uv: str, env: dict[str, str]) -> list[str]:
     bundles (no index asked), else ensurepip itself."""
     code = "import ensurepip, os; print(os.path.dirname(ensurepip.__file__))"
     try:
-        r = subprocess.run([str(ctx.py), "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        r = procs.run([str(ctx.py), "-c", code], capture_output=True, text=True, env=env, timeout=60)
         wheels = sorted(Path(r.stdout.strip(), "_bundled").glob("pip-*.whl")) if r.returncode == 0 else []
     except (OSError, subprocess.TimeoutExpired):
         wheels = []

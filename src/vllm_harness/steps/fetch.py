@@ -27,12 +27,11 @@ import shutil
 import subprocess
 import tarfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from vllm_harness.core import gitcmd, safeio
 from vllm_harness.core.errors import StepFailed, UsageError
+from vllm_harness.core.fetcher import Fetcher, FetchError
 from vllm_harness.core.runner import write_json
 from vllm_harness.facts.source_tree import git_env
 from vllm_harness.steps.context import Ctx
@@ -114,10 +113,14 @@ def _sdist_offline_fix(name: str, version: str, cache: Path) -> str:
             f"or --source <an unpacked vLLM tree>).")
 
 
+JSON_MAX = 64 << 20      # a PyPI JSON answer (vllm's simple page is ~1 MB)
+SDIST_MAX = 4 << 30      # a vLLM sdist is ~30 MB
+
+
 def _get_json(url: str, accept: str | None = None, timeout: int = 30):
-    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.load(r)
+    """One bounded GET (core.fetcher: http/https only, a deadline, a size cap) parsed as JSON."""
+    fetcher = Fetcher(deadline_s=None, max_requests=8, timeout_s=timeout, request_deadline_s=4 * timeout)
+    return json.loads(fetcher.get(url, max_bytes=JSON_MAX, headers={"Accept": accept} if accept else None))
 
 
 def _reason(e: BaseException) -> str:
@@ -137,19 +140,19 @@ def sdist_info(name: str, version: str, cache: Path | None = None) -> dict:
             if f.get("packagetype") == "sdist":
                 return {"url": f["url"], "sha256": f["digests"]["sha256"], "filename": f["filename"]}
         raise UsageError(f"PyPI has no sdist for {name} {version}.", "Use source = 'git' with a ref.")
-    except urllib.error.HTTPError as e:
-        errors.append(f"JSON API: HTTP {e.code}")
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except FetchError as e:
+        errors.append(f"JSON API: {e.reason}")
+    except (OSError, ValueError) as e:
         errors.append(f"JSON API: {_reason(e)}")
     url = PYPI_SIMPLE.format(name=canonicalize_name(name))
     try:
         index = _get_json(url, accept="application/vnd.pypi.simple.v1+json")
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
+    except FetchError as e:
+        if e.status == 404:
             raise UsageError(f"PyPI has no project {name}.", "Check [vllm].package in the variant.") from None
-        raise _unreachable(f"PyPI for {name} {version}", f"{'; '.join(errors)}; simple index: HTTP {e.code}",
+        raise _unreachable(f"PyPI for {name} {version}", f"{'; '.join(errors)}; simple index: {e.reason}",
                            _sdist_offline_fix(name, version, cache)) from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise _unreachable(f"PyPI for {name} {version}", f"{'; '.join(errors)}; simple index: {_reason(e)}",
                            _sdist_offline_fix(name, version, cache)) from None
     try:
@@ -176,22 +179,17 @@ _sha256_file = safeio.sha256_file
 
 
 def _download(url: str, dest: Path, sha256: str | None, offline_fix: str = "") -> None:
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    h = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as fh:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                fh.write(chunk)
-                h.update(chunk)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
+    fetcher = Fetcher(deadline_s=None, max_requests=8, timeout_s=60, request_deadline_s=3600)
+    try:   # streamed to a temporary file beside dest, sha256 checked, then renamed (core.fetcher)
+        fetcher.download(url, dest, max_bytes=SDIST_MAX, sha256=sha256)
+    except FetchError as e:
+        if e.kind == "sha256":
+            raise StepFailed(f"fetch: {e.url} has sha256 {e.digest}, PyPI says {sha256}.", e.fix) from None
+        raise _unreachable(e.url, e.reason, offline_fix or "Check the network or proxy, or download the "
+                           "sdist elsewhere and pass --source /path/to/it.") from None
+    except OSError as e:
         raise _unreachable(url, _reason(e), offline_fix or "Check the network or proxy, or download the "
                            "sdist elsewhere and pass --source /path/to/it.") from None
-    if sha256 and h.hexdigest() != sha256:
-        tmp.unlink(missing_ok=True)
-        raise StepFailed(f"fetch: {url} has sha256 {h.hexdigest()}, PyPI says {sha256}.",
-                         "Retry; if it persists, the download is being altered (proxy/mirror).")
-    os.replace(tmp, dest)
 
 
 def cached_sdist(cache: Path, name: str, version: str) -> tuple[Path | None, str | None]:
@@ -358,7 +356,7 @@ def git_mirror_ref(url: str, ref: str, cache_root: Path, env: dict[str, str], fo
     sha, kind = _fetch_head(cache)
     commit = _git(["--git-dir", str(cache), "rev-parse", "--verify", "-q", "--end-of-options", f"{sha}^{{commit}}"],
                   genv).stdout.strip()
-    _git(["--git-dir", str(cache), "update-ref", local, commit], genv)
+    _git(["--git-dir", str(cache), "update-ref", "--", local, commit], genv)
     meta[ref] = {"commit": commit, "kind": kind, "url": url, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     meta_file.write_text(json.dumps(meta, indent=2))
     return {"cache": str(cache), "commit": commit, "kind": kind, "from_cache": False, "local_ref": local}
@@ -393,16 +391,22 @@ def fetch_git(url: str, ref: str, dest: Path, cache_root: Path, env: dict[str, s
 
 
 def _path_provenance(src: Path, env: dict[str, str]) -> dict:
+    """The commit (and whether it is dirty) of a tree the user handed over, read with ``gitcmd.inspect``:
+    no ``safe.directory`` for it, its configured commands off, and no git at all in a tree another user
+    owns (git refuses it, and so does the harness: the copy is made without its ``.git``)."""
     out: dict = {}
-    genv = git_env(env, [src])
-    r = _git(["-C", str(src), "rev-parse", "--show-toplevel", "HEAD"], genv, timeout=60)
-    if r.returncode == 0:
+    r = gitcmd.inspect(src, ["rev-parse", "--show-toplevel", "HEAD"], env, timeout=60)
+    if r.returncode == 0 and len(r.stdout.split()) >= 2:
         top, head = r.stdout.split()[:2]
         out["git_commit"] = head
-        dirty = _git(["-C", str(src), "status", "--porcelain", "--untracked-files=no"], genv, timeout=120)
+        dirty = gitcmd.inspect(src, ["status", "--porcelain", "--untracked-files=no"], env, timeout=120)
         out["git_dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
         if Path(top).resolve() != src.resolve():
             out["git_toplevel"] = top
+    elif gitcmd.DUBIOUS in (r.stderr or ""):
+        out["git_not_read"] = (f"{_last_line(r)}; the harness adds no safe.directory for a tree it did not "
+                               "make and runs no git in it, so its commit was not read (a copy is made "
+                               "without its .git)")
     return out
 
 

@@ -15,8 +15,8 @@ A sidecar says which releases the patch is for, why, and where upstream stands::
 * ``not-needed``       -- the vLLM version is outside ``versions``, or ``needed_if`` does not hold;
 * ``failed``           -- it claims this version but neither applies; the detail names the hunk.
 
-``git apply`` runs with an argument list, inside the tree only (``GIT_CEILING_DIRECTORIES``), trusted
-through the environment; without git, ``patch --dry-run`` / ``patch`` do the same.
+``git apply`` runs through ``core.gitcmd`` (the tree's configured commands and filter drivers off, no
+``safe.directory``: an ``in_place`` tree is the user's), inside the tree only (``GIT_CEILING_DIRECTORIES``); without git, ``patch --dry-run`` / ``patch`` do the same.
 ``check_releases`` (``invoke patches``) tries every patch against every PyPI release its range claims.
 """
 
@@ -27,17 +27,16 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from vllm_harness.core import procs, safeio
+from vllm_harness.core import gitcmd, procs, safeio
 from vllm_harness.core.errors import UsageError
-from vllm_harness.facts.source_tree import git_env
-from vllm_harness.steps.fetch import PYPI_SIMPLE, _get_json
+from vllm_harness.core.fetcher import Fetcher, FetchError
+from vllm_harness.steps.fetch import PYPI_SIMPLE, SDIST_MAX, _get_json
 
 STATUSES = ("applied", "already-applied", "not-needed", "failed")
 
@@ -115,13 +114,11 @@ def load_patches(folder: Path) -> list[Patch]:
 # ---------------------------------------------------------------------------------------------- apply
 
 def _env(src: Path, env: dict[str, str]) -> dict[str, str]:
-    out = git_env(env, [src])
+    """No safe.directory (an ``in_place`` tree is the user's: another user's stays refused by git), the
+    tree's filter drivers emptied, never a repository around the tree."""
+    out = gitcmd.tree_env(src, env) if _tool() == "git" else dict(env)
     out["GIT_CEILING_DIRECTORIES"] = str(src.resolve().parent)  # never patch a repository around the tree
     return out
-
-
-def _run(argv: list[str], src: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return procs.run(argv, cwd=src, env=env, capture_output=True, text=True, timeout=120)
 
 
 def _tool() -> str:
@@ -134,12 +131,12 @@ def _tool() -> str:
 
 def _try(patch: Path, src: Path, env: dict[str, str], reverse: bool, check: bool) -> subprocess.CompletedProcess:
     if _tool() == "git":
-        argv = ["git", "apply", "-p1", "--whitespace=nowarn"] + (["--reverse"] if reverse else []) + \
-               (["--check"] if check else []) + [str(patch)]
-    else:
-        argv = ["patch", "-p1", "--batch", "--silent", "--no-backup-if-mismatch", "-i", str(patch)] + \
-               (["--reverse"] if reverse else ["--forward"]) + (["--dry-run"] if check else [])
-    return _run(argv, src, env)
+        args = ["apply", "-p1", "--whitespace=nowarn"] + (["--reverse"] if reverse else []) + \
+               (["--check"] if check else []) + ["--", str(patch)]
+        return gitcmd.run(args, env, cwd=src, timeout=120)
+    argv = ["patch", "-p1", "--batch", "--silent", "--no-backup-if-mismatch", "-i", str(patch)] + \
+           (["--reverse"] if reverse else ["--forward"]) + (["--dry-run"] if check else [])
+    return procs.run(argv, cwd=src, env=env, capture_output=True, text=True, timeout=120)
 
 
 def failing_hunks(patch_text: str, errors: str) -> str:
@@ -243,16 +240,21 @@ def release_files(url: str, version: str, wanted: list[str], cache: Path) -> Pat
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     left = set(wanted)
-    with urllib.request.urlopen(url, timeout=300) as r, tarfile.open(fileobj=r, mode="r|gz") as tar:
-        for m in tar:
-            rel = m.name.split("/", 1)[1] if "/" in m.name else ""
-            if rel in left and m.isfile():
-                target = dest / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(tar.extractfile(m).read())
-                left.discard(rel)
-                if not left:
-                    break
+    fetcher = Fetcher(deadline_s=None, max_requests=8, timeout_s=60, request_deadline_s=1800)
+    try:   # core.fetcher: http/https only, a deadline, the sdist's size capped while streaming
+        with fetcher.stream(url, max_bytes=SDIST_MAX) as r, tarfile.open(fileobj=r, mode="r|gz") as tar:
+            for m in tar:
+                rel = m.name.split("/", 1)[1] if "/" in m.name else ""
+                if rel in left and m.isfile():
+                    target = dest / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(tar.extractfile(m).read())
+                    left.discard(rel)
+                    if not left:
+                        break
+    except FetchError as e:
+        raise UsageError(f"patch check: cannot read the vLLM {version} sdist at {e.url} ({e.reason}).",
+                         e.fix) from None
     done.write_text("\n".join(sorted(set(wanted) - left)) + "\n")
     return dest
 

@@ -51,7 +51,7 @@ print(json.dumps(out))
 
 def torch_info(python: Path, env: dict[str, str]) -> dict:
     try:
-        r = subprocess.run([str(python), "-c", TORCH_INFO], capture_output=True, text=True, env=env, timeout=60)
+        r = procs.run([str(python), "-c", TORCH_INFO], capture_output=True, text=True, env=env, timeout=60)
     except OSError as e:
         raise UsageError(f"probe: cannot run {python} ({e}).", "Make the env first: `invoke deps --variant ...`.") \
             from None

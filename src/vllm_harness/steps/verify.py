@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from vllm_harness.core import locks
+from vllm_harness.core import locks, procs
 from vllm_harness.core.errors import StepFailed
 from vllm_harness.core.runner import Progress
 from vllm_harness.core.status import Status, key_of
@@ -56,8 +56,8 @@ def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = Fa
 def _site_dirs(py: Path, env: dict[str, str]) -> list[str]:
     """The env's import path (its site-packages, and the base interpreter's with system site packages)."""
     try:
-        r = subprocess.run([str(py), "-I", "-c", "import sys, json; print(json.dumps(sys.path))"],
-                           capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+        r = procs.run([str(py), "-I", "-c", "import sys, json; print(json.dumps(sys.path))"],
+                      capture_output=True, text=True, env=env, timeout=60)
         return [p for p in json.loads(r.stdout.strip().splitlines()[-1]) if p and os.path.isdir(p)]
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         return []

@@ -29,6 +29,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from vllm_harness.core import procs
 from vllm_harness.core.status import key_of
 
 SCHEMA = 1
@@ -95,7 +96,7 @@ def tree_hash(src: Path) -> tuple[str, int]:
 
 def _first_line(argv: list[str], env: dict[str, str]) -> str | None:
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=30)
+        r = procs.run(argv, capture_output=True, text=True, env=env, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     text = (r.stdout or r.stderr).strip()
@@ -111,7 +112,7 @@ def nvcc_version(env: dict[str, str]) -> str | None:
     home = env.get("CUDA_HOME")
     nvcc = str(Path(home) / "bin" / "nvcc") if home else (shutil.which("nvcc", path=env.get("PATH")) or "nvcc")
     try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, env=env, timeout=30).stdout
+        out = procs.run([nvcc, "--version"], capture_output=True, text=True, env=env, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = re.search(r"release [\d.]+, V([\d.]+)", out)

@@ -1,0 +1,238 @@
+"""issue 28: one judge of what runs where (facts/feasibility.py), asked by doctor and plan alike.
+
+The machines are tests/machines/*.toml (the issue's classes were written from public facts: Grace Hopper and
+GB200 on aarch64, DGX Spark's GB10, a Jetson AGX Orin on JetPack 6, CentOS 7's glibc 2.17, a driver-470 machine
+with no toolkit, the RTX 4090 on driver 550); the variants are envs/*.toml and every candidate plan proposes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from packaging.version import Version
+
+from vllm_harness.core.errors import UsageError
+from vllm_harness.doctor import report as doctor
+from vllm_harness.facts import compat, feasibility, machine, planner
+from vllm_harness.facts.machine_profile import load_profile, parse_profile
+from vllm_harness.facts.variants import load_variant, parse_variant
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINES = sorted((ROOT / "tests" / "machines").glob("*.toml"))
+VARIANTS = sorted((ROOT / "envs").glob("*.toml"))
+#: ids only the judge emits in doctor (others, e.g. torch-wheel-not-found, also come from doctor's Python rule)
+JUDGE_ONLY = {"driver-too-old", "no-driver", "cuda-forward-compat", "no-kernel-image", "torch-cpu-only",
+              "bf16-unsupported", "flash-attn-unsupported-gpu", "cuda-home-missing", "nvcc-not-found"}
+TIER_TO_DOCTOR = {"runs": "ready", "runs with warnings": "ready with warnings", "runs after fixes": "will fail",
+                  "cannot": "will fail"}
+
+
+def _key(f) -> tuple:
+    return (f.id, f.severity, f.subject, f.evidence, f.fix)
+
+
+def _profile(name: str) -> dict:
+    return load_profile(ROOT / "tests" / "machines" / f"{name}.toml")
+
+
+def _plan(name: str) -> dict:
+    return planner.plan(_profile(name), compat.load(), name)
+
+
+def _agree(variant, profile) -> str:
+    """doctor's findings for the variant hold exactly the judge's issues; returns the judge's tier."""
+    verdict = feasibility.judge(compat.load(), profile, feasibility.candidate_of(variant))
+    findings = doctor.check(variant, profile)
+    judged = [_key(i.finding) for i in verdict.issues]
+    have = [_key(f) for f in findings]
+    assert all(k in have for k in judged), [k for k in judged if k not in have]
+    assert {k for k in have if k[0] in JUDGE_ONLY} <= set(judged)
+    # doctor's verdict over the judge's findings is the judge's tier
+    mine = [f for f in findings if _key(f) in set(judged)]
+    assert doctor.verdict(mine) == TIER_TO_DOCTOR[verdict.tier], (verdict.tier, [f.to_dict() for f in mine])
+    return verdict.tier
+
+
+# ------------------------------------------------------------------------------- one judge, two askers
+
+@pytest.mark.parametrize("machine_path", MACHINES, ids=lambda p: p.stem)
+def test_doctor_and_plan_agree_on_every_shipped_variant(machine_path):
+    profile = load_profile(machine_path)
+    for vpath in VARIANTS:
+        _agree(load_variant(vpath.stem, [ROOT / "envs"]), profile)
+
+
+@pytest.mark.parametrize("machine_path", MACHINES, ids=lambda p: p.stem)
+def test_doctor_and_plan_agree_on_every_planned_candidate(machine_path, tmp_path):
+    data = compat.load()
+    profile = load_profile(machine_path)
+    rep = planner.plan(profile, data, machine_path.stem)
+    planned = [o for o in rep["_options"] if o.vllm is not None]
+    assert planned or rep["recommendation"] is None
+    for o in planned:
+        text = planner.render_variant(rep, data, o)
+        v = parse_variant(f"p-{o.cuda}", tmp_path / f"p{o.cuda}.toml", text)
+        cand = feasibility.candidate_of(v)
+        # the written variant is the candidate plan judged ...
+        assert (cand.cuda, cand.torch, cand.vllm, cand.mode, cand.torch_index, cand.torch_preinstalled) == (
+            o.extra["cand"].cuda, o.extra["cand"].torch, o.extra["cand"].vllm, o.extra["cand"].mode,
+            o.extra["cand"].torch_index, o.extra["cand"].torch_preinstalled)
+        # ... and doctor, asking the same judge, reaches plan's tier
+        assert _agree(v, profile) == o.tier
+
+
+# ------------------------------------------------------------------------------------ the issue's classes
+
+def test_grace_hopper_a_variant_with_x86_64_only_wheels_will_fail():
+    p = _profile("gh200-aarch64")
+    fs = doctor.check(load_variant("cu124", [ROOT / "envs"]), p)      # vLLM 0.8.5: x86_64 wheels only
+    assert doctor.verdict(fs) == "will fail"
+    f = next(f for f in fs if f.id == "torch-wheel-not-found" and f.subject.startswith("vllm"))
+    assert "x86_64 only" in f.evidence and "aarch64" in f.evidence
+    assert "vLLM >= 0.10.2" in f.fix                                   # the first release with aarch64 wheels
+
+
+def test_grace_hopper_pypi_torch_has_no_cuda_and_the_fix_is_the_pytorch_index():
+    p = _profile("gh200-aarch64")
+    v = load_variant("cu128", [ROOT / "envs"])                        # torch 2.10.0 from PyPI
+    f = next(f for f in doctor.check(v, p) if f.id == "torch-cpu-only")
+    assert f.severity == "error" and "CPU-only" in f.evidence and "inferred" in f.evidence
+    assert 'index_url = "https://download.pytorch.org/whl/cu128"' in f.fix
+    verdict = feasibility.judge(compat.load(), p, feasibility.candidate_of(v))
+    assert verdict.tier == "runs after fixes" and any("whl/cu128" in x for x in verdict.fixes)
+    # plan writes the index in: the same release runs as is
+    rep = _plan("gh200-aarch64")
+    rec = rep["recommendation"]
+    assert rec["mode"] == "wheel" and rec["tier"] == "runs" and rec["cuda"] == "12.8"
+    text = planner.render_variant(rep, compat.load())
+    assert 'index_url = "https://download.pytorch.org/whl/cu128"' in text
+
+
+@pytest.mark.parametrize("name,cc", [("gb200-aarch64", "10.0"), ("dgx-spark-gb10", "12.1")])
+def test_aarch64_blackwell_servers_and_desktops(name, cc):
+    rep = _plan(name)
+    rec = rep["recommendation"]
+    assert rec["tier"] == "runs" and rec["cuda"] == "13.0" and rec["mode"] == "wheel"
+    assert 'index_url = "https://download.pytorch.org/whl/cu130"' in planner.render_variant(rep, compat.load())
+    # lines with x86_64-only vLLM wheels or no aarch64 CUDA torch do not run there
+    assert {o["cuda"] for o in rep["options"] if o["tier"] == "cannot"} >= {"11.8", "12.4"}
+    assert _profile(name)["gpu"][0]["compute_capability"] == cc
+
+
+def test_jetson_gets_a_source_build_on_jetpacks_torch_never_a_pypi_wheel():
+    rep = _plan("jetson-agx-orin-jp6")
+    assert not [o for o in rep["options"] if o["mode"] == "wheel"]
+    rec = rep["recommendation"]
+    assert rec["mode"] == "source" and rec["cuda"] == "12.6" and rec["python"] == "3.10"
+    text = planner.render_variant(rep, compat.load())
+    assert "preinstalled = true" in text and "index_url" not in text
+    assert "NVIDIA's PyTorch" in rec["reason"] or "JetPack" in rec["reason"]
+    fs = doctor.check(load_variant("cu128", [ROOT / "envs"]), _profile("jetson-agx-orin-jp6"))
+    f = next(f for f in fs if f.id == "torch-wheel-not-found" and "PyPI's vllm" in f.subject)
+    assert "SBSA" in f.evidence and 'mode = "source"' in f.fix and "preinstalled = true" in f.fix
+
+
+def test_driver_470_without_a_toolkit_runs_after_installing_the_distributions_cuda_118():
+    rep = _plan("driver470-no-toolkit")
+    rec = rep["recommendation"]
+    assert rec["tier"] == "runs after fixes" and rec["cuda"] == "11.8" and rec["mode"] == "source"
+    assert any("apt install nvidia-cuda-toolkit" in f and "a real CUDA 11.8" in f for f in rec["fixes"])
+    assert "no driver upgrade needed" in rec["reason"]
+    f = next(f for f in doctor.check(load_variant("cu118", [ROOT / "envs"]), _profile("driver470-no-toolkit"))
+             if f.id == "cuda-home-missing")
+    assert f.severity == "error" and "apt install nvidia-cuda-toolkit" in f.fix
+
+
+def test_rtx4090_on_driver_550_the_recommendation_names_the_trade_off():
+    rec = _plan("rtx4090-driver550")["recommendation"]
+    assert rec["tier"] == "runs" and rec["cuda"] == "12.4"
+    assert "Trade-off: the newer vLLM 0.19.1" in rec["reason"] and "minor-version compatibility" in rec["reason"]
+    tiers = _plan("rtx4090-driver550")["tiers"]
+    assert tiers["runs_with_warnings"]["vllm"] == "0.19.1"
+    # the newest that runs as is is a source build (CUDA 11.8); the prebuilt wheel is preferred, and said so
+    assert tiers["runs"]["mode"] == "source" and Version(tiers["runs"]["vllm"]) > Version(rec["vllm"])
+    assert f"vLLM {tiers['runs']['vllm']} built from source also runs as is" in rec["reason"]
+
+
+def test_old_glibc_is_judged_by_the_wheels_manylinux_floor():
+    p = _profile("centos7-glibc217")
+    f = next(f for f in doctor.check(load_variant("cu128", [ROOT / "envs"]), p) if f.id == "torch-wheel-not-found"
+             and f.subject == "torch 2.10.0 on glibc 2.17")
+    assert "glibc >= 2.28" in f.evidence and "glibc 2.17" in f.evidence
+    rep = planner.plan(p, compat.load(), "centos7")
+    data = compat.load()
+    for o in rep["_options"]:
+        if o.ok and o.mode == "wheel":
+            floor = feasibility.wheel_platforms(list(o.extra["vf"].wheels.value))["x86_64"]
+            assert floor is None or floor <= Version("2.17"), (o.vllm, floor)
+    why = " ".join(o["why"] for o in rep["options"])
+    assert "glibc 2.17" in why
+    assert data.vllm("0.19.1") is not None and rep["recommendation"]["vllm"] != "0.19.1"
+
+
+# ------------------------------------------------------------------------------------ the parts
+
+def test_wheel_platforms_reads_arch_and_glibc_floor():
+    got = feasibility.wheel_platforms(["cp38-abi3-manylinux1_x86_64", "cp38-abi3-manylinux2014_aarch64",
+                                       "cp38-abi3-manylinux_2_35_x86_64"])
+    assert {k: str(v) for k, v in got.items()} == {"x86_64": "2.5", "aarch64": "2.17"}
+    assert "*" in feasibility.wheel_platforms(["py3-none-any"])
+
+
+def test_driver_status_is_one_rule_for_dgpus_and_jetsons():
+    data = compat.load()
+    assert feasibility.driver_status(data, "12.4", "550.54.15", "12.4")[0] == "ok"
+    assert feasibility.driver_status(data, "12.8", "550.54.15", "12.4")[0] == "minor-compat"
+    assert feasibility.driver_status(data, "13.0", "550.54.15", "12.4")[0] == "too-old"
+    # a Jetson runs its JetPack's CUDA, whatever nvidia-smi calls the driver
+    assert feasibility.driver_status(data, "12.6", "540.4.0", "12.6", integrated=True)[0] == "ok"
+    assert feasibility.driver_status(data, "12.8", "540.4.0", "12.6", integrated=True)[0] == "too-old"
+    assert feasibility.driver_status(data, "11.8", "540.4.0", "12.6", integrated=True)[0] == "other"
+    # read as a dGPU driver, 540 would run CUDA 12.6 only under minor-version compatibility
+    assert feasibility.driver_status(data, "12.6", "540.4.0", "12.6")[0] == "minor-compat"
+
+
+def test_pypi_torch_cuda_per_platform():
+    data = compat.load()
+    tf = data.torch("2.10.0")
+    assert feasibility.pypi_torch_cuda(data, tf, "x86_64")[0] == "12.8"
+    cuda, fact = feasibility.pypi_torch_cuda(data, tf, "aarch64")
+    assert cuda is None and fact.inferred and fact.source == "pt-aarch64-pypi"
+    assert feasibility.index_has_torch(data, tf, "12.8", "aarch64")
+    assert not feasibility.index_has_torch(data, tf, "12.6", "aarch64")
+    assert not feasibility.index_has_torch(data, data.torch("2.6.0"), "12.4", "aarch64")
+
+
+def test_profile_keys_for_jetson_and_their_probe(tmp_path):
+    p = parse_profile('[machine]\narch = "aarch64"\nl4t = "36.4.3"\njetson = "NVIDIA Jetson AGX Orin"\n'
+                      '[[gpu]]\nname = "Orin (nvgpu)"\ncompute_capability = "8.7"\nintegrated = true\n')
+    assert feasibility.is_jetson(p) and feasibility.cpu_arch(p) == "aarch64"
+    with pytest.raises(UsageError, match="machine.l4t"):
+        parse_profile('[machine]\nl4t = "r36"\n')
+    with pytest.raises(UsageError, match=r"gpu\[0\].integrated"):
+        parse_profile('[[gpu]]\nintegrated = "yes"\n')
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "nv_tegra_release").write_text("# R36 (release), REVISION: 4.3, GCID: 1, BOARD: generic\n")
+    (tmp_path / "proc" / "device-tree").mkdir(parents=True)
+    (tmp_path / "proc" / "device-tree" / "model").write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\x00")
+    assert machine._jetson(tmp_path) == ("36.4.3", "NVIDIA Jetson AGX Orin Developer Kit")
+    assert machine._jetson(tmp_path / "none") == (None, None)
+
+
+def test_the_driver_arch_and_glibc_rules_live_in_the_judge_only():
+    """doctor's rules and plan ask facts/feasibility.py; no second copy of the comparisons (issue 28)."""
+    src = ROOT / "src" / "vllm_harness"
+    for path in [*sorted((src / "doctor").glob("rules_*.py")), src / "doctor" / "model.py",
+                 src / "facts" / "planner.py", src / "facts" / "fleet.py"]:
+        text = path.read_text()
+        for needle in ("driver_min", "sm_real(", "manylinux", "arch_list_runs_on", "is_datacenter"):
+            assert needle not in text, f"{path.name} compares {needle} itself: ask facts/feasibility.py"
+
+
+def test_a_plan_after_fixes_writes_its_fixes_into_the_variant(tmp_path):
+    rep = _plan("driver470-no-toolkit")
+    p = planner.write_variant(rep, compat.load(), tmp_path / "old470.toml")
+    text = p.read_text()
+    assert "# Before the build: install the CUDA 11.8 toolkit" in text and 'mode = "source"' in text
+    assert feasibility.candidate_of(load_variant(str(p), [])).cuda == "11.8"
