@@ -190,8 +190,8 @@ def render(rows: list[dict], ccs: list[str], markdown: bool) -> str:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(row) + " |" for row in lines]
         return "\n".join(out)
-    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in [head, *lines])
+    widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=False)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=False)) for row in [head, *lines])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_index import PACKAGES, _Index, _wheel, anchor
+from tiny_index import _Index, build_index
 
 
 class Gate:
@@ -35,15 +35,7 @@ class Gate:
 @pytest.fixture
 def gated_index(tmp_path):
     """(URL, Gate) of a PEP 503 index of the tiny wheels whose requests the gate can hold."""
-    root = tmp_path / "gindex"
-    (root / "files").mkdir(parents=True)
-    by: dict[str, list[Path]] = {}
-    for name, ver, req in PACKAGES:
-        by.setdefault(name, []).append(_wheel(root / "files", name, ver, req))
-    for name, wheels in by.items():
-        (root / "simple" / name).mkdir(parents=True)
-        (root / "simple" / name / "index.html").write_text("<html><body>\n" + "".join(anchor(w) for w in wheels)
-                                                           + "</body></html>\n")
+    root = build_index(tmp_path / "gindex")
     gate = Gate()
 
     class Handler(_Index):

@@ -121,8 +121,9 @@ def test_short_flags_are_chosen_in_the_table_the_same_in_cli_and_invoke():
     """`-j N` is --jobs (make, ninja, cmake --build), `-h` is help: invoke generated -j for --json and -o for
     --jobs ("No idea what '8' is!") and -h for --cache before the table named them."""
     sys.path.insert(0, str(ROOT))
-    import tasks
     from invoke.parser import Parser
+
+    import tasks
     sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
     for cmd in COMMANDS:
         cli_short = {o: a.dest for a in sub.choices[cmd.name]._actions for o in a.option_strings

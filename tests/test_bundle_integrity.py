@@ -11,8 +11,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bundle_gate_index import gated_index  # noqa: F401 - the fixture
-from bundle_gate_index import alive, cmdline, descendants, harness_process, kill_hard, wait_gone
+from bundle_gate_index import (
+    alive,
+    cmdline,
+    descendants,
+    gated_index,  # noqa: F401 - the fixture
+    harness_process,
+    kill_hard,
+    wait_gone,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packaging.utils import parse_sdist_filename, parse_wheel_filename
@@ -238,7 +245,7 @@ def test_malformed_manifests_are_one_message(harness, tmp_path, index):
 
 # ------------------------------------------------------------------------------------------ killed runs
 
-def test_a_bundle_killed_mid_way_resumes_and_checks_what_it_finds(harness, tmp_path, gated_index):
+def test_a_bundle_killed_mid_way_resumes_and_checks_what_it_finds(harness, tmp_path, gated_index):  # noqa: F811 - the fixture
     url, gate = gated_index
     v = _tiny(tmp_path, url)
     b = tmp_path / "b"
@@ -264,7 +271,7 @@ def test_a_bundle_killed_mid_way_resumes_and_checks_what_it_finds(harness, tmp_p
     assert harness("bundle", "--check", b)[0] == 0
 
 
-def test_a_bundle_killed_before_its_manifest_resumes_from_the_files_there(harness, tmp_path, gated_index):
+def test_a_bundle_killed_before_its_manifest_resumes_from_the_files_there(harness, tmp_path, gated_index):  # noqa: F811 - the fixture
     """No manifest at all (killed before the first was written): the folder's wheels are used again, each
     checked against what was downloaded; one that differs is refused, naming it."""
     url, gate = gated_index
@@ -294,7 +301,7 @@ def test_a_bundle_killed_before_its_manifest_resumes_from_the_files_there(harnes
     assert harness("bundle", "--check", b)[0] == 0
 
 
-def test_killing_bundle_ends_the_uv_pip_compile_it_started(harness, tmp_path, gated_index, monkeypatch):
+def test_killing_bundle_ends_the_uv_pip_compile_it_started(harness, tmp_path, gated_index, monkeypatch):  # noqa: F811 - the fixture
     url, gate = gated_index
     monkeypatch.setenv("UV_NO_CACHE", "1")   # uv asks the index (not its own cache of the pages)
     v = _tiny(tmp_path, url)

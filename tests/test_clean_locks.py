@@ -75,7 +75,7 @@ def test_clean_all_never_deletes_a_variant_that_started_while_it_waited(state, t
     assert "removed" in out
 
 
-def test_no_wait_with_a_bundle_running_deletes_nothing(harness, state, tmp_path, gated_index, monkeypatch):
+def test_no_wait_with_a_bundle_running_deletes_nothing(harness, state, tmp_path, gated_index, monkeypatch):  # noqa: F811 - the fixture
     url, gate = gated_index
     monkeypatch.setenv("UV_NO_CACHE", "1")   # uv asks the index (not its own cache of the pages)
     v = _tiny(tmp_path, url)

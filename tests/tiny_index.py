@@ -59,10 +59,8 @@ def anchor(w: Path) -> str:
             f'data-core-metadata="sha256={mh}" data-dist-info-metadata="sha256={mh}">{w.name}</a>\n')
 
 
-@pytest.fixture
-def index(tmp_path):
-    """A PEP 503 index of the tiny wheels on 127.0.0.1 (files/ and simple/<project>/index.html)."""
-    root = tmp_path / "index"
+def build_index(root: Path) -> Path:
+    """root/files/ (the tiny wheels) and root/simple/<project>/index.html: a PEP 503 index to serve."""
     (root / "files").mkdir(parents=True)
     by: dict[str, list[Path]] = {}
     for name, ver, req in PACKAGES:
@@ -72,6 +70,13 @@ def index(tmp_path):
         page.mkdir(parents=True)
         links = "".join(anchor(w) for w in wheels)
         (page / "index.html").write_text(f"<html><body>\n{links}</body></html>\n")
+    return root
+
+
+@pytest.fixture
+def index(tmp_path):
+    """A PEP 503 index of the tiny wheels on 127.0.0.1 (files/ and simple/<project>/index.html)."""
+    root = build_index(tmp_path / "index")
     handler = lambda *a, **k: _Index(*a, directory=str(root), **k)  # noqa: E731
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()

@@ -11,7 +11,6 @@ from vllm_harness.core import safeio
 from vllm_harness.core.errors import HarnessError, UsageError
 from vllm_harness.steps.probe import load_record
 
-
 FIX = "Give the path of a build or install log, or - for stdin (`cat FILE | invoke diagnose --log -`)."
 
 

@@ -197,7 +197,7 @@ def _recorded(lock: Path):
             os.replace(tmp, _holder_path(lock))
         except OSError as e:  # a full disk: no half-written record left behind, one message naming the file
             tmp.unlink(missing_ok=True)
-            raise oserrors.refusal(e, "Lock record", _holder_path(lock), "; nothing was run") or e
+            raise (oserrors.refusal(e, "Lock record", _holder_path(lock), "; nothing was run") or e) from None
         yield
     finally:
         try:

@@ -129,9 +129,10 @@ def _open_dir(d: Path, what: str, path: Path) -> int:
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path, *, what: str, force: bool = False, fix: str = "",
-                  marker: bytes | None = None) -> Iterator[BinaryIO]:
+                  marker: bytes | None = None, mode: int | None = None) -> Iterator[BinaryIO]:
     """A binary file object whose content replaces ``path`` atomically when the block ends without an error
-    (see the module's doc for what is refused first)."""
+    (see the module's doc for what is refused first).  ``mode``: the mode of the file written (a secret: 0o600),
+    else the replaced file's, else the umask's."""
     p = Path(path)
     check_target(p, what=what, force=force, marker=marker, fix=fix)   # before the folder is even made
     try:
@@ -148,7 +149,8 @@ def atomic_output(path: str | Path, *, what: str, force: bool = False, fix: str 
         for _ in range(8):
             tmp = f"{p.name}.{secrets.token_hex(6)}.tmp"
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666, dir_fd=dfd)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC,
+                             0o666 if mode is None else mode, dir_fd=dfd)
                 break
             except FileExistsError:   # a name already there (a planted link too) is never opened
                 tmp = None
@@ -162,7 +164,9 @@ def atomic_output(path: str | Path, *, what: str, force: bool = False, fix: str 
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
-            if st is not None:     # keep the mode (and, where allowed, the owner) of what it replaces
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
+            elif st is not None:   # keep the mode (and, where allowed, the owner) of what it replaces
                 os.fchmod(fh.fileno(), stat.S_IMODE(st.st_mode))
                 if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
                     with contextlib.suppress(OSError):
@@ -183,12 +187,12 @@ def atomic_output(path: str | Path, *, what: str, force: bool = False, fix: str 
 
 
 def write_file(path: str | Path, data: bytes | str, *, what: str, force: bool = False, fix: str = "",
-               marker: bytes | None = None) -> Path:
+               marker: bytes | None = None, mode: int | None = None) -> Path:
     """Replace (or create) ``path`` with ``data`` (str: UTF-8) atomically; refused cases: see the module's doc.
     ``marker``: the bytes a file the harness wrote holds in its first 4 KiB (None: any existing file needs
     ``force``).  Returns the path."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    with atomic_output(path, what=what, force=force, fix=fix, marker=marker) as fh:
+    with atomic_output(path, what=what, force=force, fix=fix, marker=marker, mode=mode) as fh:
         fh.write(raw)
     return Path(path)
 

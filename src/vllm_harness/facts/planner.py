@@ -365,8 +365,8 @@ def render_variant(report: dict, data: CompatData, option: Option | None = None)
         lines += ["", "[post_install]", f"packages = [\"xformers=={vf.xformers.value}\"]",
                   f"index_url = \"{PYTORCH_WHL}/{tag}\""]
         imports.append("xformers")
-    lines += ["", "[verify]", "imports = [" + ", ".join(f'"{i}"' for i in imports) + "]",
-              "extensions = [\"vllm._C\"]", ""]
+    # no extensions list: verify loads every extension module the release ships (vLLM 0.25 renamed _C)
+    lines += ["", "[verify]", "imports = [" + ", ".join(f'"{i}"' for i in imports) + "]", ""]
     return "\n".join(lines)
 
 

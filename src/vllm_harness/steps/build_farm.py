@@ -28,14 +28,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_harness.core import procs, safeio
+from vllm_harness.core import procs, safeio, writer
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.fetcher import Fetcher, FetchError, url_problem
 from vllm_harness.core.masking import MASK, mask, split_userinfo
@@ -183,13 +182,9 @@ def client_config(farm: Farm, state: Path) -> Path:
             'type = "token"\n'
             # no token: a scheduler with client_auth DANGEROUSLY_INSECURE accepts any
             f"token = {_toml_str(farm.token or 'none')}\n")
-    path = d / "sccache.toml"
-    tmp = d / f".sccache.toml.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path
+    # the harness's own file in the state folder, holding the token: 0600 (force: it is rewritten every build)
+    return writer.write_file(d / "sccache.toml", text, what="The build farm's sccache config", force=True,
+                             mode=0o600)
 
 
 def client_env(farm: Farm, state: Path) -> dict[str, str]:
@@ -200,8 +195,7 @@ def client_env(farm: Farm, state: Path) -> dict[str, str]:
 
 def trace_log_env(log: Path) -> dict[str, str]:
     """The sccache server's per-compile log (origin of each job for build_trace); emptied for this build."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("")
+    writer.open_log(log, append=False).close()
     return {"SCCACHE_ERROR_LOG": str(log), "SCCACHE_LOG": TRACE_LOG_LEVEL}
 
 
@@ -279,7 +273,8 @@ def probe(farm: Farm, sccache: str, state: Path, env: dict[str, str], compilers:
             for i, (kind, comp) in enumerate(compilers.items()):
                 text, suffix = _PROBE_SRC["nvcc" if kind == "nvcc" else "c++"]
                 src = tmp / f"probe{i}{suffix}"
-                src.write_text(text.format(n=int(time.time() * 1000) % 100000 + i))
+                writer.write_file(src, text.format(n=int(time.time() * 1000) % 100000 + i),
+                                  what="The farm probe's source")
                 before = cache.stats(env)
                 left = deadline - time.monotonic()
                 why = ""

@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_harness.core import procs
+from vllm_harness.core import procs, writer
 
 MAX_LOG_BYTES = 64 * 2 ** 20          # a ninja log or sccache log read at most this much (its tail)
 
@@ -427,10 +427,7 @@ def write_trace(out: Path, roots: list[Path], since: float, sccache_log: Path | 
     if not every:
         s.note = "the ninja logs of this build hold no job"
         return s
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(chrome_trace(runs)))
-    os.replace(tmp, out)
+    writer.write_file(out, json.dumps(chrome_trace(runs)), what="The build's trace", force=True)
     s.path = out
     s.slowest = [{"output": j.name, "seconds": round(j.seconds, 2), "origin": j.origin}
                  for j in sorted(every, key=lambda j: -j.seconds)[:top]]
