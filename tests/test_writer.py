@@ -340,7 +340,6 @@ STATE_FOLDER_WRITERS = {
 #: downloaded file or a tree the harness made.  Each count is the number of write sites left in the module.
 KNOWN_LEFT = {
     "cli.py": 1,                   # os.devnull for a closed stdout
-    "core/fetcher.py": 1,          # a download's temporary file in the cache (mkstemp: O_EXCL, no link)
     "core/locks.py": 2,            # .harness/locks/
     "core/status.py": 1,           # .harness/status/<v>.json
     "facts/package_index.py": 2,   # .harness/cache/index/ (HTTP cache)
@@ -348,8 +347,7 @@ KNOWN_LEFT = {
     "pipeline/run.py": 2,          # .harness/logs/<v>/*.log, .harness/last-built
     "steps/build.py": 5,           # .harness/logs/<v>/build*.log
     "steps/build_memory.py": 1,    # .harness/buildspeed
-    "steps/bundle.py": 4,          # .harness/cache/bundle/ work files, the bundle folder's own sha256 files
-    "steps/bundle_files.py": 2,    # the manifest and the verified-sha cache
+    "steps/bundle.py": 3,          # .harness/cache/bundle/ work files
     "steps/deps.py": 1,            # .harness/logs/<v>/deps.log
     "steps/deps_cache.py": 2,      # .harness/cache/deps
     "steps/env.py": 1,             # a .pth file in the variant's own venv

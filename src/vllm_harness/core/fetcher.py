@@ -19,10 +19,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
-import os
 import re
 import socket
-import tempfile
 import threading
 import time
 import urllib.error
@@ -34,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_harness.core import writer
 from vllm_harness.core.masking import mask, strip_credentials
 
 SCHEMES = ("http", "https")
@@ -424,32 +423,26 @@ class Fetcher:
 
     def download(self, url: str, dest: Path, *, max_bytes: int, sha256: str | None = None,
                  deadline_s: float | None = None, headers: dict[str, str] | None = None) -> str:
-        """Stream ``url`` into a temporary file in ``dest``'s folder, check ``sha256`` (when given), rename it
-        to ``dest``; returns the file's sha256.  Nothing is left behind on failure."""
+        """Stream ``url`` into a temporary file in ``dest``'s folder (core.writer), check ``sha256`` (when given),
+        rename it to ``dest``; returns the file's sha256.  Nothing is left behind on failure."""
         dest = Path(dest)
         want = sha256.lower() if sha256 else None
         if want is not None and not _SHA256.fullmatch(want):
             raise FetchError(url, f"the expected sha256 {sha256[:80]!r} is not 64 hex digits", kind="url",
                              fix="Check the hash the index or the manifest gives for this file.")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name[:100]}.", suffix=".part", dir=dest.parent)
-        tmp = Path(tmp_name)
         h = hashlib.sha256()
-        try:
-            with os.fdopen(fd, "wb") as fh, self.stream(url, max_bytes=max_bytes, deadline_s=deadline_s,
-                                                        headers=headers) as r:
-                for chunk in r.chunks:
-                    fh.write(chunk)
-                    h.update(chunk)
+        # through the one writer: never through a link planted at dest, nothing left behind on a failure (an
+        # exception inside the block discards the temporary file)
+        with writer.atomic_output(dest, what="Download", force=True) as fh, \
+                self.stream(url, max_bytes=max_bytes, deadline_s=deadline_s, headers=headers) as r:
+            for chunk in r.chunks:
+                fh.write(chunk)
+                h.update(chunk)
             digest = h.hexdigest()
             if want is not None and digest != want:
                 err = FetchError(url, f"the file has sha256 {digest}, expected {want}", kind="sha256")
                 err.digest = digest
                 raise err
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return digest
 
 

@@ -209,7 +209,8 @@ def use(ctx, out: Path) -> dict:
                 dest.unlink(missing_ok=True)
                 raise UsageError(f"Bundle {out}: {rel} changed while it was used (sha256 differs from the "
                                  "manifest's).", f"Run `invoke bundle --check {out}` and try again.")
-            dest.with_name(dest.name + ".sha256").write_text(info["sha256"] + "\n")
+            writer.write_file(dest.with_name(dest.name + ".sha256"), info["sha256"] + "\n",
+                              what="The cached sdist's sha256", force=True)
     return {"env": offline_env(out), "deps": str(out / "deps"), "files": res["files"], "bytes": res["bytes"]}
 
 

@@ -24,7 +24,7 @@ from packaging.utils import (
 )
 from packaging.version import Version
 
-from vllm_harness.core import safeio
+from vllm_harness.core import safeio, writer
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.fetcher import Fetcher, FetchError
 from vllm_harness.core.masking import mask
@@ -276,9 +276,9 @@ def load_manifest(out: Path) -> dict | None:
 
 
 def _save_manifest(out: Path, data: dict) -> None:
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, out / MANIFEST)
+    # the bundle folder is the user's: never through a planted manifest.json.tmp link (core.writer)
+    writer.write_file(out / MANIFEST, json.dumps(data, indent=2, sort_keys=True), what="Bundle manifest",
+                      force=True)
 
 
 class Known:
@@ -297,9 +297,6 @@ class Known:
 
     def save(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.data))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass
+            writer.write_file(self.path, json.dumps(self.data), what="Bundle download record", force=True)
+        except (OSError, UsageError):
+            pass  # a record that cannot be saved only costs a hash next time

@@ -28,6 +28,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_harness.core import procs
 from vllm_harness.verify.elf import (
     ElfInfo,
     NotElf,
@@ -60,7 +61,7 @@ def ldconfig_cache(env: dict[str, str] | None = None) -> dict[str, str]:
     if not exe:
         return {}
     try:
-        r = subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        r = procs.run([exe, "-p"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return {}
     out: dict[str, str] = {}

@@ -12,6 +12,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_harness.core import procs
+
 ELF_MAGIC = b"\x7fELF"
 FATBIN_MAGIC = 0xBA55ED50
 FATBIN_MAGIC_BYTES = struct.pack("<I", FATBIN_MAGIC)
@@ -263,8 +265,8 @@ def find_cuobjdump(env: dict[str, str] | None = None) -> str | None:
 def fatbin_entries_cuobjdump(path: Path, cuobjdump: str, timeout: float = 120) -> list[FatEntry] | None:
     """The entries as cuobjdump lists them; None when cuobjdump cannot read the file."""
     try:
-        r = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", str(path)], capture_output=True, text=True,
-                           timeout=timeout, stdin=subprocess.DEVNULL)
+        r = procs.run([cuobjdump, "--list-elf", "--list-ptx", str(path)], capture_output=True, text=True,
+                      timeout=timeout)
     except (OSError, subprocess.TimeoutExpired):
         return None
     out = []
