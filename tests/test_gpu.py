@@ -89,7 +89,11 @@ def test_verify_with_a_real_vllm_wheels_libraries(harness, state):
     rc, out, err = harness(*args)
     data = json.loads(out)
     loads = [c for c in data["checks"] if c.get("layer") == "imports" and c["name"].startswith("load ")]
-    assert loads and all(c["status"] == "pass" for c in loads), loads
+    # deep_gemm's _C ships once per CPython (vLLM >= 0.21): only this interpreter's build is loaded
+    other = [c for c in loads if c["status"] == "skip" and c["reason"].startswith("built for another interpreter")]
+    mine = f".cpython-{sys.version_info.major}{sys.version_info.minor}-"
+    assert all(".cpython-" in c["name"] and mine not in c["name"] for c in other), other
+    assert loads and all(c["status"] == "pass" for c in loads if c not in other), loads
     ops = [c for c in data["checks"] if c.get("layer") == "kernels" and c["status"] != "skip"]
     assert ops and all(c["status"] == "pass" for c in ops), [c for c in ops if c["status"] != "pass"]
     if GPUS >= 2:
