@@ -335,11 +335,34 @@ def test_compiler_oom_gives_the_job_count_that_fits():
     v = edited("cu118", ('jobs = "auto"', "jobs = 16"))
     f = by_id(doctor.check(v, profile("rtx4090-gcc13-ubuntu24")), "compiler-oom")
     assert f.severity == "error" and "jobs = 2" in f.fix and "prior" in f.evidence
-    # 3 x 3.5 GiB fits the 15.5 GiB total but not what is available: a warning; 5 x 3.5 cannot fit at all
-    f = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), env={"MAX_JOBS": "3"}), "compiler-oom")
-    assert f.severity == "warning" and "jobs = 2" in f.fix and "MAX_JOBS" in f.fix
-    f = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), env={"MAX_JOBS": "5"}), "compiler-oom")
-    assert f.severity == "error" and "jobs = 2" in f.fix
+    # the build's --jobs: 3 x 3.5 GiB fits the 15.5 GiB total but not what is available: a warning; 5 x 3.5
+    # cannot fit at all
+    f = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), run={"jobs": 3}), "compiler-oom")
+    assert f.severity == "warning" and "--jobs 2" in f.fix and "--jobs = 3" in f.evidence
+    f = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), run={"jobs": 5}), "compiler-oom")
+    assert f.severity == "error" and "--jobs 2" in f.fix
+
+
+def test_doctor_judges_the_jobs_and_archs_the_build_will_use():
+    """Issue 27: MAX_JOBS=64 in the shell and --jobs 1 -- the build runs 1 job (it sets MAX_JOBS itself), so doctor
+    judges 1, says the shell's value is not used, and its 'auto' count is the build's own choose_jobs."""
+    from vllm_harness.steps import build_memory as bmem
+    from vllm_harness.steps.build_archs import given_archs
+    prof = profile("rtx4090-gcc13-ubuntu24")
+    found = doctor.check(variant("cu118"), prof, env={"MAX_JOBS": "64"}, run={"jobs": 1})
+    oom = [f for f in found if f.id == "compiler-oom"]
+    assert all(f.severity == "info" for f in oom), oom
+    assert any("MAX_JOBS=64 in the environment is not used" in f.evidence for f in oom)
+    auto = by_id(doctor.check(variant("cu118"), prof), "compiler-oom")
+    m = prof["machine"]
+    ram = m.get("ram_available_gib", m.get("ram_gib"))
+    per, why = bmem.per_thread_gib([], "cu118", "cuda")
+    assert f"gives {bmem.choose_jobs(m['cpu_cores'], float(ram), per, why).jobs} job(s)" in auto.evidence
+    # an --arch nvcc 11.8 cannot build: doctor refuses it before anything runs, with the build's own check
+    v = variant("cu118")
+    chk, where = given_archs(v.cuda, [("12.0", "--arch")])
+    f = by_id(doctor.check(v, profile("rtx4090-driver550"), run={"arch": "12.0"}), "arch-unsupported-by-nvcc")
+    assert f.severity == "error" and where in f.evidence and chk.error in f.evidence
 
 
 def test_compiler_oom_uses_the_peaks_measured_by_earlier_builds():

@@ -86,7 +86,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("doctor", "Preflight verdict for a variant on this machine, with a fix for each finding.",
             "vllm_harness.commands.doctor:cmd_doctor",
             (VARIANT, MACHINE, Arg("--save-machine", "write this machine's profile to FILE"),
-             Arg("--source", "a vLLM source tree whose pins to read"), JSON,
+             Arg("--source", "a vLLM source tree whose pins to read"), JSON, JOBS, ARCH,
              Arg("--force", "let --save-machine replace a FILE the harness did not write", switch=True))),
     Command("compat", "The compatibility data's age; --refresh regenerates data/compat.lock.toml from the package "
             "index.", "vllm_harness.commands.compat_plan:cmd_compat",

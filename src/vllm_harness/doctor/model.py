@@ -34,6 +34,7 @@ class _Ctx:
     pins: dict[str, tuple[Any, str]] = field(default_factory=dict)
     probe: dict = field(default_factory=dict)
     records: list = field(default_factory=list)
+    run: dict = field(default_factory=dict)   # the build's run options (--jobs, --arch): judged as it will use them
     vf: Any = None                     # the vLLM release's facts (None: not in the data)
     tf: Any = None                     # the torch release's facts
 

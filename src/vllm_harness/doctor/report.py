@@ -104,13 +104,15 @@ from vllm_harness.facts.compat import (
 # ======================================================================================= public API
 
 def check(variant: Any, profile: dict, source_dir: Path | None = None, env: dict | None = None,
-          data: CompatData | None = None, probe: dict | None = None, records: list | None = None) -> list[Finding]:
+          data: CompatData | None = None, probe: dict | None = None, records: list | None = None,
+          run: dict | None = None) -> list[Finding]:
     """Findings for ``variant`` on the machine ``profile``: errors first, then warnings, then info.
     ``probe``: the record of the last compile probe of this variant (its outcome outweighs the pin rule).
-    ``records``: the build-speed records (peak memory per compile job) of earlier builds on this machine."""
+    ``records``: the build-speed records (peak memory per compile job) of earlier builds on this machine.
+    ``run``: the build's run options ({"jobs": --jobs, "arch": --arch}), judged as the build will use them."""
     ctx = _Ctx(variant=variant, profile=profile or {}, data=data or compat_mod.load(), env=dict(env or {}),
                source_dir=Path(source_dir) if source_dir is not None else None, probe=probe or {},
-               records=list(records or []))
+               records=list(records or []), run=dict(run or {}))
     if ctx.source_dir is not None and ctx.source_dir.is_dir():
         ctx.pins = read_source_pins(ctx.source_dir)
     vf = ctx.data.vllm(ctx.vllm_version)

@@ -128,17 +128,25 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
         per_job = per_thread * max(1, threads)
         fit = bmem.jobs_that_fit(ram, per_job)
         cores = m.get("cpu_cores")
+        # the build's own precedence (steps/build.jobs_for): --jobs, else [build] jobs, else from memory; the
+        # build sets MAX_JOBS itself, so one in the shell is never what it runs
         jobs: Any = v.build.get("jobs", "auto")
         src = "[build] jobs"
-        if ctx.env.get("MAX_JOBS", "").strip().isdigit():
-            jobs, src = int(ctx.env["MAX_JOBS"]), "MAX_JOBS"
+        if ctx.run.get("jobs"):
+            jobs, src = int(ctx.run["jobs"]), "--jobs"
+        shell = ctx.env.get("MAX_JOBS", "").strip()
+        if shell and shell != str(jobs):
+            ctx.add("compiler-oom", "info", "MAX_JOBS in the environment",
+                    f"MAX_JOBS={shell[:20]} in the environment is not used: the build sets MAX_JOBS from "
+                    f"{src if jobs != 'auto' else 'memory and cores'}",
+                    "pass --jobs N (or set [build] jobs) to choose the number of compile jobs")
         basis = (f"{ram} GiB {'available' if ram_key == 'ram_available_gib' else 'RAM'} - {bmem.RESERVE_GIB:g} "
                  f"reserve, {per_job:.2f} GiB per compile job x {bmem.MARGIN:g} ({per_why})")
         if fit < 1:
             ctx.add("compiler-oom", "error", "RAM for compiling", f"{basis}: not even one job fits",
                     "build on a machine with more memory, or add swap")
         elif jobs == "auto":
-            n = min(cores, fit) if cores else fit
+            n = bmem.choose_jobs(cores, float(ram), per_thread, per_why, device).jobs if cores else fit
             ctx.add("compiler-oom", "info", "parallel compile jobs",
                     f"jobs = 'auto' gives {n} job(s): {basis}" + (f", {cores} cores" if cores else ""),
                     "nothing to do; lower [build] jobs if the build is killed (signal 9)")
@@ -147,7 +155,7 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
             certain = total is not None and int(jobs) * per_job > total
             ctx.add("compiler-oom", "error" if certain else "warning", "parallel compile jobs",
                     f"{src} = {jobs} x {per_job:.2f} GiB > {ram} GiB less the reserve and margin ({per_why})",
-                    f"set [build] jobs = {fit} (or 'auto'){' and unset MAX_JOBS' if src == 'MAX_JOBS' else ''}")
+                    f"pass --jobs {fit} (or 'auto')" if src == "--jobs" else f"set [build] jobs = {fit} (or 'auto')")
     # --- VLLM_USE_PRECOMPILED
     for key in ("VLLM_USE_PRECOMPILED", "VLLM_PRECOMPILED_WHEEL_LOCATION"):
         val = ctx.env.get(key, v.build.get("env", {}).get(key))

@@ -3,36 +3,25 @@ and the toolkit's archs, the wheels against the machine's platform (CPU arch, gl
 build is given.  The rules themselves are the feasibility judge's (facts/feasibility.py), which plan asks too."""
 from __future__ import annotations
 
-import re
-
-from vllm_harness.doctor.model import _cite, _Ctx, rule
+from vllm_harness.doctor.model import _Ctx, rule
 from vllm_harness.doctor.pins import _archs_for
 from vllm_harness.facts import feasibility
+from vllm_harness.steps.build_archs import given_archs
 
 
 def _check_arch_list(ctx: _Ctx) -> None:
+    """The arch list the build will use (--arch, then [build] arch_list; TORCH_CUDA_ARCH_LIST in the shell when
+    neither is given), checked by the build's own function (steps/build_archs.given_archs)."""
     if not ctx.source:
         return
-    given = ctx.env.get("TORCH_CUDA_ARCH_LIST") or ctx.variant.build.get("arch_list") or ""
-    where = "TORCH_CUDA_ARCH_LIST" if ctx.env.get("TORCH_CUDA_ARCH_LIST") else "[build] arch_list"
-    if not given.strip():
+    got = given_archs(ctx.variant.cuda, [(ctx.run.get("arch"), "--arch"),
+                                         (ctx.variant.build.get("arch_list"), "[build] arch_list"),
+                                         (ctx.env.get("TORCH_CUDA_ARCH_LIST"), "TORCH_CUDA_ARCH_LIST")])
+    if got is None or not got[0].error:
         return
-    cf = ctx.data.cuda(ctx.variant.cuda)
-    if cf is None:
-        return  # reported by _check_gpus / _check_toolkit
-    allowed = set(cf.sm.value)
-    bad = []
-    for item in re.split(r"[;\s,]+", given.strip()):
-        if not item:
-            continue
-        base = item.upper().replace("+PTX", "").lower()
-        if base not in allowed:
-            bad.append(item)
-    if bad:
-        ctx.add("arch-unsupported-by-nvcc", "error", f"{where} vs nvcc {ctx.variant.cuda}",
-                f"{where} = '{given}' names {', '.join(bad)}, which nvcc {ctx.variant.cuda} cannot build "
-                f"(it builds {', '.join(cf.sm.value)}){_cite(cf.sm)}",
-                f"remove {', '.join(bad)} from {where}")
+    chk, where = got
+    ctx.add("arch-unsupported-by-nvcc", "error", f"{where} vs nvcc {ctx.variant.cuda}", f"{where}: {chk.error}",
+            chk.fix or f"change {where}")
 
 
 # ------------------------------------------------------------------------------------- the registry

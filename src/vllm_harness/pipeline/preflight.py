@@ -33,7 +33,9 @@ def run_doctor(ctx, machine_file: str | None = None, save_machine: str | None = 
     env = {} if machine_file else ctx.base_env  # a what-if profile is judged without this shell's env
     probe = load_record(ctx.log("probe")) if source is not None else None
     records = [] if machine_file else load_records(ctx.layout.state)  # a what-if profile is another machine
-    findings = doctor.check(ctx.variant, ctx.profile, source_dir=source, env=env, probe=probe, records=records)
+    run = {"jobs": getattr(ctx, "jobs", None), "arch": getattr(ctx, "arch", None)}   # what the build will use
+    findings = doctor.check(ctx.variant, ctx.profile, source_dir=source, env=env, probe=probe, records=records,
+                            run=run)
     report = doctor.report_dict(ctx.variant, ctx.profile, findings)
     return report, time.monotonic() - t0
 

@@ -24,7 +24,7 @@ from vllm_harness.facts.compat import parse_arch_list
 from vllm_harness.facts.machine import probe_gpus, uv_bin
 from vllm_harness.facts.source_tree import git_env
 from vllm_harness.steps import build_farm, build_trace, deps_cache, probe, wheelhouse
-from vllm_harness.steps.build_archs import check_archs, default_archs
+from vllm_harness.steps.build_archs import check_archs, default_archs, given_archs
 from vllm_harness.steps.build_cache import CompilerCache, normalize_header_mtimes, setup_cache, stats_note
 from vllm_harness.steps.build_memory import (
     JobsChoice,
@@ -45,14 +45,13 @@ def arch_list(ctx: Ctx) -> tuple[str | None, str]:
     builds), else this machine's GPUs (mapped onto the toolkit's archs), else unset: the source's own list."""
     if ctx.device != "cuda":
         return None, "CPU build: no CUDA archs"
-    given = [(ctx.arch, "--arch"), (ctx.variant.build["arch_list"], "variant build.arch_list")]
-    for value, where in given:
-        if value:
-            chk = check_archs(ctx.variant.cuda, [a for a in value.replace(",", ";").replace(" ", ";").split(";")
-                                                 if a], from_gpu=False)
-            if chk.error:
-                raise UsageError(f"{where} '{value}': {chk.error}.", chk.fix)
-            return chk.archs, where
+    given = given_archs(ctx.variant.cuda, [(ctx.arch, "--arch"), (ctx.variant.build["arch_list"],
+                                                                 "variant build.arch_list")])
+    if given is not None:
+        chk, where = given
+        if chk.error:
+            raise UsageError(f"{where}: {chk.error}.", chk.fix)
+        return chk.archs, where
     gpus = (ctx.profile or {}).get("gpu")
     if gpus is None:
         gpus = probe_gpus(ctx.base_env)[0]

@@ -19,6 +19,20 @@ class ArchCheck:
     fix: str | None = None
 
 
+def split_archs(value: str) -> list[str]:
+    """'7.5;8.9', '7.5 8.9' or '7.5,8.9' -> ['7.5', '8.9']: the one reading of a given arch list."""
+    return [a for a in value.replace(",", ";").replace(" ", ";").split(";") if a]
+
+
+def given_archs(cuda: str, choices: list[tuple[str | None, str]]) -> tuple[ArchCheck, str] | None:
+    """The first arch list given, in the build's precedence (--arch, then [build] arch_list), checked against
+    what nvcc ``cuda`` builds, and where it came from; None when none is given.  doctor asks this too."""
+    for value, where in choices:
+        if value and value.strip():
+            return check_archs(cuda, split_archs(value), from_gpu=False), where
+    return None
+
+
 def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
     """Keep the archs the toolkit ``cuda`` builds.  ``from_gpu``: the list is the GPUs' compute capabilities,
     so a GPU newer than the toolkit gets the toolkit's newest arch of its major (SASS runs on later minors)
