@@ -31,10 +31,11 @@ TOML_MAX_KEYS = 20_000     # keys and array items in the whole document
 JSON_MAX_BYTES = 16 * MiB
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words (for a refusal naming it)."""
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
         if test(mode):
             return name
     return "not a regular file"
@@ -56,7 +57,7 @@ def read_bytes(path: str | Path, what: str, limit: int, fix: str = "") -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{what} {p}: is {_kind(st.st_mode)}, not a regular file; nothing was read.",
+            raise UsageError(f"{what} {p}: is {file_kind(st.st_mode)}, not a regular file; nothing was read.",
                              fix or "Give the path of a regular file.")
         if st.st_size > limit:
             raise UsageError(f"{what} {p}: is {st.st_size} bytes, too large (more than the {limit} bytes such a "

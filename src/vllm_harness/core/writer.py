@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vllm_harness.core.errors import UsageError
+from vllm_harness.core.safeio import file_kind
 
 HEAD_BYTES = 4096      # where a generated-by marker must appear
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -50,15 +51,6 @@ def permitted(path: str | Path | None) -> Iterator[None]:
         yield
     finally:
         _permitted.discard(key)
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def _head(dfd: int | None, name: str, path: Path) -> bytes:
@@ -96,7 +88,7 @@ def _judge(st: os.stat_result | None, path: Path, what: str, force: bool, marker
                          "was written and the file it points to is unchanged.",
                          "Remove the link, or give the path of a new file.")
     if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{what} {path}: is {_kind(st.st_mode)}, not a regular file; nothing was written.",
+        raise UsageError(f"{what} {path}: is {file_kind(st.st_mode)}, not a regular file; nothing was written.",
                          "Give the path of a new file.")
     if st.st_nlink > 1:
         raise UsageError(f"{what} {path}: has {st.st_nlink} hard links (another name shares its content, which "
@@ -240,7 +232,7 @@ def open_log(path: str | Path, *, append: bool = True, previous: str | Path | No
             if stat.S_ISLNK(old.st_mode):
                 raise _log_refusal(p, "is a symbolic link")
             if not stat.S_ISREG(old.st_mode):
-                raise _log_refusal(p, f"is {_kind(old.st_mode)}, not a regular file")
+                raise _log_refusal(p, f"is {file_kind(old.st_mode)}, not a regular file")
             if old.st_nlink > 1:
                 raise _log_refusal(p, f"has {old.st_nlink} hard links (another name shares its content)")
             if not append and previous is not None:
@@ -256,7 +248,7 @@ def open_log(path: str | Path, *, append: bool = True, previous: str | Path | No
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise _log_refusal(p, f"is {_kind(st.st_mode)}, not a regular file")
+                raise _log_refusal(p, f"is {file_kind(st.st_mode)}, not a regular file")
             if st.st_nlink > 1:
                 raise _log_refusal(p, f"has {st.st_nlink} hard links (another name shares its content)")
             os.set_blocking(fd, True)

@@ -128,7 +128,8 @@ def _cite(f: Fact | None) -> str:
     return f" [{f.cite()}]" if f is not None else ""
 
 
-def _v(s: Any) -> Version | None:
+def version_or_none(s: Any) -> Version | None:
+    """A version, or None where the text is not one (an unknown pin in the data)."""
     try:
         return Version(str(s))
     except (InvalidVersion, TypeError):
@@ -234,7 +235,7 @@ def _floor_issue(what: str, tags: list[str], arch: str, glibc: str | None, fact:
         return _issue("torch-wheel-not-found", "error", f"{what} on {arch}",
                       f"{what} publishes Linux wheels for {have} only{_cite(fact)}; this machine is {arch}", fix,
                       "wheel-platform")
-    floor, g = plats[arch], _v(glibc)
+    floor, g = plats[arch], version_or_none(glibc)
     if floor is not None and g is not None and g < floor:
         return _issue("torch-wheel-not-found", "error", f"{what} on glibc {glibc}",
                       f"{what}'s {arch} wheel is manylinux for glibc >= {floor}{_cite(fact)}; this machine has "
@@ -336,7 +337,7 @@ def driver_status(data: CompatData, cuda: str, driver: str | None, driver_cuda: 
     cf = data.cuda(cuda)
     if cf is None:
         return "unknown", f"CUDA {cuda} is not in the data"
-    dv, dc = _v(driver), _v(driver_cuda)
+    dv, dc = version_or_none(driver), version_or_none(driver_cuda)
     if integrated and dc is not None:
         if (dc.major, dc.minor) == (Version(cuda).major, Version(cuda).minor):
             return "ok", f"JetPack's CUDA is {driver_cuda}"
@@ -346,7 +347,7 @@ def driver_status(data: CompatData, cuda: str, driver: str | None, driver_cuda: 
     if dv is not None:
         if dv >= Version(cf.driver_min.value):
             return "ok", f"driver {driver} >= {cf.driver_min.value}"
-        cmin = _v(cf.compat_driver_min.value)
+        cmin = version_or_none(cf.compat_driver_min.value)
         if cmin is not None and dv >= cmin and (dc is None or dc.major == Version(cuda).major):
             return "minor-compat", (f"driver {driver} runs CUDA {cuda} only under minor-version compatibility "
                                     f"(>= {cf.compat_driver_min.value}; no JIT of newer PTX)")

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
 from vllm_harness.core import writer
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.layout import NAME_RE
 from vllm_harness.facts import feasibility
 from vllm_harness.facts.compat import CompatData, major_minor
-from vllm_harness.facts.feasibility import Candidate
+from vllm_harness.facts.feasibility import Candidate, version_or_none
 from vllm_harness.facts.variants import parse_variant
 
 PYTORCH_WHL = "https://download.pytorch.org/whl"
@@ -51,13 +51,6 @@ class Option:
         return d
 
 
-def _v(s: Any) -> Version | None:
-    try:
-        return Version(str(s))
-    except (InvalidVersion, TypeError):
-        return None
-
-
 def _cuda_tag(cuda: str) -> str:
     return "cu" + cuda.replace(".", "")
 
@@ -73,7 +66,7 @@ def driver_supports(data: CompatData, cuda: str, driver: str | None, driver_cuda
 def _pythons(profile: dict) -> list[Version]:
     out = []
     for p in (profile.get("machine") or {}).get("python") or []:
-        v = _v(p)
+        v = version_or_none(p)
         if v is not None:
             out.append(v)
     return sorted(out)
