@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -146,3 +147,22 @@ def test_run_commands_heartbeat_while_the_child_is_silent(tmp_path, capsys, monk
                         tmp_path / "t.log", {"PATH": "/usr/bin:/bin"})
     out = capsys.readouterr().out
     assert out.count("... torch ") >= 2, out
+
+
+def test_the_proof_covers_every_module_of_the_verify_package(monkeypatch, tmp_path):
+    """An edit to any verify module (elf.py's fatbin reader, roles.py's judgement) changes what a recorded result
+    proved, so the result is not reused: the proof hashes every .py file beside verify/checks.py."""
+    import shutil
+
+    from vllm_harness.steps import verify as step
+    from vllm_harness.verify import checks
+    pkg = Path(checks.__file__).resolve().parent
+    copy = tmp_path / "verify"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(checks, "__file__", str(copy / "checks.py"))
+    before = step._scripts_hash()
+    for name in ("elf.py", "roles.py", "binaries.py"):
+        (copy / name).write_text((copy / name).read_text() + "\n# edited\n")
+        after = step._scripts_hash()
+        assert after != before, name
+        before = after

@@ -108,7 +108,9 @@ def env_fingerprint(py: Path, env: dict[str, str]) -> tuple[str, int]:
 def _scripts_hash() -> str:
     h = hashlib.sha256()
     here = Path(verify_mod.__file__).resolve()
-    for f in (verify_mod.SCRIPT, verify_mod.DIST_SCRIPT, verify_mod.DIST_TABLE, here, here.with_name("binaries.py")):
+    # every module of the verify package (checks, binaries, elf, roles, ...): an edit to any of them changes
+    # what a recorded result proved
+    for f in (verify_mod.SCRIPT, verify_mod.DIST_SCRIPT, verify_mod.DIST_TABLE, *sorted(here.parent.glob("*.py"))):
         if f.is_file():
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
