@@ -7,6 +7,7 @@ with no toolkit, the RTX 4090 on driver 550); the variants are envs/*.toml and e
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from vllm_harness.doctor import report as doctor
 from vllm_harness.facts import compat, feasibility, machine, planner
 from vllm_harness.facts.machine_profile import load_profile, parse_profile
 from vllm_harness.facts.variants import load_variant, parse_variant
+from vllm_harness.steps import build_archs, bundle_files
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINES = sorted((ROOT / "tests" / "machines").glob("*.toml"))
@@ -224,8 +226,9 @@ def test_the_driver_arch_and_glibc_rules_live_in_the_judge_only():
     """doctor's rules and plan ask facts/feasibility.py; no second copy of the comparisons (issue 28)."""
     src = ROOT / "src" / "vllm_harness"
     for path in [*sorted((src / "doctor").glob("rules_*.py")), src / "doctor" / "model.py",
-                 src / "facts" / "planner.py", src / "facts" / "fleet.py"]:
-        text = path.read_text()
+                 src / "facts" / "planner.py", src / "facts" / "fleet.py",
+                 *sorted((src / "steps").glob("bundle*.py")), src / "steps" / "build_archs.py"]:
+        text = re.sub(r"feasibility\.\w+", "feasibility.X", path.read_text())   # asking the judge is the point
         for needle in ("driver_min", "sm_real(", "manylinux", "arch_list_runs_on", "is_datacenter"):
             assert needle not in text, f"{path.name} compares {needle} itself: ask facts/feasibility.py"
 
@@ -236,3 +239,77 @@ def test_a_plan_after_fixes_writes_its_fixes_into_the_variant(tmp_path):
     text = p.read_text()
     assert "# Before the build: install the CUDA 11.8 toolkit" in text and 'mode = "source"' in text
     assert feasibility.candidate_of(load_variant(str(p), [])).cuda == "11.8"
+
+
+# ------------------------------------------------------------------------------------ bundle --machine
+
+PLATFORM_CHECKS = {"wheel-platform", "wheel-glibc", "torch-platform"}   # doctor's platform rule (feasibility)
+
+
+@pytest.mark.parametrize("name", ["gh200-aarch64", "centos7-glibc217"])
+def test_bundle_for_a_machine_refuses_and_warns_where_doctor_does(name):
+    """`bundle --machine` asks doctor's platform judge before anything is fetched: it refuses (exit 2) exactly
+    where doctor's platform findings hold an error, with doctor's ids, evidence and fixes, and says its warnings."""
+    profile, path = _profile(name), f"tests/machines/{name}.toml"
+    refused = 0
+    for vpath in VARIANTS:
+        v = load_variant(vpath.stem, [ROOT / "envs"])
+        mine = [f for f in doctor.check(v, profile) if f.check in PLATFORM_CHECKS]
+        errors = [f for f in mine if f.severity == "error"]
+        said: list[str] = []
+        try:
+            target = bundle_files.target_for(v, profile, path, say=said.append)
+        except UsageError as e:
+            if not errors:   # the only other refusal: no Python of the profile fits the variant
+                assert "no Python in [machine] python" in e.message, (v.name, e.message)
+                continue
+            refused += 1
+            assert e.exit_code == 2
+            for f in errors:
+                assert f"{f.id}: {f.evidence}" in e.message and f.fix in e.fix, (v.name, f.to_dict())
+            continue
+        assert not errors, (v.name, [f.to_dict() for f in errors])     # doctor says 'will fail': so must bundle
+        assert said == [f"  ! {f.id}: {f.evidence}; {f.fix}" for f in mine if f.severity == "warning"]
+        assert target.arch == feasibility.cpu_arch(profile) and target.glibc == profile["machine"]["glibc"]
+    assert refused, f"no shipped variant fails on {name}'s platform: the test proves nothing"
+
+
+def test_bundle_platform_tags_are_the_judges_manylinux_table():
+    t = bundle_files.Target(python="3.12", arch="aarch64", glibc="2.17", where="x")
+    assert t.platforms() == feasibility.manylinux_platforms("aarch64", "2.17")
+    assert t.platforms()[:2] == ["manylinux_2_17_aarch64", "manylinux_2_16_aarch64"]
+    assert t.platforms()[-4:] == ["manylinux2014_aarch64", "manylinux2010_aarch64", "manylinux1_aarch64",
+                                  "linux_aarch64"]
+    # every tag the target accepts has a floor the judge reads as <= its glibc
+    floors = feasibility.wheel_platforms([f"cp312-cp312-{p}" for p in t.platforms()])
+    assert floors == {"aarch64": Version("2.5")}   # the lowest floor: manylinux1
+    for p in t.platforms()[:-1]:
+        assert feasibility.wheel_platforms([f"x-y-{p}"])["aarch64"] <= Version("2.17")
+
+
+# ------------------------------------------------------------------------------------ the build's arch list
+
+def test_the_builds_arch_list_maps_gpus_with_the_judges_nvcc_rule():
+    """steps/build_archs.check_archs (the build's TORCH_CUDA_ARCH_LIST from the GPUs) asks nvcc_arch_for, the
+    rule doctor's arch-unsupported-by-nvcc uses: a GPU the judge finds SASS for is built as SASS, a newer one as
+    PTX, an older one refused, for every CUDA line in the data."""
+    data = compat.load()
+    ccs = [(m, n) for m in (3, 5, 6, 7, 8, 9, 10, 11, 12, 13) for n in (0, 1, 2, 5, 6, 7, 9)]
+    seen = set()
+    for cuda in data.cuda_versions():
+        cf = data.cuda(cuda)
+        for cc in ccs:
+            arch, how = feasibility.nvcc_arch_for(cf, cc)
+            seen.add(how)
+            chk = build_archs.check_archs(cuda, [f"{cc[0]}.{cc[1]}"], from_gpu=True)
+            covered = cuda in feasibility.nvcc_targets(data, cc)      # what doctor and plan judge by
+            assert covered == (how in ("sass", "same-major")), (cuda, cc, how)
+            if how == "none":
+                assert chk.error and f"its oldest arch is {arch}" in chk.error, (cuda, cc)
+            else:
+                assert chk.error is None and chk.archs == arch, (cuda, cc, chk)
+                assert arch.endswith("+PTX") == (how == "ptx")
+    assert seen == {"sass", "same-major", "ptx", "none"}
+    cf = data.cuda("11.8")
+    assert feasibility.nvcc_arch_for(cf, (8, 9)) == ("8.9", "sass")
+    assert feasibility.nvcc_arch_for(cf, (12, 0)) == ("9.0+PTX", "ptx")

@@ -23,6 +23,7 @@ from packaging.version import InvalidVersion, Version
 from vllm_harness.core.findings import Finding
 from vllm_harness.facts.compat import (
     CompatData,
+    CudaFacts,
     Fact,
     TorchFacts,
     VllmFacts,
@@ -175,6 +176,12 @@ def sass_covers(archs: list[tuple[int, int]], cc: tuple[int, int]) -> bool:
 _MANYLINUX_ALIAS = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
 
 
+def uv_python_platform(arch: str, glibc: str) -> str:
+    """uv's --python-platform for ``arch`` with ``glibc`` ('x86_64-manylinux_2_28')."""
+    major, minor = glibc.split(".")[:2]
+    return f"{arch}-manylinux_{major}_{minor}"
+
+
 def wheel_platforms(tags: list[str]) -> dict[str, Version | None]:
     """Wheel tags -> {cpu arch: the lowest glibc any of its Linux wheels needs} ('any' wheels: every arch)."""
     out: dict[str, Version | None] = {}
@@ -196,6 +203,16 @@ def wheel_platforms(tags: list[str]) -> dict[str, Version | None]:
         old = out.get(arch, "none")
         out[arch] = floor if old == "none" or (floor is not None and old is not None and floor < old) else old
     return out
+
+
+def manylinux_platforms(arch: str, glibc: str) -> list[str]:
+    """The platform tags of the wheels that install on ``arch`` with ``glibc`` (best first): manylinux_2_N down
+    to 2_5, the legacy aliases (the same table :func:`wheel_platforms` reads floors from), then linux_ARCH."""
+    major, minor = (int(x) for x in glibc.split(".")[:2])
+    out = [f"manylinux_{major}_{m}_{arch}" for m in range(minor, 4, -1)]
+    out += [f"{alias}_{arch}" for alias, floor in sorted(_MANYLINUX_ALIAS.items(), key=lambda kv: kv[1], reverse=True)
+            if floor[0] == major and floor[1] <= minor]
+    return out + [f"linux_{arch}"]
 
 
 def pypi_torch_cuda(data: CompatData, tf: TorchFacts, arch: str | None) -> tuple[str | None, Fact | None]:
@@ -372,6 +389,13 @@ def newest_cuda_for(data: CompatData, driver: str | None, driver_cuda: str | Non
     return best
 
 
+def platform_verdict(data: CompatData, profile: dict, cand: Candidate) -> Verdict:
+    """The platform part of the judgment alone (CPU arch, glibc, Jetson): what ``bundle --machine`` asks, with
+    the release facts doctor uses (``data.vllm``/``data.torch`` of the candidate's pins)."""
+    issues = platform_issues(data, profile, cand, data.vllm(cand.vllm), data.torch(cand.torch))
+    return Verdict(tier_of(issues), issues)
+
+
 def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts | None) -> list[Issue]:
     m, gpus = profile.get("machine") or {}, profile.get("gpu") or []
     driver, driver_cuda = m.get("driver"), m.get("driver_cuda")
@@ -506,7 +530,7 @@ def gpu_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts |
             out.append(unknown("arch-unsupported-by-nvcc", "nvcc targets vs GPU", f"CUDA {cand.cuda}"))
         else:
             for g, cc in gpus:
-                if not sass_covers(cf.sm_real(), cc):
+                if nvcc_arch_for(cf, cc)[1] not in ("sass", "same-major"):   # the build's mapping, too
                     out.append(_issue("arch-unsupported-by-nvcc", "error", f"nvcc {cand.cuda} vs {g.get('name')}",
                                       f"nvcc {cand.cuda} builds SASS for {', '.join(cf.sm.value)}{_cite(cf.sm)}; none runs on compute "
                                       f"capability {_cc_str(cc)}", _nvcc_fix(data, cc, profile.get("machine"))))
@@ -538,6 +562,22 @@ def _arch_fix(data: CompatData, cc: tuple[int, int]) -> str:
 def nvcc_targets(data: CompatData, cc: tuple[int, int]) -> list[str]:
     """The CUDA lines whose nvcc builds SASS that runs on ``cc``."""
     return [v for v in data.cuda_versions() if sass_covers(data.cuda(v).sm_real(), cc)]
+
+
+def nvcc_arch_for(cf: CudaFacts, cc: tuple[int, int]) -> tuple[str | None, str]:
+    """What nvcc of the CUDA ``cf`` builds for a GPU of compute capability ``cc``, and how: 'sass' (the GPU's own
+    arch), 'same-major' (the toolkit's newest arch of its major below it: SASS runs on later minors), 'ptx' (a
+    GPU newer than the toolkit: PTX of its newest arch, JIT at first load) or 'none' (below the toolkit's
+    oldest arch, which is returned).  The build's arch list (steps/build_archs) maps GPUs with this."""
+    real = sorted(cf.sm_real())
+    if _cc_str(cc) in cf.sm.value:
+        return _cc_str(cc), "sass"
+    covering = [a for a in real if sass_covers([a], cc)]
+    if covering:
+        return _cc_str(covering[-1]), "same-major"
+    if real and cc > real[-1]:
+        return _cc_str(real[-1]) + "+PTX", "ptx"
+    return (_cc_str(real[0]) if real else None), "none"
 
 
 def _nvcc_fix(data: CompatData, cc: tuple[int, int], machine: dict | None = None) -> str:

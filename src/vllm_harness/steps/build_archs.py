@@ -2,13 +2,14 @@
 
 * **Archs.**  :func:`check_archs` keeps what the toolkit can build (``compat`` data: ``nvcc --list-gpu-code``
   of each CUDA), maps a GPU newer than the toolkit to the toolkit's newest arch of the same major (or PTX),
-  and refuses a GPU that the toolkit cannot target at all.
+  and refuses a GPU that the toolkit cannot target at all: the mapping is the feasibility judge's
+  (``facts/feasibility.nvcc_arch_for``), the one doctor and plan use.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm_harness.facts import compat
+from vllm_harness.facts import compat, feasibility
 
 
 @dataclass
@@ -41,7 +42,6 @@ def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
     cf = compat.load().cuda(cuda)
     if cf is None:
         return ArchCheck(";".join(wanted) or None, [f"CUDA {cuda} is not in the compat data: archs not checked"])
-    real = sorted(cf.sm_real())
     names = set(cf.sm.value)
     out, notes = [], []
     for item in wanted:
@@ -54,20 +54,18 @@ def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
             out.append(item)
             continue
         cc = compat.parse_cc(base)
-        same_major = [a for a in real if a[0] == cc[0] and a[1] <= cc[1]]
-        if f"{cc[0]}.{cc[1]}" in names:
-            out.append(f"{cc[0]}.{cc[1]}")
-        elif same_major:
-            a = same_major[-1]
-            out.append(f"{a[0]}.{a[1]}")
-            notes.append(f"GPU {base}: nvcc {cuda} has no sm_{cc[0]}{cc[1]}; {a[0]}.{a[1]} code runs on it")
-        elif cc > real[-1]:
-            a = real[-1]
-            out.append(f"{a[0]}.{a[1]}+PTX")
-            notes.append(f"GPU {base} is newer than nvcc {cuda} knows: PTX of {a[0]}.{a[1]} (JIT at first load)")
+        arch, how = feasibility.nvcc_arch_for(cf, cc)   # the judge's mapping of a GPU onto nvcc's archs
+        if how in ("sass", "same-major"):
+            out.append(arch)
+            if how == "same-major":
+                notes.append(f"GPU {base}: nvcc {cuda} has no sm_{cc[0]}{cc[1]}; {arch} code runs on it")
+        elif how == "ptx":
+            out.append(arch)
+            notes.append(f"GPU {base} is newer than nvcc {cuda} knows: PTX of {arch.replace('+PTX', '')} "
+                         "(JIT at first load)")
         else:
             return ArchCheck(None, error=f"the GPU (compute capability {base}) cannot be targeted by nvcc {cuda} "
-                             f"(its oldest arch is {real[0][0]}.{real[0][1]}; {cf.sm.source})",
+                             f"(its oldest arch is {arch}; {cf.sm.source})",
                              fix="use a variant with an older CUDA toolkit (e.g. cu118 for 3.5-9.0), or pass "
                                  "--arch for other GPUs")
     return ArchCheck(";".join(dict.fromkeys(out)) or None, notes)

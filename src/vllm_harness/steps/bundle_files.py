@@ -10,6 +10,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,8 +29,8 @@ from vllm_harness.core import safeio, writer
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.fetcher import Fetcher, FetchError
 from vllm_harness.core.masking import mask
+from vllm_harness.facts import compat, feasibility, pythons
 from vllm_harness.facts import index_metadata as im
-from vllm_harness.facts import pythons
 from vllm_harness.facts.package_index import dist_name_version
 
 SCHEMA = 1
@@ -47,15 +48,10 @@ class Target:
 
     @property
     def uv_platform(self) -> str:
-        major, minor = self.glibc.split(".")[:2]
-        return f"{self.arch}-manylinux_{major}_{minor}"
+        return feasibility.uv_python_platform(self.arch, self.glibc)
 
     def platforms(self) -> list[str]:
-        major, minor = (int(x) for x in self.glibc.split(".")[:2])
-        out = [f"manylinux_{major}_{m}_{self.arch}" for m in range(minor, 4, -1)]
-        legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
-        out += [f"{legacy[m]}_{self.arch}" for m in (17, 12, 5) if major == 2 and m <= minor]
-        return out + [f"linux_{self.arch}"]
+        return feasibility.manylinux_platforms(self.arch, self.glibc)
 
     def tags(self) -> list[ptags.Tag]:
         ver = tuple(int(x) for x in self.python.split("."))
@@ -64,11 +60,12 @@ class Target:
 
 
 def target_for(variant, profile: dict | None = None, profile_path: str | None = None,
-               python: str | None = None, given: str | None = None) -> Target:
+               python: str | None = None, given: str | None = None, say=None) -> Target:
     """The Python and platform a bundle is for: --machine's profile, else this machine (the interpreter the
-    env step would pick)."""
+    env step would pick).  A profile is first judged by doctor's platform rule (:func:`judge_platform`)."""
     m = (profile or {}).get("machine", {})
     if profile is not None:
+        judge_platform(variant, profile, profile_path, say)
         have = [v for v in m.get("python", []) if variant.python_spec.contains(v)]
         if not have and not python:
             raise UsageError(f"Machine profile {profile_path}: no Python in [machine] python "
@@ -78,7 +75,7 @@ def target_for(variant, profile: dict | None = None, profile_path: str | None = 
                              "(`invoke doctor --save-machine FILE`), or use a variant for its Python.")
         py = python or sorted(have, key=Version)[-1]
         glibc = str(m.get("glibc") or "2.28")
-        arch = m.get("arch") or platform.machine()
+        arch = feasibility.cpu_arch(profile) or platform.machine()
         where = str(profile_path)
     else:
         if python is None:
@@ -89,6 +86,25 @@ def target_for(variant, profile: dict | None = None, profile_path: str | None = 
         where = "this machine"
     py = ".".join(str(py).split(".")[:2])
     return Target(python=py, arch=arch, glibc=".".join(glibc.split(".")[:2]), where=where)
+
+
+def judge_platform(variant, profile: dict, profile_path: str | None, say=None) -> list:
+    """``bundle --machine``: the variant on that machine's platform (CPU arch, glibc against each wheel's
+    glibc floor, Jetson), judged by facts/feasibility.py as doctor's platform rule is.  Where doctor finds
+    an error (its verdict 'will fail') the bundle is refused before anything is fetched (exit 2, with doctor's
+    ids and fixes); its warnings are said.  Returns the warnings' findings."""
+    verdict = feasibility.platform_verdict(compat.load(), profile, feasibility.candidate_of(variant))
+    errors = [i.finding for i in verdict.issues if i.finding.severity == "error"]
+    if errors:
+        raise UsageError(f"Machine profile {profile_path}: variant {variant.name} does not run there (doctor: will "
+                         "fail): " + "; ".join(f"{f.id}: {f.evidence}" for f in errors) + ".",
+                         "; ".join(dict.fromkeys(f.fix for f in errors)) + f" (`invoke doctor --variant {variant.name}"
+                         f" --machine {profile_path}` says the same).")
+    warnings = [i.finding for i in verdict.issues if i.finding.severity == "warning"]
+    say = say or (lambda s: print(s, file=sys.stderr, flush=True))
+    for f in warnings:
+        say(f"  ! {f.id}: {f.evidence}; {f.fix}")
+    return warnings
 
 
 def variant_hash(variant) -> str:
