@@ -53,7 +53,7 @@ def _harness(session: nox.Session, *args: str) -> None:
 def _description(path: Path) -> str:
     try:  # the session validates the whole file; the list only needs its one line
         text = nox.project.load_toml(path).get("description")
-    except Exception:  # noqa: BLE001 - a broken file still gets its session, which says what is wrong
+    except Exception:  # a broken file still gets its session, which says what is wrong
         return "(unreadable variant file: `nox -s build-NAME` says why)"
     return str(text) if text else "(no description)"
 

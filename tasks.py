@@ -13,8 +13,8 @@ from pathlib import Path
 from invoke import Collection, Exit, Task
 
 sys.path.insert(0, str(Path(__file__).parent / "src"))
-from vllm_harness.cli import main as harness  # noqa: E402
-from vllm_harness.commands.table import COMMANDS, Command  # noqa: E402
+from vllm_harness.cli import main as harness
+from vllm_harness.commands.table import COMMANDS, Command
 
 
 class TableTask(Task):

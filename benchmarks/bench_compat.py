@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from vllm_harness.facts import index_metadata as im  # noqa: E402
+from vllm_harness.facts import index_metadata as im
 
 
 def main() -> int:

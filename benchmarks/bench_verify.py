@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from vllm_harness.verify import binaries as b  # noqa: E402
+from vllm_harness.verify import binaries as b
 from vllm_harness.verify.elf import _plain, fatbin_entries_cuobjdump, fatbin_entries_python
 
 

@@ -39,7 +39,7 @@ def gated_index(tmp_path):
     gate = Gate()
 
     class Handler(_Index):
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):  # http.server's name
             if gate.hold is not None and gate.hold(self.path, self.headers.get("User-Agent", "")):
                 gate.reached.set()
                 gate.release.wait(60)

@@ -234,7 +234,7 @@ def test_malformed_manifests_are_one_message(harness, tmp_path, index):
                      ("deps", "--variant", v, "--from-bundle", b)):
             try:
                 rc, out, err = harness(*argv)
-            except Exception as e:  # noqa: BLE001 - what the CLI let through: a traceback for the user
+            except Exception as e:  # what the CLI let through: a traceback for the user
                 problems.append(f"{name} {argv[1]}: {type(e).__name__}: {e}")
                 continue
             if not (rc == 2 and str(b / "manifest.json") in err and _errors(err) == 1):

@@ -170,9 +170,7 @@ def test_round_trip_of_awkward_strings(tmp_path):
 
 
 def test_the_contract_example_loads():
-    text = (Path("/work/shared/contract/machine-profile.md"))
-    if not text.is_file():
-        pytest.skip("contract not present on this machine")
+    text = ROOT / "docs" / "contract" / "machine-profile.md"
     body = text.read_text().split("```toml", 1)[1].split("```", 1)[0]
     p = parse_profile(body, "machine-profile.md")
     assert p["machine"]["cuda_toolkits"] == {"11.8": "/usr/local/cuda-11.8"}

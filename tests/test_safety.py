@@ -517,7 +517,7 @@ def test_a_credentialed_git_url_reaches_neither_stderr_nor_the_status_file(harne
 class _AuthIndex(http.server.BaseHTTPRequestHandler):
     want = "Basic " + base64.b64encode(b"alice:p@ss").decode()
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):  # http.server's name
         ok = self.headers.get("Authorization") == self.want
         self.send_response(200 if ok else 401)
         self.end_headers()

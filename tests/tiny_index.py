@@ -43,7 +43,7 @@ class _Index(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *a):  # quiet
         pass
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):  # http.server's name
         _Index.hits.append(self.path)
         super().do_GET()
 

@@ -1,6 +1,6 @@
 """The one command line behind the nox sessions and the invoke tasks: ``python -m vllm_harness <command>``.
 
-Exit status (shared/contract/cli.md): 0 nothing wrong, 1 the command ran and found a problem, 2 bad usage
+Exit status (docs/contract/cli.md): 0 nothing wrong, 1 the command ran and found a problem, 2 bad usage
 or bad input.  ``--json`` prints the contract's JSON on stdout; otherwise a table for people.
 """
 
@@ -71,7 +71,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # `... | head`: the reader left; nothing more to say
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the interpreter's exit flushes them
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # the interpreter's exit flushes them
         return 141
     except OSError as e:  # the machine refused (a read-only or full disk, a path too long): one message
         err = oserrors.from_args(e, vars(a))

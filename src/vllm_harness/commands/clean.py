@@ -55,16 +55,32 @@ def plan(layout: Layout, variant: str | None, everything: bool, wheelhouse: bool
     if not st.exists():
         return []
     if not layout.is_state_folder():
-        raise UsageError(f"{st} is not a harness state folder (no {Layout.MARKER} record): clean deletes nothing "
-                         "there.", "Point VLLM_HARNESS_STATE at the folder the harness made, or unset it.")
+        raise UsageError(
+            f"{st} is not a harness state folder (no {Layout.MARKER} record): clean deletes nothing there.",
+            "Point VLLM_HARNESS_STATE at the folder the harness made, or unset it.",
+        )
     if everything:
-        return [p for p in [st / "envs", st / "src", st / "logs", st / "status", st / "cache",
-                            st / "wheelhouse", st / "buildspeed",
-                            layout.last_failed, layout.last_built] if p.exists() or p.is_symlink()]
+        return [
+            p
+            for p in [
+                st / "envs",
+                st / "src",
+                st / "logs",
+                st / "status",
+                st / "cache",
+                st / "wheelhouse",
+                st / "buildspeed",
+                layout.last_failed,
+                layout.last_built,
+            ]
+            if p.exists() or p.is_symlink()
+        ]
     if wheelhouse and not variant:
         return wheelhouse_mod.paths_of_variant(st, None)
     if not variant:
-        raise UsageError("clean needs --variant NAME or --all.", "Pass one of them (add --dry-run to look first).")
+        raise UsageError(
+            "clean needs --variant NAME or --all.", "Pass one of them (add --dry-run to look first)."
+        )
     out = []
     src = layout.src(variant)
     if src.is_dir() and not src.is_symlink():
@@ -73,8 +89,17 @@ def plan(layout: Layout, variant: str | None, everything: bool, wheelhouse: bool
                 if (tree / name).exists() or (tree / name).is_symlink():
                     out.append(tree / name)
             out += [p for p in tree.glob("*.egg-info")]
-    out += [p for p in (layout.venv(variant), layout.constraints(variant), layout.status(variant),
-                        layout.logs(variant), src) if p.exists() or p.is_symlink()]
+    out += [
+        p
+        for p in (
+            layout.venv(variant),
+            layout.constraints(variant),
+            layout.status(variant),
+            layout.logs(variant),
+            src,
+        )
+        if p.exists() or p.is_symlink()
+    ]
     if wheelhouse:
         out += wheelhouse_mod.paths_of_variant(st, variant)
     # drop children of folders already listed
@@ -96,9 +121,16 @@ def uv_cache(dry_run: bool) -> tuple[str, int]:
     return f"uv cache ({where or 'uv cache dir failed'}; uv cache clean)", size
 
 
-def clean(layout: Layout, variant: str | None = None, everything: bool = False, dry_run: bool = False,
-          pip_cache: bool = False, python: str | None = None, wheelhouse: bool = False,
-          uv: bool = False) -> dict:
+def clean(
+    layout: Layout,
+    variant: str | None = None,
+    everything: bool = False,
+    dry_run: bool = False,
+    pip_cache: bool = False,
+    python: str | None = None,
+    wheelhouse: bool = False,
+    uv: bool = False,
+) -> dict:
     targets = plan(layout, variant, everything, wheelhouse)
     removed, kept, total = [], [], 0
     for p in targets:
@@ -132,18 +164,27 @@ def locked(layout: Layout, variant: str | None, everything: bool, wait: bool, sa
     run inside a lock, none entering one: a variant started while clean waited is waited for, never deleted
     under it), then every lock file there (a holder outside the harness).  A variant: its bundle's lock (the
     bundle reads its source tree; bundle takes it first, so clean does too), then the variant's."""
-    locks_dir = layout.state / "locks"   # where layout.lock() puts them
+    locks_dir = layout.state / "locks"  # where layout.lock() puts them
     with ExitStack() as held:
         if everything:
-            held.enter_context(locks.everything(locks_dir, "the state folder (every variant, the caches)",
-                                                wait=wait, say=say))
+            held.enter_context(
+                locks.everything(
+                    locks_dir, "the state folder (every variant, the caches)", wait=wait, say=say
+                )
+            )
             for lock in sorted(locks_dir.glob("*.lock")):
-                what = lock.stem.replace(locks.BUNDLE_PREFIX, "bundle of variant ", 1) \
-                    if lock.stem.startswith(locks.BUNDLE_PREFIX) else f"variant {lock.stem}"
+                what = (
+                    lock.stem.replace(locks.BUNDLE_PREFIX, "bundle of variant ", 1)
+                    if lock.stem.startswith(locks.BUNDLE_PREFIX)
+                    else f"variant {lock.stem}"
+                )
                 held.enter_context(locks.held(lock, what, wait=wait, say=say))
         elif variant:
-            held.enter_context(locks.held(locks.bundle_lock(locks_dir, variant), f"bundle of variant {variant}",
-                                          wait=wait, say=say))
+            held.enter_context(
+                locks.held(
+                    locks.bundle_lock(locks_dir, variant), f"bundle of variant {variant}", wait=wait, say=say
+                )
+            )
             held.enter_context(locks.held(layout.lock(variant), f"variant {variant}", wait=wait, say=say))
         yield
 
@@ -155,10 +196,18 @@ def cmd_clean(a) -> int:
         name = variant_of(layout, a.variant).name  # a name or a path; an unknown one is an error, not a no-op
     with ExitStack() as held:
         if layout.is_state_folder():
-            held.enter_context(locked(layout, name, a.all, wait=not a.no_wait,
-                                      say=lambda t: print(t, file=sys.stderr)))
-        res = clean(layout, name, a.all, a.dry_run, a.pip_cache, wheelhouse=getattr(a, "wheelhouse", False),
-                    uv=getattr(a, "uv_cache", False))
+            held.enter_context(
+                locked(layout, name, a.all, wait=not a.no_wait, say=lambda t: print(t, file=sys.stderr))
+            )
+        res = clean(
+            layout,
+            name,
+            a.all,
+            a.dry_run,
+            a.pip_cache,
+            wheelhouse=getattr(a, "wheelhouse", False),
+            uv=getattr(a, "uv_cache", False),
+        )
     if a.json:
         print_json(a, res)
     else:

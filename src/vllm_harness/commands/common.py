@@ -26,8 +26,10 @@ def variant_of(layout: Layout, name: str | None, required: bool = True):
     if not name:
         name = layout.read_last_built()
         if not name and required:
-            raise UsageError("No variant given and none was built yet.", "Pass --variant NAME (see `invoke --list` "
-                             "or `nox -l`).")
+            raise UsageError(
+                "No variant given and none was built yet.",
+                "Pass --variant NAME (see `invoke --list` or `nox -l`).",
+            )
         if not name:
             return None
     return load_variant(name, layout.envs_dirs)
@@ -36,10 +38,21 @@ def variant_of(layout: Layout, name: str | None, required: bool = True):
 def context_of(a, layout=None, variant=None):
     layout = layout or layout_of(a)
     variant = variant or variant_of(layout, a.variant)
-    return Ctx(layout=layout, variant=variant, quiet=getattr(a, "json", False), force=getattr(a, "force", False),
-               python=getattr(a, "python", None), jobs=getattr(a, "jobs", None), arch=getattr(a, "arch", None),
-               no_wait=getattr(a, "no_wait", False), rebuild=getattr(a, "rebuild", False),
-               cache=getattr(a, "cache", None), farm=getattr(a, "farm", None), nvcc_threads=getattr(a, "nvcc_threads", None), bundle=bundle_of(a) if hasattr(a, "from_bundle") else None)
+    return Ctx(
+        layout=layout,
+        variant=variant,
+        quiet=getattr(a, "json", False),
+        force=getattr(a, "force", False),
+        python=getattr(a, "python", None),
+        jobs=getattr(a, "jobs", None),
+        arch=getattr(a, "arch", None),
+        no_wait=getattr(a, "no_wait", False),
+        rebuild=getattr(a, "rebuild", False),
+        cache=getattr(a, "cache", None),
+        farm=getattr(a, "farm", None),
+        nvcc_threads=getattr(a, "nvcc_threads", None),
+        bundle=bundle_of(a) if hasattr(a, "from_bundle") else None,
+    )
 
 
 def print_json(a, data: dict) -> None:
@@ -51,5 +64,6 @@ def print_json(a, data: dict) -> None:
 def bundle_of(a) -> Path | None:
     """--from-bundle DIR, else VLLM_HARNESS_BUNDLE (commands/bundle, steps/bundle)."""
     import os
+
     given = getattr(a, "from_bundle", None) or os.environ.get("VLLM_HARNESS_BUNDLE")
     return Path(given).expanduser().resolve() if given else None

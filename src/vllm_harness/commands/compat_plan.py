@@ -55,9 +55,11 @@ def compat_command(a, layout, out) -> int:
         print(f"compat: no generated data ({lock} missing): hand-kept data only, newest vLLM "
               f"{info['newest']['vllm']}. Run `invoke compat --refresh`.")
     else:
-        print(f"compat: index data generated {data.generated} ({info['age_days']} days ago; last refresh "
-              f"{info['last_refresh'] or 'not on this machine'}); newest vLLM {info['newest']['vllm']}, torch "
-              f"{info['newest']['torch']}")
+        print(
+            f"compat: index data generated {data.generated} ({info['age_days']} days ago; last refresh "
+            f"{info['last_refresh'] or 'not on this machine'}); newest vLLM {info['newest']['vllm']}, torch "
+            f"{info['newest']['torch']}"
+        )
     return EXIT_OK
 
 
@@ -65,7 +67,7 @@ def plan_command(a, layout, out) -> int:
     machines = a.machine if isinstance(a.machine, list) else ([a.machine] if a.machine else [])
     if len(machines) > 1:
         return _fleet(a, machines, out)
-    if a.write:   # the name and the target before anything is probed or read
+    if a.write:  # the name and the target before anything is probed or read
         planner.check_write(Path(a.write), getattr(a, "force", False))
     if machines:
         profile, name = machine_profile.load_profile(Path(machines[0])), Path(machines[0]).stem
@@ -91,14 +93,19 @@ def plan_command(a, layout, out) -> int:
 def _fleet(a, machines: list[str], out) -> int:
     """Several --machine: the fewest variants that serve them all (facts/fleet.py)."""
     if a.write:
-        raise UsageError("plan --write writes one machine's variant; with several --machine, plan prints the "
-                         "fleet's variants and writes nothing.",
-                         "Write each variant with `invoke plan --machine FILE --write envs/NAME.toml` for a machine "
-                         "it serves.")
+        raise UsageError(
+            "plan --write writes one machine's variant; with several --machine, plan prints the "
+            "fleet's variants and writes nothing.",
+            "Write each variant with `invoke plan --machine FILE --write envs/NAME.toml` for a machine "
+            "it serves.",
+        )
     names = [Path(m).stem for m in machines]
     if len(set(names)) != len(names):
-        raise UsageError(f"plan --machine: two profiles share a name ({', '.join(sorted(names))}); each machine "
-                         "is named by its file's stem.", "Give each profile a file name of its own.")
+        raise UsageError(
+            f"plan --machine: two profiles share a name ({', '.join(sorted(names))}); each machine "
+            "is named by its file's stem.",
+            "Give each profile a file name of its own.",
+        )
     profiles = [(Path(m).stem, machine_profile.load_profile(Path(m))) for m in machines]
     rep = fleet.plan_fleet(profiles, compat.load())
     if a.json:

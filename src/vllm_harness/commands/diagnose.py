@@ -43,7 +43,8 @@ def cmd_diagnose(a) -> int:
     if a.variant:
         context = variant_of(layout, a.variant).fix_context()
     if log != "-" and Path(log).name == "probe.log":
-        # a compile probe's log: its fix names the torch the *source* pins (the probe's record), not the variant's
+        # a compile probe's log: its fix names the torch the *source* pins (the probe's record), not the
+        # variant's
         pin = (load_record(Path(log)) or {}).get("source_pins_torch")
         if pin:
             context = {**context, "torch": pin}

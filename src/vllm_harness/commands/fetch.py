@@ -1,4 +1,6 @@
-"""`invoke fetch`: the variant's source (or `--source`), and with `--deps` the sources vLLM's CMake fetches."""
+"""`invoke fetch`: the variant's source (or `--source`), and with `--deps` the sources vLLM's CMake
+fetches."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,10 +21,13 @@ def task_fetch(ctx, a) -> int:
         src = Path(res["source"])
         root = deps_cache.cache_root(ctx.layout, ctx.base_env)
         say = (lambda s: None) if a.json else print
-        res["deps"] = deps_cache.fill(src, root, ctx.base_env, device=ctx.device, every=a.every_arch, log=say,
-                                      variant=ctx.name)
+        res["deps"] = deps_cache.fill(
+            src, root, ctx.base_env, device=ctx.device, every=a.every_arch, log=say, variant=ctx.name
+        )
         if not a.json:
-            print(f"deps: {len(res['deps']['fetched'])} fetched, {len(res['deps']['cached'])} already in {root}")
+            print(
+                f"deps: {len(res['deps']['fetched'])} fetched, {len(res['deps']['cached'])} already in {root}"
+            )
     if a.json:
         print_json(a, res)
     return 0

@@ -47,7 +47,11 @@ def cmd_list(a) -> int:
         for c in ("variant", "cuda", "python", "torch", "vllm", "mode", "description"):
             t.add_column(c)
         for r in rows:
-            t.add_row(*(str(r.get(c, r.get("error", ""))) for c in ("variant", "cuda", "python", "torch", "vllm",
-                                                                     "mode", "description")))
+            t.add_row(
+                *(
+                    str(r.get(c, r.get("error", "")))
+                    for c in ("variant", "cuda", "python", "torch", "vllm", "mode", "description")
+                )
+            )
         Console().print(t)
     return EXIT_OK

@@ -37,8 +37,11 @@ def task_probe(ctx, a, layout) -> int:
         print_json(a, res)
     else:
         verdict = "compiles" if res["status"] == "pass" else "does NOT compile"
-        print(f"probe: {Path(res['source']).name} {verdict} against torch {res['torch']} (this source pins torch "
-              f"{res['source_pins_torch']}; {res['seconds']}s; C++{res['cxx_standard']})")
+        print(
+            f"probe: {Path(res['source']).name} {verdict} against torch {res['torch']} (this source "
+            f"pins torch "
+            f"{res['source_pins_torch']}; {res['seconds']}s; C++{res['cxx_standard']})"
+        )
         if res["status"] != "pass":
             _show(res)
             err = fail(res)

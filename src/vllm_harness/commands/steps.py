@@ -1,4 +1,6 @@
-"""The single steps as invoke tasks (`fetch`, `prepare`, `deps`, `build`, `post-install`, `probe`, `patches`)."""
+"""The single steps as invoke tasks (`fetch`, `prepare`, `deps`, `build`, `post-install`, `probe`,
+`patches`)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""The two kinds of failure the harness reports, and their exit codes (see shared/contract/cli.md).
+"""The two kinds of failure the harness reports, and their exit codes (see docs/contract/cli.md).
 
 * ``UsageError`` (exit 2): bad usage or bad input -- a broken ``envs/*.toml``, an unknown variant,
   a missing interpreter, a step run out of order.  One sentence naming the file/flag/thing, plus the fix.
@@ -31,9 +31,8 @@ class UsageError(HarnessError):
 class StepFailed(HarnessError):
     exit_code = EXIT_PROBLEM
 
-    def __init__(self, message: str, fix: str | None = None, log: str | None = None, id: str | None = None,
+    def __init__(self, message: str, fix: str | None = None, log: str | None = None,
                  result: dict | None = None):
         super().__init__(message, fix)
         self.log = log          # the step's log, for diagnose
-        self.id = id            # the failure id (data/failures.toml) when the harness knows it
         self.result = result    # the command's JSON object (--json still prints it on failure)

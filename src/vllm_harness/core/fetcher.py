@@ -43,13 +43,14 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,15})-(\d{1,15})/(\d{1,15})")
 
 _FIX = {
-    "scheme": "Use an http:// or https:// URL; a file://, ftp:// or other link or redirect is never followed.",
+    "scheme": "Use an http:// or https:// URL; a file://, ftp:// or other link or redirect is never "
+              "followed.",
     "url": "Check the URL (scheme://host/path, no spaces or control characters).",
     "deadline": "The server is too slow or stalled: retry later, or use a faster mirror or proxy.",
     "too-large": "The answer is far larger than one this harness expects: check that the URL points at a "
-                 "package index (or the mirror in between).",
+    "package index (or the mirror in between).",
     "budget": "Too many requests for one run: retry (what was read is cached), or check that the index does "
-              "not redirect in circles.",
+    "not redirect in circles.",
     "http": "Check the URL, the credentials and that the index serves it.",
     "unreachable": "Check the network or proxy (HTTPS_PROXY), or use a reachable mirror.",
     "broken": "Retry; if it persists, check the server or the proxy in between.",
@@ -61,11 +62,19 @@ class FetchError(Exception):
     """A network read that failed or was refused: ``url`` (masked), ``reason``, ``fix``; ``kind`` is one of
     _FIX's keys, ``status`` the HTTP status when there was one, ``transient`` whether a retry may help."""
 
-    def __init__(self, url: str, reason: str, fix: str | None = None, *, kind: str = "broken",
-                 status: int | None = None, transient: bool = False):
+    def __init__(
+        self,
+        url: str,
+        reason: str,
+        fix: str | None = None,
+        *,
+        kind: str = "broken",
+        status: int | None = None,
+        transient: bool = False,
+    ):
         self.url, self.reason = mask(str(url)), mask(str(reason))
         self.kind, self.status, self.transient = kind, status, transient
-        self.digest: str | None = None          # kind "sha256": the digest the file had
+        self.digest: str | None = None  # kind "sha256": the digest the file had
         self.fix = fix or _FIX.get(kind, _FIX["broken"])
         super().__init__(f"{self.url}: {self.reason}")
 
@@ -74,7 +83,8 @@ class FetchError(Exception):
 
 
 def url_problem(url: object) -> str | None:
-    """Why ``url`` may not be fetched (not http/https, no host, control characters, too long); None if fine."""
+    """Why ``url`` may not be fetched (not http/https, no host, control characters, too long); None if
+    fine."""
     if not isinstance(url, str) or not url:
         return "not a URL"
     if len(url) > MAX_URL:
@@ -83,7 +93,7 @@ def url_problem(url: object) -> str | None:
         return "the URL holds a space or a control character"
     try:
         parts = urllib.parse.urlsplit(url)
-        _ = parts.port          # raises ValueError on a bad port
+        _ = parts.port  # raises ValueError on a bad port
     except ValueError as e:
         return f"not a URL ({e})"
     if parts.scheme.lower() not in SCHEMES:
@@ -95,9 +105,9 @@ def url_problem(url: object) -> str | None:
 
 @dataclass
 class Response:
-    url: str                                   # the final URL (after redirects)
+    url: str  # the final URL (after redirects)
     status: int
-    headers: dict[str, str] = field(default_factory=dict)   # lower-case names
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
     body: bytes = b""
 
 
@@ -116,8 +126,11 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
             why = url_problem(new)
             if why:
                 fp.close()
-                raise FetchError(req.full_url, f"redirected to {mask(new)!r}: {why}",
-                                 kind="scheme" if "only http" in why else "url")
+                raise FetchError(
+                    req.full_url,
+                    f"redirected to {mask(new)!r}: {why}",
+                    kind="scheme" if "only http" in why else "url",
+                )
         return super().http_error_302(req, fp, code, msg, headers)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
@@ -150,9 +163,11 @@ class _Decoder:
             return self._d.decompress(chunk, room + 1)
         except zlib.error as e:
             if self.enc == "deflate" and not self._raw_tried and not self._d.unused_data:
-                self._d, self._raw_tried = zlib.decompressobj(-zlib.MAX_WBITS), True   # raw deflate
+                self._d, self._raw_tried = zlib.decompressobj(-zlib.MAX_WBITS), True  # raw deflate
                 return self.feed(chunk, room)
-            raise FetchError(self.url, f"the {self.enc} body does not decompress ({e})", kind="broken") from None
+            raise FetchError(
+                self.url, f"the {self.enc} body does not decompress ({e})", kind="broken"
+            ) from None
 
     def tail(self, room: int) -> bytes:
         if self._d is None:
@@ -160,10 +175,12 @@ class _Decoder:
         try:
             return self._d.flush() if not self._d.unconsumed_tail else self._d.decompress(b"", room + 1)
         except zlib.error as e:
-            raise FetchError(self.url, f"the {self.enc} body does not decompress ({e})", kind="broken") from None
+            raise FetchError(
+                self.url, f"the {self.enc} body does not decompress ({e})", kind="broken"
+            ) from None
 
 
-_tls = threading.local()   # the guard of the request this thread is opening (its sockets are handed to it)
+_tls = threading.local()  # the guard of the request this thread is opening (its sockets are handed to it)
 
 
 class _Guard:
@@ -233,25 +250,39 @@ class Fetcher:
     ``max_requests``: the request budget (redirects count; None: none); ``timeout_s``: the longest silence of
     one read; ``request_deadline_s``: the default wall-clock limit of one request."""
 
-    def __init__(self, deadline_s: float | None = 600.0, max_requests: int | None = 5000, *,
-                 timeout_s: float = 20.0, request_deadline_s: float = 120.0, user_agent: str = USER_AGENT):
+    def __init__(
+        self,
+        deadline_s: float | None = 600.0,
+        max_requests: int | None = 5000,
+        *,
+        timeout_s: float = 20.0,
+        request_deadline_s: float = 120.0,
+        user_agent: str = USER_AGENT,
+    ):
         self.deadline_s, self.max_requests = deadline_s, max_requests
         self.timeout_s, self.request_deadline_s, self.user_agent = timeout_s, request_deadline_s, user_agent
         self._end = None if deadline_s is None else time.monotonic() + deadline_s
         self.requests = 0
         self._lock = threading.Lock()
         self._opener = urllib.request.OpenerDirector()
-        for h in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), _HTTPHandler(),
-                  _HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(), _Redirects(self),
-                  urllib.request.HTTPErrorProcessor()):
-            self._opener.add_handler(h)   # no FileHandler, FTPHandler or DataHandler: http(s) only
+        for h in (
+            urllib.request.ProxyHandler(),
+            urllib.request.UnknownHandler(),
+            _HTTPHandler(),
+            _HTTPSHandler(),
+            urllib.request.HTTPDefaultErrorHandler(),
+            _Redirects(self),
+            urllib.request.HTTPErrorProcessor(),
+        ):
+            self._opener.add_handler(h)  # no FileHandler, FTPHandler or DataHandler: http(s) only
 
     # ------------------------------------------------------------------ budget and deadlines
     def _count(self, url: str) -> None:
         with self._lock:
             if self.max_requests is not None and self.requests >= self.max_requests:
-                raise FetchError(url, f"the request budget of {self.max_requests} requests is spent",
-                                 kind="budget")
+                raise FetchError(
+                    url, f"the request budget of {self.max_requests} requests is spent", kind="budget"
+                )
             self.requests += 1
         if self._end is not None and time.monotonic() >= self._end:
             raise FetchError(url, f"the overall deadline of {self.deadline_s:g}s has passed", kind="deadline")
@@ -275,7 +306,7 @@ class Fetcher:
         bare, user, password = strip_credentials(url)
         if user is not None and not any(k.lower() == "authorization" for k in hdrs):
             token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
-            hdrs["Authorization"] = f"Basic {token}"   # as pip and uv send a URL's credentials
+            hdrs["Authorization"] = f"Basic {token}"  # as pip and uv send a URL's credentials
         self._count(url)
         left = self._left(url, end)
         req = urllib.request.Request(bare, headers=hdrs)
@@ -296,14 +327,20 @@ class Fetcher:
             if e.code in accept:
                 return e, None
             e.close()
-            raise FetchError(url, f"HTTP {e.code} {e.reason}", kind="http", status=e.code,
-                             transient=e.code >= 500 or e.code == 429) from None
+            raise FetchError(
+                url,
+                f"HTTP {e.code} {e.reason}",
+                kind="http",
+                status=e.code,
+                transient=e.code >= 500 or e.code == 429,
+            ) from None
         except FetchError:
             raise
         except TimeoutError:
             kind = "deadline" if time.monotonic() >= end else "unreachable"
-            raise FetchError(url, f"no answer within {self.timeout_s:g}s", kind=kind,
-                             transient=kind == "unreachable") from None
+            raise FetchError(
+                url, f"no answer within {self.timeout_s:g}s", kind=kind, transient=kind == "unreachable"
+            ) from None
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
             if time.monotonic() >= end:
                 raise FetchError(url, "no complete answer within the deadline", kind="deadline") from None
@@ -319,7 +356,9 @@ class Fetcher:
             except ValueError:
                 raise FetchError(url, f"bad Content-Length {cl[:40]!r}", kind="broken") from None
             if n > max_bytes:
-                raise FetchError(url, f"Content-Length {n} is over the limit of {max_bytes} bytes", kind="too-large")
+                raise FetchError(
+                    url, f"Content-Length {n} is over the limit of {max_bytes} bytes", kind="too-large"
+                )
         dec = _Decoder(resp.headers.get("Content-Encoding", ""), url)
         raw = out = 0
         read = getattr(resp, "read1", None) or resp.read
@@ -333,14 +372,18 @@ class Fetcher:
             except TimeoutError:
                 if time.monotonic() >= end:
                     raise FetchError(url, "no complete answer within the deadline", kind="deadline") from None
-                raise FetchError(url, f"the server sent nothing for {self.timeout_s:g}s", kind="unreachable",
-                                 transient=True) from None
+                raise FetchError(
+                    url,
+                    f"the server sent nothing for {self.timeout_s:g}s",
+                    kind="unreachable",
+                    transient=True,
+                ) from None
             except (OSError, ValueError, http.client.HTTPException) as e:
                 if time.monotonic() >= end:
                     raise FetchError(url, "no complete answer within the deadline", kind="deadline") from None
                 raise FetchError(url, f"connection broken ({e})", kind="broken", transient=True) from None
             if not chunk:
-                if time.monotonic() >= end:   # the guard shut the socket: not the end of the body
+                if time.monotonic() >= end:  # the guard shut the socket: not the end of the body
                     raise FetchError(url, "no complete answer within the deadline", kind="deadline")
                 break
             raw += len(chunk)
@@ -349,19 +392,29 @@ class Fetcher:
             data = dec.feed(chunk, max_bytes - out)
             out += len(data)
             if out > max_bytes:
-                raise FetchError(url, f"the decompressed body is over the limit of {max_bytes} bytes",
-                                 kind="too-large")
+                raise FetchError(
+                    url, f"the decompressed body is over the limit of {max_bytes} bytes", kind="too-large"
+                )
             if data:
                 yield data
         data = dec.tail(max_bytes - out)
         if out + len(data) > max_bytes:
-            raise FetchError(url, f"the decompressed body is over the limit of {max_bytes} bytes", kind="too-large")
+            raise FetchError(
+                url, f"the decompressed body is over the limit of {max_bytes} bytes", kind="too-large"
+            )
         if data:
             yield data
 
     # ------------------------------------------------------------------ the reads
-    def fetch(self, url: str, *, max_bytes: int, deadline_s: float | None = None,
-              headers: dict[str, str] | None = None, accept: tuple[int, ...] = ()) -> Response:
+    def fetch(
+        self,
+        url: str,
+        *,
+        max_bytes: int,
+        deadline_s: float | None = None,
+        headers: dict[str, str] | None = None,
+        accept: tuple[int, ...] = (),
+    ) -> Response:
         """One GET: a 2xx answer (or a status in ``accept``, e.g. 304, whose body is not read)."""
         end = self._request_end(deadline_s)
         resp, guard = self._open(url, headers, end, accept)
@@ -375,12 +428,26 @@ class Fetcher:
         finally:
             _done(resp, guard)
 
-    def get(self, url: str, *, max_bytes: int, deadline_s: float | None = None,
-            headers: dict[str, str] | None = None) -> bytes:
+    def get(
+        self,
+        url: str,
+        *,
+        max_bytes: int,
+        deadline_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> bytes:
         return self.fetch(url, max_bytes=max_bytes, deadline_s=deadline_s, headers=headers).body
 
-    def get_range(self, url: str, start: int, end: int | None = None, *, max_bytes: int | None = None,
-                  deadline_s: float | None = None, headers: dict[str, str] | None = None) -> tuple[bytes, int]:
+    def get_range(
+        self,
+        url: str,
+        start: int,
+        end: int | None = None,
+        *,
+        max_bytes: int | None = None,
+        deadline_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[bytes, int]:
         """Bytes ``start..end`` (inclusive) of ``url``, or its last ``-start`` bytes when ``start < 0`` and
         ``end`` is None: (the bytes, the file's total size).  A server that answers with the whole file is
         refused before its body is read."""
@@ -390,29 +457,41 @@ class Fetcher:
         if cap is None or cap <= 0:
             raise FetchError(url, f"range {rng} has no bound", kind="url")
         t_end = self._request_end(deadline_s)
-        resp, guard = self._open(url, {**(headers or {}), "Range": f"bytes={rng}", "Accept-Encoding": "identity"},
-                                 t_end)
+        resp, guard = self._open(
+            url, {**(headers or {}), "Range": f"bytes={rng}", "Accept-Encoding": "identity"}, t_end
+        )
         try:
             status = getattr(resp, "status", None) or resp.getcode() or 200
             cr = resp.headers.get("Content-Range", "")
             m = _CONTENT_RANGE.fullmatch(cr.strip())
             if status != 206 or not m:
-                raise FetchError(url, "the server does not answer range requests (and offers no .metadata "
-                                 "file); reading the metadata would download the whole file", kind="broken")
+                raise FetchError(
+                    url,
+                    "the server does not answer range requests (and offers no .metadata "
+                    "file); reading the metadata would download the whole file",
+                    kind="broken",
+                )
             a, b, total = (int(x) for x in m.groups())
             if b < a or b >= total or (want is not None and b - a + 1 > want):
                 raise FetchError(url, f"bad Content-Range {cr[:60]!r} for bytes={rng}", kind="broken")
             body = b"".join(self._chunks(resp, url, min(cap, b - a + 1), t_end))
             if len(body) != b - a + 1:
-                raise FetchError(url, f"{len(body)} bytes for Content-Range {cr[:60]!r}", kind="broken",
-                                 transient=True)
+                raise FetchError(
+                    url, f"{len(body)} bytes for Content-Range {cr[:60]!r}", kind="broken", transient=True
+                )
             return body, total
         finally:
             _done(resp, guard)
 
     @contextmanager
-    def stream(self, url: str, *, max_bytes: int, deadline_s: float | None = None,
-               headers: dict[str, str] | None = None) -> Iterator[_Reader]:
+    def stream(
+        self,
+        url: str,
+        *,
+        max_bytes: int,
+        deadline_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Iterator[_Reader]:
         """The body as a file-like object with ``read(n)`` (for tarfile's stream mode), bounded as above."""
         end = self._request_end(deadline_s)
         resp, guard = self._open(url, headers, end)
@@ -421,20 +500,35 @@ class Fetcher:
         finally:
             _done(resp, guard)
 
-    def download(self, url: str, dest: Path, *, max_bytes: int, sha256: str | None = None,
-                 deadline_s: float | None = None, headers: dict[str, str] | None = None) -> str:
-        """Stream ``url`` into a temporary file in ``dest``'s folder (core.writer), check ``sha256`` (when given),
+    def download(
+        self,
+        url: str,
+        dest: Path,
+        *,
+        max_bytes: int,
+        sha256: str | None = None,
+        deadline_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        """Stream ``url`` into a temporary file in ``dest``'s folder (core.writer), check ``sha256`` (when
+        given),
         rename it to ``dest``; returns the file's sha256.  Nothing is left behind on failure."""
         dest = Path(dest)
         want = sha256.lower() if sha256 else None
         if want is not None and not _SHA256.fullmatch(want):
-            raise FetchError(url, f"the expected sha256 {sha256[:80]!r} is not 64 hex digits", kind="url",
-                             fix="Check the hash the index or the manifest gives for this file.")
+            raise FetchError(
+                url,
+                f"the expected sha256 {sha256[:80]!r} is not 64 hex digits",
+                kind="url",
+                fix="Check the hash the index or the manifest gives for this file.",
+            )
         h = hashlib.sha256()
         # through the one writer: never through a link planted at dest, nothing left behind on a failure (an
         # exception inside the block discards the temporary file)
-        with writer.atomic_output(dest, what="Download", force=True) as fh, \
-                self.stream(url, max_bytes=max_bytes, deadline_s=deadline_s, headers=headers) as r:
+        with (
+            writer.atomic_output(dest, what="Download", force=True) as fh,
+            self.stream(url, max_bytes=max_bytes, deadline_s=deadline_s, headers=headers) as r,
+        ):
             for chunk in r.chunks:
                 fh.write(chunk)
                 h.update(chunk)

@@ -87,7 +87,11 @@ class Layout:
         except ValueError:
             # the plain-text marker of earlier versions: trusted only while the folder holds nothing else
             legacy = text.startswith("vllm-harness state folder") and not self.foreign_entries()
-            return {"tool": "vllm-harness", "path": str(self.state.resolve()), "legacy": True} if legacy else None
+            return (
+                {"tool": "vllm-harness", "path": str(self.state.resolve()), "legacy": True}
+                if legacy
+                else None
+            )
         if not isinstance(rec, dict) or rec.get("tool") != "vllm-harness":
             return None
         return rec
@@ -97,14 +101,20 @@ class Layout:
             names = sorted(p.name for p in self.state.iterdir())
         except OSError:
             return []
-        return [n for n in names if n not in self.ENTRIES and not n.startswith(("last-failed.", ".harness-state."))]
+        return [
+            n
+            for n in names
+            if n not in self.ENTRIES and not n.startswith(("last-failed.", ".harness-state."))
+        ]
 
     def _refusal(self, why: str) -> UsageError:
-        return UsageError(f"{self.state} is not a harness state folder: it {why}. The harness writes and deletes "
-                          f"only in a folder it made itself (one with its {self.MARKER} record), so nothing was "
-                          "written or deleted there.",
-                          "Unset VLLM_HARNESS_STATE (default: .harness/ in the checkout), or point it at a new or "
-                          "empty folder; if .harness is a link to your own folder, remove the link.")
+        return UsageError(
+            f"{self.state} is not a harness state folder: it {why}. The harness writes and deletes "
+            f"only in a folder it made itself (one with its {self.MARKER} record), so nothing was "
+            "written or deleted there.",
+            "Unset VLLM_HARNESS_STATE (default: .harness/ in the checkout), or point it at a new or "
+            "empty folder; if .harness is a link to your own folder, remove the link.",
+        )
 
     def check(self) -> None:
         """Refuse a state folder the harness did not make (every command calls this before it touches it)."""
@@ -118,13 +128,17 @@ class Layout:
             raise self._refusal("is not a folder")
         if self._marker_record() is None and any(True for _ in st.iterdir()):
             foreign = self.foreign_entries()
-            held = f"holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}" if foreign else \
-                "holds files but no harness record"
+            held = (
+                f"holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}"
+                if foreign
+                else "holds files but no harness record"
+            )
             raise self._refusal(f"was not made by the harness ({held})")
 
     def ensure(self) -> None:
         """Create the state folder with its marker, or adopt an empty folder; refuse any other folder.  The
-        marker records that the harness made the folder: ``clean`` deletes only inside a folder that has it."""
+        marker records that the harness made the folder: ``clean`` deletes only inside a folder that has
+        it."""
         self.check()
         st = self.state
         created = not st.exists()
@@ -134,10 +148,14 @@ class Layout:
             return
         if rec is None and any(True for _ in st.iterdir()):  # filled by someone else since check()
             raise self._refusal("was filled while the harness started")
-        record = {"tool": "vllm-harness", "path": str(st.resolve()),
-                  "how": "upgraded" if rec else ("created" if created else "adopted an empty folder"),
-                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        # never through a link planted as the marker; the temporary name starts with the marker's (not foreign)
+        record = {
+            "tool": "vllm-harness",
+            "path": str(st.resolve()),
+            "how": "upgraded" if rec else ("created" if created else "adopted an empty folder"),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        # never through a link planted as the marker; the temporary name starts with the marker's (not
+        # foreign)
         writer.write_file(st / self.MARKER, json.dumps(record) + "\n", what="State folder marker", force=True)
 
     def is_state_folder(self) -> bool:
@@ -186,7 +204,9 @@ class Layout:
         raw = safeio.read_bytes(p, "State file", 4096, self._reset_fix(p))
         name, _, path = raw.decode("utf-8", "replace").strip().partition("\n")
         if not NAME_RE.match(name) or (path and Path(path).stem != name):
-            raise UsageError(f"State file {p} is corrupt (not a variant name: {name[:40]!r}).", self._reset_fix(p))
+            raise UsageError(
+                f"State file {p} is corrupt (not a variant name: {name[:40]!r}).", self._reset_fix(p)
+            )
         return path or name
 
     def read_last_failed(self) -> dict | None:
@@ -195,10 +215,16 @@ class Layout:
         if not p.exists() and not p.is_symlink():
             return None
         data = safeio.load_json(p, "State file", self._reset_fix(p), limit=1 << 16)
-        if not (isinstance(data, dict) and isinstance(data.get("log"), str) and data["log"]
-                and isinstance(data.get("variant"), (str, type(None)))
-                and isinstance(data.get("step"), (str, type(None)))):
-            raise UsageError(f"State file {p} is corrupt (not the record of a failed step).", self._reset_fix(p))
+        if not (
+            isinstance(data, dict)
+            and isinstance(data.get("log"), str)
+            and data["log"]
+            and isinstance(data.get("variant"), (str, type(None)))
+            and isinstance(data.get("step"), (str, type(None)))
+        ):
+            raise UsageError(
+                f"State file {p} is corrupt (not the record of a failed step).", self._reset_fix(p)
+            )
         return data
 
     def managed_trees(self) -> list[Path]:

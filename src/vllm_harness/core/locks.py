@@ -191,9 +191,16 @@ def _recorded(lock: Path):
     try:
         tmp = _holder_path(lock).with_suffix(f".tmp{os.getpid()}")
         try:
-            tmp.write_text(json.dumps({"pid": os.getpid(), "command": " ".join(Path(sys.argv[0]).name.split() +
-                                                                              sys.argv[1:])[:300],
-                                       "since": time.time(), "host": socket.gethostname()}))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:300],
+                        "since": time.time(),
+                        "host": socket.gethostname(),
+                    }
+                )
+            )
             os.replace(tmp, _holder_path(lock))
         except OSError as e:  # a full disk: no half-written record left behind, one message naming the file
             tmp.unlink(missing_ok=True)

@@ -55,7 +55,8 @@ def _userinfo_end(text: str, start: int) -> int | None:
     j = _USER_RE.match(text, start, line_end).end()  # type: ignore[union-attr]
     if j >= line_end:
         return None
-    if text[j] == "@":  # a token (or a user alone): the last '@' of the authority, which ends at / ? # or space
+    # a token (or a user alone): the last '@' of the authority, which ends at / ? # or space
+    if text[j] == "@":
         ae = _AUTH_END_RE.search(text, j, line_end)
         return text.rfind("@", j, ae.start() if ae else line_end)
     if text[j] != ":":
@@ -85,7 +86,7 @@ def mask(text: str) -> str:
         if end is None:
             m = _SCHEME_RE.search(text, m.end())
             continue
-        out += [text[pos:m.end()], MASK]
+        out += [text[pos : m.end()], MASK]
         pos = end
         m = _SCHEME_RE.search(text, end + 1)
     out.append(text[pos:])
@@ -98,7 +99,7 @@ def split_userinfo(url: str) -> tuple[str | None, str]:
     end = _userinfo_end(url, m.end()) if m else None
     if m is None or end is None:
         return None, url
-    return url[m.end():end], url[:m.end()] + url[end + 1:]
+    return url[m.end() : end], url[: m.end()] + url[end + 1 :]
 
 
 def strip_credentials(url: str) -> tuple[str, str | None, str | None]:
@@ -114,21 +115,27 @@ def check_url(url: str, flag: str) -> str:
     """``url`` when it is an http(s) or file URL whose user information is written as a URL must carry it
     (RFC 3986: letters, digits, ``-._~!$&'()*+,;=:`` and %-escapes); a UsageError naming ``flag`` otherwise,
     that never shows the password.  A password typed with ``#``, ``/``, ``@`` or a space is cut by every HTTP
-    client (the part after ``#`` read as a fragment, after ``/`` as the path, the rest sent as a host name)."""
+    client (the part after ``#`` read as a fragment, after ``/`` as the path, the rest sent as a host
+    name)."""
     userinfo, bare = split_userinfo(url)
-    fix = "Give the index URL, e.g. https://pypi.org/simple (credentials percent-encoded in it, or in ~/.netrc)."
+    fix = ("Give the index URL, e.g. https://pypi.org/simple (credentials percent-encoded in it, or in "
+           "~/.netrc).")
     if userinfo is not None and not set(userinfo) <= _USERINFO_OK:
-        raise UsageError(f"{flag} {mask(url)}: the user name or password in the URL holds characters a URL cannot "
-                         "carry as they are (such as # ? / @ [ ] \" \\ or a space).",
-                         "Percent-encode them (python3 -c 'import sys, urllib.parse; print(urllib.parse.quote("
-                         "sys.argv[1], safe=\"\"))' 'PASSWORD'), or leave the credentials out of the URL and "
-                         "put them in ~/.netrc.")
+        raise UsageError(
+            f"{flag} {mask(url)}: the user name or password in the URL holds characters a URL cannot "
+            'carry as they are (such as # ? / @ [ ] " \\ or a space).',
+            "Percent-encode them (python3 -c 'import sys, urllib.parse; print(urllib.parse.quote("
+            "sys.argv[1], safe=\"\"))' 'PASSWORD'), or leave the credentials out of the URL and "
+            "put them in ~/.netrc.",
+        )
     try:
-        parts = urlsplit(bare)   # without the user information: nothing of the password in its errors
+        parts = urlsplit(bare)  # without the user information: nothing of the password in its errors
         parts.port  # noqa: B018 - a port that is not a number raises here
     except ValueError as e:
         raise UsageError(f"{flag} {mask(url)}: is not a URL ({e}).", fix) from None
-    if parts.scheme.lower() not in ("http", "https", "file") or (parts.scheme.lower() != "file" and not parts.hostname):
+    if parts.scheme.lower() not in ("http", "https", "file") or (
+        parts.scheme.lower() != "file" and not parts.hostname
+    ):
         raise UsageError(f"{flag} {mask(url)}: is not an http(s):// or file:// URL with a host.", fix)
     return url
 

@@ -35,17 +35,24 @@ def refusal(e: OSError, what: str, path: Any = None, done: str = "") -> UsageErr
     who = f"{what} {p}".strip() or "A file the harness was writing"
     folder = os.path.dirname(str(path if path is not None else e.filename or "")) or "the state folder"
     if e.errno in FULL:
-        return UsageError(f"{who}: the disk is full ({e.strerror}){done}.",
-                          f"Free space on the disk that holds {short(folder)} (`df -h {short(folder)}`), then run the "
-                          "command again.")
+        return UsageError(
+            f"{who}: the disk is full ({e.strerror}){done}.",
+            f"Free space on the disk that holds {short(folder)} (`df -h {short(folder)}`), then run the "
+            "command again.",
+        )
     if e.errno in READ_ONLY:
-        return UsageError(f"{who}: {e.strerror}{done}.",
-                          "Check the permissions there (a read-only mount, the owner, the mode), or point "
-                          "VLLM_HARNESS_STATE (the harness's state folder) or the flag at a path you can use.")
+        return UsageError(
+            f"{who}: {e.strerror}{done}.",
+            "Check the permissions there (a read-only mount, the owner, the mode), or point "
+            "VLLM_HARNESS_STATE (the harness's state folder) or the flag at a path you can use.",
+        )
     if e.errno in TOO_LONG:
-        return UsageError(f"{who}: the path is too long for this system ({e.strerror}: at most "
-                          f"{os.pathconf('/', 'PC_PATH_MAX')} characters, {os.pathconf('/', 'PC_NAME_MAX')} per "
-                          f"name){done}.", "Give a shorter path.")
+        return UsageError(
+            f"{who}: the path is too long for this system ({e.strerror}: at most "
+            f"{os.pathconf('/', 'PC_PATH_MAX')} characters, {os.pathconf('/', 'PC_NAME_MAX')} per "
+            f"name){done}.",
+            "Give a shorter path.",
+        )
     return None
 
 

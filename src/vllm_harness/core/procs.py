@@ -46,7 +46,7 @@ END_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for what is left when the
 def _pdeathsig() -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:  # noqa: BLE001 - not Linux, or no prctl: the Guardian still covers the child
+    except Exception:  # not Linux, or no prctl: the Guardian still covers the child
         pass
 
 
@@ -135,8 +135,13 @@ def _owner() -> dict:
     with _OWNER_LOCK:
         if _OWNER.get("pid") != os.getpid():
             _OWNER.clear()
-            _OWNER.update(pid=os.getpid(), tag=f"{os.getpid()}.{secrets.token_hex(6)}", jobs=itertools.count(1),
-                          live={}, subreaper=_become_subreaper())
+            _OWNER.update(
+                pid=os.getpid(),
+                tag=f"{os.getpid()}.{secrets.token_hex(6)}",
+                jobs=itertools.count(1),
+                live={},
+                subreaper=_become_subreaper(),
+            )
             atexit.register(end_all)
         return _OWNER
 
@@ -148,7 +153,7 @@ def _become_subreaper() -> bool:
         return False
     try:
         return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except Exception:  # noqa: BLE001 - no prctl: the owner tag still finds them
+    except Exception:  # no prctl: the owner tag still finds them
         return False
 
 
@@ -201,6 +206,7 @@ def end_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 # ---------------------------------------------------------------------------------- what is below us
+
 
 def _table() -> dict[int, tuple[int, int, int, str]]:
     """pid -> (ppid, pgrp, session, state) of every process (from /proc; empty where there is none)."""
@@ -314,8 +320,14 @@ def end_all(grace: float = END_GRACE) -> list[int]:
     return sorted(doomed)
 
 
-def run(argv: list[str], timeout: float | None = None, input: bytes | str | None = None, check: bool = False,
-        leave_daemons: bool = False, **kw: Any) -> subprocess.CompletedProcess:
+def run(
+    argv: list[str],
+    timeout: float | None = None,
+    input: bytes | str | None = None,
+    check: bool = False,
+    leave_daemons: bool = False,
+    **kw: Any,
+) -> subprocess.CompletedProcess:
     """``subprocess.run`` whose child ends with the harness and whose whole group ends on a timeout or an
     interruption (``subprocess.run`` kills the direct child only).  What the command leaves in its group
     ends when it returns, unless ``leave_daemons`` (a server the caller tracks and stops itself)."""

@@ -3,7 +3,8 @@
 Every child gets an argument list and an explicit environment (never ``shell=True``).  While it runs the
 terminal shows the step, the time, ninja's ``[n/N]`` as a bar when the build prints it, and the last
 line; when stdout is not a terminal a heartbeat line is printed every 15 s instead, also while the child
-is silent.  When a command fails, the log is read by ``diagnose`` and its top finding is printed under the summary.
+is silent.  When a command fails, the log is read by ``diagnose`` and its top finding is printed under the
+summary.
 """
 
 from __future__ import annotations
@@ -34,9 +35,14 @@ def console():
     import shutil
 
     from rich.console import Console
+
     # not a terminal (CI, a pipe): never wrap a summary line at 80 columns
-    return Console(stderr=False, highlight=False, soft_wrap=True,
-                   width=None if sys.stdout.isatty() else max(120, shutil.get_terminal_size().columns))
+    return Console(
+        stderr=False,
+        highlight=False,
+        soft_wrap=True,
+        width=None if sys.stdout.isatty() else max(120, shutil.get_terminal_size().columns),
+    )
 
 
 def emit(parts: list, con=None, show: bool = True) -> str:
@@ -44,6 +50,7 @@ def emit(parts: list, con=None, show: bool = True) -> str:
     import io
 
     from rich.console import Console
+
     buf = io.StringIO()
     plain = Console(file=buf, width=160, force_terminal=False, color_system=None)
     for part in parts:
@@ -59,12 +66,13 @@ def emit(parts: list, con=None, show: bool = True) -> str:
 class StepLog:
     path: Path
     started: float = field(default_factory=time.monotonic)
-    append: bool = False   # a later command of the same step: the log goes on (no new .prev.log)
+    append: bool = False  # a later command of the same step: the log goes on (no new .prev.log)
 
     def open(self):
         """The log, unbuffered; never written through a link (core.writer.open_log refuses one)."""
-        return writer.open_log(self.path, append=self.append,
-                               previous=self.path.with_name(self.path.stem + ".prev.log"))
+        return writer.open_log(
+            self.path, append=self.append, previous=self.path.with_name(self.path.stem + ".prev.log")
+        )
 
 
 class Progress:
@@ -75,16 +83,17 @@ class Progress:
     ``N``, e.g. the next extension's ninja, starts a new count).  The full output still goes to the log.
     """
 
-    def __init__(self, step: str, quiet: bool = False, clock=time.monotonic, beat: float = 15.0,
-                 ticker: bool = False):
+    def __init__(
+        self, step: str, quiet: bool = False, clock=time.monotonic, beat: float = 15.0, ticker: bool = False
+    ):
         self.step = step
         self.quiet = quiet
         self.clock = clock
         self.t0 = clock()
         self.last_line = ""
         self.done = self.total = 0
-        self.run_t0: float | None = None      # when this ninja run began (the last other line before it)
-        self.last_other = self.t0             # when the last line that was not ninja's status came
+        self.run_t0: float | None = None  # when this ninja run began (the last other line before it)
+        self.last_other = self.t0  # when the last line that was not ninja's status came
         self.beat = beat
         self.next_beat = self.t0 + beat
         self._live = None
@@ -94,11 +103,17 @@ class Progress:
             if self._con.is_terminal:
                 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
                 from rich.progress import Progress as RProgress
-                self._live = RProgress(TextColumn(f"[bold]{step}[/]"), BarColumn(bar_width=24),
-                                       MofNCompleteColumn(), TimeElapsedColumn(),
-                                       TextColumn("{task.fields[rate]}"),
-                                       TextColumn("{task.description}", style="dim"),
-                                       console=self._con, transient=True)
+
+                self._live = RProgress(
+                    TextColumn(f"[bold]{step}[/]"),
+                    BarColumn(bar_width=24),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    TextColumn("{task.fields[rate]}"),
+                    TextColumn("{task.description}", style="dim"),
+                    console=self._con,
+                    transient=True,
+                )
                 self._task = self._live.add_task("", total=None, rate="")
                 self._live.start()
         # a silent child (a download, an import) still gets its heartbeat: a thread ticks every second
@@ -119,7 +134,10 @@ class Progress:
             self.next_beat = now + self.beat
             st = self.status()
             line = "" if st and NINJA_RE.match(self.last_line.encode()) else self.last_line[-100:]
-            print(" ".join(x for x in (f"  ... {self.step} {now - self.t0:.0f}s", st, mask(line)) if x), flush=True)
+            print(
+                " ".join(x for x in (f"  ... {self.step} {now - self.t0:.0f}s", st, mask(line)) if x),
+                flush=True,
+            )
 
     def rate(self) -> float | None:
         """Edges a second in this ninja run (None until two edges have finished)."""
@@ -149,7 +167,7 @@ class Progress:
         now = self.clock()
         if found:
             done, total = int(found[-1][0]), int(found[-1][1])
-            if self.run_t0 is None or total != self.total or done < self.done:   # a new ninja run
+            if self.run_t0 is None or total != self.total or done < self.done:  # a new ninja run
                 self.run_t0 = self.last_other
             self.done, self.total = done, total
         elif raw.strip():
@@ -163,7 +181,9 @@ class Progress:
             rate = (f"{r * 60:.1f}/min" if r < 1 else f"{r:.1f}/s") if r else ""
             rate += f" ETA {_hms(e)}" if e is not None else ""
             if self.total:
-                self._live.update(self._task, completed=self.done, total=self.total, description=desc, rate=rate)
+                self._live.update(
+                    self._task, completed=self.done, total=self.total, description=desc, rate=rate
+                )
             else:
                 self._live.update(self._task, description=desc)
         else:
@@ -179,12 +199,25 @@ class Progress:
 
 def _hms(seconds: float) -> str:
     s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+    return (
+        f"{s // 3600}h{s % 3600 // 60:02d}m"
+        if s >= 3600
+        else f"{s // 60}m{s % 60:02d}s"
+        if s >= 60
+        else f"{s}s"
+    )
 
 
-def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict[str, str],
-                 cwd: Path | None = None, quiet: bool = False, timeout: float | None = None,
-                 append: bool = False) -> float:
+def run_commands(
+    step: str,
+    commands: list[list[str]],
+    log_path: Path,
+    env: dict[str, str],
+    cwd: Path | None = None,
+    quiet: bool = False,
+    timeout: float | None = None,
+    append: bool = False,
+) -> float:
     """Run ``commands`` one after another; all output to ``log_path``.  Returns seconds taken.
 
     Raises ``StepFailed`` (with the log path) when one exits non-zero.  On Ctrl-C / SIGTERM the child's
@@ -199,12 +232,21 @@ def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict
                 fh.write(f"$ {mask(' '.join(argv))}\n".encode())
                 fh.write(f"# cwd: {cwd or os.getcwd()}\n".encode())
                 try:  # its own process group, ended with the harness even if the harness is SIGKILLed
-                    proc = procs.popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                    proc = procs.popen(
+                        argv,
+                        cwd=cwd,
+                        env=env,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                    )
                 except OSError as e:
                     fh.write(f"cannot start {argv[0]}: {e}\n".encode())
-                    raise StepFailed(f"{step}: cannot start {argv[0]} ({e.strerror}).",
-                                     "Check that it is installed and on PATH.", log=str(log_path)) from None
+                    raise StepFailed(
+                        f"{step}: cannot start {argv[0]} ({e.strerror}).",
+                        "Check that it is installed and on PATH.",
+                        log=str(log_path),
+                    ) from None
                 try:
                     assert proc.stdout is not None
                     for raw in iter(proc.stdout.readline, b""):
@@ -222,8 +264,11 @@ def run_commands(step: str, commands: list[list[str]], log_path: Path, env: dict
                     procs.release(proc)
                 fh.write(f"# exit status {rc}\n".encode())
                 if rc != 0:
-                    raise StepFailed(f"{step} failed: `{mask(' '.join(_short(argv)))}` exited with {rc}.",
-                                     None, log=str(log_path))
+                    raise StepFailed(
+                        f"{step} failed: `{mask(' '.join(_short(argv)))}` exited with {rc}.",
+                        None,
+                        log=str(log_path),
+                    )
     finally:
         prog.close()
     return time.monotonic() - t0
@@ -234,7 +279,9 @@ def _short(argv: list[str]) -> list[str]:
     return out if len(out) <= 8 else out[:8] + ["..."]
 
 
-def summary(step: str, ok: bool, seconds: float, log: Path | None, note: str = "", quiet: bool = False) -> None:
+def summary(
+    step: str, ok: bool, seconds: float, log: Path | None, note: str = "", quiet: bool = False
+) -> None:
     if quiet:
         return
     mark = "[green]✓[/]" if ok else "[red]✗[/]"
@@ -247,8 +294,6 @@ def _rel(p: Path) -> str:
         return str(p.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(p)
-
-
 
 
 def write_json(path: Path, data: dict) -> None:

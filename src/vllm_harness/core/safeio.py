@@ -50,18 +50,26 @@ def read_bytes(path: str | Path, what: str, limit: int, fix: str = "") -> bytes:
     except FileNotFoundError:
         raise UsageError(f"{what} {p}: no such file.", fix or "Check the path.") from None
     except IsADirectoryError:
-        raise UsageError(f"{what} {p}: is a directory, not a file.", fix or "Give the path of a file.") from None
+        raise UsageError(
+            f"{what} {p}: is a directory, not a file.", fix or "Give the path of a file."
+        ) from None
     except OSError as e:
-        raise UsageError(f"{what} {p}: cannot be read ({e.strerror}).",
-                         fix or "Check the path and its permissions.") from None
+        raise UsageError(
+            f"{what} {p}: cannot be read ({e.strerror}).", fix or "Check the path and its permissions."
+        ) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{what} {p}: is {file_kind(st.st_mode)}, not a regular file; nothing was read.",
-                             fix or "Give the path of a regular file.")
+            raise UsageError(
+                f"{what} {p}: is {file_kind(st.st_mode)}, not a regular file; nothing was read.",
+                fix or "Give the path of a regular file.",
+            )
         if st.st_size > limit:
-            raise UsageError(f"{what} {p}: is {st.st_size} bytes, too large (more than the {limit} bytes such a "
-                             "file may have); nothing was read.", fix or f"Give a file under {limit} bytes.")
+            raise UsageError(
+                f"{what} {p}: is {st.st_size} bytes, too large (more than the {limit} bytes such a "
+                "file may have); nothing was read.",
+                fix or f"Give a file under {limit} bytes.",
+            )
         chunks, got = [], 0
         while got <= limit:
             b = os.read(fd, min(1 << 16, limit + 1 - got))
@@ -70,8 +78,10 @@ def read_bytes(path: str | Path, what: str, limit: int, fix: str = "") -> bytes:
             chunks.append(b)
             got += len(b)
         if got > limit:
-            raise UsageError(f"{what} {p}: grew past {limit} bytes while it was read.",
-                             fix or f"Give a file under {limit} bytes.")
+            raise UsageError(
+                f"{what} {p}: grew past {limit} bytes while it was read.",
+                fix or f"Give a file under {limit} bytes.",
+            )
         return b"".join(chunks)
     finally:
         os.close(fd)
@@ -82,10 +92,13 @@ def read_text(path: str | Path, what: str, limit: int, fix: str = "") -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UsageError(f"{what} {path}: is not UTF-8 text (byte {e.start}).", fix or "Save it as UTF-8.") from None
+        raise UsageError(
+            f"{what} {path}: is not UTF-8 text (byte {e.start}).", fix or "Save it as UTF-8."
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------ TOML
+
 
 class TomlLimit(ValueError):
     """The document goes past one of the limits (message says which, and on which line)."""
@@ -135,11 +148,11 @@ def prescan_toml(text: str, max_depth: int = TOML_MAX_DEPTH, max_keys: int = TOM
     """Raise :class:`TomlLimit` when ``text`` nests deeper than ``max_depth`` (brackets, braces, dotted key
     or table-header parts) or holds more than ``max_keys`` keys and items.  A lexical pass: strings and
     comments are skipped, so values may hold any text."""
-    depth = 0          # open [ / { outside strings
-    dots = 0           # dots in the key being read
+    depth = 0  # open [ / { outside strings
+    dots = 0  # dots in the key being read
     items = 0
     line = 1
-    in_key = True      # at the start of a line (depth 0) or after '{' / ',' inside an inline table
+    in_key = True  # at the start of a line (depth 0) or after '{' / ',' inside an inline table
     stack: list[str] = []
     i, n = 0, len(text)
     while i < n:
@@ -213,13 +226,17 @@ def prescan_toml(text: str, max_depth: int = TOML_MAX_DEPTH, max_keys: int = TOM
         i += 1
 
 
-def parse_toml(text: str, what: str, path: str | Path, fix: str = "Correct the TOML syntax at that line.") -> dict:
+def parse_toml(
+    text: str, what: str, path: str | Path, fix: str = "Correct the TOML syntax at that line."
+) -> dict:
     """tomllib.loads with the limits above; every failure is one UsageError naming the file."""
     try:
         prescan_toml(text)
     except TomlLimit as e:
-        raise UsageError(f"{what} {path}: {e}, past what the harness reads; nothing was used.",
-                         "Flatten the file (this is not a variant, profile or patch the harness writes).") from None
+        raise UsageError(
+            f"{what} {path}: {e}, past what the harness reads; nothing was used.",
+            "Flatten the file (this is not a variant, profile or patch the harness writes).",
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -228,8 +245,12 @@ def parse_toml(text: str, what: str, path: str | Path, fix: str = "Correct the T
         raise UsageError(f"{what} {path}: is nested too deeply to parse.", "Flatten the file.") from None
 
 
-def load_toml(path: str | Path, what: str, limit: int = TOML_MAX_BYTES,
-              fix: str = "Correct the TOML syntax at that line.") -> dict:
+def load_toml(
+    path: str | Path,
+    what: str,
+    limit: int = TOML_MAX_BYTES,
+    fix: str = "Correct the TOML syntax at that line.",
+) -> dict:
     return parse_toml(read_text(path, what, limit), what, path, fix)
 
 

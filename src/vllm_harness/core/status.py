@@ -45,9 +45,15 @@ def key_of(*parts: Any) -> str:
 
 
 def _well_formed(data: Any) -> bool:
-    return (isinstance(data, dict) and isinstance(data.get("steps"), dict) and isinstance(data.get("built", False), bool)
-            and all(isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("status"), str)
-                    for k, v in data["steps"].items()))
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("steps"), dict)
+        and isinstance(data.get("built", False), bool)
+        and all(
+            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("status"), str)
+            for k, v in data["steps"].items()
+        )
+    )
 
 
 class Status:
@@ -56,13 +62,16 @@ class Status:
         self.variant = variant
         self.data: dict[str, Any] = {"variant": variant, "built": False, "steps": {}}
         if path.exists() or path.is_symlink():
-            fix = (f"`invoke clean --variant {variant}` removes it with the variant's env (or delete {path}: the "
-                   "next run starts the variant over).")
+            fix = (
+                f"`invoke clean --variant {variant}` removes it with the variant's env (or delete "
+                f"{path}: the "
+                "next run starts the variant over)."
+            )
             loaded = safeio.load_json(path, "Status file", fix, limit=1 << 22)
             if not _well_formed(loaded):
                 raise UsageError(f"Status file {path} is corrupt (not the record the harness writes).", fix)
             self.data = loaded
-        self._running_on_disk = self._running()   # what the record on disk says (put right if a write fails)
+        self._running_on_disk = self._running()  # what the record on disk says (put right if a write fails)
 
     def _running(self) -> bool:
         return any(s.get("status") == "running" for s in self.data["steps"].values())
@@ -91,8 +100,14 @@ class Status:
         self.save()
 
     def finish(self, name: str, key: str, log: str | None, seconds: float, **extra: Any) -> None:
-        self.data["steps"][name] = {"status": "ok", "key": key, "log": log, "seconds": round(seconds, 1),
-                                    "finished": time.time(), **extra}
+        self.data["steps"][name] = {
+            "status": "ok",
+            "key": key,
+            "log": log,
+            "seconds": round(seconds, 1),
+            "finished": time.time(),
+            **extra,
+        }
         self.save()
 
     def fail(self, name: str, log: str | None, reason: str) -> None:
@@ -112,7 +127,7 @@ class Status:
         try:
             self._write()
         except OSError as e:
-            if not oserrors.refused(e):   # not the machine's refusal (full, read-only): raised as it is
+            if not oserrors.refused(e):  # not the machine's refusal (full, read-only): raised as it is
                 raise
             raise oserrors.refusal(e, "Status file", self.path, self._put_right()) from None
         self._running_on_disk = self._running()
@@ -124,23 +139,25 @@ class Status:
             tmp.write_text(masking.mask(json.dumps(self.data, indent=2, sort_keys=True)))
             os.replace(tmp, self.path)
         except BaseException:
-            with contextlib.suppress(OSError):   # never a half-written file left on a full disk
+            with contextlib.suppress(OSError):  # never a half-written file left on a full disk
                 tmp.unlink()
             raise
 
     def _put_right(self) -> str:
         """After a refused write, a record on disk that says a step is running is not left so: it is removed
-        (and this record written once more in the space that frees).  Returns what was done, for the message."""
+        (and this record written once more in the space that frees).  Returns what was done, for the
+        message."""
         if not self._running_on_disk:
             return "; the status on disk was not changed"
         try:
             self.path.unlink(missing_ok=True)
         except OSError:
-            return ""   # a read-only folder: nothing can be put right there
+            return ""  # a read-only folder: nothing can be put right there
         try:
             self._write()
         except OSError:
             self._running_on_disk = False
-            return "; its record was removed rather than left saying a step is running (the next run starts over)"
+            return ("; its record was removed rather than left saying a step is running (the next run starts "
+                    "over)")
         self._running_on_disk = self._running()
         return "; the step's outcome was recorded in the space its old record freed"

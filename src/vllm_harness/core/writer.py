@@ -1,7 +1,9 @@
-"""The one writer of files (issue 26): every file the harness writes outside its state folder goes through here,
+"""The one writer of files (issue 26): every file the harness writes outside its state folder goes through
+here,
 and its state files and logs do too.
 
-``write_file`` / ``atomic_output``: the target is validated before a byte is written -- a symbolic link, a file
+``write_file`` / ``atomic_output``: the target is validated before a byte is written -- a symbolic link, a
+file
 with more than one hard link, something that is not a regular file, or an existing file the harness did not
 write (``marker``: the generated-by line the harness puts in the first 4 KiB of such a file) is refused with
 one :class:`UsageError` naming it (``force=True`` lifts only the last refusal).  The new content goes to a
@@ -28,7 +30,7 @@ from typing import BinaryIO
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.safeio import file_kind
 
-HEAD_BYTES = 4096      # where a generated-by marker must appear
+HEAD_BYTES = 4096  # where a generated-by marker must appear
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -55,8 +57,9 @@ def permitted(path: str | Path | None) -> Iterator[None]:
 
 def _head(dfd: int | None, name: str, path: Path) -> bytes:
     try:
-        fd = os.open(name if dfd is not None else path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK | _CLOEXEC,
-                     dir_fd=dfd)
+        fd = os.open(
+            name if dfd is not None else path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=dfd
+        )
     except OSError:
         return b""
     try:
@@ -75,36 +78,49 @@ def _lstat(dfd: int | None, name: str, path: Path) -> os.stat_result | None:
     except FileNotFoundError:
         return None
     except NotADirectoryError:
-        raise UsageError(f"{path}: a part of the path is a file, not a folder; nothing was written.",
-                         "Give a path in an existing folder.") from None
+        raise UsageError(
+            f"{path}: a part of the path is a file, not a folder; nothing was written.",
+            "Give a path in an existing folder.",
+        ) from None
 
 
-def _judge(st: os.stat_result | None, path: Path, what: str, force: bool, marker: bytes | None, fix: str,
-           head) -> None:
+def _judge(
+    st: os.stat_result | None, path: Path, what: str, force: bool, marker: bytes | None, fix: str, head
+) -> None:
     if st is None:
         return
     if stat.S_ISLNK(st.st_mode):
-        raise UsageError(f"{what} {path}: is a symbolic link; the harness never writes through a link, so nothing "
-                         "was written and the file it points to is unchanged.",
-                         "Remove the link, or give the path of a new file.")
+        raise UsageError(
+            f"{what} {path}: is a symbolic link; the harness never writes through a link, so nothing "
+            "was written and the file it points to is unchanged.",
+            "Remove the link, or give the path of a new file.",
+        )
     if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{what} {path}: is {file_kind(st.st_mode)}, not a regular file; nothing was written.",
-                         "Give the path of a new file.")
+        raise UsageError(
+            f"{what} {path}: is {file_kind(st.st_mode)}, not a regular file; nothing was written.",
+            "Give the path of a new file.",
+        )
     if st.st_nlink > 1:
-        raise UsageError(f"{what} {path}: has {st.st_nlink} hard links (another name shares its content, which "
-                         "a write would change too); nothing was written.",
-                         "Remove the other names, or give the path of a new file.")
+        raise UsageError(
+            f"{what} {path}: has {st.st_nlink} hard links (another name shares its content, which "
+            "a write would change too); nothing was written.",
+            "Remove the other names, or give the path of a new file.",
+        )
     if force or os.path.abspath(path) in _permitted:
         return
     if marker is not None and marker in head():
         return
-    raise UsageError(f"{what} {path}: exists and was not written by the harness; it was left unchanged.",
-                     fix or "Give the path of a new file, or pass --force to replace it.")
+    raise UsageError(
+        f"{what} {path}: exists and was not written by the harness; it was left unchanged.",
+        fix or "Give the path of a new file, or pass --force to replace it.",
+    )
 
 
-def check_target(path: str | Path, *, what: str, force: bool = False, marker: bytes | None = None,
-                 fix: str = "") -> os.stat_result | None:
-    """Validate ``path`` as a target of :func:`write_file` without touching anything; its lstat (None: new)."""
+def check_target(
+    path: str | Path, *, what: str, force: bool = False, marker: bytes | None = None, fix: str = ""
+) -> os.stat_result | None:
+    """Validate ``path`` as a target of :func:`write_file` without touching anything; its lstat (None:
+    new)."""
     p = Path(path)
     st = _lstat(None, p.name, p)
     _judge(st, p, what, force, marker, fix, lambda: _head(None, p.name, p))
@@ -115,56 +131,76 @@ def _open_dir(d: Path, what: str, path: Path) -> int:
     try:
         return os.open(d, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
     except OSError as e:
-        raise UsageError(f"{what} {path}: its folder {d} cannot be opened ({e.strerror}); nothing was written.",
-                         "Give a path in a folder you can write.") from None
+        raise UsageError(
+            f"{what} {path}: its folder {d} cannot be opened ({e.strerror}); nothing was written.",
+            "Give a path in a folder you can write.",
+        ) from None
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path, *, what: str, force: bool = False, fix: str = "",
-                  marker: bytes | None = None, mode: int | None = None) -> Iterator[BinaryIO]:
+def atomic_output(
+    path: str | Path,
+    *,
+    what: str,
+    force: bool = False,
+    fix: str = "",
+    marker: bytes | None = None,
+    mode: int | None = None,
+) -> Iterator[BinaryIO]:
     """A binary file object whose content replaces ``path`` atomically when the block ends without an error
-    (see the module's doc for what is refused first).  ``mode``: the mode of the file written (a secret: 0o600),
+    (see the module's doc for what is refused first).  ``mode``: the mode of the file written (a secret:
+    0o600),
     else the replaced file's, else the umask's."""
     p = Path(path)
-    check_target(p, what=what, force=force, marker=marker, fix=fix)   # before the folder is even made
+    check_target(p, what=what, force=force, marker=marker, fix=fix)  # before the folder is even made
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"{what} {p}: cannot make its folder {p.parent} ({e.strerror}); nothing was written.",
-                         "Give a path in a folder you can write.") from None
+        raise UsageError(
+            f"{what} {p}: cannot make its folder {p.parent} ({e.strerror}); nothing was written.",
+            "Give a path in a folder you can write.",
+        ) from None
     dfd = _open_dir(p.parent, what, p)
     tmp = None
     try:
-        st = _lstat(dfd, p.name, p)    # again, relative to the folder now held open
+        st = _lstat(dfd, p.name, p)  # again, relative to the folder now held open
         _judge(st, p, what, force, marker, fix, lambda: _head(dfd, p.name, p))
         fd = -1
         for _ in range(8):
             tmp = f"{p.name}.{secrets.token_hex(6)}.tmp"
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC,
-                             0o666 if mode is None else mode, dir_fd=dfd)
+                fd = os.open(
+                    tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC,
+                    0o666 if mode is None else mode,
+                    dir_fd=dfd,
+                )
                 break
-            except FileExistsError:   # a name already there (a planted link too) is never opened
+            except FileExistsError:  # a name already there (a planted link too) is never opened
                 tmp = None
                 continue
             except OSError as e:
-                raise UsageError(f"{what} {p}: cannot create a file in {p.parent} ({e.strerror}); nothing was "
-                                 "written.", "Give a path in a folder you can write.") from None
+                raise UsageError(
+                    f"{what} {p}: cannot create a file in {p.parent} ({e.strerror}); nothing was written.",
+                    "Give a path in a folder you can write.",
+                ) from None
         if fd < 0:
-            raise UsageError(f"{what} {p}: every temporary name tried in {p.parent} already exists; nothing was "
-                             "written.", f"Remove the {p.name}.*.tmp files there.")
+            raise UsageError(
+                f"{what} {p}: every temporary name tried in {p.parent} already exists; nothing was written.",
+                f"Remove the {p.name}.*.tmp files there.",
+            )
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
             if mode is not None:
                 os.fchmod(fh.fileno(), mode)
-            elif st is not None:   # keep the mode (and, where allowed, the owner) of what it replaces
+            elif st is not None:  # keep the mode (and, where allowed, the owner) of what it replaces
                 os.fchmod(fh.fileno(), stat.S_IMODE(st.st_mode))
                 if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
                     with contextlib.suppress(OSError):
                         os.fchown(fh.fileno(), st.st_uid, st.st_gid)
             os.fsync(fh.fileno())
-        now = _lstat(dfd, p.name, p)   # the same file as judged (a link put there since is refused)
+        now = _lstat(dfd, p.name, p)  # the same file as judged (a link put there since is refused)
         if now is not None and (st is None or (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev)):
             _judge(now, p, what, force, marker, fix, lambda: _head(dfd, p.name, p))
         os.replace(tmp, p.name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -178,9 +214,18 @@ def atomic_output(path: str | Path, *, what: str, force: bool = False, fix: str 
         os.close(dfd)
 
 
-def write_file(path: str | Path, data: bytes | str, *, what: str, force: bool = False, fix: str = "",
-               marker: bytes | None = None, mode: int | None = None) -> Path:
-    """Replace (or create) ``path`` with ``data`` (str: UTF-8) atomically; refused cases: see the module's doc.
+def write_file(
+    path: str | Path,
+    data: bytes | str,
+    *,
+    what: str,
+    force: bool = False,
+    fix: str = "",
+    marker: bytes | None = None,
+    mode: int | None = None,
+) -> Path:
+    """Replace (or create) ``path`` with ``data`` (str: UTF-8) atomically; refused cases: see the module's
+    doc.
     ``marker``: the bytes a file the harness wrote holds in its first 4 KiB (None: any existing file needs
     ``force``).  Returns the path."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
@@ -191,28 +236,36 @@ def write_file(path: str | Path, data: bytes | str, *, what: str, force: bool = 
 
 # ------------------------------------------------------------------------------------------------- logs
 
+
 def _log_refusal(path: Path, why: str) -> UsageError:
-    return UsageError(f"Log file {path}: {why}; the harness never writes a log through a link, so nothing was "
-                      "written.", f"Remove {path} (or the link), then run again; `invoke clean` removes the logs.")
+    return UsageError(
+        f"Log file {path}: {why}; the harness never writes a log through a link, so nothing was written.",
+        f"Remove {path} (or the link), then run again; `invoke clean` removes the logs.",
+    )
 
 
 def _open_nofollow_dir(d: Path, parent_fd: int | None, path: Path) -> int:
     try:
-        return os.open(d.name if parent_fd is not None else d, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC,
-                       dir_fd=parent_fd)
+        return os.open(
+            d.name if parent_fd is not None else d,
+            os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC,
+            dir_fd=parent_fd,
+        )
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
             raise _log_refusal(path, f"its folder {d} is a symbolic link or not a folder") from None
-        raise UsageError(f"Log file {path}: its folder {d} cannot be opened ({e.strerror}).",
-                         "Check the state folder's permissions.") from None
+        raise UsageError(
+            f"Log file {path}: its folder {d} cannot be opened ({e.strerror}).",
+            "Check the state folder's permissions.",
+        ) from None
 
 
 def open_log(path: str | Path, *, append: bool = True, previous: str | Path | None = None) -> BinaryIO:
     """An unbuffered binary file to write the log ``path`` (created if missing).  ``append=False``: a new
     log; the old one, if any, is renamed to ``previous`` (or emptied when None)."""
     p = Path(path)
-    for d in ((p.parent.parent, p.parent) if p.parent.parent.name == "logs" else (p.parent,)):
-        if d.is_symlink():   # before a folder is made in it
+    for d in (p.parent.parent, p.parent) if p.parent.parent.name == "logs" else (p.parent,):
+        if d.is_symlink():  # before a folder is made in it
             raise _log_refusal(p, f"its folder {d} is a symbolic link")
     p.parent.mkdir(parents=True, exist_ok=True)
     gfd = _open_nofollow_dir(p.parent.parent, None, p) if p.parent.parent.name == "logs" else None
@@ -238,13 +291,18 @@ def open_log(path: str | Path, *, append: bool = True, previous: str | Path | No
             if not append and previous is not None:
                 os.replace(p.name, Path(previous).name, src_dir_fd=dfd, dst_dir_fd=dfd)
         try:
-            fd = os.open(p.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | os.O_NONBLOCK | _CLOEXEC,
-                         0o666, dir_fd=dfd)
+            fd = os.open(
+                p.name,
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | os.O_NONBLOCK | _CLOEXEC,
+                0o666,
+                dir_fd=dfd,
+            )
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise _log_refusal(p, "is a symbolic link") from None
-            raise UsageError(f"Log file {p}: cannot be opened ({e.strerror}).",
-                             "Check the state folder's permissions.") from None
+            raise UsageError(
+                f"Log file {p}: cannot be opened ({e.strerror}).", "Check the state folder's permissions."
+            ) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

@@ -139,23 +139,38 @@ def link_facts(torch, ngpu):
     topo_raw = parse_topo(_run(["nvidia-smi", "topo", "-m"]))
     topo = {(a, b): topo_raw.get((phys[a], phys[b])) for a in range(ngpu) for b in range(ngpu) if a != b}
     rates = parse_nvlink_rates(_run(["nvidia-smi", "nvlink", "-s"]))
-    facts = {"topology": {f"{a}-{b}": v for (a, b), v in topo.items() if v}, "source": None, "peak_gbps": None}
+    facts = {"topology": {f"{a}-{b}": v for (a, b), v in topo.items() if v}, "source": None,
+             "peak_gbps": None}
     nv = [rates.get(p) for p in phys]
     if ngpu and all(nv):
         per_gpu = [sum(r) for r in nv]
-        facts.update(kind="nvlink", links=[len(r) for r in nv], gbps_per_link=nv[0][0], peak_gbps=min(per_gpu),
-                     source="nvidia-smi nvlink -s (per link and direction, summed per GPU)")
+        facts.update(
+            kind="nvlink",
+            links=[len(r) for r in nv],
+            gbps_per_link=nv[0][0],
+            peak_gbps=min(per_gpu),
+            source="nvidia-smi nvlink -s (per link and direction, summed per GPU)",
+        )
         return facts, topo
     if ngpu and any(v and v.startswith("NV") for v in topo.values()):
         links = min(int(v[2:]) for v in topo.values() if v and v.startswith("NV") and v[2:].isdigit())
         major = torch.cuda.get_device_capability(0)[0]
         per = NVLINK_GBPS_PER_LINK.get(major)
-        facts.update(kind="nvlink", links=[links] * ngpu, gbps_per_link=per,
-                     peak_gbps=links * per if per else None,
-                     source=f"nvidia-smi topo -m (NV{links}) x {per} GB/s per link for sm {major}x")
+        facts.update(
+            kind="nvlink",
+            links=[links] * ngpu,
+            gbps_per_link=per,
+            peak_gbps=links * per if per else None,
+            source=f"nvidia-smi topo -m (NV{links}) x {per} GB/s per link for sm {major}x",
+        )
         return facts, topo
-    q = _run(["nvidia-smi", "--query-gpu=index,pcie.link.gen.max,pcie.link.width.max",
-              "--format=csv,noheader,nounits"])
+    q = _run(
+        [
+            "nvidia-smi",
+            "--query-gpu=index,pcie.link.gen.max,pcie.link.width.max",
+            "--format=csv,noheader,nounits",
+        ]
+    )
     gens = {}
     for ln in (q or "").splitlines():
         f = [x.strip() for x in ln.split(",")]
@@ -164,8 +179,12 @@ def link_facts(torch, ngpu):
     pc = [gens.get(p) for p in phys]
     if ngpu and all(pc):
         peak = min(PCIE_GBPS_PER_LANE.get(g, 0) * w for g, w in pc)
-        facts.update(kind="pcie", pcie=[f"gen{g} x{w}" for g, w in pc], peak_gbps=round(peak, 1) or None,
-                     source="nvidia-smi pcie.link.gen.max / width.max")
+        facts.update(
+            kind="pcie",
+            pcie=[f"gen{g} x{w}" for g, w in pc],
+            peak_gbps=round(peak, 1) or None,
+            source="nvidia-smi pcie.link.gen.max / width.max",
+        )
     else:
         facts.update(kind="unknown", source="nvidia-smi gave no NVLink or PCIe facts")
     return facts, topo
@@ -184,7 +203,10 @@ def p2p_check(torch, ngpu, topo, nbytes=256 * MIB, iters=10):
         for j in range(ngpu):
             if i == j:
                 continue
-            entry = {"access": bool(torch.cuda.can_device_access_peer(i, j)), "link": topo.get((i, j)) or "unknown"}
+            entry = {
+                "access": bool(torch.cuda.can_device_access_peer(i, j)),
+                "link": topo.get((i, j)) or "unknown",
+            }
             try:
                 src = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{i}")
                 dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{j}")
@@ -198,7 +220,7 @@ def p2p_check(torch, ngpu, topo, nbytes=256 * MIB, iters=10):
                 torch.cuda.synchronize(j)
                 entry["gbps"] = round(nbytes / ((time.perf_counter() - t0) / iters) / 1e9, 1)
                 del src, dst
-            except Exception as e:  # noqa: BLE001 - reported in the pair's entry
+            except Exception as e:  # reported in the pair's entry
                 entry["error"] = f"{type(e).__name__}: {e}"[:200]
             pairs[f"{i}->{j}"] = entry
     torch.cuda.empty_cache()
@@ -212,27 +234,47 @@ def judge_p2p(pairs, nbytes=0):
     for name, p in pairs.items():
         if not p["access"]:
             kind = _link_kind(None if p["link"] == "unknown" else p["link"])
-            (bad if kind == "nvlink" else pcie_no_p2p if kind == "pcie" else unknown).append(f"{name} ({p['link']})")
+            (bad if kind == "nvlink" else pcie_no_p2p if kind == "pcie" else unknown).append(
+                f"{name} ({p['link']})"
+            )
     metrics = {"pairs": pairs, "bytes": nbytes}
     if bad:
-        return {"name": "p2p", "status": "fail", "metrics": metrics, "id": "p2p-unavailable",
-                "reason": f"no peer access where the topology shows NVLink: {', '.join(bad)} (driver, IOMMU/ACS "
-                          "or VM settings block P2P; vLLM's custom all-reduce and NCCL's P2P path are off)"}
+        return {
+            "name": "p2p",
+            "status": "fail",
+            "metrics": metrics,
+            "id": "p2p-unavailable",
+            "reason": f"no peer access where the topology shows NVLink: {', '.join(bad)} (driver, IOMMU/ACS "
+            "or VM settings block P2P; vLLM's custom all-reduce and NCCL's P2P path are off)",
+        }
     if unknown:
-        return {"name": "p2p", "status": "skip", "metrics": metrics,
-                "reason": f"no peer access for {', '.join(unknown)} and no topology to judge it (nvidia-smi "
-                          "topo -m gave nothing)"}
+        return {
+            "name": "p2p",
+            "status": "skip",
+            "metrics": metrics,
+            "reason": f"no peer access for {', '.join(unknown)} and no topology to judge it (nvidia-smi "
+            "topo -m gave nothing)",
+        }
     bw = [p["gbps"] for p in pairs.values() if p.get("gbps")]
     summary = f"min {min(bw):.0f} GB/s per direction" if bw else "bandwidth not measured"
     if pcie_no_p2p:
-        return {"name": "p2p", "status": "pass", "metrics": metrics,
-                "reason": f"PCIe without P2P for {', '.join(pcie_no_p2p)}: copies go through the host "
-                          f"({summary}); vLLM leaves its custom all-reduce off and uses NCCL"}
-    return {"name": "p2p", "status": "pass", "metrics": metrics,
-            "reason": f"peer access on all {len(pairs)} directions; copy {summary}"}
+        return {
+            "name": "p2p",
+            "status": "pass",
+            "metrics": metrics,
+            "reason": f"PCIe without P2P for {', '.join(pcie_no_p2p)}: copies go through the host "
+            f"({summary}); vLLM leaves its custom all-reduce off and uses NCCL",
+        }
+    return {
+        "name": "p2p",
+        "status": "pass",
+        "metrics": metrics,
+        "reason": f"peer access on all {len(pairs)} directions; copy {summary}",
+    }
 
 
 # ------------------------------------------------------------------------------------------ op discovery
+
 
 def load_table(text=None):
     """The generations table: a JSON string from the host, else data/custom_ar_ops.toml read here."""
@@ -262,7 +304,7 @@ def registered_schemas(torch, namespace):
         name = name.split(".")[0]
         try:
             schema = str(getattr(getattr(torch.ops, namespace), name).default._schema)
-        except Exception:  # noqa: BLE001 - an op without an overload still counts as present
+        except Exception:  # an op without an overload still counts as present
             schema = name
         out[name] = schema.split("::", 1)[-1]
     return out
@@ -278,8 +320,10 @@ def first_arg_type(schema):
 def discover(schemas, table):
     """The generation whose ops and init_custom_ar signature the registered ``schemas`` match, else None."""
     for gen in table.get("generation", []):
-        if all(op in schemas for op in gen["needs"]) and \
-                first_arg_type(schemas.get("init_custom_ar")) == gen["init_first_arg"]:
+        if (
+            all(op in schemas for op in gen["needs"])
+            and first_arg_type(schemas.get("init_custom_ar")) == gen["init_first_arg"]
+        ):
             return gen
     return None
 
@@ -294,7 +338,9 @@ def installed_vllm_libs():
         return []
     out = []
     for d in spec.submodule_search_locations:
-        out += sorted(glob.glob(os.path.join(d, "_C.*so")) + glob.glob(os.path.join(d, "_C_stable_libtorch*.so")))
+        out += sorted(
+            glob.glob(os.path.join(d, "_C.*so")) + glob.glob(os.path.join(d, "_C_stable_libtorch*.so"))
+        )
     return out
 
 
@@ -309,19 +355,23 @@ def load_libs(torch, libs):
         try:
             if p.endswith(".py"):
                 import runpy
+
                 _PY_OP_LIBS.append(runpy.run_path(p, run_name="verify_dist_op_library"))
             else:
                 torch.ops.load_library(p)
             out[p] = None
-        except Exception as e:  # noqa: BLE001 - reported by the caller
+        except Exception as e:  # reported by the caller
             out[p] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
     return out
 
 
 # ------------------------------------------------------------------------------------------ vLLM's custom AR
 
+
 class IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_ubyte * 64)]  # cudaIpcMemHandle_t (CUDA_IPC_HANDLE_SIZE), passed by value
+    _fields_ = [
+        ("reserved", ctypes.c_ubyte * 64)
+    ]  # cudaIpcMemHandle_t (CUDA_IPC_HANDLE_SIZE), passed by value
 
 
 class CudaRT:
@@ -336,16 +386,21 @@ class CudaRT:
                     path = ln.split()[-1]
                     break
         self.lib = ctypes.CDLL(path or "libcudart.so")
-        for name, args in (("cudaMalloc", [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]),
-                           ("cudaFree", [ctypes.c_void_p]),
-                           ("cudaMemset", [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]),
-                           ("cudaIpcGetMemHandle", [ctypes.POINTER(IpcHandle), ctypes.c_void_p]),
-                           ("cudaIpcOpenMemHandle", [ctypes.POINTER(ctypes.c_void_p), IpcHandle, ctypes.c_uint]),
-                           ("cudaIpcCloseMemHandle", [ctypes.c_void_p]),
-                           ("cudaDeviceSynchronize", [])):
+        for name, args in (
+            ("cudaMalloc", [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]),
+            ("cudaFree", [ctypes.c_void_p]),
+            ("cudaMemset", [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]),
+            ("cudaIpcGetMemHandle", [ctypes.POINTER(IpcHandle), ctypes.c_void_p]),
+            ("cudaIpcOpenMemHandle", [ctypes.POINTER(ctypes.c_void_p), IpcHandle, ctypes.c_uint]),
+            ("cudaIpcCloseMemHandle", [ctypes.c_void_p]),
+            ("cudaDeviceSynchronize", []),
+        ):
             fn = getattr(self.lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_int
-        self.lib.cudaGetErrorString.argtypes, self.lib.cudaGetErrorString.restype = [ctypes.c_int], ctypes.c_char_p
+        self.lib.cudaGetErrorString.argtypes, self.lib.cudaGetErrorString.restype = (
+            [ctypes.c_int],
+            ctypes.c_char_p,
+        )
 
     def _ok(self, rc, what):
         if rc != 0:
@@ -366,7 +421,9 @@ class CudaRT:
     def ipc_open(self, handle):
         p = ctypes.c_void_p()
         h = IpcHandle.from_buffer_copy(handle)
-        self._ok(self.lib.cudaIpcOpenMemHandle(ctypes.byref(p), h, 1), "cudaIpcOpenMemHandle")  # LazyEnablePeer
+        self._ok(
+            self.lib.cudaIpcOpenMemHandle(ctypes.byref(p), h, 1), "cudaIpcOpenMemHandle"
+        )  # LazyEnablePeer
         return p.value
 
     def ipc_close(self, ptr):
@@ -379,8 +436,19 @@ class CudaRT:
 class CustomAR:
     """vLLM's CustomAllreduce set-up and teardown for one generation of its ops, on one rank."""
 
-    def __init__(self, torch, dist, gen, group, rank, world, device, max_size, fully_connected,
-                 namespace="_C_custom_ar"):
+    def __init__(
+        self,
+        torch,
+        dist,
+        gen,
+        group,
+        rank,
+        world,
+        device,
+        max_size,
+        fully_connected,
+        namespace="_C_custom_ar",
+    ):
         self.torch, self.dist, self.gen, self.group = torch, dist, gen["name"], group
         self.ops = getattr(torch.ops, namespace)
         self.rank, self.world, self.device, self.max_size = rank, world, device, max_size
@@ -433,8 +501,9 @@ class CustomAR:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             handles, offsets = self._tensor_ipc(self.meta)
-            self.fa = ops.init_custom_ar(self.meta, self.rank_data, handles, offsets, self.rank,
-                                         self.fully_connected)
+            self.fa = ops.init_custom_ar(
+                self.meta, self.rank_data, handles, offsets, self.rank, self.fully_connected
+            )
             handles, offsets = self._tensor_ipc(self.buffer)
             ops.register_buffer(self.fa, self.buffer, handles, offsets)
             return
@@ -460,7 +529,8 @@ class CustomAR:
             self.ops.all_reduce(self.fa, inp, out, 0, 0)
 
     def register_graph_buffers(self):
-        """CustomAllreduce.register_graph_buffers: every rank's captured input addresses, exchanged on the gloo
+        """CustomAllreduce.register_graph_buffers: every rank's captured input addresses, exchanged on the
+        gloo
         group, opened by the extension."""
         handle, offsets = self.ops.get_graph_buffer_ipc_meta(self.fa)
         if self.gen == "tensor-ipc":
@@ -469,19 +539,20 @@ class CustomAR:
         self.ops.register_graph_buffers(self.fa, [h for h, _ in got], [o for _, o in got])
 
     def close(self):
-        """dispose, close the peers' mappings, free this rank's buffers: (what was done, errors); never raises."""
+        """dispose, close the peers' mappings, free this rank's buffers: (what was done, errors); never
+        raises."""
         errors, done = [], []
         cuda = self.device.type == "cuda"
         try:
             if cuda:
                 self.torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             errors.append(f"synchronize: {e}")
         if self.fa:
             try:
                 self.ops.dispose(self.fa)
                 done.append("dispose")
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 errors.append(f"dispose: {e}")
             self.fa = 0
         if self.peers and cuda:
@@ -490,13 +561,13 @@ class CustomAR:
                 try:
                     self.rt.ipc_close(p)
                     closed += 1
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     errors.append(str(e))
             done.append(f"{closed} peer mappings closed")
         self.peers = []
         try:  # every rank has closed its mappings of this rank's buffers before they are freed
             self.dist.barrier(group=self.group)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             errors.append(f"barrier: {e}")
         freed = 0
         for p in self.own:
@@ -506,7 +577,7 @@ class CustomAR:
                 else:
                     self.rt.free(p)
                 freed += 1
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 errors.append(f"free: {e}")
         if self.own:
             done.append(f"{freed} buffers freed")
@@ -520,6 +591,7 @@ class CustomAR:
 
 
 # ------------------------------------------------------------------------------------------ workers
+
 
 def _tolerance(torch, dtype, world, scale):
     return float(torch.finfo(dtype).eps) * max(scale, 1.0) * max(world - 1, 1)
@@ -580,20 +652,30 @@ def sweep(torch, dist, rank, world, device, cuda, sizes, gloo):
         us = _timed(torch, dist, gloo, cuda, lambda s=scratch: dist.all_reduce(s), _iters_for(n * 4))
         del scratch
         algbw = n * 4 / (us * 1e-6) / 1e9
-        out.append({"bytes": n * 4, "elements": n, "ok": ok, "us": round(us, 2), "algbw_gbps": _sig(algbw),
-                    "bus_gbps": _sig(algbw * 2 * (world - 1) / world)})
+        out.append(
+            {
+                "bytes": n * 4,
+                "elements": n,
+                "ok": ok,
+                "us": round(us, 2),
+                "algbw_gbps": _sig(algbw),
+                "bus_gbps": _sig(algbw * 2 * (world - 1) / world),
+            }
+        )
     if cuda:
         torch.cuda.empty_cache()
     return out
 
 
-GRAPH_CALLS = 20      # all-reduces captured in one CUDA graph
+GRAPH_CALLS = 20  # all-reduces captured in one CUDA graph
 GRAPH_REPLAYS = 20
 
 
 def _graph_pair(torch, dist, gloo, ar, inp, out, scratch):
-    """CUDA graphs of GRAPH_CALLS custom all-reduces (registered input, as vLLM's decode graphs run them) and of
-    as many NCCL all-reduces; (custom graph, NCCL graph) or the reason they could not be captured on a rank."""
+    """CUDA graphs of GRAPH_CALLS custom all-reduces (registered input, as vLLM's decode graphs run them) and
+    of
+    as many NCCL all-reduces; (custom graph, NCCL graph) or the reason they could not be captured on a
+    rank."""
     graphs, err = None, None
     try:
         side = torch.cuda.Stream()
@@ -611,7 +693,7 @@ def _graph_pair(torch, dist, gloo, ar, inp, out, scratch):
             for _ in range(GRAPH_CALLS):
                 dist.all_reduce(scratch)
         graphs = (gc, gn)
-    except Exception as e:  # noqa: BLE001 - reported in the row; no graph is replayed unless every rank has them
+    except Exception as e:  # reported in the row; no graph is replayed unless every rank has them
         err = f"{type(e).__name__}: {e}".splitlines()[0][:300]
     if not _all_ok(torch, dist, gloo, graphs is not None):
         return None, err or "capture failed on another rank"
@@ -619,7 +701,7 @@ def _graph_pair(torch, dist, gloo, ar, inp, out, scratch):
     return graphs, None
 
 
-def custom_run(torch, dist, rank, world, device, gloo, cfg):  # noqa: C901 - one sequence, as vLLM runs it
+def custom_run(torch, dist, rank, world, device, gloo, cfg):  # one sequence, as vLLM runs it
     """vLLM's custom all-reduce against NCCL on the same fp16/bf16 inputs, size by size: eager (the input
     copied into the registered buffer, one Python call each) and in CUDA graphs (registered inputs, launch
     cost out of the figure)."""
@@ -631,15 +713,25 @@ def custom_run(torch, dist, rank, world, device, gloo, cfg):  # noqa: C901 - one
     if not found:
         res["skip"] = "the custom all-reduce ops are not registered in every rank"
         return res
-    ar = CustomAR(torch, dist, gen, gloo, rank, world, device, table["max_size"], cfg["fully_connected"],
-                  table["namespace"])
+    ar = CustomAR(
+        torch,
+        dist,
+        gen,
+        gloo,
+        rank,
+        world,
+        device,
+        table["max_size"],
+        cfg["fully_connected"],
+        table["namespace"],
+    )
     rows, errors = [], []
     graph_error = None
     try:
         try:
             ar.setup()
             ok = True
-        except Exception as e:  # noqa: BLE001 - every rank learns of it before any kernel
+        except Exception as e:  # every rank learns of it before any kernel
             errors.append(f"set-up on rank {rank}: {type(e).__name__}: {e}"[:400])
             ok = False
         if not _all_ok(torch, dist, gloo, ok):
@@ -650,6 +742,7 @@ def custom_run(torch, dist, rank, world, device, gloo, cfg):  # noqa: C901 - one
         def sync():
             if cuda:
                 torch.cuda.synchronize()
+
         gen_ = torch.Generator(device=device)
         for dtype in (torch.float16, torch.bfloat16):
             for nbytes in cfg["sizes"]:
@@ -663,31 +756,51 @@ def custom_run(torch, dist, rank, world, device, gloo, cfg):  # noqa: C901 - one
                 sync()
                 err = float((out.float() - ref.float()).abs().max().item())
                 tol = _tolerance(torch, dtype, world, float(ref.float().abs().max().item()))
-                row = {"dtype": str(dtype).replace("torch.", ""), "bytes": nbytes, "max_abs_err": err,
-                       "exact": bool(torch.equal(out, ref)), "ok": err <= tol, "tolerance": tol}
+                row = {
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "bytes": nbytes,
+                    "max_abs_err": err,
+                    "exact": bool(torch.equal(out, ref)),
+                    "ok": err <= tol,
+                    "tolerance": tol,
+                }
                 # every rank's verdict: a wrong result on any rank fails the row
                 row["ok"] = _all_ok(torch, dist, gloo, row["ok"])
                 iters = _iters_for(nbytes, cap=500)
-                row["custom_us"] = round(_timed(torch, dist, gloo, cuda, lambda i=inp, o=out: ar.all_reduce(i, o),
-                                                iters), 2)
+                row["custom_us"] = round(
+                    _timed(torch, dist, gloo, cuda, lambda i=inp, o=out: ar.all_reduce(i, o), iters), 2
+                )
                 scratch = torch.zeros_like(inp)
-                row["nccl_us"] = round(_timed(torch, dist, gloo, cuda, lambda s=scratch: dist.all_reduce(s),
-                                              iters), 2)
+                row["nccl_us"] = round(
+                    _timed(torch, dist, gloo, cuda, lambda s=scratch: dist.all_reduce(s), iters), 2
+                )
                 row["speedup"] = round(row["nccl_us"] / row["custom_us"], 3) if row["custom_us"] else None
                 if cuda and cfg.get("graphs", True) and graph_error is None:
                     graphs, graph_error = _graph_pair(torch, dist, gloo, ar, inp, out, scratch)
                     if graphs:
                         gc, gn = graphs
                         calls = GRAPH_CALLS * GRAPH_REPLAYS
-                        row["graph_custom_us"] = round(_timed(torch, dist, gloo, True, gc.replay, GRAPH_REPLAYS,
-                                                              warmup=2) / GRAPH_CALLS, 2)
+                        row["graph_custom_us"] = round(
+                            _timed(torch, dist, gloo, True, gc.replay, GRAPH_REPLAYS, warmup=2) / GRAPH_CALLS,
+                            2,
+                        )
                         # the graph's output, replayed: still NCCL's sum of the same input
-                        row["graph_ok"] = _all_ok(torch, dist, gloo, bool(torch.equal(out, ref)) or
-                                                  float((out.float() - ref.float()).abs().max().item()) <= tol)
-                        row["graph_nccl_us"] = round(_timed(torch, dist, gloo, True, gn.replay, GRAPH_REPLAYS,
-                                                            warmup=2) / GRAPH_CALLS, 2)
-                        row["graph_speedup"] = round(row["graph_nccl_us"] / row["graph_custom_us"], 3) \
-                            if row["graph_custom_us"] else None
+                        row["graph_ok"] = _all_ok(
+                            torch,
+                            dist,
+                            gloo,
+                            bool(torch.equal(out, ref))
+                            or float((out.float() - ref.float()).abs().max().item()) <= tol,
+                        )
+                        row["graph_nccl_us"] = round(
+                            _timed(torch, dist, gloo, True, gn.replay, GRAPH_REPLAYS, warmup=2) / GRAPH_CALLS,
+                            2,
+                        )
+                        row["graph_speedup"] = (
+                            round(row["graph_nccl_us"] / row["graph_custom_us"], 3)
+                            if row["graph_custom_us"]
+                            else None
+                        )
                         row["graph_calls"] = calls
                         del gc, gn, graphs
                         sync()
@@ -707,6 +820,7 @@ def _worker(rank, world, cfg, queue):
     try:
         import torch
         import torch.distributed as dist
+
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(cfg["port"]))
         cuda = cfg["backend"] == "nccl"
         if cuda:
@@ -729,7 +843,7 @@ def _worker(rank, world, cfg, queue):
                 out["custom_seconds"] = round(time.perf_counter() - t0, 3)
         finally:
             dist.destroy_process_group()
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
+    except BaseException as e:  # reported to the parent
         out["error"] = f"{type(e).__name__}: {e}"[:600]
         out["traceback"] = traceback.format_exc()[-2000:]
     queue.put(out)
@@ -738,6 +852,7 @@ def _worker(rank, world, cfg, queue):
 def run_workers(world, cfg, timeout=540):
     """One process per rank (spawned); every rank's result, or an error naming the ranks that did not end."""
     import torch.multiprocessing as mp
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     cfg = dict(cfg, port=_free_port())
@@ -750,7 +865,7 @@ def run_workers(world, cfg, timeout=540):
             try:
                 r = queue.get(timeout=1)
                 results[r["rank"]] = r
-            except Exception:  # noqa: BLE001 - queue.Empty: poll the processes
+            except Exception:  # queue.Empty: poll the processes
                 if all(not p.is_alive() for p in procs) and queue.empty():
                     break
     finally:
@@ -770,27 +885,53 @@ def run_workers(world, cfg, timeout=540):
 
 # ------------------------------------------------------------------------------------------ checks
 
+
 def sweep_check(backend, world, results, link):
     name = f"all-reduce ({backend}, {world} ranks)"
     errs = [r for r in results if r.get("error")]
     if errs:
-        return {"name": name, "status": "fail", "reason": f"rank {errs[0]['rank']}: {errs[0]['error']}",
-                "metrics": {"traceback": errs[0].get("traceback", "")}}
+        return {
+            "name": name,
+            "status": "fail",
+            "reason": f"rank {errs[0]['rank']}: {errs[0]['error']}",
+            "metrics": {"traceback": errs[0].get("traceback", "")},
+        }
     rows = results[0].get("sweep") or []
     wrong = [r for res in results for r in res.get("sweep", []) if not r["ok"]]
     best = max(rows, key=lambda r: r["bus_gbps"])
-    m = {"sizes": rows, "best_bus_gbps": best["bus_gbps"], "best_at_bytes": best["bytes"],
-         "seconds": results[0].get("sweep_seconds")}
+    m = {
+        "sizes": rows,
+        "best_bus_gbps": best["bus_gbps"],
+        "best_at_bytes": best["bytes"],
+        "seconds": results[0].get("sweep_seconds"),
+    }
     if link and link.get("peak_gbps"):
-        m.update(peak_gbps=link["peak_gbps"], peak_source=link["source"],
-                 fraction_of_peak=round(best["bus_gbps"] / link["peak_gbps"], 3))
+        m.update(
+            peak_gbps=link["peak_gbps"],
+            peak_source=link["source"],
+            fraction_of_peak=round(best["bus_gbps"] / link["peak_gbps"], 3),
+        )
     if wrong:
-        return {"name": name, "status": "fail", "metrics": m, "id": "all-reduce-wrong",
-                "reason": f"wrong sum at {fmt_bytes(wrong[0]['bytes'])}"}
-    peak = f" = {m['fraction_of_peak']:.0%} of the link's {link['peak_gbps']:.0f} GB/s" if "fraction_of_peak" in m else ""
-    return {"name": name, "status": "pass", "metrics": m,
-            "reason": f"sums right at {len(rows)} sizes ({fmt_bytes(rows[0]['bytes'])} - {fmt_bytes(rows[-1]['bytes'])}); "
-                      f"bus bandwidth {best['bus_gbps']:.3g} GB/s at {fmt_bytes(best['bytes'])}{peak}"}
+        return {
+            "name": name,
+            "status": "fail",
+            "metrics": m,
+            "id": "all-reduce-wrong",
+            "reason": f"wrong sum at {fmt_bytes(wrong[0]['bytes'])}",
+        }
+    peak = (
+        f" = {m['fraction_of_peak']:.0%} of the link's {link['peak_gbps']:.0f} GB/s"
+        if "fraction_of_peak" in m
+        else ""
+    )
+    return {
+        "name": name,
+        "status": "pass",
+        "metrics": m,
+        "reason": f"sums right at {len(rows)} sizes ({fmt_bytes(rows[0]['bytes'])} - "
+                  f"{fmt_bytes(rows[-1]['bytes'])}); "
+        f"bus bandwidth {best['bus_gbps']:.3g} GB/s at {fmt_bytes(best['bytes'])}{peak}",
+    }
 
 
 def _median(xs):
@@ -800,31 +941,53 @@ def _median(xs):
 
 def custom_check(results, gen, lib_status, table, backend="nccl"):
     name = "vllm custom all-reduce"
-    base = {"generation": gen["name"], "releases": gen["releases"], "namespace": table["namespace"],
-            "libraries": lib_status}
+    base = {
+        "generation": gen["name"],
+        "releases": gen["releases"],
+        "namespace": table["namespace"],
+        "libraries": lib_status,
+    }
     errs = [r for r in results if r.get("error")]
     if errs:
-        return {"name": name, "status": "fail", "reason": f"rank {errs[0]['rank']}: {errs[0]['error']}",
-                "metrics": {**base, "traceback": errs[0].get("traceback", "")}}
+        return {
+            "name": name,
+            "status": "fail",
+            "reason": f"rank {errs[0]['rank']}: {errs[0]['error']}",
+            "metrics": {**base, "traceback": errs[0].get("traceback", "")},
+        }
     cs = [r.get("custom") or {} for r in results]
     c0 = cs[0]
     if c0.get("skip"):
         return {"name": name, "status": "skip", "reason": c0["skip"], "metrics": base}
     teardown = [f"rank {r}: {e}" for r, c in enumerate(cs) for e in c.get("teardown_errors", [])]
     rows = c0.get("rows", [])
-    m = {**base, "sizes": rows, "teardown": {f"rank {r}": ", ".join(c.get("teardown", [])) for r, c in enumerate(cs)},
-         "teardown_errors": teardown,
-         "max_size": table["max_size"], "seconds": results[0].get("custom_seconds"),
-         "graph_error": c0.get("graph_error")}
+    m = {
+        **base,
+        "sizes": rows,
+        "teardown": {f"rank {r}": ", ".join(c.get("teardown", [])) for r, c in enumerate(cs)},
+        "teardown_errors": teardown,
+        "max_size": table["max_size"],
+        "seconds": results[0].get("custom_seconds"),
+        "graph_error": c0.get("graph_error"),
+    }
     setup_err = next((c["error"] for c in cs if c.get("error")), None)
     if setup_err:
         return {"name": name, "status": "fail", "reason": setup_err, "metrics": m}
     wrong = [r for r in rows if not r["ok"] or r.get("graph_ok") is False]
     if wrong:
         w = wrong[0]
-        where = "in a CUDA graph (registered input)" if w["ok"] else f"max abs err {w['max_abs_err']:.3g} > {w['tolerance']:.3g}"
-        return {"name": name, "status": "fail", "id": "custom-all-reduce-wrong", "metrics": m,
-                "reason": f"differs from {backend}'s sum: {w['dtype']} {fmt_bytes(w['bytes'])}: {where}"}
+        where = (
+            "in a CUDA graph (registered input)"
+            if w["ok"]
+            else f"max abs err {w['max_abs_err']:.3g} > {w['tolerance']:.3g}"
+        )
+        return {
+            "name": name,
+            "status": "fail",
+            "id": "custom-all-reduce-wrong",
+            "metrics": m,
+            "reason": f"differs from {backend}'s sum: {w['dtype']} {fmt_bytes(w['bytes'])}: {where}",
+        }
     if teardown:
         return {"name": name, "status": "fail", "metrics": m, "reason": f"teardown: {teardown[0]}"}
     if not rows:
@@ -835,33 +998,55 @@ def custom_check(results, gen, lib_status, table, backend="nccl"):
         if not sp:
             return None
         wins = sum(x > 1 for x in sp)
-        return (f"{label}: faster than {backend} at {wins} of {len(sp)} points (median {_median(sp):.2f}x, "
-                f"{min(sp):.2f}x-{max(sp):.2f}x)")
+        return (
+            f"{label}: faster than {backend} at {wins} of {len(sp)} points (median {_median(sp):.2f}x, "
+            f"{min(sp):.2f}x-{max(sp):.2f}x)"
+        )
+
     parts = [p for p in (summary("graph_speedup", "in CUDA graphs"), summary("speedup", "eager")) if p]
     if m["graph_error"]:
         parts.append(f"CUDA graphs not timed: {m['graph_error']}")
-    m["faster_than_nccl_at"] = [[r["dtype"], r["bytes"]] for r in rows
-                                if (r.get("graph_speedup") or r.get("speedup") or 0) > 1]
-    return {"name": name, "status": "pass", "metrics": m,
-            "reason": f"{gen['name']} ops ({gen['releases']}); same sum as {backend} in fp16/bf16 at "
-                      f"{len({r['bytes'] for r in rows})} sizes ({fmt_bytes(rows[0]['bytes'])} - "
-                      f"{fmt_bytes(rows[-1]['bytes'])}); " + "; ".join(parts)}
+    m["faster_than_nccl_at"] = [
+        [r["dtype"], r["bytes"]] for r in rows if (r.get("graph_speedup") or r.get("speedup") or 0) > 1
+    ]
+    return {
+        "name": name,
+        "status": "pass",
+        "metrics": m,
+        "reason": f"{gen['name']} ops ({gen['releases']}); same sum as {backend} in fp16/bf16 at "
+        f"{len({r['bytes'] for r in rows})} sizes ({fmt_bytes(rows[0]['bytes'])} - "
+        f"{fmt_bytes(rows[-1]['bytes'])}); " + "; ".join(parts),
+    }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", choices=["nccl", "gloo"], default="nccl")
     ap.add_argument("--world", type=int, default=0, help="processes (default: the GPUs visible; gloo: 2)")
-    ap.add_argument("--sizes", default="", help="all-reduce sizes in bytes (8K, 1M, 1G; default 8 KB - 1 GB "
-                                                "on GPUs, 8 KB - 4 MB on gloo)")
-    ap.add_argument("--custom-sizes", dest="custom_sizes", default="", help="custom all-reduce sizes in bytes")
-    ap.add_argument("--libs", default="", help="vLLM extension libraries to load (comma-separated); default: "
-                                               "the installed vllm package's _C libraries")
-    ap.add_argument("--custom-ar-table", dest="table", default="",
-                    help="data/custom_ar_ops.toml as JSON (the host passes it; else read here with tomllib)")
+    ap.add_argument(
+        "--sizes",
+        default="",
+        help="all-reduce sizes in bytes (8K, 1M, 1G; default 8 KB - 1 GB on GPUs, 8 KB - 4 MB on gloo)",
+    )
+    ap.add_argument(
+        "--custom-sizes", dest="custom_sizes", default="", help="custom all-reduce sizes in bytes"
+    )
+    ap.add_argument(
+        "--libs",
+        default="",
+        help="vLLM extension libraries to load (comma-separated); default: "
+        "the installed vllm package's _C libraries",
+    )
+    ap.add_argument(
+        "--custom-ar-table",
+        dest="table",
+        default="",
+        help="data/custom_ar_ops.toml as JSON (the host passes it; else read here with tomllib)",
+    )
     ap.add_argument("--p2p-bytes", dest="p2p_bytes", default="256M", help="bytes per P2P copy (bandwidth)")
     a = ap.parse_args()
     import torch
+
     t_start = time.perf_counter()
     checks = []
     ngpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -879,11 +1064,19 @@ def main():
         link, topo = link_facts(torch, ngpu)
         out["link"] = link
         if ngpu < 2:
-            checks.append({"name": "p2p", "status": "skip", "reason": f"{ngpu} GPU(s) visible: needs 2 or more",
-                           "metrics": {}})
+            checks.append(
+                {
+                    "name": "p2p",
+                    "status": "skip",
+                    "reason": f"{ngpu} GPU(s) visible: needs 2 or more",
+                    "metrics": {},
+                }
+            )
         else:
             checks.append(p2p_check(torch, ngpu, topo, nbytes=parse_size(a.p2p_bytes)))
-    sizes = [parse_size(s) for s in a.sizes.split(",") if s] or (NCCL_SIZES if a.backend == "nccl" else GLOO_SIZES)
+    sizes = [parse_size(s) for s in a.sizes.split(",") if s] or (
+        NCCL_SIZES if a.backend == "nccl" else GLOO_SIZES
+    )
     custom_sizes = [parse_size(s) for s in a.custom_sizes.split(",") if s] or CUSTOM_SIZES
     custom_reason = None
     if not table:
@@ -891,16 +1084,22 @@ def main():
     elif gen is None:
         loaded = [p for p, e in lib_status.items() if e is None]
         failed = [f"{os.path.basename(p)}: {e}" for p, e in lib_status.items() if e]
-        custom_reason = (f"op not registered: none of the {len(loaded)} loaded libraries registers "
-                         f"{table['namespace']}::init_custom_ar in a known generation" if loaded else
-                         f"vLLM's library did not load ({'; '.join(failed)[:300]})" if failed else
-                         "no vLLM extension loaded: pass --libs (vllm/_C.abi3.so) or install vllm")
+        custom_reason = (
+            f"op not registered: none of the {len(loaded)} loaded libraries registers "
+            f"{table['namespace']}::init_custom_ar in a known generation"
+            if loaded
+            else f"vLLM's library did not load ({'; '.join(failed)[:300]})"
+            if failed
+            else "no vLLM extension loaded: pass --libs (vllm/_C.abi3.so) or install vllm"
+        )
         if schemas:
             custom_reason = f"{table['namespace']} has ops {sorted(schemas)} matching no known generation"
     elif world < 2:
         custom_reason = f"{gen['name']} ops found; {world} GPU: needs 2 or more"
     elif world not in table["world_sizes"]:
-        custom_reason = f"world size {world}: vLLM runs its custom all-reduce only on {table['world_sizes']} GPUs"
+        custom_reason = (
+            f"world size {world}: vLLM runs its custom all-reduce only on {table['world_sizes']} GPUs"
+        )
     fully = bool(topo) and all(_link_kind(v) == "nvlink" for v in topo.values())
     if custom_reason is None and a.backend == "nccl":
         p2p = next((c for c in checks if c["name"] == "p2p"), {})
@@ -913,22 +1112,45 @@ def main():
         tasks.append("custom")
     results = []
     if tasks:
-        cfg = {"backend": a.backend, "tasks": tasks, "sizes": sizes,
-               "custom": {"table": table, "libs": [p for p, e in lib_status.items() if e is None],
-                          "sizes": custom_sizes, "fully_connected": fully}}
+        cfg = {
+            "backend": a.backend,
+            "tasks": tasks,
+            "sizes": sizes,
+            "custom": {
+                "table": table,
+                "libs": [p for p, e in lib_status.items() if e is None],
+                "sizes": custom_sizes,
+                "fully_connected": fully,
+            },
+        }
         try:
             results = run_workers(world, cfg)
-        except Exception as e:  # noqa: BLE001 - reported as failed checks
+        except Exception as e:  # reported as failed checks
             results = [{"rank": -1, "error": f"{type(e).__name__}: {e}"[:600]}]
     if world < 2:
-        checks.append({"name": f"all-reduce ({a.backend})", "status": "skip",
-                       "reason": f"{world} worker(s): needs 2 or more GPUs", "metrics": {}})
+        checks.append(
+            {
+                "name": f"all-reduce ({a.backend})",
+                "status": "skip",
+                "reason": f"{world} worker(s): needs 2 or more GPUs",
+                "metrics": {},
+            }
+        )
     else:
         checks.append(sweep_check(a.backend, world, results, link))
     if custom_reason is not None:
-        checks.append({"name": "vllm custom all-reduce", "status": "skip", "reason": custom_reason,
-                       "metrics": {"generation": gen["name"] if gen else None, "ops": sorted(schemas),
-                                   "libraries": lib_status}})
+        checks.append(
+            {
+                "name": "vllm custom all-reduce",
+                "status": "skip",
+                "reason": custom_reason,
+                "metrics": {
+                    "generation": gen["name"] if gen else None,
+                    "ops": sorted(schemas),
+                    "libraries": lib_status,
+                },
+            }
+        )
     else:
         checks.append(custom_check(results, gen, lib_status, table, a.backend))
     out["seconds"] = round(time.perf_counter() - t_start, 3)

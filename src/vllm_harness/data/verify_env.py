@@ -111,14 +111,26 @@ def clean(v):
 
 def classify(text):
     """A failure id of the contract for an error text (None when none fits)."""
-    rules = [(NO_KERNEL, "no-kernel-image"), (r"libcuda\.so", "no-driver"),
-             (r"undefined symbol", "torch-abi-undefined-symbol"), (r"GLIBCXX_", "glibcxx-too-old"),
-             (r"lib(cudart|cublas|cusparse|nvrtc|nvJitLink)[^ ]*\.so[^ ]*: cannot open", "cuda-runtime-lib-missing"),
-             (r"compiled using NumPy 1\.x", "numpy-abi"), (r"No module named 'xformers'", "xformers-missing"),
-             (r"xFormers can't load C\+\+/CUDA extensions|xFormers was built for", "xformers-torch-mismatch"),
-             (r"forward compatibility", "cuda-forward-compat"), (r"driver version is insufficient|driver on your "
-                                                                  r"system is too old", "driver-too-old"),
-             (r"Bfloat16 is only supported", "bf16-unsupported")]
+    rules = [
+        (NO_KERNEL, "no-kernel-image"),
+        (r"libcuda\.so", "no-driver"),
+        (r"undefined symbol", "torch-abi-undefined-symbol"),
+        (r"GLIBCXX_", "glibcxx-too-old"),
+        (
+            r"lib(cudart|cublas|cusparse|nvrtc|nvJitLink)[^ ]*\.so[^ ]*: cannot open",
+            "cuda-runtime-lib-missing",
+        ),
+        (r"compiled using NumPy 1\.x", "numpy-abi"),
+        (r"No module named 'xformers'", "xformers-missing"),
+        (r"xFormers can't load C\+\+/CUDA extensions|xFormers was built for", "xformers-torch-mismatch"),
+        (r"forward compatibility", "cuda-forward-compat"),
+        (
+            r"driver version is insufficient|driver on your "
+            r"system is too old",
+            "driver-too-old",
+        ),
+        (r"Bfloat16 is only supported", "bf16-unsupported"),
+    ]
     for pat, id_ in rules:
         if re.search(pat, text):
             return id_
@@ -127,28 +139,47 @@ def classify(text):
 
 # -------------------------------------------------------------------------------------- environment
 
+
 def layer_environment(rep, out, torch, device, driver_hint):
     out["torch"] = torch.__version__
     out["torch_cuda"] = torch.version.cuda
-    rep.check("environment", "torch", lambda: ("pass", f"torch {torch.__version__}, CUDA {torch.version.cuda}",
-                                               {"version": torch.__version__, "cuda": torch.version.cuda,
-                                                "cudnn": _cudnn(torch), "file": torch.__file__}))
+    rep.check(
+        "environment",
+        "torch",
+        lambda: (
+            "pass",
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}",
+            {
+                "version": torch.__version__,
+                "cuda": torch.version.cuda,
+                "cudnn": _cudnn(torch),
+                "file": torch.__file__,
+            },
+        ),
+    )
     try:
         import numpy
+
         out["numpy"] = numpy.__version__
-    except Exception:  # noqa: BLE001 - NumPy is optional for torch
+    except Exception:  # NumPy is optional for torch
         out["numpy"] = None
     if out["numpy"]:
+
         def np_check():
             import numpy
+
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
                 t = torch.from_numpy(numpy.arange(3.0))
                 bad = [str(x.message) for x in w if "NumPy" in str(x.message)]
             if bad or float(t.sum()) != 3.0:
                 return "fail", bad[0][:300] if bad else "torch.from_numpy gave wrong values", {}, "numpy-abi"
-            return "pass", f"numpy {numpy.__version__} (major {numpy.__version__.split('.')[0]}), works with torch", \
-                {"version": numpy.__version__, "major": int(numpy.__version__.split(".")[0])}
+            return (
+                "pass",
+                f"numpy {numpy.__version__} (major {numpy.__version__.split('.')[0]}), works with torch",
+                {"version": numpy.__version__, "major": int(numpy.__version__.split(".")[0])},
+            )
+
         rep.check("environment", "numpy", np_check)
     cuda_ok = False
     try:
@@ -156,31 +187,51 @@ def layer_environment(rep, out, torch, device, driver_hint):
         nv = _nvml()
         for i in range(torch.cuda.device_count() if cuda_ok else 0):
             p = torch.cuda.get_device_properties(i)
-            g = {"index": i, "name": p.name, "compute_capability": f"{p.major}.{p.minor}",
-                 "memory_gib": round(p.total_memory / 2**30, 1),
-                 "multiprocessors": getattr(p, "multi_processor_count", None)}
+            g = {
+                "index": i,
+                "name": p.name,
+                "compute_capability": f"{p.major}.{p.minor}",
+                "memory_gib": round(p.total_memory / 2**30, 1),
+                "multiprocessors": getattr(p, "multi_processor_count", None),
+            }
             g.update(nv.get(i, {}))
             g.setdefault("driver", driver_hint)
             out["gpus"].append(g)
-    except Exception as e:  # noqa: BLE001 - reported in the cuda-available check
+    except Exception as e:  # reported in the cuda-available check
         out["cuda_error"] = str(e)[:300]
     if device == "cuda":
-        reason = ("torch was built without CUDA" if not torch.version.cuda else
-                  out.get("cuda_error") or "torch.cuda.is_available() is False (no GPU or driver visible)")
-        rep.check("environment", "cuda-available",
-                  lambda: ("pass", f"{len(out['gpus'])} GPU(s)", {"gpus": len(out["gpus"])}) if cuda_ok
-                  else ("skip", reason, {}, "torch-cpu-only" if not torch.version.cuda else "no-driver"))
+        reason = (
+            "torch was built without CUDA"
+            if not torch.version.cuda
+            else out.get("cuda_error") or "torch.cuda.is_available() is False (no GPU or driver visible)"
+        )
+        rep.check(
+            "environment",
+            "cuda-available",
+            lambda: (
+                ("pass", f"{len(out['gpus'])} GPU(s)", {"gpus": len(out["gpus"])})
+                if cuda_ok
+                else ("skip", reason, {}, "torch-cpu-only" if not torch.version.cuda else "no-driver")
+            ),
+        )
         for g in out["gpus"]:
-            rep.check("environment", f"gpu {g['index']}",
-                      lambda g=g: ("pass", f"{g['name']}, sm {g['compute_capability']}, {g['memory_gib']} GiB, "
-                                   f"driver {g.get('driver')}", dict(g)))
+            rep.check(
+                "environment",
+                f"gpu {g['index']}",
+                lambda g=g: (
+                    "pass",
+                    f"{g['name']}, sm {g['compute_capability']}, {g['memory_gib']} GiB, "
+                    f"driver {g.get('driver')}",
+                    dict(g),
+                ),
+            )
     return cuda_ok
 
 
 def _cudnn(torch):
     try:
         return torch.backends.cudnn.version()
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -188,8 +239,9 @@ def _nvml():
     """{index: {driver, peak_gbs, mem_clock_mhz, bus_width_bits}} from pynvml when the env has it."""
     try:
         import pynvml
+
         pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no pynvml in this env, or no driver
+    except Exception:  # no pynvml in this env, or no driver
         return {}
     out = {}
     try:
@@ -201,28 +253,34 @@ def _nvml():
             try:
                 clk = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)
                 bus = pynvml.nvmlDeviceGetMemoryBusWidth(h)
-                g.update(mem_clock_mhz=clk, bus_width_bits=bus, peak_gbs=round(clk * 1e6 * 2 * bus / 8 / 1e9, 1),
-                         peak_source="nvml")
-            except Exception:  # noqa: BLE001 - older drivers lack the bus width
+                g.update(
+                    mem_clock_mhz=clk,
+                    bus_width_bits=bus,
+                    peak_gbs=round(clk * 1e6 * 2 * bus / 8 / 1e9, 1),
+                    peak_source="nvml",
+                )
+            except Exception:  # older drivers lack the bus width
                 pass
             out[i] = g
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     finally:
         try:
             pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
     return out
 
 
 # ------------------------------------------------------------------------------------------ imports
 
+
 def layer_imports(rep, a, torch, cuda_ok):
     direct_libs = [p for p in a.libs.split(",") if p]
     ext_files = dict(x.split("=", 1) for x in a.ext_files.split(",") if "=" in x)
     state = {"no_driver": [], "loaded": {}, "vllm_stack": True}
     for mod in [m for m in a.imports.split(",") if m]:
+
         def imp(mod=mod):
             try:
                 m = importlib.import_module(mod)
@@ -231,8 +289,12 @@ def layer_imports(rep, a, torch, cuda_ok):
                 if mod == "vllm":
                     state["vllm_stack"] = False
                 if mod == "vllm" and direct_libs:
-                    return ("skip", f"{text}: vLLM's Python stack is not installed here; its extension libraries "
-                            f"are loaded directly below (--libs)", {})
+                    return (
+                        "skip",
+                        f"{text}: vLLM's Python stack is not installed here; its extension libraries "
+                        f"are loaded directly below (--libs)",
+                        {},
+                    )
                 if "libcuda.so" in text and not cuda_ok:
                     return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here", {}, "no-driver"
                 return "fail", text, {}, classify(text) or ("xformers-missing" if mod == "xformers" else None)
@@ -244,12 +306,14 @@ def layer_imports(rep, a, torch, cuda_ok):
                 if broken:
                     return "fail", broken, info, "xformers-torch-mismatch"
             return "pass", info["version"], info
+
         rep.check("imports", f"import {mod}", imp)
+
     def load_library(path, name):
         """torch.ops.load_library; None when loaded, else the check's (status, reason, metrics, id)."""
         try:
             torch.ops.load_library(path)
-        except Exception as e:  # noqa: BLE001 - reported as the check's result
+        except Exception as e:  # reported as the check's result
             text = _why(e)
             if "libcuda.so" in text and not cuda_ok:
                 state["no_driver"].append(name)
@@ -259,6 +323,7 @@ def layer_imports(rep, a, torch, cuda_ok):
 
     exts = [m for m in a.extensions.split(",") if m]
     for ext in exts + [e for e in ext_files if e not in exts]:
+
         def load(ext=ext):
             before = _op_names(torch)
             how = "import"
@@ -272,8 +337,12 @@ def layer_imports(rep, a, torch, cuda_ok):
                     text = f"{type(err).__name__}: {err}".splitlines()[0][:400]
                     if "libcuda.so" in text and not cuda_ok:
                         state["no_driver"].append(ext)
-                        return ("skip", "needs the NVIDIA driver (libcuda.so.1), absent here: load it on a GPU "
-                                "machine", {}, "no-driver")
+                        return (
+                            "skip",
+                            "needs the NVIDIA driver (libcuda.so.1), absent here: load it on a GPU machine",
+                            {},
+                            "no-driver",
+                        )
                     raise
                 f, how = ext_files[ext], "torch.ops.load_library (vllm's Python package not importable)"
                 refused = load_library(f, ext)
@@ -281,10 +350,15 @@ def layer_imports(rep, a, torch, cuda_ok):
                     return refused
             added = sorted(_op_names(torch) - before)
             state["loaded"][ext] = f
-            return "pass", f"{how}: {len(added)} ops registered", {"file": f, "how": how, "ops_added": len(added),
-                                                                   "namespaces": _namespaces(added)}
+            return (
+                "pass",
+                f"{how}: {len(added)} ops registered",
+                {"file": f, "how": how, "ops_added": len(added), "namespaces": _namespaces(added)},
+            )
+
         rep.check("imports", f"load {ext}", load)
     for path in direct_libs:
+
         def direct(path=path):
             before = _op_names(torch)
             refused = load_library(path, path)
@@ -292,8 +366,12 @@ def layer_imports(rep, a, torch, cuda_ok):
                 return refused
             added = sorted(_op_names(torch) - before)
             state["loaded"][path] = path
-            return "pass", f"torch.ops.load_library: {len(added)} ops registered", \
-                {"file": path, "ops_added": len(added), "namespaces": _namespaces(added)}
+            return (
+                "pass",
+                f"torch.ops.load_library: {len(added)} ops registered",
+                {"file": path, "ops_added": len(added), "namespaces": _namespaces(added)},
+            )
+
         rep.check("imports", f"load {os.path.basename(path)}", direct)
     return state
 
@@ -324,6 +402,7 @@ def _namespaces(names):
 
 # ------------------------------------------------------------------------------------------ kernels
 
+
 class Ctx:
     def __init__(self, torch, device, dtype_name):
         self.torch = torch
@@ -350,12 +429,15 @@ def ref_rms_norm(x, w, eps):
 
 
 def _strided(c, rows, cols):
-    """A (rows, cols) view whose rows are not contiguous (stride(0) = 2 * cols): as from a fused projection."""
+    """A (rows, cols) view whose rows are not contiguous (stride(0) = 2 * cols): as from a fused
+    projection."""
     return c.rnd(rows, 2 * cols)[:, :cols]
 
 
-# Each op: a generator of cases.  A case = (description, provided args by name (aliases welcome), compare(), flags)
+# Each op: a generator of cases.  A case = (description, provided args by name (aliases welcome), compare(),
+# flags)
 # where compare() -> list of (got, ref, tolerance kind) after the op ran.  flags: "strided" (a layout case).
+
 
 def cases_rms_norm(c):
     for rows, hidden, strided in [(1, 8, False), (7, 4097, False), (33, 1024, False), (5, 1000, True)]:
@@ -363,9 +445,12 @@ def cases_rms_norm(c):
         w = c.rnd(hidden)
         out = c.empty(rows, hidden)
         ref = ref_rms_norm(x, w, 1e-6)
-        yield (f"{rows}x{hidden}{' strided' if strided else ''}",
-               {"result": out, "out": out, "input": x, "weight": w, "epsilon": 1e-6, "eps": 1e-6},
-               lambda out=out, ref=ref: [(out, ref, "dtype")], strided)
+        yield (
+            f"{rows}x{hidden}{' strided' if strided else ''}",
+            {"result": out, "out": out, "input": x, "weight": w, "epsilon": 1e-6, "eps": 1e-6},
+            lambda out=out, ref=ref: [(out, ref, "dtype")],
+            strided,
+        )
 
 
 def cases_fused_add_rms_norm(c):
@@ -375,23 +460,33 @@ def cases_fused_add_rms_norm(c):
         r, w = c.rnd(rows, hidden), c.rnd(hidden)
         ref_r = (x.float() + r.float()).to(c.dtype)
         ref = ref_rms_norm(ref_r, w, 1e-6)
-        yield (f"{rows}x{hidden}{' strided' if strided else ''}",
-               {"input": x, "residual": r, "weight": w, "epsilon": 1e-6, "eps": 1e-6},
-               lambda x=x, r=r, ref=ref, ref_r=ref_r: [(torch.cat([x, r]), torch.cat([ref, ref_r]), "dtype")],
-               strided)
+        yield (
+            f"{rows}x{hidden}{' strided' if strided else ''}",
+            {"input": x, "residual": r, "weight": w, "epsilon": 1e-6, "eps": 1e-6},
+            lambda x=x, r=r, ref=ref, ref_r=ref_r: [(torch.cat([x, r]), torch.cat([ref, ref_r]), "dtype")],
+            strided,
+        )
 
 
 def _act_cases(c, fn):
     torch = c.torch
-    for shape, strided in [((1, 8), False), ((7, 4097), False), ((33, 1024), False), ((2, 5, 96), False),
-                           ((6, 1000), True)]:
+    for shape, strided in [
+        ((1, 8), False),
+        ((7, 4097), False),
+        ((33, 1024), False),
+        ((2, 5, 96), False),
+        ((6, 1000), True),
+    ]:
         *lead, d = shape
         x = _strided(c, lead[0], 2 * d) if strided else c.rnd(*lead, 2 * d)
         out = c.empty(*lead, d)
         ref = fn(x[..., :d].float(), x[..., d:].float()).to(c.dtype)
-        yield (f"{'x'.join(map(str, shape))}{' strided' if strided else ''}",
-               {"result": out, "out": out, "input": x},
-               lambda out=out, ref=ref: [(out, ref, "dtype")], strided)
+        yield (
+            f"{'x'.join(map(str, shape))}{' strided' if strided else ''}",
+            {"result": out, "out": out, "input": x},
+            lambda out=out, ref=ref: [(out, ref, "dtype")],
+            strided,
+        )
     del torch
 
 
@@ -429,9 +524,13 @@ def _rope_ref(torch, positions, x, head_size, cache, is_neox):
 
 def cases_rotary_embedding(c):
     torch = c.torch
-    for T, nh, nkv, hs, rot, neox, strided in [(7, 4, 2, 64, 64, True, False), (7, 4, 2, 64, 64, False, False),
-                                               (33, 8, 1, 128, 64, True, False), (5, 4, 2, 96, 96, True, True),
-                                               (5, 4, 2, 64, 64, False, True)]:
+    for T, nh, nkv, hs, rot, neox, strided in [
+        (7, 4, 2, 64, 64, True, False),
+        (7, 4, 2, 64, 64, False, False),
+        (33, 8, 1, 128, 64, True, False),
+        (5, 4, 2, 96, 96, True, True),
+        (5, 4, 2, 64, 64, False, True),
+    ]:
         max_pos = 64
         inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
         freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
@@ -439,19 +538,29 @@ def cases_rotary_embedding(c):
         pos = torch.randint(0, max_pos, (T,), generator=c.g).to(c.device)
         if strided:  # q and k as views of one fused qkv projection
             qkv = c.rnd(T, (nh + 2 * nkv) * hs)
-            q, k = qkv[:, :nh * hs], qkv[:, nh * hs:(nh + nkv) * hs]
+            q, k = qkv[:, : nh * hs], qkv[:, nh * hs : (nh + nkv) * hs]
         else:
             q, k = c.rnd(T, nh * hs), c.rnd(T, nkv * hs)
         rq, rk = _rope_ref(torch, pos, q, hs, cache, neox), _rope_ref(torch, pos, k, hs, cache, neox)
-        yield (f"T{T} h{nh}/{nkv} d{hs} rot{rot} {'neox' if neox else 'gptj'}{' qkv-views' if strided else ''}",
-               {"positions": pos, "query": q, "key": k, "head_size": hs, "cos_sin_cache": cache, "is_neox": neox},
-               lambda q=q, k=k, rq=rq, rk=rk: [(q, rq, "dtype"), (k, rk, "dtype")], False)
+        yield (
+            f"T{T} h{nh}/{nkv} d{hs} rot{rot} {'neox' if neox else 'gptj'}{' qkv-views' if strided else ''}",
+            {
+                "positions": pos,
+                "query": q,
+                "key": k,
+                "head_size": hs,
+                "cos_sin_cache": cache,
+                "is_neox": neox,
+            },
+            lambda q=q, k=k, rq=rq, rk=rk: [(q, rq, "dtype"), (k, rk, "dtype")],
+            False,
+        )
 
 
 def _kv_inputs(c, T, nkv, hs, nb, bs):
     torch = c.torch
     kv = c.rnd(T, 2 * nkv * hs)  # key and value as views of one projection (strided rows)
-    key, value = kv[:, :nkv * hs].view(T, nkv, hs), kv[:, nkv * hs:].view(T, nkv, hs)
+    key, value = kv[:, : nkv * hs].view(T, nkv, hs), kv[:, nkv * hs :].view(T, nkv, hs)
     slots = torch.randperm(nb * bs, generator=c.g)[:T]
     slots[T // 2] = -1  # a padding token: must be skipped
     return key, value, slots.to(device=c.device, dtype=torch.int64)
@@ -475,10 +584,26 @@ def cases_reshape_and_cache(c):
         def cmp(kc=kc, vc=vc, key=key, value=value, slots=slots, nb=nb, bs=bs, nkv=nkv, hs=hs):
             gk = kc.permute(0, 3, 1, 2, 4).reshape(nb * bs, nkv, hs)
             gv = vc.permute(0, 3, 1, 2).reshape(nb * bs, nkv, hs)
-            return [(gk, _kv_ref(c, key, slots, nb * bs), "exact"), (gv, _kv_ref(c, value, slots, nb * bs), "exact")]
-        yield (f"T{T} kv-heads {nkv} d{hs} blocks {nb}x{bs} (strided k/v, one padding slot)",
-               {"key": key, "value": value, "key_cache": kc, "value_cache": vc, "slot_mapping": slots,
-                "kv_cache_dtype": "auto", "k_scale": one, "v_scale": one}, cmp, False)
+            return [
+                (gk, _kv_ref(c, key, slots, nb * bs), "exact"),
+                (gv, _kv_ref(c, value, slots, nb * bs), "exact"),
+            ]
+
+        yield (
+            f"T{T} kv-heads {nkv} d{hs} blocks {nb}x{bs} (strided k/v, one padding slot)",
+            {
+                "key": key,
+                "value": value,
+                "key_cache": kc,
+                "value_cache": vc,
+                "slot_mapping": slots,
+                "kv_cache_dtype": "auto",
+                "k_scale": one,
+                "v_scale": one,
+            },
+            cmp,
+            False,
+        )
 
 
 def cases_reshape_and_cache_flash(c):
@@ -487,18 +612,34 @@ def cases_reshape_and_cache_flash(c):
         key, value, slots = _kv_inputs(c, T, nkv, hs, nb, bs)
         kc, vc = c.zeros(nb, bs, nkv, hs), c.zeros(nb, bs, nkv, hs)
         one = torch.ones(1, device=c.device, dtype=torch.float32)
-        yield (f"T{T} kv-heads {nkv} d{hs} blocks {nb}x{bs} (strided k/v, one padding slot)",
-               {"key": key, "value": value, "key_cache": kc, "value_cache": vc, "slot_mapping": slots,
-                "kv_cache_dtype": "auto", "k_scale": one, "v_scale": one},
-               lambda kc=kc, vc=vc, key=key, value=value, slots=slots, n=nb * bs, nkv=nkv, hs=hs: [
-                   (kc.reshape(n, nkv, hs), _kv_ref(c, key, slots, n), "exact"),
-                   (vc.reshape(n, nkv, hs), _kv_ref(c, value, slots, n), "exact")], False)
+        yield (
+            f"T{T} kv-heads {nkv} d{hs} blocks {nb}x{bs} (strided k/v, one padding slot)",
+            {
+                "key": key,
+                "value": value,
+                "key_cache": kc,
+                "value_cache": vc,
+                "slot_mapping": slots,
+                "kv_cache_dtype": "auto",
+                "k_scale": one,
+                "v_scale": one,
+            },
+            lambda kc=kc, vc=vc, key=key, value=value, slots=slots, n=nb * bs, nkv=nkv, hs=hs: [
+                (kc.reshape(n, nkv, hs), _kv_ref(c, key, slots, n), "exact"),
+                (vc.reshape(n, nkv, hs), _kv_ref(c, value, slots, n), "exact"),
+            ],
+            False,
+        )
 
 
 def cases_topk_softmax(c):
     torch = c.torch
-    for M, E, k, renorm, strided in [(37, 8, 2, False, False), (37, 64, 6, True, False), (5, 60, 4, False, False),
-                                     (9, 16, 2, True, True)]:
+    for M, E, k, renorm, strided in [
+        (37, 8, 2, False, False),
+        (37, 64, 6, True, False),
+        (5, 60, 4, False, False),
+        (9, 16, 2, True, True),
+    ]:
         gating = _strided(c, M, E) if strided else c.rnd(M, E)
         w = torch.empty(M, k, device=c.device, dtype=torch.float32)
         idx = torch.empty(M, k, device=c.device, dtype=torch.int32)
@@ -518,13 +659,24 @@ def cases_topk_softmax(c):
             if renorm and (used is None or used.get("renormalize")):
                 picked = picked / picked.sum(-1, keepdim=True)
             return [(w.sort(-1, descending=True).values, ref_w, "softmax"), (w, picked, "softmax")]
-        yield (f"{M}x{E} top{k}{' renormalize' if renorm else ''}{' strided' if strided else ''}",
-               {"topk_weights": w, "topk_indices": idx, "topk_ids": idx, "token_expert_indices": tei,
-                "gating_output": gating, "renormalize": renorm}, cmp, strided)
+
+        yield (
+            f"{M}x{E} top{k}{' renormalize' if renorm else ''}{' strided' if strided else ''}",
+            {
+                "topk_weights": w,
+                "topk_indices": idx,
+                "topk_ids": idx,
+                "token_expert_indices": tei,
+                "gating_output": gating,
+                "renormalize": renorm,
+            },
+            cmp,
+            strided,
+        )
 
 
 FP8_MAX = 448.0
-FIRST_CALL_MS = 100.0   # a first launch above this: PTX JIT (or a very cold module load)
+FIRST_CALL_MS = 100.0  # a first launch above this: PTX JIT (or a very cold module load)
 
 
 def _fp8_ref(torch, x, scale):
@@ -538,8 +690,12 @@ def cases_static_scaled_fp8_quant(c):
         scale = torch.tensor([0.02], device=c.device, dtype=torch.float32)
         out = torch.empty(M, N, device=c.device, dtype=torch.float8_e4m3fn)
         ref = _fp8_ref(torch, x, scale)
-        yield (f"{M}x{N}{' strided' if strided else ''}", {"result": out, "out": out, "input": x, "scale": scale},
-               lambda out=out, ref=ref: [(out, ref, "fp8")], strided)
+        yield (
+            f"{M}x{N}{' strided' if strided else ''}",
+            {"result": out, "out": out, "input": x, "scale": scale},
+            lambda out=out, ref=ref: [(out, ref, "fp8")],
+            strided,
+        )
 
 
 def cases_dynamic_scaled_fp8_quant(c):
@@ -550,9 +706,15 @@ def cases_dynamic_scaled_fp8_quant(c):
         out = torch.empty(M, N, device=c.device, dtype=torch.float8_e4m3fn)
         ref_scale = (x.float().abs().max() / FP8_MAX).reshape(1)
         ref = _fp8_ref(torch, x, ref_scale)
-        yield (f"{M}x{N}{' strided' if strided else ''}", {"result": out, "out": out, "input": x, "scale": scale},
-               lambda out=out, ref=ref, scale=scale, ref_scale=ref_scale: [(scale, ref_scale, "scale"),
-                                                                           (out, ref, "fp8")], strided)
+        yield (
+            f"{M}x{N}{' strided' if strided else ''}",
+            {"result": out, "out": out, "input": x, "scale": scale},
+            lambda out=out, ref=ref, scale=scale, ref_scale=ref_scale: [
+                (scale, ref_scale, "scale"),
+                (out, ref, "fp8"),
+            ],
+            strided,
+        )
 
 
 # name -> (namespaces to look in, cases, needs fp8, dtypes)
@@ -576,7 +738,7 @@ def op_schema(torch, qual):
     ns, name = qual.split("::")
     try:
         return getattr(getattr(torch.ops, ns), name).default._schema
-    except Exception:  # noqa: BLE001 - an op with overloads only: ask the JIT registry
+    except Exception:  # an op with overloads only: ask the JIT registry
         schemas = torch._C._jit_get_schemas_for_operator(qual)
         return schemas[0] if schemas else None
 
@@ -614,7 +776,7 @@ def compare(torch, got, ref, kind, dt):
     elif kind == "scale":
         bound = 1e-7 + 1e-5 * r.abs()
     elif kind == "fp8":  # one e4m3 step (3 mantissa bits) for values on a rounding boundary
-        bound = 2.0 ** -9 + 0.125 * r.abs()
+        bound = 2.0**-9 + 0.125 * r.abs()
     else:
         rtol, atol = TOL[dt]
         bound = atol + rtol * r.abs()
@@ -650,17 +812,33 @@ def layer_kernels(rep, a, torch, device, run_kernels, state, out):
                 if f"{ns}::{op}" in names:
                     registered[op] = f"{ns}::{op}"
     ours = sorted(n for n in names if n.split("::")[0] in OP_NAMESPACES)
-    out["ops"] = {"registered": len(ours), "namespaces": _namespaces(ours), "known": sorted(registered),
-                  "checked": []}
+    out["ops"] = {
+        "registered": len(ours),
+        "namespaces": _namespaces(ours),
+        "known": sorted(registered),
+        "checked": [],
+    }
 
     def discovered():
         if not ours and state["no_driver"]:
-            return "skip", f"{', '.join(state['no_driver'])} not loadable without a driver: no ops to list", {}
+            return (
+                "skip",
+                f"{', '.join(state['no_driver'])} not loadable without a driver: no ops to list",
+                {},
+            )
         status = "pass" if ours else "fail"
-        return (status, f"{len(ours)} ops in {', '.join(f'{k} ({v})' for k, v in _namespaces(ours).items()) or 'none'}"
-                f"; checkable here: {', '.join(sorted(registered)) or 'none'}",
-                {"registered": len(ours), "namespaces": _namespaces(ours), "checkable": sorted(registered),
-                 "not_in_this_build": sorted(set(OPS) - set(registered))})
+        return (
+            status,
+            f"{len(ours)} ops in {', '.join(f'{k} ({v})' for k, v in _namespaces(ours).items()) or 'none'}"
+            f"; checkable here: {', '.join(sorted(registered)) or 'none'}",
+            {
+                "registered": len(ours),
+                "namespaces": _namespaces(ours),
+                "checkable": sorted(registered),
+                "not_in_this_build": sorted(set(OPS) - set(registered)),
+            },
+        )
+
     rep.check("kernels", "ops discovered", discovered)
 
     cc = torch.cuda.get_device_capability() if (device == "cuda" and run_kernels) else None
@@ -668,12 +846,19 @@ def layer_kernels(rep, a, torch, device, run_kernels, state, out):
     for op in list(OPS) + [o for o in required if o not in OPS]:
         if op not in registered:
             if op in required:
-                why = (f"{', '.join(state['no_driver'])} not loadable without a driver" if state["no_driver"]
-                       else f"torch.ops.{'/'.join(OPS.get(op, (OP_NAMESPACES,))[0])}.{op} is not registered")
-                rep.check("kernels", f"{op}", lambda why=why: ("skip" if state["no_driver"] else "fail", why, {}))
+                why = (
+                    f"{', '.join(state['no_driver'])} not loadable without a driver"
+                    if state["no_driver"]
+                    else f"torch.ops.{'/'.join(OPS.get(op, (OP_NAMESPACES,))[0])}.{op} is not registered"
+                )
+                rep.check(
+                    "kernels", f"{op}", lambda why=why: ("skip" if state["no_driver"] else "fail", why, {})
+                )
             continue
         if op not in OPS:
-            rep.check("kernels", f"{op}", lambda op=op: ("skip", "no reference for this op in the checker", {}))
+            rep.check(
+                "kernels", f"{op}", lambda op=op: ("skip", "no reference for this op in the checker", {})
+            )
             continue
         qual = registered[op]
         _nss, gen, needs_fp8 = OPS[op]
@@ -681,23 +866,32 @@ def layer_kernels(rep, a, torch, device, run_kernels, state, out):
         for dt in DTYPES:
             name = f"{op} {dt} ({device})"
             if rep.broken and device == "cuda":
-                rep.check("kernels", name, lambda: ("skip", f"the CUDA context is broken by an earlier failure "
-                                                    f"({rep.broken})", {}))
+                rep.check(
+                    "kernels",
+                    name,
+                    lambda: ("skip", f"the CUDA context is broken by an earlier failure ({rep.broken})", {}),
+                )
                 continue
             if not run_kernels:
                 rep.check("kernels", name, lambda: ("skip", "no GPU: kernel not run", {}))
                 continue
             if needs_fp8 and (device != "cuda" or cc < (8, 9)):
-                why = ("fp8 kernels run on a GPU" if device != "cuda" else
-                       f"fp8 needs compute capability >= 8.9 (this GPU: {cc[0]}.{cc[1]})")
+                why = (
+                    "fp8 kernels run on a GPU"
+                    if device != "cuda"
+                    else f"fp8 needs compute capability >= 8.9 (this GPU: {cc[0]}.{cc[1]})"
+                )
                 rep.check("kernels", name, lambda why=why: ("skip", why, {}))
                 continue
             if needs_fp8 and not hasattr(torch, "float8_e4m3fn"):
                 rep.check("kernels", name, lambda: ("skip", "this torch has no float8_e4m3fn", {}))
                 continue
             if device == "cuda" and dt == "bfloat16" and cc[0] < 8:
-                rep.check("kernels", name, lambda: ("skip", "bf16 needs compute capability >= 8.0", {},
-                                                    "bf16-unsupported"))
+                rep.check(
+                    "kernels",
+                    name,
+                    lambda: ("skip", "bf16 needs compute capability >= 8.0", {}, "bf16-unsupported"),
+                )
                 continue
             first = op not in first_calls
 
@@ -709,8 +903,14 @@ def layer_kernels(rep, a, torch, device, run_kernels, state, out):
                 for desc, provided, cmp, strided in gen(c):
                     kwargs, unknown, none = fit_schema(schema, provided)
                     if unknown:
-                        return "skip", (f"schema {schema} has arguments the checker does not know: "
-                                        f"{', '.join(unknown)}"), {"schema": str(schema)}
+                        return (
+                            "skip",
+                            (
+                                f"schema {schema} has arguments the checker does not know: "
+                                f"{', '.join(unknown)}"
+                            ),
+                            {"schema": str(schema)},
+                        )
                     nones.update(none)
                     sync(torch, device)
                     t0 = time.perf_counter()
@@ -748,14 +948,22 @@ def layer_kernels(rep, a, torch, device, run_kernels, state, out):
                         continue
                     if bad:
                         (_ok, err, r, detail), kind = bad[0]
-                        return "fail", f"{desc}: max abs error {err:.3g} over tolerance ({kind}) {detail}", \
-                            {"max_abs_err": err, "tol_ratio": r, "schema": str(schema)}
+                        return (
+                            "fail",
+                            f"{desc}: max abs error {err:.3g} over tolerance ({kind}) {detail}",
+                            {"max_abs_err": err, "tol_ratio": r, "schema": str(schema)},
+                        )
                     ncase += 1
                     for (_ok, err, r, detail), _kind in results:
                         worst, ratio = max(worst, err), max(ratio, r)
                         if detail and not detail.startswith("0 of"):
                             notes.append(f"{desc}: {detail}")
-                m = {"max_abs_err": worst, "tol_ratio": round(ratio, 4), "cases": ncase, "schema": str(schema)}
+                m = {
+                    "max_abs_err": worst,
+                    "tol_ratio": round(ratio, 4),
+                    "cases": ncase,
+                    "schema": str(schema),
+                }
                 if dt in TOL:
                     m["rtol"], m["atol"] = TOL[dt]
                 if refused:
@@ -774,8 +982,10 @@ def layer_kernels(rep, a, torch, device, run_kernels, state, out):
                     out["ops"]["checked"].append(op)
                 extra = f"; strided input refused ({len(refused)})" if refused else ""
                 if strided_wrong:
-                    extra += "; strided input not supported (the kernel assumes contiguous rows, as vLLM passes them)"
+                    extra += ("; strided input not supported (the kernel assumes contiguous rows, as vLLM "
+                              "passes them)")
                 return "pass", f"max abs err {worst:.2e} over {ncase} cases{extra}", m
+
             rep.check("kernels", name, kernel)
     if "xformers" in sys.modules or _importable("xformers"):
         layer_xformers(rep, torch, device, run_kernels, cc)
@@ -795,7 +1005,9 @@ def xformers_load_error(module):
     if exc is None:
         return None
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = " ".join(ln for ln in lines if not ln.startswith(("Please reinstall", "Memory-efficient", "Set XFORMERS")))
+    text = " ".join(
+        ln for ln in lines if not ln.startswith(("Please reinstall", "Memory-efficient", "Set XFORMERS"))
+    )
     cause = exc.__cause__
     if cause is not None:
         text += f" ({type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''})"
@@ -807,14 +1019,22 @@ def layer_xformers(rep, torch, device, run_kernels, cc):
     broken = None
     try:
         import xformers
+
         broken = xformers_load_error(xformers)
-    except Exception:  # noqa: BLE001 - the import check reports it
+    except Exception:  # the import check reports it
         pass
     if broken:
         for dt in ("float16", "bfloat16"):
-            rep.check("kernels", f"xformers memory_efficient_attention {dt} ({device})",
-                      lambda: ("fail", f"xformers' C++/CUDA library did not load: {broken}", {},
-                               "xformers-torch-mismatch"))
+            rep.check(
+                "kernels",
+                f"xformers memory_efficient_attention {dt} ({device})",
+                lambda: (
+                    "fail",
+                    f"xformers' C++/CUDA library did not load: {broken}",
+                    {},
+                    "xformers-torch-mismatch",
+                ),
+            )
         return
     for dt in ("float16", "bfloat16"):
         name = f"xformers memory_efficient_attention {dt} ({device})"
@@ -827,6 +1047,7 @@ def layer_xformers(rep, torch, device, run_kernels, cc):
 
         def att(dt=dt):
             import xformers.ops as xops
+
             c = Ctx(torch, device, dt)
             worst = 0.0
             n = 0
@@ -834,18 +1055,32 @@ def layer_xformers(rep, torch, device, run_kernels, cc):
                 q, k, v = c.rnd(B, M, H, K), c.rnd(B, M, H, K), c.rnd(B, M, H, K)
                 bias = xops.LowerTriangularMask() if causal else None
                 got = xops.memory_efficient_attention(q, k, v, attn_bias=bias)
-                ref = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
-                                                     v.transpose(1, 2).float(), is_causal=causal).transpose(1, 2)
+                ref = F.scaled_dot_product_attention(
+                    q.transpose(1, 2).float(),
+                    k.transpose(1, 2).float(),
+                    v.transpose(1, 2).float(),
+                    is_causal=causal,
+                ).transpose(1, 2)
                 ok, err, _r, _d = compare(torch, got, ref.to(got.dtype), "dtype", dt)
                 worst = max(worst, err)
                 n += 1
                 if not ok:
-                    return "fail", f"B{B} M{M} H{H} K{K}: max abs error {err:.3g} vs SDPA", {"max_abs_err": err}
-            return "pass", f"max abs err {worst:.2e} vs SDPA over {n} cases", {"max_abs_err": worst, "cases": n}
+                    return (
+                        "fail",
+                        f"B{B} M{M} H{H} K{K}: max abs error {err:.3g} vs SDPA",
+                        {"max_abs_err": err},
+                    )
+            return (
+                "pass",
+                f"max abs err {worst:.2e} vs SDPA over {n} cases",
+                {"max_abs_err": worst, "cases": n},
+            )
+
         rep.check("kernels", name, att)
 
 
 # -------------------------------------------------------------------------------------------- speed
+
 
 def layer_speed(rep, a, torch, out, first_calls):
     g = out["gpus"][0]
@@ -880,12 +1115,29 @@ def layer_speed(rep, a, torch, out, first_calls):
     def copy():
         sec = timed(lambda: y.copy_(x))
         copy_gbs["v"] = 2 * nbytes / sec / 1e9
-        m = {"gbs": round(copy_gbs["v"], 1), "peak_gbs": peak, "peak_source": src, "bytes": 2 * nbytes,
-             "shape": [rows, hidden], "dtype": str(dt).replace("torch.", "")}
+        m = {
+            "gbs": round(copy_gbs["v"], 1),
+            "peak_gbs": peak,
+            "peak_source": src,
+            "bytes": 2 * nbytes,
+            "shape": [rows, hidden],
+            "dtype": str(dt).replace("torch.", ""),
+        }
         if peak:
             m["pct_of_peak"] = round(100 * copy_gbs["v"] / peak, 1)
-        return "pass", (f"torch copy {copy_gbs['v']:.0f} GB/s" + (f" = {m['pct_of_peak']}% of peak {peak:.0f} GB/s "
-                        f"({src})" if peak else " (peak unknown: no NVML bus width, no torch properties)")), m
+        return (
+            "pass",
+            (
+                f"torch copy {copy_gbs['v']:.0f} GB/s"
+                + (
+                    f" = {m['pct_of_peak']}% of peak {peak:.0f} GB/s ({src})"
+                    if peak
+                    else " (peak unknown: no NVML bus width, no torch properties)"
+                )
+            ),
+            m,
+        )
+
     rep.check("speed", "memory bandwidth: torch copy (reference)", copy)
     w = torch.randn(hidden, device="cuda", dtype=dt)
     half = torch.empty(rows, hidden // 2, device="cuda", dtype=dt)
@@ -898,7 +1150,10 @@ def layer_speed(rep, a, torch, out, first_calls):
     if hasattr(torch, "float8_e4m3fn") and p.major * 10 + p.minor >= 89:
         q8 = torch.empty(rows, hidden, device="cuda", dtype=torch.float8_e4m3fn)
         sc = torch.tensor([0.02], device="cuda")
-        benches["static_scaled_fp8_quant"] = (lambda: torch.ops._C.static_scaled_fp8_quant(q8, x, sc), 1.5 * nbytes)
+        benches["static_scaled_fp8_quant"] = (
+            lambda: torch.ops._C.static_scaled_fp8_quant(q8, x, sc),
+            1.5 * nbytes,
+        )
     for op, (fn, nb) in benches.items():
         if f"_C::{op}" not in names or op not in out["ops"]["checked"]:
             continue
@@ -906,40 +1161,58 @@ def layer_speed(rep, a, torch, out, first_calls):
         def bench(fn=fn, nb=nb):
             sec = timed(fn)
             gbs = nb / sec / 1e9
-            m = {"gbs": round(gbs, 1), "us": round(sec * 1e6, 1), "bytes": int(nb), "peak_gbs": peak,
-                 "copy_gbs": round(copy_gbs.get("v", 0), 1)}
+            m = {
+                "gbs": round(gbs, 1),
+                "us": round(sec * 1e6, 1),
+                "bytes": int(nb),
+                "peak_gbs": peak,
+                "copy_gbs": round(copy_gbs.get("v", 0), 1),
+            }
             pct = 100 * gbs / peak if peak else None
             vs_copy = gbs / copy_gbs["v"] if copy_gbs.get("v") else None
             if pct is not None:
                 m["pct_of_peak"] = round(pct, 1)
             if vs_copy is not None:
                 m["vs_copy"] = round(vs_copy, 3)
-            text = f"{gbs:.0f} GB/s" + (f" = {pct:.0f}% of peak" if pct is not None else "") + \
-                (f", {vs_copy:.2f}x torch copy" if vs_copy else "")
+            text = (
+                f"{gbs:.0f} GB/s"
+                + (f" = {pct:.0f}% of peak" if pct is not None else "")
+                + (f", {vs_copy:.2f}x torch copy" if vs_copy else "")
+            )
             if vs_copy is not None and vs_copy < 0.1:
                 return "fail", f"ten times slower than a copy: {text}", m
             if vs_copy is not None and vs_copy < 0.3:
                 m["warning"] = "slow"
                 return "pass", f"warning: slow, {text}", m
             return "pass", text, m
+
         rep.check("speed", f"bandwidth {op} ({str(dt).replace('torch.', '')}, {rows}x{hidden})", bench)
 
     def first():
         if not first_calls:
             return "skip", "no kernel ran", {}
         op, ms = max(first_calls.items(), key=lambda kv: kv[1])
-        m = {"first_call_ms": first_calls, "slowest": op, "threshold_ms": FIRST_CALL_MS,
-             "jit_cache_disabled": os.environ.get("CUDA_CACHE_DISABLE") == "1"}
+        m = {
+            "first_call_ms": first_calls,
+            "slowest": op,
+            "threshold_ms": FIRST_CALL_MS,
+            "jit_cache_disabled": os.environ.get("CUDA_CACHE_DISABLE") == "1",
+        }
         if ms > FIRST_CALL_MS:
             m["warning"] = "slow-first-call"
-            why = ("the binary layer found PTX only for this GPU: JIT compilation" if a.ptx_only else
-                   "JIT compilation (no SASS for this GPU) or a cold module load")
+            why = (
+                "the binary layer found PTX only for this GPU: JIT compilation"
+                if a.ptx_only
+                else "JIT compilation (no SASS for this GPU) or a cold module load"
+            )
             return "pass", f"warning: {op} took {ms:.0f} ms on its first call: {why}", m
         return "pass", f"slowest first call: {op} {ms:.1f} ms (no JIT)", m
+
     rep.check("speed", "first-call latency", first)
 
 
 # --------------------------------------------------------------------------------------------- main
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -949,8 +1222,12 @@ def main():
     ap.add_argument("--extensions", default="")
     ap.add_argument("--ops", default="")
     ap.add_argument("--libs", default="", help="extension libraries to load with torch.ops.load_library")
-    ap.add_argument("--ext-files", dest="ext_files", default="",
-                    help="module=file pairs: loaded directly when the module does not import")
+    ap.add_argument(
+        "--ext-files",
+        dest="ext_files",
+        default="",
+        help="module=file pairs: loaded directly when the module does not import",
+    )
     ap.add_argument("--predicted-no-kernel", dest="predicted_no_kernel", default="")
     ap.add_argument("--ptx-only", dest="ptx_only", default="", help="libraries with PTX only for this GPU")
     ap.add_argument("--no-speed", dest="speed", action="store_false")
@@ -961,12 +1238,17 @@ def main():
         probe()
         return
     rep = Report()
-    out = {"python": sys.executable, "python_version": platform.python_version(), "gpus": [],
-           "checks": rep.checks, "layer_seconds": rep.layer_seconds}
+    out = {
+        "python": sys.executable,
+        "python_version": platform.python_version(),
+        "gpus": [],
+        "checks": rep.checks,
+        "layer_seconds": rep.layer_seconds,
+    }
     t0 = time.perf_counter()
     try:
         import torch
-    except Exception as e:  # noqa: BLE001 - reported as a failed check
+    except Exception as e:  # reported as a failed check
         why = f"torch does not import: {e}"
         rep.check("environment", "torch", lambda: ("fail", why, {}, classify(why)))
         print(json.dumps(out))

@@ -77,7 +77,7 @@ from vllm_harness.diagnose.rules import (
 
 try:  # optional accelerator (x86_64 wheels on PyPI); the pure-``re`` prefilter is the fallback
     import hyperscan as _hyperscan
-except Exception:  # noqa: BLE001 - ImportError, or a CPU/library it cannot use
+except Exception:  # ImportError, or a CPU/library it cannot use
     _hyperscan = None
 
 #: Prefilter engines: ``hyperscan`` (when importable) and ``re``.  ``VLLM_HARNESS_DIAGNOSE_ENGINE``
@@ -90,9 +90,6 @@ def default_engine() -> str:
     return wanted if wanted in ENGINES else ENGINES[0]
 
 
-
-
-
 #: Lines of the first error block reported when nothing is recognised.
 FIRST_ERROR_BLOCK = 15
 #: Anchor hits collected per Hyperscan pass (the rest of a block is scanned when needed).
@@ -103,47 +100,12 @@ SEEN_LINES = 4096
 FIX_CONTEXT_LINES = 4
 
 
-
-
-
 # --------------------------------------------------------------------------------------------
 # data model
 
 
-
-
-
-
-
-
 # --------------------------------------------------------------------------------------------
 # knowledge base
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,20 +174,6 @@ def _hyperscan_db(words: tuple[bytes, ...]) -> Any:
     return db
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 class _Scanner:
     """State of one scan: what is found, what is still looked for, the first error block."""
 
@@ -284,7 +232,7 @@ class _Scanner:
         if self.engine == "hyperscan" and words:
             try:
                 self.hs_db = _hyperscan_db(tuple(words))
-            except Exception:  # noqa: BLE001 - e.g. a CPU without the instructions it needs: fall back to re
+            except Exception:  # e.g. a CPU without the instructions it needs: fall back to re
                 self.engine = "re"
         if self.hs_db is None:
             by_first: dict[int, list[bytes]] = {}
@@ -559,42 +507,9 @@ class _Scanner:
         return pos
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --------------------------------------------------------------------------------------------
 # presentation
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # the corpus of real logs (tests/logs) and the accuracy measure (tests and the benchmark)
-
-
-
-
-
-
-
-
-

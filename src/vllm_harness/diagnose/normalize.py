@@ -1,5 +1,7 @@
 """Lines as a person reads them: ANSI colours, CR redraws, timestamps, CI and docker prefixes, uv/pip box
-prefixes stripped; messages that a terminal or a paste wrapped joined again, keeping the original line numbers."""
+prefixes stripped; messages that a terminal or a paste wrapped joined again, keeping the original line
+numbers."""
+
 from __future__ import annotations
 
 import re
@@ -9,8 +11,6 @@ from collections.abc import Sequence
 MAX_LINE_CHARS = 4000
 #: Characters of evidence kept in a finding.
 EVIDENCE_CHARS = 300
-
-
 
 
 #: Lines before and after an anchor's line that may belong to its message (wrapped lines).
@@ -63,7 +63,8 @@ _PREFIX_RE = re.compile(r"^(?:" + _STAMP + r"|" + _INDENT + r")+")
 # A line that starts a message of its own (never the continuation of a wrapped one).
 _NEW_RECORD_RE = re.compile(
     r"(?:\[\d+/\d+\]|(?:ERROR|WARNING|INFO|DEBUG|CRITICAL|FATAL)\b|(?:error|warning|note|hint|help|fatal)(?:\[[\w-]+\])?:"
-    r"|Caused by:|CMake (?:Error|Warning)|Traceback \(|File \"|\$ |[×✗✓⚠]|-- |\w+(?:Error|Exception|Warning):)"
+    r"|Caused by:|CMake (?:Error|Warning)|Traceback \(|File \"|\$ |[×✗✓⚠]|-- "
+    r"|\w+(?:Error|Exception|Warning):)"
 )
 
 
@@ -155,7 +156,9 @@ def _may_go_on(block: bytes, start: int, end: int) -> bool:
     """Can the line ``block[start:end]`` go on in the next one (bytes >= characters shown: a
     cheap bound of :func:`_continues`)?"""
     width = end - start
-    return width >= WRAP_MIN_CHARS or (end < len(block) and width + 1 + _word_after(block, end + 1) > WRAP_WIDTH)
+    return width >= WRAP_MIN_CHARS or (
+        end < len(block) and width + 1 + _word_after(block, end + 1) > WRAP_WIDTH
+    )
 
 
 def _wrapped_messages(
@@ -257,7 +260,3 @@ def _evidence(text: str, match: re.Match[str] | None) -> str:
     start = 0 if match is None else max(0, min(match.start() - 60, len(text) - EVIDENCE_CHARS))
     piece = text[start : start + EVIDENCE_CHARS]
     return ("…" if start else "") + piece + ("…" if start + EVIDENCE_CHARS < len(text) else "")
-
-
-
-

@@ -34,10 +34,6 @@ _CACHE: dict[tuple[str, int, int], list[Rule]] = {}
 DEFAULT_KNOWLEDGE = Path(__file__).resolve().parents[1] / "data" / "failures.toml"
 
 
-
-
-
-
 #: Keys a fix may use as ``{key}`` or ``{key|fallback wording}``.
 CONTEXT_KEYS = ("cuda", "torch", "torch_index", "variant", "python", "xformers", "cmake_min")
 
@@ -372,7 +368,107 @@ def _check_str_list(
     return value
 
 
-def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
+def _entry_id(path: Path | str, index: int, entry: Any, seen: set[str]) -> tuple[str, str]:
+    """The entry's id, checked (a kebab-case string, not seen before, only known keys), and its 'where'."""
+    where = f"failure #{index}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: {where}: must be a table")
+    if "id" not in entry:
+        raise _bad(path, where, "id", "missing")
+    rid = entry["id"]
+    if not isinstance(rid, str) or not _ID_RE.match(rid):
+        raise _bad(path, where, "id", f"{rid!r} is not a kebab-case id")
+    where = f"failure '{rid}'"
+    if rid in seen:
+        raise _bad(path, where, "id", "duplicate id")
+    seen.add(rid)
+    for key in entry:
+        if key not in _RULE_KEYS:
+            raise _bad(path, where, key, f"unknown key (allowed: {sorted(_RULE_KEYS)})")
+    return rid, where
+
+
+def _anchors_of(path: Path | str, where: str, entry: Mapping[str, Any], compiled: list[re.Pattern[str]]
+                ) -> tuple[tuple[bytes, ...], dict[bytes, tuple[bool, bool]]]:
+    """The prefilter's anchors: the entry's own, else derived from its patterns (with their edges)."""
+    explicit = _check_str_list(path, where, entry, "anchors", empty_ok=True)
+    # anchor -> (may the match begin on an earlier line, may it end on a later one)
+    edges: dict[bytes, tuple[bool, bool]] = {}
+    if explicit:
+        # a line break at a space at either end would cut it off (uv and pip wrap at spaces)
+        anchors = tuple(dict.fromkeys(_trimmed(a).encode("utf-8") for a in explicit))
+    else:
+        derived: list[bytes] = []
+        for n, pat in enumerate(compiled, 1):
+            found_anchors = _derive_anchors(pat)
+            if found_anchors is None:
+                raise _bad(
+                    path,
+                    where,
+                    "patterns",
+                    f"pattern #{n} {pat.pattern!r} has no case-sensitive literal of {MIN_ANCHOR}+ "
+                    "characters to anchor the prefilter; give 'anchors' explicitly",
+                )
+            derived.extend(a.encode("utf-8") for a in found_anchors)
+            head, tail = _literal_ends(pat)
+            for a in found_anchors:
+                before, after = edges.get(a.encode("utf-8"), (False, False))
+                edges[a.encode("utf-8")] = (
+                    before or not head.startswith(a),
+                    after or not tail.endswith(a),
+                )
+        anchors = tuple(dict.fromkeys(derived))
+    return anchors, edges
+
+
+def _recovered_of(path: Path | str, where: str, entry: Mapping[str, Any]
+                  ) -> tuple[tuple[re.Pattern[str], ...], list[bytes]]:
+    """The entry's recovered_by patterns and the anchors that find them."""
+    recovered = tuple(
+        _compile(path, where, "recovered_by", n, src)
+        for n, src in enumerate(_check_str_list(path, where, entry, "recovered_by", empty_ok=True), 1)
+    )
+    recovery_anchors: list[bytes] = []
+    for n, pat in enumerate(recovered, 1):
+        found_anchors = _derive_anchors(pat)
+        if found_anchors is None:
+            raise _bad(
+                path,
+                where,
+                "recovered_by",
+                f"pattern #{n} {pat.pattern!r} has no literal of "
+                f"{MIN_ANCHOR}+ characters to anchor the prefilter",
+            )
+        recovery_anchors.extend(a.encode("utf-8") for a in found_anchors)
+    return recovered, recovery_anchors
+
+
+def _patterns_of(path: Path | str, where: str, entry: Mapping[str, Any]
+                 ) -> tuple[list[re.Pattern[str]], int, bool]:
+    """The patterns then the weak ones, compiled; how many are strong (-1: no weak ones); weak_alone."""
+    sources = _check_str_list(path, where, entry, "patterns", empty_ok=False)
+    weak = _check_str_list(path, where, entry, "weak_patterns", empty_ok=True)
+    strong = len(sources) if weak else -1
+    weak_alone = entry.get("weak_alone", True)
+    if not isinstance(weak_alone, bool):
+        raise _bad(path, where, "weak_alone", "must be true or false")
+    if not weak_alone and not weak:
+        raise _bad(path, where, "weak_alone",
+                   "false needs 'weak_patterns' (the evidence that cannot stand alone)")
+    sources = sources + weak
+    compiled: list[re.Pattern[str]] = []
+    for n, src in enumerate(sources, 1):
+        try:
+            compiled.append(re.compile(src))
+        except re.error as exc:
+            raise _bad(
+                path, where, "patterns", f"pattern #{n} {src!r} is not a valid regex: {exc}"
+            ) from None
+    return compiled, strong, weak_alone
+
+
+def _entries_of(path: Path | str, doc: Mapping[str, Any]) -> list:
+    """The document's [[failure]] tables (nothing else at the top level)."""
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise ValueError(
@@ -383,25 +479,15 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
         raise ValueError(
             f"{path}: top level: key 'failure': must be a non-empty array of tables ([[failure]])"
         )
+    return entries
 
+
+def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
+    entries = _entries_of(path, doc)
     rules: list[Rule] = []
     seen: set[str] = set()
     for index, entry in enumerate(entries, 1):
-        where = f"failure #{index}"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: {where}: must be a table")
-        if "id" not in entry:
-            raise _bad(path, where, "id", "missing")
-        rid = entry["id"]
-        if not isinstance(rid, str) or not _ID_RE.match(rid):
-            raise _bad(path, where, "id", f"{rid!r} is not a kebab-case id")
-        where = f"failure '{rid}'"
-        if rid in seen:
-            raise _bad(path, where, "id", "duplicate id")
-        seen.add(rid)
-        for key in entry:
-            if key not in _RULE_KEYS:
-                raise _bad(path, where, key, f"unknown key (allowed: {sorted(_RULE_KEYS)})")
+        rid, where = _entry_id(path, index, entry, seen)
         for key in _REQUIRED_KEYS:
             if key not in entry:
                 raise _bad(path, where, key, "missing")
@@ -412,64 +498,15 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
         cause = _check_str(path, where, entry, "cause")
         fix = _check_fix(path, where, "fix", _check_str(path, where, entry, "fix"))
 
-        sources = _check_str_list(path, where, entry, "patterns", empty_ok=False)
-        weak = _check_str_list(path, where, entry, "weak_patterns", empty_ok=True)
-        strong = len(sources) if weak else -1
-        weak_alone = entry.get("weak_alone", True)
-        if not isinstance(weak_alone, bool):
-            raise _bad(path, where, "weak_alone", "must be true or false")
-        if not weak_alone and not weak:
-            raise _bad(path, where, "weak_alone", "false needs 'weak_patterns' (the evidence that cannot stand alone)")
-        sources = sources + weak
-        compiled: list[re.Pattern[str]] = []
-        for n, src in enumerate(sources, 1):
-            try:
-                compiled.append(re.compile(src))
-            except re.error as exc:
-                raise _bad(
-                    path, where, "patterns", f"pattern #{n} {src!r} is not a valid regex: {exc}"
-                ) from None
+        compiled, strong, weak_alone = _patterns_of(path, where, entry)
 
-        explicit = _check_str_list(path, where, entry, "anchors", empty_ok=True)
-        # anchor -> (may the match begin on an earlier line, may it end on a later one)
-        edges: dict[bytes, tuple[bool, bool]] = {}
-        if explicit:
-            # a line break at a space at either end would cut it off (uv and pip wrap at spaces)
-            anchors = tuple(dict.fromkeys(_trimmed(a).encode("utf-8") for a in explicit))
-        else:
-            derived: list[bytes] = []
-            for n, pat in enumerate(compiled, 1):
-                found_anchors = _derive_anchors(pat)
-                if found_anchors is None:
-                    raise _bad(
-                        path,
-                        where,
-                        "patterns",
-                        f"pattern #{n} {pat.pattern!r} has no case-sensitive literal of {MIN_ANCHOR}+ "
-                        "characters to anchor the prefilter; give 'anchors' explicitly",
-                    )
-                derived.extend(a.encode("utf-8") for a in found_anchors)
-                head, tail = _literal_ends(pat)
-                for a in found_anchors:
-                    before, after = edges.get(a.encode("utf-8"), (False, False))
-                    edges[a.encode("utf-8")] = (before or not head.startswith(a), after or not tail.endswith(a))
-            anchors = tuple(dict.fromkeys(derived))
+        anchors, edges = _anchors_of(path, where, entry, compiled)
         wrap = _check_str_list(path, where, entry, "wrap_anchors", empty_ok=True)
         anchors = tuple(dict.fromkeys(anchors + tuple(a.encode("utf-8") for a in wrap)))
 
         lower = tuple(dict.fromkeys(a.lower() for a in anchors if a.lower() not in anchors))
         fixes = _parse_fixes(path, where, entry.get("fixes", []))
-        recovered = tuple(
-            _compile(path, where, "recovered_by", n, src)
-            for n, src in enumerate(_check_str_list(path, where, entry, "recovered_by", empty_ok=True), 1)
-        )
-        recovery_anchors: list[bytes] = []
-        for n, pat in enumerate(recovered, 1):
-            found_anchors = _derive_anchors(pat)
-            if found_anchors is None:
-                raise _bad(path, where, "recovered_by", f"pattern #{n} {pat.pattern!r} has no literal of "
-                           f"{MIN_ANCHOR}+ characters to anchor the prefilter")
-            recovery_anchors.extend(a.encode("utf-8") for a in found_anchors)
+        recovered, recovery_anchors = _recovered_of(path, where, entry)
 
         implies = _check_str_list(path, where, entry, "implies", empty_ok=True)
         implies += [
@@ -481,8 +518,22 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
         folded = tuple(re.compile(p.pattern, re.IGNORECASE) for p in compiled)
         rules.append(
             Rule(
-                rid, severity, tuple(compiled), cause, fix, tuple(implies), anchors, tuple(explains), strong, edges,
-                weak_alone, folded, lower, fixes, recovered, tuple(dict.fromkeys(recovery_anchors)),
+                rid,
+                severity,
+                tuple(compiled),
+                cause,
+                fix,
+                tuple(implies),
+                anchors,
+                tuple(explains),
+                strong,
+                edges,
+                weak_alone,
+                folded,
+                lower,
+                fixes,
+                recovered,
+                tuple(dict.fromkeys(recovery_anchors)),
             )
         )
 
@@ -525,16 +576,19 @@ def _check_fix(path: Path | str, where: str, key: str, fix: Any) -> str:
 
 
 def _parse_fixes(path: Path | str, where: str, value: Any) -> tuple[tuple[re.Pattern[str], str], ...]:
-    """``fixes = [{when = "regex", fix = "..."}, ...]``: the fix for the logs whose message matches ``when``."""
+    """``fixes = [{when = "regex", fix = "..."}, ...]``: the fix for the logs whose message matches
+    ``when``."""
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise _bad(path, where, "fixes", "must be a list of tables {when = \"regex\", fix = \"...\"}")
+        raise _bad(path, where, "fixes", 'must be a list of tables {when = "regex", fix = "..."}')
     out = []
     for n, item in enumerate(value, 1):
         if set(item) != _FIX_KEYS:
             raise _bad(path, where, "fixes", f"entry #{n} must have exactly the keys {sorted(_FIX_KEYS)}")
         if not isinstance(item["when"], str) or not item["when"]:
             raise _bad(path, where, "fixes", f"entry #{n}: 'when' must be a non-empty regex")
-        out.append((_compile(path, where, "fixes", n, item["when"]), _check_fix(path, where, "fixes", item["fix"])))
+        out.append(
+            (_compile(path, where, "fixes", n, item["when"]), _check_fix(path, where, "fixes", item["fix"]))
+        )
     return tuple(out)
 
 
@@ -589,7 +643,3 @@ def render_fix(template: str, context: Mapping[str, Any] | None = None) -> str:
         return GENERIC_WORDING.get(m.group(1), m.group(1))
 
     return _PLACEHOLDER_RE.sub(sub, template)
-
-
-
-

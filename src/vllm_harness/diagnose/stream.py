@@ -39,17 +39,6 @@ MAX_WORKERS = 8
 CONTEXT_BYTES = 64 * 1024
 
 
-
-
-
-
-
-
-
-
-
-
-
 class _Limited:
     """A binary reader that stops after ``limit`` bytes."""
 

@@ -34,9 +34,11 @@ class _Ctx:
     pins: dict[str, tuple[Any, str]] = field(default_factory=dict)
     probe: dict = field(default_factory=dict)
     records: list = field(default_factory=list)
-    run: dict = field(default_factory=dict)   # the build's run options (--jobs, --arch): judged as it will use them
-    vf: Any = None                     # the vLLM release's facts (None: not in the data)
-    tf: Any = None                     # the torch release's facts
+    run: dict = field(
+        default_factory=dict
+    )  # the build's run options (--jobs, --arch): judged as it will use them
+    vf: Any = None  # the vLLM release's facts (None: not in the data)
+    tf: Any = None  # the torch release's facts
 
     def probe_passed(self) -> bool:
         """The compile probe of this very source tree passed against the variant's torch."""
@@ -98,9 +100,9 @@ def _v(s: str) -> Version | None:
         return None
 
 
-
-
-def _req_named(variant: Any, name: str, sections: Iterable[str] = ("torch", "deps", "post_install")) -> list[Requirement]:
+def _req_named(
+    variant: Any, name: str, sections: Iterable[str] = ("torch", "deps", "post_install")
+) -> list[Requirement]:
     out = []
     for sec in sections:
         for r in getattr(variant, sec).get("packages") or []:
@@ -118,7 +120,7 @@ class Rule:
     name: str
     fn: Callable[[_Ctx], None]
     ids: tuple[str, ...]
-    needs: tuple[str, ...] = ()          # machine-profile keys ("machine.disk_free_gib")
+    needs: tuple[str, ...] = ()  # machine-profile keys ("machine.disk_free_gib")
     when: Callable[[_Ctx], bool] | None = None
     order: int = 50
 
@@ -134,12 +136,19 @@ class Rule:
 RULES: dict[str, Rule] = {}
 
 
-def rule(name: str, ids: tuple[str, ...], needs: tuple[str, ...] = (), when: Callable[[_Ctx], bool] | None = None,
-         order: int = 50) -> Callable[[Callable[[_Ctx], None]], Callable[[_Ctx], None]]:
+def rule(
+    name: str,
+    ids: tuple[str, ...],
+    needs: tuple[str, ...] = (),
+    when: Callable[[_Ctx], bool] | None = None,
+    order: int = 50,
+) -> Callable[[Callable[[_Ctx], None]], Callable[[_Ctx], None]]:
     """Register ``fn(ctx)`` as doctor's rule ``name``."""
+
     def register(fn: Callable[[_Ctx], None]) -> Callable[[_Ctx], None]:
         RULES[name] = Rule(name, fn, ids, needs, when, order)
         return fn
+
     return register
 
 

@@ -112,7 +112,10 @@ def read_source_pins(source_dir: Path) -> dict[str, tuple[Any, str]]:
     setup = src / "setup.py"
     if setup.is_file():
         try:
-            m = re.search(r"python_requires\s*=\s*['\"]([^'\"]+)['\"]", setup.read_text(encoding="utf-8", errors="replace"))
+            m = re.search(
+                r"python_requires\s*=\s*['\"]([^'\"]+)['\"]",
+                setup.read_text(encoding="utf-8", errors="replace"),
+            )
         except OSError:
             m = None
         if m:
@@ -125,19 +128,25 @@ def read_source_pins(source_dir: Path) -> dict[str, tuple[Any, str]]:
             text = ""
         m = re.search(r"TORCH_SUPPORTED_VERSION_CUDA\s+\"([^\"]+)\"", text)
         if m:
-            first("torch", m.group(1), f"CMakeLists.txt: set(TORCH_SUPPORTED_VERSION_CUDA \"{m.group(1)}\")")
+            first("torch", m.group(1), f'CMakeLists.txt: set(TORCH_SUPPORTED_VERSION_CUDA "{m.group(1)}")')
         m = re.search(r"cmake_minimum_required\s*\(\s*VERSION\s+([\d.]+)", text, re.IGNORECASE)
         if m:
             old = pins.get("cmake_min")
             if old is None or Version(m.group(1)) > Version(old[0]):
-                pins["cmake_min"] = (m.group(1), f"CMakeLists.txt: cmake_minimum_required(VERSION {m.group(1)})")
+                pins["cmake_min"] = (
+                    m.group(1),
+                    f"CMakeLists.txt: cmake_minimum_required(VERSION {m.group(1)})",
+                )
         m = re.search(r"PYTHON_SUPPORTED_VERSIONS((?:\s+\"\d+\.\d+\")+)", text)
         if m:
             vs = sorted(Version(v) for v in re.findall(r"\"(\d+\.\d+)\"", m.group(1)))
             if vs:
                 hi = vs[-1]
                 spec = f">={vs[0]},<{hi.major}.{hi.minor + 1}"
-                pins["python_cmake"] = (spec, f"CMakeLists.txt: PYTHON_SUPPORTED_VERSIONS {m.group(1).strip()}")
+                pins["python_cmake"] = (
+                    spec,
+                    f"CMakeLists.txt: PYTHON_SUPPORTED_VERSIONS {m.group(1).strip()}",
+                )
         archs = _cmake_cuda_archs(text)
         if archs:
             pins["cuda_archs"] = (archs, "CMakeLists.txt: set(CUDA_SUPPORTED_ARCHS ...)")

@@ -2,7 +2,7 @@
 
 ``check(variant, profile, source_dir=None, env=None)`` judges a variant (``variants.Variant``) against a
 machine profile (``machine.probe`` / ``machine.load_profile``) with the compatibility data
-(``compat.load()``) and returns findings that use the ids of shared/contract/failure-ids.md.  It runs no
+(``compat.load()``) and returns findings that use the ids of docs/contract/failure-ids.md.  It runs no
 subprocess; with ``source_dir`` it reads the pins of that vLLM tree (requirements files, pyproject.toml,
 CMakeLists.txt) instead of the table, and looks at the tree's owner and leftovers.
 
@@ -34,71 +34,7 @@ from vllm_harness.facts.compat import (
 # ====================================================================================== source tree
 
 
-
-
-
-
-
-
-
-
-
-
-
 # ===================================================================================== the checks
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ======================================================================================= public API
@@ -127,10 +63,6 @@ def check(variant: Any, profile: dict, source_dir: Path | None = None, env: dict
     return sorted(ctx.findings, key=lambda f: order[f.severity])
 
 
-
-
-
-
 def verdict(findings: Iterable[Finding]) -> str:
     sev = {f.severity for f in findings}
     if "error" in sev:
@@ -140,9 +72,9 @@ def verdict(findings: Iterable[Finding]) -> str:
     return "ready"
 
 
-
-
-def rank_variants(variants: Iterable[Any], profile: dict, env: dict | None = None) -> list[tuple[str, bool, str]]:
+def rank_variants(
+    variants: Iterable[Any], profile: dict, env: dict | None = None
+) -> list[tuple[str, bool, str]]:
     """(name, ok, reason) for each variant, best first: the ones that will not fail, with fewer warnings,
     newer CUDA, wheels before source builds."""
     rows = []
@@ -152,7 +84,9 @@ def rank_variants(variants: Iterable[Any], profile: dict, env: dict | None = Non
         warnings = [f for f in fs if f.severity == "warning"]
         ok = not errors
         if errors:
-            reason = "; ".join(f"{f.id}: {f.subject}" for f in errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else "")
+            reason = "; ".join(f"{f.id}: {f.subject}" for f in errors[:3]) + (
+                f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
+            )
         elif warnings:
             reason = "ready with warnings: " + ", ".join(sorted({f.id for f in warnings}))
         else:
@@ -173,8 +107,12 @@ def _cuda_key(cuda: str) -> float:
 
 def report_dict(variant: Any, profile: dict, findings: list[Finding]) -> dict:
     """cli.md's doctor JSON: {"variant", "machine", "findings"} plus "verdict"."""
-    return {"variant": variant.name, "verdict": verdict(findings), "machine": profile,
-            "findings": [f.to_dict() for f in findings]}
+    return {
+        "variant": variant.name,
+        "verdict": verdict(findings),
+        "machine": profile,
+        "findings": [f.to_dict() for f in findings],
+    }
 
 
 def render_table(report: dict, console: Any = None, show: bool = True) -> str:
@@ -185,20 +123,30 @@ def render_table(report: dict, console: Any = None, show: bool = True) -> str:
     from rich.table import Table
 
     colours = {"error": "bold red", "warning": "yellow", "info": "dim"}
-    table = Table(title=f"doctor: {escape(str(report.get('variant')))} -> {escape(str(report.get('verdict')))}",
-                  show_lines=True, expand=False)
+    table = Table(
+        title=f"doctor: {escape(str(report.get('variant')))} -> {escape(str(report.get('verdict')))}",
+        show_lines=True,
+        expand=False,
+    )
     for col in ("severity", "id", "subject", "evidence", "fix"):
         table.add_column(col, overflow="fold")
     for f in report.get("findings", []):
-        table.add_row(f"[{colours.get(f['severity'], 'default')}]{escape(f['severity'])}[/]", escape(f["id"]),
-                      escape(f["subject"]), escape(f["evidence"]), escape(f["fix"]))
+        table.add_row(
+            f"[{colours.get(f['severity'], 'default')}]{escape(f['severity'])}[/]",
+            escape(f["id"]),
+            escape(f["subject"]),
+            escape(f["evidence"]),
+            escape(f["fix"]),
+        )
     m = (report.get("machine") or {}).get("machine") or {}
     gpus = (report.get("machine") or {}).get("gpu") or []
+    gpu_list = ", ".join(g.get("name", "?") + " (" + g.get("compute_capability", "?") + ")" for g in gpus)
     summary = escape(
-        f"GPU: {', '.join(g.get('name', '?') + ' (' + g.get('compute_capability', '?') + ')' for g in gpus) or 'none'}"
+        f"GPU: "
+        f"{gpu_list or 'none'}"
         f" | driver: {m.get('driver', 'none')} | toolkits: {', '.join(m.get('cuda_toolkits', {})) or 'none'}"
-        f" | gcc {m.get('gcc', '?')} | cmake {m.get('cmake', '?')} | Python {', '.join(m.get('python', [])) or '?'}")
+        f" | gcc {m.get('gcc', '?')} | cmake {m.get('cmake', '?')} | Python "
+        f"{', '.join(m.get('python', [])) or '?'}"
+    )
     parts = [table, summary] + (["no findings"] if not report.get("findings") else [])
     return emit(parts, console, show)
-
-

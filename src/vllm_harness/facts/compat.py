@@ -65,7 +65,7 @@ class TorchFacts:
     pypi_default_cuda: Fact
     cuda_variants: Fact
     arch: dict[str, Fact]    # CUDA 'X.Y' -> TORCH_CUDA_ARCH_LIST of its wheels
-    wheels: Fact | None = None   # tag of the PyPI wheel its metadata was read from (Linux x86_64): its glibc floor
+    wheels: Fact | None = None
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ class VllmFacts:
     torchvision: Fact | None = None
     torchaudio: Fact | None = None
     flashinfer: Fact | None = None
-    wheels: Fact | None = None       # tags of the release's wheels ('cp38-abi3-manylinux_2_28_x86_64')
-    sdist: Fact | None = None        # whether the release has an sdist
+    wheels: Fact | None = None  # tags of the release's wheels ('cp38-abi3-manylinux_2_28_x86_64')
+    sdist: Fact | None = None  # whether the release has an sdist
 
     def build_archs(self, cuda: str) -> Fact | None:
         """CUDA_SUPPORTED_ARCHS of this release's CMakeLists for nvcc ``cuda`` (None if unknown)."""
@@ -110,8 +110,14 @@ class XformersFacts:
 def _merge_inferred(f: Fact, via: Fact) -> Fact:
     """A value reached through an inferred mapping (release -> arch set) is itself inferred."""
     if via.inferred and not f.inferred:
-        return Fact(f.value, f.source, f.url, True, (f.note + "; " if f.note else "") +
-                    f"release group -> CMakeLists version: {via.note or 'inferred'}")
+        return Fact(
+            f.value,
+            f.source,
+            f.url,
+            True,
+            (f.note + "; " if f.note else "")
+            + f"release group -> CMakeLists version: {via.note or 'inferred'}",
+        )
     return f
 
 
@@ -155,16 +161,23 @@ class CompatData:
         if lock:
             self.generated = str(lock.get("generated", "")) or None
             self.sources[INDEX_SOURCE] = (
-                f"{lock.get('index', 'the package index')}: core metadata (Requires-Dist, Requires-Python) of each "
-                f"release's Linux x86_64 wheel and its file list, read by `{REFRESH_COMMAND}` on {self.generated}")
+                f"{lock.get('index', 'the package index')}: core metadata (Requires-Dist, Requires-Python) "
+                f"of each "
+                f"release's Linux x86_64 wheel and its file list, read by `{REFRESH_COMMAND}` on "
+                f"{self.generated}"
+            )
         self._raw = raw
         self._facts: list[tuple[str, Fact]] = []
         self._cuda = {v: self._cuda_facts(v, t) for v, t in raw.get("cuda", {}).items()}
         self._torch = {v: self._torch_facts(v, t) for v, t in raw.get("torch", {}).items()}
-        self._xformers = {v: XformersFacts(v, self._fact(f"xformers.{v}.torch", t["torch"]))
-                          for v, t in raw.get("xformers", {}).items()}
-        self._archs = {name: {k: self._fact(f"vllm_build_archs.{name}.{k}", f) for k, f in table.items()}
-                       for name, table in raw.get("vllm_build_archs", {}).items()}
+        self._xformers = {
+            v: XformersFacts(v, self._fact(f"xformers.{v}.torch", t["torch"]))
+            for v, t in raw.get("xformers", {}).items()
+        }
+        self._archs = {
+            name: {k: self._fact(f"vllm_build_archs.{name}.{k}", f) for k, f in table.items()}
+            for name, table in raw.get("vllm_build_archs", {}).items()
+        }
         self._vllm: list[tuple[SpecifierSet, VllmFacts]] = []
         for i, entry in enumerate(raw.get("vllm", [])):
             where = f"vllm[{entry.get('match', i)}]"
@@ -172,33 +185,58 @@ class CompatData:
                 spec = SpecifierSet(entry["match"])
             except (KeyError, InvalidSpecifier):
                 raise self._bad(f"{where}.match", "is missing or not a version specifier") from None
-            facts = {k: (self._fact(f"{where}.{k}", entry[k]) if k in entry else None)
-                     for k in ("torch", "xformers", "python", "cmake_min", "numpy", "wheel_cuda", "build_archs")}
+            facts = {
+                k: (self._fact(f"{where}.{k}", entry[k]) if k in entry else None)
+                for k in ("torch", "xformers", "python", "cmake_min", "numpy", "wheel_cuda", "build_archs")
+            }
             if facts["build_archs"] is not None and facts["build_archs"].value not in self._archs:
                 raise self._bad(f"{where}.build_archs", f"names unknown set {facts['build_archs'].value!r}")
-            self._vllm.append((spec, VllmFacts(
-                match=entry["match"], torch=facts["torch"], xformers=facts["xformers"], python=facts["python"],
-                cmake_min=facts["cmake_min"], numpy=facts["numpy"], wheel_cuda=facts["wheel_cuda"],
-                build_archs_set=facts["build_archs"], _archs=self._archs)))
+            self._vllm.append(
+                (
+                    spec,
+                    VllmFacts(
+                        match=entry["match"],
+                        torch=facts["torch"],
+                        xformers=facts["xformers"],
+                        python=facts["python"],
+                        cmake_min=facts["cmake_min"],
+                        numpy=facts["numpy"],
+                        wheel_cuda=facts["wheel_cuda"],
+                        build_archs_set=facts["build_archs"],
+                        _archs=self._archs,
+                    ),
+                )
+            )
         self._lock_vllm: dict[str, VllmFacts] = {}
         self._known: dict[str, list[Version]] = {
             "vllm": [Version(r) for e in raw.get("vllm", []) for r in e.get("releases", [])],
-            "torch": [Version(v) for v in self._torch]}
+            "torch": [Version(v) for v in self._torch],
+        }
         if lock:
             self._merge_lock(lock)
-        self._platform = {arch: {k: self._fact(f"platform.{arch}.{k}", f) for k, f in table.items()}
-                          for arch, table in raw.get("platform", {}).items()}
+        self._platform = {
+            arch: {k: self._fact(f"platform.{arch}.{k}", f) for k, f in table.items()}
+            for arch, table in raw.get("platform", {}).items()
+        }
         g = raw.get("gpus", {})
-        self._dc = self._fact("gpus.datacenter_name_patterns", g["datacenter_name_patterns"]) \
-            if "datacenter_name_patterns" in g else None
-        self._consumer = self._fact("gpus.consumer_name_patterns", g["consumer_name_patterns"]) \
-            if "consumer_name_patterns" in g else None
+        self._dc = (
+            self._fact("gpus.datacenter_name_patterns", g["datacenter_name_patterns"])
+            if "datacenter_name_patterns" in g
+            else None
+        )
+        self._consumer = (
+            self._fact("gpus.consumer_name_patterns", g["consumer_name_patterns"])
+            if "consumer_name_patterns" in g
+            else None
+        )
 
     # ------------------------------------------------------------------ building
     def _bad(self, key: str, reason: str) -> UsageError:
-        return UsageError(f"{self.path}: key '{key}' {reason}.",
-                          "Correct the compatibility data file (every fact is { value = ..., source = \"<key of "
-                          "[sources]>\" }, inferred = true where derived).")
+        return UsageError(
+            f"{self.path}: key '{key}' {reason}.",
+            'Correct the compatibility data file (every fact is { value = ..., source = "<key of '
+            '[sources]>" }, inferred = true where derived).',
+        )
 
     def _fact(self, key: str, raw: Any) -> Fact:
         if not isinstance(raw, dict) or "value" not in raw or "source" not in raw:
@@ -228,14 +266,20 @@ class CompatData:
             if k not in t:
                 raise self._bad(f"torch.{v}.{k}", "is missing")
         arch = {c: self._fact(f"torch.{v}.arch.{c}", f) for c, f in t.get("arch", {}).items()}
-        return TorchFacts(v, self._fact(f"torch.{v}.python", t["python"]),
-                          self._fact(f"torch.{v}.pypi_default_cuda", t["pypi_default_cuda"]),
-                          self._fact(f"torch.{v}.cuda_variants", t["cuda_variants"]), arch)
+        return TorchFacts(
+            v,
+            self._fact(f"torch.{v}.python", t["python"]),
+            self._fact(f"torch.{v}.pypi_default_cuda", t["pypi_default_cuda"]),
+            self._fact(f"torch.{v}.cuda_variants", t["cuda_variants"]),
+            arch,
+        )
 
     # ------------------------------------------------------------------ the generated lock
     def _lock_bad(self, key: str, reason: str) -> UsageError:
-        return UsageError(f"{self.lock_path}: key '{key}' {reason}.",
-                          f"Regenerate it with `{REFRESH_COMMAND}` (or delete it to use the hand-kept data only).")
+        return UsageError(
+            f"{self.lock_path}: key '{key}' {reason}.",
+            f"Regenerate it with `{REFRESH_COMMAND}` (or delete it to use the hand-kept data only).",
+        )
 
     def _ifact(self, value: Any, note: str = "", inferred: bool = False, source: str = INDEX_SOURCE) -> Fact:
         return Fact(value, source, self.sources[source], inferred, note)
@@ -295,15 +339,25 @@ class CompatData:
             return self._ifact([cuda], "only PyPI's build is known (PyTorch index not read)")
         base = self._torch[prev[-1]].cuda_variants
         value = sorted(set(base.value) | {cuda}, key=Version)
-        return Fact(value, base.source, base.url, True,
-                    f"PyTorch index not read: taken from torch {prev[-1]} plus PyPI's CUDA {cuda}")
+        return Fact(
+            value,
+            base.source,
+            base.url,
+            True,
+            f"PyTorch index not read: taken from torch {prev[-1]} plus PyPI's CUDA {cuda}",
+        )
 
     def _inherit_arch(self, v: str, hand: list[str]) -> dict[str, Fact]:
         out: dict[str, Fact] = {}
         for h in [h for h in hand if Version(h) <= Version(v)][-1:]:
             for cuda, f in self._torch[h].arch.items():
-                out[cuda] = Fact(f.value, f.source, f.url, True,
-                                 f"TORCH_CUDA_ARCH_LIST of torch {h} (newest read); not read for {v}")
+                out[cuda] = Fact(
+                    f.value,
+                    f.source,
+                    f.url,
+                    True,
+                    f"TORCH_CUDA_ARCH_LIST of torch {h} (newest read); not read for {v}",
+                )
         return out
 
     def _vllm_from_lock(self, v: str, t: dict) -> VllmFacts:
@@ -311,20 +365,35 @@ class CompatData:
 
         def pick(k: str) -> Fact | None:
             return self._ifact(str(t[k])) if k in t else (getattr(hand, k) if hand is not None else None)
+
         torch = pick("torch")
         wheel_cuda = hand.wheel_cuda if hand is not None else None
         if torch is not None and (wheel_cuda is None or wheel_cuda.inferred):
             tf = self._torch.get(_norm(str(torch.value)))
             if tf is not None and "vllm-pypi-wheel-default" in self.sources:
-                wheel_cuda = Fact(tf.pypi_default_cuda.value, "vllm-pypi-wheel-default",
-                                  self.sources["vllm-pypi-wheel-default"], True,
-                                  f"PyPI's torch {torch.value} is the CUDA {tf.pypi_default_cuda.value} build")
+                wheel_cuda = Fact(
+                    tf.pypi_default_cuda.value,
+                    "vllm-pypi-wheel-default",
+                    self.sources["vllm-pypi-wheel-default"],
+                    True,
+                    f"PyPI's torch {torch.value} is the CUDA {tf.pypi_default_cuda.value} build",
+                )
         return VllmFacts(
-            match=f"=={v}", torch=torch, xformers=pick("xformers"), python=pick("python"),
-            cmake_min=hand.cmake_min if hand else None, numpy=hand.numpy if hand else None, wheel_cuda=wheel_cuda,
-            build_archs_set=hand.build_archs_set if hand else None, _archs=self._archs,
-            torchvision=pick("torchvision"), torchaudio=pick("torchaudio"), flashinfer=pick("flashinfer"),
-            wheels=self._ifact(list(t.get("wheels", []))), sdist=self._ifact(bool(t.get("sdist", False))))
+            match=f"=={v}",
+            torch=torch,
+            xformers=pick("xformers"),
+            python=pick("python"),
+            cmake_min=hand.cmake_min if hand else None,
+            numpy=hand.numpy if hand else None,
+            wheel_cuda=wheel_cuda,
+            build_archs_set=hand.build_archs_set if hand else None,
+            _archs=self._archs,
+            torchvision=pick("torchvision"),
+            torchaudio=pick("torchaudio"),
+            flashinfer=pick("flashinfer"),
+            wheels=self._ifact(list(t.get("wheels", []))),
+            sdist=self._ifact(bool(t.get("sdist", False))),
+        )
 
     def _hand_vllm(self, version: str) -> VllmFacts | None:
         public = Version(Version(version).public)
@@ -353,6 +422,7 @@ class CompatData:
     def age_days(self, today: Any = None) -> int | None:
         """Days since the generated data last changed (None without a lock)."""
         import datetime as _dt
+
         if not self.generated:
             return None
         try:
@@ -387,7 +457,7 @@ class CompatData:
         if v.public in self._lock_vllm:
             return self._lock_vllm[v.public]
         if self.newer_than_data("vllm", version):
-            return None   # a release after the data: nothing is known of it (doctor: compat-stale)
+            return None  # a release after the data: nothing is known of it (doctor: compat-stale)
         return self._hand_vllm(version)
 
     def platform(self, arch: str) -> dict[str, Fact]:
@@ -412,7 +482,9 @@ class CompatData:
         return list(self._facts)
 
     def inferred(self) -> list[str]:
-        return [f"{k} = {f.value!r}" + (f" ({f.note})" if f.note else "") for k, f in self._facts if f.inferred]
+        return [
+            f"{k} = {f.value!r}" + (f" ({f.note})" if f.note else "") for k, f in self._facts if f.inferred
+        ]
 
 
 def _norm(version: str) -> str:
@@ -440,8 +512,10 @@ def _read_toml(path: Path, fix: str) -> dict:
     except OSError as e:
         raise UsageError(f"Compatibility data {path} cannot be read ({e.strerror}).", fix) from None
     except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"Compatibility data {path} is not valid TOML ({e}).",
-                         "Correct the TOML syntax at that line." if fix.startswith("Reinstall") else fix) from None
+        raise UsageError(
+            f"Compatibility data {path} is not valid TOML ({e}).",
+            "Correct the TOML syntax at that line." if fix.startswith("Reinstall") else fix,
+        ) from None
 
 
 def load_file(path: Path, lock_path: Path | None = None) -> CompatData:
@@ -451,8 +525,10 @@ def load_file(path: Path, lock_path: Path | None = None) -> CompatData:
     if lock_path is not None and Path(lock_path).is_file():
         lock = _read_toml(Path(lock_path), f"Regenerate it with `{REFRESH_COMMAND}` (or delete it).")
         if lock.get("source") != INDEX_SOURCE:
-            raise UsageError(f"{lock_path}: key 'source' is {lock.get('source')!r}, not {INDEX_SOURCE!r}.",
-                             f"Regenerate it with `{REFRESH_COMMAND}` (or delete it).")
+            raise UsageError(
+                f"{lock_path}: key 'source' is {lock.get('source')!r}, not {INDEX_SOURCE!r}.",
+                f"Regenerate it with `{REFRESH_COMMAND}` (or delete it).",
+            )
     return CompatData(raw, path, lock, Path(lock_path) if lock_path else None)
 
 

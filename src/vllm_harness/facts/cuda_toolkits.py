@@ -25,12 +25,14 @@ def _include_dirs(root: Path) -> list[Path]:
 
 
 def _tool_dirs(root: Path) -> list[Path]:
-    """Where nvcc finds cudafe++, ptxas, fatbinary (bin/ next to it; Debian: /usr/lib/nvidia-cuda-toolkit/bin)."""
+    """Where nvcc finds cudafe++, ptxas, fatbinary (bin/ next to it; Debian:
+    /usr/lib/nvidia-cuda-toolkit/bin)."""
     return [root / "bin", root / "lib" / "nvidia-cuda-toolkit" / "bin"]
 
 
 def toolkit_missing(root: Path, version: str | None = None) -> list[str]:
-    """The parts of the toolkit at ``root`` that a CUDA build needs and that are absent ([] = complete): nvcc and
+    """The parts of the toolkit at ``root`` that a CUDA build needs and that are absent ([] = complete): nvcc
+    and
     the tools it runs (cudafe++, cicc, ptxas, fatbinary), the runtime and compiler headers (cuda_runtime.h,
     crt/host_config.h; CUDA 13's CCCL nv/target), and the static runtime nvcc links by default (nvcc looks in
     lib64/ or targets/<arch>/lib/).  PyPI's CUDA 13 wheels (nvidia/cu13/) lack lib64/ until it is linked
@@ -39,8 +41,11 @@ def toolkit_missing(root: Path, version: str | None = None) -> list[str]:
     for tool in ("nvcc", "cudafe++", "ptxas", "fatbinary"):
         if not any(os.access(d / tool, os.X_OK) and (d / tool).is_file() for d in _tool_dirs(root)):
             missing.append(f"bin/{tool}")
-    cicc = [root / "nvvm" / "bin" / "cicc", root / "lib" / "nvidia-cuda-toolkit" / "bin" / "cicc",
-            root / "lib" / "nvidia-cuda-toolkit" / "nvvm" / "bin" / "cicc"]
+    cicc = [
+        root / "nvvm" / "bin" / "cicc",
+        root / "lib" / "nvidia-cuda-toolkit" / "bin" / "cicc",
+        root / "lib" / "nvidia-cuda-toolkit" / "nvvm" / "bin" / "cicc",
+    ]
     if not any(c.is_file() for c in cicc):
         missing.append("nvvm/bin/cicc")
     inc = _include_dirs(root)
@@ -48,8 +53,11 @@ def toolkit_missing(root: Path, version: str | None = None) -> list[str]:
         if not any((d / header).is_file() for d in inc):
             missing.append(f"include/{header}")
     mm = _mm(version or "")
-    if mm and int(mm.split(".")[0]) >= 13 and not any((d / sub / "nv" / "target").is_file()
-                                                      for d in inc for sub in ("cccl", ".")):
+    if (
+        mm
+        and int(mm.split(".")[0]) >= 13
+        and not any((d / sub / "nv" / "target").is_file() for d in inc for sub in ("cccl", "."))
+    ):
         missing.append("include/cccl/nv/target")
     libs = [root / "lib64", *(Path(p) for p in glob.glob(str(root / "targets" / "*" / "lib")))]
     if str(root) == "/usr" or root.name == "usr":  # Debian: the multiarch dir, on the linker's own path
@@ -110,18 +118,23 @@ def _interp_prefixes(interpreters: list) -> list[Path]:
 def toolkit_candidates(env: dict[str, str], interpreters: list = ()) -> list[tuple[Path, str]]:
     """Possible CUDA roots, most trusted first: CUDA_HOME/CUDA_PATH, /usr/local/cuda-X.Y, /usr/local/cuda,
     /opt/cuda, the nvcc on PATH (Debian: /usr), conda's $CONDA_PREFIX, pip's nvidia-cuda-nvcc wheels in the
-    interpreters' site-packages (nvidia/cu13/ from CUDA 13 on; the older nvidia/cuda_nvcc/ holds ptxas alone)."""
+    interpreters' site-packages (nvidia/cu13/ from CUDA 13 on; the older nvidia/cuda_nvcc/ holds ptxas
+    alone)."""
     seen: list[tuple[Path, str]] = []
     for key in ("CUDA_HOME", "CUDA_PATH"):
         if env.get(key):
             seen.append((Path(env[key]), key))
-    versioned = sorted(glob.glob("/usr/local/cuda-*"), key=lambda p: [int(x) for x in re.findall(r"\d+", p)],
-                       reverse=True)
+    versioned = sorted(
+        glob.glob("/usr/local/cuda-*"), key=lambda p: [int(x) for x in re.findall(r"\d+", p)], reverse=True
+    )
     seen += [(Path(p), "/usr/local") for p in versioned]
     seen += [(Path("/usr/local/cuda"), "/usr/local"), (Path("/opt/cuda"), "/opt")]
     # every nvcc on PATH, not only the first (Debian's /usr/bin/nvcc 11.8 behind /usr/local/bin/nvcc 13.0)
-    nvccs = [str(Path(d) / "nvcc") for d in env.get("PATH", "").split(os.pathsep)
-             if d and (Path(d) / "nvcc").is_file() and os.access(Path(d) / "nvcc", os.X_OK)]
+    nvccs = [
+        str(Path(d) / "nvcc")
+        for d in env.get("PATH", "").split(os.pathsep)
+        if d and (Path(d) / "nvcc").is_file() and os.access(Path(d) / "nvcc", os.X_OK)
+    ]
     for nvcc in dict.fromkeys(nvccs):
         # as torch finds it (dirname of dirname, unresolved: Debian's /usr/bin/nvcc -> /usr), else through
         # symlinks, else where a wrapper script says the toolkit is (nvcc --dryrun: TOP=...)
@@ -131,7 +144,9 @@ def toolkit_candidates(env: dict[str, str], interpreters: list = ()) -> list[tup
     if env.get("CONDA_PREFIX"):
         seen.append((Path(env["CONDA_PREFIX"]), "conda"))
     for prefix in _interp_prefixes(list(interpreters)):
-        for d in sorted(glob.glob(str(prefix / "lib" / "python3*" / "site-packages" / "nvidia" / "*" / "bin" / "nvcc"))):
+        for d in sorted(
+            glob.glob(str(prefix / "lib" / "python3*" / "site-packages" / "nvidia" / "*" / "bin" / "nvcc"))
+        ):
             seen.append((Path(d).parent.parent, "pip"))
     out, keys = [], set()
     for root, origin in seen:
@@ -157,11 +172,20 @@ def incomplete_toolkits(toolkits: dict[str, str]) -> list[str]:
     return out
 
 
-def _probe_toolkits(env: dict[str, str], interpreters: list = ()) -> tuple[dict[str, str], list[str], list[str]]:
+def _probe_toolkits(
+    env: dict[str, str], interpreters: list = ()
+) -> tuple[dict[str, str], list[str], list[str]]:
     cands = toolkit_candidates(env, interpreters)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        runs = [(root, pool.submit(_nvcc_version, root / "bin" / "nvcc", env) if (root / "bin" / "nvcc").exists()
-                 else None) for root, _origin in cands]
+        runs = [
+            (
+                root,
+                pool.submit(_nvcc_version, root / "bin" / "nvcc", env)
+                if (root / "bin" / "nvcc").exists()
+                else None,
+            )
+            for root, _origin in cands
+        ]
         toolkits: dict[str, str] = {}
         no_nvcc: list[str] = []
         for root, fut in runs:
@@ -181,7 +205,9 @@ def _probe_toolkits(env: dict[str, str], interpreters: list = ()) -> tuple[dict[
 TIMEOUT = 10.0
 
 
-def _run(argv: list[str], env: dict[str, str] | None = None, timeout: float = TIMEOUT) -> tuple[int, str] | None:
+def _run(
+    argv: list[str], env: dict[str, str] | None = None, timeout: float = TIMEOUT
+) -> tuple[int, str] | None:
     """(returncode, stdout+stderr) of ``argv``; None when it cannot be run or times out."""
     try:
         p = procs.run(argv, capture_output=True, text=True, timeout=timeout, env=env)

@@ -42,7 +42,9 @@ def plan_fleet(machines: list[tuple[str, dict]], data: CompatData) -> dict:
     serves: dict[tuple, dict[str, tuple[str, set[str]]]] = {}
     for key, o in pool.items():
         cand, vf, tf = o.extra["cand"], o.extra["vf"], o.extra["tf"]
-        spec = SpecifierSet(str(vf.python.value) if vf.python is not None else "") & SpecifierSet(str(tf.python.value))
+        spec = SpecifierSet(str(vf.python.value) if vf.python is not None else "") & SpecifierSet(
+            str(tf.python.value)
+        )
         for name, prof in machines:
             verdict = feasibility.judge(data, prof, cand, vf, tf)
             if verdict.tier not in _GOOD or any(i.finding.id == "compat-unknown" for i in verdict.issues):
@@ -71,20 +73,40 @@ def plan_fleet(machines: list[tuple[str, dict]], data: CompatData) -> dict:
         _score, key, py, cov = best
         o, by = pool[key], serves[key]
         profiles = dict(machines)
-        ccs = sorted({g["compute_capability"] for n in cov for g in profiles[n].get("gpu") or []
-                      if g.get("compute_capability")}, key=Version)
-        chosen.append({"variant": f"{planner._cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}", "cuda": o.cuda,
-                       "torch": o.torch, "vllm": o.vllm, "mode": o.mode, "python": py,
-                       "torch_index": o.extra["cand"].torch_index,
-                       "arch_list": ";".join(ccs) if o.mode == "source" else None,
-                       "machines": {n: by[n][0] for n in cov}})
+        ccs = sorted(
+            {
+                g["compute_capability"]
+                for n in cov
+                for g in profiles[n].get("gpu") or []
+                if g.get("compute_capability")
+            },
+            key=Version,
+        )
+        chosen.append(
+            {
+                "variant": f"{planner._cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}",
+                "cuda": o.cuda,
+                "torch": o.torch,
+                "vllm": o.vllm,
+                "mode": o.mode,
+                "python": py,
+                "torch_index": o.extra["cand"].torch_index,
+                "arch_list": ";".join(ccs) if o.mode == "source" else None,
+                "machines": {n: by[n][0] for n in cov},
+            }
+        )
         unserved = [n for n in unserved if n not in cov]
     left = []
     for name in unserved:
         rep = reports[name]
         rec = rep["recommendation"]
-        left.append({"machine": name, "recommendation": rec,
-                     "why": rec["reason"] if rec else "; ".join(o["why"] for o in rep["options"][:2])})
+        left.append(
+            {
+                "machine": name,
+                "recommendation": rec,
+                "why": rec["reason"] if rec else "; ".join(o["why"] for o in rep["options"][:2]),
+            }
+        )
     return {"machines": [n for n, _ in machines], "variants": chosen, "unserved": left}
 
 
@@ -93,14 +115,21 @@ def render_fleet(report: dict, console: Any = None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
-    t = Table(title=escape(f"plan for a fleet of {len(report['machines'])}: {', '.join(report['machines'])}"),
-              show_lines=True)
+
+    t = Table(
+        title=escape(f"plan for a fleet of {len(report['machines'])}: {', '.join(report['machines'])}"),
+        show_lines=True,
+    )
     for c in ("variant", "vllm", "torch", "cuda", "mode", "python", "arch_list", "machines"):
         t.add_column(c, overflow="fold")
     for v in report["variants"]:
-        t.add_row(*(escape(str(v[c] if v[c] is not None else "-")) for c in
-                    ("variant", "vllm", "torch", "cuda", "mode", "python", "arch_list")),
-                  escape(", ".join(f"{n} ({tier})" for n, tier in v["machines"].items())))
+        t.add_row(
+            *(
+                escape(str(v[c] if v[c] is not None else "-"))
+                for c in ("variant", "vllm", "torch", "cuda", "mode", "python", "arch_list")
+            ),
+            escape(", ".join(f"{n} ({tier})" for n, tier in v["machines"].items())),
+        )
     console = console or Console()
     console.print(t)
     for u in report["unserved"]:

@@ -132,7 +132,7 @@ def _applies(req: Requirement) -> bool:
         return True
     try:
         return req.marker.evaluate(MARKER_ENV)
-    except Exception:  # noqa: BLE001 - an odd marker: keep the requirement
+    except Exception:  # an odd marker: keep the requirement
         return True
 
 

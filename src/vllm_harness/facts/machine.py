@@ -1,4 +1,4 @@
-"""The machine profile: what doctor judges a variant against (shared/contract/machine-profile.md).
+"""The machine profile: what doctor judges a variant against (docs/contract/machine-profile.md).
 
 ``probe(build_dir)`` looks at this machine (GPUs and driver through NVML, else ``nvidia-smi``; CUDA
 toolkits; host tools; interpreters; cores, RAM, disk; container) in a few seconds, running the
@@ -43,9 +43,6 @@ ENV_KEYS = ("VLLM_USE_PRECOMPILED", "VLLM_PRECOMPILED_WHEEL_LOCATION", "VLLM_TAR
 
 
 # ============================================================================================ probing
-
-
-
 
 
 def _tool_version(name: str, argv_tail: list[str], env: dict[str, str],
@@ -212,7 +209,7 @@ def uv_bin() -> str | None:
     try:
         from uv import find_uv_bin
         return find_uv_bin()
-    except Exception:  # noqa: BLE001 - no uv package (or a broken one): PATH's
+    except Exception:  # no uv package (or a broken one): PATH's
         return shutil.which("uv")
 
 
@@ -264,7 +261,8 @@ def _jetson(root: Path = Path("/")) -> tuple[str | None, str | None]:
     m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)(?:\.(\d+))?", head)
     l4t = f"{m.group(1)}.{m.group(2)}" + (f".{m.group(3)}" if m.group(3) else "") if m else None
     try:
-        model = (root / "proc/device-tree/model").read_bytes()[:200].decode("utf-8", "replace").strip("\x00 \n")
+        model = (root / "proc/device-tree/model").read_bytes()[:200].decode("utf-8",
+                                                                            "replace").strip("\x00 \n")
     except OSError:
         model = ""
     return l4t, (model or None)
@@ -300,13 +298,13 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
         f_tk = pool.submit(_probe_toolkits, env, interpreters)
         mem = _meminfo()
         machine: dict[str, Any] = {}
-        if (o := _os_name()):
+        if o := _os_name():
             machine["os"] = o
-        if (a := platform.machine()):
+        if a := platform.machine():
             machine["arch"] = a
-        if (g := _glibc()):
+        if g := _glibc():
             machine["glibc"] = g
-        if (c := _cores()):
+        if c := _cores():
             machine["cpu_cores"] = c
         if "MemTotal" in mem:
             machine["ram_gib"] = mem["MemTotal"]
@@ -337,7 +335,7 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
         l4t, board = _jetson()
         if l4t:
             machine["l4t"] = l4t
-            for g in gpus:       # a Jetson's GPU is the SoC's own
+            for g in gpus:  # a Jetson's GPU is the SoC's own
                 g["integrated"] = True
         if board and "jetson" in board.lower():
             machine["jetson"] = board
@@ -358,5 +356,3 @@ def env_facts(env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment variables doctor looks at (the ``env`` argument of ``doctor.check``)."""
     env = os.environ if env is None else env
     return {k: env[k] for k in ENV_KEYS if k in env}
-
-

@@ -1,5 +1,5 @@
 """A machine profile on disk (`invoke doctor --save-machine`, `--machine FILE`): the schema of its keys
-(shared/contract/machine-profile.md), validation with one message per bad key, and the TOML writer."""
+(docs/contract/machine-profile.md), validation with one message per bad key, and the TOML writer."""
 from __future__ import annotations
 
 import math
@@ -18,7 +18,8 @@ from vllm_harness.facts.variants import Bad as _Bad
 from vllm_harness.facts.variants import check_bool as _bool
 from vllm_harness.facts.variants import list_of
 
-# what a terminal would act on rather than show: C0 controls but tab and newline (ESC starts CSI/OSC sequences,
+# what a terminal would act on rather than show: C0 controls but tab and newline (ESC starts CSI/OSC
+# sequences,
 # BEL, CR rewrites the line), DEL, C1 controls (0x9b is a CSI on its own), the format characters that reorder
 # or hide text
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
@@ -38,11 +39,11 @@ def _s(v: Any) -> str:
 def _ver(v: Any) -> str:
     s = _s(v).strip()
     if not re.fullmatch(r"\d+(\.\d+){0,3}", s):
-        raise _Bad(f"{s!r} is not a version", "write a dotted version such as \"3.22.1\"")
+        raise _Bad(f"{s!r} is not a version", 'write a dotted version such as "3.22.1"')
     try:
         Version(s)
     except InvalidVersion:  # pragma: no cover - the regex already rules this out
-        raise _Bad(f"{s!r} is not a version", "write a dotted version such as \"3.22.1\"") from None
+        raise _Bad(f"{s!r} is not a version", 'write a dotted version such as "3.22.1"') from None
     return s
 
 
@@ -50,8 +51,13 @@ def _mm_str(what: str) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         s = _s(v).strip()
         if not re.fullmatch(r"\d{1,2}\.\d{1,2}", s):
-            raise _Bad(f"{s!r} is not a {what}", f"write major.minor in quotes, e.g. \"{'8.9' if 'capab' in what else '2.36' if 'glibc' in what else '12.4'}\"")
+            raise _Bad(
+                f"{s!r} is not a {what}",
+                f'write major.minor in quotes, e.g. '
+                f'"{"8.9" if "capab" in what else "2.36" if "glibc" in what else "12.4"}"',
+            )
         return s
+
     return check
 
 
@@ -86,7 +92,7 @@ def _tool_name(v: Any) -> str:
 def _driver(v: Any) -> str:
     s = _s(v).strip()
     if not re.fullmatch(r"\d+(\.\d+){0,3}", s):
-        raise _Bad(f"{s!r} is not a driver version", "write it as nvidia-smi shows it, e.g. \"550.54.15\"")
+        raise _Bad(f"{s!r} is not a driver version", 'write it as nvidia-smi shows it, e.g. "550.54.15"')
     return s
 
 
@@ -99,11 +105,14 @@ def _nonempty(v: Any) -> str:
 
 def validate_profile(data: Any, where: str = "machine profile") -> dict:
     """The profile, normalised (numbers for *_gib are floats); ``UsageError`` naming ``where`` + key + fix."""
+
     def fail(key: str, reason: str, fix: str) -> UsageError:
         return UsageError(f"{where}: key '{key}': {reason}.", fix[0].upper() + fix[1:] + ".")
 
     if not isinstance(data, dict):
-        raise UsageError(f"{where}: is not a table of [machine] and [[gpu]].", "Write it as machine-profile.md shows.")
+        raise UsageError(
+            f"{where}: is not a table of [machine] and [[gpu]].", "Write it as machine-profile.md shows."
+        )
     for key in data:
         if key not in ("machine", "gpu"):
             raise fail(key, "is not a known key", "use [machine] and [[gpu]] only (or remove it)")
@@ -115,21 +124,34 @@ def validate_profile(data: Any, where: str = "machine profile") -> dict:
         mo: dict[str, Any] = {}
         for key, value in m.items():
             if key not in MACHINE_KEYS:
-                raise fail(f"machine.{key}", "is not a known key",
-                           f"use one of: {', '.join(MACHINE_KEYS)} (or remove it)")
+                raise fail(
+                    f"machine.{key}",
+                    "is not a known key",
+                    f"use one of: {', '.join(MACHINE_KEYS)} (or remove it)",
+                )
             if key == "cuda_toolkits":
                 if not isinstance(value, dict):
-                    raise fail("machine.cuda_toolkits", f"expected a table, got {type(value).__name__}",
-                               "write [machine.cuda_toolkits] with lines like \"11.8\" = \"/usr/local/cuda-11.8\"")
+                    raise fail(
+                        "machine.cuda_toolkits",
+                        f"expected a table, got {type(value).__name__}",
+                        'write [machine.cuda_toolkits] with lines like "11.8" = "/usr/local/cuda-11.8"',
+                    )
                 tk = {}
                 for ver, root in value.items():
                     if not re.fullmatch(r"\d{1,2}\.\d{1,2}", ver):
-                        raise fail(f"machine.cuda_toolkits.{ver}", "is not a CUDA major.minor",
-                                   "use the toolkit version as the key, e.g. \"12.4\"")
+                        raise fail(
+                            f"machine.cuda_toolkits.{ver}",
+                            "is not a CUDA major.minor",
+                            'use the toolkit version as the key, e.g. "12.4"',
+                        )
                     try:
                         tk[ver] = _nonempty(root)
                     except _Bad as e:
-                        raise fail(f"machine.cuda_toolkits.{ver}", e.reason, "give the toolkit root (CUDA_HOME) as a string") from None
+                        raise fail(
+                            f"machine.cuda_toolkits.{ver}",
+                            e.reason,
+                            "give the toolkit root (CUDA_HOME) as a string",
+                        ) from None
                 mo[key] = tk
                 continue
             try:
@@ -148,7 +170,11 @@ def validate_profile(data: Any, where: str = "machine profile") -> dict:
             gd = {}
             for key, value in g.items():
                 if key not in GPU_KEYS:
-                    raise fail(f"gpu[{i}].{key}", "is not a known key", f"use one of: {', '.join(GPU_KEYS)} (or remove it)")
+                    raise fail(
+                        f"gpu[{i}].{key}",
+                        "is not a known key",
+                        f"use one of: {', '.join(GPU_KEYS)} (or remove it)",
+                    )
                 try:
                     gd[key] = GPU_KEYS[key](value)
                 except _Bad as e:
@@ -163,10 +189,14 @@ def parse_profile(text: str, where: str = "machine profile") -> dict:
         safeio.prescan_toml(text)
         data = tomllib.loads(text)
     except safeio.TomlLimit as e:
-        raise UsageError(f"{where}: {e}, past what a machine profile may hold.",
-                         "Give a file written by `invoke doctor --save-machine FILE`.") from None
+        raise UsageError(
+            f"{where}: {e}, past what a machine profile may hold.",
+            "Give a file written by `invoke doctor --save-machine FILE`.",
+        ) from None
     except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{where}: is not valid TOML ({e}).", "Correct the TOML syntax at that line.") from None
+        raise UsageError(
+            f"{where}: is not valid TOML ({e}).", "Correct the TOML syntax at that line."
+        ) from None
     return validate_profile(data, where)
 
 
@@ -174,8 +204,12 @@ def load_profile(path: Path) -> dict:
     """A saved profile, validated.  A FIFO, a device, a huge file, bad TOML, a wrong type or an unknown key:
     ``UsageError`` (checked on the open file before anything is read)."""
     path = Path(path)
-    text = safeio.read_text(path, "Machine profile", safeio.TOML_MAX_BYTES,
-                            "Give the path of a file written by `invoke doctor --save-machine FILE`.")
+    text = safeio.read_text(
+        path,
+        "Machine profile",
+        safeio.TOML_MAX_BYTES,
+        "Give the path of a file written by `invoke doctor --save-machine FILE`.",
+    )
     return parse_profile(text, str(path))
 
 
@@ -227,8 +261,10 @@ _SAVE_FIX = "Give a new FILE, or pass --force to replace it."
 def dump_profile(profile: dict) -> str:
     """The TOML text of ``profile`` (validated first)."""
     p = validate_profile(profile, "profile to save")
-    lines = [f"{PROFILE_MARK} (shared/contract/machine-profile.md).",
-             "# `invoke doctor --machine FILE` judges a variant against it."]
+    lines = [
+        f"{PROFILE_MARK} (docs/contract/machine-profile.md).",
+        "# `invoke doctor --machine FILE` judges a variant against it.",
+    ]
     if "gpu" in p and not p["gpu"]:
         lines.append("gpu = []   # no NVIDIA GPU found")
     if "machine" in p:
@@ -249,8 +285,9 @@ def save_profile(profile: dict, path: Path, force: bool = False) -> Path:
     path = Path(path)
     writer.check_target(path, what="--save-machine", force=force, marker=PROFILE_MARK.encode(), fix=_SAVE_FIX)
     text = dump_profile(profile)
-    return writer.write_file(path, text, what="--save-machine", force=force, marker=PROFILE_MARK.encode(),
-                             fix=_SAVE_FIX)
+    return writer.write_file(
+        path, text, what="--save-machine", force=force, marker=PROFILE_MARK.encode(), fix=_SAVE_FIX
+    )
 
 
 MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
@@ -273,8 +310,8 @@ MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
     "driver": _driver,
     "driver_cuda": _mm_str("CUDA version"),
     "in_container": _bool,
-    "l4t": _ver,               # Jetson: the L4T release (/etc/nv_tegra_release), e.g. "36.4.3"
-    "jetson": _nonempty,       # Jetson: the board (/proc/device-tree/model)
+    "l4t": _ver,  # Jetson: the L4T release (/etc/nv_tegra_release), e.g. "36.4.3"
+    "jetson": _nonempty,  # Jetson: the board (/proc/device-tree/model)
     "not_found": _list(_tool_name),
     "cuda_without_nvcc": _list(_nonempty),
     "cuda_incomplete": _list(_nonempty),
@@ -286,5 +323,5 @@ GPU_KEYS: dict[str, Callable[[Any], Any]] = {
     "name": _nonempty,
     "compute_capability": _mm_str("compute capability"),
     "memory_gib": _num,
-    "integrated": _bool,       # an integrated GPU (Jetson/Tegra): CUDA comes with the board's JetPack
+    "integrated": _bool,  # an integrated GPU (Jetson/Tegra): CUDA comes with the board's JetPack
 }

@@ -55,7 +55,9 @@ def _cuda_tag(cuda: str) -> str:
     return "cu" + cuda.replace(".", "")
 
 
-def driver_supports(data: CompatData, cuda: str, driver: str | None, driver_cuda: str | None) -> tuple[bool, str]:
+def driver_supports(
+    data: CompatData, cuda: str, driver: str | None, driver_cuda: str | None
+) -> tuple[bool, str]:
     """(runs, how): the judge's driver rule (facts/feasibility.py), as a yes/no."""
     state, how = feasibility.driver_status(data, cuda, driver, driver_cuda)
     if state == "none":
@@ -72,7 +74,9 @@ def _pythons(profile: dict) -> list[Version]:
     return sorted(out)
 
 
-def _python_for(spec: str, pythons: list[Version], tags: list[str] | None = None) -> tuple[Version | None, str]:
+def _python_for(
+    spec: str, pythons: list[Version], tags: list[str] | None = None
+) -> tuple[Version | None, str]:
     """The newest interpreter in ``spec`` (and covered by the wheel ``tags``), or (None, why)."""
     try:
         s = SpecifierSet(spec)
@@ -103,11 +107,18 @@ def _for_arch(tags: list[str], arch: str | None) -> list[str]:
 
 
 #: a judge's failure id, as a few words in plan's reasons
-_LABEL = {"no-kernel-image": "arch dropped", "arch-unsupported-by-nvcc": "nvcc cannot build for this GPU",
-          "driver-too-old": "driver too old", "cuda-forward-compat": "forward compatibility",
-          "torch-cpu-only": "PyPI's torch has no CUDA on this platform", "torch-wheel-not-found": "platform",
-          "cuda-home-missing": "no CUDA toolkit", "nvcc-not-found": "no nvcc",
-          "cuda-torch-version-mismatch": "toolkit of another CUDA", "compat-unknown": "not in the data"}
+_LABEL = {
+    "no-kernel-image": "arch dropped",
+    "arch-unsupported-by-nvcc": "nvcc cannot build for this GPU",
+    "driver-too-old": "driver too old",
+    "cuda-forward-compat": "forward compatibility",
+    "torch-cpu-only": "PyPI's torch has no CUDA on this platform",
+    "torch-wheel-not-found": "platform",
+    "cuda-home-missing": "no CUDA toolkit",
+    "nvcc-not-found": "no nvcc",
+    "cuda-torch-version-mismatch": "toolkit of another CUDA",
+    "compat-unknown": "not in the data",
+}
 
 
 def _reason(issue: feasibility.Issue) -> str:
@@ -115,8 +126,9 @@ def _reason(issue: feasibility.Issue) -> str:
     return f"{_LABEL.get(f.id, f.id)}: {f.subject} ({f.evidence})"
 
 
-def _candidate(data: CompatData, v: str, cuda: str, mode: str, profile: dict,
-               pythons: list[Version]) -> tuple[Candidate | None, str, dict]:
+def _candidate(
+    data: CompatData, v: str, cuda: str, mode: str, profile: dict, pythons: list[Version]
+) -> tuple[Candidate | None, str, dict]:
     """The candidate vLLM ``v`` on ``cuda`` in ``mode`` is on this machine (how torch comes, which Python), or
     (None, why) when the data rules it out before any machine rule: no such build, no Python for it."""
     vf = data.vllm(v)
@@ -135,7 +147,11 @@ def _candidate(data: CompatData, v: str, cuda: str, mode: str, profile: dict,
         tags = _for_arch(list(vf.wheels.value) if vf.wheels is not None else [], arch)
         pypi_cuda, _f = feasibility.pypi_torch_cuda(data, tf, arch)
         # PyPI's torch where it is this CUDA's build; else the PyTorch index of this platform
-        index = None if pypi_cuda == cuda or not feasibility.index_has_torch(data, tf, cuda, arch) else f"{PYTORCH_WHL}/{tag}"
+        index = (
+            None
+            if pypi_cuda == cuda or not feasibility.index_has_torch(data, tf, cuda, arch)
+            else f"{PYTORCH_WHL}/{tag}"
+        )
         if index is not None and cuda not in tf.cuda_variants.value:
             return None, "", {}
         cand = Candidate(cuda, tv, v, "wheel", f"{tag}-vllm{v.replace('.', '')}", torch_index=index)
@@ -145,13 +161,26 @@ def _candidate(data: CompatData, v: str, cuda: str, mode: str, profile: dict,
         if cuda not in tf.cuda_variants.value:
             return None, "", {}
         tags = None
-        cand = Candidate(cuda, tv, v, "source", f"{tag}-vllm{v.replace('.', '')}",
-                         torch_index=None if jetson else f"{PYTORCH_WHL}/{tag}", torch_preinstalled=jetson)
-    spec = SpecifierSet(str(vf.python.value) if vf.python is not None else "") & SpecifierSet(str(tf.python.value))
+        cand = Candidate(
+            cuda,
+            tv,
+            v,
+            "source",
+            f"{tag}-vllm{v.replace('.', '')}",
+            torch_index=None if jetson else f"{PYTORCH_WHL}/{tag}",
+            torch_preinstalled=jetson,
+        )
+    spec = SpecifierSet(str(vf.python.value) if vf.python is not None else "") & SpecifierSet(
+        str(tf.python.value)
+    )
     py, why = _python_for(str(spec), pythons, tags or None)
     if pythons and py is None:
         return None, f"vLLM {v} (torch {tv}): {why}", {}
-    return cand, "", {"vf": vf, "tf": tf, "python": f"{py.major}.{py.minor}" if py is not None else _newest_minor(spec)}
+    return (
+        cand,
+        "",
+        {"vf": vf, "tf": tf, "python": f"{py.major}.{py.minor}" if py is not None else _newest_minor(spec)},
+    )
 
 
 def _newest_minor(spec: SpecifierSet) -> str:
@@ -168,14 +197,16 @@ def _line(data: CompatData, cuda: str, profile: dict, pythons: list[Version], re
     """The best candidate on one CUDA line: a prebuilt wheel that runs, else a source build that runs, else
     what runs after fixes; else why nothing does.  Its ``why`` names what ruled out newer releases."""
     m = profile.get("machine") or {}
-    state, how = feasibility.driver_status(data, cuda, m.get("driver"), m.get("driver_cuda"),
-                                           feasibility.is_jetson(profile))
+    state, how = feasibility.driver_status(
+        data, cuda, m.get("driver"), m.get("driver_cuda"), feasibility.is_jetson(profile)
+    )
     best: dict[tuple[str, str], tuple[Candidate, feasibility.Verdict, dict]] = {}
-    reasons: dict[str, tuple[str, str, str]] = {}   # what (without the release) -> (mode, newest release, why)
+    reasons: dict[str, tuple[str, str, str]] = {}  # what (without the release) -> (mode, newest release, why)
     mode = "wheel"
 
     def note(key: str, v: str, why: str) -> None:
         reasons.setdefault(key, (mode, v, why))
+
     for mode in ("wheel", "source"):
         for v in releases:
             cand, why, det = _candidate(data, v, cuda, mode, profile, pythons)
@@ -185,7 +216,7 @@ def _line(data: CompatData, cuda: str, profile: dict, pythons: list[Version], re
                 continue
             verdict = feasibility.judge(data, profile, cand, det["vf"], det["tf"])
             gaps = [i for i in verdict.issues if i.finding.id == "compat-unknown"]
-            if gaps:   # plan proposes only what the data vouches for (doctor warns of the same gap)
+            if gaps:  # plan proposes only what the data vouches for (doctor warns of the same gap)
                 note(f"unknown {gaps[0].finding.subject}", v, f"vLLM {v}: {_reason(gaps[0])}")
                 continue
             group = "good" if verdict.tier in _GOOD else verdict.tier
@@ -194,32 +225,81 @@ def _line(data: CompatData, cuda: str, profile: dict, pythons: list[Version], re
             if group == "cannot":
                 for i in verdict.issues:
                     if i.finding.severity == "error" and not i.fixable:
-                        note(f"{i.finding.id} {i.finding.subject.split(' ', 2)[-1]}", v, f"vLLM {v}: {_reason(i)}")
+                        note(
+                            f"{i.finding.id} {i.finding.subject.split(' ', 2)[-1]}",
+                            v,
+                            f"vLLM {v}: {_reason(i)}",
+                        )
             if (mode, "good") in best:
                 break
     driver_ids = ("driver-too-old", "cuda-forward-compat")
-    for key in (("wheel", "good"), ("source", "good"), ("wheel", "runs after fixes"), ("source", "runs after fixes")):
+    for key in (
+        ("wheel", "good"),
+        ("source", "good"),
+        ("wheel", "runs after fixes"),
+        ("source", "runs after fixes"),
+    ):
         if key in best:
             cand, verdict, det = best[key]
-            shown = [i for i in verdict.issues if i.finding.severity in ("warning", "error")
-                     and i.finding.id not in ("bf16-unsupported", "flash-attn-unsupported-gpu") + driver_ids]
-            newer = [w for md, rv, w in reasons.values()
-                     if md == cand.mode and Version(rv) > Version(cand.vllm) and "no torch pin" not in w]
+            shown = [
+                i
+                for i in verdict.issues
+                if i.finding.severity in ("warning", "error")
+                and i.finding.id not in ("bf16-unsupported", "flash-attn-unsupported-gpu") + driver_ids
+            ]
+            newer = [
+                w
+                for md, rv, w in reasons.values()
+                if md == cand.mode and Version(rv) > Version(cand.vllm) and "no torch pin" not in w
+            ]
             notes = ([how] if state != "none" else []) + [_reason(i) for i in shown] + newer
-            return Option(cuda, cand.torch, cand.vllm, det["python"], cand.mode, verdict.tier in _GOOD,
-                          "; ".join(notes[:4]) or "runs as is", tier=verdict.tier, fixes=verdict.fixes,
-                          extra={"vf": det["vf"], "tf": det["tf"], "cand": cand, "verdict": verdict})
+            return Option(
+                cuda,
+                cand.torch,
+                cand.vllm,
+                det["python"],
+                cand.mode,
+                verdict.tier in _GOOD,
+                "; ".join(notes[:4]) or "runs as is",
+                tier=verdict.tier,
+                fixes=verdict.fixes,
+                extra={"vf": det["vf"], "tf": det["tf"], "cand": cand, "verdict": verdict},
+            )
     every = [w for _m, _v, w in reasons.values()]
-    noise = ("no torch pin", "no sdist", "not in the data")   # old releases, gaps: only when nothing else is said
-    rs = [w for w in every if not any(n in w for n in noise)] or [w for w in every if "no torch pin" not in w] or every
+    noise = (
+        "no torch pin",
+        "no sdist",
+        "not in the data",
+    )  # old releases, gaps: only when nothing else is said
+    rs = (
+        [w for w in every if not any(n in w for n in noise)]
+        or [w for w in every if "no torch pin" not in w]
+        or every
+    )
     head = [how] if state in ("too-old", "other") else []
-    return Option(cuda, None, None, None, None, False,
-                  "; ".join(head + rs[:3]) or f"no vLLM release in the data is built for CUDA {cuda}", tier="cannot")
+    return Option(
+        cuda,
+        None,
+        None,
+        None,
+        None,
+        False,
+        "; ".join(head + rs[:3]) or f"no vLLM release in the data is built for CUDA {cuda}",
+        tier="cannot",
+    )
 
 
 def _summary(o: Option) -> dict:
-    return {"cuda": o.cuda, "vllm": o.vllm, "torch": o.torch, "python": o.python, "mode": o.mode,
-            "variant": f"{_cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}", "why": o.why, "fixes": o.fixes}
+    return {
+        "cuda": o.cuda,
+        "vllm": o.vllm,
+        "torch": o.torch,
+        "python": o.python,
+        "mode": o.mode,
+        "variant": f"{_cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}",
+        "why": o.why,
+        "fixes": o.fixes,
+    }
 
 
 def _rank(o: Option) -> tuple:
@@ -235,14 +315,20 @@ def plan(profile: dict, data: CompatData, machine_name: str = "this machine") ->
     pythons = _pythons(profile)
     releases = sorted(data.vllm_releases(), key=Version, reverse=True)
     if not releases:
-        raise UsageError("The compatibility data has no per-release vLLM facts (data/compat.lock.toml is missing).",
-                         "Run `invoke compat --refresh` with PyPI reachable.")
-    options = [_line(data, cuda, profile, pythons, releases)
-               for cuda in sorted(data.cuda_versions(), key=Version, reverse=True)]
+        raise UsageError(
+            "The compatibility data has no per-release vLLM facts (data/compat.lock.toml is missing).",
+            "Run `invoke compat --refresh` with PyPI reachable.",
+        )
+    options = [
+        _line(data, cuda, profile, pythons, releases)
+        for cuda in sorted(data.cuda_versions(), key=Version, reverse=True)
+    ]
     tiers: dict[str, dict | None] = {}
     for t in feasibility.TIERS[:3]:
         pool = [o for o in options if o.tier == t]
-        tiers[t.replace(" ", "_")] = _summary(max(pool, key=lambda o: (Version(o.vllm), o.mode == "wheel"))) if pool else None
+        tiers[t.replace(" ", "_")] = (
+            _summary(max(pool, key=lambda o: (Version(o.vllm), o.mode == "wheel"))) if pool else None
+        )
     rec = None
     for t in feasibility.TIERS[:3]:
         pool = [o for o in options if o.tier == t]
@@ -251,24 +337,49 @@ def plan(profile: dict, data: CompatData, machine_name: str = "this machine") ->
         best = max(pool, key=_rank) if t != "runs after fixes" else max(pool, key=_fix_rank)
         rec = {**_rec(best), "reason": _why_recommended(best, t, options)}
         break
-    gpus = ", ".join(f"{g.get('name', '?')} ({g.get('compute_capability', '?')})" for g in profile.get("gpu") or [])
-    return {"machine": {"name": machine_name, "driver": driver, "driver_cuda": driver_cuda, "gpus": gpus or "none",
-                        "python": [str(p) for p in pythons], "arch": feasibility.cpu_arch(profile),
-                        "glibc": m.get("glibc"), "jetson": feasibility.is_jetson(profile),
-                        "cuda_toolkits": sorted((m.get("cuda_toolkits") or {}), key=Version)},
-            "options": [o.to_dict() for o in options], "tiers": tiers, "recommendation": rec,
-            "_options": options}
+    gpus = ", ".join(
+        f"{g.get('name', '?')} ({g.get('compute_capability', '?')})" for g in profile.get("gpu") or []
+    )
+    return {
+        "machine": {
+            "name": machine_name,
+            "driver": driver,
+            "driver_cuda": driver_cuda,
+            "gpus": gpus or "none",
+            "python": [str(p) for p in pythons],
+            "arch": feasibility.cpu_arch(profile),
+            "glibc": m.get("glibc"),
+            "jetson": feasibility.is_jetson(profile),
+            "cuda_toolkits": sorted((m.get("cuda_toolkits") or {}), key=Version),
+        },
+        "options": [o.to_dict() for o in options],
+        "tiers": tiers,
+        "recommendation": rec,
+        "_options": options,
+    }
 
 
 def _rec(o: Option) -> dict:
-    return {"variant": f"{_cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}", "cuda": o.cuda, "torch": o.torch,
-            "vllm": o.vllm, "python": o.python, "mode": o.mode, "tier": o.tier, "fixes": o.fixes}
+    return {
+        "variant": f"{_cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}",
+        "cuda": o.cuda,
+        "torch": o.torch,
+        "vllm": o.vllm,
+        "python": o.python,
+        "mode": o.mode,
+        "tier": o.tier,
+        "fixes": o.fixes,
+    }
 
 
 def _driver_fix(o: Option) -> bool:
     v = o.extra.get("verdict")
-    return v is not None and any(i.fixable and i.finding.severity == "error" and i.finding.id in
-                                 ("driver-too-old", "cuda-forward-compat") for i in v.issues)
+    return v is not None and any(
+        i.fixable
+        and i.finding.severity == "error"
+        and i.finding.id in ("driver-too-old", "cuda-forward-compat")
+        for i in v.issues
+    )
 
 
 def _fix_rank(o: Option) -> tuple:
@@ -278,27 +389,41 @@ def _fix_rank(o: Option) -> tuple:
 
 
 def _why_recommended(best: Option, tier: str, options: list[Option]) -> str:
-    """The recommendation's reason, with the trade-off against the newest vLLM that would run some other way."""
-    what = f"vLLM {best.vllm} ({'prebuilt wheel' if best.mode == 'wheel' else 'built from source'}, CUDA {best.cuda})"
+    """The recommendation's reason, with the trade-off against the newest vLLM that would run some other
+    way."""
+    built = "prebuilt wheel" if best.mode == "wheel" else "built from source"
+    what = f"vLLM {best.vllm} ({built}, CUDA {best.cuda})"
     if tier == "runs":
-        out = f"{what} is the newest {'prebuilt wheel' if best.mode == 'wheel' else 'release'} that runs as is here"
-        src = [o for o in options if o.tier == tier and o.mode != best.mode and Version(o.vllm) > Version(best.vllm)]
+        newest = "prebuilt wheel" if best.mode == "wheel" else "release"
+        out = f"{what} is the newest {newest} that runs as is here"
+        src = [
+            o
+            for o in options
+            if o.tier == tier and o.mode != best.mode and Version(o.vllm) > Version(best.vllm)
+        ]
         if src:
             o = max(src, key=lambda o: Version(o.vllm))
-            out += (f" (vLLM {o.vllm} built from source also runs as is, on CUDA {o.cuda}: a wheel is preferred, "
-                    "no compiler or toolkit needed)")
+            out += (
+                f" (vLLM {o.vllm} built from source also runs as is, on CUDA {o.cuda}: a wheel is preferred, "
+                "no compiler or toolkit needed)"
+            )
     elif tier == "runs with warnings":
         out = f"nothing runs as is; {what} runs with warnings: {best.why}"
     else:
-        out = (f"nothing runs as is; {what} runs after these fixes: " + "; ".join(best.fixes)
-               + (" (no driver upgrade needed)" if not _driver_fix(best) else ""))
-    for t in feasibility.TIERS[1:3]:     # the newest that runs another way, per tier: what the choice trades
+        out = (
+            f"nothing runs as is; {what} runs after these fixes: "
+            + "; ".join(best.fixes)
+            + (" (no driver upgrade needed)" if not _driver_fix(best) else "")
+        )
+    for t in feasibility.TIERS[1:3]:  # the newest that runs another way, per tier: what the choice trades
         newer = [o for o in options if o.tier == t and o is not best and Version(o.vllm) > Version(best.vllm)]
         if newer:
             alt = max(newer, key=lambda o: (Version(o.vllm), o.mode == "wheel"))
-            out += (f". Trade-off: the newer vLLM {alt.vllm} ({alt.mode}, CUDA {alt.cuda}) {alt.tier}: {alt.why}"
-                    + (f" (fix: {'; '.join(alt.fixes)})" if alt.fixes else "")
-                    + f"; its variant would be {_cuda_tag(alt.cuda)}-vllm{alt.vllm.replace('.', '')}")
+            out += (
+                f". Trade-off: the newer vLLM {alt.vllm} ({alt.mode}, CUDA {alt.cuda}) {alt.tier}: {alt.why}"
+                + (f" (fix: {'; '.join(alt.fixes)})" if alt.fixes else "")
+                + f"; its variant would be {_cuda_tag(alt.cuda)}-vllm{alt.vllm.replace('.', '')}"
+            )
     return out
 
 
@@ -310,10 +435,15 @@ def render_variant(report: dict, data: CompatData, option: Option | None = None)
     """The recommendation (or another planned ``option`` of the report) as an ``envs/*.toml`` variant."""
     rec = report.get("recommendation") if option is None else _rec(option)
     if rec is None:
-        raise UsageError("plan: nothing runs on this machine, even after fixes, so there is no variant to write.",
-                         "See the options' reasons (driver, GPU arch, Python) and fix the machine first.")
-    opt = option or next(o for o in report["_options"]
-                         if o.tier == rec["tier"] and o.cuda == rec["cuda"] and o.vllm == rec["vllm"])
+        raise UsageError(
+            "plan: nothing runs on this machine, even after fixes, so there is no variant to write.",
+            "See the options' reasons (driver, GPU arch, Python) and fix the machine first.",
+        )
+    opt = option or next(
+        o
+        for o in report["_options"]
+        if o.tier == rec["tier"] and o.cuda == rec["cuda"] and o.vllm == rec["vllm"]
+    )
     vf, cand = opt.extra["vf"], opt.extra["cand"]
     cuda, tag, tv = rec["cuda"], _cuda_tag(rec["cuda"]), rec["torch"]
     mach = report["machine"]
@@ -325,27 +455,42 @@ def render_variant(report: dict, data: CompatData, option: Option | None = None)
         if f is not None:
             pkgs.append(f"{k}=={f.value}")
     arch = mach.get("arch") or "x86_64"
-    lines = [f"{PLAN_MARK} for {mach['name']}: {mach['gpus']}, driver {mach['driver'] or 'none'}, {arch}.",
-             f"# For machines like it: a driver that runs CUDA {cuda} and GPUs these wheels cover."]
+    lines = [
+        f"{PLAN_MARK} for {mach['name']}: {mach['gpus']}, driver {mach['driver'] or 'none'}, {arch}.",
+        f"# For machines like it: a driver that runs CUDA {cuda} and GPUs these wheels cover.",
+    ]
     lines += [f"# Before the build: {f}" for f in rec.get("fixes") or []]
-    lines += [f"description = \"CUDA {cuda}: vLLM {rec['vllm']} "
-              + ("prebuilt wheel" if rec["mode"] == "wheel" else "built from source")
-              + f" on torch {tv} (planned for {mach['name']})\"",
-              f"cuda = \"{cuda}\"", f"python = \">={lo.major}.{lo.minor},<{lo.major}.{lo.minor + 1}\"", "", "[torch]",
-              f"version = \"{tv}\""]
+    lines += [
+        f'description = "CUDA {cuda}: vLLM {rec["vllm"]} '
+        + ("prebuilt wheel" if rec["mode"] == "wheel" else "built from source")
+        + f' on torch {tv} (planned for {mach["name"]})"',
+        f'cuda = "{cuda}"',
+        f'python = ">={lo.major}.{lo.minor},<{lo.major}.{lo.minor + 1}"',
+        "",
+        "[torch]",
+        f'version = "{tv}"',
+    ]
     if cand.torch_preinstalled:
-        lines.append(f"packages = [\"torch=={tv}\"]")
-        lines.append("preinstalled = true   # JetPack's torch in the interpreter (NVIDIA's PyTorch for Jetson)")
+        lines.append(f'packages = ["torch=={tv}"]')
+        lines.append(
+            "preinstalled = true   # JetPack's torch in the interpreter (NVIDIA's PyTorch for Jetson)"
+        )
     elif cand.torch_index is None:
         lines.append("packages = [" + ", ".join(f'"{p}"' for p in pkgs) + "]")
         lines.append(f"# no index_url: PyPI's Linux {arch} wheels of torch {tv} are the CUDA {cuda} build")
     else:
         lines.append("packages = [" + ", ".join(f'"{p}+{tag}"' for p in pkgs) + "]")
-        lines.append(f"index_url = \"{cand.torch_index}\"" + (
-            f"   # the PyTorch index for {arch}: PyPI's torch there has no CUDA" if cand.mode == "wheel" else ""))
-    lines += ["", "[vllm]", f"version = \"{rec['vllm']}\"", f"mode = \"{rec['mode']}\""]
+        lines.append(
+            f'index_url = "{cand.torch_index}"'
+            + (
+                f"   # the PyTorch index for {arch}: PyPI's torch there has no CUDA"
+                if cand.mode == "wheel"
+                else ""
+            )
+        )
+    lines += ["", "[vllm]", f'version = "{rec["vllm"]}"', f'mode = "{rec["mode"]}"']
     if rec["mode"] == "source":
-        lines.append("source = \"pypi-sdist\"")
+        lines.append('source = "pypi-sdist"')
     deps = []
     if vf.numpy is not None and vf.numpy.value in ("<2", "1-runtime"):
         deps.append("numpy<2")
@@ -355,8 +500,12 @@ def render_variant(report: dict, data: CompatData, option: Option | None = None)
         lines += ["", "[deps]", "packages = [" + ", ".join(f'"{d}"' for d in deps) + "]"]
     imports = ["vllm"]
     if rec["mode"] == "source" and vf.xformers is not None and not cand.torch_preinstalled:
-        lines += ["", "[post_install]", f"packages = [\"xformers=={vf.xformers.value}\"]",
-                  f"index_url = \"{PYTORCH_WHL}/{tag}\""]
+        lines += [
+            "",
+            "[post_install]",
+            f'packages = ["xformers=={vf.xformers.value}"]',
+            f'index_url = "{PYTORCH_WHL}/{tag}"',
+        ]
         imports.append("xformers")
     # no extensions list: verify loads every extension module the release ships (vLLM 0.25 renamed _C)
     lines += ["", "[verify]", "imports = [" + ", ".join(f'"{i}"' for i in imports) + "]", ""]
@@ -369,16 +518,29 @@ def check_write(path: Path, force: bool = False) -> Path:
     existing file the harness did not write (unless ``force``)."""
     path = Path(path)
     if path.name == "pyproject.toml":
-        raise UsageError(f"--write {path}: that is a project file (pip, ruff and nox read any pyproject.toml up the "
-                         "tree), never a variant; nothing was written.", "Write it as envs/NAME.toml.")
+        raise UsageError(
+            f"--write {path}: that is a project file (pip, ruff and nox read any pyproject.toml up the "
+            "tree), never a variant; nothing was written.",
+            "Write it as envs/NAME.toml.",
+        )
     if path.suffix != ".toml":
-        raise UsageError(f"--write {path}: a variant file ends in .toml; nothing was written.",
-                         "Write it as envs/NAME.toml.")
+        raise UsageError(
+            f"--write {path}: a variant file ends in .toml; nothing was written.",
+            "Write it as envs/NAME.toml.",
+        )
     if not NAME_RE.match(path.stem):
-        raise UsageError(f"--write {path}: {path.stem!r} is not a variant name (lowercase letters, digits, '.', '_' "
-                         "or '-', 1-64 characters); nothing was written.", "Write it as envs/NAME.toml.")
-    writer.check_target(path, what="--write", force=force, marker=PLAN_MARK.encode(),
-                        fix="Give a new envs/NAME.toml, or pass --force to replace it.")
+        raise UsageError(
+            f"--write {path}: {path.stem!r} is not a variant name (lowercase letters, digits, '.', '_' "
+            "or '-', 1-64 characters); nothing was written.",
+            "Write it as envs/NAME.toml.",
+        )
+    writer.check_target(
+        path,
+        what="--write",
+        force=force,
+        marker=PLAN_MARK.encode(),
+        fix="Give a new envs/NAME.toml, or pass --force to replace it.",
+    )
     return path
 
 
@@ -387,9 +549,15 @@ def write_variant(report: dict, data: CompatData, path: Path, force: bool = Fals
     atomic write (core.writer); a refusal leaves any existing file unchanged."""
     path = check_write(path, force)
     text = render_variant(report, data)
-    parse_variant(path.stem, path, text)   # the text must load as a variant (UsageError otherwise)
-    writer.write_file(path, text, what="--write", force=force, marker=PLAN_MARK.encode(),
-                      fix="Give a new envs/NAME.toml, or pass --force to replace it.")
+    parse_variant(path.stem, path, text)  # the text must load as a variant (UsageError otherwise)
+    writer.write_file(
+        path,
+        text,
+        what="--write",
+        force=force,
+        marker=PLAN_MARK.encode(),
+        fix="Give a new envs/NAME.toml, or pass --force to replace it.",
+    )
     return path
 
 
@@ -398,28 +566,47 @@ def render_table(report: dict, console: Any = None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
+
     mach = report["machine"]
-    t = Table(title=escape(f"plan: {mach['name']} -- {mach['gpus']}, driver {mach['driver'] or 'none'}, "
-                           f"{mach.get('arch') or '?'}" + (f" glibc {mach['glibc']}" if mach.get("glibc") else "")
-                           + (" (Jetson)" if mach.get("jetson") else "") + f", Python "
-                           f"{', '.join(mach['python']) or '?'}, toolkits {', '.join(mach['cuda_toolkits']) or 'none'}"),
-              show_lines=True)
+    t = Table(
+        title=escape(
+            f"plan: {mach['name']} -- {mach['gpus']}, driver {mach['driver'] or 'none'}, "
+            f"{mach.get('arch') or '?'}"
+            + (f" glibc {mach['glibc']}" if mach.get("glibc") else "")
+            + (" (Jetson)" if mach.get("jetson") else "")
+            + f", Python "
+            f"{', '.join(mach['python']) or '?'}, toolkits {', '.join(mach['cuda_toolkits']) or 'none'}"
+        ),
+        show_lines=True,
+    )
     for c in ("cuda", "vllm", "torch", "python", "mode", "tier", "why"):
         t.add_column(c, overflow="fold")
     colour = {"runs": "green", "runs with warnings": "yellow", "runs after fixes": "cyan", "cannot": "red"}
     for o in report["options"]:
         # a fix's first way only (the JSON has them all)
         why = o["why"] + ("".join(f"\nfix: {f.split('; or ')[0]}" for f in o.get("fixes") or []))
-        t.add_row(*(escape(str(o[c] if o[c] is not None else "-")) for c in ("cuda", "vllm", "torch", "python", "mode")),
-                  f"[{colour.get(o.get('tier'), 'default')}]{escape(str(o.get('tier')))}[/]", escape(why))
+        t.add_row(
+            *(
+                escape(str(o[c] if o[c] is not None else "-"))
+                for c in ("cuda", "vllm", "torch", "python", "mode")
+            ),
+            f"[{colour.get(o.get('tier'), 'default')}]{escape(str(o.get('tier')))}[/]",
+            escape(why),
+        )
     console = console or Console()
     console.print(t)
     for key, tier in report.get("tiers", {}).items():
         if tier:
-            console.print(escape(f"{key.replace('_', ' ')}: vLLM {tier['vllm']} ({tier['mode']}, CUDA {tier['cuda']})"))
+            console.print(
+                escape(f"{key.replace('_', ' ')}: vLLM {tier['vllm']} ({tier['mode']}, CUDA {tier['cuda']})")
+            )
     rec = report.get("recommendation")
     if rec:
-        console.print(escape(f"recommendation: {rec['variant']}: vLLM {rec['vllm']} ({rec['mode']}) on torch "
-                             f"{rec['torch']}, CUDA {rec['cuda']}, Python {rec['python']} -- {rec['reason']}"))
+        console.print(
+            escape(
+                f"recommendation: {rec['variant']}: vLLM {rec['vllm']} ({rec['mode']}) on torch "
+                f"{rec['torch']}, CUDA {rec['cuda']}, Python {rec['python']} -- {rec['reason']}"
+            )
+        )
     else:
         console.print("recommendation: none -- nothing in the data runs on this machine, even after fixes")

@@ -101,7 +101,8 @@ def _candidates(env: dict[str, str]) -> list[tuple[str, str]]:
                 seen.append((str(d / "bin" / "python3"), "conda"))
     uv = shutil.which("uv", path=env.get("PATH"))
     if uv:
-        # uv-managed interpreters live in `uv python dir` (`uv python list` would also probe all of PATH: 1 s+)
+        # uv-managed interpreters live in `uv python dir` (`uv python list` would also probe all of PATH: 1
+        # s+)
         try:
             out = procs.run([uv, "python", "dir"], capture_output=True, text=True, timeout=20, env=env)
             managed = Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
@@ -147,17 +148,22 @@ def discover(env: dict[str, str] | None = None) -> tuple[list[Interpreter], list
     return good, bad
 
 
-def find(spec: str, given: str | None = None, env: dict[str, str] | None = None,
-         what: str = "this variant") -> Interpreter:
+def find(
+    spec: str, given: str | None = None, env: dict[str, str] | None = None, what: str = "this variant"
+) -> Interpreter:
     """The newest working interpreter whose version is in ``spec`` (or the one ``given``)."""
     if given:
         r = _probe(given, "given")
         if isinstance(r, str):
-            raise UsageError(f"The interpreter given with --python does not run ({r}).",
-                             "Pass the path of a working python executable.")
+            raise UsageError(
+                f"The interpreter given with --python does not run ({r}).",
+                "Pass the path of a working python executable.",
+            )
         if not SpecifierSet(spec).contains(r.version):
-            raise UsageError(f"--python {given} is Python {r.version}, outside {what}'s range '{spec}'.",
-                             f"Pass an interpreter in '{spec}' or change the variant's python key.")
+            raise UsageError(
+                f"--python {given} is Python {r.version}, outside {what}'s range '{spec}'.",
+                f"Pass an interpreter in '{spec}' or change the variant's python key.",
+            )
         return r
     good, bad = discover(env)
     for interp in good:
@@ -166,9 +172,11 @@ def find(spec: str, given: str | None = None, env: dict[str, str] | None = None,
     found = ", ".join(f"{i.version} ({i.origin})" for i in good) or "none"
     want = _minor_hint(spec)
     raise UsageError(
-        f"No Python in '{spec}' for {what} (working interpreters found: {found}; searched PATH, pyenv, conda, uv"
+        f"No Python in '{spec}' for {what} (working interpreters found: {found}; searched PATH, pyenv, "
+        f"conda, uv"
         f"{'; ' + str(len(bad)) + ' candidates failed to run' if bad else ''}).",
-        f"Install one (e.g. `uv python install {want}` or your OS's python{want}) or pass --python PATH.")
+        f"Install one (e.g. `uv python install {want}` or your OS's python{want}) or pass --python PATH.",
+    )
 
 
 def _minor_hint(spec: str) -> str:

@@ -11,11 +11,36 @@ from pathlib import Path
 
 from vllm_harness.core import gitcmd
 
-KEYWORDS = {"GIT_REPOSITORY", "GIT_TAG", "GIT_SHALLOW", "GIT_PROGRESS", "GIT_SUBMODULES", "GIT_SUBMODULES_RECURSE",
-            "SOURCE_DIR", "SOURCE_SUBDIR", "BINARY_DIR", "SUBBUILD_DIR", "CONFIGURE_COMMAND", "BUILD_COMMAND",
-            "INSTALL_COMMAND", "TEST_COMMAND", "UPDATE_COMMAND", "PATCH_COMMAND", "URL", "URL_HASH", "URL_MD5",
-            "QUIET", "OVERRIDE_FIND_PACKAGE", "FIND_PACKAGE_ARGS", "EXCLUDE_FROM_ALL", "SYSTEM",
-            "DOWNLOAD_EXTRACT_TIMESTAMP", "GIT_CONFIG", "GIT_REMOTE_NAME", "TLS_VERIFY"}
+KEYWORDS = {
+    "GIT_REPOSITORY",
+    "GIT_TAG",
+    "GIT_SHALLOW",
+    "GIT_PROGRESS",
+    "GIT_SUBMODULES",
+    "GIT_SUBMODULES_RECURSE",
+    "SOURCE_DIR",
+    "SOURCE_SUBDIR",
+    "BINARY_DIR",
+    "SUBBUILD_DIR",
+    "CONFIGURE_COMMAND",
+    "BUILD_COMMAND",
+    "INSTALL_COMMAND",
+    "TEST_COMMAND",
+    "UPDATE_COMMAND",
+    "PATCH_COMMAND",
+    "URL",
+    "URL_HASH",
+    "URL_MD5",
+    "QUIET",
+    "OVERRIDE_FIND_PACKAGE",
+    "FIND_PACKAGE_ARGS",
+    "EXCLUDE_FROM_ALL",
+    "SYSTEM",
+    "DOWNLOAD_EXTRACT_TIMESTAMP",
+    "GIT_CONFIG",
+    "GIT_REMOTE_NAME",
+    "TLS_VERIFY",
+}
 
 
 # override variables whose name does not contain the dependency's name
@@ -35,12 +60,12 @@ class Dep:
     rev: str | None
     file: str
     line: int
-    submodules: list[str] | None = None      # GIT_SUBMODULES; None = all, recursively (FetchContent's default)
-    subdir: str | None = None                # SOURCE_SUBDIR
-    env_override: str | None = None          # environment variable the tree reads for a local copy
-    cmake_override: str | None = None        # CMake variable the tree reads (when not from the environment)
-    direct_populate: bool = False            # FetchContent_Populate(name ... GIT_REPOSITORY ...)
-    condition: str = ""                      # the if() the declaration sits in (aarch64 vs x86 oneDNN...)
+    submodules: list[str] | None = None  # GIT_SUBMODULES; None = all, recursively (FetchContent's default)
+    subdir: str | None = None  # SOURCE_SUBDIR
+    env_override: str | None = None  # environment variable the tree reads for a local copy
+    cmake_override: str | None = None  # CMake variable the tree reads (when not from the environment)
+    direct_populate: bool = False  # FetchContent_Populate(name ... GIT_REPOSITORY ...)
+    condition: str = ""  # the if() the declaration sits in (aarch64 vs x86 oneDNN...)
     unresolved: list[str] = field(default_factory=list)
 
     @property
@@ -73,8 +98,11 @@ def _tokens(body: str) -> list[str]:
 
 def cmake_files(src: Path) -> list[Path]:
     files = [src / "CMakeLists.txt"] if (src / "CMakeLists.txt").is_file() else []
-    return files + sorted(p for p in (src / "cmake").rglob("*.cmake") if p.is_file()) if (src / "cmake").is_dir() \
+    return (
+        files + sorted(p for p in (src / "cmake").rglob("*.cmake") if p.is_file())
+        if (src / "cmake").is_dir()
         else files
+    )
 
 
 def _sets(text: str) -> list[tuple[int, str, str]]:
@@ -84,8 +112,14 @@ def _sets(text: str) -> list[tuple[int, str, str]]:
     return out
 
 
-def _resolve(value: str, pos: int, local: list[tuple[int, str, str]], glob: dict[str, str],
-             missing: list[str], depth: int = 0) -> str:
+def _resolve(
+    value: str,
+    pos: int,
+    local: list[tuple[int, str, str]],
+    glob: dict[str, str],
+    missing: list[str],
+    depth: int = 0,
+) -> str:
     def sub(m: re.Match) -> str:
         name = m.group(1)
         before = [v for p, n, v in local if n == name and p < pos]
@@ -94,6 +128,7 @@ def _resolve(value: str, pos: int, local: list[tuple[int, str, str]], glob: dict
             missing.append(name)
             return m.group(0)
         return _resolve(val, pos, local, glob, missing, depth + 1) if depth < 8 else val
+
     return re.sub(r"\$\{(\w+)\}", sub, value)
 
 
@@ -105,7 +140,7 @@ def _condition(text: str, pos: int) -> str:
         if kw == "if":
             stack.append(m.group(2).strip())
         elif kw in ("elseif", "else") and stack:
-            stack[-1] = (m.group(2).strip() if kw == "elseif" else f"NOT ({stack[-1]})")
+            stack[-1] = m.group(2).strip() if kw == "elseif" else f"NOT ({stack[-1]})"
         elif kw == "endif" and stack:
             stack.pop()
     return " AND ".join(stack)
@@ -149,12 +184,18 @@ def parse_deps(src: Path) -> list[Dep]:
             url = _resolve(" ".join(kw["GIT_REPOSITORY"]), m.start(), local, glob_sets, missing)
             rev = _resolve(" ".join(kw.get("GIT_TAG", [])), m.start(), local, glob_sets, missing) or None
             subs = kw.get("GIT_SUBMODULES")
-            dep = Dep(name=name, url=url, rev=rev, file=str(f.relative_to(src)),
-                      line=text.count("\n", 0, m.start()) + 1,
-                      submodules=[s for s in subs if s] if subs is not None else None,
-                      subdir=(kw.get("SOURCE_SUBDIR") or [None])[0],
-                      direct_populate=m.group(1).lower() == "populate",
-                      condition=_condition(text, m.start()), unresolved=sorted(set(missing)))
+            dep = Dep(
+                name=name,
+                url=url,
+                rev=rev,
+                file=str(f.relative_to(src)),
+                line=text.count("\n", 0, m.start()) + 1,
+                submodules=[s for s in subs if s] if subs is not None else None,
+                subdir=(kw.get("SOURCE_SUBDIR") or [None])[0],
+                direct_populate=m.group(1).lower() == "populate",
+                condition=_condition(text, m.start()),
+                unresolved=sorted(set(missing)),
+            )
             want = [_norm(a) for a in ALIASES.get(name.lower(), [])]
             for var in sorted(overrides):
                 nv = _norm(var)
@@ -189,6 +230,7 @@ def fetchcontent_dirs(tree: Path) -> list[Path]:
     dirs: list[Path] = []
     try:
         from vllm_harness.facts.source_tree import parse_deps
+
         dirs += [tree / ".deps" / f"{d.name.lower()}-src" for d in parse_deps(tree)]
     except Exception:  # a tree the parser does not understand still gets the globbed ones
         pass
@@ -216,7 +258,11 @@ def git_env(env: dict[str, str], trees: list[Path], extra: list[Path] | tuple = 
     """
     out = dict(env)
     n = int(out.get("GIT_CONFIG_COUNT", "0") or 0)
-    seen = {out.get(f"GIT_CONFIG_VALUE_{i}") for i in range(n) if out.get(f"GIT_CONFIG_KEY_{i}") == "safe.directory"}
+    seen = {
+        out.get(f"GIT_CONFIG_VALUE_{i}")
+        for i in range(n)
+        if out.get(f"GIT_CONFIG_KEY_{i}") == "safe.directory"
+    }
     entries: list[Path] = []
     for t in trees:
         t = Path(t)
@@ -245,21 +291,28 @@ def read_version(src: Path) -> str | None:
     return None
 
 
-def vllm_version(src: Path, fallback: str | None = None, env: dict[str, str] | None = None) -> tuple[str | None, str]:
+def vllm_version(
+    src: Path, fallback: str | None = None, env: dict[str, str] | None = None
+) -> tuple[str | None, str]:
     """(version, where it came from): PKG-INFO, git describe (vX.Y.Z tags), or the variant."""
     v = read_version(src)
     if v:
         return v, "PKG-INFO"
     if (src / ".git").exists():
         # a tree the user handed over: no safe.directory, its commands off, no git if another user owns it
-        r = gitcmd.inspect(src, ["describe", "--tags", "--match", "v[0-9]*"],
-                           dict(os.environ) if env is None else env, timeout=60)
+        r = gitcmd.inspect(
+            src,
+            ["describe", "--tags", "--match", "v[0-9]*"],
+            dict(os.environ) if env is None else env,
+            timeout=60,
+        )
         if r.returncode == 0:
             tag = r.stdout.strip()
             m = re.fullmatch(r"v(\d+(?:\.\d+)*(?:\.post\d+|rc\d+)?)(?:-(\d+)-g([0-9a-f]+))?", tag)
             if m:
-                return (m.group(1) if not m.group(2) else f"{m.group(1)}.dev{m.group(2)}+g{m.group(3)}"), \
-                    f"git describe ({tag})"
+                return (
+                    m.group(1) if not m.group(2) else f"{m.group(1)}.dev{m.group(2)}+g{m.group(3)}"
+                ), f"git describe ({tag})"
     if fallback:
         return fallback, "the variant ([vllm].version; SETUPTOOLS_SCM_PRETEND_VERSION at build time)"
     return None, "unknown"

@@ -89,7 +89,8 @@ def pypi_supported(cuda: str) -> bool:
 
 
 def pypi_requirements(cuda: str, torch_requires: list[str], torch_version: str = "") -> tuple[list[str], str]:
-    """(the requirements that install a complete nvcc for CUDA ``cuda``, why that version).  The version is the
+    """(the requirements that install a complete nvcc for CUDA ``cuda``, why that version).  The version is
+    the
     ``cuda-toolkit==X`` that torch's own metadata pins (torch 2.11.0: 13.0.2), so the toolkit's runtime is the
     one torch runs on; without such a pin, the newest ``cuda``.x release."""
     extras = ",".join(PYPI_EXTRAS)
@@ -98,25 +99,31 @@ def pypi_requirements(cuda: str, torch_requires: list[str], torch_version: str =
             req = Requirement(line)
         except InvalidRequirement:
             continue
-        if canonicalize_name(req.name) != "cuda-toolkit" or (req.marker and not req.marker.evaluate({"extra": ""})):
+        if canonicalize_name(req.name) != "cuda-toolkit" or (
+            req.marker and not req.marker.evaluate({"extra": ""})
+        ):
             continue
         pins = [sp.version for sp in req.specifier if sp.operator in ("==", "===") and "*" not in sp.version]
         if not pins:
             continue
         pin = pins[0]
         if ".".join(pin.split(".")[:2]) != cuda:
-            raise UsageError(f"torch {torch_version} pins cuda-toolkit=={pin}, but the variant's cuda is {cuda}.",
-                             f"Set cuda = \"{'.'.join(pin.split('.')[:2])}\" in the variant, or choose the torch "
-                             f"build for CUDA {cuda}.")
+            raise UsageError(
+                f"torch {torch_version} pins cuda-toolkit=={pin}, but the variant's cuda is {cuda}.",
+                f'Set cuda = "{".".join(pin.split(".")[:2])}" in the variant, or choose the torch '
+                f"build for CUDA {cuda}.",
+            )
         return [f"cuda-toolkit[{extras}]=={pin}"], f"torch {torch_version} pins cuda-toolkit=={pin}"
     return [f"cuda-toolkit[{extras}]=={cuda}.*"], f"torch names no cuda-toolkit pin: the newest CUDA {cuda}.x"
 
 
 def torch_requires(py: Path, env: dict[str, str]) -> tuple[str, list[str]]:
     """(torch's version, its Requires-Dist lines) as the venv's interpreter sees them."""
-    code = ("import json, importlib.metadata as m\ntry:\n    d = m.distribution('torch')\n"
-            "    print(json.dumps([d.version, d.requires or []]))\nexcept m.PackageNotFoundError:\n"
-            "    print(json.dumps(['', []]))")
+    code = (
+        "import json, importlib.metadata as m\ntry:\n    d = m.distribution('torch')\n"
+        "    print(json.dumps([d.version, d.requires or []]))\nexcept m.PackageNotFoundError:\n"
+        "    print(json.dumps(['', []]))"
+    )
     r = procs.run([str(py), "-c", code], capture_output=True, text=True, env=env, timeout=120)
     if r.returncode != 0:
         return "", []
@@ -125,9 +132,13 @@ def torch_requires(py: Path, env: dict[str, str]) -> tuple[str, list[str]]:
 
 
 def pypi_root(py: Path, env: dict[str, str], cuda: str) -> Path | None:
-    """``nvidia/cuXX`` holding bin/nvcc, wherever the venv's interpreter imports the ``nvidia`` namespace from."""
-    code = "import json\ntry:\n    import nvidia; print(json.dumps(list(nvidia.__path__)))\nexcept ImportError:\n" \
-           "    print('[]')"
+    """``nvidia/cuXX`` holding bin/nvcc, wherever the venv's interpreter imports the ``nvidia`` namespace
+    from."""
+    code = (
+        "import json\ntry:\n    import nvidia; print(json.dumps(list(nvidia.__path__)))\nexcept "
+        "ImportError:\n"
+        "    print('[]')"
+    )
     r = procs.run([str(py), "-c", code], capture_output=True, text=True, env=env, timeout=120)
     if r.returncode != 0:
         return None
@@ -142,7 +153,8 @@ _SONAME = re.compile(r"^(lib.+?\.so)\.\d[\d.]*$")
 
 
 def link_pypi_toolkit(root: Path, venv: Path) -> list[str]:
-    """Give a wheel-installed toolkit the layout a build expects: ``lib64 -> lib`` (nvcc links ``-lcudart_static``
+    """Give a wheel-installed toolkit the layout a build expects: ``lib64 -> lib`` (nvcc links
+    ``-lcudart_static``
     from lib64/) and ``libX.so -> libX.so.N`` for each library with a versioned name only (CMake's
     FindCUDAToolkit looks for the unversioned name).  Only inside ``venv``: a toolkit elsewhere is left as it
     is.  Returns the links made."""
@@ -168,6 +180,7 @@ def link_pypi_toolkit(root: Path, venv: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------ where to get a toolkit
 
+
 def _sources() -> dict:
     return tomllib.loads((Path(__file__).resolve().parents[1] / "data" / "toolkit_sources.toml").read_text())
 
@@ -192,21 +205,32 @@ def install_fix(os_name: str | None, cuda: str, arch: str | None = None) -> str:
     elif distro:
         note = f" ({os_name}'s own {distro['install'].split()[-1]} is CUDA {distro['cuda']}, not {cuda})"
     repo = data["nvidia_repo"]
-    osid, _, osver = (os_name or "").rpartition("-") if os_name and "-" in os_name else (os_name or "", "", "")
+    osid, _, osver = (
+        (os_name or "").rpartition("-") if os_name and "-" in os_name else (os_name or "", "", "")
+    )
     how = repo["ids"].get(osid)
     if how and osver:
         prefix, tool, rule = how
         name = prefix + (osver.replace(".", "") if rule == "nodot" else osver.split(".")[0])
         url = repo["url"].format(repo=name, arch=arch)
-        ways.append(f"NVIDIA's {tool} repository for {name} ({url}, if it carries CUDA {cuda}): {tool} install "
-                    f"cuda-toolkit-{dash}")
-    ways.append(f"NVIDIA's runfile for CUDA {cuda} ({repo['archive']}) with --toolkit --silent "
-                f"--installpath=/usr/local/cuda-{cuda}")
+        ways.append(
+            f"NVIDIA's {tool} repository for {name} ({url}, if it carries CUDA {cuda}): {tool} install "
+            f"cuda-toolkit-{dash}"
+        )
+    ways.append(
+        f"NVIDIA's runfile for CUDA {cuda} ({repo['archive']}) with --toolkit --silent "
+        f"--installpath=/usr/local/cuda-{cuda}"
+    )
     conda = data["conda"]
-    ways.append(conda["forge"].format(cuda=cuda) if _ver(cuda) >= _ver(conda["from_cuda"])
-                else conda["nvidia_label"].format(cuda=cuda))
+    ways.append(
+        conda["forge"].format(cuda=cuda)
+        if _ver(cuda) >= _ver(conda["from_cuda"])
+        else conda["nvidia_label"].format(cuda=cuda)
+    )
     if _ver(cuda) >= _ver(data["pypi"]["from_cuda"]):
-        ways.append('no system toolkit at all: [build] toolkit = "pypi" in the variant (NVIDIA\'s CUDA '
-                    f'{cuda} wheels in its venv)')
+        ways.append(
+            'no system toolkit at all: [build] toolkit = "pypi" in the variant (NVIDIA\'s CUDA '
+            f"{cuda} wheels in its venv)"
+        )
     where = f"on {os_name}" if os_name else "here"
     return f"install the CUDA {cuda} toolkit; {where}: " + "; or ".join(ways) + note

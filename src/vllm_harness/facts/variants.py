@@ -57,8 +57,12 @@ def check_bool(v: Any) -> bool:
     return v
 
 
-def _parsed_by(parse: Callable[[str], Any], error: type[Exception], what: str, fix: str) -> Callable[[Any], str]:
-    """A checker: the value is a non-empty string that ``parse`` accepts (packaging's Version, SpecifierSet...)."""
+def _parsed_by(
+    parse: Callable[[str], Any], error: type[Exception], what: str, fix: str
+) -> Callable[[Any], str]:
+    """A checker: the value is a non-empty string that ``parse`` accepts (packaging's Version,
+    SpecifierSet...)."""
+
     def check(v: Any) -> str:
         s = _nonempty(v)
         try:
@@ -66,6 +70,7 @@ def _parsed_by(parse: Callable[[str], Any], error: type[Exception], what: str, f
         except error:
             raise Bad(f"{s!r} is not {what}", fix) from None
         return s
+
     return check
 
 
@@ -94,8 +99,10 @@ def _requirement(v: Any) -> str:
 def _url(v: Any) -> str:
     s = _nonempty(v)
     if not re.match(r"^(https?|file)://[^\s]+$", s):
-        raise Bad(f"{s!r} is not an http(s):// or file:// URL", "give the index URL, e.g. "
-                  "'https://download.pytorch.org/whl/cu118'")
+        raise Bad(
+            f"{s!r} is not an http(s):// or file:// URL",
+            "give the index URL, e.g. 'https://download.pytorch.org/whl/cu118'",
+        )
     return s
 
 
@@ -126,6 +133,7 @@ def _choice(*options: str) -> Callable[[Any], str]:
         if s not in options:
             raise Bad(f"{s!r} is not one of {', '.join(options)}", f"use one of: {', '.join(options)}")
         return s
+
     return check
 
 
@@ -136,6 +144,7 @@ def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
         if not lo <= v <= hi:
             raise Bad(f"{v} is out of range", f"write a number from {lo} to {hi}")
         return v
+
     return check
 
 
@@ -152,13 +161,17 @@ def _arch_list(v: Any) -> str:
     s = _str(v).strip()
     for item in re.split(r"[;\s]+", s) if s else []:
         if not re.fullmatch(r"\d{1,2}\.\d[af]?(\+PTX)?", item):
-            raise Bad(f"{item!r} is not a CUDA arch", "write e.g. '7.5;8.9' or '9.0+PTX' (empty = from the GPU)")
+            raise Bad(
+                f"{item!r} is not a CUDA arch", "write e.g. '7.5;8.9' or '9.0+PTX' (empty = from the GPU)"
+            )
     return s
 
 
-def list_of(check: Callable[[Any], Any], limit: int = MAX_LIST, example: str = '["numpy<2"]'
-            ) -> Callable[[Any], list]:
+def list_of(
+    check: Callable[[Any], Any], limit: int = MAX_LIST, example: str = '["numpy<2"]'
+) -> Callable[[Any], list]:
     """A checker for a list whose items ``check`` validates (shared with the machine-profile loader)."""
+
     def run(v: Any) -> list:
         if not isinstance(v, list):
             raise Bad(f"expected a list, got {type(v).__name__} {v!r:.60}", f"write a list, e.g. {example}")
@@ -171,19 +184,21 @@ def list_of(check: Callable[[Any], Any], limit: int = MAX_LIST, example: str = '
             except Bad as e:
                 raise Bad(f"item {i}: {e.reason}", e.fix) from None
         return out
+
     return run
 
 
 def _env_table(v: Any) -> dict[str, str]:
     if not isinstance(v, dict):
-        raise Bad(f"expected a table of NAME = \"value\", got {type(v).__name__}",
-                  "write env = { MAX_JOBS = \"2\" }")
+        raise Bad(
+            f'expected a table of NAME = "value", got {type(v).__name__}', 'write env = { MAX_JOBS = "2" }'
+        )
     out = {}
     for k, val in v.items():
         if not ENV_NAME_RE.match(k):
             raise Bad(f"{k!r} is not an environment variable name", "use letters, digits and _")
         if not isinstance(val, str):
-            raise Bad(f"{k} = {val!r:.60} is not a string", f"quote it: {k} = \"{val}\"")
+            raise Bad(f"{k} = {val!r:.60} is not a string", f'quote it: {k} = "{val}"')
         out[k] = val
     return out
 
@@ -229,7 +244,7 @@ SCHEMA: dict[str, dict[str, Field_]] = {
         "cmake_min": (_version, False, "3.26"),
         "env": (_env_table, False, {}),
         "toolkit": (_choice("system", "pypi"), False, "system"),
-        "farm": (_url, False, None),     # the sccache-dist scheduler (steps/build_farm; --farm overrides)
+        "farm": (_url, False, None),  # the sccache-dist scheduler (steps/build_farm; --farm overrides)
     },
     "post_install": {
         "packages": (list_of(_requirement), False, []),
@@ -237,7 +252,8 @@ SCHEMA: dict[str, dict[str, Field_]] = {
     },
     "verify": {
         "imports": (list_of(_nonempty), False, ["vllm"]),
-        # empty: every extension module the installed package ships (a release renames them: _C_stable_libtorch)
+        # empty: every extension module the installed package ships (a release renames them:
+        # _C_stable_libtorch)
         "extensions": (list_of(_nonempty), False, []),
         "ops": (list_of(_nonempty), False, ["rms_norm", "fused_add_rms_norm", "silu_and_mul"]),
         "device": (_choice("cuda", "cpu"), False, "cuda"),
@@ -289,8 +305,13 @@ class Variant:
 
     def fix_context(self) -> dict[str, str]:
         """Values that fill the placeholders of the fixes in data/failures.toml."""
-        ctx = {"variant": self.name, "cuda": self.cuda, "torch": self.torch["version"],
-               "python": self.python, "cmake_min": self.build["cmake_min"]}
+        ctx = {
+            "variant": self.name,
+            "cuda": self.cuda,
+            "torch": self.torch["version"],
+            "python": self.python,
+            "cmake_min": self.build["cmake_min"],
+        }
         if self.torch["index_url"]:
             ctx["torch_index"] = self.torch["index_url"]
         for req in self.post_install["packages"]:
@@ -309,8 +330,12 @@ def parse_variant(name: str, path: Path, text: str) -> Variant:
         safeio.prescan_toml(text)
         data = tomllib.loads(text)
     except safeio.TomlLimit as e:
-        raise _fail(path, "", f"{e}, past what a variant file may hold", "flatten the file (a variant is "
-                    "a few tables of plain keys)") from None
+        raise _fail(
+            path,
+            "",
+            f"{e}, past what a variant file may hold",
+            "flatten the file (a variant is a few tables of plain keys)",
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise _fail(path, "", f"is not valid TOML ({e})", "correct the TOML syntax at that line") from None
     sections: dict[str, dict] = {}
@@ -338,8 +363,17 @@ def parse_variant(name: str, path: Path, text: str) -> Variant:
             dotted = f"{section}.{key}" if section else key
             if key not in given:
                 if required:
-                    raise _fail(path, dotted, "is missing", f"add {key} = ... to {'[' + section + ']' if section else 'the top of the file'}")
-                out[key] = list(default) if isinstance(default, list) else (dict(default) if isinstance(default, dict) else default)
+                    raise _fail(
+                        path,
+                        dotted,
+                        "is missing",
+                        f"add {key} = ... to {'[' + section + ']' if section else 'the top of the file'}",
+                    )
+                out[key] = (
+                    list(default)
+                    if isinstance(default, list)
+                    else (dict(default) if isinstance(default, dict) else default)
+                )
                 continue
             try:
                 out[key] = check(given[key])
@@ -349,39 +383,72 @@ def parse_variant(name: str, path: Path, text: str) -> Variant:
 
     v = sections["vllm"]
     if v["source"] == "git" and not v["git"]:
-        raise _fail(path, "vllm.git", "is missing for source = 'git'", "add git = 'https://github.com/vllm-project/vllm.git' and ref = 'v<version>'")
+        raise _fail(
+            path,
+            "vllm.git",
+            "is missing for source = 'git'",
+            "add git = 'https://github.com/vllm-project/vllm.git' and ref = 'v<version>'",
+        )
     if v["source"] == "path":
         if not v["path"]:
-            raise _fail(path, "vllm.path", "is missing for source = 'path'", "add path = '<dir of a vLLM checkout>'")
+            raise _fail(
+                path, "vllm.path", "is missing for source = 'path'", "add path = '<dir of a vLLM checkout>'"
+            )
         p = Path(v["path"])
         p = p if p.is_absolute() else (path.parent / p).resolve()
         if not p.is_dir():
             raise _fail(path, "vllm.path", f"{p} is not a directory", "point it at a vLLM source checkout")
     b = sections["build"]
     if b["toolkit"] == "pypi" and int(sections[""]["cuda"].split(".")[0]) < 13:
-        raise _fail(path, "build.toolkit", f"'pypi' needs CUDA 13 or newer, and this variant's cuda is "
-                    f"{sections['']['cuda']}: PyPI's nvidia-cuda-nvcc-cu12/-cu11 wheels hold ptxas alone (no nvcc, "
-                    "cudafe++, fatbinary)", f"write toolkit = \"system\" and install CUDA {sections['']['cuda']} "
-                    "(`invoke doctor` names how for this machine), or use conda-forge's cuda-nvcc")
+        raise _fail(
+            path,
+            "build.toolkit",
+            f"'pypi' needs CUDA 13 or newer, and this variant's cuda is "
+            f"{sections['']['cuda']}: PyPI's nvidia-cuda-nvcc-cu12/-cu11 wheels hold ptxas alone (no nvcc, "
+            "cudafe++, fatbinary)",
+            f'write toolkit = "system" and install CUDA {sections[""]["cuda"]} '
+            "(`invoke doctor` names how for this machine), or use conda-forge's cuda-nvcc",
+        )
     t = sections["torch"]
     names = [Requirement(r).name.lower() for r in t["packages"]]
     if "torch" not in names:
-        raise _fail(path, "torch.packages", "names no 'torch' requirement", "add e.g. 'torch==" + t["version"] + "'")
+        raise _fail(
+            path, "torch.packages", "names no 'torch' requirement", "add e.g. 'torch==" + t["version"] + "'"
+        )
     top_s = sections[""]
-    return Variant(name=name, path=path, description=top_s["description"], cuda=top_s["cuda"],
-                   python=top_s["python"], installer=top_s["installer"], torch=t, vllm=v,
-                   deps=sections["deps"], build=sections["build"], post_install=sections["post_install"],
-                   verify=sections["verify"], raw_text=text)
+    return Variant(
+        name=name,
+        path=path,
+        description=top_s["description"],
+        cuda=top_s["cuda"],
+        python=top_s["python"],
+        installer=top_s["installer"],
+        torch=t,
+        vllm=v,
+        deps=sections["deps"],
+        build=sections["build"],
+        post_install=sections["post_install"],
+        verify=sections["verify"],
+        raw_text=text,
+    )
 
 
 def load_variant_file(path: Path) -> Variant:
     name = path.stem
     if not NAME_RE.match(name):
-        raise _fail(path, "", f"variant name {name!r} is not allowed",
-                    "name the file with lowercase letters, digits, '.', '_' or '-'")
+        raise _fail(
+            path,
+            "",
+            f"variant name {name!r} is not allowed",
+            "name the file with lowercase letters, digits, '.', '_' or '-'",
+        )
     # type and size are checked on the open file before a byte is read (a FIFO, /dev/zero, a 5 GB file)
-    text = safeio.read_text(path, "Variant file", safeio.TOML_MAX_BYTES,
-                            "Give a variant file: a regular UTF-8 TOML file under 1 MiB (see envs/).")
+    text = safeio.read_text(
+        path,
+        "Variant file",
+        safeio.TOML_MAX_BYTES,
+        "Give a variant file: a regular UTF-8 TOML file under 1 MiB (see envs/).",
+    )
     return parse_variant(name, path, text)
 
 
@@ -406,5 +473,7 @@ def load_variant(name_or_path: str, envs_dirs: list[Path]) -> Variant:
         if p.is_file():
             return load_variant_file(p)
     known = sorted({n for d in envs_dirs if d.is_dir() for n in variant_names(d)})
-    raise UsageError(f"Unknown variant {name_or_path!r}.",
-                     f"Use one of: {', '.join(known) or '(none found)'}, or add envs/{name_or_path}.toml.")
+    raise UsageError(
+        f"Unknown variant {name_or_path!r}.",
+        f"Use one of: {', '.join(known) or '(none found)'}, or add envs/{name_or_path}.toml.",
+    )

@@ -34,8 +34,9 @@ def run_doctor(ctx, machine_file: str | None = None, save_machine: str | None = 
     probe = load_record(ctx.log("probe")) if source is not None else None
     records = [] if machine_file else load_records(ctx.layout.state)  # a what-if profile is another machine
     run = {"jobs": getattr(ctx, "jobs", None), "arch": getattr(ctx, "arch", None)}   # what the build will use
-    findings = doctor.check(ctx.variant, ctx.profile, source_dir=source, env=env, probe=probe, records=records,
-                            run=run)
+    findings = doctor.check(
+        ctx.variant, ctx.profile, source_dir=source, env=env, probe=probe, records=records, run=run
+    )
     report = doctor.report_dict(ctx.variant, ctx.profile, findings)
     return report, time.monotonic() - t0
 
@@ -48,10 +49,12 @@ def preflight(ctx) -> dict:
         doctor.render_table(shown, console=console())
         print(f"doctor: {report['verdict']} ({secs:.1f}s)")
     log = ctx.log("doctor")
-    writer.write_file(log, json.dumps(report, indent=2), what="Log file", force=True)   # never through a link
+    writer.write_file(log, json.dumps(report, indent=2), what="Log file", force=True)  # never through a link
     errors = [f for f in report["findings"] if f["severity"] == "error"]
     if errors and not ctx.force:
         e = errors[0]
-        raise StepFailed(f"doctor: {len(errors)} error finding(s) before the build; first: {e['id']}: {e['evidence']}",
-                         f"{e['fix']} (or pass --force to build anyway)")
+        raise StepFailed(
+            f"doctor: {len(errors)} error finding(s) before the build; first: {e['id']}: {e['evidence']}",
+            f"{e['fix']} (or pass --force to build anyway)",
+        )
     return report

@@ -42,8 +42,12 @@ from vllm_harness.steps.verify import do_verify
 def _step_keys(ctx: Ctx, interp_key: str) -> dict[str, str]:
     v = ctx.variant
     keys = {}
-    keys["fetch"] = key_of("fetch", v.vllm, _tree_stamp(v.source_path()) if v.vllm["source"] == "path" else "")
-    keys["prepare"] = key_of(keys["fetch"], "prepare-1", _tree_stamp(ctx.layout.root / "patches"))  # patches too
+    keys["fetch"] = key_of(
+        "fetch", v.vllm, _tree_stamp(v.source_path()) if v.vllm["source"] == "path" else ""
+    )
+    keys["prepare"] = key_of(
+        keys["fetch"], "prepare-1", _tree_stamp(ctx.layout.root / "patches")
+    )  # patches too
     keys["env"] = key_of("env", 3, interp_key, v.torch["preinstalled"], v.installer)
     keys["torch"] = key_of(keys["env"], v.torch)
     # [build] toolkit = "pypi" installs the toolkit in deps; the default "system" leaves the keys as they were
@@ -52,7 +56,9 @@ def _step_keys(ctx: Ctx, interp_key: str) -> dict[str, str]:
     build = {k: x for k, x in v.build.items() if k != "toolkit" or tk}
     keys["build"] = key_of(keys["deps"], build, ctx.jobs, ctx.arch, v.vllm["mode"])
     keys["post-install"] = key_of(keys["build"], v.post_install)
-    keys["verify"] = key_of(keys["post-install"], v.verify)  # + what it proves: _verify_key, just before it runs
+    keys["verify"] = key_of(
+        keys["post-install"], v.verify
+    )  # + what it proves: _verify_key, just before it runs
     return keys
 
 
@@ -62,7 +68,11 @@ def _tree_stamp(root: Path | None) -> str:
         return ""
     items = []
     for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in ("build", ".deps", ".git", "__pycache__") and not d.endswith(".egg-info")]
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in ("build", ".deps", ".git", "__pycache__") and not d.endswith(".egg-info")
+        ]
         for f in files:
             try:
                 st = os.lstat(os.path.join(dirpath, f))
@@ -111,8 +121,10 @@ def _run(ctx: Ctx, step: str, key: str, fn) -> None:
     gone = _tree_gone(ctx, step)
     if gone:  # deleted under the step (by hand: clean waits for the variant's lock): never recorded as done
         ctx.status.fail(step, str(log) if log.exists() else None, f"{gone} disappeared during the step")
-        raise StepFailed(f"{step}: {gone} disappeared while the step ran; the step is recorded as failed.",
-                         f"Run it again (`nox -s build-{ctx.name}` resumes at this step).")
+        raise StepFailed(
+            f"{step}: {gone} disappeared while the step ran; the step is recorded as failed.",
+            f"Run it again (`nox -s build-{ctx.name}` resumes at this step).",
+        )
     ctx.status.finish(step, key, str(log) if log.exists() else None, secs, **extra)
     summary(step, True, secs, log if log.exists() else None, note=extra.get("note", ""), quiet=ctx.quiet)
 
@@ -126,9 +138,13 @@ def record_failure(ctx: Ctx, step: str, e: HarnessError, started: float | None =
     log = ctx.log(step)
     log.parent.mkdir(parents=True, exist_ok=True)
     fresh = started is not None and log.exists() and log.stat().st_mtime >= started  # written by this attempt
-    lines = ([] if fresh else [f"# {step}: failed before it ran a command"])
-    lines += [x for x in (getattr(e, "evidence", None), f"ERROR: {e.message}", f"Fix: {e.fix}" if e.fix else None) if x]
-    refused = []   # a record the machine refused (a full disk): the failure stays the message, the step failed
+    lines = [] if fresh else [f"# {step}: failed before it ran a command"]
+    lines += [
+        x
+        for x in (getattr(e, "evidence", None), f"ERROR: {e.message}", f"Fix: {e.fix}" if e.fix else None)
+        if x
+    ]
+    refused = []  # a record the machine refused (a full disk): the failure stays the message, the step failed
     try:
         with open(log, "a" if fresh else "w") as fh:
             fh.write(mask("\n".join(lines)) + "\n")
@@ -140,17 +156,27 @@ def record_failure(ctx: Ctx, step: str, e: HarnessError, started: float | None =
     except UsageError as err:  # the status file refused (core.status puts its record right first)
         refused.append(err.message)
     try:
-        write_json(ctx.layout.last_failed, {"variant": ctx.name, "step": step, "log": str(log),
-                                            "message": mask(e.message), "fix": mask(e.fix) if e.fix else None})
+        write_json(
+            ctx.layout.last_failed,
+            {
+                "variant": ctx.name,
+                "step": step,
+                "log": str(log),
+                "message": mask(e.message),
+                "fix": mask(e.fix) if e.fix else None,
+            },
+        )
     except OSError as err:
         if not oserrors.refused(err):
             raise
         refused.append(f"{ctx.layout.last_failed}: {err.strerror}")
     if refused:  # the machine's refusal is the message (exit 2); the failure it was recording follows it
-        err = UsageError(f"{'; '.join(r.rstrip('.') for r in refused)}. It was recording: {e.message}",
-                         f"Free space on the disk that holds {ctx.layout.state} (`df -h {ctx.layout.state}`) or make "
-                         "it writable, then run the command again.")
-        err.recorded = True   # as far as the machine lets it be
+        err = UsageError(
+            f"{'; '.join(r.rstrip('.') for r in refused)}. It was recording: {e.message}",
+            f"Free space on the disk that holds {ctx.layout.state} (`df -h {ctx.layout.state}`) or make "
+            "it writable, then run the command again.",
+        )
+        err.recorded = True  # as far as the machine lets it be
         raise err from None
     e.recorded = True
 
@@ -164,43 +190,8 @@ def _tree_gone(ctx: Ctx, step: str) -> str | None:
     return None if ctx.py.exists() else str(ctx.py)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ------------------------------------------------------------------------------------------ drivers
+
 
 @contextmanager
 def _locked(ctx: Ctx):
@@ -240,8 +231,10 @@ def require(ctx: Ctx, step: str) -> None:
     """Refuse a single step whose inputs have not been made (a step run out of order)."""
     order = steps_for(ctx.variant)
     if step not in order:
-        raise UsageError(f"Step '{step}' does not apply to variant {ctx.name} (mode = "
-                         f"'{ctx.variant.vllm['mode']}').", f"Its steps are: {', '.join(order)}.")
+        raise UsageError(
+            f"Step '{step}' does not apply to variant {ctx.name} (mode = '{ctx.variant.vllm['mode']}').",
+            f"Its steps are: {', '.join(order)}.",
+        )
     needed, todo = [], list(DEPENDS[step])
     while todo:
         d = todo.pop()
@@ -252,8 +245,10 @@ def require(ctx: Ctx, step: str) -> None:
         st = ctx.status.step(prev)
         if not st or st.get("status") != "ok":
             task = "deps" if prev in ("env", "torch") else prev
-            raise UsageError(f"Step '{step}' needs step '{prev}' first for variant {ctx.name}.",
-                             f"Run `invoke {task} --variant {ctx.name}` or `nox -s build-{ctx.name}`.")
+            raise UsageError(
+                f"Step '{step}' needs step '{prev}' first for variant {ctx.name}.",
+                f"Run `invoke {task} --variant {ctx.name}` or `nox -s build-{ctx.name}`.",
+            )
 
 
 TASK_STEPS = {"deps": ["env", "torch", "deps"]}  # `invoke deps` also makes the env and installs torch
@@ -262,11 +257,22 @@ TASK_STEPS = {"deps": ["env", "torch", "deps"]}  # `invoke deps` also makes the 
 def _interpreter(ctx: Ctx) -> pythons.Interpreter:
     """The recorded interpreter of a good env, or a newly discovered one."""
     env_step = ctx.status.step("env")
-    if (ctx.force or not env_step or env_step.get("status") != "ok" or not ctx.py.exists() or ctx.python
-            or not ctx.variant.python_spec.contains(env_step.get("python_version", "0"))):
+    if (
+        ctx.force
+        or not env_step
+        or env_step.get("status") != "ok"
+        or not ctx.py.exists()
+        or ctx.python
+        or not ctx.variant.python_spec.contains(env_step.get("python_version", "0"))
+    ):
         return pythons.find(ctx.variant.python, ctx.python, ctx.base_env, what=f"variant {ctx.name}")
-    return pythons.Interpreter(path=env_step["python"], version=env_step["python_version"],
-                               executable=env_step["python"], origin="recorded", has_headers=True)
+    return pythons.Interpreter(
+        path=env_step["python"],
+        version=env_step["python_version"],
+        executable=env_step["python"],
+        origin="recorded",
+        has_headers=True,
+    )
 
 
 def run_single(ctx: Ctx, step: str, **kw) -> dict:
@@ -326,7 +332,9 @@ def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False
             if step == "post-install":
                 ctx.status.set_built(True)
                 ctx.layout.last_built.parent.mkdir(parents=True, exist_ok=True)
-                ctx.layout.last_built.write_text(f"{ctx.name}\n{ctx.variant.path}\n")  # a file given by path too
+                ctx.layout.last_built.write_text(
+                    f"{ctx.name}\n{ctx.variant.path}\n"
+                )  # a file given by path too
         return ctx.status.data
 
 
@@ -340,13 +348,16 @@ def _nothing_to_build(ctx: Ctx) -> bool:
     keys = _step_keys(ctx, _interp_key(ctx, None))
     if not all(ctx.status.is_done(s, keys[s]) for s in steps_for(ctx.variant) if s != "verify"):
         return False
-    ctx.say(f"[dim]· {'doctor':<13} skipped: every step is done with these inputs (`invoke doctor --variant "
-            f"{ctx.name}` runs it; a step to redo runs it first)[/]")
+    ctx.say(
+        f"[dim]· {'doctor':<13} skipped: every step is done with these inputs (`invoke doctor --variant "
+        f"{ctx.name}` runs it; a step to redo runs it first)[/]"
+    )
     return True
 
 
 def _verify_key(ctx: Ctx, allow_no_gpu: bool) -> str | None:
-    """verify's key from what it proves (the env's distributions, GPUs, driver, checks: steps/verify.proof_of),
+    """verify's key from what it proves (the env's distributions, GPUs, driver, checks:
+    steps/verify.proof_of),
     None when the recorded result proved the same inputs (printed as such; --reverify runs it again)."""
     proof = verify_step.proof_of(ctx, {})
     ctx._verify_proof = proof
@@ -354,6 +365,7 @@ def _verify_key(ctx: Ctx, allow_no_gpu: bool) -> str | None:
     if s is None:
         return proof["key"]
     from rich.markup import escape
+
     ctx.say(f"[dim]· {'verify':<13} {escape(verify_step.reused_line(s))}[/]")
     return None
 

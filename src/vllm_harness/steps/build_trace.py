@@ -1,23 +1,31 @@
 """Where a source build's time goes: ``logs/<variant>/build.trace.json`` from ninja's ``.ninja_log``.
 
-* **The jobs.**  ninja appends one line per finished edge to ``<build dir>/.ninja_log`` (``# ninja log v5``/``v6``:
-  start ms, end ms, mtime, output, command hash; times from the start of that ninja run).  A rerun of ninja in the
-  same folder appends again from 0, so only the last run of each log is read; the edges of a command with several
+* **The jobs.**  ninja appends one line per finished edge to ``<build dir>/.ninja_log`` (``# ninja log
+v5``/``v6``:
+  start ms, end ms, mtime, output, command hash; times from the start of that ninja run).  A rerun of ninja in
+the
+  same folder appends again from 0, so only the last run of each log is read; the edges of a command with
+several
   outputs are one job.  Every ``.ninja_log`` of this build is read: under the source tree (vLLM's ``setup.py``
   builds in ``build/temp.*``) and, kept while the build runs (:class:`NinjaLogKeeper`), an editable install's
-  temporary ``/tmp/tmpXXXX.build-temp`` that setuptools removes at its end; each is placed on the wall clock by
+  temporary ``/tmp/tmpXXXX.build-temp`` that setuptools removes at its end; each is placed on the wall clock
+by
   its file's mtime (= the end of its last job).
 * **Their origin.**  The build's sccache server logs every compile to ``logs/<variant>/sccache.log`` (module
   ``sccache::compiler::compiler`` at debug level, set by build_farm.trace_log_env): ``[<output's file name>]:
   Cache hit``,
   ``Attempting distributed compilation`` and ``falling back to local``.  A job is ``cache``, ``remote``,
-  ``local`` (compiled here; ``local-fallback`` when the farm failed it) or ``other`` (a link, a custom command).
-* **The trace.**  Chrome's trace event format (``{"traceEvents": [...]}``, ``ph: "X"`` complete events, times in
-  microseconds), which Perfetto and ``chrome://tracing`` open: one process per ninja log, one lane (tid) per job
+  ``local`` (compiled here; ``local-fallback`` when the farm failed it) or ``other`` (a link, a custom
+command).
+* **The trace.**  Chrome's trace event format (``{"traceEvents": [...]}``, ``ph: "X"`` complete events, times
+in
+  microseconds), which Perfetto and ``chrome://tracing`` open: one process per ninja log, one lane (tid) per
+job
   slot, each event's ``cat`` its origin.
 * **The critical path.**  ``ninja -t graph`` gives each output's inputs; from the job that ended last, step to
   the input job that ended last, until a job with no built input: the chain that set the build's length.
 """
+
 from __future__ import annotations
 
 import glob
@@ -33,7 +41,7 @@ from pathlib import Path
 
 from vllm_harness.core import procs, writer
 
-MAX_LOG_BYTES = 64 * 2 ** 20          # a ninja log or sccache log read at most this much (its tail)
+MAX_LOG_BYTES = 64 * 2**20  # a ninja log or sccache log read at most this much (its tail)
 
 
 ORIGINS = ("remote", "local", "local-fallback", "cache", "other")
@@ -46,7 +54,7 @@ class Job:
     outputs: list[str]
     cmdhash: str = ""
     origin: str = "other"
-    run: int = 0                     # which ninja log (process in the trace)
+    run: int = 0  # which ninja log (process in the trace)
 
     @property
     def name(self) -> str:
@@ -82,12 +90,12 @@ def parse_ninja_log(text: str) -> list[Job]:
         except ValueError:
             continue
         if end < last_end:
-            rows = []   # lines come in the order jobs end: an earlier end is a new ninja run (its clock at 0)
+            rows = []  # lines come in the order jobs end: an earlier end is a new ninja run (its clock at 0)
         rows.append((start, end, parts[3], parts[4]))
         last_end = end
     latest: dict[str, tuple[int, int, str, str]] = {}
     for r in rows:
-        latest[r[2]] = r               # an output built twice: the later line wins
+        latest[r[2]] = r  # an output built twice: the later line wins
     jobs: dict[tuple[int, int, str], Job] = {}
     for start, end, out, h in latest.values():
         key = (start, end, h)
@@ -98,13 +106,17 @@ def parse_ninja_log(text: str) -> list[Job]:
     return sorted(jobs.values(), key=lambda j: (j.start_ms, j.end_ms))
 
 
-_LINE = re.compile(r"\[([^\]\n]+)\]: (get_cached_or_compile|Cache hit|Attempting distributed compilation|Could not "
-                   r"perform distributed compile, falling back to local|Compiled in)")
+_LINE = re.compile(
+    r"\[([^\]\n]+)\]: (get_cached_or_compile|Cache hit|Attempting distributed compilation|Could not "
+    r"perform distributed compile, falling back to local|Compiled in)"
+)
 
 
 def origins_from_sccache_log(text: str) -> dict[str, list[str]]:
-    """output file name (sccache names a compile by its ``-o``'s) -> the origin of each of its compiles, in the
-    order they ended: ``cache``, ``remote``, ``local-fallback`` (the farm failed it), ``local``.  A request opens
+    """output file name (sccache names a compile by its ``-o``'s) -> the origin of each of its compiles, in
+    the
+    order they ended: ``cache``, ``remote``, ``local-fallback`` (the farm failed it), ``local``.  A request
+    opens
     with ``get_cached_or_compile``; one inside another of the same name (nvcc's host phase inside the nvcc
     driver, which itself runs here) is the outer one's: ``remote`` when the inner one ran remote."""
     stacks: dict[str, list[dict]] = {}
@@ -137,13 +149,16 @@ def origins_from_sccache_log(text: str) -> dict[str, list[str]]:
         elif what == "Cache hit":
             close(name, "cache")
         else:
-            close(name, "local-fallback" if top.get("fallback") else "remote" if top.get("tried") else "local")
+            close(
+                name, "local-fallback" if top.get("fallback") else "remote" if top.get("tried") else "local"
+            )
     return out
 
 
 def _assign_origins(runs: list[list[Job]], origins: dict[str, list[str]]) -> None:
     """Each job (all runs in time order, each run's jobs in the order they ended) takes the next origin of its
-    output's file name: a name compiled in two passes (an editable build, then the wheel) gets each its own."""
+    output's file name: a name compiled in two passes (an editable build, then the wheel) gets each its
+    own."""
     used: dict[str, int] = {}
     for jobs in runs:
         for j in sorted(jobs, key=lambda j: j.end_ms):
@@ -211,7 +226,9 @@ def critical_path(jobs: list[Job], preds: dict[str, set[str]]) -> list[Job]:
     cur = max(jobs, key=lambda j: j.end_ms)
     path = [cur]
     while True:
-        before = [ids[i] for i in built_inputs(cur) if ids[i].end_ms <= cur.start_ms + 1 and ids[i] not in path]
+        before = [
+            ids[i] for i in built_inputs(cur) if ids[i].end_ms <= cur.start_ms + 1 and ids[i] not in path
+        ]
         if not before:
             break
         cur = max(before, key=lambda j: j.end_ms)
@@ -243,11 +260,23 @@ def chrome_trace(runs: list[tuple[str, float, list[Job]]]) -> dict:
         events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
         base = (start - t0) * 1e6
         for j, tid in zip(jobs, _lanes(jobs), strict=True):
-            events.append({"name": j.name, "cat": j.origin, "ph": "X", "pid": pid, "tid": tid,
-                           "ts": round(base + j.start_ms * 1000), "dur": max(1, (j.end_ms - j.start_ms) * 1000),
-                           "args": {"origin": j.origin, "outputs": j.outputs}})
-    return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {"source": ".ninja_log", "origins": list(ORIGINS)}}
+            events.append(
+                {
+                    "name": j.name,
+                    "cat": j.origin,
+                    "ph": "X",
+                    "pid": pid,
+                    "tid": tid,
+                    "ts": round(base + j.start_ms * 1000),
+                    "dur": max(1, (j.end_ms - j.start_ms) * 1000),
+                    "args": {"origin": j.origin, "outputs": j.outputs},
+                }
+            )
+    return {
+        "traceEvents": events,
+        "displayTimeUnit": "ms",
+        "otherData": {"source": ".ninja_log", "origins": list(ORIGINS)},
+    }
 
 
 def find_ninja_logs(roots: list[Path], since: float) -> list[Path]:
@@ -271,8 +300,13 @@ def ninja_graph(build_dir: Path, env: dict[str, str] | None = None) -> dict[str,
     if not (build_dir / "build.ninja").is_file():
         return {}
     try:
-        r = procs.run(["ninja", "-C", str(build_dir), "-t", "graph"], capture_output=True, text=True, timeout=60,
-                      env=env)
+        r = procs.run(
+            ["ninja", "-C", str(build_dir), "-t", "graph"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
     except (OSError, subprocess.SubprocessError):
         return {}
     return parse_graph(r.stdout) if r.returncode == 0 else {}
@@ -290,28 +324,42 @@ def _cmake_home(build_dir: Path) -> str:
 
 
 class NinjaLogKeeper:
-    """Keeps the ``.ninja_log`` (and ``ninja -t graph``) of this build's CMake folders while the build runs: an
-    editable install builds in a temporary ``/tmp/tmpXXXX.build-temp`` that setuptools removes when it is done,
+    """Keeps the ``.ninja_log`` (and ``ninja -t graph``) of this build's CMake folders while the build runs:
+    an
+    editable install builds in a temporary ``/tmp/tmpXXXX.build-temp`` that setuptools removes when it is
+    done,
     and that is the pass that compiles.  Every ``interval`` seconds: ``<src>/build/**`` (two levels) and the
     temporary folder's ``*.build-temp``, each taken only when its ``CMakeCache.txt`` names ``src`` as the
     source (another build's folder in /tmp is not ours) and its log was written since the build began.  Each
-    log found is also hard-linked into ``keep_dir`` (ninja appends to the same file, so the link sees every line
-    up to the last, even after setuptools removed the folder); on another file system it is copied each poll."""
+    log found is also hard-linked into ``keep_dir`` (ninja appends to the same file, so the link sees every
+    line
+    up to the last, even after setuptools removed the folder); on another file system it is copied each
+    poll."""
 
-    def __init__(self, src: Path, since: float, env: dict[str, str] | None = None, interval: float = 0.5,
-                 keep_dir: Path | None = None):
+    def __init__(
+        self,
+        src: Path,
+        since: float,
+        env: dict[str, str] | None = None,
+        interval: float = 0.5,
+        keep_dir: Path | None = None,
+    ):
         self.src, self.since, self.env, self.interval = src, since, env, interval
-        self.kept: dict[str, tuple[str, float]] = {}     # folder -> (log text, mtime)
-        self.links: dict[str, Path] = {}                 # folder -> its hard link in keep_dir
+        self.kept: dict[str, tuple[str, float]] = {}  # folder -> (log text, mtime)
+        self.links: dict[str, Path] = {}  # folder -> its hard link in keep_dir
         self.keep_dir = keep_dir
         if keep_dir is not None:
-            shutil.rmtree(keep_dir, ignore_errors=True)   # the links of an earlier build
+            shutil.rmtree(keep_dir, ignore_errors=True)  # the links of an earlier build
         self.graphs: dict[str, dict[str, set[str]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ninja-log-keeper", daemon=True)
         tmp = (env or {}).get("TMPDIR") or tempfile.gettempdir()
-        self._patterns = [str(src / "build" / ".ninja_log"), str(src / "build" / "*" / ".ninja_log"),
-                          str(src / "build" / "*" / "*" / ".ninja_log"), str(Path(tmp) / "*.build-temp" / ".ninja_log")]
+        self._patterns = [
+            str(src / "build" / ".ninja_log"),
+            str(src / "build" / "*" / ".ninja_log"),
+            str(src / "build" / "*" / "*" / ".ninja_log"),
+            str(Path(tmp) / "*.build-temp" / ".ninja_log"),
+        ]
 
     def __enter__(self) -> NinjaLogKeeper:
         self._thread.start()
@@ -321,7 +369,7 @@ class NinjaLogKeeper:
         self._stop.set()
         self._thread.join(timeout=30)
         self.poll()
-        for d, link in self.links.items():   # the whole log, its folder gone or not
+        for d, link in self.links.items():  # the whole log, its folder gone or not
             try:
                 text = _tail(link)
                 if text:
@@ -333,7 +381,7 @@ class NinjaLogKeeper:
         while not self._stop.wait(self.interval):
             try:
                 self.poll()
-            except Exception:  # noqa: BLE001 - keeping the trace must never break a build
+            except Exception:  # keeping the trace must never break a build
                 pass
 
     def _link(self, d: str, log: str) -> None:
@@ -344,7 +392,7 @@ class NinjaLogKeeper:
             link = self.keep_dir / f"{len(self.links) + 1}.ninja_log"
             os.link(log, link)
             self.links[d] = link
-        except OSError:   # another file system: the copies of each poll are what there is
+        except OSError:  # another file system: the copies of each poll are what there is
             pass
 
     def poll(self) -> None:
@@ -381,18 +429,31 @@ class TraceSummary:
     note: str = ""
 
     def to_dict(self) -> dict:
-        return {"trace": str(self.path) if self.path else None, "jobs": self.jobs, "origins": self.origins,
-                "slowest": self.slowest, "critical_path": {"seconds": self.critical_seconds, "jobs": self.critical},
-                "note": self.note}
+        return {
+            "trace": str(self.path) if self.path else None,
+            "jobs": self.jobs,
+            "origins": self.origins,
+            "slowest": self.slowest,
+            "critical_path": {"seconds": self.critical_seconds, "jobs": self.critical},
+            "note": self.note,
+        }
 
 
 def _short(name: str) -> str:
     return re.sub(r"^CMakeFiles/[^/]+\.dir/", "", name)
 
 
-def write_trace(out: Path, roots: list[Path], since: float, sccache_log: Path | None = None,
-                env: dict[str, str] | None = None, top: int = 5, keeper: NinjaLogKeeper | None = None) -> TraceSummary:
-    """Write ``out`` (the Chrome trace) from the ninja logs under ``roots`` since ``since`` and those ``keeper``
+def write_trace(
+    out: Path,
+    roots: list[Path],
+    since: float,
+    sccache_log: Path | None = None,
+    env: dict[str, str] | None = None,
+    top: int = 5,
+    keeper: NinjaLogKeeper | None = None,
+) -> TraceSummary:
+    """Write ``out`` (the Chrome trace) from the ninja logs under ``roots`` since ``since`` and those
+    ``keeper``
     kept; the summary names the slowest compiles and the critical path.  No ninja log: no file, and the
     summary says why."""
     found: dict[str, tuple[str, float]] = dict(keeper.kept) if keeper else {}
@@ -402,7 +463,9 @@ def write_trace(out: Path, roots: list[Path], since: float, sccache_log: Path | 
         except OSError:
             continue
     if not found:
-        return TraceSummary(note="no .ninja_log written by this build (not a ninja build, or its folder is gone)")
+        return TraceSummary(
+            note="no .ninja_log written by this build (not a ninja build, or its folder is gone)"
+        )
     origins = origins_from_sccache_log(_tail(sccache_log)) if sccache_log else {}
     runs: list[tuple[str, float, list[Job]]] = []
     crit: list[Job] = []
@@ -429,12 +492,16 @@ def write_trace(out: Path, roots: list[Path], since: float, sccache_log: Path | 
         return s
     writer.write_file(out, json.dumps(chrome_trace(runs)), what="The build's trace", force=True)
     s.path = out
-    s.slowest = [{"output": j.name, "seconds": round(j.seconds, 2), "origin": j.origin}
-                 for j in sorted(every, key=lambda j: -j.seconds)[:top]]
+    s.slowest = [
+        {"output": j.name, "seconds": round(j.seconds, 2), "origin": j.origin}
+        for j in sorted(every, key=lambda j: -j.seconds)[:top]
+    ]
     s.critical = [{"output": j.name, "seconds": round(j.seconds, 2), "origin": j.origin} for j in crit]
     s.critical_seconds = round(sum(j.seconds for j in crit), 2)
     slow = ", ".join(f"{_short(d['output'])} {d['seconds']:.1f}s ({d['origin']})" for d in s.slowest[:3])
     chain = " -> ".join(_short(d["output"]) for d in s.critical)
-    s.note = (f"trace {out.name}: {s.jobs} jobs ({', '.join(f'{v} {k}' for k, v in sorted(s.origins.items()))}); "
-              f"slowest: {slow}; critical path {s.critical_seconds:.1f}s: {chain}")
+    s.note = (
+        f"trace {out.name}: {s.jobs} jobs ({', '.join(f'{v} {k}' for k, v in sorted(s.origins.items()))}); "
+        f"slowest: {slow}; critical path {s.critical_seconds:.1f}s: {chain}"
+    )
     return s

@@ -34,7 +34,7 @@ from vllm_harness.facts.machine import uv_bin
 from vllm_harness.facts.source_tree import parse_deps
 from vllm_harness.steps import deps_cache
 from vllm_harness.steps import prepare as prepare_mod
-from vllm_harness.steps.bundle_files import (  # noqa: F401 - the bundle's API is here
+from vllm_harness.steps.bundle_files import (  # the bundle's API is here
     MANIFEST,
     PARTIAL,
     SCHEMA,

@@ -41,20 +41,33 @@ def do_deps(ctx: Ctx, log: Path) -> dict:
 
 
 def _pypi_toolkit(ctx: Ctx, log: Path, reqs: list[str], why: str) -> dict:
-    """[build] toolkit = "pypi", after its wheels are installed: where they landed (the build's CUDA_HOME), the
+    """[build] toolkit = "pypi", after its wheels are installed: where they landed (the build's CUDA_HOME),
+    the
     links a build needs there (inside the venv only), and a check that nothing a build needs is missing."""
     root = toolkit.pypi_root(ctx.py, ctx.env(), ctx.variant.cuda)
     if root is None:
-        raise StepFailed(f"deps: {' '.join(reqs)} installed no nvidia/cu{ctx.variant.cuda.split('.')[0]}/bin/nvcc "
-                         f"in {ctx.venv}.", "Read the log; set toolkit = \"system\" to use an installed toolkit.",
-                         log=str(log))
+        raise StepFailed(
+            f"deps: {' '.join(reqs)} installed no nvidia/cu{ctx.variant.cuda.split('.')[0]}/bin/nvcc "
+            f"in {ctx.venv}.",
+            'Read the log; set toolkit = "system" to use an installed toolkit.',
+            log=str(log),
+        )
     links = toolkit.link_pypi_toolkit(root, ctx.venv)
     missing = toolkit_missing(root, ctx.variant.cuda)
     with open(log, "a") as fh:
-        fh.write(f"# CUDA toolkit from PyPI: {' '.join(reqs)} ({why}) at {root}; links made: {', '.join(links) or 'none'}; "
-                 f"missing: {', '.join(missing) or 'nothing'}\n")
+        fh.write(
+            f"# CUDA toolkit from PyPI: {' '.join(reqs)} ({why}) at {root}; links made: "
+            f"{', '.join(links) or 'none'}; "
+            f"missing: {', '.join(missing) or 'nothing'}\n"
+        )
     if missing:
-        raise StepFailed(f"deps: the CUDA toolkit from PyPI at {root} lacks {', '.join(missing)}.",
-                         "Set toolkit = \"system\" and install the CUDA toolkit (`invoke doctor` names how).",
-                         log=str(log))
-    return {"toolkit": str(root), "toolkit_requirements": reqs, "note": f"; CUDA toolkit from PyPI: {reqs[0]}"}
+        raise StepFailed(
+            f"deps: the CUDA toolkit from PyPI at {root} lacks {', '.join(missing)}.",
+            'Set toolkit = "system" and install the CUDA toolkit (`invoke doctor` names how).',
+            log=str(log),
+        )
+    return {
+        "toolkit": str(root),
+        "toolkit_requirements": reqs,
+        "note": f"; CUDA toolkit from PyPI: {reqs[0]}",
+    }

@@ -35,24 +35,7 @@ from vllm_harness.facts.source_tree import Dep, _submodule_dirs, git_env, parse_
 GIT_TIMEOUT = 3600
 
 
-
-
 # ---------------------------------------------------------------------------------------------- parse
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -117,33 +100,45 @@ def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str 
             raise StepFailed(f"deps: git {' '.join(args[:1])} for {dep.name} failed: {_err(r)}", None)
     r = _git(["-C", str(tmp), "fetch", "-q", "--depth", "1", "--", "origin", dep.rev], genv)
     if r.returncode != 0:  # a server that does not serve unadvertised commits: fetch everything, then look
-        r = _git(["-C", str(tmp), "fetch", "-q", "--tags", "--", "origin", "+refs/heads/*:refs/remotes/origin/*"],
-                 genv)
+        r = _git(
+            ["-C", str(tmp), "fetch", "-q", "--tags", "--", "origin", "+refs/heads/*:refs/remotes/origin/*"],
+            genv,
+        )
         target = dep.rev
     else:
         target = "FETCH_HEAD"
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise StepFailed(f"fetch: cannot reach {dep.url} for {dep.name} {dep.rev} ({_err(r)}).",
-                         f"This machine cannot fetch vLLM's CMake dependencies. On a machine that reaches GitHub "
-                         f"run `invoke fetch --variant {variant or '<name>'} --deps` and copy its {root} here (same path, or "
-                         f"set VLLM_HARNESS_DEPS_CACHE to the copy).")
+        raise StepFailed(
+            f"fetch: cannot reach {dep.url} for {dep.name} {dep.rev} ({_err(r)}).",
+            f"This machine cannot fetch vLLM's CMake dependencies. On a machine that reaches GitHub "
+            f"run `invoke fetch --variant {variant or '<name>'} --deps` and copy its {root} here (same "
+            f"path, or "
+            f"set VLLM_HARNESS_DEPS_CACHE to the copy).",
+        )
     for args in (["-C", str(tmp), "checkout", "-q", "--detach", target],):
         r = _git(args, genv)
         if r.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise StepFailed(f"deps: {dep.url} has no revision {dep.rev} ({_err(r)}).", "Check the tree's CMake pin.")
+            raise StepFailed(
+                f"deps: {dep.url} has no revision {dep.rev} ({_err(r)}).", "Check the tree's CMake pin."
+            )
     if dep.submodules is None or dep.submodules:
         sub = ["-C", str(tmp), "submodule", "update", "--init", "--depth", "1"]
         sub += ["--recursive"] if dep.submodules is None else ["--", *dep.submodules]
         if (tmp / ".gitmodules").is_file():
             r = _git(sub, git_env(genv, [], extra=_all_submodule_paths(tmp)))
             if r.returncode != 0:
-                r = _git([a for a in sub if a not in ("--depth", "1")], git_env(genv, [], extra=_all_submodule_paths(tmp)))
+                r = _git(
+                    [a for a in sub if a not in ("--depth", "1")],
+                    git_env(genv, [], extra=_all_submodule_paths(tmp)),
+                )
             if r.returncode != 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise StepFailed(f"fetch: submodules of {dep.name} could not be fetched ({_err(r)}).",
-                                 "Check the network to GitHub, or copy a filled deps cache here.")
+                raise StepFailed(
+                    f"fetch: submodules of {dep.name} could not be fetched ({_err(r)}).",
+                    "Check the network to GitHub, or copy a filled deps cache here.",
+                )
     commit = _git(["-C", str(tmp), "rev-parse", "HEAD"], genv).stdout.strip()
     if re.fullmatch(r"[0-9a-f]{40}", dep.rev) and commit != dep.rev:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,8 +146,15 @@ def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str 
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     man = _manifest(root)
-    man[dep.key] = {"name": dep.name, "url": dep.url, "rev": dep.rev, "commit": commit, "dir": final.name,
-                    "submodules": dep.submodules, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    man[dep.key] = {
+        "name": dep.name,
+        "url": dep.url,
+        "rev": dep.rev,
+        "commit": commit,
+        "dir": final.name,
+        "submodules": dep.submodules,
+        "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     _save_manifest(root, man)
     if log:
         log(f"deps: {dep.name} {dep.rev} -> {final}")
@@ -171,8 +173,15 @@ def select(deps: list[Dep], device: str = "cuda", every: bool = False) -> list[D
     return mine if every else _choose(mine)
 
 
-def fill(src: Path, root: Path, env: dict[str, str], device: str = "cuda", every: bool = False, log=None,
-         variant: str | None = None) -> dict:
+def fill(
+    src: Path,
+    root: Path,
+    env: dict[str, str],
+    device: str = "cuda",
+    every: bool = False,
+    log=None,
+    variant: str | None = None,
+) -> dict:
     """Fetch the tree's dependencies into the cache (each once); {"cached": [...], "fetched": [...]}."""
     deps = select(parse_deps(src), device, every)
     out: dict = {"cache": str(root), "cached": [], "fetched": [], "deps": [asdict(d) for d in deps]}
@@ -191,6 +200,7 @@ def fill(src: Path, root: Path, env: dict[str, str], device: str = "cuda", every
 
 # ---------------------------------------------------------------------------------------- build env
 
+
 def _arch_words() -> tuple[str, ...]:
     m = platform.machine().lower()
     return ("aarch64", "asimd", "arm") if m in ("aarch64", "arm64") else ("x86", "avx", "amd64")
@@ -206,7 +216,9 @@ def _choose(deps: list[Dep]) -> list[Dep]:
     out = []
     for group in by.values():
         conds = [d.condition.lower() for d in group]
-        mine = [d for d, c in zip(group, conds, strict=True) if any(w in c for w in words) and "not (" not in c]
+        mine = [
+            d for d, c in zip(group, conds, strict=True) if any(w in c for w in words) and "not (" not in c
+        ]
         neutral = [d for d, c in zip(group, conds, strict=True) if not any(w in c for w in every)]
         out.append(mine[0] if mine else neutral[-1] if neutral else group[-1])
     return out
@@ -265,10 +277,15 @@ def apply(ctx, src: Path, env: dict[str, str]) -> dict[str, str]:
     out = dict(env)
     out.update(plan["env"])
     if plan["from_cache"] or plan["missing"]:
-        ctx.say(f"  deps: {len(plan['from_cache'])} from {root} ({', '.join(plan['from_cache']) or 'none'}"
-                f"{'; via ' + ', '.join(plan['via']) if plan['via'] else ''})"
-                + (f"; {len(plan['missing'])} fetched by CMake from the network: "
-                   f"{', '.join(m['name'] for m in plan['missing'])} (`invoke fetch --deps` caches them)"
-                   if plan["missing"] else ""))
+        ctx.say(
+            f"  deps: {len(plan['from_cache'])} from {root} ({', '.join(plan['from_cache']) or 'none'}"
+            f"{'; via ' + ', '.join(plan['via']) if plan['via'] else ''})"
+            + (
+                f"; {len(plan['missing'])} fetched by CMake from the network: "
+                f"{', '.join(m['name'] for m in plan['missing'])} (`invoke fetch --deps` caches them)"
+                if plan["missing"]
+                else ""
+            )
+        )
     dirs = [root / e["dir"] for e in _manifest(root).values()]
     return git_env(out, [], extra=dirs) if dirs else out

@@ -60,10 +60,17 @@ def _see_interpreter_packages(ctx: Ctx, interp: pythons.Interpreter, env: dict[s
            "sorted({p['purelib'], p['platlib']})]))"
     r = procs.run([interp.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     if r.returncode != 0:
-        raise StepFailed(f"env: cannot read the site-packages of {interp.executable}.", "Pass another --python.")
+        raise StepFailed(
+            f"env: cannot read the site-packages of {interp.executable}.", "Pass another --python."
+        )
     scripts, dirs = json.loads(r.stdout.strip().splitlines()[-1])
-    site = procs.run([str(ctx.py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                     capture_output=True, text=True, env=env, timeout=60).stdout.strip()
+    site = procs.run(
+        [str(ctx.py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    ).stdout.strip()
     Path(site, "_harness_interpreter_packages.pth").write_text("".join(d + "\n" for d in dirs))
     return scripts  # its tools (cmake, ninja from pip) go on the build's PATH after the venv's own
 

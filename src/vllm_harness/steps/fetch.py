@@ -39,8 +39,6 @@ from vllm_harness.steps.context import Ctx
 PYPI_JSON = os.environ.get("VLLM_HARNESS_PYPI_JSON", "https://pypi.org/pypi/{name}/{version}/json")
 PYPI_SIMPLE = os.environ.get("VLLM_HARNESS_PYPI_SIMPLE", "https://pypi.org/simple/{name}/")
 COPY_IGNORE = shutil.ignore_patterns("build", "dist", ".deps", "*.egg-info", "*.so", "__pycache__", ".git")
-GIT_TIMEOUT = gitcmd.GIT_TIMEOUT
-HEX_RE = gitcmd.HEX_RE
 
 
 # ------------------------------------------------------------------------------------- --source override
@@ -217,11 +215,19 @@ def fetch_sdist(name: str, version: str, cache: Path, force: bool = False) -> tu
             raise
         digest = _sha256_file(archive)
         if verified and digest == verified:  # --force without network: the copy checked earlier
-            return archive, {"sha256": digest, "verified": True, "from_cache": True,
-                             "note": f"PyPI unreachable ({e.message}); the cached copy was checked when downloaded"}
+            return archive, {
+                "sha256": digest,
+                "verified": True,
+                "from_cache": True,
+                "note": f"PyPI unreachable ({e.message}); the cached copy was checked when downloaded",
+            }
         # put there by hand for an offline machine: used, and said so
-        return archive, {"sha256": digest, "verified": False, "from_cache": True,
-                         "note": f"PyPI unreachable ({e.message}); sha256 not checked against PyPI"}
+        return archive, {
+            "sha256": digest,
+            "verified": False,
+            "from_cache": True,
+            "note": f"PyPI unreachable ({e.message}); sha256 not checked against PyPI",
+        }
     archive = cache / info["filename"]
     side = archive.with_name(archive.name + ".sha256")
     if force or not archive.is_file() or _sha256_file(archive) != info["sha256"]:
@@ -238,15 +244,21 @@ def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
     for m in tar.getmembers():
         target = (dest / m.name).resolve()
         if not str(target).startswith(str(dest) + os.sep) and target != dest:
-            raise StepFailed(f"fetch: archive member {m.name!r} points outside the source folder.",
-                             "Do not use this archive.")
+            raise StepFailed(
+                f"fetch: archive member {m.name!r} points outside the source folder.",
+                "Do not use this archive.",
+            )
         if m.issym() or m.islnk():
             link = (target.parent / m.linkname).resolve()
             if not str(link).startswith(str(dest)):
-                raise StepFailed(f"fetch: archive link {m.name!r} points outside the source folder.",
-                                 "Do not use this archive.")
+                raise StepFailed(
+                    f"fetch: archive link {m.name!r} points outside the source folder.",
+                    "Do not use this archive.",
+                )
         if m.isdev():
-            raise StepFailed(f"fetch: archive member {m.name!r} is a device file.", "Do not use this archive.")
+            raise StepFailed(
+                f"fetch: archive member {m.name!r} is a device file.", "Do not use this archive."
+            )
     if hasattr(tarfile, "data_filter"):
         tar.extractall(dest, filter="data")
     else:  # pragma: no cover - Python < 3.11.4
@@ -261,8 +273,9 @@ def unpack(archive: Path, base: Path) -> Path:
         with tarfile.open(archive) as tar:
             _safe_extract(tar, base)
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise StepFailed(f"fetch: {archive} is not a readable sdist ({e}).",
-                         f"Delete {archive} and fetch again.") from None
+        raise StepFailed(
+            f"fetch: {archive} is not a readable sdist ({e}).", f"Delete {archive} and fetch again."
+        ) from None
     dirs = [d for d in base.iterdir() if d.is_dir()]
     if len(dirs) != 1:
         raise StepFailed(f"fetch: {archive.name} did not unpack to one folder.", "Use source = 'path'.")
@@ -271,8 +284,10 @@ def unpack(archive: Path, base: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------- git
 
-def _git(args: list[str], env: dict[str, str], cwd: Path | None = None,
-         timeout: int = GIT_TIMEOUT) -> subprocess.CompletedProcess:
+
+def _git(
+    args: list[str], env: dict[str, str], cwd: Path | None = None, timeout: int = gitcmd.GIT_TIMEOUT
+) -> subprocess.CompletedProcess:
     return gitcmd.run(args, env, cwd=cwd, timeout=timeout)
 
 
@@ -322,40 +337,81 @@ def git_mirror_ref(url: str, ref: str, cache_root: Path, env: dict[str, str], fo
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError):
         meta = {}
-    have = _git(["--git-dir", str(cache), "rev-parse", "--verify", "-q", "--end-of-options", local + "^{commit}"],
-                genv).stdout.strip()
+    have = _git(
+        ["--git-dir", str(cache), "rev-parse", "--verify", "-q", "--end-of-options", local + "^{commit}"],
+        genv,
+    ).stdout.strip()
     known = meta.get(ref, {})
-    immutable = known.get("kind") == "tag" or (HEX_RE.match(ref) and have.startswith(ref))
+    immutable = known.get("kind") == "tag" or (gitcmd.HEX_RE.match(ref) and have.startswith(ref))
     if have and immutable and not force:
-        return {"cache": str(cache), "commit": have, "kind": known.get("kind", "commit"), "from_cache": True,
-                "local_ref": local}
+        return {
+            "cache": str(cache),
+            "commit": have,
+            "kind": known.get("kind", "commit"),
+            "from_cache": True,
+            "local_ref": local,
+        }
     r = _git(["--git-dir", str(cache), "fetch", "--depth", "1", "--no-tags", "--", url, ref], genv)
-    if r.returncode != 0 and HEX_RE.match(ref):
+    if r.returncode != 0 and gitcmd.HEX_RE.match(ref):
         # a server that does not serve unadvertised commits: take its branches and tags, then look again
-        r = _git(["--git-dir", str(cache), "fetch", "--no-tags", "--", url, "+refs/heads/*:refs/harness-remote/heads/*",
-                  "+refs/tags/*:refs/harness-remote/tags/*"], genv)
+        r = _git(
+            [
+                "--git-dir",
+                str(cache),
+                "fetch",
+                "--no-tags",
+                "--",
+                url,
+                "+refs/heads/*:refs/harness-remote/heads/*",
+                "+refs/tags/*:refs/harness-remote/tags/*",
+            ],
+            genv,
+        )
         if r.returncode == 0:
-            full = _git(["--git-dir", str(cache), "rev-parse", "--verify", "-q", "--end-of-options", ref + "^{commit}"],
-                        genv)
+            full = _git(
+                [
+                    "--git-dir",
+                    str(cache),
+                    "rev-parse",
+                    "--verify",
+                    "-q",
+                    "--end-of-options",
+                    ref + "^{commit}",
+                ],
+                genv,
+            )
             if full.returncode != 0:
                 raise UsageError(f"{url} has no commit {ref}.", "Check the ref.")
             (cache / "FETCH_HEAD").write_text(f"{full.stdout.strip()}\t\t{url}\n")
     if r.returncode != 0:
         err = _last_line(r)
         if have:
-            return {"cache": str(cache), "commit": have, "kind": known.get("kind", "branch"), "from_cache": True,
-                    "local_ref": local, "note": f"{url} unreachable ({err}); using the cached commit fetched "
-                    f"{known.get('fetched_at', 'earlier')}"}
+            return {
+                "cache": str(cache),
+                "commit": have,
+                "kind": known.get("kind", "branch"),
+                "from_cache": True,
+                "local_ref": local,
+                "note": f"{url} unreachable ({err}); using the cached commit fetched "
+                f"{known.get('fetched_at', 'earlier')}",
+            }
         if re.search(r"couldn't find remote ref|not our ref|no such ref|invalid refspec", err, re.I):
-            raise UsageError(f"{url} has no ref {ref!r} ({err}).", "Check [vllm].ref (a tag like v0.8.5, a "
-                             "branch or a commit id).")
-        raise _unreachable(f"{url} for ref {ref}", err,
-                           f"Check the network/proxy (a mirror: GIT_CONFIG_COUNT with url.<mirror>.insteadOf), "
-                           f"or supply it offline: copy {cache_root} from a machine where `invoke fetch` of this "
-                           f"ref worked, or clone it there and pass --source <the clone>.")
+            raise UsageError(
+                f"{url} has no ref {ref!r} ({err}).",
+                "Check [vllm].ref (a tag like v0.8.5, a branch or a commit id).",
+            )
+        raise _unreachable(
+            f"{url} for ref {ref}",
+            err,
+            f"Check the network/proxy (a mirror: GIT_CONFIG_COUNT with url.<mirror>.insteadOf), "
+            f"or supply it offline: copy {cache_root} from a machine where `invoke fetch` of this "
+            f"ref worked, or clone it there and pass --source <the clone>.",
+        )
     sha, kind = _fetch_head(cache)
-    commit = _git(["--git-dir", str(cache), "rev-parse", "--verify", "-q", "--end-of-options", f"{sha}^{{commit}}"],
-                  genv).stdout.strip()
+    commit = _git(
+        ["--git-dir", str(cache), "rev-parse", "--verify", "-q", "--end-of-options", f"{sha}^{{commit}}"],
+        genv,
+    ).stdout.strip()
     _git(["--git-dir", str(cache), "update-ref", "--", local, commit], genv)
     meta[ref] = {"commit": commit, "kind": kind, "url": url, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     meta_file.write_text(json.dumps(meta, indent=2))
@@ -368,23 +424,36 @@ def checkout_from_cache(mirror: dict, ref: str, url: str, dest: Path, env: dict[
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     genv = git_env(env, [dest, Path(mirror["cache"])])
-    for args in (["init", "-q", "--", str(dest)],
-                 ["-C", str(dest), "fetch", "-q", "--no-tags", "--", mirror["cache"], mirror["local_ref"]],
-                 ["-C", str(dest), "checkout", "-q", "--detach", mirror["commit"]]):
+    for args in (
+        ["init", "-q", "--", str(dest)],
+        ["-C", str(dest), "fetch", "-q", "--no-tags", "--", mirror["cache"], mirror["local_ref"]],
+        ["-C", str(dest), "checkout", "-q", "--detach", mirror["commit"]],
+    ):
         r = _git(args, genv)
         if r.returncode != 0:
-            raise StepFailed(f"fetch: git {args[2] if args[0] == '-C' else args[0]} in {dest} failed: "
-                             f"{_last_line(r)}", f"Delete {mirror['cache']} and fetch again.")
+            raise StepFailed(
+                f"fetch: git {args[2] if args[0] == '-C' else args[0]} in {dest} failed: {_last_line(r)}",
+                f"Delete {mirror['cache']} and fetch again.",
+            )
     _git(["-C", str(dest), "remote", "add", "--", "origin", url], genv)
     if mirror["kind"] == "tag":  # setuptools-scm reads the version from the tag (v0.8.5 -> 0.8.5)
         _git(["-C", str(dest), "tag", "--", ref, mirror["commit"]], genv)
 
 
-def fetch_git(url: str, ref: str, dest: Path, cache_root: Path, env: dict[str, str], force: bool = False) -> dict:
+def fetch_git(
+    url: str, ref: str, dest: Path, cache_root: Path, env: dict[str, str], force: bool = False
+) -> dict:
     mirror = git_mirror_ref(url, ref, cache_root, env, force=force)
     checkout_from_cache(mirror, ref, url, dest, env)
-    prov = {"from": "git", "url": url, "ref": ref, "commit": mirror["commit"], "kind": mirror["kind"],
-            "cache": mirror["cache"], "from_cache": mirror["from_cache"]}
+    prov = {
+        "from": "git",
+        "url": url,
+        "ref": ref,
+        "commit": mirror["commit"],
+        "kind": mirror["kind"],
+        "cache": mirror["cache"],
+        "from_cache": mirror["from_cache"],
+    }
     if mirror.get("note"):
         prov["note"] = mirror["note"]
     return prov
@@ -404,24 +473,30 @@ def _path_provenance(src: Path, env: dict[str, str]) -> dict:
         if Path(top).resolve() != src.resolve():
             out["git_toplevel"] = top
     elif gitcmd.DUBIOUS in (r.stderr or ""):
-        out["git_not_read"] = (f"{_last_line(r)}; the harness adds no safe.directory for a tree it did not "
-                               "make and runs no git in it, so its commit was not read (a copy is made "
-                               "without its .git)")
+        out["git_not_read"] = (
+            f"{_last_line(r)}; the harness adds no safe.directory for a tree it did not "
+            "make and runs no git in it, so its commit was not read (a copy is made "
+            "without its .git)"
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------- fetch
 
+
 def _refuse_enclosing(src: Path, layout) -> None:
     """A ``path`` source is copied into the state folder (or built in place): one that is ``/`` or holds
     the state folder or the harness checkout would copy the copy into itself."""
     real = src.resolve()
-    for what, inner in (("the harness's state folder", layout.state.resolve()), ("the harness checkout",
-                                                                                  layout.root.resolve())):
+    for what, inner in (
+        ("the harness's state folder", layout.state.resolve()),
+        ("the harness checkout", layout.root.resolve()),
+    ):
         if real == Path(real.anchor) or real == inner or real in inner.parents:
-            raise UsageError(f"vLLM source path {src} is / or contains {what} ({inner}): it cannot be the "
-                             "source tree.", "Point [vllm].path (or --source) at the vLLM checkout itself, "
-                             "e.g. path = '../vllm'.")
+            raise UsageError(
+                f"vLLM source path {src} is / or contains {what} ({inner}): it cannot be the source tree.",
+                "Point [vllm].path (or --source) at the vLLM checkout itself, e.g. path = '../vllm'.",
+            )
 
 
 def fetch(variant, layout, env: dict[str, str], force: bool = False) -> tuple[Path, dict]:
@@ -457,8 +532,13 @@ def fetch(variant, layout, env: dict[str, str], force: bool = False) -> tuple[Pa
     else:
         archive, info = fetch_sdist(v["package"], v["version"], layout.cache / "sdist", force=force)
         dest = unpack(archive, base)
-        prov = {"from": "pypi-sdist", "package": v["package"], "version": v["version"], "archive": str(archive),
-                **info}
+        prov = {
+            "from": "pypi-sdist",
+            "package": v["package"],
+            "version": v["version"],
+            "archive": str(archive),
+            **info,
+        }
     prov["fetched_at"] = when
     write_json(base / "provenance.json", prov)
     return dest, prov
@@ -467,17 +547,14 @@ def fetch(variant, layout, env: dict[str, str], force: bool = False) -> tuple[Pa
 # ------------------------------------------------------------------------------------ git trust (env)
 
 
-
-
-
-
-
-
-
 def do_fetch(ctx: Ctx, log: Path) -> dict:
     src, prov = fetch(ctx.variant, ctx.layout, ctx.base_env, force=ctx.force)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(json.dumps(prov, indent=2) + "\n")
     where = prov.get("commit") or prov.get("sha256", "")[:16]
-    return {"source": str(src), "provenance": prov,
-            "note": f"{src} ({prov['from']}{', ' + where if where else ''}{', cached' if prov.get('from_cache') else ''})"}
+    return {
+        "source": str(src),
+        "provenance": prov,
+        "note": f"{src} ({prov['from']}{', ' + where if where else ''}"
+                f"{', cached' if prov.get('from_cache') else ''})",
+    }

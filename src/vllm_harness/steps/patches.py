@@ -16,7 +16,8 @@ A sidecar says which releases the patch is for, why, and where upstream stands::
 * ``failed``           -- it claims this version but neither applies; the detail names the hunk.
 
 ``git apply`` runs through ``core.gitcmd`` (the tree's configured commands and filter drivers off, no
-``safe.directory``: an ``in_place`` tree is the user's), inside the tree only (``GIT_CEILING_DIRECTORIES``); without git, ``patch --dry-run`` / ``patch`` do the same.
+``safe.directory``: an ``in_place`` tree is the user's), inside the tree only (``GIT_CEILING_DIRECTORIES``);
+without git, ``patch --dry-run`` / ``patch`` do the same.
 ``check_releases`` (``invoke patches``) tries every patch against every PyPI release its range claims.
 """
 
@@ -84,25 +85,45 @@ def load_patch(meta: Path) -> Patch:
             raise _bad(meta, k, "is not a known key", f"use {', '.join(sorted(known))}")
     for k in ("versions", "why", "upstream"):
         if not isinstance(data.get(k), str) or not data[k].strip():
-            raise _bad(meta, k, "is missing or empty", f"add {k} = \"...\"")
+            raise _bad(meta, k, "is missing or empty", f'add {k} = "..."')
     try:
         spec = SpecifierSet(data["versions"])
     except InvalidSpecifier:
-        raise _bad(meta, "versions", f"{data['versions']!r} is not a version specifier",
-                   "write e.g. '>=0.6.2,<0.11.1'") from None
+        raise _bad(
+            meta,
+            "versions",
+            f"{data['versions']!r} is not a version specifier",
+            "write e.g. '>=0.6.2,<0.11.1'",
+        ) from None
     patch = meta.with_name(data.get("patch") or meta.stem + ".patch")
     if patch.parent != meta.parent or not patch.is_file():
-        raise _bad(meta, "patch", f"{patch.name} does not exist beside it", "name the .patch file in patches/")
+        raise _bad(
+            meta, "patch", f"{patch.name} does not exist beside it", "name the .patch file in patches/"
+        )
     nif = data.get("needed_if")
     if nif is not None:
-        if not isinstance(nif, dict) or not isinstance(nif.get("file"), str) or not (
-                isinstance(nif.get("contains"), str) or isinstance(nif.get("regex"), str)):
-            raise _bad(meta, "needed_if", "must be a table with file and contains (or regex)",
-                       "write needed_if = { file = \"path\", contains = \"text\" }")
+        if (
+            not isinstance(nif, dict)
+            or not isinstance(nif.get("file"), str)
+            or not (isinstance(nif.get("contains"), str) or isinstance(nif.get("regex"), str))
+        ):
+            raise _bad(
+                meta,
+                "needed_if",
+                "must be a table with file and contains (or regex)",
+                'write needed_if = { file = "path", contains = "text" }',
+            )
     if not patched_files(patch.read_text(errors="replace")):
         raise _bad(meta, "patch", f"{patch.name} names no file (+++ b/...)", "give a unified diff")
-    return Patch(name=patch.stem, path=patch.resolve(), meta=meta.resolve(), versions=spec, why=data["why"].strip(),
-                 upstream=data["upstream"].strip(), needed_if=nif)
+    return Patch(
+        name=patch.stem,
+        path=patch.resolve(),
+        meta=meta.resolve(),
+        versions=spec,
+        why=data["why"].strip(),
+        upstream=data["upstream"].strip(),
+        needed_if=nif,
+    )
 
 
 def load_patches(folder: Path) -> list[Patch]:
@@ -112,6 +133,7 @@ def load_patches(folder: Path) -> list[Patch]:
 
 
 # ---------------------------------------------------------------------------------------------- apply
+
 
 def _env(src: Path, env: dict[str, str]) -> dict[str, str]:
     """No safe.directory (an ``in_place`` tree is the user's: another user's stays refused by git), the
@@ -129,13 +151,22 @@ def _tool() -> str:
     raise UsageError("Neither git nor patch is installed: patches cannot be applied.", "Install git.")
 
 
-def _try(patch: Path, src: Path, env: dict[str, str], reverse: bool, check: bool) -> subprocess.CompletedProcess:
+def _try(
+    patch: Path, src: Path, env: dict[str, str], reverse: bool, check: bool
+) -> subprocess.CompletedProcess:
     if _tool() == "git":
-        args = ["apply", "-p1", "--whitespace=nowarn"] + (["--reverse"] if reverse else []) + \
-               (["--check"] if check else []) + ["--", str(patch)]
+        args = (
+            ["apply", "-p1", "--whitespace=nowarn"]
+            + (["--reverse"] if reverse else [])
+            + (["--check"] if check else [])
+            + ["--", str(patch)]
+        )
         return gitcmd.run(args, env, cwd=src, timeout=120)
-    argv = ["patch", "-p1", "--batch", "--silent", "--no-backup-if-mismatch", "-i", str(patch)] + \
-           (["--reverse"] if reverse else ["--forward"]) + (["--dry-run"] if check else [])
+    argv = (
+        ["patch", "-p1", "--batch", "--silent", "--no-backup-if-mismatch", "-i", str(patch)]
+        + (["--reverse"] if reverse else ["--forward"])
+        + (["--dry-run"] if check else [])
+    )
     return procs.run(argv, cwd=src, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -193,24 +224,35 @@ def status(patch: Patch, src: Path, version: str | None, env: dict[str, str], ap
         if apply:
             done = _try(patch.path, src, genv, reverse=False, check=False)
             if done.returncode != 0:
-                return {**out, "status": "failed", "reason": (done.stderr or done.stdout).strip(),
-                        "hunk": failing_hunks(patch.path.read_text(errors="replace"), done.stderr or "")}
+                return {
+                    **out,
+                    "status": "failed",
+                    "reason": (done.stderr or done.stdout).strip(),
+                    "hunk": failing_hunks(patch.path.read_text(errors="replace"), done.stderr or ""),
+                }
             return {**out, "status": "applied", "files": patch.files}
         return {**out, "status": "applied", "files": patch.files, "dry_run": True}
     rev = _try(patch.path, src, genv, reverse=True, check=True)
     if rev.returncode == 0:
         return {**out, "status": "already-applied", "reason": "its reverse applies"}
     err = (fwd.stderr or fwd.stdout).strip()
-    return {**out, "status": "failed", "reason": err.splitlines()[-1] if err else "does not apply",
-            "errors": err, "hunk": failing_hunks(patch.path.read_text(errors="replace"), err)}
+    return {
+        **out,
+        "status": "failed",
+        "reason": err.splitlines()[-1] if err else "does not apply",
+        "errors": err,
+        "hunk": failing_hunks(patch.path.read_text(errors="replace"), err),
+    }
 
 
-def apply_all(patches: list[Patch], src: Path, version: str | None, env: dict[str, str],
-              apply: bool = True) -> list[dict]:
+def apply_all(
+    patches: list[Patch], src: Path, version: str | None, env: dict[str, str], apply: bool = True
+) -> list[dict]:
     return [status(p, src, version, env, apply=apply) for p in patches]
 
 
 # --------------------------------------------------------------------------- check against releases
+
 
 def release_versions(name: str = "vllm") -> list[tuple[str, str]]:
     """(version, sdist URL) of every non-pre-release sdist on PyPI (the simple index, PEP 691 JSON)."""
@@ -241,7 +283,7 @@ def release_files(url: str, version: str, wanted: list[str], cache: Path) -> Pat
     dest.mkdir(parents=True)
     left = set(wanted)
     fetcher = Fetcher(deadline_s=None, max_requests=8, timeout_s=60, request_deadline_s=1800)
-    try:   # core.fetcher: http/https only, a deadline, the sdist's size capped while streaming
+    try:  # core.fetcher: http/https only, a deadline, the sdist's size capped while streaming
         with fetcher.stream(url, max_bytes=SDIST_MAX) as r, tarfile.open(fileobj=r, mode="r|gz") as tar:
             for m in tar:
                 rel = m.name.split("/", 1)[1] if "/" in m.name else ""
@@ -253,8 +295,9 @@ def release_files(url: str, version: str, wanted: list[str], cache: Path) -> Pat
                     if not left:
                         break
     except FetchError as e:
-        raise UsageError(f"patch check: cannot read the vLLM {version} sdist at {e.url} ({e.reason}).",
-                         e.fix) from None
+        raise UsageError(
+            f"patch check: cannot read the vLLM {version} sdist at {e.url} ({e.reason}).", e.fix
+        ) from None
     done.write_text("\n".join(sorted(set(wanted) - left)) + "\n")
     return dest
 
@@ -278,10 +321,20 @@ def check_releases(patches: list[Patch], cache: Path, env: dict[str, str], versi
                 if st["status"] == "applied":  # and a second run finds it there
                     st["second_run"] = status(p, tree, ver, env, apply=True)["status"]
             results.append({"patch": p.name, "version": ver, **{k: v for k, v in st.items() if k != "name"}})
-            log(f"{p.name:<48} {ver:<12} {st['status']}" + (f"  ({st.get('reason')})" if st.get("reason") else ""))
-    bad = [r for r in results if r["status"] == "failed" or r.get("second_run", "already-applied") != "already-applied"]
+            log(
+                f"{p.name:<48} {ver:<12} {st['status']}"
+                + (f"  ({st.get('reason')})" if st.get("reason") else "")
+            )
+    bad = [
+        r
+        for r in results
+        if r["status"] == "failed" or r.get("second_run", "already-applied") != "already-applied"
+    ]
     over = [r for r in results if r["status"] == "not-needed"]
-    return {"results": results, "failed": bad, "claims_too_much": over,
-            "ok": not bad, "releases_checked": len({r["version"] for r in results})}
-
-
+    return {
+        "results": results,
+        "failed": bad,
+        "claims_too_much": over,
+        "ok": not bad,
+        "releases_checked": len({r["version"] for r in results}),
+    }

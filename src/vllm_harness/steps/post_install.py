@@ -10,8 +10,15 @@ from vllm_harness.steps.context import Ctx, _torch_kept, index_or_local
 def do_post_install(ctx: Ctx, log: Path) -> dict:
     pk = ctx.variant.post_install
     if pk["packages"]:
-        local = index_or_local(pk["index_url"], f"{ctx.variant.path.name} [post_install]", pk["packages"], ctx.env())
-        run_commands("post-install", [ctx.install_cmd(pk["packages"], pk["index_url"], local=local)], log, ctx.env(),
-                     quiet=ctx.quiet)
+        local = index_or_local(
+            pk["index_url"], f"{ctx.variant.path.name} [post_install]", pk["packages"], ctx.env()
+        )
+        run_commands(
+            "post-install",
+            [ctx.install_cmd(pk["packages"], pk["index_url"], local=local)],
+            log,
+            ctx.env(),
+            quiet=ctx.quiet,
+        )
         _torch_kept(ctx, log)
     return {"note": ", ".join(pk["packages"]) or "nothing to install"}

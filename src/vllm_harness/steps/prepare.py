@@ -43,8 +43,9 @@ TORCH_NAMES = ("torch", "torchvision", "torchaudio")
 TORCH_REQ_RE = re.compile(r"""^\s*["']?(torch|torchvision|torchaudio)\s*(\[[^\]]*\])?\s*([=<>!~;@"',#]|$)""",
                           re.IGNORECASE)
 # What the harness strips: the torch family and xformers, whose wheels are built against one torch build.
-STRIP_RE = re.compile(r"""^\s*["']?(torch|torchvision|torchaudio|xformers)\s*(\[[^\]]*\])?\s*([=<>!~;@"',#]|$)""",
-                      re.IGNORECASE)
+STRIP_RE = re.compile(
+    r"""^\s*["']?(torch|torchvision|torchaudio|xformers)\s*(\[[^\]]*\])?\s*([=<>!~;@"',#]|$)""", re.IGNORECASE
+)
 SCRIPT_PLACES = ("use_existing_torch.py", "tools/use_existing_torch.py")
 
 
@@ -66,10 +67,12 @@ def refuse_outside_links(src: Path, files: list[Path]) -> None:
         except OSError:
             continue
         if f.is_symlink() and src not in target.parents:
-            raise StepFailed(f"prepare: {f} is a link to {target}, outside the source tree {src}; preparing it "
-                             f"would change that file",
-                             f"replace the link with a copy of the file (cp --remove-destination {target} {f}), "
-                             f"or fetch the source again")
+            raise StepFailed(
+                f"prepare: {f} is a link to {target}, outside the source tree {src}; preparing it "
+                f"would change that file",
+                f"replace the link with a copy of the file (cp --remove-destination {target} {f}), "
+                f"or fetch the source again",
+            )
 
 
 def _digest(files: list[Path]) -> dict[str, str]:
@@ -140,9 +143,6 @@ def strip_torch(src: Path) -> list[dict]:
 # --------------------------------------------------------------------------------------------- facts
 
 
-
-
-
 def source_torch_pin(src: Path) -> tuple[str | None, str]:
     """(torch version, where) this source pins: CMakeLists' TORCH_SUPPORTED_VERSION_CUDA (prepare never
     edits it), else a ``torch==`` in its requirement files / pyproject, else PKG-INFO's Requires-Dist."""
@@ -150,7 +150,7 @@ def source_torch_pin(src: Path) -> tuple[str | None, str]:
     if cm.is_file():
         m = re.search(r'set\s*\(\s*TORCH_SUPPORTED_VERSION_CUDA\s+"([^"]+)"', cm.read_text(errors="replace"))
         if m:
-            return m.group(1), 'CMakeLists.txt TORCH_SUPPORTED_VERSION_CUDA'
+            return m.group(1), "CMakeLists.txt TORCH_SUPPORTED_VERSION_CUDA"
     for f in requirement_files(src):
         for line, counts in _lines_by_table(f):
             m = re.match(r"""^\s*["']?torch\s*==\s*([0-9][\w.+]*)""", line) if counts else None
@@ -158,8 +158,9 @@ def source_torch_pin(src: Path) -> tuple[str | None, str]:
                 return m.group(1), str(f.relative_to(src))
     pkg = src / "PKG-INFO"
     if pkg.is_file():
-        m = re.search(r"^Requires-Dist:\s*torch\s*\(?==\s*([0-9][\w.+]*)", pkg.read_text(errors="replace"),
-                      re.MULTILINE)
+        m = re.search(
+            r"^Requires-Dist:\s*torch\s*\(?==\s*([0-9][\w.+]*)", pkg.read_text(errors="replace"), re.MULTILINE
+        )
         if m:
             return m.group(1), "PKG-INFO Requires-Dist"
     return None, "not found"
@@ -184,6 +185,7 @@ def script_kind(script: Path) -> str:
 
 # --------------------------------------------------------------------------------------------- prepare
 
+
 def _snapshot(files: list[Path]) -> dict[str, list[str]]:
     return {str(f): f.read_text(errors="replace").splitlines() for f in files if f.is_file()}
 
@@ -199,8 +201,15 @@ def _removed(before: list[str], after: list[str]) -> list[str]:
     return [x for x in out if x]
 
 
-def prepare(src: Path, python: Path, log: Path, env: dict[str, str], version: str | None = None,
-            patches_dir: Path | None = None, apply_patches: bool = True) -> dict:
+def prepare(
+    src: Path,
+    python: Path,
+    log: Path,
+    env: dict[str, str],
+    version: str | None = None,
+    patches_dir: Path | None = None,
+    apply_patches: bool = True,
+) -> dict:
     """Returns the contract's JSON: {"source", "vllm_version", "changed": [{"file", "what"}],
     "patches": [{"name", "status"}]} plus how, script, torch_pin, version_from."""
     src = src.resolve()
@@ -211,28 +220,45 @@ def prepare(src: Path, python: Path, log: Path, env: dict[str, str], version: st
     ver, ver_from = vllm_version(src, version, env)
     pin, pin_from = source_torch_pin(src)
     log.parent.mkdir(parents=True, exist_ok=True)
-    result: dict = {"source": str(src), "vllm_version": ver, "version_from": ver_from,
-                    "torch_pin": pin, "torch_pin_from": pin_from, "changed": [], "patches": []}
+    result: dict = {
+        "source": str(src),
+        "vllm_version": ver,
+        "version_from": ver_from,
+        "torch_pin": pin,
+        "torch_pin_from": pin_from,
+        "changed": [],
+        "patches": [],
+    }
     with open(log, "a") as fh:
         fh.write(f"# vLLM {ver} ({ver_from}); source pins torch {pin} ({pin_from})\n")
         # 1. patches
         plist = patches_mod.load_patches(patches_dir) if (patches_dir and apply_patches) else []
         statuses = patches_mod.apply_all(plist, src, ver, env)
         for st in statuses:
-            fh.write(f"patch {st['name']}: {st['status']}" + (f" ({st['reason']})" if st.get("reason") else "") + "\n")
+            fh.write(
+                f"patch {st['name']}: {st['status']}"
+                + (f" ({st['reason']})" if st.get("reason") else "")
+                + "\n"
+            )
             if st["status"] == "failed":
                 fh.write(f"{st.get('errors', '')}\nthe hunk:\n{st.get('hunk', '')}\n")
-        result["patches"] = [{"name": s["name"], "status": s["status"],
-                              **{k: s[k] for k in ("reason", "hunk") if s.get(k)}} for s in statuses]
+        result["patches"] = [
+            {"name": s["name"], "status": s["status"], **{k: s[k] for k in ("reason", "hunk") if s.get(k)}}
+            for s in statuses
+        ]
         for st in statuses:
             if st["status"] == "applied":
                 result["changed"] += [{"file": f, "what": f"patch {st['name']}"} for f in st.get("files", [])]
         failed = [s for s in statuses if s["status"] == "failed"]
         if failed:
-            err = StepFailed(f"prepare: patch {failed[0]['name']} claims vLLM {ver} ({failed[0]['versions']}) "
-                             f"but does not apply: {failed[0].get('reason', '')}",
-                             f"Refresh patches/{failed[0]['name']}.patch for this release, or narrow its "
-                             f"versions; the failing hunk is in {log}.", log=str(log), result=result)
+            err = StepFailed(
+                f"prepare: patch {failed[0]['name']} claims vLLM {ver} ({failed[0]['versions']}) "
+                f"but does not apply: {failed[0].get('reason', '')}",
+                f"Refresh patches/{failed[0]['name']}.patch for this release, or narrow its "
+                f"versions; the failing hunk is in {log}.",
+                log=str(log),
+                result=result,
+            )
             raise err
         # 2. the tree's own script
         script = find_script(src)
@@ -260,16 +286,24 @@ def prepare(src: Path, python: Path, log: Path, env: dict[str, str], version: st
     result["how"] = how
     if left:
         f, n, line = left[0]
-        err = StepFailed(f"prepare: a torch pin is still in {f}:{n} ({line}).",
-                         "Remove it by hand or add a patch under patches/.", log=str(log), result=result)
+        err = StepFailed(
+            f"prepare: a torch pin is still in {f}:{n} ({line}).",
+            "Remove it by hand or add a patch under patches/.",
+            log=str(log),
+            result=result,
+        )
         raise err
     after = _snapshot(files)
     for f in files:
         key = str(f)
         if f.is_file() and digests.get(key) != _digest([f]).get(key):
             gone = _removed(before.get(key, []), after.get(key, []))
-            result["changed"].append({"file": str(f.relative_to(src)),
-                                      "what": ("removed " + "; ".join(gone)) if gone else "rewritten"})
+            result["changed"].append(
+                {
+                    "file": str(f.relative_to(src)),
+                    "what": ("removed " + "; ".join(gone)) if gone else "rewritten",
+                }
+            )
     return result
 
 
@@ -301,12 +335,21 @@ def do_prepare(ctx: Ctx, log: Path, src: Path | None = None) -> dict:
     if log.exists():
         log.unlink()
     env = clean_env(ctx.base_env)
-    result = prepare(src, Path(sys.executable), log, env, version=ctx.variant.vllm["version"],
-                                 patches_dir=ctx.layout.root / "patches")
+    result = prepare(
+        src,
+        Path(sys.executable),
+        log,
+        env,
+        version=ctx.variant.vllm["version"],
+        patches_dir=ctx.layout.root / "patches",
+    )
     n = len(result["changed"])
     result["note"] = f"{result['how']}: {n} file(s) changed" if n else f"{result['how']}: nothing to change"
-    applied = [p["name"] + (" (already applied)" if p["status"] == "already-applied" else "")
-               for p in result["patches"] if p["status"] in ("applied", "already-applied")]
+    applied = [
+        p["name"] + (" (already applied)" if p["status"] == "already-applied" else "")
+        for p in result["patches"]
+        if p["status"] in ("applied", "already-applied")
+    ]
     if applied:
         result["note"] += f"; patches: {', '.join(applied)}"
     return result

@@ -53,14 +53,17 @@ def torch_info(python: Path, env: dict[str, str]) -> dict:
     try:
         r = procs.run([str(python), "-c", TORCH_INFO], capture_output=True, text=True, env=env, timeout=60)
     except OSError as e:
-        raise UsageError(f"probe: cannot run {python} ({e}).", "Make the env first: `invoke deps --variant ...`.") \
-            from None
+        raise UsageError(
+            f"probe: cannot run {python} ({e}).", "Make the env first: `invoke deps --variant ...`."
+        ) from None
     if r.returncode != 0:
         raise UsageError(f"probe: {python} failed: {r.stderr.strip()[-300:]}", "Check the env's Python.")
     info = json.loads(r.stdout.strip().splitlines()[-1])
     if not info["torch_dir"]:
-        raise UsageError(f"probe: no torch in {python}'s environment.", "Install the variant's torch first "
-                         "(`invoke deps --variant ...`).")
+        raise UsageError(
+            f"probe: no torch in {python}'s environment.",
+            "Install the variant's torch first (`invoke deps --variant ...`).",
+        )
     return info
 
 
@@ -95,8 +98,9 @@ def bindings_file(src: Path, device: str) -> Path:
     raise UsageError(f"probe: {src} has no csrc/torch_bindings.cpp.", "Give a vLLM source tree (--source).")
 
 
-def commands(src: Path, info: dict, env: dict[str, str], device: str = "cuda",
-             kernel: bool = False) -> list[tuple[str, list[str]]]:
+def commands(
+    src: Path, info: dict, env: dict[str, str], device: str = "cuda", kernel: bool = False
+) -> list[tuple[str, list[str]]]:
     tdir = Path(info["torch_dir"])
     std = cxx_standard(src)
     incs = ["-I", str(src / "csrc"), "-I", str(src)]
@@ -109,24 +113,64 @@ def commands(src: Path, info: dict, env: dict[str, str], device: str = "cuda",
         defines.append("-DVLLM_CPU_EXTENSION")
     cxx = compiler(env)
     if not cxx:
-        raise UsageError("probe: no C++ compiler (g++, c++, clang++) on PATH.", "Install one (apt-get install g++).")
-    out = [(str(bindings_file(src, device).relative_to(src)),
-            [cxx, "-fsyntax-only", f"-std=c++{std}", "-x", "c++", *defines, *incs,
-             str(bindings_file(src, device))])]
+        raise UsageError(
+            "probe: no C++ compiler (g++, c++, clang++) on PATH.", "Install one (apt-get install g++)."
+        )
+    out = [
+        (
+            str(bindings_file(src, device).relative_to(src)),
+            [
+                cxx,
+                "-fsyntax-only",
+                f"-std=c++{std}",
+                "-x",
+                "c++",
+                *defines,
+                *incs,
+                str(bindings_file(src, device)),
+            ],
+        )
+    ]
     if kernel and device == "cuda":
         nv = nvcc(env)
         k = src / "csrc" / "activation_kernels.cu"
         if nv and k.is_file():
             host = ["-ccbin", env["CUDAHOSTCXX"]] if env.get("CUDAHOSTCXX") else []  # as CMake passes it
-            # torch's COMMON_NVCC_FLAGS (CUDA >= 12: without the __CUDA_NO_HALF* defines) + vLLM's -DENABLE_FP8
+            # torch's COMMON_NVCC_FLAGS (CUDA >= 12: without the __CUDA_NO_HALF* defines) + vLLM's
+            # -DENABLE_FP8
             nv_flags = ["--expt-relaxed-constexpr", "-DENABLE_FP8"]
-            out.append((str(k.relative_to(src)), [nv, "--cuda", *host, f"-std=c++{std}", "-x", "cu", *nv_flags,
-                                                  *defines, *incs, str(k), "-o", os.devnull]))
+            out.append(
+                (
+                    str(k.relative_to(src)),
+                    [
+                        nv,
+                        "--cuda",
+                        *host,
+                        f"-std=c++{std}",
+                        "-x",
+                        "cu",
+                        *nv_flags,
+                        *defines,
+                        *incs,
+                        str(k),
+                        "-o",
+                        os.devnull,
+                    ],
+                )
+            )
     return out
 
 
-def run_probe(src: Path, python: Path, env: dict[str, str], log: Path, device: str = "cuda",
-              kernel: bool = False, timeout: int = 300, context: dict | None = None) -> dict:
+def run_probe(
+    src: Path,
+    python: Path,
+    env: dict[str, str],
+    log: Path,
+    device: str = "cuda",
+    kernel: bool = False,
+    timeout: int = 300,
+    context: dict | None = None,
+) -> dict:
     """Compile the probe files; return {"status": pass|fail, "files", "torch", "source_pins_torch",
     "seconds", "findings", "log"} (findings from diagnose, root cause first)."""
     src = src.resolve()
@@ -137,15 +181,28 @@ def run_probe(src: Path, python: Path, env: dict[str, str], log: Path, device: s
     t0 = time.monotonic()
     results = []
     with open(log, "w") as fh:
-        fh.write(f"# compile probe: vLLM tree {src}\n# torch {info['torch_version']} at {info['torch_dir']}; "
-                 f"this source pins torch {pin} ({pin_from})\n")
+        fh.write(
+            f"# compile probe: vLLM tree {src}\n# torch {info['torch_version']} at {info['torch_dir']}; "
+            f"this source pins torch {pin} ({pin_from})\n"
+        )
         started = []
         try:
             for name, argv in cmds:  # side by side, each in its own process group (g++ and its cc1plus)
                 fh.write(f"$ {' '.join(argv)}\n")
                 fh.flush()
-                started.append((name, procs.popen(argv, cwd=src, env=env, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)))
+                started.append(
+                    (
+                        name,
+                        procs.popen(
+                            argv,
+                            cwd=src,
+                            env=env,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL,
+                        ),
+                    )
+                )
             for name, p in started:
                 try:
                     out, _ = p.communicate(timeout=max(1, timeout - (time.monotonic() - t0)))
@@ -168,10 +225,19 @@ def run_probe(src: Path, python: Path, env: dict[str, str], log: Path, device: s
     ctx = {"torch": pin, **(context or {})} if pin else dict(context or {})
     report = diagnose.diagnose_path(str(log), context=ctx).to_dict()
     ok = all(r["rc"] == 0 for r in results)
-    res = {"status": "pass" if ok else "fail", "source": str(src), "files": results,
-           "torch": info["torch_version"], "torch_dir": info["torch_dir"], "source_pins_torch": pin,
-           "source_pins_from": pin_from, "cxx_standard": cxx_standard(src), "seconds": secs,
-           "findings": report.get("findings", []) if not ok else [], "log": str(log)}
+    res = {
+        "status": "pass" if ok else "fail",
+        "source": str(src),
+        "files": results,
+        "torch": info["torch_version"],
+        "torch_dir": info["torch_dir"],
+        "source_pins_torch": pin,
+        "source_pins_from": pin_from,
+        "cxx_standard": cxx_standard(src),
+        "seconds": secs,
+        "findings": report.get("findings", []) if not ok else [],
+        "log": str(log),
+    }
     if not ok and not res["findings"]:
         res["first_error_lines"] = report.get("first_error_lines", [])[:8]
     try:  # doctor (the pin check) and diagnose (the fix for this log) read it
@@ -200,16 +266,24 @@ def fail(res: dict) -> StepFailed:
     what = f"{top['id']}: {top['evidence']}" if top else "the compiler failed (see the log)"
     fix = top["fix"] if top else None
     if top and top["id"] == "torch-api-mismatch" and res.get("source_pins_torch"):
-        fix = (f"This vLLM source pins torch {res['source_pins_torch']} ({res['source_pins_from']}); the env has "
-               f"torch {res['torch']}. Install torch {res['source_pins_torch']} in the env (set the variant's "
-               f"[torch] to it), or build the vLLM release that pins torch {str(res['torch']).split('+')[0]}; "
-               f"then rebuild from a clean tree.")
-    err = StepFailed(f"probe: {Path(res['source']).name} does not compile against torch {res['torch']} "
-                     f"({res['seconds']}s): {what}", fix, result=res)
+        fix = (
+            f"This vLLM source pins torch {res['source_pins_torch']} ({res['source_pins_from']}); the "
+            f"env has "
+            f"torch {res['torch']}. Install torch {res['source_pins_torch']} in the env (set the variant's "
+            f"[torch] to it), or build the vLLM release that pins torch {str(res['torch']).split('+')[0]}; "
+            f"then rebuild from a clean tree."
+        )
+    err = StepFailed(
+        f"probe: {Path(res['source']).name} does not compile against torch {res['torch']} "
+        f"({res['seconds']}s): {what}",
+        fix,
+        result=res,
+    )
     return err
 
 
 # ------------------------------------------------------------------------------------- entry points
+
 
 def before_build(ctx, src: Path, env: dict[str, str]) -> dict | None:
     """Run the probe in the build step, before the long compile (VLLM_HARNESS_SKIP_PROBE=1 skips it).
@@ -226,8 +300,10 @@ def before_build(ctx, src: Path, env: dict[str, str]) -> dict | None:
     kernel = ctx.device == "cuda" and ctx.base_env.get("VLLM_HARNESS_PROBE_KERNEL", "") not in ("", "0")
     res = run_probe(src, ctx.py, env, log, device=ctx.device, kernel=kernel)
     if res["status"] == "pass":
-        ctx.say(f"  compile probe: {', '.join(f['file'] for f in res['files'])} compile against torch "
-                f"{res['torch']} ({res['seconds']}s)")
+        ctx.say(
+            f"  compile probe: {', '.join(f['file'] for f in res['files'])} compile against torch "
+            f"{res['torch']} ({res['seconds']}s)"
+        )
         return res
     _show(res, quiet=ctx.quiet)
     raise fail(res)

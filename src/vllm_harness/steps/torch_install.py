@@ -26,7 +26,9 @@ def do_torch(ctx: Ctx, log: Path) -> dict:
     names = [Requirement(r).name for r in v.torch["packages"]]
     note = ""
     if not v.torch["preinstalled"]:
-        local = index_or_local(v.torch["index_url"], f"{ctx.variant.path.name} [torch]", v.torch["packages"], env)
+        local = index_or_local(
+            v.torch["index_url"], f"{ctx.variant.path.name} [torch]", v.torch["packages"], env
+        )
         together = not local and one_resolution(ctx)
         resolved = resolve_with_vllm(ctx, log, env) if together else None
         if resolved:
@@ -37,17 +39,23 @@ def do_torch(ctx: Ctx, log: Path) -> dict:
         run_commands("torch", [cmd], log, env, quiet=ctx.quiet, append=together)
     have = installed_versions(ctx.py, names, env)
     if not have.get("torch"):
-        raise StepFailed(f"torch: no torch in {ctx.venv} after this step.",
-                         "The interpreter has no torch; set preinstalled = false." if v.torch["preinstalled"]
-                         else None, log=str(log) if log.exists() else None)
+        raise StepFailed(
+            f"torch: no torch in {ctx.venv} after this step.",
+            "The interpreter has no torch; set preinstalled = false." if v.torch["preinstalled"] else None,
+            log=str(log) if log.exists() else None,
+        )
     base = have["torch"].split("+")[0]
     if base != v.torch["version"]:
-        raise StepFailed(f"torch: {have['torch']} is installed, the variant names torch {v.torch['version']}.",
-                         "Give the interpreter the variant's torch or fix [torch].version.")
+        raise StepFailed(
+            f"torch: {have['torch']} is installed, the variant names torch {v.torch['version']}.",
+            "Give the interpreter the variant's torch or fix [torch].version.",
+        )
     pins = [f"{n}=={ver}" for n, ver in have.items() if ver]
     pins += [r for r in v.deps["packages"] if Requirement(r).name.lower() == "numpy"]
     cfile = ctx.layout.constraints(ctx.name)
-    cfile.write_text("# written by the harness: every later install in this env keeps these\n" + "\n".join(pins) + "\n")
+    cfile.write_text(
+        "# written by the harness: every later install in this env keeps these\n" + "\n".join(pins) + "\n"
+    )
     return {"versions": have, "note": ", ".join(pins) + note}
 
 
@@ -56,9 +64,14 @@ def one_resolution(ctx: Ctx) -> bool:
     bundle, and one index for the three (uv's first-index rule would otherwise take a package from whichever
     index lists it first: a PyTorch index also serves numpy)."""
     v = ctx.variant
-    return (v.vllm["mode"] == "wheel" and v.installer == "uv" and bool(uv_bin()) and ctx.bundle is None
-            and not v.torch["preinstalled"]
-            and v.torch["index_url"] == v.deps["index_url"] == v.vllm["index_url"])
+    return (
+        v.vllm["mode"] == "wheel"
+        and v.installer == "uv"
+        and bool(uv_bin())
+        and ctx.bundle is None
+        and not v.torch["preinstalled"]
+        and v.torch["index_url"] == v.deps["index_url"] == v.vllm["index_url"]
+    )
 
 
 def resolve_with_vllm(ctx: Ctx, log: Path, env: dict[str, str]) -> list[str] | None:
@@ -70,17 +83,32 @@ def resolve_with_vllm(ctx: Ctx, log: Path, env: dict[str, str]) -> list[str] | N
     folder.mkdir(parents=True, exist_ok=True)
     wanted = folder / "torch-resolution.in"
     out = folder / "torch-resolution.txt"
-    wanted.write_text("".join(r + "\n" for r in (*v.torch["packages"], *v.deps["packages"], v.vllm_requirement)))
+    wanted.write_text(
+        "".join(r + "\n" for r in (*v.torch["packages"], *v.deps["packages"], v.vllm_requirement))
+    )
     out.unlink(missing_ok=True)
-    argv = [uv_bin(), "pip", "compile", "--python", str(ctx.py), "--no-header", "--no-annotate", "--quiet",
-            *(["--index-url", v.torch["index_url"]] if v.torch["index_url"] else []),
-            "--output-file", str(out), str(wanted)]
+    argv = [
+        uv_bin(),
+        "pip",
+        "compile",
+        "--python",
+        str(ctx.py),
+        "--no-header",
+        "--no-annotate",
+        "--quiet",
+        *(["--index-url", v.torch["index_url"]] if v.torch["index_url"] else []),
+        "--output-file",
+        str(out),
+        str(wanted),
+    ]
     try:
         run_commands("torch", [argv], log, env, quiet=ctx.quiet)
     except StepFailed:
         with open(log, "a") as fh:
-            fh.write(f"# torch, [deps] and {v.vllm_requirement} do not resolve together (above): torch alone now;"
-                     " the build step's wheel check says why the wheel does not fit\n")
+            fh.write(
+                f"# torch, [deps] and {v.vllm_requirement} do not resolve together (above): torch alone now;"
+                " the build step's wheel check says why the wheel does not fit\n"
+            )
         return None
     vllm = canonicalize_name(Requirement(v.vllm_requirement).name)
     pins = []

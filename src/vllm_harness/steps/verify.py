@@ -43,21 +43,35 @@ def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = Fa
         verify_mod.render(result, text)
     if code:
         failed = [c for c in result["checks"] if c["status"] == "fail"]
-        fix = ("Read the table above; `invoke diagnose` reads the log." if failed else
-               f"Run `nox -s verify -- --variant {ctx.name}` on a machine with the GPU, or pass --allow-no-gpu.")
-        err = StepFailed(f"verify: {text}" + (f": {failed[0]['name']}: {failed[0]['reason']}" if failed else ""),
-                         fix, log=str(log) if failed else None, result=result)
+        fix = (
+            "Read the table above; `invoke diagnose` reads the log."
+            if failed
+            else f"Run `nox -s verify -- --variant {ctx.name}` on a machine with the GPU, or pass "
+                 f"--allow-no-gpu."
+        )
+        err = StepFailed(
+            f"verify: {text}" + (f": {failed[0]['name']}: {failed[0]['reason']}" if failed else ""),
+            fix,
+            log=str(log) if failed else None,
+            result=result,
+        )
         raise err
     return {"note": text, "result": result, "proof": proof["summary"], "proof_key": proof["key"]}
 
 
 # ------------------------------------------------------------------------------- what a result proved
 
+
 def _site_dirs(py: Path, env: dict[str, str]) -> list[str]:
     """The env's import path (its site-packages, and the base interpreter's with system site packages)."""
     try:
-        r = procs.run([str(py), "-I", "-c", "import sys, json; print(json.dumps(sys.path))"],
-                      capture_output=True, text=True, env=env, timeout=60)
+        r = procs.run(
+            [str(py), "-I", "-c", "import sys, json; print(json.dumps(sys.path))"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         return [p for p in json.loads(r.stdout.strip().splitlines()[-1]) if p and os.path.isdir(p)]
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         return []
@@ -110,7 +124,12 @@ def _scripts_hash() -> str:
     here = Path(verify_mod.__file__).resolve()
     # every module of the verify package (checks, binaries, elf, roles, ...): an edit to any of them changes
     # what a recorded result proved
-    for f in (verify_mod.SCRIPT, verify_mod.DIST_SCRIPT, verify_mod.DIST_TABLE, *sorted(here.parent.glob("*.py"))):
+    for f in (
+        verify_mod.SCRIPT,
+        verify_mod.DIST_SCRIPT,
+        verify_mod.DIST_TABLE,
+        *sorted(here.parent.glob("*.py")),
+    ):
         if f.is_file():
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -126,13 +145,29 @@ def proof_of(ctx: Ctx, opts: dict) -> dict:
     gpu_ids = [{k: g.get(k) for k in ("name", "compute_capability", "uuid", "memory_gib")} for g in gpus]
     asked = {**CHECK_DEFAULTS, **{k: v for k, v in opts.items() if k in CHECK_DEFAULTS}}
     if asked["libs"]:
-        asked["libs"] = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns)
-                         for p in verify_mod._expand_libs(asked["libs"])]
+        asked["libs"] = [
+            (p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in verify_mod._expand_libs(asked["libs"])
+        ]
     before = (ctx.status.step("post-install") or {}).get("key")
-    summary = {"distributions": n, "distributions_key": dists_key, "gpus": [g["name"] for g in gpu_ids],
-               "driver": driver, "driver_cuda": driver_cuda}
-    key = key_of("verify-proof-1", before, vv, str(ctx.py), dists_key, gpu_ids, driver, driver_cuda, asked,
-                 _scripts_hash())
+    summary = {
+        "distributions": n,
+        "distributions_key": dists_key,
+        "gpus": [g["name"] for g in gpu_ids],
+        "driver": driver,
+        "driver_cuda": driver_cuda,
+    }
+    key = key_of(
+        "verify-proof-1",
+        before,
+        vv,
+        str(ctx.py),
+        dists_key,
+        gpu_ids,
+        driver,
+        driver_cuda,
+        asked,
+        _scripts_hash(),
+    )
     return {"key": key, "summary": summary}
 
 
@@ -150,12 +185,14 @@ def reusable(ctx: Ctx, proof: dict, allow_no_gpu: bool = True) -> dict | None:
 
 def reused_line(s: dict) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.get("finished") or 0))
-    return (f"verified earlier ({when}), inputs unchanged: {s.get('note', '')} "
-            f"(--reverify runs the checks again)")
+    return (
+        f"verified earlier ({when}), inputs unchanged: {s.get('note', '')} (--reverify runs the checks again)"
+    )
 
 
 def record(ctx: Ctx, log: Path, out: dict) -> None:
-    """Keep a passing ``invoke verify`` result as the variant's verify step (under the variant's lock), when the
+    """Keep a passing ``invoke verify`` result as the variant's verify step (under the variant's lock), when
+    the
     steps it follows are recorded as done: a later run with the same inputs reuses it."""
     if not (ctx.status.step("post-install") or {}).get("status") == "ok":
         return

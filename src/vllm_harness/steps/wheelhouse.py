@@ -110,7 +110,8 @@ def compiler_version(env: dict[str, str]) -> str | None:
 
 def nvcc_version(env: dict[str, str]) -> str | None:
     home = env.get("CUDA_HOME")
-    nvcc = str(Path(home) / "bin" / "nvcc") if home else (shutil.which("nvcc", path=env.get("PATH")) or "nvcc")
+    nvcc = str(Path(home) / "bin" / "nvcc") if home else (shutil.which("nvcc",
+                                                                       path=env.get("PATH")) or "nvcc")
     try:
         out = procs.run([nvcc, "--version"], capture_output=True, text=True, env=env, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -119,9 +120,18 @@ def nvcc_version(env: dict[str, str]) -> str | None:
     return m.group(1) if m else None
 
 
-def binary_key(src: Path, *, device: str, torch: str | None, python: str | None, archs: str | None,
-               env: dict[str, str], variant_env: dict[str, str], provenance: dict | None = None,
-               patches: list | None = None) -> tuple[str, dict]:
+def binary_key(
+    src: Path,
+    *,
+    device: str,
+    torch: str | None,
+    python: str | None,
+    archs: str | None,
+    env: dict[str, str],
+    variant_env: dict[str, str],
+    provenance: dict | None = None,
+    patches: list | None = None,
+) -> tuple[str, dict]:
     """(key, parts) for a build of ``src`` with this environment (the build step's final child env)."""
     th, n = tree_hash(src)
     cmake_args = " ".join(a for a in env.get("CMAKE_ARGS", "").split() if "_COMPILER_LAUNCHER=" not in a)
@@ -136,8 +146,11 @@ def binary_key(src: Path, *, device: str, torch: str | None, python: str | None,
         "python": python,
         "compiler": compiler_version(env),
         "device": device,
-        "build_env": {**{k: env[k] for k in KEY_ENV if env.get(k)}, "CMAKE_ARGS": cmake_args,
-                      **{k: v for k, v in variant_env.items() if k not in ("MAX_JOBS", "NVCC_THREADS")}},
+        "build_env": {
+            **{k: env[k] for k in KEY_ENV if env.get(k)},
+            "CMAKE_ARGS": cmake_args,
+            **{k: v for k, v in variant_env.items() if k not in ("MAX_JOBS", "NVCC_THREADS")},
+        },
         "platform": f"{platform.system()}-{platform.machine()}-{'-'.join(platform.libc_ver())}",
     }
     if device == "cuda" and not parts["archs"]:
@@ -147,14 +160,22 @@ def binary_key(src: Path, *, device: str, torch: str | None, python: str | None,
 
 # ------------------------------------------------------------------------------------------ the store
 
+
 def lookup(state: Path, key: str, env: dict[str, str] | None = None) -> Path | None:
     d = root(state, env) / key
     wheels = sorted(d.glob("*.whl")) if d.is_dir() else []
     return wheels[0] if wheels and (d / "meta.json").is_file() else None
 
 
-def store(state: Path, key: str, wheel: Path, parts: dict, variant: str, seconds: float | None = None,
-          env: dict[str, str] | None = None) -> Path:
+def store(
+    state: Path,
+    key: str,
+    wheel: Path,
+    parts: dict,
+    variant: str,
+    seconds: float | None = None,
+    env: dict[str, str] | None = None,
+) -> Path:
     """Copy ``wheel`` into the wheelhouse under ``key`` (atomically: a reader never sees half a wheel)."""
     base = root(state, env)
     base.mkdir(parents=True, exist_ok=True)
@@ -162,9 +183,15 @@ def store(state: Path, key: str, wheel: Path, parts: dict, variant: str, seconds
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     shutil.copy2(wheel, tmp / wheel.name)
-    meta = {"key": key, "wheel": wheel.name, "variant": variant, "created": time.time(),
-            "build_seconds": None if seconds is None else round(seconds, 1), "bytes": wheel.stat().st_size,
-            "parts": parts}
+    meta = {
+        "key": key,
+        "wheel": wheel.name,
+        "variant": variant,
+        "created": time.time(),
+        "build_seconds": None if seconds is None else round(seconds, 1),
+        "bytes": wheel.stat().st_size,
+        "parts": parts,
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     dest = base / key
     if dest.exists():
@@ -203,6 +230,15 @@ def install_cmd(py: Path, wheel: Path, uv: str | None) -> list[str]:
     if uv:
         argv = [uv, "pip", "install", "--python", str(py), "--no-deps", "--reinstall", "--offline"]
     else:
-        argv = [str(py), "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-index",
-                "--progress-bar", "off"]
+        argv = [
+            str(py),
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--force-reinstall",
+            "--no-index",
+            "--progress-bar",
+            "off",
+        ]
     return argv + [str(wheel)]

@@ -47,9 +47,11 @@ from vllm_harness.verify.roles import MAX_SOURCE_BYTES, PythonSide, Role
 DRIVER_LIBS = re.compile(r"^lib(cuda|nvidia-ml|nvidia-ptxjitcompiler|nvcuvid|nvidia-encode)\.so(\.\d+)*$")
 # CUDA libraries whose soname major is the CUDA major (cufft/curand/cusolver number themselves otherwise)
 CUDA_MAJOR_LIBS = re.compile(r"^lib(cudart|cublas|cublasLt|nvrtc|nvJitLink|cusparse)\.so\.(\d+)(\.\d+)*$")
-CUDA_LIB = re.compile(r"^lib(cudart|cublas|cublasLt|nvrtc|nvJitLink|cusparse|cufft|curand|cusolver|cudnn|nccl|"
+CUDA_LIB = re.compile(r"^lib(cudart|cublas|cublasLt|nvrtc|nvJitLink|cusparse|cufft|curand|cusolver|cudnn|"
+                      r"nccl|"
                       r"nvToolsExt|cupti|cufile|cusparseLt|nvshmem)")
-DEFAULT_DIRS = ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib"]
+DEFAULT_DIRS = ["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib",
+                "/usr/lib"]
 
 
 # ------------------------------------------------------------------------------------- loader path
@@ -227,9 +229,10 @@ def _arch_check(label: str, path: Path, entries: list, gpu_ccs: list[str], archs
             why = (f"not used on {ccs}: no code for it (has {archs}); the package imports it guarded "
                    f"({role.where}) and picks another kernel where it has none")
         else:
-            how = f"; imported unconditionally at {role.where}" if role is not None and role.kind == "required" \
-                else ""
-            return _check(f"{label}: GPU archs", "fail", f"no SASS or PTX for {ccs} (has {archs}){how}: predicts "
+            required = role is not None and role.kind == "required"
+            how = f"; imported unconditionally at {role.where}" if required else ""
+            return _check(f"{label}: GPU archs", "fail",
+                          f"no SASS or PTX for {ccs} (has {archs}){how}: predicts "
                           f"'no kernel image is available for execution on the device'", m, "no-kernel-image",
                           str(path))
         covered = [c for c in covs if c["level"] != "none"]
@@ -239,7 +242,8 @@ def _arch_check(label: str, path: Path, entries: list, gpu_ccs: list[str], archs
     if ptx:
         ccs = ", ".join(_sm(c["cc"]) for c in ptx)
         m["warning"] = "ptx-only"
-        return _check(f"{label}: GPU archs", "pass", f"warning: PTX only for {ccs} ({', '.join(ptx[0]['ptx'])}): "
+        return _check(f"{label}: GPU archs", "pass",
+                      f"warning: PTX only for {ccs} ({', '.join(ptx[0]['ptx'])}): "
                       f"JIT-compiled at first use (slow first call)", m, subject=str(path))
     ccs = ", ".join(f"{_sm(c['cc'])}: {' '.join(c['sass'])}" for c in covs)
     return _check(f"{label}: GPU archs", "pass", f"SASS for {ccs} (of {archs})", m, subject=str(path))
@@ -274,7 +278,8 @@ def check_library(path: Path, label: str, lp: LoaderPath | None, torch_cuda: str
             cuda = [n for n in missing if CUDA_LIB.match(n)]
             drv = [n for n in missing if DRIVER_LIBS.match(n)]
             m["missing"] = missing
-            why = (f"{', '.join(missing)} not found under the env's loader path (RPATH/RUNPATH, LD_LIBRARY_PATH, "
+            why = (f"{', '.join(missing)} not found under the env's loader path (RPATH/RUNPATH, "
+                   f"LD_LIBRARY_PATH, "
                    f"ldconfig cache, default dirs, torch's lib/, site-packages nvidia/*/lib)")
             torch_cuda_libs = [n for n in missing if re.match(r"^lib(torch_cuda|c10_cuda)", n)]
             id_ = ("cuda-runtime-lib-missing" if cuda else "no-driver" if drv else
@@ -285,7 +290,8 @@ def check_library(path: Path, label: str, lp: LoaderPath | None, torch_cuda: str
         elif driver_missing:
             m["driver_missing"] = driver_missing
             checks.append(_check(f"{label}: NEEDED libraries", "skip",
-                                 f"{len(resolved)} of {len(info.needed)} resolve; {', '.join(driver_missing)} "
+                                 f"{len(resolved)} of {len(info.needed)} resolve; "
+                                 f"{', '.join(driver_missing)} "
                                  f"come with the NVIDIA driver, absent here ({no_gpu_reason})", m,
                                  subject=str(path)))
         else:
@@ -299,7 +305,8 @@ def check_library(path: Path, label: str, lp: LoaderPath | None, torch_cuda: str
         bad = {n: v for n, v in majors.items() if want_major is not None and v != want_major}
         m = {"links": majors, "torch_cuda": torch_cuda, "expected_cuda": want}
         if want_major is None:
-            checks.append(_check(f"{label}: CUDA runtime", "skip", "torch has no CUDA (CPU build): nothing to "
+            checks.append(_check(f"{label}: CUDA runtime", "skip",
+                                 "torch has no CUDA (CPU build): nothing to "
                                  "compare the linked CUDA major with", m, subject=str(path)))
         elif bad:
             who = "torch's CUDA" if torch_cuda else "the variant's CUDA"
@@ -309,7 +316,8 @@ def check_library(path: Path, label: str, lp: LoaderPath | None, torch_cuda: str
                                  str(path)))
         else:
             checks.append(_check(f"{label}: CUDA runtime", "pass",
-                                 f"CUDA {want_major} ({', '.join(sorted(majors))}) = {'torch' if torch_cuda else 'variant'}"
+                                 f"CUDA {want_major} ({', '.join(sorted(majors))}) = "
+                                 f"{'torch' if torch_cuda else 'variant'}"
                                  f" CUDA {want}", m, subject=str(path)))
     # 3. device code
     entries, used = fatbin_entries(path, info, cuobjdump, reader)
@@ -318,7 +326,8 @@ def check_library(path: Path, label: str, lp: LoaderPath | None, torch_cuda: str
         m = {**summ, "reader": used, "containers": len({e.container for e in entries})}
         archs = " ".join(summ["sass"] + summ["ptx"])
         if not gpu_ccs:
-            checks.append(_check(f"{label}: GPU archs", "skip", f"{no_gpu_reason}: nothing to compare {archs} with",
+            checks.append(_check(f"{label}: GPU archs", "skip",
+                                 f"{no_gpu_reason}: nothing to compare {archs} with",
                                  m, subject=str(path)))
         else:
             checks.append(_arch_check(label, path, entries, gpu_ccs, archs, m, role))
@@ -428,7 +437,7 @@ def pin_admits(pin: str, version: str) -> bool:
         v = Version(version)
         return SpecifierSet(pin).contains(Version(v.base_version), prereleases=True) or \
             SpecifierSet(pin).contains(v, prereleases=True)
-    except Exception:  # noqa: BLE001 - an unreadable pin: compare as text
+    except Exception:  # an unreadable pin: compare as text
         return version.split("+")[0] in pin
 
 
@@ -448,7 +457,8 @@ def _same_member(info: zipfile.ZipInfo, path: Path) -> bool:
 
 
 def wheel_sources(zf: zipfile.ZipFile):
-    """(path, text) of a wheel's Python files (each under roles.MAX_SOURCE_BYTES; decompressed one at a time)."""
+    """(path, text) of a wheel's Python files (each under roles.MAX_SOURCE_BYTES; decompressed one at a
+    time)."""
     for info in zf.infolist():
         if info.filename.endswith(".py") and info.file_size <= MAX_SOURCE_BYTES:
             with zf.open(info) as fh:
@@ -458,7 +468,8 @@ def wheel_sources(zf: zipfile.ZipFile):
 def _declared_extensions(label: str, wheel: Path, zf: zipfile.ZipFile, side: PythonSide,
                          declared: list[str]) -> list[dict]:
     """The variant's [verify] extensions that belong to this wheel's packages must be modules it ships: a
-    release renames them (vLLM 0.25: ``_C`` -> ``_C_stable_libtorch``), and verify would fail after install."""
+    release renames them (vLLM 0.25: ``_C`` -> ``_C_stable_libtorch``), and verify would fail after
+    install."""
     tops = {n.split("/", 1)[0] for n in zf.namelist() if "/" in n and ".dist-info/" not in n + "/"}
     mine = [e for e in declared if e.split(".", 1)[0] in tops]
     if not mine:
@@ -466,11 +477,14 @@ def _declared_extensions(label: str, wheel: Path, zf: zipfile.ZipFile, side: Pyt
     missing = [e for e in mine if e not in side.modules]
     m = {"declared": mine, "ships": sorted(side.modules)}
     if not missing:
-        return [_check(f"wheel {label}: extension modules", "pass", f"ships {', '.join(mine)}", m, subject=str(wheel))]
+        return [_check(f"wheel {label}: extension modules", "pass", f"ships {', '.join(mine)}", m,
+                       subject=str(wheel))]
     m["missing"] = missing
     return [_check(f"wheel {label}: extension modules", "fail",
-                   f"the variant's [verify] extensions names {', '.join(missing)}, which this wheel does not ship "
-                   f"(it ships {', '.join(sorted(side.modules)) or 'none'}). Fix: remove {', '.join(missing)} from "
+                   f"the variant's [verify] extensions names {', '.join(missing)}, which this wheel does "
+                   f"not ship "
+                   f"(it ships {', '.join(sorted(side.modules)) or 'none'}). Fix: remove "
+                   f"{', '.join(missing)} from "
                    f"[verify] extensions (verify loads every extension module the release ships by default)",
                    m, subject=str(wheel))]
 
@@ -494,11 +508,14 @@ def check_wheel(wheel: Path, variant_cuda: str, variant_torch: str, gpu_ccs: lis
         meta = wheel_metadata(zf)
         pin = _torch_pin(meta["requires"])
         label = f"{meta.get('name', wheel.name)} {meta.get('version', '')}".strip()
-        m = {"wheel": str(wheel), "torch_pin": pin, "variant_torch": variant_torch, "variant_cuda": variant_cuda}
+        m = {"wheel": str(wheel), "torch_pin": pin, "variant_torch": variant_torch,
+             "variant_cuda": variant_cuda}
         if pin is None:
-            checks.append(_check(f"wheel {label}: torch pin", "pass", "no torch requirement", m, subject=str(wheel)))
+            checks.append(_check(f"wheel {label}: torch pin", "pass", "no torch requirement", m,
+                                 subject=str(wheel)))
         elif pin_admits(pin, variant_torch):
-            checks.append(_check(f"wheel {label}: torch pin", "pass", f"torch{pin} admits the variant's torch "
+            checks.append(_check(f"wheel {label}: torch pin", "pass",
+                                 f"torch{pin} admits the variant's torch "
                                  f"{variant_torch}", m, subject=str(wheel)))
         else:
             checks.append(_check(f"wheel {label}: torch pin", "fail",
@@ -529,6 +546,7 @@ def check_wheel(wheel: Path, variant_cuda: str, variant_torch: str, gpu_ccs: lis
                     c["subject"] = f"{wheel.name}!{c['subject'][len(root) + 1:]}"
         summ = {"libraries": len(libs), "cuda_majors": sorted(set(majors.values()))}
         checks.insert(1, _check(f"wheel {label}: contents", "pass" if libs else "skip",
-                                f"{len(libs)} compiled libraries" if libs else "no compiled libraries: a pure "
+                                f"{len(libs)} compiled libraries" if libs else "no compiled "
+                                                                               "libraries: a pure "
                                 "Python wheel", summ, subject=str(wheel)))
     return checks

@@ -1,9 +1,11 @@
-"""verify: prove an env runs on this GPU, in layers -- each check pass / fail / skip with the reason and numbers.
+"""verify: prove an env runs on this GPU, in layers -- each check pass / fail / skip with the reason and
+numbers.
 
 1. environment  torch and its CUDA, the GPUs (name, compute capability, memory, driver), NumPy;
 2. binaries     every compiled library of vLLM (xformers, flash-attn when present), read without loading it
                 (``binaries.py``): NEEDED resolved under the env's loader path, the CUDA runtime major vs
-                torch's, the fatbin archs vs each GPU (a gap predicts ``no-kernel-image``; PTX only = warning);
+                torch's, the fatbin archs vs each GPU (a gap predicts ``no-kernel-image``; PTX only =
+warning);
 3. imports      vllm, its extension modules (loaded directly when vLLM's Python stack is absent), xformers;
 4. kernels      the registered ops, discovered and called as their schema allows, against torch references;
 5. speed        effective memory bandwidth against the GPU's peak, first-call latency.
@@ -41,16 +43,22 @@ CPYTHON_TAG = re.compile(r"\.cpython-[^./]+\.so$")
 def _probe(python: Path, env: dict[str, str], timeout: float = 60) -> dict:
     """Where the env's packages are (no import of torch or vllm)."""
     try:
-        r = procs.run([str(python), str(SCRIPT), "--probe"], capture_output=True, text=True, env=env,
-                      timeout=timeout)
+        r = procs.run(
+            [str(python), str(SCRIPT), "--probe"], capture_output=True, text=True, env=env, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
-        raise StepFailed(f"verify: {python} did not answer in {timeout:.0f}s.", "Check the env's interpreter.") from None
+        raise StepFailed(
+            f"verify: {python} did not answer in {timeout:.0f}s.", "Check the env's interpreter."
+        ) from None
     except OSError as e:
         raise StepFailed(f"verify: cannot run {python} ({e.strerror}).", "Build the env first.") from None
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if not lines:
-        raise StepFailed(f"verify: {python} crashed before reporting (exit {r.returncode}): "
-                         f"{(r.stderr.strip().splitlines() or [''])[-1][:300]}", "Check the env's interpreter.")
+        raise StepFailed(
+            f"verify: {python} crashed before reporting (exit {r.returncode}): "
+            f"{(r.stderr.strip().splitlines() or [''])[-1][:300]}",
+            "Check the env's interpreter.",
+        )
     return json.loads(lines[-1])
 
 
@@ -65,15 +73,23 @@ def _module_name(pkg_dir: Path, pkg: str, f: Path) -> str | None:
 def other_interpreter(path: str, suffixes: list[str] | None) -> bool:
     """A CPython extension module built for another interpreter than the env's (vLLM ships deep_gemm's ``_C``
     once per CPython version): that python never loads it, so verify does not either."""
-    return bool(suffixes) and bool(CPYTHON_TAG.search(path)) and \
-        not any(path.endswith(x) for x in suffixes if CPYTHON_TAG.search(x))
+    return (
+        bool(suffixes)
+        and bool(CPYTHON_TAG.search(path))
+        and not any(path.endswith(x) for x in suffixes if CPYTHON_TAG.search(x))
+    )
 
 
 def _other_interpreter_check(path: str, suffixes: list[str]) -> dict:
     tag = CPYTHON_TAG.search(path).group(0)
-    return {"name": f"load {Path(path).name}", "status": "skip", "layer": "imports", "metrics": {"file": path},
-            "reason": f"built for another interpreter ({tag}); this python loads "
-                      f"{next((x for x in suffixes if x.startswith('.cpython-')), suffixes[0])} files"}
+    return {
+        "name": f"load {Path(path).name}",
+        "status": "skip",
+        "layer": "imports",
+        "metrics": {"file": path},
+        "reason": f"built for another interpreter ({tag}); this python loads "
+        f"{next((x for x in suffixes if x.startswith('.cpython-')), suffixes[0])} files",
+    }
 
 
 def _expand_libs(libs: list[str] | None) -> list[str]:
@@ -87,31 +103,63 @@ def _expand_libs(libs: list[str] | None) -> list[str]:
     return out
 
 
-def binary_layer(probe: dict, env: dict[str, str], gpu_ccs: list[str], driver_present: bool, libs: list[str],
-                 reader: str = "auto", no_gpu_reason: str = "no GPU visible") -> tuple[list[dict], dict]:
+def binary_layer(
+    probe: dict,
+    env: dict[str, str],
+    gpu_ccs: list[str],
+    driver_present: bool,
+    libs: list[str],
+    reader: str = "auto",
+    no_gpu_reason: str = "no GPU visible",
+) -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
     torch_dir = probe["packages"].get("torch")
     tf = binaries.torch_facts(torch_dir)
-    lp = binaries.LoaderPath.for_env(env, probe.get("site_packages", []), torch_dir, driver_present=driver_present)
+    lp = binaries.LoaderPath.for_env(
+        env, probe.get("site_packages", []), torch_dir, driver_present=driver_present
+    )
     pkg_dirs = {k: v for k, v in probe["packages"].items() if k != "torch"}
     files = binaries.find_libraries(pkg_dirs, extra=libs)
     side = binaries.PythonSide(lambda: binaries.dir_sources(pkg_dirs), [label for _f, label in files])
-    checks = binaries.check_libraries(files, lp, tf.get("cuda"), gpu_ccs, env, reader, no_gpu_reason=no_gpu_reason,
-                                      python_side=side)
+    checks = binaries.check_libraries(
+        files, lp, tf.get("cuda"), gpu_ccs, env, reader, no_gpu_reason=no_gpu_reason, python_side=side
+    )
     if not files:
-        checks.append({"name": "compiled libraries", "status": "fail" if not libs else "skip", "layer": "binaries",
-                       "reason": f"no compiled library found in {', '.join(pkg_dirs) or 'no vLLM package'}",
-                       "metrics": {"packages": pkg_dirs}})
+        checks.append(
+            {
+                "name": "compiled libraries",
+                "status": "fail" if not libs else "skip",
+                "layer": "binaries",
+                "reason": f"no compiled library found in {', '.join(pkg_dirs) or 'no vLLM package'}",
+                "metrics": {"packages": pkg_dirs},
+            }
+        )
     cuobjdump = binaries.find_cuobjdump(env) if reader != "python" else None
-    info = {"libraries": len(files), "torch": tf, "cuobjdump": cuobjdump,
-            "readers": sorted({c["metrics"].get("reader") for c in checks if c["metrics"].get("reader")}),
-            "seconds": round(time.perf_counter() - t0, 3)}
+    info = {
+        "libraries": len(files),
+        "torch": tf,
+        "cuobjdump": cuobjdump,
+        "readers": sorted({c["metrics"].get("reader") for c in checks if c["metrics"].get("reader")}),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     return checks, info
 
 
-def run_verify(python: Path, device: str, imports: list[str], extensions: list[str], ops: list[str],
-               env: dict[str, str], log: Path | None = None, timeout: float = 600, *, libs: list[str] | None = None,
-               speed: bool = True, reader: str = "auto", ccs: list[str] | None = None) -> dict:
+def run_verify(
+    python: Path,
+    device: str,
+    imports: list[str],
+    extensions: list[str],
+    ops: list[str],
+    env: dict[str, str],
+    log: Path | None = None,
+    timeout: float = 600,
+    *,
+    libs: list[str] | None = None,
+    speed: bool = True,
+    reader: str = "auto",
+    ccs: list[str] | None = None,
+) -> dict:
     probe = _probe(python, env)
     gpus, driver, driver_cuda = probe_gpus(env) if device == "cuda" else ([], None, None)
     gpu_ccs = ccs or [g["compute_capability"] for g in gpus if g.get("compute_capability")]
@@ -123,8 +171,15 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     ccs_here = gpu_ccs if device == "cuda" else []
 
     def binaries_layer() -> tuple[list[dict], dict]:
-        return binary_layer(probe, env, ccs_here, driver_present=bool(gpus) or driver is not None, libs=direct,
-                            reader=reader, no_gpu_reason=why)
+        return binary_layer(
+            probe,
+            env,
+            ccs_here,
+            driver_present=bool(gpus) or driver is not None,
+            libs=direct,
+            reader=reader,
+            no_gpu_reason=why,
+        )
 
     # with no compute capability to compare, the binary layer predicts nothing the script needs (no
     # no-kernel-image, no PTX-only library): it reads the ELF files here while the script imports there
@@ -150,10 +205,26 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     exts = [e for e in extensions if e.split(".")[0] in probe["packages"] or not direct]
     stale = missing_extensions(exts, probe["packages"], ext_files)
     exts = [e for e in exts if e not in {c["metrics"]["module"] for c in stale}]
-    argv = [str(python), str(SCRIPT), "--device", device, "--imports", ",".join(imports),
-            "--extensions", ",".join(exts), "--ops", ",".join(ops),
-            "--ext-files", ",".join(f"{k}={v}" for k, v in ext_files.items()),
-            "--libs", ",".join(direct), "--predicted-no-kernel", ",".join(predicted), "--ptx-only", ",".join(ptx_only)]
+    argv = [
+        str(python),
+        str(SCRIPT),
+        "--device",
+        device,
+        "--imports",
+        ",".join(imports),
+        "--extensions",
+        ",".join(exts),
+        "--ops",
+        ",".join(ops),
+        "--ext-files",
+        ",".join(f"{k}={v}" for k, v in ext_files.items()),
+        "--libs",
+        ",".join(direct),
+        "--predicted-no-kernel",
+        ",".join(predicted),
+        "--ptx-only",
+        ",".join(ptx_only),
+    ]
     if driver:
         argv += ["--driver", driver]
     if not speed:
@@ -164,8 +235,10 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     try:
         r = procs.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise StepFailed(f"verify: the checks did not finish in {timeout:.0f}s.", "Look at the GPU's state "
-                         "(nvidia-smi) and rerun.") from None
+        raise StepFailed(
+            f"verify: the checks did not finish in {timeout:.0f}s.",
+            "Look at the GPU's state (nvidia-smi) and rerun.",
+        ) from None
     except OSError as e:
         raise StepFailed(f"verify: cannot run {python} ({e.strerror}).", "Build the env first.") from None
     finally:
@@ -174,18 +247,24 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     bchecks, binfo = later.result()
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(f"$ {' '.join(argv)}\n{r.stdout}\n{r.stderr}\n# exit status {r.returncode}\n"
-                       f"# binary layer\n{json.dumps(bchecks, indent=1)}\n")
+        log.write_text(
+            f"$ {' '.join(argv)}\n{r.stdout}\n{r.stderr}\n# exit status {r.returncode}\n"
+            f"# binary layer\n{json.dumps(bchecks, indent=1)}\n"
+        )
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         tail = (r.stderr.strip().splitlines() or [""])[-1][:300]
-        raise StepFailed(f"verify: {python} crashed before reporting (exit {r.returncode}): {tail}", None,
-                         log=str(log) if log else None)
+        raise StepFailed(
+            f"verify: {python} crashed before reporting (exit {r.returncode}): {tail}",
+            None,
+            log=str(log) if log else None,
+        )
     result = json.loads(lines[-1])
     checks = result["checks"] + stale + elsewhere + bchecks
     if device == "cuda" and len(result.get("gpus") or []) >= 2:
-        dist_libs = dist_libraries(direct) + [f for name, f in ext_files.items()
-                                              if name in ("vllm._C", "vllm._C_stable_libtorch")]
+        dist_libs = dist_libraries(direct) + [
+            f for name, f in ext_files.items() if name in ("vllm._C", "vllm._C_stable_libtorch")
+        ]
         checks += multi_gpu_layer(python, env, result, timeout, libs=dist_libs)
     order = {name: i for i, name in enumerate(LAYERS)}
     result["checks"] = sorted(checks, key=lambda c: order.get(c.get("layer", ""), len(LAYERS)))
@@ -205,7 +284,9 @@ def run_verify(python: Path, device: str, imports: list[str], extensions: list[s
     return result
 
 
-def missing_extensions(declared: list[str], packages: dict[str, str], ext_files: dict[str, str]) -> list[dict]:
+def missing_extensions(
+    declared: list[str], packages: dict[str, str], ext_files: dict[str, str]
+) -> list[dict]:
     """A declared extension module of an installed package that the package does not ship (a release renamed
     it): one failing check naming what it ships, instead of the script's bare ModuleNotFoundError."""
     out = []
@@ -213,16 +294,24 @@ def missing_extensions(declared: list[str], packages: dict[str, str], ext_files:
         pkg = e.split(".", 1)[0]
         if pkg in packages and Path(packages[pkg]).is_dir() and e not in ext_files:
             ships = sorted(n for n in ext_files if n.split(".", 1)[0] == pkg)
-            out.append({"name": f"load {e}", "status": "fail", "layer": "imports", "metrics": {"module": e,
-                        "ships": ships},
-                        "reason": f"{pkg} has no extension module {e} (it ships {', '.join(ships) or 'none'}). Fix: "
-                                  f"remove {e} from the variant's [verify] extensions (verify loads every extension "
-                                  f"module {pkg} ships by default)"})
+            out.append(
+                {
+                    "name": f"load {e}",
+                    "status": "fail",
+                    "layer": "imports",
+                    "metrics": {"module": e, "ships": ships},
+                    "reason": f"{pkg} has no extension module {e} (it ships "
+                              f"{', '.join(ships) or 'none'}). Fix: "
+                    f"remove {e} from the variant's [verify] extensions (verify loads every extension "
+                    f"module {pkg} ships by default)",
+                }
+            )
     return out
 
 
 def dist_libraries(libs: list[str]) -> list[str]:
-    """Of the ``--libs`` files, vLLM's own ``_C`` libraries (where ``_C_custom_ar`` is registered): the flash-attn
+    """Of the ``--libs`` files, vLLM's own ``_C`` libraries (where ``_C_custom_ar`` is registered): the
+    flash-attn
     and MoE libraries beside them are not loaded again in every rank.  All of them when none is named so."""
     own = [f for f in libs if DIST_LIB.match(Path(f).name) and "third_party" not in Path(f).parts]
     return own or list(libs)
@@ -233,14 +322,30 @@ def custom_ar_table() -> dict:
     return tomllib.loads(DIST_TABLE.read_text(encoding="utf-8"))
 
 
-def multi_gpu_layer(python: Path, env: dict[str, str], result: dict, timeout: float, *,
-                    libs: list[str] | None = None, backend: str = "nccl", extra: list[str] | None = None) -> list[dict]:
-    """Two or more GPUs (data/verify_dist.py, in the env's python): P2P and its bandwidth for every pair, an NCCL
+def multi_gpu_layer(
+    python: Path,
+    env: dict[str, str],
+    result: dict,
+    timeout: float,
+    *,
+    libs: list[str] | None = None,
+    backend: str = "nccl",
+    extra: list[str] | None = None,
+) -> list[dict]:
+    """Two or more GPUs (data/verify_dist.py, in the env's python): P2P and its bandwidth for every pair, an
+    NCCL
     all-reduce from 8 KB to 1 GB (sum checked, bus GB/s against the link's peak), and vLLM's own custom
     all-reduce from its compiled library (``libs``, else the env's installed vllm) against NCCL."""
     t0 = time.perf_counter()
-    argv = [str(python), str(DIST_SCRIPT), "--backend", backend,
-            "--custom-ar-table", json.dumps(custom_ar_table()), *(extra or [])]
+    argv = [
+        str(python),
+        str(DIST_SCRIPT),
+        "--backend",
+        backend,
+        "--custom-ar-table",
+        json.dumps(custom_ar_table()),
+        *(extra or []),
+    ]
     if libs:
         argv += ["--libs", ",".join(libs)]
     try:
@@ -252,8 +357,14 @@ def multi_gpu_layer(python: Path, env: dict[str, str], result: dict, timeout: fl
         tail = ""
         if isinstance(e, (ValueError, IndexError)):
             tail = " " + (r.stderr.strip().splitlines() or [""])[-1][:200]
-        checks = [{"name": "multi-GPU checks", "status": "fail", "reason": f"{type(e).__name__}: {e}"[:300] + tail,
-                   "metrics": {}}]
+        checks = [
+            {
+                "name": "multi-GPU checks",
+                "status": "fail",
+                "reason": f"{type(e).__name__}: {e}"[:300] + tail,
+                "metrics": {},
+            }
+        ]
     for c in checks:
         c["layer"] = "multi-gpu"
     result.setdefault("layer_seconds", {})["multi-gpu"] = round(time.perf_counter() - t0, 3)
@@ -281,8 +392,10 @@ def verdict(result: dict, device: str, allow_no_gpu: bool) -> tuple[str, int]:
         ids = sorted({c["id"] for c in failed if c.get("id")})
         return f"FAILED ({len(failed)} of {len(checks)} checks{'; ' + ', '.join(ids) if ids else ''})", 1
     if skipped_gpu:
-        label = ("NOT VERIFIED on a GPU: no GPU visible; the GPU checks were skipped (the binary checks ran: "
-                 f"{sum(c['status'] == 'pass' for c in checks)} passed)")
+        label = (
+            "NOT VERIFIED on a GPU: no GPU visible; the GPU checks were skipped (the binary checks ran: "
+            f"{sum(c['status'] == 'pass' for c in checks)} passed)"
+        )
         return label, 0 if allow_no_gpu else 1
     warn = f", {len(warned)} warning{'s' if len(warned) != 1 else ''}" if warned else ""
     return f"VERIFIED ({sum(c['status'] == 'pass' for c in checks)} checks passed{warn})", 0
@@ -313,6 +426,7 @@ def multi_gpu_tables(result: dict) -> list:
     """The multi-GPU layer's figures: P2P copy bandwidth per pair and direction; per all-reduce size, NCCL's
     latency and bus bandwidth, vLLM's custom all-reduce latency next to NCCL's on the same fp16/bf16 input."""
     from rich.table import Table
+
     by = {c["name"]: c for c in result.get("checks", []) if c.get("layer") == "multi-gpu"}
     out = []
     pairs = (by.get("p2p") or {}).get("metrics", {}).get("pairs") or {}
@@ -321,26 +435,39 @@ def multi_gpu_tables(result: dict) -> list:
         for col in ("pair", "link", "peer access", "GB/s"):
             t.add_column(col)
         for name, p in pairs.items():
-            t.add_row(name, str(p.get("link")), "yes" if p.get("access") else "[red]no[/]",
-                      f"{p['gbps']:.0f}" if p.get("gbps") else p.get("error", "")[:40])
+            t.add_row(
+                name,
+                str(p.get("link")),
+                "yes" if p.get("access") else "[red]no[/]",
+                f"{p['gbps']:.0f}" if p.get("gbps") else p.get("error", "")[:40],
+            )
         out.append(t)
     sweep = next((c for n, c in by.items() if n.startswith("all-reduce")), {}).get("metrics", {})
     backend = (result.get("multi_gpu") or {}).get("backend") or "nccl"
     bname = "NCCL" if backend == "nccl" else backend
     peak = sweep.get("peak_gbps")
     if sweep.get("sizes"):
-        title = f"{bname} all-reduce, fp32" + (f" (link peak {peak:.0f} GB/s per GPU and direction)" if peak else "")
+        title = f"{bname} all-reduce, fp32" + (
+            f" (link peak {peak:.0f} GB/s per GPU and direction)" if peak else ""
+        )
         t = Table(title=title, show_lines=False)
         for col in ["size", "µs", "algbw GB/s", "bus GB/s"] + (["of peak"] if peak else []):
             t.add_column(col, justify="right")
         for r in sweep["sizes"]:
-            t.add_row(_size(r["bytes"]), f"{r['us']:.1f}", f"{r['algbw_gbps']:.3g}", f"{r['bus_gbps']:.3g}",
-                      *([f"{r['bus_gbps'] / peak:.0%}"] if peak else []))
+            t.add_row(
+                _size(r["bytes"]),
+                f"{r['us']:.1f}",
+                f"{r['algbw_gbps']:.3g}",
+                f"{r['bus_gbps']:.3g}",
+                *([f"{r['bus_gbps'] / peak:.0%}"] if peak else []),
+            )
         out.append(t)
     custom = (by.get("vllm custom all-reduce") or {}).get("metrics", {})
     if custom.get("sizes"):
         graphs = any(r.get("graph_custom_us") for r in custom["sizes"])
-        t = Table(title=f"vLLM custom all-reduce vs {bname}, same input (µs per all-reduce)", show_lines=False)
+        t = Table(
+            title=f"vLLM custom all-reduce vs {bname}, same input (µs per all-reduce)", show_lines=False
+        )
         cols = ["size", "dtype"]
         if graphs:
             cols += ["custom (graph)", f"{bname} (graph)", "speedup (graph)"]
@@ -350,15 +477,23 @@ def multi_gpu_tables(result: dict) -> list:
 
         def sp(x):
             return f"[{'green' if x > 1 else 'yellow'}]{x:.2f}x[/]" if x else ""
+
         for r in custom["sizes"]:
             cells = [_size(r["bytes"]), {"float16": "fp16", "bfloat16": "bf16"}.get(r["dtype"], r["dtype"])]
             if graphs:
                 g = r.get("graph_custom_us")
-                cells += [f"{g:.1f}" if g else "", f"{r['graph_nccl_us']:.1f}" if g else "",
-                          sp(r.get("graph_speedup"))]
+                cells += [
+                    f"{g:.1f}" if g else "",
+                    f"{r['graph_nccl_us']:.1f}" if g else "",
+                    sp(r.get("graph_speedup")),
+                ]
             ok = r["ok"] and r.get("graph_ok") is not False
-            cells += [f"{r['custom_us']:.1f}", f"{r['nccl_us']:.1f}", sp(r.get("speedup")),
-                      ("exact" if r.get("exact") else f"err {r['max_abs_err']:.2g}") if ok else "[red]differs[/]"]
+            cells += [
+                f"{r['custom_us']:.1f}",
+                f"{r['nccl_us']:.1f}",
+                sp(r.get("speedup")),
+                ("exact" if r.get("exact") else f"err {r['max_abs_err']:.2g}") if ok else "[red]differs[/]",
+            ]
             t.add_row(*cells)
         out.append(t)
     return out
@@ -368,15 +503,27 @@ def render(result: dict, verdict_text: str) -> None:
     from rich.table import Table
 
     con = console()
-    gpus = ", ".join(f"{g['name']} (sm {g['compute_capability']}, {g.get('memory_gib')} GiB, driver "
-                     f"{g.get('driver') or result.get('driver')})" for g in result.get("gpus", [])) or "none"
+    gpus = (
+        ", ".join(
+            f"{g['name']} (sm {g['compute_capability']}, {g.get('memory_gib')} GiB, driver "
+            f"{g.get('driver') or result.get('driver')})"
+            for g in result.get("gpus", [])
+        )
+        or "none"
+    )
     if result.get("wheel"):
-        ccs = ", ".join(result.get("compared_ccs") or [g.get("compute_capability", "?") for g in result["gpus"]])
-        con.print(f"wheel {result['wheel']} against variant {result.get('variant')}; GPUs: {gpus}"
-                  + (f"; compared with sm {ccs}" if ccs else ""))
+        ccs = ", ".join(
+            result.get("compared_ccs") or [g.get("compute_capability", "?") for g in result["gpus"]]
+        )
+        con.print(
+            f"wheel {result['wheel']} against variant {result.get('variant')}; GPUs: {gpus}"
+            + (f"; compared with sm {ccs}" if ccs else "")
+        )
     else:
-        con.print(f"python {result.get('python_version')} at {result.get('python')}; torch {result.get('torch')} "
-                  f"(CUDA {result.get('torch_cuda')}); numpy {result.get('numpy')}; GPUs: {gpus}")
+        con.print(
+            f"python {result.get('python_version')} at {result.get('python')}; torch {result.get('torch')} "
+            f"(CUDA {result.get('torch_cuda')}); numpy {result.get('numpy')}; GPUs: {gpus}"
+        )
     t = Table(show_lines=False)
     for col in ("layer", "check", "status", "detail"):
         t.add_column(col, overflow="fold")
@@ -392,8 +539,11 @@ def render(result: dict, verdict_text: str) -> None:
     parts = []
     for layer, s in result.get("layers", {}).items():
         secs = s.get("seconds")
-        parts.append(f"{layer} {secs:.1f}s ({s['pass']}✓ {s['fail']}✗ {s['skip']} skipped)" if secs is not None
-                     else f"{layer} ({s['pass']}✓ {s['fail']}✗ {s['skip']} skipped)")
+        parts.append(
+            f"{layer} {secs:.1f}s ({s['pass']}✓ {s['fail']}✗ {s['skip']} skipped)"
+            if secs is not None
+            else f"{layer} ({s['pass']}✓ {s['fail']}✗ {s['skip']} skipped)"
+        )
     for tbl in multi_gpu_tables(result):
         con.print(tbl)
     total = result.get("layer_seconds", {}).get("total")
@@ -403,8 +553,16 @@ def render(result: dict, verdict_text: str) -> None:
 
 # -------------------------------------------------------------------------------------------- wheels
 
-def verify_wheel(wheel: Path, variant, env: dict[str, str], python: Path | None, ccs: list[str] | None = None,
-                 reader: str = "auto", unpacked: Path | None = None) -> dict:
+
+def verify_wheel(
+    wheel: Path,
+    variant,
+    env: dict[str, str],
+    python: Path | None,
+    ccs: list[str] | None = None,
+    reader: str = "auto",
+    unpacked: Path | None = None,
+) -> dict:
     """The binary layer on a wheel file, before install: refused (a failed check) when its CUDA major or its
     torch pin does not fit the variant, or when its device code does not cover this machine's GPUs.
     unpacked: where this wheel's files already lie (read there, not extracted again)."""
@@ -415,17 +573,43 @@ def verify_wheel(wheel: Path, variant, env: dict[str, str], python: Path | None,
     probe = None
     if python is not None and python.exists():
         probe = _probe(python, env)
-        lp = binaries.LoaderPath.for_env(env, probe.get("site_packages", []), probe["packages"].get("torch"),
-                                         driver_present=bool(gpus) or driver is not None)
-    checks = binaries.check_wheel(wheel, variant.cuda, str(variant.torch["version"]), gpu_ccs, lp, env, reader,
-                                  no_gpu_reason="no GPU visible (pass --cc to compare with a GPU elsewhere)",
-                                  unpacked=unpacked, extensions=list(variant.verify.get("extensions") or []))
+        lp = binaries.LoaderPath.for_env(
+            env,
+            probe.get("site_packages", []),
+            probe["packages"].get("torch"),
+            driver_present=bool(gpus) or driver is not None,
+        )
+    checks = binaries.check_wheel(
+        wheel,
+        variant.cuda,
+        str(variant.torch["version"]),
+        gpu_ccs,
+        lp,
+        env,
+        reader,
+        no_gpu_reason="no GPU visible (pass --cc to compare with a GPU elsewhere)",
+        unpacked=unpacked,
+        extensions=list(variant.verify.get("extensions") or []),
+    )
     if lp is None:
-        checks.append({"name": f"wheel {wheel.name}: NEEDED libraries", "status": "skip", "layer": "binaries",
-                       "reason": f"variant {variant.name} has no env yet: NEEDED resolution is checked by "
-                                 f"`invoke verify --variant {variant.name}` after install", "metrics": {}})
-    res = {"wheel": str(wheel), "variant": variant.name, "python": str(python) if lp else None, "gpus": gpus,
-           "checks": checks, "layer_seconds": {"binaries": round(time.perf_counter() - t0, 3)}}
+        checks.append(
+            {
+                "name": f"wheel {wheel.name}: NEEDED libraries",
+                "status": "skip",
+                "layer": "binaries",
+                "reason": f"variant {variant.name} has no env yet: NEEDED resolution is checked by "
+                f"`invoke verify --variant {variant.name}` after install",
+                "metrics": {},
+            }
+        )
+    res = {
+        "wheel": str(wheel),
+        "variant": variant.name,
+        "python": str(python) if lp else None,
+        "gpus": gpus,
+        "checks": checks,
+        "layer_seconds": {"binaries": round(time.perf_counter() - t0, 3)},
+    }
     if ccs:
         res["compared_ccs"] = ccs
     res["layers"] = layer_summary(res)
@@ -437,6 +621,8 @@ def wheel_verdict(result: dict, allow_no_gpu: bool) -> tuple[str, int]:
     if failed:
         return f"REFUSED: {failed[0]['name']}: {failed[0]['reason']}", 1
     if not result.get("gpus") and not result.get("compared_ccs"):
-        return ("ACCEPTED for the variant's CUDA and torch; GPU archs NOT VERIFIED (no GPU visible; pass --cc)",
-                0 if allow_no_gpu else 1)
+        return (
+            "ACCEPTED for the variant's CUDA and torch; GPU archs NOT VERIFIED (no GPU visible; pass --cc)",
+            0 if allow_no_gpu else 1,
+        )
     return "ACCEPTED: CUDA major, torch pin and GPU archs fit the variant", 0

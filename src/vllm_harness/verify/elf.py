@@ -58,7 +58,7 @@ class ElfInfo:
 
 
 def _open_map(path: Path) -> tuple[object, mmap.mmap | bytes]:
-    f = open(path, "rb")  # noqa: SIM115 - closed by the caller through _close
+    f = open(path, "rb")  # closed by the caller through _close
     size = os.fstat(f.fileno()).st_size
     if size < 16:
         f.close()
@@ -278,19 +278,22 @@ def fatbin_entries_cuobjdump(path: Path, cuobjdump: str, timeout: float = 120) -
         if not n:
             continue
         flags = FLAG_ARCH_SPECIFIC if n.group(4) == "a" else FLAG_FAMILY if n.group(4) == "f" else 0
-        out.append(FatEntry(KIND_ELF if m.group(1) == "ELF" else KIND_PTX, int(n.group(3)), flags, int(n.group(1))))
+        out.append(FatEntry(KIND_ELF if m.group(1) == "ELF" else KIND_PTX, int(n.group(3)), flags,
+                            int(n.group(1))))
     if r.returncode != 0 and not out:
         # "does not contain device code" is a normal answer for a host-only library
         return [] if "does not contain" in (r.stderr + r.stdout) else None
     return out
 
 
-def fatbin_entries(path: Path, info: ElfInfo | None = None, cuobjdump: str | None = None,
-                   reader: str = "auto") -> tuple[list[FatEntry], str]:
+def fatbin_entries(
+    path: Path, info: ElfInfo | None = None, cuobjdump: str | None = None, reader: str = "auto"
+) -> tuple[list[FatEntry], str]:
     """(entries, reader): cuobjdump when there is one (reader 'auto' or 'cuobjdump'), else this module's.
 
     The built-in reader runs too (it takes milliseconds): when cuobjdump cannot read the file (an older
-    toolkit's cuobjdump fails on newer fatbins) or lists nothing where there is device code, its answer counts;
+    toolkit's cuobjdump fails on newer fatbins) or lists nothing where there is device code, its answer
+    counts;
     when both list entries and differ, cuobjdump's counts and the reader says so."""
     py = fatbin_entries_python(path, info)
     if reader in ("auto", "cuobjdump") and cuobjdump:
@@ -320,9 +323,9 @@ def _runs_on(e: FatEntry, cc: tuple[int, int]) -> bool:
     major, minor = divmod(e.arch, 10)
     if e.flags & FLAG_ARCH_SPECIFIC:
         return (major, minor) == cc
-    if e.kind == KIND_ELF or e.flags & FLAG_FAMILY:   # SASS: same major, minor up to the GPU's
+    if e.kind == KIND_ELF or e.flags & FLAG_FAMILY:  # SASS: same major, minor up to the GPU's
         return major == cc[0] and minor <= cc[1]
-    return (major, minor) <= cc                        # PTX: JIT-compiled for any newer GPU
+    return (major, minor) <= cc  # PTX: JIT-compiled for any newer GPU
 
 
 def coverage(entries: list[FatEntry], cc: str) -> dict:
@@ -335,20 +338,30 @@ def coverage(entries: list[FatEntry], cc: str) -> dict:
     for e in entries:
         by_container.setdefault(e.container, []).append(e)
     uncovered = sum(1 for es in by_container.values() if not any(_runs_on(e, c) for e in es))
-    return {"cc": cc, "level": "sass" if sass else "ptx" if ptx else "none", "sass": sass, "ptx": ptx,
-            "containers": len(by_container), "containers_without_code": uncovered}
+    return {
+        "cc": cc,
+        "level": "sass" if sass else "ptx" if ptx else "none",
+        "sass": sass,
+        "ptx": ptx,
+        "containers": len(by_container),
+        "containers_without_code": uncovered,
+    }
 
 
 def for_particular_gpus(entries: list[FatEntry]) -> bool:
-    """Whether a library's device code is for particular GPUs only: SASS with architecture-specific (sm_90a) or
+    """Whether a library's device code is for particular GPUs only: SASS with architecture-specific (sm_90a)
+    or
     family-specific (sm_100f) targets and no PTX -- code that by construction runs nowhere else."""
-    return bool(entries) and all(e.kind == KIND_ELF and e.flags & (FLAG_ARCH_SPECIFIC | FLAG_FAMILY)
-                                 for e in entries)
+    return bool(entries) and all(
+        e.kind == KIND_ELF and e.flags & (FLAG_ARCH_SPECIFIC | FLAG_FAMILY) for e in entries
+    )
 
 
 def arch_summary(entries: list[FatEntry]) -> dict:
-    return {"sass": sorted({e.label for e in entries if e.kind == KIND_ELF}, key=_arch_key),
-            "ptx": sorted({e.label for e in entries if e.kind == KIND_PTX}, key=_arch_key)}
+    return {
+        "sass": sorted({e.label for e in entries if e.kind == KIND_ELF}, key=_arch_key),
+        "ptx": sorted({e.label for e in entries if e.kind == KIND_PTX}, key=_arch_key),
+    }
 
 
 def _arch_key(label: str) -> tuple[int, str]:

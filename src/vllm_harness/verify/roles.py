@@ -2,8 +2,10 @@
 
 A wheel like vLLM's ships libraries of two kinds:
 
-* the ones its Python imports unconditionally (``vllm/platforms/cuda.py``: ``import vllm._C_stable_libtorch``):
-  they must hold code for every GPU the wheel is installed on, or the first kernel fails with "no kernel image";
+* the ones its Python imports unconditionally (``vllm/platforms/cuda.py``: ``import
+vllm._C_stable_libtorch``):
+  they must hold code for every GPU the wheel is installed on, or the first kernel fails with "no kernel
+image";
 * kernels for particular GPUs that its Python loads only where they apply (FlashAttention 3 for sm_90a,
   FlashMLA, the sm_100f-only libraries) or imports guarded (``try: from . import _vllm_fa2_C`` /
   ``except ImportError``, ``contextlib.suppress(ImportError)``, inside a function or an ``if``): a GPU they
@@ -12,10 +14,12 @@ A wheel like vLLM's ships libraries of two kinds:
 Two facts decide which, and neither is a list of names (a release adds and renames libraries):
 
 1. the device code: a library whose SASS is only architecture-specific (``sm_90a``) or family-specific
-   (``sm_100f``) targets, with no PTX, was built for those GPUs only -- by construction it cannot serve any other;
+   (``sm_100f``) targets, with no PTX, was built for those GPUs only -- by construction it cannot serve any
+other;
 2. how the package's Python imports the module (:func:`import_sites`, an AST read of its ``.py`` files): at
    least one import at module level with no guard makes it **required**; only guarded imports make it
-   **optional**; no import at all (loaded by path, or a package without Python) leaves it **unknown**, judged as
+   **optional**; no import at all (loaded by path, or a package without Python) leaves it **unknown**, judged
+as
    required.
 
 Stdlib only.
@@ -29,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 EXT = re.compile(r"^(?P<mod>.+?)(\.abi3|\.cpython-[^./]+)?\.so$")
-MAX_SOURCE_BYTES = 4 << 20   # a larger .py file is not a module's import block: skipped
+MAX_SOURCE_BYTES = 4 << 20  # a larger .py file is not a module's import block: skipped
 GUARD_EXCEPTIONS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException", "OSError"}
 
 
@@ -37,7 +41,7 @@ GUARD_EXCEPTIONS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseExce
 class ImportSite:
     file: str
     line: int
-    guard: str          # "" (module level, unguarded) or what guards it
+    guard: str  # "" (module level, unguarded) or what guards it
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}" + (f" ({self.guard})" if self.guard else "")
@@ -45,7 +49,7 @@ class ImportSite:
 
 @dataclass(frozen=True)
 class Role:
-    kind: str                                  # "required" | "optional" | "unknown"
+    kind: str  # "required" | "optional" | "unknown"
     sites: tuple[ImportSite, ...] = field(default=())
 
     @property
@@ -74,8 +78,11 @@ def _catches_import_error(handler: ast.ExceptHandler) -> bool:
     if t is None:
         return True
     names = t.elts if isinstance(t, ast.Tuple) else [t]
-    return any((n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) else "")
-               in GUARD_EXCEPTIONS for n in names)
+    return any(
+        (n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) else "")
+        in GUARD_EXCEPTIONS
+        for n in names
+    )
 
 
 def _suppresses_import_error(item: ast.withitem) -> bool:
@@ -85,8 +92,10 @@ def _suppresses_import_error(item: ast.withitem) -> bool:
     fn = call.func
     name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
     return name == "suppress" and any(
-        (a.id if isinstance(a, ast.Name) else a.attr if isinstance(a, ast.Attribute) else "") in GUARD_EXCEPTIONS
-        for a in call.args)
+        (a.id if isinstance(a, ast.Name) else a.attr if isinstance(a, ast.Attribute) else "")
+        in GUARD_EXCEPTIONS
+        for a in call.args
+    )
 
 
 class _Visitor(ast.NodeVisitor):
@@ -97,8 +106,9 @@ class _Visitor(ast.NodeVisitor):
 
     def _record(self, name: str, node: ast.AST) -> None:
         if name in self.wanted:
-            self.out.setdefault(name, []).append(ImportSite(self.path, getattr(node, "lineno", 0),
-                                                            self.guards[-1] if self.guards else ""))
+            self.out.setdefault(name, []).append(
+                ImportSite(self.path, getattr(node, "lineno", 0), self.guards[-1] if self.guards else "")
+            )
 
     def _guarded(self, guard: str, nodes: Iterable[ast.AST]) -> None:
         self.guards.append(guard)
@@ -111,8 +121,9 @@ class _Visitor(ast.NodeVisitor):
             self._record(a.name, node)
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
-        base = (self.pkg[:len(self.pkg) - node.level + 1] if node.level else []) + \
-            (node.module.split(".") if node.module else [])
+        base = (self.pkg[: len(self.pkg) - node.level + 1] if node.level else []) + (
+            node.module.split(".") if node.module else []
+        )
         if node.level and node.level - 1 > len(self.pkg):
             return
         mod = ".".join(base)
@@ -123,8 +134,12 @@ class _Visitor(ast.NodeVisitor):
     def visit_Call(self, node: ast.Call) -> None:
         fn = node.func
         name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
-        if name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
-                and isinstance(node.args[0].value, str):
+        if (
+            name in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             self._record(node.args[0].value, node)
         self.generic_visit(node)
 
@@ -163,7 +178,8 @@ def import_sites(sources: Iterable[tuple[str, str]], modules: set[str]) -> dict[
     if not modules:
         return out
     short = sorted({re.escape(m.rsplit(".", 1)[-1]) for m in modules})
-    # a line that imports one of them by its last name (`import x._C`, `from . import _C`, `import_module("x._C")`)
+    # a line that imports one of them by its last name (`import x._C`, `from . import _C`,
+    # `import_module("x._C")`)
     named = re.compile(r"^[^\n]*import[^\n]*\b(?:" + "|".join(short) + r")\b", re.M)
     for path, text in sources:
         if len(text) > MAX_SOURCE_BYTES or not named.search(text):
@@ -190,7 +206,7 @@ class PythonSide:
 
     def __init__(self, sources: Callable[[], Iterable[tuple[str, str]]], members: Iterable[str]) -> None:
         self._sources = sources
-        self.modules = {m: n for n in members if (m := module_name(n))}   # module -> member
+        self.modules = {m: n for n in members if (m := module_name(n))}  # module -> member
         self._roles: dict[str, Role] | None = None
 
     def role(self, member: str) -> Role | None:
