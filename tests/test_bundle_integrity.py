@@ -245,11 +245,9 @@ def test_malformed_manifests_are_one_message(harness, tmp_path, index):
 
 # ------------------------------------------------------------------------------------------ killed runs
 
-def test_a_bundle_killed_mid_way_resumes_and_checks_what_it_finds(harness, tmp_path, gated_index):  # noqa: F811 - the fixture
-    url, gate = gated_index
-    v = _tiny(tmp_path, url)
-    b = tmp_path / "b"
-    gate.close("/files/torch-2.6.0", "vllm-harness")   # the torch step's second download: tinysub's is done
+def _kill_mid_way(gate, v, b) -> None:
+    """Run `bundle` and SIGKILL it while the torch step's second download is held (tinysub's is done)."""
+    gate.close("/files/torch-2.6.0", "vllm-harness")
     p = harness_process("bundle", "--variant", v, "--out", b)
     try:
         assert gate.reached.wait(120), p.communicate(timeout=5)
@@ -258,6 +256,13 @@ def test_a_bundle_killed_mid_way_resumes_and_checks_what_it_finds(harness, tmp_p
         if p.poll() is None:
             kill_hard(p)
         gate.open()
+
+
+def test_a_bundle_killed_mid_way_resumes_and_checks_what_it_finds(harness, tmp_path, gated_index):  # noqa: F811 - the fixture
+    url, gate = gated_index
+    v = _tiny(tmp_path, url)
+    b = tmp_path / "b"
+    _kill_mid_way(gate, v, b)
     sub = b / "wheels" / "tinysub-1.2-py3-none-any.whl"
     assert sub.is_file()
     # the bundle says it is incomplete until a run finishes it
@@ -277,15 +282,7 @@ def test_a_bundle_killed_before_its_manifest_resumes_from_the_files_there(harnes
     url, gate = gated_index
     v = _tiny(tmp_path, url)
     b = tmp_path / "b"
-    gate.close("/files/torch-2.6.0", "vllm-harness")
-    p = harness_process("bundle", "--variant", v, "--out", b)
-    try:
-        assert gate.reached.wait(120), p.communicate(timeout=5)
-        kill_hard(p)
-    finally:
-        if p.poll() is None:
-            kill_hard(p)
-        gate.open()
+    _kill_mid_way(gate, v, b)
     (b / "manifest.json").unlink(missing_ok=True)
     sub = b / "wheels" / "tinysub-1.2-py3-none-any.whl"
     good = sub.read_bytes()

@@ -120,14 +120,19 @@ def test_reading_a_users_tree_runs_none_of_its_commands(trapped, tmp_path):
     assert fired(marks) == []
 
 
-def test_fetch_source_dir_copies_without_running_the_trees_commands(trapped, tmp_path, harness):
-    tree, marks = trapped
+def _fetch_source(harness, tmp_path, tree) -> dict:
+    """`fetch --source TREE --json` for a source-mode variant; its JSON (the command must succeed)."""
     v = tmp_path / "p.toml"
     v.write_text('description = "t"\ncuda = "12.4"\npython = ">=3.10"\n[torch]\nversion = "2.6.0"\n'
                  'packages = ["torch==2.6.0"]\n[vllm]\nmode = "source"\nversion = "9.9.9"\n')
     rc, out, err = harness("fetch", "--variant", v, "--source", tree, "--json")
     assert rc == 0, err
-    res = json.loads(out)
+    return json.loads(out)
+
+
+def test_fetch_source_dir_copies_without_running_the_trees_commands(trapped, tmp_path, harness):
+    tree, marks = trapped
+    res = _fetch_source(harness, tmp_path, tree)
     assert res["provenance"]["git_commit"] and not (Path(res["source"]) / ".git").exists()
     assert fired(marks) == []
 
@@ -195,12 +200,7 @@ def test_a_tree_owned_by_another_user_is_copied_without_git_and_never_trusted(tr
     env = clean_env(tmp_path)
     plain = subprocess.run(["git", "-C", str(tree), "status"], env=env, capture_output=True, text=True)
     assert plain.returncode == 128 and "dubious ownership" in plain.stderr
-    v = tmp_path / "p.toml"
-    v.write_text('description = "t"\ncuda = "12.4"\npython = ">=3.10"\n[torch]\nversion = "2.6.0"\n'
-                 'packages = ["torch==2.6.0"]\n[vllm]\nmode = "source"\nversion = "9.9.9"\n')
-    rc, out, err = harness("fetch", "--variant", v, "--source", tree, "--json")
-    assert rc == 0, err
-    res = json.loads(out)
+    res = _fetch_source(harness, tmp_path, tree)
     prov = res["provenance"]
     assert "git_commit" not in prov and "dubious ownership" in prov["git_not_read"], prov
     assert (Path(res["source"]) / "a.txt").is_file() and not (Path(res["source"]) / ".git").exists()
