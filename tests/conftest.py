@@ -161,7 +161,7 @@ def live_pids_with(marker: str) -> list[int]:
     """The running processes (not zombies) whose command line holds ``marker``, this one excepted."""
     import os
 
-    from vllm_harness.steps.build_cache import _alive
+    from vllm_harness.toolchain.compiler_cache import _alive
 
     out = []
     for d in Path("/proc").iterdir():

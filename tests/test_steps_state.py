@@ -11,11 +11,12 @@ from vllm_harness.commands.clean import clean
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.layout import Layout
 from vllm_harness.core.status import Status, dependents
+from vllm_harness.pipeline.steps import GRAPH
 from vllm_harness.steps import prepare
 
 
 def test_rerunning_a_step_invalidates_exactly_what_depends_on_it(tmp_path):
-    st = Status(tmp_path / "s.json", "v")
+    st = Status(tmp_path / "s.json", "v", GRAPH)
     for step in ["fetch", "prepare", "env", "torch", "deps", "build", "post-install"]:
         st.start(step)
         st.finish(step, "k", None, 1.0)
@@ -26,7 +27,18 @@ def test_rerunning_a_step_invalidates_exactly_what_depends_on_it(tmp_path):
     st.fail("prepare", None, "boom")
     again = Status(tmp_path / "s.json", "v")
     assert again.step("prepare")["status"] == "failed" and not again.built
-    assert dependents("env") == ["env", "torch", "deps", "build", "post-install", "verify"]
+    assert dependents(GRAPH, "env") == ["env", "torch", "deps", "build", "post-install", "verify"]
+    st.start("verify")    # re-running verify alone does not unmake the build
+    st.finish("verify", "k", None, 1.0)
+    st.set_built(True)
+    st.start("verify")
+    assert st.built is True
+
+
+def test_a_status_read_without_the_graph_cannot_clear_steps(tmp_path):
+    st = Status(tmp_path / "s.json", "v")
+    with pytest.raises(RuntimeError, match="without the step graph"):
+        st.start("env")
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b"[]", b'{"steps": []}',

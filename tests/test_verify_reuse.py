@@ -10,7 +10,9 @@ import pytest
 from conftest import ROOT
 
 from vllm_harness.core.layout import Layout
+from vllm_harness.core.options import RunOptions
 from vllm_harness.facts.variants import load_variant
+from vllm_harness.pipeline.steps import GRAPH
 from vllm_harness.steps import verify as verify_step
 from vllm_harness.steps.context import Ctx
 
@@ -19,7 +21,7 @@ from vllm_harness.steps.context import Ctx
 def ctx(state, tmp_path):
     layout = Layout.default(ROOT)
     c = Ctx(layout=layout, variant=load_variant(str(ROOT / "tests" / "envs" / "fixture-cpu.toml"), layout.envs_dirs),
-            quiet=True)
+            options=RunOptions(quiet=True), graph=GRAPH)
     base = getattr(sys, "_base_executable", None) or sys.executable
     subprocess.run([base, "-m", "venv", "--without-pip", str(c.venv)], check=True, timeout=120)
     site = next(c.venv.glob("lib/python*/site-packages"))
@@ -86,12 +88,11 @@ def test_reverify_force_and_a_verdict_this_run_refuses_are_not_reused(ctx):
     ctx.variant.verify["device"] = "cuda"   # the recorded result saw no GPU
     assert verify_step.reusable(ctx, proof, allow_no_gpu=True) is not None
     assert verify_step.reusable(ctx, proof, allow_no_gpu=False) is None   # --strict-verify runs it
-    ctx.reverify = True
+    ctx.options = ctx.options.replace(reverify=True)
     assert verify_step.reusable(ctx, proof) is None
-    ctx.reverify = False
-    ctx.force = True
+    ctx.options = ctx.options.replace(reverify=False, force=True)
     assert verify_step.reusable(ctx, proof) is None
-    ctx.force = False
+    ctx.options = ctx.options.replace(force=False)
     ctx.status.fail("verify", None, "boom")
     assert verify_step.reusable(ctx, proof) is None
 

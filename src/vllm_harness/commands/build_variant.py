@@ -10,7 +10,6 @@ from vllm_harness.pipeline.run import build_variant
 
 def cmd_build_variant(a) -> int:
     ctx = context_of(a)
-    ctx.reverify = getattr(a, "reverify", False)  # steps/verify.reusable
     if not a.json:
         print(f"harness: {machine_banner()}")
         print(f"variant {ctx.name}: {ctx.variant.description} [{ctx.variant.path}]")

@@ -7,7 +7,9 @@ from pathlib import Path
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.layout import Layout
 from vllm_harness.core.masking import mask
+from vllm_harness.core.options import RunOptions
 from vllm_harness.facts.variants import load_variant
+from vllm_harness.pipeline.steps import GRAPH
 from vllm_harness.steps.context import Ctx
 
 
@@ -36,34 +38,14 @@ def variant_of(layout: Layout, name: str | None, required: bool = True):
 
 
 def context_of(a, layout=None, variant=None):
+    """The run record of a command: the variant, and the options of its command line, frozen here
+    (``RunOptions.from_args``) and read unchanged by doctor and every step."""
     layout = layout or layout_of(a)
     variant = variant or variant_of(layout, a.variant)
-    return Ctx(
-        layout=layout,
-        variant=variant,
-        quiet=getattr(a, "json", False),
-        force=getattr(a, "force", False),
-        python=getattr(a, "python", None),
-        jobs=getattr(a, "jobs", None),
-        arch=getattr(a, "arch", None),
-        no_wait=getattr(a, "no_wait", False),
-        rebuild=getattr(a, "rebuild", False),
-        cache=getattr(a, "cache", None),
-        farm=getattr(a, "farm", None),
-        nvcc_threads=getattr(a, "nvcc_threads", None),
-        bundle=bundle_of(a) if hasattr(a, "from_bundle") else None,
-    )
+    return Ctx(layout=layout, variant=variant, options=RunOptions.from_args(a), graph=GRAPH)
 
 
 def print_json(a, data: dict) -> None:
     """The one JSON printer of every command (``--json``): credentials masked, as on every other output."""
     if getattr(a, "json", False):
         print(mask(json.dumps(data, indent=2, default=str)))
-
-
-def bundle_of(a) -> Path | None:
-    """--from-bundle DIR, else VLLM_HARNESS_BUNDLE (commands/bundle, steps/bundle)."""
-    import os
-
-    given = getattr(a, "from_bundle", None) or os.environ.get("VLLM_HARNESS_BUNDLE")
-    return Path(given).expanduser().resolve() if given else None

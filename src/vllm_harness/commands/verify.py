@@ -50,9 +50,8 @@ def cmd_verify(a) -> int:
             f"Variant {ctx.name} has no env yet ({ctx.venv}).", f"Run `nox -s build-{ctx.name}` first."
         )
     log = ctx.log("verify")
-    ctx.reverify = getattr(a, "reverify", False)
     proof = verify_step.proof_of(ctx, opts)
-    ctx._verify_proof = proof
+    ctx.verify_proof = proof
     done = verify_step.reusable(ctx, proof, a.allow_no_gpu)
     if done is not None:  # the recorded result proved these very inputs
         res = done["result"]

@@ -208,9 +208,14 @@ def end_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
 # ---------------------------------------------------------------------------------- what is below us
 
 
-def _table() -> dict[int, tuple[int, int, int, str]]:
-    """pid -> (ppid, pgrp, session, state) of every process (from /proc; empty where there is none)."""
-    out: dict[int, tuple[int, int, int, str]] = {}
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def process_table() -> dict[int, tuple[int, int, int, str, str, int]]:
+    """pid -> (ppid, pgrp, session, state, comm, rss bytes) of every process this user can read, from /proc
+    (empty where there is none): the one reader of the process table (ending children here, the build's
+    memory sampler and the compiler cache's server lookups)."""
+    out: dict[int, tuple[int, int, int, str, str, int]] = {}
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -220,11 +225,23 @@ def _table() -> dict[int, tuple[int, int, int, str]]:
             continue
         try:
             with open(f"/proc/{d}/stat", "rb") as fh:
-                f = fh.read().rsplit(b")", 1)[1].split()
-            out[int(d)] = (int(f[1]), int(f[2]), int(f[3]), f[0].decode())
+                raw = fh.read().decode("utf-8", "replace")
+            lp, rp = raw.index("("), raw.rindex(")")
+            f = raw[rp + 2 :].split()
+            out[int(d)] = (int(f[1]), int(f[2]), int(f[3]), f[0], raw[lp + 1 : rp], int(f[21]) * PAGE)
         except (OSError, ValueError, IndexError):
             continue
     return out
+
+
+def rss_table() -> dict[int, tuple[int, str, int]]:
+    """pid -> (ppid, comm, rss bytes): :func:`process_table` as the memory sampler reads it."""
+    return {pid: (ppid, comm, rss) for pid, (ppid, _g, _s, _st, comm, rss) in process_table().items()}
+
+
+def _table() -> dict[int, tuple[int, int, int, str]]:
+    """pid -> (ppid, pgrp, session, state)."""
+    return {pid: (ppid, pgrp, sid, st) for pid, (ppid, pgrp, sid, st, _c, _r) in process_table().items()}
 
 
 def _below(table: dict, roots: list[int]) -> set[int]:

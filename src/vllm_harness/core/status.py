@@ -1,9 +1,9 @@
 """Per-variant step status: which steps finished, with which inputs, and whether the env is built.
 
-A step is done when its recorded key equals the key of its inputs now; keys chain (each step's key
-includes the previous step's), so a change to the variant's torch re-runs everything after torch, and
-a change to its post-install packages re-runs only post-install and verify.  A failed or interrupted
-step clears itself and every later step and sets ``built = false``: an env is never left looking good.
+A step is done when its recorded key equals the key of its inputs now (the steps and their keys are declared
+in ``pipeline/steps``).  A failed or interrupted step clears itself and every step that depends on it (the
+``graph`` the pipeline gives: step -> the steps it uses) and sets ``built = false``: an env is never left
+looking good.  A record opened without the graph (to read it, or to add verify's result) cannot clear steps.
 Writes are atomic (temp file + rename).  A write the machine refuses (a full disk, a read-only folder) leaves
 no temporary file behind and never a step recorded as "running": the record is removed instead (the next run
 starts the variant over) when the new one cannot be written in the space the old one frees.
@@ -16,24 +16,12 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from vllm_harness.core import masking, oserrors, safeio
 from vllm_harness.core.errors import UsageError
-
-STEPS = ["fetch", "prepare", "env", "torch", "deps", "build", "post-install", "verify"]
-# step -> the steps whose result it uses; re-running a step clears everything that depends on it
-DEPENDS = {"fetch": [], "prepare": ["fetch"], "env": [], "torch": ["env"], "deps": ["torch", "prepare"],
-           "build": ["deps"], "post-install": ["build"], "verify": ["post-install"]}
-
-
-def dependents(step: str) -> list[str]:
-    out = [step]
-    for s in STEPS:
-        if any(d in out for d in DEPENDS[s]) and s not in out:
-            out.append(s)
-    return out
 
 
 def key_of(*parts: Any) -> str:
@@ -56,10 +44,20 @@ def _well_formed(data: Any) -> bool:
     )
 
 
+def dependents(graph: Mapping[str, Sequence[str]], step: str) -> list[str]:
+    """``step`` and every step that uses its result, directly or not, in the graph's order."""
+    out = [step]
+    for s, uses in graph.items():
+        if any(d in out for d in uses) and s not in out:
+            out.append(s)
+    return out
+
+
 class Status:
-    def __init__(self, path: Path, variant: str):
+    def __init__(self, path: Path, variant: str, graph: Mapping[str, Sequence[str]] | None = None):
         self.path = path
         self.variant = variant
+        self.graph = graph
         self.data: dict[str, Any] = {"variant": variant, "built": False, "steps": {}}
         if path.exists() or path.is_symlink():
             fix = (
@@ -88,10 +86,13 @@ class Status:
         return bool(s) and s.get("status") == "ok" and s.get("key") == key
 
     def invalidate(self, name: str) -> None:
-        later = dependents(name)
+        if self.graph is None:
+            raise RuntimeError(f"status of {self.variant} opened without the step graph: cannot clear {name}")
+        later = dependents(self.graph, name)
         for step in later:
             self.data["steps"].pop(step, None)
-        if "post-install" in later:  # re-running verify alone does not unmake the build
+        last = list(self.graph)[-1]
+        if any(s != last for s in later):  # re-running the last step (verify) alone does not unmake the build
             self.data["built"] = False
 
     def start(self, name: str) -> None:

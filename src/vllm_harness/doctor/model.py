@@ -16,6 +16,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
 from vllm_harness.core.findings import Finding
+from vllm_harness.core.options import RunOptions
 from vllm_harness.facts import feasibility
 from vllm_harness.facts.compat import (
     CompatData,
@@ -34,9 +35,7 @@ class _Ctx:
     pins: dict[str, tuple[Any, str]] = field(default_factory=dict)
     probe: dict = field(default_factory=dict)
     records: list = field(default_factory=list)
-    run: dict = field(
-        default_factory=dict
-    )  # the build's run options (--jobs, --arch): judged as it will use them
+    options: RunOptions = field(default_factory=RunOptions)  # the build's run options, judged as it uses them
     vf: Any = None  # the vLLM release's facts (None: not in the data)
     tf: Any = None  # the torch release's facts
 

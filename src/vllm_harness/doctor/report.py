@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_harness.core.findings import SEVERITIES, Finding
+from vllm_harness.core.options import RunOptions
 from vllm_harness.core.runner import emit
 from vllm_harness.doctor import rules_build, rules_gpu, rules_versions  # noqa: F401  (importing them registers the rules)
 from vllm_harness.doctor.model import _Ctx, run_rules
@@ -41,14 +42,15 @@ from vllm_harness.facts.compat import (
 
 def check(variant: Any, profile: dict, source_dir: Path | None = None, env: dict | None = None,
           data: CompatData | None = None, probe: dict | None = None, records: list | None = None,
-          run: dict | None = None) -> list[Finding]:
+          options: RunOptions | None = None) -> list[Finding]:
     """Findings for ``variant`` on the machine ``profile``: errors first, then warnings, then info.
     ``probe``: the record of the last compile probe of this variant (its outcome outweighs the pin rule).
     ``records``: the build-speed records (peak memory per compile job) of earlier builds on this machine.
-    ``run``: the build's run options ({"jobs": --jobs, "arch": --arch}), judged as the build will use them."""
+    ``options``: the build's run options (--jobs, --nvcc-threads, --arch, --cache, --farm), judged as the
+    build will use them."""
     ctx = _Ctx(variant=variant, profile=profile or {}, data=data or compat_mod.load(), env=dict(env or {}),
                source_dir=Path(source_dir) if source_dir is not None else None, probe=probe or {},
-               records=list(records or []), run=dict(run or {}))
+               records=list(records or []), options=options or RunOptions())
     if ctx.source_dir is not None and ctx.source_dir.is_dir():
         ctx.pins = read_source_pins(ctx.source_dir)
     vf = ctx.data.vllm(ctx.vllm_version)

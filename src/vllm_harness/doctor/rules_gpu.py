@@ -10,19 +10,19 @@ from __future__ import annotations
 from vllm_harness.doctor.model import _Ctx, rule
 from vllm_harness.doctor.pins import _archs_for
 from vllm_harness.facts import feasibility
-from vllm_harness.steps.build_archs import given_archs
+from vllm_harness.facts.build_archs import given_archs
 
 
 def _check_arch_list(ctx: _Ctx) -> None:
     """The arch list the build will use (--arch, then [build] arch_list; TORCH_CUDA_ARCH_LIST in the shell
     when
-    neither is given), checked by the build's own function (steps/build_archs.given_archs)."""
+    neither is given), checked by the build's own function (facts/build_archs.given_archs)."""
     if not ctx.source:
         return
     got = given_archs(
         ctx.variant.cuda,
         [
-            (ctx.run.get("arch"), "--arch"),
+            (ctx.options.arch, "--arch"),
             (ctx.variant.build.get("arch_list"), "[build] arch_list"),
             (ctx.env.get("TORCH_CUDA_ARCH_LIST"), "TORCH_CUDA_ARCH_LIST"),
         ],

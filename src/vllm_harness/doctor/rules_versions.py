@@ -6,12 +6,13 @@ import re
 from typing import Any
 
 from packaging.requirements import Requirement
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from vllm_harness.doctor.model import _cite, _Ctx, _req_named, rule
 from vllm_harness.doctor.pins import _lower_bound, _pin
 from vllm_harness.facts import compat as compat_mod
+from vllm_harness.facts import feasibility_build
 from vllm_harness.facts.compat import (
     CompatData,
     parse_cc,
@@ -19,96 +20,9 @@ from vllm_harness.facts.compat import (
 
 
 def _check_python(ctx: _Ctx, vf: compat_mod.VllmFacts | None, tf: compat_mod.TorchFacts | None) -> None:
-    found = ctx.m.get("python")
-    if found is None:
-        ctx.skipped("python-unsupported", "Python interpreter", "machine.python")
-        return
-    spec = SpecifierSet(ctx.variant.python)
-    inside = sorted((p for p in found if spec.contains(p, prereleases=True)), key=Version)
-    if not inside:
-        ctx.add(
-            "python-unsupported",
-            "error",
-            f"Python {ctx.variant.python}",
-            f"no interpreter in the variant's range '{ctx.variant.python}' (found: "
-            f"{', '.join(found) or 'none'})",
-            f"install one (e.g. `uv python install {_minor_hint(spec)}`, or pyenv/conda) or pass "
-            f"--python PATH",
-        )
-        return
-    chosen = inside[-1]  # pythons.find takes the newest in range
-    # vLLM's range: the tree's, else the data's
-    if "python" in ctx.pins and ctx.source:
-        vspec, cite = ctx.pins["python"][0], f" [{ctx.pins['python'][1]}]"
-    elif vf is not None and vf.python is not None:
-        vspec, cite = vf.python.value, _cite(vf.python)
-    else:
-        vspec, cite = None, ""
-        ctx.unknown("python-unsupported", "Python vs vLLM", f"vLLM {ctx.vllm_version}'s Python range")
-    ranges = [(f"vLLM {ctx.vllm_version}", vspec, cite)]
-    if ctx.source and "python_cmake" in ctx.pins:
-        ranges.append(
-            (
-                f"vLLM {ctx.vllm_version}'s CMake",
-                ctx.pins["python_cmake"][0],
-                f" [{ctx.pins['python_cmake'][1]}]",
-            )
-        )
-    for what, rng, c in ranges:
-        if rng is None:
-            continue
-        try:
-            ok = SpecifierSet(rng).contains(chosen, prereleases=True)
-        except InvalidSpecifier:
-            continue
-        if not ok:
-            fits = [p for p in inside if SpecifierSet(rng).contains(p, prereleases=True)]
-            ctx.add(
-                "python-unsupported",
-                "error",
-                f"Python {chosen} vs {what}",
-                f"the variant would use Python {chosen} (newest in '{ctx.variant.python}'); {what} requires "
-                f"'{rng}'{c}" + (f"; {', '.join(fits)} would fit" if fits else ""),
-                f"narrow the variant's python range into '{rng}' and have an interpreter there "
-                f"(e.g. `uv python install {_minor_hint(SpecifierSet(rng) & spec)}`)",
-            )
-    if (
-        not ctx.variant.torch.get("preinstalled")
-        and tf is not None
-        and not SpecifierSet(tf.python.value).contains(chosen, prereleases=True)
-    ):
-        ctx.add(
-            "torch-wheel-not-found",
-            "error",
-            f"torch {ctx.torch_version} for Python {chosen}",
-            f"torch {ctx.torch_version} publishes wheels for Python '{tf.python.value}'{_cite(tf.python)}; "
-            f"the variant would use {chosen}",
-            f"use a Python in '{tf.python.value}' for this variant",
-        )
-    no_headers = ctx.m.get("python_without_headers") or []
-    if chosen in no_headers:
-        sev = "error" if ctx.source else "warning"
-        mm = ".".join(chosen.split(".")[:2])
-        ctx.add(
-            "python-headers-missing",
-            sev,
-            f"Python.h for {chosen}",
-            f"the interpreter {chosen} has no Python.h; "
-            + (
-                "building vLLM's extensions needs it"
-                if ctx.source
-                else "Triton and torch.compile build small C modules at run time and need it"
-            ),
-            f"install the headers (Debian/Ubuntu: apt install python{mm}-dev) or use a uv/pyenv/conda "
-            "interpreter, which ship them",
-        )
-
-
-def _minor_hint(spec: SpecifierSet) -> str:
-    for m in range(15, 7, -1):
-        if spec.contains(f"3.{m}.0", prereleases=True) or spec.contains(f"3.{m}.99", prereleases=True):
-            return f"3.{m}"
-    return "3"
+    """The feasibility judge's Python rule (facts/feasibility_build.py, plan asks it too), with this source
+    tree's pins (its Python range, its CMake's)."""
+    ctx.judged(feasibility_build.python_issues(ctx.data, ctx.profile, ctx.candidate, vf, tf, ctx.pins))
 
 
 def _check_torch(ctx: _Ctx, tf: compat_mod.TorchFacts | None) -> None:

@@ -162,9 +162,8 @@ class CompatData:
             self.generated = str(lock.get("generated", "")) or None
             self.sources[INDEX_SOURCE] = (
                 f"{lock.get('index', 'the package index')}: core metadata (Requires-Dist, Requires-Python) "
-                f"of each "
-                f"release's Linux x86_64 wheel and its file list, read by `{REFRESH_COMMAND}` on "
-                f"{self.generated}"
+                f"of each release's Linux x86_64 wheel (and, per platform, of its aarch64 wheel) and its "
+                f"file list, read by `{REFRESH_COMMAND}` on {self.generated}"
             )
         self._raw = raw
         self._facts: list[tuple[str, Fact]] = []
@@ -208,6 +207,7 @@ class CompatData:
                 )
             )
         self._lock_vllm: dict[str, VllmFacts] = {}
+        self._lock_platform: dict[tuple[str, str], dict[str, dict]] = {}   # (project, version): {arch: read}
         self._known: dict[str, list[Version]] = {
             "vllm": [Version(r) for e in raw.get("vllm", []) for r in e.get("releases", [])],
             "torch": [Version(v) for v in self._torch],
@@ -287,6 +287,23 @@ class CompatData:
     def _merge_lock(self, lock: dict) -> None:
         """Facts the index publishes (pins, Requires-Python, PyPI's torch CUDA) win over the hand file's
         copies; hand-only facts (drivers, archs, gcc, CMake) stay with their sources."""
+        self._check_lock(lock)
+        hand_torch = sorted(self._torch, key=Version)
+        for v, t in sorted(lock.get("torch", {}).items(), key=lambda kv: Version(kv[0])):
+            tf = self._torch_from_lock(v, t, hand_torch)
+            if tf is not None:
+                self._torch[v] = tf
+                self._known["torch"].append(Version(v))
+        for v, t in lock.get("xformers", {}).items():
+            if "torch" in t:
+                self._xformers[v] = XformersFacts(v, self._ifact(str(t["torch"])))
+        for v, t in lock.get("vllm", {}).items():
+            self._known["vllm"].append(Version(v))
+            self._lock_vllm[Version(v).public] = self._vllm_from_lock(v, t)
+
+    def _check_lock(self, lock: dict) -> None:
+        """Every release table well-formed (its key a version, its ranges specifiers, its platform tables);
+        the platform readings kept."""
         for proj in ("vllm", "torch", "xformers"):
             table = lock.get(proj, {})
             if not isinstance(table, dict):
@@ -304,34 +321,46 @@ class CompatData:
                             SpecifierSet(t[k])
                         except (InvalidSpecifier, TypeError):
                             raise self._lock_bad(f"{proj}.{v}.{k}", "is not a version specifier") from None
-        hand_torch = sorted(self._torch, key=Version)
-        for v, t in sorted(lock.get("torch", {}).items(), key=lambda kv: Version(kv[0])):
-            cuda = t.get("pypi_cuda")
-            hand = self._torch.get(v)
-            if cuda is None:
-                continue
-            src = t.get("pypi_cuda_from", "")
-            python = self._ifact(t["python"]) if "python" in t else (hand.python if hand else None)
-            if python is None:
-                continue
-            default = self._ifact(str(cuda), f"Requires-Dist {src}" if src else "")
-            if "cuda_variants" in t:
-                variants = self._ifact(list(t["cuda_variants"]), "the PyTorch index's +cuXYZ wheels")
-            elif hand is not None:
-                variants = hand.cuda_variants
-            else:
-                variants = self._inherit_variants(v, str(cuda), hand_torch)
-            arch = dict(hand.arch) if hand is not None else self._inherit_arch(v, hand_torch)
-            tags = _wheel_tag(str(t.get("metadata_from", "")))
-            wheels = self._ifact(tags, f"read from {t['metadata_from']}") if tags else None
-            self._torch[v] = TorchFacts(v, python, default, variants, arch, wheels)
-            self._known["torch"].append(Version(v))
-        for v, t in lock.get("xformers", {}).items():
-            if "torch" in t:
-                self._xformers[v] = XformersFacts(v, self._ifact(str(t["torch"])))
-        for v, t in lock.get("vllm", {}).items():
-            self._known["vllm"].append(Version(v))
-            self._lock_vllm[Version(v).public] = self._vllm_from_lock(v, t)
+                if "platform" in t:
+                    self._lock_platform[(proj, Version(v).public)] = self._lock_platforms(f"{proj}.{v}", t)
+
+    def _torch_from_lock(self, v: str, t: dict, hand_torch: list[str]) -> TorchFacts | None:
+        """torch ``v`` from the lock (PyPI's x86_64 CUDA, Python, the wheels read) over the hand file's; None
+        where the lock holds no PyPI CUDA for it (its hand facts, if any, stay)."""
+        cuda = t.get("pypi_cuda")
+        hand = self._torch.get(v)
+        if cuda is None:
+            return None
+        src = t.get("pypi_cuda_from", "")
+        python = self._ifact(t["python"]) if "python" in t else (hand.python if hand else None)
+        if python is None:
+            return None
+        default = self._ifact(str(cuda), f"Requires-Dist {src}" if src else "")
+        if "cuda_variants" in t:
+            variants = self._ifact(list(t["cuda_variants"]), "the PyTorch index's +cuXYZ wheels")
+        elif hand is not None:
+            variants = hand.cuda_variants
+        else:
+            variants = self._inherit_variants(v, str(cuda), hand_torch)
+        arch = dict(hand.arch) if hand is not None else self._inherit_arch(v, hand_torch)
+        read = [str(t.get("metadata_from", ""))] + [
+            str(r.get("metadata_from", "")) for r in self._lock_platform.get(("torch", v), {}).values()]
+        tags = [tag for fn in dict.fromkeys(read) for tag in _wheel_tag(fn)]   # x86_64's, then others'
+        names = ", ".join(fn for fn in dict.fromkeys(read) if fn)
+        wheels = self._ifact(tags, f"read from {names}") if tags else None
+        return TorchFacts(v, python, default, variants, arch, wheels)
+
+    def _lock_platforms(self, where: str, t: dict) -> dict[str, dict]:
+        """A release's ``platform`` table (schema 2): {arch: what that platform's wheel says}, checked."""
+        plats = t["platform"]
+        if not isinstance(plats, dict) or not all(isinstance(r, dict) for r in plats.values()):
+            raise self._lock_bad(f"{where}.platform", "is not a table of platform tables")
+        for arch, r in plats.items():
+            cuda = r.get("pypi_cuda")
+            if cuda is not None and (not isinstance(cuda, str) or not re.fullmatch(r"cpu|\d+\.\d+", cuda)):
+                raise self._lock_bad(f"{where}.platform.{arch}.pypi_cuda",
+                                     'is not "cpu" or a CUDA major.minor')
+        return plats
 
     def _inherit_variants(self, v: str, cuda: str, hand: list[str]) -> Fact:
         prev = [h for h in hand if Version(h) <= Version(v)]
@@ -460,9 +489,34 @@ class CompatData:
             return None  # a release after the data: nothing is known of it (doctor: compat-stale)
         return self._hand_vllm(version)
 
+    def platform_facts(self, project: str, version: str, arch: str) -> dict[str, Fact]:
+        """What the lock read of ``project``'s release ``version`` on Linux ``arch`` (``platform.<arch>``: the
+        glibc floor and tags of its wheels there; for aarch64 that wheel's pypi_cuda, pins where they differ
+        from x86_64, unpinned): empty when the lock has no reading (an older lock, or no such wheel)."""
+        read = self._lock_platform.get((project, _norm(version)), {}).get(arch)
+        if not isinstance(read, dict):
+            return {}
+        note = f"read from {read['metadata_from']}" if "metadata_from" in read else f"the {arch} wheels' tags"
+        return {k: self._ifact(v, note) for k, v in read.items() if k != "metadata_from"}
+
+    def torch_pypi_cuda(self, version: str, arch: str | None) -> Fact | None:
+        """The CUDA of PyPI's torch ``version`` wheel on Linux ``arch`` ("cpu": a CPU-only build), None when
+        unknown: the index's reading for that platform (x86_64: the release's pypi_default_cuda), else the
+        hand-kept ``[platform.<arch>] torch_pypi_cuda`` (inferred) for a release the lock did not read."""
+        if arch in (None, "x86_64"):
+            tf = self.torch(version)
+            return tf.pypi_default_cuda if tf is not None else None
+        read = self.platform_facts("torch", version, arch).get("pypi_cuda")
+        if read is not None:
+            why = self.platform_facts("torch", version, arch).get("pypi_cuda_from")
+            how = f"Requires-Dist {why.value}" if why else f"no CUDA runtime requirement applies on {arch}"
+            return Fact(read.value, read.source, read.url, False, f"{how}; {read.note}")
+        return self._platform.get(arch, {}).get("torch_pypi_cuda")
+
     def platform(self, arch: str) -> dict[str, Fact]:
-        """The facts of ``[platform.<arch>]`` (what differs from Linux x86_64, which the index data is read
-        for): empty when the data says nothing of that platform."""
+        """The hand-kept facts of ``[platform.<arch>]`` (what differs from Linux x86_64): empty when the data
+        says nothing of that platform.  PyPI's torch CUDA there: :meth:`torch_pypi_cuda` (the lock's reading
+        first)."""
         return dict(self._platform.get(arch, {}))
 
     def is_datacenter(self, gpu_name: str) -> bool | None:

@@ -4,8 +4,10 @@ fixes / cannot, each with its reasons and fixes.
 doctor asks it for a variant (``candidate_of(variant)``), ``plan`` for every candidate it considers, and the
 steps that need it (``bundle --machine``, the build's arch list) can ask the same functions: the driver, GPU
 arch, platform (CPU architecture, manylinux glibc floor, Jetson) and toolkit rules live here and nowhere
-else.  A rule returns :class:`Issue` s: a :class:`Finding` with the failure id doctor reports, plus whether
-the error is one a fix on the machine removes (``fixable``: install a toolkit, add the PyTorch index for this
+else; the Python, host-compiler, cmake and disk rules in facts/feasibility_build.py, which ``judge`` calls
+too (the model, :class:`Candidate` / :class:`Issue` / :class:`Verdict`, is facts/feasibility_model.py).
+A rule returns :class:`Issue` s: a :class:`Finding` with the failure id doctor reports, plus whether the
+error is one a fix on the machine removes (``fixable``: install a toolkit, add the PyTorch index for this
 platform, upgrade the driver) or one that rules the candidate out.
 
 The machine is a profile (machine-profile.md); the facts are the compatibility data (``compat.load()``) and
@@ -15,12 +17,9 @@ its per-platform table (``[platform.aarch64]``: PyPI's torch there, the PyTorch 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any
 
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
-from vllm_harness.core.findings import Finding
 from vllm_harness.facts.compat import (
     CompatData,
     CudaFacts,
@@ -31,121 +30,26 @@ from vllm_harness.facts.compat import (
     parse_arch_list,
     parse_cc,
 )
+from vllm_harness.facts.feasibility_build import build_issues, python_issues
+from vllm_harness.facts.feasibility_model import IDS as IDS
+from vllm_harness.facts.feasibility_model import TIERS as TIERS
+from vllm_harness.facts.feasibility_model import (
+    Candidate,
+    Issue,
+    Verdict,
+    _cc_str,
+    _cite,
+    _issue,
+    skipped,
+    tier_of,
+    unknown,
+)
+from vllm_harness.facts.feasibility_model import candidate_of as candidate_of
+from vllm_harness.facts.feasibility_model import version_or_none as version_or_none
 from vllm_harness.facts.toolkit import PYPI_EXTRAS, install_fix
 
 NVIDIA_DRIVER_DOCS = "https://www.nvidia.com/en-us/drivers/"
 PYTORCH_WHL = "https://download.pytorch.org/whl"
-TIERS = ("runs", "runs with warnings", "runs after fixes", "cannot")
-#: the failure ids only this module emits in doctor (the consistency test of doctor and plan uses them)
-IDS = ("driver-too-old", "no-driver", "cuda-forward-compat", "no-kernel-image", "bf16-unsupported",
-       "flash-attn-unsupported-gpu", "arch-unsupported-by-nvcc", "torch-cpu-only", "torch-wheel-not-found",
-       "cuda-home-missing", "nvcc-not-found", "cuda-torch-version-mismatch")
-
-
-# ------------------------------------------------------------------------------------------ the model
-
-@dataclass(frozen=True)
-class Candidate:
-    """What would be installed: a CUDA line, torch, vLLM, how, and where from (a variant, or one plan tries)."""
-    cuda: str
-    torch: str
-    vllm: str
-    mode: str                          # 'wheel' | 'source'
-    name: str = "candidate"
-    torch_index: str | None = None     # None: PyPI
-    torch_preinstalled: bool = False
-    vllm_index: str | None = None
-    toolkit: str = "system"            # 'system' | 'pypi' ([build] toolkit)
-
-    @property
-    def cuda_tag(self) -> str:
-        return "cu" + self.cuda.replace(".", "")
-
-    @property
-    def source(self) -> bool:
-        return self.mode == "source"
-
-
-def candidate_of(variant: Any) -> Candidate:
-    """The candidate a variant (``variants.Variant``) stands for."""
-    return Candidate(cuda=variant.cuda, torch=_public(variant.torch["version"]), vllm=variant.vllm["version"],
-                     mode=variant.vllm["mode"], name=variant.name, torch_index=variant.torch.get("index_url"),
-                     torch_preinstalled=bool(variant.torch.get("preinstalled")),
-                     vllm_index=variant.vllm.get("index_url"), toolkit=variant.build.get("toolkit") or "system")
-
-
-@dataclass(frozen=True)
-class Issue:
-    finding: Finding
-    fixable: bool = False     # an error a change on the machine (or the variant's index) removes
-
-
-@dataclass
-class Verdict:
-    tier: str
-    issues: list[Issue] = field(default_factory=list)
-
-    @property
-    def reasons(self) -> list[str]:
-        return [f"{i.finding.id}: {i.finding.evidence}" for i in self.issues if i.finding.severity != "info"]
-
-    @property
-    def fixes(self) -> list[str]:
-        return [i.finding.fix for i in self.issues if i.finding.severity == "error" and i.fixable]
-
-    @property
-    def warnings(self) -> list[str]:
-        return [i.finding.evidence for i in self.issues if i.finding.severity == "warning"]
-
-
-def tier_of(issues: list[Issue]) -> str:
-    errors = [i for i in issues if i.finding.severity == "error"]
-    if any(not i.fixable for i in errors):
-        return "cannot"
-    if errors:
-        return "runs after fixes"
-    if any(i.finding.severity == "warning" for i in issues):
-        return "runs with warnings"
-    return "runs"
-
-
-def _issue(id: str, severity: str, subject: str, evidence: str, fix: str, check: str = "",
-           fixable: bool = False) -> Issue:
-    return Issue(Finding(id, severity, subject=subject, evidence=evidence, fix=fix, check=check), fixable)
-
-
-def skipped(check: str, subject: str, key: str) -> Issue:
-    return _issue("check-skipped", "info", subject, f"the machine profile has no {key}, so this was not checked",
-                  f"probe the machine itself (`invoke doctor`) or add {key} to the profile", check)
-
-
-def unknown(check: str, subject: str, what: str) -> Issue:
-    return _issue("compat-unknown", "warning", subject,
-                  f"{what} is not in the compatibility data (src/vllm_harness/data/compat.toml); not checked",
-                  "add the facts with their source to data/compat.toml, or choose versions the data knows", check)
-
-
-def _cite(f: Fact | None) -> str:
-    return f" [{f.cite()}]" if f is not None else ""
-
-
-def version_or_none(s: Any) -> Version | None:
-    """A version, or None where the text is not one (an unknown pin in the data)."""
-    try:
-        return Version(str(s))
-    except (InvalidVersion, TypeError):
-        return None
-
-
-def _public(v: str) -> str:
-    try:
-        return Version(v).public
-    except InvalidVersion:
-        return v
-
-
-def _cc_str(cc: tuple[int, int]) -> str:
-    return f"{cc[0]}.{cc[1]}"
 
 
 # ------------------------------------------------------------------------------------- machine facts
@@ -216,12 +120,10 @@ def manylinux_platforms(arch: str, glibc: str) -> list[str]:
 
 
 def pypi_torch_cuda(data: CompatData, tf: TorchFacts, arch: str | None) -> tuple[str | None, Fact | None]:
-    """The CUDA of PyPI's torch wheel on ``arch`` (None: a CPU-only build there), with the fact that says so."""
-    plat = data.platform(arch) if arch and arch != "x86_64" else {}
-    f = plat.get("torch_pypi_cuda")
-    if f is not None:
-        return (None if f.value == "cpu" else str(f.value)), f
-    return str(tf.pypi_default_cuda.value), tf.pypi_default_cuda
+    """The CUDA of PyPI's torch wheel on ``arch`` (None: a CPU-only build there), with the fact that says so: the
+    index's reading of that platform's wheel, else the hand-kept [platform.<arch>] (CompatData.torch_pypi_cuda)."""
+    f = (data.torch_pypi_cuda(tf.version, arch) if arch and arch != "x86_64" else None) or tf.pypi_default_cuda
+    return (None if f.value == "cpu" else str(f.value)), f
 
 
 def index_has_torch(data: CompatData, tf: TorchFacts, cuda: str, arch: str | None) -> bool:
@@ -516,24 +418,24 @@ def gpu_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts |
         out.append(unknown("no-kernel-image", "vLLM kernels vs GPU", f"the CUDA archs vLLM {cand.vllm} builds"))
     if supported is not None:
         built = [a for a, _ in parse_arch_list(supported)]
+        cf_src = data.cuda(cand.cuda) if cand.source else None
         for g, cc in gpus:
-            if not sass_covers(built, cc):
+            # a GPU newer than the toolkit: the build's PTX (nvcc_arch_for), if vLLM's CMake keeps its arch
+            ptx = cf_src is not None and nvcc_arch_for(cf_src, cc)[1] == "ptx"
+            if not (_ptx_built(cf_src, built, cc) if ptx else sass_covers(built, cc)):
                 how = "its CMake builds" if cand.source else "its wheel holds (the CMake list, assumed for the wheel)"
+                newer = ptx or all(cc > a for a in built)
                 out.append(_issue("no-kernel-image", "error", f"vLLM {cand.vllm} kernels on {g.get('name')}",
                                   f"{how} kernels for {supported} with CUDA {cuda_for_vllm}{cite}; {g.get('name')} is compute "
-                                  f"capability {_cc_str(cc)}",
+                                  f"capability {_cc_str(cc)}" + (
+                                      f" (nvcc {cand.cuda} builds it PTX of {nvcc_arch_for(cf_src, cc)[0]}, an arch "
+                                      "that list does not keep)" if ptx else ""),
+                                  ("this GPU is newer than this vLLM release builds for with CUDA "
+                                   f"{cuda_for_vllm}: use a newer vLLM release or CUDA line (see `invoke plan`)") if newer else
                                   "this GPU is below what this vLLM release supports: use an older vLLM release whose CMake "
                                   "lists it (vLLM 0.6-0.16 build 7.0+), or another GPU"))
     if cand.source:
-        cf = data.cuda(cand.cuda)
-        if cf is None:
-            out.append(unknown("arch-unsupported-by-nvcc", "nvcc targets vs GPU", f"CUDA {cand.cuda}"))
-        else:
-            for g, cc in gpus:
-                if nvcc_arch_for(cf, cc)[1] not in ("sass", "same-major"):   # the build's mapping, too
-                    out.append(_issue("arch-unsupported-by-nvcc", "error", f"nvcc {cand.cuda} vs {g.get('name')}",
-                                      f"nvcc {cand.cuda} builds SASS for {', '.join(cf.sm.value)}{_cite(cf.sm)}; none runs on compute "
-                                      f"capability {_cc_str(cc)}", _nvcc_fix(data, cc, profile.get("machine"))))
+        out += _nvcc_issues(data, profile, cand, gpus)
     old = [(g, cc) for g, cc in gpus if cc < (8, 0)]
     if old:
         names = ", ".join(f"{g.get('name')} ({_cc_str(cc)})" for g, cc in old)
@@ -544,6 +446,47 @@ def gpu_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts |
         out.append(_issue("flash-attn-unsupported-gpu", "warning", "FlashAttention on pre-Ampere GPUs",
                           f"{names}: FlashAttention-2 needs compute capability >= 8.0",
                           f"let vLLM pick another attention backend (do not force FLASH_ATTN){xf}"))
+    return out
+
+
+def _ptx_built(cf: CudaFacts | None, built: list[tuple[int, int]], cc: tuple[int, int]) -> bool:
+    """A source build for ``cc`` (a GPU newer than the toolkit) compiles PTX of the toolkit's newest arch, and
+    vLLM's CMake keeps it (its list has that arch's major at or below it): the kernels JIT-compile on ``cc``."""
+    if cf is None:
+        return False
+    arch, how = nvcc_arch_for(cf, cc)
+    return how == "ptx" and arch is not None and sass_covers(built, parse_cc(arch.removesuffix("+PTX")))
+
+
+def _nvcc_issues(data: CompatData, profile: dict, cand: Candidate, gpus: list) -> list[Issue]:
+    """nvcc of the candidate's CUDA against each GPU, by the build's own mapping (``nvcc_arch_for``): SASS runs;
+    a GPU newer than the toolkit gets PTX (JIT at first load: a warning, an error where the driver runs this CUDA
+    only under minor-version compatibility, which cannot JIT newer PTX); an older one cannot be built for."""
+    cf = data.cuda(cand.cuda)
+    if cf is None:
+        return [unknown("arch-unsupported-by-nvcc", "nvcc targets vs GPU", f"CUDA {cand.cuda}")]
+    out, m = [], profile.get("machine") or {}
+    for g, cc in gpus:
+        arch, how = nvcc_arch_for(cf, cc)
+        if how in ("sass", "same-major"):
+            continue
+        subject = f"nvcc {cand.cuda} vs {g.get('name')}"
+        ev = (f"nvcc {cand.cuda} builds SASS for {', '.join(cf.sm.value)}{_cite(cf.sm)}; none runs on compute "
+              f"capability {_cc_str(cc)}")
+        fix = _nvcc_fix(data, cc, m)
+        if how != "ptx":
+            out.append(_issue("arch-unsupported-by-nvcc", "error", subject, ev, fix))
+            continue
+        ev += (f"; the build compiles {arch} (PTX of compute_{arch.split('+')[0].replace('.', '')}), which the "
+               "driver JIT-compiles for it. PTX JIT: first load compiles kernels, slower; some kernels (e.g. FP8/FP4 "
+               "for that arch) are missing")
+        state = driver_status(data, cand.cuda, m.get("driver"), m.get("driver_cuda"), is_jetson(profile))[0]
+        if state == "minor-compat":
+            out.append(_issue("arch-unsupported-by-nvcc", "error", subject, ev + f"; the driver runs CUDA {cand.cuda} "
+                              "only under minor-version compatibility, which cannot JIT-compile its PTX",
+                              f"upgrade the NVIDIA driver ({NVIDIA_DRIVER_DOCS}), or {fix}", fixable=True))
+        else:
+            out.append(_issue("arch-unsupported-by-nvcc", "warning", subject, ev, fix))
     return out
 
 
@@ -568,7 +511,7 @@ def nvcc_arch_for(cf: CudaFacts, cc: tuple[int, int]) -> tuple[str | None, str]:
     """What nvcc of the CUDA ``cf`` builds for a GPU of compute capability ``cc``, and how: 'sass' (the GPU's own
     arch), 'same-major' (the toolkit's newest arch of its major below it: SASS runs on later minors), 'ptx' (a
     GPU newer than the toolkit: PTX of its newest arch, JIT at first load) or 'none' (below the toolkit's
-    oldest arch, which is returned).  The build's arch list (steps/build_archs) maps GPUs with this."""
+    oldest arch, which is returned).  The build's arch list (facts/build_archs) maps GPUs with this."""
     real = sorted(cf.sm_real())
     if _cc_str(cc) in cf.sm.value:
         return _cc_str(cc), "sass"
@@ -645,4 +588,5 @@ def judge(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts | None
               + gpu_issues(data, profile, cand, vf, tf, needs_xformers=vf is not None and vf.xformers is not None))
     if cand.source:
         issues += toolkit_issues(profile, cand)
+    issues += python_issues(data, profile, cand, vf, tf) + build_issues(data, profile, cand, vf)
     return Verdict(tier_of(issues), issues)

@@ -10,6 +10,7 @@ machine nothing serves as is keeps its own recommendation (its fixes) or its rea
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from packaging.specifiers import SpecifierSet
@@ -41,7 +42,8 @@ def plan_fleet(machines: list[tuple[str, dict]], data: CompatData) -> dict:
                 pool.setdefault(_key(o.extra["cand"]), o)
     serves: dict[tuple, dict[str, tuple[str, set[str]]]] = {}
     for key, o in pool.items():
-        cand, vf, tf = o.extra["cand"], o.extra["vf"], o.extra["tf"]
+        # the Python is chosen per machine below (the minors each has): the judge sees no range of one machine
+        cand, vf, tf = replace(o.extra["cand"], python=None), o.extra["vf"], o.extra["tf"]
         spec = SpecifierSet(str(vf.python.value) if vf.python is not None else "") & SpecifierSet(
             str(tf.python.value)
         )

@@ -1,9 +1,13 @@
 """Facts the packages publish about themselves, read from the package index (issue 16).
 
 ``refresh()`` reads, for every final release of vLLM, torch and xformers, the core metadata of one Linux
-x86_64 wheel -- the file's PEP 658/714 ``.metadata`` when the index offers it, else the wheel's
-``*.dist-info/METADATA`` through HTTP range requests on the zip's central directory (what uv and pip do when
-there is no ``.metadata``); a wheel is never downloaded whole.  From it:
+wheel PER PLATFORM it has Linux wheels for (x86_64, aarch64; issue 28) -- the file's PEP 658/714 ``.metadata``
+when the index offers it, else the wheel's ``*.dist-info/METADATA`` through HTTP range requests on the zip's
+central directory (what uv and pip do when there is no ``.metadata``); a wheel is never downloaded whole.
+Requires-Dist markers are evaluated with that platform's marker environment (``platform_machine``).  A
+release's top-level facts are its x86_64 wheel's; ``platform.<arch>`` holds, per platform, the glibc floor and
+platform tags of its wheels and, for aarch64, what that wheel's metadata says (torch's PyPI CUDA, ``"cpu"``
+where no CUDA runtime requirement applies; pins only where they differ from x86_64).  From the metadata:
 
 * vLLM: the ``==`` pins of torch / torchvision / torchaudio / xformers / flashinfer-python, Requires-Python,
   the tags of its wheels and whether an sdist exists;
@@ -65,6 +69,7 @@ from vllm_harness.facts.package_index import (
     parse_simple_html,
     parse_simple_json,
     pick_wheel,
+    platform_tags,
     read_project,
 )
 
@@ -72,66 +77,32 @@ DEFAULT_INDEX = "https://pypi.org/simple"
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
 LOCK_PATH = Path(__file__).resolve().parent.parent / "data" / "compat.lock.toml"
 PROJECTS = ("vllm", "torch", "xformers")
-REFRESH_DEADLINE_S = 900.0      # the whole refresh (a cold one reads ~600 files in about a minute)
+# A cold refresh (2026-12-07: 96 vLLM, 52 torch, 36 xformers releases; 260 metadata files, 76 of them aarch64
+# wheels', a torch wheel's by 3 range requests) made 708 requests in 41 s: the limits leave room.
+REFRESH_DEADLINE_S = 900.0
 REFRESH_MAX_REQUESTS = 5000
 VLLM_PINS = ("torch", "torchvision", "torchaudio", "xformers", "flashinfer-python")
-# Where the wheels run: the harness builds for Linux x86_64 (markers of Requires-Dist are evaluated so).
+# The Linux platforms a release's wheels are read for (x86_64 first: a release's top-level facts are its).
+PLATFORMS = ("x86_64", "aarch64")
+# Where the wheels run: Linux x86_64 (markers of Requires-Dist are evaluated so); marker_env(arch) for others.
 MARKER_ENV = {"platform_system": "Linux", "platform_machine": "x86_64", "sys_platform": "linux",
-              "os_name": "posix", "implementation_name": "cpython", "platform_python_implementation": "CPython",
-              "python_version": "3.12", "python_full_version": "3.12.0", "extra": ""}
+              "os_name": "posix", "implementation_name": "cpython",
+              "platform_python_implementation": "CPython", "python_version": "3.12",
+              "python_full_version": "3.12.0", "extra": ""}
 
 
-
-
-
-
-# =========================================================================================== HTTP
-
-
-
-# ==================================================================================== index pages
-
-
-
-
-
-
-
-
-
-
-
-# ================================================================================= choosing files
-
-
-
-
-
-
-
-
-
-
-
+def marker_env(arch: str) -> dict[str, str]:
+    """The marker environment of Linux ``arch`` (``platform_machine`` is what differs)."""
+    return {**MARKER_ENV, "platform_machine": arch}
 
 
 # ============================================================================ reading the metadata
 
-
-
-
-
-
-
-
-
-
-
-def _applies(req: Requirement) -> bool:
+def _applies(req: Requirement, env: dict[str, str] = MARKER_ENV) -> bool:
     if req.marker is None:
         return True
     try:
-        return req.marker.evaluate(MARKER_ENV)
+        return req.marker.evaluate(env)
     except Exception:  # an odd marker: keep the requirement
         return True
 
@@ -146,13 +117,15 @@ def _pin(req: Requirement) -> str | None:
 def _spec_str(spec: str) -> str:
     """'<3.15,>=3.11' -> '>=3.11,<3.15' (lower bounds first, as the hand file writes them)."""
     items = [str(s) for s in SpecifierSet(spec)]
-    return ",".join(sorted(items, key=lambda s: (0 if s.startswith(">") else 1 if s.startswith("=") else 2, s)))
+    return ",".join(sorted(items, key=lambda s: (0 if s.startswith(">") else 1 if s.startswith("=") else 2,
+                                                 s)))
 
 
-def torch_cuda(reqs: Iterable[Requirement]) -> tuple[str | None, str]:
-    """The CUDA of a torch wheel from its runtime requirements: (major.minor or None, the requirement)."""
+def torch_cuda(reqs: Iterable[Requirement], env: dict[str, str] = MARKER_ENV) -> tuple[str | None, str]:
+    """The CUDA of a torch wheel from its runtime requirements that apply in ``env``: (major.minor or None,
+    the requirement)."""
     for r in reqs:
-        if not _applies(r):
+        if not _applies(r, env):
             continue
         name = canonicalize_name(r.name)
         pin = _pin(r) or _lower(r)
@@ -171,14 +144,14 @@ def _lower(req: Requirement) -> str | None:
     return None
 
 
-def vllm_facts(meta: Meta, rel: Release, f: IndexFile) -> dict:
+def vllm_facts(meta: Meta, rel: Release, f: IndexFile, env: dict[str, str] = MARKER_ENV) -> dict:
     out: dict = {}
     if meta.requires_python:
         out["python"] = _spec_str(meta.requires_python)
     for r in meta.requires:
         n = canonicalize_name(r.name)
         key = "flashinfer" if n == "flashinfer-python" else n
-        if n in VLLM_PINS and key not in out and _applies(r):
+        if n in VLLM_PINS and key not in out and _applies(r, env):
             if p := _pin(r):
                 out[key] = p
             elif n == "torch" and str(r.specifier):
@@ -190,9 +163,9 @@ def vllm_facts(meta: Meta, rel: Release, f: IndexFile) -> dict:
     return out
 
 
-def torch_facts(meta: Meta, rel: Release, f: IndexFile) -> dict:
+def torch_facts(meta: Meta, rel: Release, f: IndexFile, env: dict[str, str] = MARKER_ENV) -> dict:
     out: dict = {}
-    tags = _python_tags(rel)
+    tags = _python_tags(rel, env["platform_machine"])
     spec = meta.requires_python
     if tags:
         top = max(int(t[3:]) for t in tags)
@@ -200,7 +173,7 @@ def torch_facts(meta: Meta, rel: Release, f: IndexFile) -> dict:
         spec = f">=3.{lo},<3.{top + 1}"   # the CPython wheels there are (inside Requires-Python)
     if spec:
         out["python"] = _spec_str(spec)
-    cuda, why = torch_cuda(meta.requires)
+    cuda, why = torch_cuda(meta.requires, env)
     if cuda:
         out["pypi_cuda"] = cuda
         out["pypi_cuda_from"] = why
@@ -209,10 +182,10 @@ def torch_facts(meta: Meta, rel: Release, f: IndexFile) -> dict:
     return out
 
 
-def xformers_facts(meta: Meta, rel: Release, f: IndexFile) -> dict:
+def xformers_facts(meta: Meta, rel: Release, f: IndexFile, env: dict[str, str] = MARKER_ENV) -> dict:
     out: dict = {}
     for r in meta.requires:
-        if canonicalize_name(r.name) == "torch" and _applies(r):
+        if canonicalize_name(r.name) == "torch" and _applies(r, env):
             if p := _pin(r):
                 out["torch"] = p
             elif str(r.specifier):
@@ -224,14 +197,41 @@ def xformers_facts(meta: Meta, rel: Release, f: IndexFile) -> dict:
     return out
 
 
-EXTRACT: dict[str, Callable[[Meta, Release, IndexFile], dict]] = {
+EXTRACT: dict[str, Callable[[Meta, Release, IndexFile, dict[str, str]], dict]] = {
     "vllm": vllm_facts, "torch": torch_facts, "xformers": xformers_facts}
+_PIN_KEYS = ("torch", "torch_requires", "torchvision", "torchaudio", "xformers", "flashinfer")
+
+
+def platform_record(p: str, arch: str, rel: Release, base: dict, read: dict | None) -> dict:
+    """What the lock says of release ``rel`` of ``p`` on Linux ``arch``: the glibc floor and platform tags of
+    its wheels there; with ``read`` (the facts of that platform's wheel, for a platform other than x86_64,
+    whose facts ``base`` are the release's own) what differs from ``base`` -- torch's PyPI CUDA always
+    (``"cpu"``: no CUDA runtime requirement applies there), a pin ``base`` has and this wheel lacks in
+    ``unpinned`` -- and the file read."""
+    glibc, tags = platform_tags(rel, arch)
+    out: dict = {"glibc": glibc} if glibc else {}
+    out["tags"] = tags
+    if read is None:
+        return out
+    for k, v in read.items():
+        if k not in ("wheels", "sdist", "pypi_cuda", "pypi_cuda_from") and base.get(k) != v:
+            out[k] = v
+    if p == "torch":
+        out["pypi_cuda"] = read.get("pypi_cuda", "cpu")
+        if "pypi_cuda_from" in read:
+            out["pypi_cuda_from"] = read["pypi_cuda_from"]
+    unpinned = [k for k in _PIN_KEYS if k in base and k not in read]
+    if unpinned:
+        out["unpinned"] = unpinned
+    out["metadata_from"] = read["metadata_from"]
+    return out
 
 
 # ================================================================================ the PyTorch index
 
 def pytorch_cuda_variants(http: Http, index: str) -> dict[str, list[str]]:
-    """{torch public version: ['11.8', '12.4', ...]} from the PyTorch index's torch page (local tags +cuXYZ)."""
+    """{torch public version: ['11.8', '12.4', ...]} from the PyTorch index's torch page (local tags
+    +cuXYZ)."""
     url = f"{index.rstrip('/')}/torch/"
     body, ctype = http.page(url, f"{SIMPLE_JSON}, text/html;q=0.1")
     try:
@@ -269,9 +269,9 @@ class RefreshResult:
     generated: str = ""
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "changed": self.changed, "counts": self.counts, "skipped": self.skipped,
-                "notes": self.notes, "seconds": round(self.seconds, 2), "requests": self.requests,
-                "cache_hits": self.cache_hits, "generated": self.generated}
+        return {"path": str(self.path), "changed": self.changed, "counts": self.counts,
+                "skipped": self.skipped, "notes": self.notes, "seconds": round(self.seconds, 2),
+                "requests": self.requests, "cache_hits": self.cache_hits, "generated": self.generated}
 
 
 def _progress(enabled: bool):
@@ -282,8 +282,8 @@ def _progress(enabled: bool):
 
 
 def refresh(out_path: Path = LOCK_PATH, index: str = DEFAULT_INDEX, pytorch_index: str | None = PYTORCH_INDEX,
-            cache_dir: Path | None = None, workers: int = 16, progress: bool = False, today: str | None = None,
-            timeout: float = 20.0, deadline_s: float | None = REFRESH_DEADLINE_S,
+            cache_dir: Path | None = None, workers: int = 16, progress: bool = False,
+            today: str | None = None, timeout: float = 20.0, deadline_s: float | None = REFRESH_DEADLINE_S,
             max_requests: int | None = REFRESH_MAX_REQUESTS) -> RefreshResult:
     """Read the index and (re)write ``out_path``, within ``deadline_s`` seconds and ``max_requests`` requests
     in all.  Raises ``UsageError`` naming the URL when the index cannot be read (the file is left as it was).
@@ -303,8 +303,8 @@ def refresh(out_path: Path = LOCK_PATH, index: str = DEFAULT_INDEX, pytorch_inde
             except FetchError as e:
                 raise UsageError(f"compat refresh: cannot read the package index at {e.url} ({e.reason}); "
                                  f"{out_path.name} was not changed.",
-                                 _fix(e, "Check the network or proxy (HTTPS_PROXY), or pass --index-url with a "
-                                      "reachable mirror")) from None
+                                 _fix(e, "Check the network or proxy (HTTPS_PROXY), or pass --index-url with "
+                                      "a reachable mirror")) from None
         variants: dict[str, list[str]] | None = None
         if pt is not None:
             try:
@@ -312,72 +312,119 @@ def refresh(out_path: Path = LOCK_PATH, index: str = DEFAULT_INDEX, pytorch_inde
             except FetchError as e:
                 notes.append(f"PyTorch index not read: {e.url} ({e.reason}); torch's CUDA variants keep the "
                              "hand-kept data and the last refresh's")
-        jobs = []
-        for p, rels in releases.items():
-            for rel in rels:
-                f = pick_wheel(rel)
-                if f is None:
-                    continue
-                jobs.append((p, rel, f))
-        results: dict[tuple[str, str], dict] = {}
-
-        def work(job):
-            p, rel, f = job
-            try:
-                meta = parse_metadata(fetch_metadata(http, f), p, rel.version)
-                facts = EXTRACT[p](meta, rel, f)
-            except (MetadataError, ValueError) as e:   # ValueError: e.g. a pin that is not a version
-                return job, None, f"{f.filename}: {_printable(str(e))}"
-            why = facts_problem(facts)
-            return job, (None if why else facts), (f"{f.filename}: {why}" if why else None)
-
-        with _progress(progress) as bar:
-            task = bar.add_task("index metadata", total=len(jobs))
-            for job, facts, err in pool.map(_guard(work), jobs):
-                bar.advance(task)
-                p, rel, f = job
-                if isinstance(err, FetchError):
-                    raise UsageError(f"compat refresh: cannot read {err.url} ({err.reason}); {out_path.name} was "
-                                     "not changed.",
-                                     _fix(err, "Check the network or proxy, or pass --index-url with a reachable "
-                                          "mirror"))
-                if err:
-                    skipped.append(err)
-                    continue
-                results[(p, str(rel.version))] = facts
-    old = _read_lock(out_path)
-    if variants is not None:
-        for (p, v), facts in results.items():
-            if p == "torch" and v in variants:
-                facts["cuda_variants"] = variants[v]
-    else:
-        for (p, v), facts in results.items():
-            prev = (old.get("torch") or {}).get(v) if isinstance(old.get("torch"), dict) else None
-            kept = prev.get("cuda_variants") if isinstance(prev, dict) else None
-            if p == "torch" and isinstance(kept, list) and all(isinstance(c, str) and _CUDA.fullmatch(c)
-                                                                for c in kept):
-                facts["cuda_variants"] = kept
+        readings = _read_metadata(pool, http, _jobs(releases), out_path, skipped, progress)
+    results = _assemble(readings)
+    _add_variants(results, variants, _read_lock(out_path))
     body = render_lock(results, index=index, pytorch_read=variants is not None)
-    stamp = today or date.today().isoformat()
-    changed = False
-    old_text = out_path.read_text(encoding="utf-8") if out_path.is_file() else ""
-    if _strip_generated(old_text) != _strip_generated(_with_header(body, stamp)):
-        # core.writer: atomic, never through a link, only over a lock it wrote (its GENERATED line) or --force
-        writer.write_file(out_path, _with_header(body, stamp), what="compat data", marker=_HEADER.splitlines()[0]
-                          .encode(), fix="Give a new --out FILE, or pass --force to replace it.")
-        changed = True
-    else:
-        m = re.search(r'^generated = "([^"]*)"', old_text, re.M)
-        stamp = m.group(1) if m else stamp
+    changed, stamp = _write_lock(out_path, body, today or date.today().isoformat())
     if cache_dir is not None:
         try:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cache_dir) / "last-refresh").write_text(date.today().isoformat() if today is None else today)
+            (Path(cache_dir) / "last-refresh").write_text(today or date.today().isoformat())
         except OSError:
             pass
     counts = {p: sum(1 for (q, _v) in results if q == p) for p in PROJECTS}
     return RefreshResult(out_path, changed, counts, sorted(skipped), notes, time.monotonic() - t0,
                          http.requests, http.cache_hits, stamp)
+
+
+Job = tuple[str, Release, IndexFile, str]   # (project, release, the wheel read, its platform)
+
+
+def _jobs(releases: dict[str, list[Release]]) -> list[Job]:
+    """One wheel per release and Linux platform it has wheels for (a pure wheel stands for every platform)."""
+    jobs: list[Job] = []
+    for p, rels in releases.items():
+        for rel in rels:
+            f = pick_wheel(rel)
+            if f is None:
+                continue
+            jobs.append((p, rel, f, PLATFORMS[0]))
+            if not f.filename.endswith("-any.whl"):
+                jobs += [(p, rel, g, arch) for arch in PLATFORMS[1:]
+                         if (g := pick_wheel(rel, arch)) is not None]
+    return jobs
+
+
+def _read_metadata(pool: ThreadPoolExecutor, http: Http, jobs: list[Job], out_path: Path, skipped: list[str],
+                   progress: bool) -> list[tuple[Job, dict]]:
+    """The facts of every job's wheel (a malformed one noted in ``skipped``); a failed read stops it all."""
+    def work(job: Job):
+        p, rel, f, arch = job
+        try:
+            meta = parse_metadata(fetch_metadata(http, f), p, rel.version)
+            facts = EXTRACT[p](meta, rel, f, marker_env(arch))
+        except (MetadataError, ValueError) as e:   # ValueError: e.g. a pin that is not a version
+            return job, None, f"{f.filename}: {_printable(str(e))}"
+        why = facts_problem(facts)
+        return job, (None if why else facts), (f"{f.filename}: {why}" if why else None)
+
+    out: list[tuple[Job, dict]] = []
+    with _progress(progress) as bar:
+        task = bar.add_task("index metadata", total=len(jobs))
+        for job, facts, err in pool.map(_guard(work), jobs):
+            bar.advance(task)
+            if isinstance(err, FetchError):
+                raise UsageError(f"compat refresh: cannot read {err.url} ({err.reason}); {out_path.name} was "
+                                 "not changed.",
+                                 _fix(err, "Check the network or proxy, or pass --index-url with a reachable "
+                                      "mirror"))
+            if err:
+                skipped.append(err)
+            else:
+                out.append((job, facts))
+    return out
+
+
+def _assemble(readings: list[tuple[Job, dict]]) -> dict[tuple[str, str], dict]:
+    """{(project, version): the x86_64 wheel's facts, with ``platform`` = {arch: :func:`platform_record`}}; a
+    release whose x86_64 wheel gave nothing usable is not written (as before platforms were read)."""
+    results: dict[tuple[str, str], dict] = {}
+    rels: dict[tuple[str, str], Release] = {}
+    for (p, rel, _f, arch), facts in readings:
+        if arch == PLATFORMS[0]:
+            results[(p, str(rel.version))] = facts
+            rels[(p, str(rel.version))] = rel
+    for (p, rel, _f, arch), facts in readings:
+        base = results.get((p, str(rel.version)))
+        if arch != PLATFORMS[0] and base is not None:
+            base.setdefault("platform", {})[arch] = platform_record(p, arch, rel, base, facts)
+    for (p, v), facts in results.items():
+        x86 = platform_record(p, PLATFORMS[0], rels[(p, v)], facts, None)
+        plats = {PLATFORMS[0]: x86} if x86["tags"] else {}
+        plats.update(facts.pop("platform", {}))
+        if plats and facts_problem({"platform": plats}) is None:   # from checked facts and file names
+            facts["platform"] = plats
+    return results
+
+
+def _add_variants(results: dict[tuple[str, str], dict], variants: dict[str, list[str]] | None,
+                  old: dict) -> None:
+    """torch's CUDA variants: the PyTorch index's when it was read, else the last refresh's (checked)."""
+    for (p, v), facts in results.items():
+        if p != "torch":
+            continue
+        if variants is not None:
+            if v in variants:
+                facts["cuda_variants"] = variants[v]
+            continue
+        prev = (old.get("torch") or {}).get(v) if isinstance(old.get("torch"), dict) else None
+        kept = prev.get("cuda_variants") if isinstance(prev, dict) else None
+        if isinstance(kept, list) and all(isinstance(c, str) and _CUDA.fullmatch(c) for c in kept):
+            facts["cuda_variants"] = kept
+
+
+def _write_lock(out_path: Path, body: str, stamp: str) -> tuple[bool, str]:
+    """(changed, the lock's date): written only when a byte other than the date changes."""
+    old_text = out_path.read_text(encoding="utf-8") if out_path.is_file() else ""
+    if _strip_generated(old_text) != _strip_generated(_with_header(body, stamp)):
+        # core.writer: atomic, never through a link, only over a lock it wrote (its GENERATED line) or --force
+        writer.write_file(out_path, _with_header(body, stamp), what="compat data",
+                          marker=_HEADER.splitlines()[0].encode(),
+                          fix="Give a new --out FILE, or pass --force to replace it.")
+        return True, stamp
+    m = re.search(r'^generated = "([^"]*)"', old_text, re.M)
+    return False, (m.group(1) if m else stamp)
 
 
 def _fix(e: FetchError, network_fix: str) -> str:
@@ -409,10 +456,18 @@ _CUDA = re.compile(r"\d{1,2}\.\d{1,2}")
 _VERSION_KEYS = ("torch", "torchvision", "torchaudio", "xformers", "flashinfer")
 
 
-def facts_problem(facts: dict) -> str | None:
+def facts_problem(facts: dict, arch: str | None = None) -> str | None:
     """Why a release's facts may not be written (None: they may): every string printable and at most 300
-    characters, the pins versions packaging parses (at most 64 characters), the CUDA a major.minor."""
+    characters, the pins versions packaging parses (at most 64 characters), the CUDA a major.minor (or "cpu"
+    for a platform's), the glibc a major.minor, ``platform`` a table of the platforms read."""
     for k, v in facts.items():
+        if k == "platform" and arch is None and isinstance(v, dict):
+            for a, sub in v.items():
+                ok = a in PLATFORMS and isinstance(sub, dict)
+                why = facts_problem(sub, a) if ok else "not a platform the refresh reads"
+                if why:
+                    return f"platform.{_printable(str(a), 40)}: {why}"
+            continue
         for item in v if isinstance(v, list) else [v]:
             if isinstance(item, bool):
                 continue
@@ -425,8 +480,8 @@ def facts_problem(facts: dict) -> str | None:
                 Version(v)
             except (InvalidVersion, ValueError):
                 return f"{k} = {_printable(repr(v), 80)} is not a version"
-        if k == "pypi_cuda" and not _CUDA.fullmatch(v):
-            return f"pypi_cuda = {_printable(repr(v), 80)} is not a CUDA major.minor"
+        if k in ("pypi_cuda", "glibc") and not _CUDA.fullmatch(v) and (k, v) != ("pypi_cuda", arch and "cpu"):
+            return f"{k} = {_printable(repr(v), 80)} is not a major.minor"
     return None
 
 
@@ -460,8 +515,13 @@ def _val(v) -> str:
     return _q(str(v))
 
 
-_KEY_ORDER = ("python", "torch", "torch_requires", "torchvision", "torchaudio", "xformers", "flashinfer", "pypi_cuda",
-              "pypi_cuda_from", "cuda_variants", "sdist", "wheels", "metadata_from")
+_KEY_ORDER = ("python", "torch", "torch_requires", "torchvision", "torchaudio", "xformers", "flashinfer",
+              "unpinned", "pypi_cuda", "pypi_cuda_from", "cuda_variants", "sdist", "glibc", "tags", "wheels",
+              "metadata_from")
+
+
+def _keys(facts: dict) -> list[str]:
+    return sorted(facts, key=lambda k: (_KEY_ORDER.index(k) if k in _KEY_ORDER else 99, k))
 
 
 def render_lock(results: dict[tuple[str, str], dict], index: str, pytorch_read: bool) -> str:
@@ -470,17 +530,25 @@ def render_lock(results: dict[tuple[str, str], dict], index: str, pytorch_read: 
         rows = sorted(((v, f) for (q, v), f in results.items() if q == p), key=lambda r: Version(r[0]))
         for v, facts in rows:
             lines.append(f"[{p}.{_q(v)}]")
-            for k in sorted(facts, key=lambda k: (_KEY_ORDER.index(k) if k in _KEY_ORDER else 99, k)):
-                lines.append(f"{k} = {_val(facts[k])}")
+            lines += [f"{k} = {_val(facts[k])}" for k in _keys(facts) if k != "platform"]
+            plats = facts.get("platform") or {}
+            for arch in sorted(plats, key=PLATFORMS.index):   # dotted keys: [<p>."<v>".platform.<arch>]
+                lines += [f"platform.{arch}.{k} = {_val(plats[arch][k])}" for k in _keys(plats[arch])]
             lines.append("")
     return "\n".join(lines)
 
 
-_HEADER = ("# GENERATED by `invoke compat --refresh` (nox -s compat) from the package index's metadata: do not\n"
-           "# edit.  Every value here has source \"index-metadata\"; the hand-kept facts (drivers, nvcc archs,\n"
-           "# gcc limits, build archs) live in compat.toml beside it.  compat.load() merges the two.\n"
-           "schema = 1\n"
-           "source = \"index-metadata\"\n")
+_HEADER = (
+    "# GENERATED by `invoke compat --refresh` (nox -s compat) from the package index's metadata: do not\n"
+    "# edit.  Every value here has source \"index-metadata\"; the hand-kept facts (drivers, nvcc archs,\n"
+    "# gcc limits, build archs) live in compat.toml beside it.  compat.load() merges the two.\n"
+    "# A release's keys are read from its Linux x86_64 wheel; platform.<arch>.* per Linux platform it has\n"
+    "# wheels for: glibc (the manylinux floor) and tags; for aarch64 also that wheel's own reading\n"
+    "# (Requires-Dist markers evaluated for aarch64): torch's pypi_cuda (\"cpu\": no CUDA runtime\n"
+    "# requirement applies), pins only where they differ from x86_64 (unpinned: x86_64's pins that wheel\n"
+    "# does not require).\n"
+    "schema = 2\n"
+    "source = \"index-metadata\"\n")
 
 
 def _with_header(body: str, stamp: str) -> str:

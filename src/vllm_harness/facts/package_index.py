@@ -88,8 +88,9 @@ class Http:
 
     def get(self, url: str, headers: dict[str, str] | None = None, tries: int = 3, *,
             max_bytes: int = PAGE_MAX) -> tuple[int, dict[str, str], bytes]:
-        """One GET (a 2xx or 304); a transient failure (DNS, reset, 5xx) is tried again ``tries`` times in all."""
-        r = self._retry(lambda: self.fetcher.fetch(url, max_bytes=max_bytes, headers=headers, accept=(304,)), tries)
+        """One GET (a 2xx or 304); a transient failure (DNS, reset, 5xx) is tried again: ``tries`` in all."""
+        r = self._retry(lambda: self.fetcher.fetch(url, max_bytes=max_bytes, headers=headers, accept=(304,)),
+                        tries)
         return r.status, r.headers, r.body
 
     def range(self, url: str, start: int, end: int | None = None, *, max_bytes: int | None = None,
@@ -173,7 +174,7 @@ def parse_simple_json(body: bytes, page_url: str) -> list[IndexFile]:
         raise ValueError("not a PEP 691 JSON project page ('files' is not a list)")
     out = []
     for f in files:
-        if not isinstance(f, dict) or not isinstance(f.get("filename"), str) or not isinstance(f.get("url"), str):
+        if not isinstance(f, dict) or not all(isinstance(f.get(k), str) for k in ("filename", "url")):
             continue
         cm = f.get("core-metadata", f.get("dist-info-metadata", False))
         hashes = f.get("hashes") if isinstance(f.get("hashes"), dict) else {}
@@ -317,16 +318,22 @@ def group_releases(files: Iterable[IndexFile], project: str) -> list[Release]:
     return [r for v, r in sorted(by.items()) if any(not f.yanked for f in r.files)]
 
 
+def _linux_arch(tags, arch: str) -> bool:
+    """A Linux wheel for ``arch`` ('x86_64', 'aarch64'): one of its tags is a linux/manylinux tag of it."""
+    return any(t.platform.endswith(f"_{arch}") and "linux" in t.platform for t in tags)
+
+
 def _linux_x86_64(tags) -> bool:
-    return any(t.platform == "any" or (t.platform.endswith("x86_64") and "linux" in t.platform) for t in tags)
+    return any(t.platform == "any" for t in tags) or _linux_arch(tags, "x86_64")
 
 
-def pick_wheel(rel: Release) -> IndexFile | None:
-    """The wheel whose metadata stands for the release on Linux x86_64: a linux x86_64 wheel (abi3/py3,
-    else cp312, else the newest CPython without free-threading), the highest build tag; else py3-none-any."""
+def pick_wheel(rel: Release, arch: str = "x86_64") -> IndexFile | None:
+    """The wheel whose metadata stands for the release on Linux ``arch``: a linux wheel of that arch
+    (abi3/py3, else cp312, else the newest CPython without free-threading), the highest build tag; for x86_64
+    else py3-none-any (a pure wheel is every platform's: no other platform reads one)."""
     best, best_key = None, None
     for f, (_n, _v, build, tags) in rel.wheels:
-        if not _linux_x86_64(tags):
+        if not (_linux_x86_64(tags) if arch == "x86_64" else _linux_arch(tags, arch)):
             continue
         interp = max((_interp_rank(t.interpreter, t.abi) for t in tags), default=(0, 0))
         plat = 1 if any(t.platform != "any" for t in tags) else 0
@@ -334,6 +341,23 @@ def pick_wheel(rel: Release) -> IndexFile | None:
         if best_key is None or key > best_key:
             best, best_key = f, key
     return best
+
+
+_MANYLINUX_ALIAS = {"manylinux1": "2.5", "manylinux2010": "2.12", "manylinux2014": "2.17"}
+
+
+def platform_tags(rel: Release, arch: str) -> tuple[str | None, list[str]]:
+    """(the lowest glibc the release's Linux ``arch`` wheels need, e.g. '2.28', or None; their platform
+    tags)."""
+    plats = sorted({t.platform for _f, (_n, _v, _b, tags) in rel.wheels for t in tags
+                    if t.platform.endswith(f"_{arch}") and "linux" in t.platform})
+    floors = []
+    for pl in plats:
+        m = re.fullmatch(rf"(manylinux1|manylinux2010|manylinux2014|manylinux_(\d{{1,2}})_(\d{{1,2}}))"
+                         rf"_{arch}", pl)
+        if m:
+            floors.append(Version(_MANYLINUX_ALIAS.get(m.group(1)) or f"{m.group(2)}.{m.group(3)}"))
+    return (f"{min(floors).major}.{min(floors).minor}" if floors else None), plats
 
 
 def _interp_rank(interp: str, abi: str) -> tuple[int, int]:
@@ -346,10 +370,10 @@ def _interp_rank(interp: str, abi: str) -> tuple[int, int]:
     return (2, 0) if minor == 12 else (1, minor)
 
 
-def _python_tags(rel: Release) -> list[str]:
+def _python_tags(rel: Release, arch: str = "x86_64") -> list[str]:
     out = set()
     for _f, (_n, _v, _b, tags) in rel.wheels:
-        if _linux_x86_64(tags):
+        if _linux_x86_64(tags) if arch == "x86_64" else _linux_arch(tags, arch):
             out.update(t.interpreter for t in tags if re.fullmatch(r"cp3\d+", t.interpreter))
     return sorted(out, key=lambda s: int(s[3:]))
 

@@ -11,7 +11,7 @@ recommendation; ``write_variant`` turns it into an ``envs/NAME.toml`` that ``nox
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,11 @@ _LABEL = {
     "nvcc-not-found": "no nvcc",
     "cuda-torch-version-mismatch": "toolkit of another CUDA",
     "compat-unknown": "not in the data",
+    "python-unsupported": "no interpreter for it",
+    "python-headers-missing": "no Python.h",
+    "host-compiler-unsupported": "host compiler",
+    "cmake-too-old": "cmake too old",
+    "disk-full": "disk space",
 }
 
 
@@ -174,20 +179,33 @@ def _candidate(
         str(tf.python.value)
     )
     py, why = _python_for(str(spec), pythons, tags or None)
-    if pythons and py is None:
+    # none of the machine's interpreters fits: the newest Python the release has wheels for, which the judge
+    # says how to install (`uv python install`): a fix, not a reason to pass over the release
+    minor = f"{py.major}.{py.minor}" if py is not None else _newest_minor(spec, tags or None)
+    if minor is None:
         return None, f"vLLM {v} (torch {tv}): {why}", {}
-    return (
-        cand,
-        "",
-        {"vf": vf, "tf": tf, "python": f"{py.major}.{py.minor}" if py is not None else _newest_minor(spec)},
-    )
+    lo = Version(minor)
+    rng = f">={lo.major}.{lo.minor},<{lo.major}.{lo.minor + 1}"   # the range render_variant writes
+    cand = replace(cand, python=rng, deps=tuple(_deps(vf, mode)))
+    return cand, "", {"vf": vf, "tf": tf, "python": minor}
 
 
-def _newest_minor(spec: SpecifierSet) -> str:
+def _newest_minor(spec: SpecifierSet, tags: list[str] | None = None) -> str | None:
+    """The newest Python minor in ``spec`` that the wheel ``tags`` cover (None: no such minor)."""
     for m in range(15, 7, -1):
-        if spec.contains(f"3.{m}.0", prereleases=True):
+        if spec.contains(f"3.{m}.0", prereleases=True) and _tag_covers(tags, Version(f"3.{m}")):
             return f"3.{m}"
-    return "3"
+    return None
+
+
+def _deps(vf: Any, mode: str) -> list[str]:
+    """The [deps] packages the variant plan writes installs (a source build's cmake and ninja from PyPI)."""
+    deps = []
+    if vf.numpy is not None and vf.numpy.value in ("<2", "1-runtime"):
+        deps.append("numpy<2")
+    if mode == "source":
+        deps += [f"cmake>={vf.cmake_min.value}" if vf.cmake_min is not None else "cmake>=3.26", "ninja"]
+    return deps
 
 
 _GOOD = ("runs", "runs with warnings")
@@ -491,11 +509,7 @@ def render_variant(report: dict, data: CompatData, option: Option | None = None)
     lines += ["", "[vllm]", f'version = "{rec["vllm"]}"', f'mode = "{rec["mode"]}"']
     if rec["mode"] == "source":
         lines.append('source = "pypi-sdist"')
-    deps = []
-    if vf.numpy is not None and vf.numpy.value in ("<2", "1-runtime"):
-        deps.append("numpy<2")
-    if rec["mode"] == "source":
-        deps += [f"cmake>={vf.cmake_min.value}" if vf.cmake_min is not None else "cmake>=3.26", "ninja"]
+    deps = _deps(vf, rec["mode"])
     if deps:
         lines += ["", "[deps]", "packages = [" + ", ".join(f'"{d}"' for d in deps) + "]"]
     imports = ["vllm"]

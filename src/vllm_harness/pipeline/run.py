@@ -1,7 +1,5 @@
-"""The steps of a variant build, each one recorded in the variant's status so that reruns reuse what is good.
-
-    fetch -> prepare -> env -> torch -> deps -> build -> post-install -> verify
-    (fetch/prepare: source builds only; in wheel mode `build` installs the prebuilt wheel)
+"""Running the declared steps (``pipeline/steps``), each one recorded in the variant's status so that reruns
+reuse what is good.
 
 ``build_variant`` (the ``build-<variant>`` nox session) runs doctor first and stops on an error finding
 before anything slow, unless ``force``.  A single step (an invoke task) refuses to run before the step it
@@ -10,7 +8,6 @@ needs, with the command that fixes it.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -21,75 +18,21 @@ from vllm_harness.core import locks, oserrors
 from vllm_harness.core.errors import HarnessError, StepFailed, UsageError
 from vllm_harness.core.masking import mask
 from vllm_harness.core.runner import _rel, console, summary, write_json
-from vllm_harness.core.status import DEPENDS, STEPS, Status, key_of
+from vllm_harness.core.status import Status
 from vllm_harness.facts import pythons
-from vllm_harness.facts.variants import Variant
 from vllm_harness.pipeline import preflight as doctor_run
+from vllm_harness.pipeline.steps import BY_NAME, GRAPH, TASKS, Step, keys_of, needs, steps_for
 from vllm_harness.steps import bundle
 from vllm_harness.steps import verify as verify_step
-from vllm_harness.steps.build import do_build, start_wheel_download
+from vllm_harness.steps.build import start_wheel_download
 from vllm_harness.steps.context import Ctx
-from vllm_harness.steps.deps import do_deps
-from vllm_harness.steps.env import do_env
-from vllm_harness.steps.fetch import do_fetch
-from vllm_harness.steps.post_install import do_post_install
-from vllm_harness.steps.prepare import do_prepare
-from vllm_harness.steps.torch_install import do_torch
-from vllm_harness.steps.verify import do_verify
 
-# ------------------------------------------------------------------------------------------- the steps
+# ------------------------------------------------------------------------------------------- one step
 
-def _step_keys(ctx: Ctx, interp_key: str) -> dict[str, str]:
-    v = ctx.variant
-    keys = {}
-    keys["fetch"] = key_of(
-        "fetch", v.vllm, _tree_stamp(v.source_path()) if v.vllm["source"] == "path" else ""
-    )
-    keys["prepare"] = key_of(
-        keys["fetch"], "prepare-1", _tree_stamp(ctx.layout.root / "patches")
-    )  # patches too
-    keys["env"] = key_of("env", 3, interp_key, v.torch["preinstalled"], v.installer)
-    keys["torch"] = key_of(keys["env"], v.torch)
-    # [build] toolkit = "pypi" installs the toolkit in deps; the default "system" leaves the keys as they were
-    tk = [v.build["toolkit"]] if v.build["toolkit"] != "system" else []
-    keys["deps"] = key_of(keys["torch"], keys["prepare"] if v.vllm["mode"] == "source" else "", v.deps, *tk)
-    build = {k: x for k, x in v.build.items() if k != "toolkit" or tk}
-    keys["build"] = key_of(keys["deps"], build, ctx.jobs, ctx.arch, v.vllm["mode"])
-    keys["post-install"] = key_of(keys["build"], v.post_install)
-    keys["verify"] = key_of(
-        keys["post-install"], v.verify
-    )  # + what it proves: _verify_key, just before it runs
-    return keys
-
-
-def _tree_stamp(root: Path | None) -> str:
-    """A cheap fingerprint of a local source tree (names, sizes, mtimes), so edits to it are fetched again."""
-    if root is None or not root.is_dir():
-        return ""
-    items = []
-    for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [
-            d
-            for d in dirs
-            if d not in ("build", ".deps", ".git", "__pycache__") and not d.endswith(".egg-info")
-        ]
-        for f in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, f))
-            except OSError:
-                continue
-            items.append((os.path.relpath(os.path.join(dirpath, f), root), st.st_size, st.st_mtime_ns))
-    return key_of(sorted(items))
-
-
-def steps_for(variant: Variant) -> list[str]:
-    if variant.vllm["mode"] == "wheel":
-        return [s for s in STEPS if s not in ("fetch", "prepare")]
-    return list(STEPS)
-
-
-def _run(ctx: Ctx, step: str, key: str, fn) -> None:
-    if not ctx.force and ctx.status.is_done(step, key):
+def _run(ctx: Ctx, declared: Step, key: str, interp, **kw) -> None:
+    """One declared step: reused when done with this key, else run, timed, recorded (failures diagnosed)."""
+    step = declared.name
+    if not ctx.options.force and ctx.status.is_done(step, key):
         s = ctx.status.step(step)
         ctx.say(f"[dim]· {step:<13} done earlier ({s.get('seconds', 0)}s), reused[/]")
         return
@@ -97,17 +40,17 @@ def _run(ctx: Ctx, step: str, key: str, fn) -> None:
     log = ctx.log(step)
     t0 = time.monotonic()
     try:
-        extra = fn(log) or {}
+        extra = declared.run(ctx, log, interp, **kw) or {}
     except StepFailed as e:
         if not e.log:  # failed before it ran a command: recorded with its message as for any other error
             record_failure(ctx, step, e, started=time.time() - (time.monotonic() - t0))
             raise
         ctx.status.fail(step, e.log or str(log), e.message)
-        summary(step, False, time.monotonic() - t0, Path(e.log) if e.log else None, quiet=ctx.quiet)
+        summary(step, False, time.monotonic() - t0, Path(e.log) if e.log else None, quiet=ctx.options.quiet)
         if e.log:
             write_json(ctx.layout.last_failed, {"variant": ctx.name, "step": step, "log": e.log})
             e.recorded = True
-            report = explain_failure(Path(e.log), ctx.variant.fix_context(), quiet=ctx.quiet)
+            report = explain_failure(Path(e.log), ctx.variant.fix_context(), quiet=ctx.options.quiet)
             if report and report["findings"] and not e.fix:
                 e.fix = report["findings"][0]["fix"]
         raise
@@ -126,7 +69,8 @@ def _run(ctx: Ctx, step: str, key: str, fn) -> None:
             f"Run it again (`nox -s build-{ctx.name}` resumes at this step).",
         )
     ctx.status.finish(step, key, str(log) if log.exists() else None, secs, **extra)
-    summary(step, True, secs, log if log.exists() else None, note=extra.get("note", ""), quiet=ctx.quiet)
+    summary(step, True, secs, log if log.exists() else None, note=extra.get("note", ""),
+            quiet=ctx.options.quiet)
 
 
 def record_failure(ctx: Ctx, step: str, e: HarnessError, started: float | None = None) -> None:
@@ -151,7 +95,7 @@ def record_failure(ctx: Ctx, step: str, e: HarnessError, started: float | None =
     except OSError as err:
         refused.append(f"{log}: {err.strerror}")
     try:
-        if step in STEPS:
+        if step in BY_NAME:
             ctx.status.fail(step, str(log), e.message)
     except UsageError as err:  # the status file refused (core.status puts its record right first)
         refused.append(err.message)
@@ -197,8 +141,9 @@ def _tree_gone(ctx: Ctx, step: str) -> str | None:
 def _locked(ctx: Ctx):
     """The variant's lock: a second run waits for it (naming the holder), or fails at once with --no-wait.
     The status is read again once the lock is held: the run we waited for has changed it."""
-    with locks.held(ctx.layout.lock(ctx.name), f"variant {ctx.name}", wait=not ctx.no_wait, say=ctx.say):
-        ctx.status = Status(ctx.layout.status(ctx.name), ctx.name)
+    with locks.held(ctx.layout.lock(ctx.name), f"variant {ctx.name}", wait=not ctx.options.no_wait,
+                    say=ctx.say):
+        ctx.status = Status(ctx.layout.status(ctx.name), ctx.name, ctx.graph or GRAPH)
         yield
 
 
@@ -219,53 +164,44 @@ def _recorded(ctx: Ctx, what: str):
 def _use_bundle(ctx: Ctx) -> None:
     """--from-bundle: the bundle checked (variant, target, every file's sha256) before anything is installed;
     pip and uv then see only its wheels (steps/bundle.use)."""
-    if ctx.bundle is None or ctx.bundle_env is not None:
+    if ctx.options.bundle is None or ctx.bundle_env is not None:
         return
     with _recorded(ctx, "bundle"):
-        ctx.bundle_env = bundle.use(ctx, ctx.bundle)["env"]
+        ctx.bundle_env = bundle.use(ctx, ctx.options.bundle)["env"]
     ctx.base_env.update(ctx.bundle_env)
-    ctx.say(f"[dim]· bundle        {ctx.bundle}: pip and uv use only its wheels (no index, no network)[/]")
+    ctx.say(f"[dim]· bundle        {ctx.options.bundle}: pip and uv use only its wheels (no index, no "
+            "network)[/]")
 
 
 def require(ctx: Ctx, step: str) -> None:
     """Refuse a single step whose inputs have not been made (a step run out of order)."""
-    order = steps_for(ctx.variant)
-    if step not in order:
+    mode = ctx.variant.vllm["mode"]
+    if not BY_NAME[step].applies_to(mode):
         raise UsageError(
-            f"Step '{step}' does not apply to variant {ctx.name} (mode = '{ctx.variant.vllm['mode']}').",
-            f"Its steps are: {', '.join(order)}.",
+            f"Step '{step}' does not apply to variant {ctx.name} (mode = '{mode}').",
+            f"Its steps are: {', '.join(s.name for s in steps_for(mode))}.",
         )
-    needed, todo = [], list(DEPENDS[step])
-    while todo:
-        d = todo.pop()
-        if d in order and d not in needed:
-            needed.append(d)
-            todo += DEPENDS[d]
-    for prev in [s for s in order if s in needed]:
+    for prev in needs(step, mode):
         st = ctx.status.step(prev)
         if not st or st.get("status") != "ok":
-            task = "deps" if prev in ("env", "torch") else prev
             raise UsageError(
                 f"Step '{step}' needs step '{prev}' first for variant {ctx.name}.",
-                f"Run `invoke {task} --variant {ctx.name}` or `nox -s build-{ctx.name}`.",
+                f"Run `invoke {BY_NAME[prev].task} --variant {ctx.name}` or `nox -s build-{ctx.name}`.",
             )
-
-
-TASK_STEPS = {"deps": ["env", "torch", "deps"]}  # `invoke deps` also makes the env and installs torch
 
 
 def _interpreter(ctx: Ctx) -> pythons.Interpreter:
     """The recorded interpreter of a good env, or a newly discovered one."""
     env_step = ctx.status.step("env")
     if (
-        ctx.force
+        ctx.options.force
         or not env_step
         or env_step.get("status") != "ok"
         or not ctx.py.exists()
-        or ctx.python
+        or ctx.options.python
         or not ctx.variant.python_spec.contains(env_step.get("python_version", "0"))
     ):
-        return pythons.find(ctx.variant.python, ctx.python, ctx.base_env, what=f"variant {ctx.name}")
+        return pythons.find(ctx.variant.python, ctx.options.python, ctx.base_env, what=f"variant {ctx.name}")
     return pythons.Interpreter(
         path=env_step["python"],
         version=env_step["python_version"],
@@ -281,12 +217,12 @@ def run_single(ctx: Ctx, step: str, **kw) -> dict:
         _use_bundle(ctx)
         if not ctx.py.exists():  # env deleted (by hand, or cleaned): nothing recorded in it can be trusted
             ctx.status.invalidate("env")
-        group = TASK_STEPS.get(step, [step])
+        group = TASKS[BY_NAME[step].task] if step in BY_NAME else [step]
         require(ctx, group[0])
         interp = _interpreter(ctx) if "env" in group else None
-        keys = _step_keys(ctx, _interp_key(ctx, interp))
+        keys = keys_of(ctx, _interp_key(ctx, interp))
         for s in group:
-            _run(ctx, s, keys[s], _step_fn(ctx, s, interp, **(kw if s == step else {})))
+            _run(ctx, BY_NAME[s], keys[s], interp, **(kw if s == step else {}))
         return ctx.status.step(step) or {}
 
 
@@ -295,19 +231,6 @@ def _interp_key(ctx: Ctx, interp: pythons.Interpreter | None) -> str:
         return f"{interp.executable}:{interp.version}"
     s = ctx.status.step("env") or {}
     return f"{s.get('python')}:{s.get('python_version')}"
-
-
-def _step_fn(ctx: Ctx, step: str, interp, **kw):
-    return {
-        "env": lambda log: do_env(ctx, interp, log),
-        "torch": lambda log: do_torch(ctx, log),
-        "fetch": lambda log: do_fetch(ctx, log),
-        "prepare": lambda log: do_prepare(ctx, log),
-        "deps": lambda log: do_deps(ctx, log),
-        "build": lambda log: do_build(ctx, log),
-        "post-install": lambda log: do_post_install(ctx, log),
-        "verify": lambda log: do_verify(ctx, log, **kw),
-    }[step]
 
 
 def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False) -> dict:
@@ -320,15 +243,16 @@ def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False
         interp = _interpreter(ctx)
         if not ctx.py.exists():  # env deleted by hand: nothing in it can be trusted
             ctx.status.invalidate("env")
-        keys = _step_keys(ctx, _interp_key(ctx, interp))
-        for step in steps_for(ctx.variant):
+        keys = keys_of(ctx, _interp_key(ctx, interp))
+        for declared in steps_for(ctx.variant.vllm["mode"]):
+            step = declared.name
             kw = {"allow_no_gpu": allow_no_gpu} if step == "verify" else {}
             key = _verify_key(ctx, allow_no_gpu) if step == "verify" else keys[step]
             if key is None:  # verified earlier with these very inputs
                 continue
-            if step == "torch" and (ctx.force or not ctx.status.is_done(step, key)):
+            if step == "torch" and (ctx.options.force or not ctx.status.is_done(step, key)):
                 start_wheel_download(ctx)  # wheel mode: vLLM's wheel downloads beside torch (build checks it)
-            _run(ctx, step, key, _step_fn(ctx, step, interp, **kw))
+            _run(ctx, declared, key, interp, **kw)
             if step == "post-install":
                 ctx.status.set_built(True)
                 ctx.layout.last_built.parent.mkdir(parents=True, exist_ok=True)
@@ -343,10 +267,11 @@ def _nothing_to_build(ctx: Ctx) -> bool:
     preflight guards slow work and there is none, so doctor is skipped (said so; --force runs it).  verify
     still compares the GPUs and driver with those it proved."""
     env = ctx.status.step("env") or {}
-    if ctx.force or ctx.python or env.get("status") != "ok" or not ctx.py.exists():
+    if ctx.options.force or ctx.options.python or env.get("status") != "ok" or not ctx.py.exists():
         return False
-    keys = _step_keys(ctx, _interp_key(ctx, None))
-    if not all(ctx.status.is_done(s, keys[s]) for s in steps_for(ctx.variant) if s != "verify"):
+    keys = keys_of(ctx, _interp_key(ctx, None))
+    if not all(ctx.status.is_done(s.name, keys[s.name]) for s in steps_for(ctx.variant.vllm["mode"])
+               if s.name != "verify"):
         return False
     ctx.say(
         f"[dim]· {'doctor':<13} skipped: every step is done with these inputs (`invoke doctor --variant "
@@ -360,7 +285,7 @@ def _verify_key(ctx: Ctx, allow_no_gpu: bool) -> str | None:
     steps/verify.proof_of),
     None when the recorded result proved the same inputs (printed as such; --reverify runs it again)."""
     proof = verify_step.proof_of(ctx, {})
-    ctx._verify_proof = proof
+    ctx.verify_proof = proof
     s = verify_step.reusable(ctx, proof, allow_no_gpu)
     if s is None:
         return proof["key"]

@@ -19,24 +19,24 @@ from packaging.version import Version
 from vllm_harness.core import gitcmd, procs
 from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.runner import run_commands
-from vllm_harness.facts import compat, machine
+from vllm_harness.facts import compat, feasibility_build, machine
+from vllm_harness.facts.build_archs import check_archs, default_archs, given_archs
+from vllm_harness.facts.build_policy import JobsChoice, load_records
+from vllm_harness.facts.build_policy import jobs_for as policy_jobs_for
 from vllm_harness.facts.compat import parse_arch_list
 from vllm_harness.facts.machine import probe_gpus, uv_bin
 from vllm_harness.facts.source_tree import git_env
-from vllm_harness.steps import build_farm, build_trace, deps_cache, probe, wheelhouse
-from vllm_harness.steps.build_archs import check_archs, default_archs, given_archs
-from vllm_harness.steps.build_cache import CompilerCache, normalize_header_mtimes, setup_cache, stats_note
-from vllm_harness.steps.build_memory import (
-    JobsChoice,
-    RssSampler,
-    choose_jobs,
-    load_records,
-    looks_oom,
-    mem_available_gib,
-    per_thread_gib,
-    save_record,
-)
+from vllm_harness.steps import build_trace, deps_cache, probe, wheelhouse
+from vllm_harness.steps.build_memory import RssSampler, looks_oom, mem_available_gib, save_record
 from vllm_harness.steps.context import Ctx, _torch_kept, source_dir
+from vllm_harness.toolchain import build_farm
+from vllm_harness.toolchain.compiler_cache import (
+    CompilerCache,
+    cache_mode,
+    normalize_header_mtimes,
+    setup_cache,
+    stats_note,
+)
 from vllm_harness.verify import checks as verify_mod
 
 
@@ -45,7 +45,7 @@ def arch_list(ctx: Ctx) -> tuple[str | None, str]:
     builds), else this machine's GPUs (mapped onto the toolkit's archs), else unset: the source's own list."""
     if ctx.device != "cuda":
         return None, "CPU build: no CUDA archs"
-    given = given_archs(ctx.variant.cuda, [(ctx.arch, "--arch"), (ctx.variant.build["arch_list"],
+    given = given_archs(ctx.variant.cuda, [(ctx.options.arch, "--arch"), (ctx.variant.build["arch_list"],
                                                                  "variant build.arch_list")])
     if given is not None:
         chk, where = given
@@ -76,16 +76,11 @@ def host_compiler_env(ctx: Ctx) -> dict[str, str]:
     m = ctx.profile.get("machine", {})
     if any(k in ctx.variant.build["env"] or k in ctx.base_env for k in ("CC", "CXX", "CUDAHOSTCXX")):
         return {}
-    try:
-        limit = int(compat.load().cuda(ctx.variant.cuda).gcc_max.value)
-    except Exception:  # CUDA version not in the data: leave the compiler alone
+    cf = compat.load().cuda(ctx.variant.cuda)
+    alt = feasibility_build.build_gcc(cf, m) if cf is not None else None   # the judge's choice (doctor's too)
+    if alt is None:
         return {}
-    if not m.get("gcc") or Version(m["gcc"]).major <= limit:
-        return {}
-    usable = [a for a in m.get("gcc_alternatives", []) if Version(a).major <= limit]
-    if not usable:
-        return {}
-    n = Version(usable[-1]).major
+    n = Version(alt).major
     return {"CC": f"gcc-{n}", "CXX": f"g++-{n}", "CUDAHOSTCXX": f"g++-{n}"}
 
 
@@ -187,7 +182,7 @@ def _download_wheel(ctx: Ctx, log: Path, dest: Path) -> tuple[set[Path], tuple |
             ctx.say("  waiting for the vLLM wheel's download (started with the torch step)")
             while thread.is_alive():
                 thread.join(timeout=15)
-                if thread.is_alive() and not ctx.quiet:
+                if thread.is_alive() and not ctx.options.quiet:
                     ctx.say(f"  ... still downloading {ctx.variant.vllm_requirement}")
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as fh:
@@ -196,7 +191,7 @@ def _download_wheel(ctx: Ctx, log: Path, dest: Path) -> tuple[set[Path], tuple |
         if out.get("rc") == 0:
             return out["before"], out.get("precheck")
     before = set(dest.glob("*.whl"))
-    run_commands("build", [_wheel_download_cmd(ctx, dest)], log, ctx.env(), quiet=ctx.quiet)
+    run_commands("build", [_wheel_download_cmd(ctx, dest)], log, ctx.env(), quiet=ctx.options.quiet)
     return before, None
 
 
@@ -226,7 +221,7 @@ def install_checked_wheel(ctx: Ctx, log: Path) -> dict:
     with open(log, "ab") as fh:
         fh.write(b"\n")
     cmd = ctx.install_cmd([str(wheel)], v.vllm["index_url"])
-    run_commands("build", [cmd], log.with_name("build-install.log"), ctx.env(), quiet=ctx.quiet)
+    run_commands("build", [cmd], log.with_name("build-install.log"), ctx.env(), quiet=ctx.options.quiet)
     _torch_kept(ctx, log)
     return {"note": f"installed {wheel.name} (prebuilt wheel; {text.split(':')[0]})", "wheel": str(wheel)}
 
@@ -281,10 +276,10 @@ def do_build(ctx: Ctx, log: Path) -> dict:
 
 def farm_for(ctx, choice: JobsChoice) -> tuple[build_farm.FarmPlan, JobsChoice]:
     """The build farm (--farm, [build] farm, SCCACHE_CONF's [dist]) and MAX_JOBS from its free slots; a farm
-    that does not answer is a warning and a local build (steps/build_farm)."""
+    that does not answer is a warning and a local build (toolchain/build_farm)."""
     avail = (ctx.profile or {}).get("machine", {}).get("ram_available_gib") or mem_available_gib()
-    given = bool(ctx.jobs) or ctx.variant.build["jobs"] != "auto"
-    plan, choice = build_farm.plan(getattr(ctx, "farm", None), ctx.variant.build.get("farm"), ctx.base_env,
+    given = bool(ctx.options.jobs) or ctx.variant.build["jobs"] != "auto"
+    plan, choice = build_farm.plan(ctx.options.farm, ctx.variant.build.get("farm"), ctx.base_env,
                                    choice, float(avail), given)
     if plan.warning:
         ctx.say(f"  warning: {plan.warning}")
@@ -292,18 +287,12 @@ def farm_for(ctx, choice: JobsChoice) -> tuple[build_farm.FarmPlan, JobsChoice]:
 
 
 def jobs_for(ctx, n_archs: int = 1) -> JobsChoice:
-    """MAX_JOBS / NVCC_THREADS for a variant's build: --jobs, else [build] jobs, else from memory and cores."""
-    given_threads = int(ctx.nvcc_threads or ctx.variant.build.get("nvcc_threads") or 1)
-    nvcc = given_threads if given_threads > 1 else None
-    if ctx.jobs:
-        return JobsChoice(ctx.jobs, nvcc or 1, 0.0, "--jobs")
-    if ctx.variant.build["jobs"] != "auto":
-        return JobsChoice(int(ctx.variant.build["jobs"]), nvcc or 1, 0.0, f"{ctx.variant.name}.toml build.jobs")
-    cores = len(os.sched_getaffinity(0))
+    """MAX_JOBS / NVCC_THREADS for a variant's build: facts/build_policy.jobs_for (doctor asks it too) with this
+    machine's cores and available memory."""
     avail = (ctx.profile or {}).get("machine", {}).get("ram_available_gib") or mem_available_gib()
-    device = "cpu" if ctx.device == "cpu" else "cuda"
-    per, why = per_thread_gib(load_records(ctx.layout.state), ctx.name, device)
-    return choose_jobs(cores, float(avail), per, why, device, n_archs, nvcc)
+    machine = (len(os.sched_getaffinity(0)), float(avail))
+    return policy_jobs_for(ctx.options.jobs, ctx.options.nvcc_threads, ctx.variant.build, ctx.name, ctx.device,
+                           machine, load_records(ctx.layout.state), n_archs).choice
 
 
 def _install_sccache(ctx, log: Path) -> bool:
@@ -333,7 +322,7 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
         src, device=ctx.device, torch=((ctx.status.step("torch") or {}).get("versions") or {}).get("torch"),
         python=(ctx.status.step("env") or {}).get("python_version"), archs=archs, env=env,
         variant_env=v.build["env"], provenance=fetched.get("provenance"), patches=prepared.get("patches"))
-    rebuild = ctx.rebuild
+    rebuild = ctx.options.rebuild
     dev_tree = v.vllm.get("in_place") and v.build["editable"]
     found = wheelhouse.lookup(state, key, ctx.base_env)
     if found and not rebuild and not dev_tree:
@@ -341,7 +330,7 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
         ctx.say(f"  wheelhouse: {found.name} was built with this key ({key}); installing it instead of "
                 f"compiling{' (a regular install, not editable)' if v.build['editable'] else ''}; --rebuild compiles")
         run_commands("build", [wheelhouse.install_cmd(ctx.py, found, uv_bin())], log, ctx.env(),
-                     quiet=ctx.quiet)
+                     quiet=ctx.options.quiet)
         _torch_kept(ctx, log)
         secs = time.monotonic() - t0
         return {"arch_list": archs, "wheel": str(found), "wheel_key": key, "from_wheelhouse": True,
@@ -352,7 +341,7 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
     ctx.say(f"  MAX_JOBS={choice.jobs} ({choice.why}); NVCC_THREADS={choice.nvcc_threads}; "
             f"TORCH_CUDA_ARCH_LIST={archs or '(unset)'} ({why_arch})"
             + (f"; CUDA_HOME={env['CUDA_HOME']}" if ctx.device == "cuda" else ""))
-    mode = ctx.cache or ctx.base_env.get("VLLM_HARNESS_COMPILER_CACHE") or "auto"
+    mode, _ = cache_mode(ctx.options.cache, ctx.base_env)
     bases = [state] + ([src.parent] if state not in src.parents else [])
     cache = setup_cache(mode, state, ctx.venv, env, bases,
                         install=lambda: _install_sccache(ctx, ctx.layout.logs(ctx.name) / "cache-tool.log"))
@@ -399,7 +388,7 @@ def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: Job
     keeper = build_trace.NinjaLogKeeper(src, t0_wall, env, keep_dir=ctx.layout.logs(ctx.name) / "ninja")
     try:
         with sampler, keeper:
-            run_commands("build", cmds, log, env, cwd=src, quiet=ctx.quiet)
+            run_commands("build", cmds, log, env, cwd=src, quiet=ctx.options.quiet)
     except BaseException as e:  # noqa: B036 - recorded below, then raised again
         failed = e
     secs = time.monotonic() - t0

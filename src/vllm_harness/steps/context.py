@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from vllm_harness.core.errors import StepFailed, UsageError
 from vllm_harness.core.fetcher import Fetcher, FetchError
 from vllm_harness.core.layout import Layout, venv_python
 from vllm_harness.core.masking import strip_credentials
+from vllm_harness.core.options import RunOptions
 from vllm_harness.core.runner import console, mask
 from vllm_harness.core.status import Status
 from vllm_harness.facts import toolkit
@@ -21,27 +23,22 @@ from vllm_harness.facts.variants import Variant
 
 @dataclass
 class Ctx:
+    """The run record: the options the user gave (frozen, ``core.options.RunOptions``) and what the run learns
+    as it goes -- the machine's profile, the bundle's environment, the status on disk, verify's proof.  The
+    pipeline owns it; steps read the options and add to the record."""
     layout: Layout
     variant: Variant
-    quiet: bool = False
-    force: bool = False
-    python: str | None = None            # --python override for the env step
-    jobs: int | None = None
-    arch: str | None = None
-    no_wait: bool = False
+    options: RunOptions = field(default_factory=RunOptions)
     base_env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
-    profile: dict | None = None
-    rebuild: bool = False                # --rebuild: compile even when the wheelhouse has this build's wheel
-    cache: str | None = None             # --cache: the compiler cache (auto, sccache, ccache, none, a path)
-    farm: str | None = None              # --farm: the sccache-dist scheduler URL, or off (steps/build_farm)
-    nvcc_threads: int | None = None      # --nvcc-threads: overrides [build] nvcc_threads for this run
-    bundle: Path | None = None  # --from-bundle / VLLM_HARNESS_BUNDLE: install only from it (steps/bundle)
+    profile: dict | None = None          # the machine (probed by doctor or the build, or --machine)
     bundle_env: dict[str, str] | None = None  # the offline install variables once the bundle was checked
+    verify_proof: dict | None = None     # what verify would prove now (steps/verify.proof_of), once computed
+    graph: Mapping[str, Sequence[str]] | None = None  # the declared steps (pipeline/steps.GRAPH): what clears
     status: Status = field(init=False)
 
     def __post_init__(self):
         self.layout.ensure()
-        self.status = Status(self.layout.status(self.variant.name), self.variant.name)
+        self.status = Status(self.layout.status(self.variant.name), self.variant.name, self.graph)
 
     @property
     def name(self) -> str:
@@ -63,7 +60,7 @@ class Ctx:
         return self.layout.logs(self.name) / f"{step}.log"
 
     def say(self, text: str) -> None:
-        if not self.quiet:
+        if not self.options.quiet:
             console().print(text)
 
     # ---- children's environment
@@ -117,7 +114,7 @@ class Ctx:
             argv = [uv_bin(), "pip", "install", "--python", str(self.py)]
         else:
             argv = [str(self.py), "-m", "pip", "install", "--progress-bar", "off"]
-        if local or self.bundle is not None:
+        if local or self.options.bundle is not None:
             argv += (["--offline"] if uv else []) + ["--no-index"]
             for folder in find_links(self.env()):
                 argv += ["--find-links", folder]

@@ -34,7 +34,7 @@ def do_deps(ctx: Ctx, log: Path) -> dict:
         tk_reqs, tk_why = toolkit.pypi_requirements(v.cuda, requires, torch_version)
         cmds.append(ctx.install_cmd(tk_reqs, v.deps["index_url"]))
     if cmds:
-        run_commands("deps", cmds, log, ctx.env(), quiet=ctx.quiet)
+        run_commands("deps", cmds, log, ctx.env(), quiet=ctx.options.quiet)
     tk = _pypi_toolkit(ctx, log, tk_reqs, tk_why) if tk_reqs else {}
     _torch_kept(ctx, log)
     return {"note": f"{len(reqs)} extra requirement(s)" + tk.pop("note", ""), **tk}

@@ -36,15 +36,15 @@ def do_env(ctx: Ctx, interp: pythons.Interpreter, log: Path) -> dict:
     env = toolkit.clean_env(ctx.base_env)
     try:
         try:
-            run_commands("env", cmds, log, env, quiet=ctx.quiet)
+            run_commands("env", cmds, log, env, quiet=ctx.options.quiet)
             if uv:
-                run_commands("env", [_seed_pip(ctx, uv, env)], log, env, quiet=ctx.quiet)
+                run_commands("env", [_seed_pip(ctx, uv, env)], log, env, quiet=ctx.options.quiet)
         except StepFailed:
             if not (uv and ctx.py.exists()):
                 raise
             # no ensurepip (Debian's python3 without python3-venv): let uv seed pip from the index
             run_commands("env", [[uv, "pip", "install", "--python", str(ctx.py), "pip"]], log, env,
-                         quiet=ctx.quiet)
+                         quiet=ctx.options.quiet)
         scripts = _see_interpreter_packages(ctx, interp, env) if v.torch["preinstalled"] else None
     except BaseException:
         shutil.rmtree(ctx.venv, ignore_errors=True)

@@ -548,7 +548,7 @@ def fetch(variant, layout, env: dict[str, str], force: bool = False) -> tuple[Pa
 
 
 def do_fetch(ctx: Ctx, log: Path) -> dict:
-    src, prov = fetch(ctx.variant, ctx.layout, ctx.base_env, force=ctx.force)
+    src, prov = fetch(ctx.variant, ctx.layout, ctx.base_env, force=ctx.options.force)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(json.dumps(prov, indent=2) + "\n")
     where = prov.get("commit") or prov.get("sha256", "")[:16]

@@ -18,7 +18,7 @@ def do_post_install(ctx: Ctx, log: Path) -> dict:
             [ctx.install_cmd(pk["packages"], pk["index_url"], local=local)],
             log,
             ctx.env(),
-            quiet=ctx.quiet,
+            quiet=ctx.options.quiet,
         )
         _torch_kept(ctx, log)
     return {"note": ", ".join(pk["packages"]) or "nothing to install"}

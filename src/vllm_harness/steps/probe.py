@@ -305,7 +305,7 @@ def before_build(ctx, src: Path, env: dict[str, str]) -> dict | None:
             f"{res['torch']} ({res['seconds']}s)"
         )
         return res
-    _show(res, quiet=ctx.quiet)
+    _show(res, quiet=ctx.options.quiet)
     raise fail(res)
 
 

