@@ -47,11 +47,11 @@ from vllm_harness import diagnose as dg  # noqa: E402
 from vllm_harness.diagnose import corpus as dgc  # noqa: E402
 from vllm_harness.diagnose import stream as dgs  # noqa: E402
 from vllm_harness.diagnose.normalize import (  # noqa: E402
-    _FIRST_ERROR_ANCHORS,
-    _FIRST_ERROR_RE,
-    _clean_segments,
-    _first_match,
-    _wrapped_messages,
+    FIRST_ERROR_ANCHORS,
+    FIRST_ERROR_RE,
+    clean_segments,
+    first_match,
+    wrapped_messages,
 )
 from vllm_harness.diagnose.stream import MAX_WORKERS  # noqa: E402
 
@@ -109,8 +109,8 @@ def corpus_lines(quiet_only: bool = False, rules: list[dg.Rule] | None = None) -
             ls, n = starts[-2], len(starts) - 1
             le = ls + len(line.rstrip(b"\r\n"))
             if is_quiet(data[ls:le], rules or []) and not any(
-                _first_match(_patterns(r, text), text, at, n)[0]
-                for text, at in _wrapped_messages(data, ls, le, n)
+                first_match(_patterns(r, text), text, at, n)[0]
+                for text, at in wrapped_messages(data, ls, le, n)
                 for r in rules or []
             ):
                 lines.append(data[ls:le] + b"\n")
@@ -118,8 +118,8 @@ def corpus_lines(quiet_only: bool = False, rules: list[dg.Rule] | None = None) -
 
 
 def is_quiet(line: bytes, rules: list[dg.Rule]) -> bool:
-    segs = _clean_segments(line)
-    if any(_FIRST_ERROR_RE.search(s) for s in segs):
+    segs = clean_segments(line)
+    if any(FIRST_ERROR_RE.search(s) for s in segs):
         return False
     return not any(p.search(s) for r in rules for s in segs for p in _patterns(r, s))
 
@@ -288,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     literals = tmp / "anchors.txt"
     # every literal the prefilter looks for from the start: the anchors, their lower-cased forms (a message
     # pasted in lower case) and the first-error anchors; and, for comparison, without the lower-cased ones
-    words = sorted({a for r in rules for a in r.anchors + r.lower_anchors} | set(_FIRST_ERROR_ANCHORS))
+    words = sorted({a for r in rules for a in r.anchors + r.lower_anchors} | set(FIRST_ERROR_ANCHORS))
     literals.write_bytes(b"\n".join(words) + b"\n")
     cased = tmp / "anchors-cased.txt"
-    cased_words = sorted({a for r in rules for a in r.anchors} | set(_FIRST_ERROR_ANCHORS))
+    cased_words = sorted({a for r in rules for a in r.anchors} | set(FIRST_ERROR_ANCHORS))
     cased.write_bytes(b"\n".join(cased_words) + b"\n")
     tail = (
         b"CMake Error at CMakeLists.txt:1 (cmake_minimum_required):\n"

@@ -20,8 +20,8 @@ from conftest import fixture_variant, needs_pypi, status_of
 from test_buildspeed import _cmake_tree, _needs_build_tools, _sccache
 
 from vllm_harness.core.errors import UsageError
-from vllm_harness.doctor import report as doctor
 from vllm_harness.core.options import RunOptions
+from vllm_harness.doctor import report as doctor
 from vllm_harness.facts.build_policy import JobsChoice
 from vllm_harness.facts.variants import parse_variant
 from vllm_harness.steps import build_trace as bt

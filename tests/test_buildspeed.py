@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import fixture_variant, live_pids_with, needs_pypi, status_of
 
-from vllm_harness.core.runner import Progress
 from vllm_harness.core.options import RunOptions
+from vllm_harness.core.runner import Progress
 from vllm_harness.facts import build_archs as barch
 from vllm_harness.facts import build_policy
 from vllm_harness.steps import build as bbuild

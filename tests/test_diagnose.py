@@ -18,7 +18,7 @@ from vllm_harness.diagnose import engine as dge
 from vllm_harness.diagnose import stream as dgs
 from vllm_harness.diagnose.corpus import CORPUS_INDEX, CORPUS_KEYS
 from vllm_harness.diagnose.engine import FIRST_ERROR_BLOCK
-from vllm_harness.diagnose.normalize import _FIRST_ERROR_RE, EVIDENCE_CHARS, _wrapped_messages
+from vllm_harness.diagnose.normalize import EVIDENCE_CHARS, FIRST_ERROR_RE, wrapped_messages
 from vllm_harness.diagnose.rules import MIN_ANCHOR
 from vllm_harness.diagnose.stream import CHUNK_SIZE
 
@@ -269,7 +269,7 @@ def test_clean_and_outside_logs_give_no_finding(entry):
     if entry["file"].startswith("outside_") and report.first_error_lines:
         # a failure outside the list: the user is pointed at its first error line
         first_line, first_text = report.first_error_lines[0]
-        assert _FIRST_ERROR_RE.search(first_text)
+        assert FIRST_ERROR_RE.search(first_text)
         lines = (LOGS / entry["file"]).read_bytes().split(b"\n")
         assert first_text.split()[0].encode() in lines[first_line - 1]
         assert len(report.first_error_lines) <= FIRST_ERROR_BLOCK
@@ -693,10 +693,10 @@ def test_tool_wrap_at_a_space_of_the_anchor_or_before_a_long_word():
     assert report.ids == ["index-unreachable"] and report.findings[0].line == 2
     # the same short line before a short word: it was not full, so it does not go on
     short = b"  status=None)) after connection broken by\n  'NewConnectionError('<x>\n"
-    assert [t for t, _ in _wrapped_messages(short, 0, short.index(b"\n"), 1)] == []
+    assert [t for t, _ in wrapped_messages(short, 0, short.index(b"\n"), 1)] == []
     # nor into a line that is not indented as a tool's continuation
     flush = b"  status=None)) after connection broken by\n" + b"x" * 60 + b"\n"
-    assert [t for t, _ in _wrapped_messages(flush, 0, flush.index(b"\n"), 1)] == []
+    assert [t for t, _ in wrapped_messages(flush, 0, flush.index(b"\n"), 1)] == []
     # a break at each space of a message that spans three lines: one of the rule's literals is whole
     log = (
         b"  2023-08-27T16:39:18.117Z [error] [cmake] CMake Error: The current\n"
@@ -710,7 +710,7 @@ def test_tool_wrap_at_a_space_of_the_anchor_or_before_a_long_word():
 def test_wrapped_readings_keep_line_numbers():
     block = b"x\n" + b"a" * 70 + b"\n" + b"bbb ccc\n" + b"ERROR: new message\n"
     ls = block.index(b"bbb")
-    readings = _wrapped_messages(block, ls, block.index(b"\n", ls), 3)
+    readings = wrapped_messages(block, ls, block.index(b"\n", ls), 3)
     assert [text for text, _ in readings] == ["a" * 70 + "bbb ccc", "a" * 70 + " bbb ccc"]
     assert readings[0][1] == [(0, 2), (70, 3)]
 

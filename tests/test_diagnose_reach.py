@@ -63,7 +63,7 @@ def test_lower_case_reading_needs_a_line_without_capitals():
 def test_case_insensitive_match_stays_literal_prefiltered():
     """The lower-cased anchors are literals of the prefilter (no case-insensitive regex over the log)."""
     rules = dg.load_knowledge()
-    scanner = dge._Scanner(rules, "re")
+    scanner = dge.Scanner(rules, "re")
     lowered = {a for r in rules for a in r.lower_anchors}
     assert lowered and lowered <= set(scanner.scan_words)
     assert all(not rx.flags & re.IGNORECASE for rx in scanner.searches)

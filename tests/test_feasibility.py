@@ -15,7 +15,8 @@ from packaging.version import Version
 
 from vllm_harness.core.errors import UsageError
 from vllm_harness.doctor import report as doctor
-from vllm_harness.facts import build_archs, bundle_files, compat, feasibility, machine, planner
+from vllm_harness.facts import build_archs, compat, feasibility, machine, planner
+from vllm_harness.steps import bundle_files
 from vllm_harness.facts.machine_profile import load_profile, parse_profile
 from vllm_harness.facts.variants import load_variant, parse_variant
 
@@ -103,7 +104,7 @@ def test_grace_hopper_pypi_torch_has_no_cuda_and_the_fix_is_the_pytorch_index():
     p = _profile("gh200-aarch64")
     v = load_variant("cu128", [ROOT / "envs"])                        # torch 2.10.0 from PyPI
     f = next(f for f in doctor.check(v, p) if f.id == "torch-cpu-only")
-    assert f.severity == "error" and "CPU-only" in f.evidence and "inferred" in f.evidence
+    assert f.severity == "error" and "CPU-only" in f.evidence and "[index-metadata]" in f.evidence   # read
     assert 'index_url = "https://download.pytorch.org/whl/cu128"' in f.fix
     verdict = feasibility.judge(compat.load(), p, feasibility.candidate_of(v))
     assert verdict.tier == "runs after fixes" and any("whl/cu128" in x for x in verdict.fixes)
@@ -120,7 +121,11 @@ def test_aarch64_blackwell_servers_and_desktops(name, cc):
     rep = _plan(name)
     rec = rep["recommendation"]
     assert rec["tier"] == "runs" and rec["cuda"] == "13.0" and rec["mode"] == "wheel"
-    assert 'index_url = "https://download.pytorch.org/whl/cu130"' in planner.render_variant(rep, compat.load())
+    # PyPI's aarch64 torch is a CUDA 13.0 build from torch 2.11.0 (read from its metadata): no index needed
+    text = planner.render_variant(rep, compat.load())
+    assert Version(rec["torch"]) >= Version("2.11.0") and "\nindex_url" not in text
+    cuda, fact = feasibility.pypi_torch_cuda(compat.load(), compat.load().torch(rec["torch"]), "aarch64")
+    assert cuda == "13.0" and fact.source == "index-metadata"
     # lines with x86_64-only vLLM wheels or no aarch64 CUDA torch do not run there
     assert {o["cuda"] for o in rep["options"] if o["tier"] == "cannot"} >= {"11.8", "12.4"}
     assert _profile(name)["gpu"][0]["compute_capability"] == cc
@@ -204,7 +209,8 @@ def test_pypi_torch_cuda_per_platform():
     tf = data.torch("2.10.0")
     assert feasibility.pypi_torch_cuda(data, tf, "x86_64")[0] == "12.8"
     cuda, fact = feasibility.pypi_torch_cuda(data, tf, "aarch64")
-    assert cuda is None and fact.inferred and fact.source == "pt-aarch64-pypi"
+    assert cuda is None and not fact.inferred and fact.source == "index-metadata"   # read per platform
+    assert feasibility.pypi_torch_cuda(data, data.torch("2.11.0"), "aarch64")[0] == "13.0"
     assert feasibility.index_has_torch(data, tf, "12.8", "aarch64")
     assert not feasibility.index_has_torch(data, tf, "12.6", "aarch64")
     assert not feasibility.index_has_torch(data, data.torch("2.6.0"), "12.4", "aarch64")

@@ -7,7 +7,7 @@ from vllm_harness.commands.common import print_json
 from vllm_harness.core.errors import UsageError
 from vllm_harness.facts.toolkit import clean_env
 from vllm_harness.steps.context import source_dir
-from vllm_harness.steps.probe import _show, fail, run_probe
+from vllm_harness.steps.probe import fail, run_probe, show_probe
 
 
 def task_probe(ctx, a, layout) -> int:
@@ -43,7 +43,7 @@ def task_probe(ctx, a, layout) -> int:
             f"{res['source_pins_torch']}; {res['seconds']}s; C++{res['cxx_standard']})"
         )
         if res["status"] != "pass":
-            _show(res)
+            show_probe(res)
             err = fail(res)
             print(f"  fix: {err.fix}")
     return 0 if res["status"] == "pass" else 1

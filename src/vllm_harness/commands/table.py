@@ -84,8 +84,8 @@ JOBS = Arg(
     "--jobs", "MAX_JOBS (default: from RAM, the measured per-job peak and cores)", type=int, short="-j"
 )
 ARCH = Arg("--arch", "TORCH_CUDA_ARCH_LIST, e.g. '7.5;8.9' (default: this machine's GPUs)")
-NVCC_THREADS = Arg("--nvcc-threads", "NVCC_THREADS (default: [build] nvcc_threads, else chosen with the jobs)",
-                   type=int)
+NVCC_THREADS = Arg("--nvcc-threads", "NVCC_THREADS (default: [build] nvcc_threads, else chosen with the "
+                   "jobs)", type=int)
 # what the build will use, which doctor judges with the build's own functions (core/options.RunOptions)
 BUILD_OPTIONS = (JOBS, NVCC_THREADS, ARCH, *CACHE_FARM)
 STEPS = "vllm_harness.commands.steps:cmd_step"

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 NCCL_SIZES = [8 * KIB * 4 ** k for k in range(8)] + [512 * MIB, GIB]        # 8 KB, 32 KB ... 512 MB, 1 GB
@@ -433,25 +434,33 @@ class CudaRT:
         self._ok(self.lib.cudaFree(ctypes.c_void_p(ptr)), "cudaFree")
 
 
-class CustomAR:
-    """vLLM's CustomAllreduce set-up and teardown for one generation of its ops, on one rank."""
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in the run: torch and torch.distributed, its ``rank`` of ``world``, its
+    ``device`` (``cuda``: a GPU), and ``gloo``: the CPU group the ranks agree on (vLLM's CustomAllreduce
+    exchanges its handles there, never on NCCL)."""
 
-    def __init__(
-        self,
-        torch,
-        dist,
-        gen,
-        group,
-        rank,
-        world,
-        device,
-        max_size,
-        fully_connected,
-        namespace="_C_custom_ar",
-    ):
-        self.torch, self.dist, self.gen, self.group = torch, dist, gen["name"], group
+    torch: object
+    dist: object
+    rank: int
+    world: int
+    device: object
+    cuda: bool
+    gloo: object
+
+    def all_ok(self, ok):
+        return _all_ok(self.torch, self.dist, self.gloo, ok)
+
+
+class CustomAR:
+    """vLLM's CustomAllreduce set-up and teardown for one generation of its ops, on one rank (its group:
+    ``g.gloo``)."""
+
+    def __init__(self, g, gen, max_size, fully_connected, namespace="_C_custom_ar"):
+        torch = g.torch
+        self.torch, self.dist, self.gen, self.group = torch, g.dist, gen["name"], g.gloo
         self.ops = getattr(torch.ops, namespace)
-        self.rank, self.world, self.device, self.max_size = rank, world, device, max_size
+        self.rank, self.world, self.device, self.max_size = g.rank, g.world, g.device, max_size
         self.fully_connected = fully_connected
         self.fa = 0
         self.own, self.peers = [], []
@@ -605,9 +614,10 @@ def _all_ok(torch, dist, group, ok):
     return bool(t.item())
 
 
-def _timed(torch, dist, group, cuda, fn, iters, warmup=3):
+def _timed(g, fn, iters, warmup=3):
     """Microseconds per call: CUDA events around ``iters`` back-to-back calls (wall clock on CPU), the
-    slowest rank's figure."""
+    slowest rank's figure (agreed on ``g.gloo``)."""
+    torch, dist, group, cuda = g.torch, g.dist, g.gloo, g.cuda
     for _ in range(warmup):
         fn()
     if cuda:
@@ -639,8 +649,9 @@ def _iters_for(nbytes, cap=200):
     return max(10, min(cap, int(4 * GIB / max(nbytes, 1))))
 
 
-def sweep(torch, dist, rank, world, device, cuda, sizes, gloo):
+def sweep(g, sizes):
     """all_reduce over the default group: the sum checked at each size, latency and bus bandwidth."""
+    torch, dist, rank, world, device, cuda = g.torch, g.dist, g.rank, g.world, g.device, g.cuda
     out = []
     for nbytes in sizes:
         n = max(1, nbytes // 4)
@@ -649,7 +660,7 @@ def sweep(torch, dist, rank, world, device, cuda, sizes, gloo):
         ok = bool(torch.all(x == world * (world + 1) / 2).item())
         del x
         scratch = torch.zeros(n, device=device, dtype=torch.float32)
-        us = _timed(torch, dist, gloo, cuda, lambda s=scratch: dist.all_reduce(s), _iters_for(n * 4))
+        us = _timed(g, lambda s=scratch: dist.all_reduce(s), _iters_for(n * 4))
         del scratch
         algbw = n * 4 / (us * 1e-6) / 1e9
         out.append(
@@ -671,11 +682,12 @@ GRAPH_CALLS = 20  # all-reduces captured in one CUDA graph
 GRAPH_REPLAYS = 20
 
 
-def _graph_pair(torch, dist, gloo, ar, inp, out, scratch):
+def _graph_pair(g, ar, inp, out, scratch):
     """CUDA graphs of GRAPH_CALLS custom all-reduces (registered input, as vLLM's decode graphs run them) and
     of
     as many NCCL all-reduces; (custom graph, NCCL graph) or the reason they could not be captured on a
     rank."""
+    torch, dist = g.torch, g.dist
     graphs, err = None, None
     try:
         side = torch.cuda.Stream()
@@ -695,36 +707,26 @@ def _graph_pair(torch, dist, gloo, ar, inp, out, scratch):
         graphs = (gc, gn)
     except Exception as e:  # reported in the row; no graph is replayed unless every rank has them
         err = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-    if not _all_ok(torch, dist, gloo, graphs is not None):
+    if not g.all_ok(graphs is not None):
         return None, err or "capture failed on another rank"
     ar.register_graph_buffers()
     return graphs, None
 
 
-def custom_run(torch, dist, rank, world, device, gloo, cfg):  # one sequence, as vLLM runs it
+def custom_run(g, cfg):  # one sequence, as vLLM runs it
     """vLLM's custom all-reduce against NCCL on the same fp16/bf16 inputs, size by size: eager (the input
     copied into the registered buffer, one Python call each) and in CUDA graphs (registered inputs, launch
     cost out of the figure)."""
+    torch, dist, rank, world, device = g.torch, g.dist, g.rank, g.world, g.device
     table = cfg["table"]
     res = {"libs": load_libs(torch, cfg["libs"])}
     schemas = registered_schemas(torch, table["namespace"])
     gen = discover(schemas, table)
-    found = _all_ok(torch, dist, gloo, gen is not None)
+    found = g.all_ok(gen is not None)
     if not found:
         res["skip"] = "the custom all-reduce ops are not registered in every rank"
         return res
-    ar = CustomAR(
-        torch,
-        dist,
-        gen,
-        gloo,
-        rank,
-        world,
-        device,
-        table["max_size"],
-        cfg["fully_connected"],
-        table["namespace"],
-    )
+    ar = CustomAR(g, gen, table["max_size"], cfg["fully_connected"], table["namespace"])
     rows, errors = [], []
     graph_error = None
     try:
@@ -734,7 +736,7 @@ def custom_run(torch, dist, rank, world, device, gloo, cfg):  # one sequence, as
         except Exception as e:  # every rank learns of it before any kernel
             errors.append(f"set-up on rank {rank}: {type(e).__name__}: {e}"[:400])
             ok = False
-        if not _all_ok(torch, dist, gloo, ok):
+        if not g.all_ok(ok):
             res["error"] = errors[0] if errors else "set-up failed on another rank"
             return res
         cuda = device.type == "cuda"
@@ -765,35 +767,32 @@ def custom_run(torch, dist, rank, world, device, gloo, cfg):  # one sequence, as
                     "tolerance": tol,
                 }
                 # every rank's verdict: a wrong result on any rank fails the row
-                row["ok"] = _all_ok(torch, dist, gloo, row["ok"])
+                row["ok"] = g.all_ok(row["ok"])
                 iters = _iters_for(nbytes, cap=500)
                 row["custom_us"] = round(
-                    _timed(torch, dist, gloo, cuda, lambda i=inp, o=out: ar.all_reduce(i, o), iters), 2
+                    _timed(g, lambda i=inp, o=out: ar.all_reduce(i, o), iters), 2
                 )
                 scratch = torch.zeros_like(inp)
                 row["nccl_us"] = round(
-                    _timed(torch, dist, gloo, cuda, lambda s=scratch: dist.all_reduce(s), iters), 2
+                    _timed(g, lambda s=scratch: dist.all_reduce(s), iters), 2
                 )
                 row["speedup"] = round(row["nccl_us"] / row["custom_us"], 3) if row["custom_us"] else None
                 if cuda and cfg.get("graphs", True) and graph_error is None:
-                    graphs, graph_error = _graph_pair(torch, dist, gloo, ar, inp, out, scratch)
+                    graphs, graph_error = _graph_pair(g, ar, inp, out, scratch)
                     if graphs:
                         gc, gn = graphs
                         calls = GRAPH_CALLS * GRAPH_REPLAYS
                         row["graph_custom_us"] = round(
-                            _timed(torch, dist, gloo, True, gc.replay, GRAPH_REPLAYS, warmup=2) / GRAPH_CALLS,
+                            _timed(g, gc.replay, GRAPH_REPLAYS, warmup=2) / GRAPH_CALLS,
                             2,
                         )
                         # the graph's output, replayed: still NCCL's sum of the same input
-                        row["graph_ok"] = _all_ok(
-                            torch,
-                            dist,
-                            gloo,
+                        row["graph_ok"] = g.all_ok(
                             bool(torch.equal(out, ref))
                             or float((out.float() - ref.float()).abs().max().item()) <= tol,
                         )
                         row["graph_nccl_us"] = round(
-                            _timed(torch, dist, gloo, True, gn.replay, GRAPH_REPLAYS, warmup=2) / GRAPH_CALLS,
+                            _timed(g, gn.replay, GRAPH_REPLAYS, warmup=2) / GRAPH_CALLS,
                             2,
                         )
                         row["graph_speedup"] = (
@@ -832,14 +831,15 @@ def _worker(rank, world, cfg, queue):
             dist.init_process_group("gloo", rank=rank, world_size=world)
         # vLLM's CustomAllreduce exchanges its handles on a CPU (gloo) group, never NCCL
         gloo = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
+        g = Rank(torch, dist, rank, world, device, cuda, gloo)
         try:
             if "sweep" in cfg["tasks"]:
                 t0 = time.perf_counter()
-                out["sweep"] = sweep(torch, dist, rank, world, device, cuda, cfg["sizes"], gloo)
+                out["sweep"] = sweep(g, cfg["sizes"])
                 out["sweep_seconds"] = round(time.perf_counter() - t0, 3)
             if "custom" in cfg["tasks"]:
                 t0 = time.perf_counter()
-                out["custom"] = custom_run(torch, dist, rank, world, device, gloo, cfg["custom"])
+                out["custom"] = custom_run(g, cfg["custom"])
                 out["custom_seconds"] = round(time.perf_counter() - t0, 3)
         finally:
             dist.destroy_process_group()
@@ -1019,6 +1019,41 @@ def custom_check(results, gen, lib_status, table, backend="nccl"):
     }
 
 
+def _no_custom_ops(table, gen, schemas, lib_status, world):
+    """Why vLLM's custom all-reduce cannot be run (no op table, no known generation of its ops, a world size
+    vLLM does not run it on), or None."""
+    if not table:
+        return "no op table: pass --custom-ar-table (tomllib/tomli not importable here)"
+    if gen is None:
+        if schemas:
+            return f"{table['namespace']} has ops {sorted(schemas)} matching no known generation"
+        loaded = [p for p, e in lib_status.items() if e is None]
+        failed = [f"{os.path.basename(p)}: {e}" for p, e in lib_status.items() if e]
+        return (
+            f"op not registered: none of the {len(loaded)} loaded libraries registers "
+            f"{table['namespace']}::init_custom_ar in a known generation"
+            if loaded
+            else f"vLLM's library did not load ({'; '.join(failed)[:300]})"
+            if failed
+            else "no vLLM extension loaded: pass --libs (vllm/_C.abi3.so) or install vllm"
+        )
+    if world < 2:
+        return f"{gen['name']} ops found; {world} GPU: needs 2 or more"
+    if world not in table["world_sizes"]:
+        return f"world size {world}: vLLM runs its custom all-reduce only on {table['world_sizes']} GPUs"
+    return None
+
+
+def _custom_off_by_links(checks, world, fully):
+    """Why vLLM would leave its custom all-reduce off on these GPUs' links (NCCL is used), or None."""
+    p2p = next((c for c in checks if c["name"] == "p2p"), {})
+    if not all(p["access"] for p in p2p.get("metrics", {}).get("pairs", {}).values()):
+        return "no P2P between some GPUs: vLLM leaves its custom all-reduce off (NCCL is used)"
+    if world > 2 and not fully:
+        return "more than two GPUs not all on NVLink: vLLM leaves its custom all-reduce off"
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", choices=["nccl", "gloo"], default="nccl")
@@ -1078,35 +1113,10 @@ def main():
         NCCL_SIZES if a.backend == "nccl" else GLOO_SIZES
     )
     custom_sizes = [parse_size(s) for s in a.custom_sizes.split(",") if s] or CUSTOM_SIZES
-    custom_reason = None
-    if not table:
-        custom_reason = "no op table: pass --custom-ar-table (tomllib/tomli not importable here)"
-    elif gen is None:
-        loaded = [p for p, e in lib_status.items() if e is None]
-        failed = [f"{os.path.basename(p)}: {e}" for p, e in lib_status.items() if e]
-        custom_reason = (
-            f"op not registered: none of the {len(loaded)} loaded libraries registers "
-            f"{table['namespace']}::init_custom_ar in a known generation"
-            if loaded
-            else f"vLLM's library did not load ({'; '.join(failed)[:300]})"
-            if failed
-            else "no vLLM extension loaded: pass --libs (vllm/_C.abi3.so) or install vllm"
-        )
-        if schemas:
-            custom_reason = f"{table['namespace']} has ops {sorted(schemas)} matching no known generation"
-    elif world < 2:
-        custom_reason = f"{gen['name']} ops found; {world} GPU: needs 2 or more"
-    elif world not in table["world_sizes"]:
-        custom_reason = (
-            f"world size {world}: vLLM runs its custom all-reduce only on {table['world_sizes']} GPUs"
-        )
+    custom_reason = _no_custom_ops(table, gen, schemas, lib_status, world)
     fully = bool(topo) and all(_link_kind(v) == "nvlink" for v in topo.values())
     if custom_reason is None and a.backend == "nccl":
-        p2p = next((c for c in checks if c["name"] == "p2p"), {})
-        if not all(p["access"] for p in p2p.get("metrics", {}).get("pairs", {}).values()):
-            custom_reason = "no P2P between some GPUs: vLLM leaves its custom all-reduce off (NCCL is used)"
-        elif world > 2 and not fully:
-            custom_reason = "more than two GPUs not all on NVLink: vLLM leaves its custom all-reduce off"
+        custom_reason = _custom_off_by_links(checks, world, fully)
     tasks = ["sweep"] if world >= 2 else []
     if custom_reason is None:
         tasks.append("custom")

@@ -275,105 +275,110 @@ def _nvml():
 # ------------------------------------------------------------------------------------------ imports
 
 
-def layer_imports(rep, a, torch, cuda_ok):
-    direct_libs = [p for p in a.libs.split(",") if p]
-    ext_files = dict(x.split("=", 1) for x in a.ext_files.split(",") if "=" in x)
-    state = {"no_driver": [], "loaded": {}, "vllm_stack": True}
-    for mod in [m for m in a.imports.split(",") if m]:
+class Imports:
+    """The imports layer: the modules, the extension modules (imported, else loaded directly) and the
+    --libs files; ``state`` says what loaded and what needs a driver absent here."""
 
-        def imp(mod=mod):
-            try:
-                m = importlib.import_module(mod)
-            except Exception as e:
-                text = f"{type(e).__name__}: {e}".splitlines()[0][:400]
-                if mod == "vllm":
-                    state["vllm_stack"] = False
-                if mod == "vllm" and direct_libs:
-                    return (
-                        "skip",
-                        f"{text}: vLLM's Python stack is not installed here; its extension libraries "
-                        f"are loaded directly below (--libs)",
-                        {},
-                    )
-                if "libcuda.so" in text and not cuda_ok:
-                    return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here", {}, "no-driver"
-                return "fail", text, {}, classify(text) or ("xformers-missing" if mod == "xformers" else None)
-            info = {"version": str(getattr(m, "__version__", "")), "file": getattr(m, "__file__", "")}
-            if mod == "xformers":
-                # xformers imports even when its C++/CUDA library does not load (built for another torch):
-                # it only logs a warning, and every attention call then fails
-                broken = xformers_load_error(m)
-                if broken:
-                    return "fail", broken, info, "xformers-torch-mismatch"
-            return "pass", info["version"], info
+    def __init__(self, a, torch, cuda_ok):
+        self.torch, self.cuda_ok = torch, cuda_ok
+        self.direct_libs = [p for p in a.libs.split(",") if p]
+        self.ext_files = dict(x.split("=", 1) for x in a.ext_files.split(",") if "=" in x)
+        self.state = {"no_driver": [], "loaded": {}, "vllm_stack": True}
 
-        rep.check("imports", f"import {mod}", imp)
+    def imp(self, mod):
+        try:
+            m = importlib.import_module(mod)
+        except Exception as e:
+            text = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+            if mod == "vllm":
+                self.state["vllm_stack"] = False
+            if mod == "vllm" and self.direct_libs:
+                return (
+                    "skip",
+                    f"{text}: vLLM's Python stack is not installed here; its extension libraries "
+                    f"are loaded directly below (--libs)",
+                    {},
+                )
+            if "libcuda.so" in text and not self.cuda_ok:
+                return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here", {}, "no-driver"
+            return "fail", text, {}, classify(text) or ("xformers-missing" if mod == "xformers" else None)
+        info = {"version": str(getattr(m, "__version__", "")), "file": getattr(m, "__file__", "")}
+        if mod == "xformers":
+            # xformers imports even when its C++/CUDA library does not load (built for another torch):
+            # it only logs a warning, and every attention call then fails
+            broken = xformers_load_error(m)
+            if broken:
+                return "fail", broken, info, "xformers-torch-mismatch"
+        return "pass", info["version"], info
 
-    def load_library(path, name):
+    def load_library(self, path, name):
         """torch.ops.load_library; None when loaded, else the check's (status, reason, metrics, id)."""
         try:
-            torch.ops.load_library(path)
+            self.torch.ops.load_library(path)
         except Exception as e:  # reported as the check's result
             text = _why(e)
-            if "libcuda.so" in text and not cuda_ok:
-                state["no_driver"].append(name)
+            if "libcuda.so" in text and not self.cuda_ok:
+                self.state["no_driver"].append(name)
                 return "skip", "needs the NVIDIA driver (libcuda.so.1), absent here", {}, "no-driver"
             return "fail", text, {"file": path}, classify(text)
         return None
 
-    exts = [m for m in a.extensions.split(",") if m]
-    for ext in exts + [e for e in ext_files if e not in exts]:
-
-        def load(ext=ext):
-            before = _op_names(torch)
-            how = "import"
-            try:
-                if not state["vllm_stack"] and ext.startswith("vllm.") and ext in ext_files:
-                    raise ImportError("vllm does not import")
-                m = importlib.import_module(ext)
-                f = getattr(m, "__file__", "")
-            except Exception as err:
-                if ext not in ext_files:
-                    text = f"{type(err).__name__}: {err}".splitlines()[0][:400]
-                    if "libcuda.so" in text and not cuda_ok:
-                        state["no_driver"].append(ext)
-                        return (
-                            "skip",
-                            "needs the NVIDIA driver (libcuda.so.1), absent here: load it on a GPU machine",
-                            {},
-                            "no-driver",
-                        )
-                    raise
-                f, how = ext_files[ext], "torch.ops.load_library (vllm's Python package not importable)"
-                refused = load_library(f, ext)
-                if refused:
-                    return refused
-            added = sorted(_op_names(torch) - before)
-            state["loaded"][ext] = f
-            return (
-                "pass",
-                f"{how}: {len(added)} ops registered",
-                {"file": f, "how": how, "ops_added": len(added), "namespaces": _namespaces(added)},
-            )
-
-        rep.check("imports", f"load {ext}", load)
-    for path in direct_libs:
-
-        def direct(path=path):
-            before = _op_names(torch)
-            refused = load_library(path, path)
+    def load(self, ext):
+        before = _op_names(self.torch)
+        how = "import"
+        try:
+            if not self.state["vllm_stack"] and ext.startswith("vllm.") and ext in self.ext_files:
+                raise ImportError("vllm does not import")
+            m = importlib.import_module(ext)
+            f = getattr(m, "__file__", "")
+        except Exception as err:
+            if ext not in self.ext_files:
+                text = f"{type(err).__name__}: {err}".splitlines()[0][:400]
+                if "libcuda.so" in text and not self.cuda_ok:
+                    self.state["no_driver"].append(ext)
+                    return (
+                        "skip",
+                        "needs the NVIDIA driver (libcuda.so.1), absent here: load it on a GPU machine",
+                        {},
+                        "no-driver",
+                    )
+                raise
+            f, how = self.ext_files[ext], "torch.ops.load_library (vllm's Python package not importable)"
+            refused = self.load_library(f, ext)
             if refused:
                 return refused
-            added = sorted(_op_names(torch) - before)
-            state["loaded"][path] = path
-            return (
-                "pass",
-                f"torch.ops.load_library: {len(added)} ops registered",
-                {"file": path, "ops_added": len(added), "namespaces": _namespaces(added)},
-            )
+        added = sorted(_op_names(self.torch) - before)
+        self.state["loaded"][ext] = f
+        return (
+            "pass",
+            f"{how}: {len(added)} ops registered",
+            {"file": f, "how": how, "ops_added": len(added), "namespaces": _namespaces(added)},
+        )
 
-        rep.check("imports", f"load {os.path.basename(path)}", direct)
-    return state
+    def direct(self, path):
+        before = _op_names(self.torch)
+        refused = self.load_library(path, path)
+        if refused:
+            return refused
+        added = sorted(_op_names(self.torch) - before)
+        self.state["loaded"][path] = path
+        return (
+            "pass",
+            f"torch.ops.load_library: {len(added)} ops registered",
+            {"file": path, "ops_added": len(added), "namespaces": _namespaces(added)},
+        )
+
+
+def layer_imports(rep, a, torch, cuda_ok):
+    im = Imports(a, torch, cuda_ok)
+    for mod in [m for m in a.imports.split(",") if m]:
+        rep.check("imports", f"import {mod}", lambda mod=mod: im.imp(mod))
+    exts = [m for m in a.extensions.split(",") if m]
+    for ext in exts + [e for e in im.ext_files if e not in exts]:
+        rep.check("imports", f"load {ext}", lambda ext=ext: im.load(ext))
+    for path in im.direct_libs:
+        rep.check("imports", f"load {os.path.basename(path)}", lambda path=path: im.direct(path))
+    return im.state
 
 
 def _why(e):
@@ -581,7 +586,8 @@ def cases_reshape_and_cache(c):
         kc, vc = c.zeros(nb, nkv, hs // x, bs, x), c.zeros(nb, nkv, hs, bs)
         one = torch.ones(1, device=c.device, dtype=torch.float32)
 
-        def cmp(kc=kc, vc=vc, key=key, value=value, slots=slots, nb=nb, bs=bs, nkv=nkv, hs=hs):
+        def cmp(bound=(kc, vc, key, value, slots, nb, bs, nkv, hs)):
+            kc, vc, key, value, slots, nb, bs, nkv, hs = bound
             gk = kc.permute(0, 3, 1, 2, 4).reshape(nb * bs, nkv, hs)
             gv = vc.permute(0, 3, 1, 2).reshape(nb * bs, nkv, hs)
             return [
@@ -646,7 +652,8 @@ def cases_topk_softmax(c):
         tei = torch.empty(M, k, device=c.device, dtype=torch.int32)
         probs = torch.softmax(gating.float(), dim=-1)
 
-        def cmp(w=w, idx=idx, probs=probs, k=k, renorm=renorm, E=E, used=None):
+        def cmp(bound=(w, idx, probs, k, renorm, E), used=None):
+            w, idx, probs, k, renorm, E = bound
             ref_w = probs.topk(k, dim=-1).values
             if renorm and (used is None or used.get("renormalize")):
                 ref_w = ref_w / ref_w.sum(-1, keepdim=True)
@@ -797,8 +804,8 @@ def sync(torch, device):
         torch.cuda.synchronize()
 
 
-def layer_kernels(rep, a, torch, device, run_kernels, state, out):
-    required = [o for o in a.ops.split(",") if o]
+def _registered_ops(torch, required):
+    """(the ops of the vLLM namespaces registered, {op: its qualified name} for the ops checkable here)."""
     names = _op_names(torch)
     registered = {}
     for op, (nss, _cases, _fp8) in OPS.items():
@@ -811,185 +818,225 @@ def layer_kernels(rep, a, torch, device, run_kernels, state, out):
             for ns in OP_NAMESPACES:
                 if f"{ns}::{op}" in names:
                     registered[op] = f"{ns}::{op}"
-    ours = sorted(n for n in names if n.split("::")[0] in OP_NAMESPACES)
+    return sorted(n for n in names if n.split("::")[0] in OP_NAMESPACES), registered
+
+
+def _discovered(ours, registered, state):
+    if not ours and state["no_driver"]:
+        return (
+            "skip",
+            f"{', '.join(state['no_driver'])} not loadable without a driver: no ops to list",
+            {},
+        )
+    status = "pass" if ours else "fail"
+    return (
+        status,
+        f"{len(ours)} ops in {', '.join(f'{k} ({v})' for k, v in _namespaces(ours).items()) or 'none'}"
+        f"; checkable here: {', '.join(sorted(registered)) or 'none'}",
+        {
+            "registered": len(ours),
+            "namespaces": _namespaces(ours),
+            "checkable": sorted(registered),
+            "not_in_this_build": sorted(set(OPS) - set(registered)),
+        },
+    )
+
+
+def _unregistered(op, state):
+    """The check of a required op that is not registered."""
+    why = (
+        f"{', '.join(state['no_driver'])} not loadable without a driver"
+        if state["no_driver"]
+        else f"torch.ops.{'/'.join(OPS.get(op, (OP_NAMESPACES,))[0])}.{op} is not registered"
+    )
+    return lambda: ("skip" if state["no_driver"] else "fail", why, {})
+
+
+class Kernels:
+    """The kernels layer's state: where ops run, the GPU's compute capability and each op's first call."""
+
+    def __init__(self, rep, a, torch, device, run_kernels, out):
+        self.rep, self.a, self.torch, self.device = rep, a, torch, device
+        self.run_kernels, self.out = run_kernels, out
+        self.cc = torch.cuda.get_device_capability() if (device == "cuda" and run_kernels) else None
+        self.first_calls = {}
+
+    def skip(self, dt, needs_fp8):
+        """Why this dtype's kernel is not run here (a check's result), or None: it runs."""
+        torch, device, cc = self.torch, self.device, self.cc
+        if self.rep.broken and device == "cuda":
+            return "skip", f"the CUDA context is broken by an earlier failure ({self.rep.broken})", {}
+        if not self.run_kernels:
+            return "skip", "no GPU: kernel not run", {}
+        if needs_fp8 and (device != "cuda" or cc < (8, 9)):
+            why = (
+                "fp8 kernels run on a GPU"
+                if device != "cuda"
+                else f"fp8 needs compute capability >= 8.9 (this GPU: {cc[0]}.{cc[1]})"
+            )
+            return "skip", why, {}
+        if needs_fp8 and not hasattr(torch, "float8_e4m3fn"):
+            return "skip", "this torch has no float8_e4m3fn", {}
+        if device == "cuda" and dt == "bfloat16" and cc[0] < 8:
+            return "skip", "bf16 needs compute capability >= 8.0", {}, "bf16-unsupported"
+        return None
+
+    def check_op(self, op, qual):
+        _nss, gen, needs_fp8 = OPS[op]
+        schema = op_schema(self.torch, qual)
+        for dt in DTYPES:
+            name = f"{op} {dt} ({self.device})"
+            skipped = self.skip(dt, needs_fp8)
+            if skipped is not None:
+                self.rep.check("kernels", name, lambda skipped=skipped: skipped)
+                continue
+            run = OpRun(self, op, qual, dt, schema, first=op not in self.first_calls)
+            self.rep.check("kernels", name, lambda run=run, gen=gen: run.run(gen))
+
+
+_REFUSED = object()  # a case the kernel refused (a strided layout): the next one is tried
+
+
+class OpRun:
+    """One op in one dtype against its reference, case by case."""
+
+    def __init__(self, k, op, qual, dt, schema, first):
+        self.k, self.op, self.qual, self.dt, self.schema, self.first = k, op, qual, dt, schema, first
+        self.worst, self.ratio, self.ncase = 0.0, 0.0, 0
+        self.refused, self.notes, self.nones, self.strided_wrong = [], [], set(), []
+
+    def run(self, gen):
+        torch = self.k.torch
+        c = Ctx(torch, self.k.device, self.dt)
+        fn = getattr(getattr(torch.ops, self.qual.split("::")[0]), self.op)
+        for desc, provided, cmp, strided in gen(c):
+            res = self.case(fn, desc, provided, cmp, strided)
+            if res is not None:
+                return res
+        return self.result()
+
+    def case(self, fn, desc, provided, cmp, strided):
+        """One case: None when it passed (or its strided layout was refused), else the check's result."""
+        schema, dt = self.schema, self.dt
+        kwargs, unknown, none = fit_schema(schema, provided)
+        if unknown:
+            return (
+                "skip",
+                f"schema {schema} has arguments the checker does not know: {', '.join(unknown)}",
+                {"schema": str(schema)},
+            )
+        self.nones.update(none)
+        called = self.call(fn, kwargs, desc, strided)
+        if called is _REFUSED:
+            return None
+        if called is not None:
+            return called
+        try:
+            pairs = cmp(used=kwargs) if "used" in cmp.__code__.co_varnames else cmp()
+            results = [(compare(self.k.torch, got, ref, kind, dt), kind) for got, ref, kind in pairs]
+        except AssertionError as e:
+            if strided:
+                self.strided_wrong.append(f"{desc}: {e}")
+                return None
+            return "fail", f"{desc}: {e}", {}
+        bad = [(res, kind) for res, kind in results if not res[0]]
+        if bad and strided:
+            # a layout vLLM does not pass to this op: the kernel assumes contiguous rows (a note)
+            self.strided_wrong.append(f"{desc}: max abs err {bad[0][0][1]:.3g}")
+            return None
+        if bad:
+            (_ok, err, r, detail), kind = bad[0]
+            return (
+                "fail",
+                f"{desc}: max abs error {err:.3g} over tolerance ({kind}) {detail}",
+                {"max_abs_err": err, "tol_ratio": r, "schema": str(schema)},
+            )
+        self.ncase += 1
+        for (_ok, err, r, detail), _kind in results:
+            self.worst, self.ratio = max(self.worst, err), max(self.ratio, r)
+            if detail and not detail.startswith("0 of"):
+                self.notes.append(f"{desc}: {detail}")
+        return None
+
+    def call(self, fn, kwargs, desc, strided):
+        """The kernel called: None when it ran, _REFUSED, or a check's result (it cannot run here)."""
+        k = self.k
+        torch, device = k.torch, k.device
+        sync(torch, device)
+        t0 = time.perf_counter()
+        try:
+            fn(**kwargs)
+            sync(torch, device)
+        except Exception as e:
+            text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            if NO_KERNEL.search(str(e)):
+                pred = " (predicted by the binary layer)" if k.a.predicted_no_kernel else ""
+                return "fail", f"{desc}: {text}{pred}", {}, "no-kernel-image"
+            if STICKY.search(str(e)):
+                k.rep.broken = text
+                raise
+            if strided and BAD_LAYOUT.search(str(e)):
+                self.refused.append(desc)
+                return _REFUSED
+            if BAD_DTYPE.search(str(e)) and not self.ncase:
+                return "skip", f"this build's kernel does not take {self.dt}: {text}", {}
+            raise
+        if self.first and self.ncase == 0 and device == "cuda":
+            k.first_calls[self.op] = round((time.perf_counter() - t0) * 1000, 2)
+        return None
+
+    def result(self):
+        op, dt, ncase, refused, strided_wrong = self.op, self.dt, self.ncase, self.refused, self.strided_wrong
+        m = {
+            "max_abs_err": self.worst,
+            "tol_ratio": round(self.ratio, 4),
+            "cases": ncase,
+            "schema": str(self.schema),
+        }
+        if dt in TOL:
+            m["rtol"], m["atol"] = TOL[dt]
+        for key, value in (("refused_strided", refused), ("optional_args_none", sorted(self.nones)),
+                           ("notes", self.notes[:6]), ("strided_unsupported", strided_wrong)):
+            if value:
+                m[key] = value
+        if op in self.k.first_calls and self.first:
+            m["first_call_ms"] = self.k.first_calls[op]
+        if not ncase:
+            return "skip", f"every case refused: {refused or strided_wrong}", m
+        checked = self.k.out["ops"]["checked"]
+        if op not in checked:
+            checked.append(op)
+        extra = f"; strided input refused ({len(refused)})" if refused else ""
+        if strided_wrong:
+            extra += ("; strided input not supported (the kernel assumes contiguous rows, as vLLM "
+                      "passes them)")
+        return "pass", f"max abs err {self.worst:.2e} over {ncase} cases{extra}", m
+
+
+def layer_kernels(k, state):
+    """Every checkable op against its reference (``k``: where and how they run); each op's first call."""
+    rep, a, torch, out = k.rep, k.a, k.torch, k.out
+    required = [o for o in a.ops.split(",") if o]
+    ours, registered = _registered_ops(torch, required)
     out["ops"] = {
         "registered": len(ours),
         "namespaces": _namespaces(ours),
         "known": sorted(registered),
         "checked": [],
     }
-
-    def discovered():
-        if not ours and state["no_driver"]:
-            return (
-                "skip",
-                f"{', '.join(state['no_driver'])} not loadable without a driver: no ops to list",
-                {},
-            )
-        status = "pass" if ours else "fail"
-        return (
-            status,
-            f"{len(ours)} ops in {', '.join(f'{k} ({v})' for k, v in _namespaces(ours).items()) or 'none'}"
-            f"; checkable here: {', '.join(sorted(registered)) or 'none'}",
-            {
-                "registered": len(ours),
-                "namespaces": _namespaces(ours),
-                "checkable": sorted(registered),
-                "not_in_this_build": sorted(set(OPS) - set(registered)),
-            },
-        )
-
-    rep.check("kernels", "ops discovered", discovered)
-
-    cc = torch.cuda.get_device_capability() if (device == "cuda" and run_kernels) else None
-    first_calls = {}
+    rep.check("kernels", "ops discovered", lambda: _discovered(ours, registered, state))
     for op in list(OPS) + [o for o in required if o not in OPS]:
         if op not in registered:
             if op in required:
-                why = (
-                    f"{', '.join(state['no_driver'])} not loadable without a driver"
-                    if state["no_driver"]
-                    else f"torch.ops.{'/'.join(OPS.get(op, (OP_NAMESPACES,))[0])}.{op} is not registered"
-                )
-                rep.check(
-                    "kernels", f"{op}", lambda why=why: ("skip" if state["no_driver"] else "fail", why, {})
-                )
+                rep.check("kernels", f"{op}", _unregistered(op, state))
             continue
         if op not in OPS:
-            rep.check(
-                "kernels", f"{op}", lambda op=op: ("skip", "no reference for this op in the checker", {})
-            )
+            rep.check("kernels", f"{op}", lambda: ("skip", "no reference for this op in the checker", {}))
             continue
-        qual = registered[op]
-        _nss, gen, needs_fp8 = OPS[op]
-        schema = op_schema(torch, qual)
-        for dt in DTYPES:
-            name = f"{op} {dt} ({device})"
-            if rep.broken and device == "cuda":
-                rep.check(
-                    "kernels",
-                    name,
-                    lambda: ("skip", f"the CUDA context is broken by an earlier failure ({rep.broken})", {}),
-                )
-                continue
-            if not run_kernels:
-                rep.check("kernels", name, lambda: ("skip", "no GPU: kernel not run", {}))
-                continue
-            if needs_fp8 and (device != "cuda" or cc < (8, 9)):
-                why = (
-                    "fp8 kernels run on a GPU"
-                    if device != "cuda"
-                    else f"fp8 needs compute capability >= 8.9 (this GPU: {cc[0]}.{cc[1]})"
-                )
-                rep.check("kernels", name, lambda why=why: ("skip", why, {}))
-                continue
-            if needs_fp8 and not hasattr(torch, "float8_e4m3fn"):
-                rep.check("kernels", name, lambda: ("skip", "this torch has no float8_e4m3fn", {}))
-                continue
-            if device == "cuda" and dt == "bfloat16" and cc[0] < 8:
-                rep.check(
-                    "kernels",
-                    name,
-                    lambda: ("skip", "bf16 needs compute capability >= 8.0", {}, "bf16-unsupported"),
-                )
-                continue
-            first = op not in first_calls
-
-            def kernel(op=op, qual=qual, dt=dt, schema=schema, gen=gen, first=first):
-                c = Ctx(torch, device, dt)
-                fn = getattr(getattr(torch.ops, qual.split("::")[0]), op)
-                worst, ratio, ncase, refused, notes, nones = 0.0, 0.0, 0, [], [], set()
-                strided_wrong = []
-                for desc, provided, cmp, strided in gen(c):
-                    kwargs, unknown, none = fit_schema(schema, provided)
-                    if unknown:
-                        return (
-                            "skip",
-                            (
-                                f"schema {schema} has arguments the checker does not know: "
-                                f"{', '.join(unknown)}"
-                            ),
-                            {"schema": str(schema)},
-                        )
-                    nones.update(none)
-                    sync(torch, device)
-                    t0 = time.perf_counter()
-                    try:
-                        fn(**kwargs)
-                        sync(torch, device)
-                    except Exception as e:
-                        text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-                        if NO_KERNEL.search(str(e)):
-                            pred = " (predicted by the binary layer)" if a.predicted_no_kernel else ""
-                            return "fail", f"{desc}: {text}{pred}", {}, "no-kernel-image"
-                        if STICKY.search(str(e)):
-                            rep.broken = text
-                            raise
-                        if strided and BAD_LAYOUT.search(str(e)):
-                            refused.append(desc)
-                            continue
-                        if BAD_DTYPE.search(str(e)) and not ncase:
-                            return "skip", f"this build's kernel does not take {dt}: {text}", {}
-                        raise
-                    if first and ncase == 0 and device == "cuda":
-                        first_calls[op] = round((time.perf_counter() - t0) * 1000, 2)
-                    try:
-                        pairs = cmp(used=kwargs) if "used" in cmp.__code__.co_varnames else cmp()
-                        results = [(compare(torch, got, ref, kind, dt), kind) for got, ref, kind in pairs]
-                    except AssertionError as e:
-                        if strided:
-                            strided_wrong.append(f"{desc}: {e}")
-                            continue
-                        return "fail", f"{desc}: {e}", {}
-                    bad = [(res, kind) for res, kind in results if not res[0]]
-                    if bad and strided:
-                        # a layout vLLM does not pass to this op: the kernel assumes contiguous rows (a note)
-                        strided_wrong.append(f"{desc}: max abs err {bad[0][0][1]:.3g}")
-                        continue
-                    if bad:
-                        (_ok, err, r, detail), kind = bad[0]
-                        return (
-                            "fail",
-                            f"{desc}: max abs error {err:.3g} over tolerance ({kind}) {detail}",
-                            {"max_abs_err": err, "tol_ratio": r, "schema": str(schema)},
-                        )
-                    ncase += 1
-                    for (_ok, err, r, detail), _kind in results:
-                        worst, ratio = max(worst, err), max(ratio, r)
-                        if detail and not detail.startswith("0 of"):
-                            notes.append(f"{desc}: {detail}")
-                m = {
-                    "max_abs_err": worst,
-                    "tol_ratio": round(ratio, 4),
-                    "cases": ncase,
-                    "schema": str(schema),
-                }
-                if dt in TOL:
-                    m["rtol"], m["atol"] = TOL[dt]
-                if refused:
-                    m["refused_strided"] = refused
-                if nones:
-                    m["optional_args_none"] = sorted(nones)
-                if notes:
-                    m["notes"] = notes[:6]
-                if strided_wrong:
-                    m["strided_unsupported"] = strided_wrong
-                if op in first_calls and first:
-                    m["first_call_ms"] = first_calls[op]
-                if not ncase:
-                    return "skip", f"every case refused: {refused or strided_wrong}", m
-                if op not in out["ops"]["checked"]:
-                    out["ops"]["checked"].append(op)
-                extra = f"; strided input refused ({len(refused)})" if refused else ""
-                if strided_wrong:
-                    extra += ("; strided input not supported (the kernel assumes contiguous rows, as vLLM "
-                              "passes them)")
-                return "pass", f"max abs err {worst:.2e} over {ncase} cases{extra}", m
-
-            rep.check("kernels", name, kernel)
+        k.check_op(op, registered[op])
     if "xformers" in sys.modules or _importable("xformers"):
-        layer_xformers(rep, torch, device, run_kernels, cc)
-    return first_calls
+        layer_xformers(rep, torch, k.device, k.run_kernels, k.cc)
+    return k.first_calls
 
 
 def _importable(mod):
@@ -1082,6 +1129,71 @@ def layer_xformers(rep, torch, device, run_kernels, cc):
 # -------------------------------------------------------------------------------------------- speed
 
 
+def _timed(torch, fn, iters=20):
+    """Seconds per call of ``fn`` on the GPU (3 warm-up calls, then ``iters`` timed by CUDA events)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(iters):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / iters / 1e3
+
+
+def _bandwidth(torch, fn, nb, peak, copy_gbs):
+    """One op's effective bandwidth against the GPU's peak and a torch copy's (``copy_gbs["v"]``)."""
+    sec = _timed(torch, fn)
+    gbs = nb / sec / 1e9
+    m = {
+        "gbs": round(gbs, 1),
+        "us": round(sec * 1e6, 1),
+        "bytes": int(nb),
+        "peak_gbs": peak,
+        "copy_gbs": round(copy_gbs.get("v", 0), 1),
+    }
+    pct = 100 * gbs / peak if peak else None
+    vs_copy = gbs / copy_gbs["v"] if copy_gbs.get("v") else None
+    if pct is not None:
+        m["pct_of_peak"] = round(pct, 1)
+    if vs_copy is not None:
+        m["vs_copy"] = round(vs_copy, 3)
+    text = (
+        f"{gbs:.0f} GB/s"
+        + (f" = {pct:.0f}% of peak" if pct is not None else "")
+        + (f", {vs_copy:.2f}x torch copy" if vs_copy else "")
+    )
+    if vs_copy is not None and vs_copy < 0.1:
+        return "fail", f"ten times slower than a copy: {text}", m
+    if vs_copy is not None and vs_copy < 0.3:
+        m["warning"] = "slow"
+        return "pass", f"warning: slow, {text}", m
+    return "pass", text, m
+
+
+def _first_call(first_calls, ptx_only):
+    if not first_calls:
+        return "skip", "no kernel ran", {}
+    op, ms = max(first_calls.items(), key=lambda kv: kv[1])
+    m = {
+        "first_call_ms": first_calls,
+        "slowest": op,
+        "threshold_ms": FIRST_CALL_MS,
+        "jit_cache_disabled": os.environ.get("CUDA_CACHE_DISABLE") == "1",
+    }
+    if ms > FIRST_CALL_MS:
+        m["warning"] = "slow-first-call"
+        why = (
+            "the binary layer found PTX only for this GPU: JIT compilation"
+            if ptx_only
+            else "JIT compilation (no SASS for this GPU) or a cold module load"
+        )
+        return "pass", f"warning: {op} took {ms:.0f} ms on its first call: {why}", m
+    return "pass", f"slowest first call: {op} {ms:.1f} ms (no JIT)", m
+
+
 def layer_speed(rep, a, torch, out, first_calls):
     g = out["gpus"][0]
     p = torch.cuda.get_device_properties(0)
@@ -1095,25 +1207,12 @@ def layer_speed(rep, a, torch, out, first_calls):
     rows, hidden = (8192, 8192) if free > 8 * 2**30 else (2048, 4096)
     nbytes = rows * hidden * 2
     names = _op_names(torch)
-
-    def timed(fn, iters=20):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(iters):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        return s.elapsed_time(e) / iters / 1e3
-
     x = torch.randn(rows, hidden, device="cuda", dtype=dt)
     y = torch.empty_like(x)
     copy_gbs = {}
 
     def copy():
-        sec = timed(lambda: y.copy_(x))
+        sec = _timed(torch, lambda: y.copy_(x))
         copy_gbs["v"] = 2 * nbytes / sec / 1e9
         m = {
             "gbs": round(copy_gbs["v"], 1),
@@ -1158,57 +1257,10 @@ def layer_speed(rep, a, torch, out, first_calls):
         if f"_C::{op}" not in names or op not in out["ops"]["checked"]:
             continue
 
-        def bench(fn=fn, nb=nb):
-            sec = timed(fn)
-            gbs = nb / sec / 1e9
-            m = {
-                "gbs": round(gbs, 1),
-                "us": round(sec * 1e6, 1),
-                "bytes": int(nb),
-                "peak_gbs": peak,
-                "copy_gbs": round(copy_gbs.get("v", 0), 1),
-            }
-            pct = 100 * gbs / peak if peak else None
-            vs_copy = gbs / copy_gbs["v"] if copy_gbs.get("v") else None
-            if pct is not None:
-                m["pct_of_peak"] = round(pct, 1)
-            if vs_copy is not None:
-                m["vs_copy"] = round(vs_copy, 3)
-            text = (
-                f"{gbs:.0f} GB/s"
-                + (f" = {pct:.0f}% of peak" if pct is not None else "")
-                + (f", {vs_copy:.2f}x torch copy" if vs_copy else "")
-            )
-            if vs_copy is not None and vs_copy < 0.1:
-                return "fail", f"ten times slower than a copy: {text}", m
-            if vs_copy is not None and vs_copy < 0.3:
-                m["warning"] = "slow"
-                return "pass", f"warning: slow, {text}", m
-            return "pass", text, m
+        rep.check("speed", f"bandwidth {op} ({str(dt).replace('torch.', '')}, {rows}x{hidden})",
+                  lambda fn=fn, nb=nb: _bandwidth(torch, fn, nb, peak, copy_gbs))
 
-        rep.check("speed", f"bandwidth {op} ({str(dt).replace('torch.', '')}, {rows}x{hidden})", bench)
-
-    def first():
-        if not first_calls:
-            return "skip", "no kernel ran", {}
-        op, ms = max(first_calls.items(), key=lambda kv: kv[1])
-        m = {
-            "first_call_ms": first_calls,
-            "slowest": op,
-            "threshold_ms": FIRST_CALL_MS,
-            "jit_cache_disabled": os.environ.get("CUDA_CACHE_DISABLE") == "1",
-        }
-        if ms > FIRST_CALL_MS:
-            m["warning"] = "slow-first-call"
-            why = (
-                "the binary layer found PTX only for this GPU: JIT compilation"
-                if a.ptx_only
-                else "JIT compilation (no SASS for this GPU) or a cold module load"
-            )
-            return "pass", f"warning: {op} took {ms:.0f} ms on its first call: {why}", m
-        return "pass", f"slowest first call: {op} {ms:.1f} ms (no JIT)", m
-
-    rep.check("speed", "first-call latency", first)
+    rep.check("speed", "first-call latency", lambda: _first_call(first_calls, a.ptx_only))
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -1259,7 +1311,7 @@ def main():
     state = layer_imports(rep, a, torch, cuda_ok)
     rep.layer_seconds.setdefault("imports", 0.0)
     run_kernels = device == "cpu" or cuda_ok
-    first_calls = layer_kernels(rep, a, torch, device, run_kernels, state, out)
+    first_calls = layer_kernels(Kernels(rep, a, torch, device, run_kernels, out), state)
     if device == "cuda" and cuda_ok and a.speed and not rep.broken:
         layer_speed(rep, a, torch, out, first_calls)
     out["layer_seconds"] = {k: round(v, 3) for k, v in rep.layer_seconds.items()}

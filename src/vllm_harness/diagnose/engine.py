@@ -37,7 +37,7 @@ one streaming pass over binary chunks (never reading it whole):
 * files of :data:`PARALLEL_MIN_BYTES` or more are split at line boundaries and scanned by
   several processes (``diagnose_path(..., workers=1)`` forces one pass).
 
-Findings are ranked root cause first (:func:`_rank`): *specificity* first (a failure that
+Findings are ranked root cause first (:func:`rank_findings`): *specificity* first (a failure that
 ``implies`` another, e.g. ``compiler-oom`` implies ``stale-build-state``, or ``explains`` it, e.g.
 a missing ``torch==2.6.0+cu118`` wheel is what pip's resolver conflict means, comes before it),
 then *evidence strength* (``weak_patterns``: generic wording that other causes print too), then
@@ -58,20 +58,20 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from vllm_harness.diagnose.normalize import (
-    _FIRST_ERROR_ANCHORS,
-    _FIRST_ERROR_RE,
+    FIRST_ERROR_ANCHORS,
+    FIRST_ERROR_RE,
     JOIN_REACH,
     MAX_LINE_CHARS,
-    _clean_segments,
-    _evidence,
-    _first_match,
-    _wrapped_messages,
+    clean_segments,
+    evidence_of,
+    first_match,
+    wrapped_messages,
 )
-from vllm_harness.diagnose.rank import _standing
+from vllm_harness.diagnose.rank import standing
 from vllm_harness.diagnose.rules import (
-    _BYTE_FREQ,
-    _OWN_SEARCH_PERMILLE,
+    BYTE_FREQ,
     MAX_ANCHOR,
+    OWN_SEARCH_PERMILLE,
     Rule,
 )
 
@@ -174,7 +174,7 @@ def _hyperscan_db(words: tuple[bytes, ...]) -> Any:
     return db
 
 
-class _Scanner:
+class Scanner:
     """State of one scan: what is found, what is still looked for, the first error block."""
 
     def __init__(self, rules: Sequence[Rule], engine: str | None = None) -> None:
@@ -204,7 +204,7 @@ class _Scanner:
         # for a line that holds anchors: which ones (also overlapping ones and prefixes), of every rule: built
         # once (the anchors of the failures already found are ignored where the line is read)
         self.all_words = tuple(
-            dict.fromkeys([*self.anchor_rules, *self.recovery_rules, *_FIRST_ERROR_ANCHORS])
+            dict.fromkeys([*self.anchor_rules, *self.recovery_rules, *FIRST_ERROR_ANCHORS])
         )
         self.overlapping = _trie_cached(self.all_words, overlapping=True)
         self.prefixes: dict[bytes, list[bytes]] = {}
@@ -224,7 +224,7 @@ class _Scanner:
             if a not in active and any(r.id in self.found and r.id not in self.recovered for r in rs)
         ]
         if self.track_first_error:
-            words += _FIRST_ERROR_ANCHORS
+            words += FIRST_ERROR_ANCHORS
         self.scan_words = words
         self.hs_lengths = [len(w) for w in words]
         self.hs_db = None
@@ -241,7 +241,7 @@ class _Scanner:
             trie_words: list[bytes] = []
             searches: list[re.Pattern[bytes]] = []
             for first, group in sorted(by_first.items()):
-                if _BYTE_FREQ.get(chr(first), 2) <= _OWN_SEARCH_PERMILLE:
+                if BYTE_FREQ.get(chr(first), 2) <= OWN_SEARCH_PERMILLE:
                     trie_words += group
                 else:
                     searches.append(_trie_cached(group))  # type: ignore[arg-type]
@@ -389,25 +389,25 @@ class _Scanner:
                     if edge:
                         before = before or (edge[0] and first <= JOIN_REACH)
                         after = after or (edge[1] and len(region) - last <= JOIN_REACH)
-            for text, starts in _wrapped_messages(*where, line_no, before, after):
+            for text, starts in wrapped_messages(*where, line_no, before, after):
                 for rule in missed:
                     if not self._open(rule):
                         continue
-                    hit, n = _first_match(self._patterns(rule, text), text, starts, line_no)
+                    hit, n = first_match(self._patterns(rule, text), text, starts, line_no)
                     if hit and self._takes(rule, n):
                         at = max(k for k, (off, _) in enumerate(starts) if off <= hit.start())
                         fix = self._fix_choice(rule, text, where)
-                        self.found[rule.id] = (starts[at][1], _evidence(text, hit), n, fix)
+                        self.found[rule.id] = (starts[at][1], evidence_of(text, hit), n, fix)
                         changed = True
-        if changed and self.track_first_error and _standing(self.rules, self.found):
+        if changed and self.track_first_error and standing(self.rules, self.found):
             # the first error block is only reported when nothing is recognised
             self.track_first_error = False
             self.first_error = []
             self.pending_error_lines = 0
             return True
         if want_error and not self.first_error:
-            if any(_FIRST_ERROR_RE.search(seg) for seg in segments):
-                self.first_error = [(line_no, _evidence(" ".join(segments), None))]
+            if any(FIRST_ERROR_RE.search(seg) for seg in segments):
+                self.first_error = [(line_no, evidence_of(" ".join(segments), None))]
                 self.track_first_error = False
                 self.pending_error_lines = FIRST_ERROR_BLOCK - 1
                 self.error_started = True
@@ -432,7 +432,7 @@ class _Scanner:
                 if start <= 0:
                     break
                 start = block.rfind(b"\n", 0, start - 1) + 1
-            text = " ".join(_clean_segments(block[start:ls][-MAX_LINE_CHARS:])) + " " + text
+            text = " ".join(clean_segments(block[start:ls][-MAX_LINE_CHARS:])) + " " + text
         return rule.fix_for(text)
 
     def _recover(self, region: bytes, present: dict[bytes, tuple[int, int]], line_no: int) -> bool:
@@ -444,7 +444,7 @@ class _Scanner:
                 found = self.found.get(rule.id)
                 if found is None or found[0] >= line_no or rule.id in self.recovered:
                     continue
-                if any(p.search(seg) for seg in _clean_segments(region) for p in rule.recovered):
+                if any(p.search(seg) for seg in clean_segments(region) for p in rule.recovered):
                     del self.found[rule.id]
                     self.recovered.add(rule.id)
                     changed = True
@@ -472,19 +472,19 @@ class _Scanner:
             for rule in self.anchor_rules.get(anchor, ()):
                 if rule not in rules and self._open(rule):
                     rules.append(rule)
-        want_error = self.track_first_error and not present.keys().isdisjoint(_FIRST_ERROR_ANCHORS)
+        want_error = self.track_first_error and not present.keys().isdisjoint(FIRST_ERROR_ANCHORS)
         if not rules and not want_error:
             return changed, (), {}, [], False
-        segments = _clean_segments(region)
+        segments = clean_segments(region)
         rules.sort(key=lambda r: self.order[r.id])
         missed: list[Rule] = []
         for rule in rules:
             for seg in segments:
-                hit, n = _first_match(self._patterns(rule, seg), seg)
+                hit, n = first_match(self._patterns(rule, seg), seg)
                 if hit:
                     if self._takes(rule, n):
                         fix = self._fix_choice(rule, seg, where)
-                        self.found[rule.id] = (line_no, _evidence(seg, hit), n, fix)
+                        self.found[rule.id] = (line_no, evidence_of(seg, hit), n, fix)
                         changed = True
                     break
             else:
@@ -499,8 +499,8 @@ class _Scanner:
             stop = block.find(b"\n", pos, end)
             if stop == -1:
                 stop = end
-            segments = _clean_segments(block[pos : min(stop, pos + MAX_LINE_CHARS)])
-            self.first_error.append((line_no, _evidence(" ".join(segments), None)))
+            segments = clean_segments(block[pos : min(stop, pos + MAX_LINE_CHARS)])
+            self.first_error.append((line_no, evidence_of(" ".join(segments), None)))
             self.pending_error_lines -= 1
             line_no += 1
             pos = stop + 1

@@ -69,7 +69,7 @@ _NEW_RECORD_RE = re.compile(
 
 
 # The first line of an error block (when no known failure is recognised).
-_FIRST_ERROR_RE = re.compile(
+FIRST_ERROR_RE = re.compile(
     r"(?<![\w-])error(?:\[[\w-]+\])?\s*:"  # gcc/clang/pip "error:", nvcc "error   :"
     r"|\bERROR\b"  # pip "ERROR:", vLLM "ERROR 05-07 ..."
     r"|\bError(?::| at\b| -)|\] Error \d"  # "Error: ...", "CMake Error at", make "] Error 1"
@@ -82,8 +82,8 @@ _FIRST_ERROR_RE = re.compile(
 )
 
 
-#: Literals one of which every line matching _FIRST_ERROR_RE holds.
-_FIRST_ERROR_ANCHORS = (
+#: Literals one of which every line matching FIRST_ERROR_RE holds.
+FIRST_ERROR_ANCHORS = (
     b"error:",
     b"error :",
     b"error  ",
@@ -103,7 +103,7 @@ _FIRST_ERROR_ANCHORS = (
 )
 
 
-def _clean_segments(raw: bytes) -> list[str]:
+def clean_segments(raw: bytes) -> list[str]:
     """Decode one (part of a) line and return its cleaned ``\\r`` segments."""
     text = raw.decode("utf-8", "replace")
     if "\x1b" in text:
@@ -161,7 +161,7 @@ def _may_go_on(block: bytes, start: int, end: int) -> bool:
     )
 
 
-def _wrapped_messages(
+def wrapped_messages(
     block: bytes, ls: int, le: int, line_no: int, before: bool = True, after: bool = True
 ) -> list[tuple[str, list[tuple[int, int]]]]:
     """The message that the line ``block[ls:le]`` (number ``line_no``) belongs to when it was
@@ -230,7 +230,7 @@ def _wrapped_messages(
     return out
 
 
-def _first_match(
+def first_match(
     patterns: Sequence[re.Pattern[str]],
     text: str,
     starts: list[tuple[int, int]] | None = None,
@@ -254,7 +254,7 @@ def _touches(hit: re.Match[str], starts: list[tuple[int, int]], line_no: int) ->
     return False
 
 
-def _evidence(text: str, match: re.Match[str] | None) -> str:
+def evidence_of(text: str, match: re.Match[str] | None) -> str:
     if len(text) <= EVIDENCE_CHARS:
         return text
     start = 0 if match is None else max(0, min(match.start() - 60, len(text) - EVIDENCE_CHARS))

@@ -6,10 +6,10 @@ import heapq
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vllm_harness.diagnose.rules import Rule, _reachability
+from vllm_harness.diagnose.rules import Rule, reachability
 
 
-def _standing(
+def standing(
     rules: Sequence[Rule], found: Mapping[str, tuple[int, str, int, int]]
 ) -> dict[str, tuple[int, str, int, int]]:
     """The findings that stand: a failure found only by weak evidence that cannot stand alone
@@ -21,7 +21,7 @@ def _standing(
     return dict(found)
 
 
-def _rank(
+def rank_findings(
     rules: Sequence[Rule], found: Mapping[str, tuple[int, str, int, int]]
 ) -> tuple[list[str], dict[str, list[str]], dict[str, dict[str, Any]]]:
     """Order the findings root cause first.
@@ -34,7 +34,7 @@ def _rank(
        traceback), then the knowledge file's order.
 
     Returns the ids in order, ``explained_by`` per id, and per id the facts that ranked it."""
-    reach = _reachability(rules)
+    reach = reachability(rules)
     by_id = {r.id: r for r in rules}
     order_index = {r.id: i for i, r in enumerate(rules)}
     ids = list(found)

@@ -71,8 +71,8 @@ _TOP_KEYS = {"version", "failure"}
 
 # Frequency (per mille) of bytes in build logs (measured on the test corpus).  An anchor starting
 # with a rare byte costs the prefilter little; anchors starting with a frequent byte are searched
-# with bytes.find instead (see _Scanner).
-_BYTE_FREQ = {
+# with bytes.find instead (see Scanner).
+BYTE_FREQ = {
     " ": 124,
     "e": 65,
     "i": 52,
@@ -136,7 +136,7 @@ _BYTE_FREQ = {
 #: Per mille of byte density above which the anchors starting with that byte are searched with a
 #: regex of their own (a literal prefix: fast) instead of being a branch of the main trie (whose
 #: cost grows with the density of all the first bytes it has to stop at).
-_OWN_SEARCH_PERMILLE = 7.5
+OWN_SEARCH_PERMILLE = 7.5
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,7 @@ def _literal_runs(
 
 
 def _density(chars: Iterable[str]) -> int:
-    return sum(_BYTE_FREQ.get(chr(c.encode("utf-8")[0]) if c else c, 2) for c in chars)
+    return sum(BYTE_FREQ.get(chr(c.encode("utf-8")[0]) if c else c, 2) for c in chars)
 
 
 def _anchor_candidates(pattern: re.Pattern[str]) -> list[tuple[int, int, int, int, list[str]]]:
@@ -549,7 +549,7 @@ def _parse_rules(path: Path | str, doc: Mapping[str, Any]) -> list[Rule]:
                 raise _bad(path, f"failure '{rule.id}'", "implies", f"unknown id {target!r}")
             if target == rule.id:
                 raise _bad(path, f"failure '{rule.id}'", "implies", "a failure cannot imply itself")
-    reach = _reachability(rules)
+    reach = reachability(rules)
     for rule in rules:
         if rule.id in reach[rule.id]:
             raise _bad(path, f"failure '{rule.id}'", "implies", "cycle in implies/explains/hides")
@@ -614,7 +614,7 @@ def load_knowledge(path: str | Path | None = None) -> list[Rule]:
     return list(rules)
 
 
-def _reachability(rules: Sequence[Rule]) -> dict[str, set[str]]:
+def reachability(rules: Sequence[Rule]) -> dict[str, set[str]]:
     graph = {r.id: set(r.implies) | set(r.explains) for r in rules}
     reach: dict[str, set[str]] = {}
     for start in graph:

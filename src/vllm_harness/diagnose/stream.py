@@ -9,16 +9,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vllm_harness.diagnose.engine import _Scanner
+from vllm_harness.diagnose.engine import Scanner
 from vllm_harness.diagnose.normalize import (
-    _FIRST_ERROR_ANCHORS,
+    FIRST_ERROR_ANCHORS,
     MAX_LINE_CHARS,
     WRAP_AFTER,
     WRAP_BEFORE,
-    _clean_segments,
-    _evidence,
+    clean_segments,
+    evidence_of,
 )
-from vllm_harness.diagnose.rank import _rank, _standing
+from vllm_harness.diagnose.rank import rank_findings, standing
 from vllm_harness.diagnose.rules import (
     Finding,
     Report,
@@ -88,14 +88,14 @@ def _scan(
     engine: str | None = None,
     head: bytes = b"",
     stop: int | None = None,
-) -> tuple[_Scanner, int, int]:
+) -> tuple[Scanner, int, int]:
     """Scan a stream; returns the scanner, the number of lines it went through and their bytes.
 
     ``head``: the bytes before the stream (context for its first lines); ``stop``: scan only the
     lines that start before this offset (the stream goes on a little, as context)."""
-    scanner = _Scanner(rules, engine)
+    scanner = Scanner(rules, engine)
     overlap = max((len(a) for a in scanner.anchor_rules), default=1) + max(
-        len(a) for a in _FIRST_ERROR_ANCHORS
+        len(a) for a in FIRST_ERROR_ANCHORS
     )
     ctx = _tail_lines(head, WRAP_BEFORE) if head else b""
     todo: list[bytes] = []  # bytes not scanned yet (the last lines wait for their look-ahead)
@@ -147,8 +147,8 @@ def _report(
     context: Mapping[str, Any] | None,
     name: str,
 ) -> Report:
-    found = _standing(rules, found)
-    ids, explained, why = _rank(rules, found)
+    found = standing(rules, found)
+    ids, explained, why = rank_findings(rules, found)
     by_id = {r.id: r for r in rules}
     findings = []
     for rid in ids:
@@ -263,7 +263,7 @@ def _diagnose_parallel(
                     n = offset + lines + 1
                     for raw in fh:
                         first_error.append(
-                            (n, _evidence(" ".join(_clean_segments(raw[:MAX_LINE_CHARS])), None))
+                            (n, evidence_of(" ".join(clean_segments(raw[:MAX_LINE_CHARS])), None))
                         )
                         n += 1
                         missing -= 1

@@ -25,7 +25,7 @@ from vllm_harness.facts.compat import (
 
 
 @dataclass
-class _Ctx:
+class RuleCtx:
     variant: Any
     profile: dict
     data: CompatData
@@ -99,7 +99,7 @@ def _v(s: str) -> Version | None:
         return None
 
 
-def _req_named(
+def req_named(
     variant: Any, name: str, sections: Iterable[str] = ("torch", "deps", "post_install")
 ) -> list[Requirement]:
     out = []
@@ -117,13 +117,13 @@ def _req_named(
 @dataclass(frozen=True)
 class Rule:
     name: str
-    fn: Callable[[_Ctx], None]
+    fn: Callable[[RuleCtx], None]
     ids: tuple[str, ...]
     needs: tuple[str, ...] = ()  # machine-profile keys ("machine.disk_free_gib")
-    when: Callable[[_Ctx], bool] | None = None
+    when: Callable[[RuleCtx], bool] | None = None
     order: int = 50
 
-    def missing(self, ctx: _Ctx) -> list[str]:
+    def missing(self, ctx: RuleCtx) -> list[str]:
         out = []
         for key in self.needs:
             section, _, name = key.partition(".")
@@ -139,19 +139,19 @@ def rule(
     name: str,
     ids: tuple[str, ...],
     needs: tuple[str, ...] = (),
-    when: Callable[[_Ctx], bool] | None = None,
+    when: Callable[[RuleCtx], bool] | None = None,
     order: int = 50,
-) -> Callable[[Callable[[_Ctx], None]], Callable[[_Ctx], None]]:
+) -> Callable[[Callable[[RuleCtx], None]], Callable[[RuleCtx], None]]:
     """Register ``fn(ctx)`` as doctor's rule ``name``."""
 
-    def register(fn: Callable[[_Ctx], None]) -> Callable[[_Ctx], None]:
+    def register(fn: Callable[[RuleCtx], None]) -> Callable[[RuleCtx], None]:
         RULES[name] = Rule(name, fn, ids, needs, when, order)
         return fn
 
     return register
 
 
-def run_rules(ctx: _Ctx) -> None:
+def run_rules(ctx: RuleCtx) -> None:
     """Every registered rule that applies, in order; a rule whose profile keys are missing is one
     check-skipped finding per key instead."""
     for r in sorted(RULES.values(), key=lambda r: (r.order, r.name)):

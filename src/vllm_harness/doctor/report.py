@@ -25,7 +25,7 @@ from vllm_harness.core.findings import SEVERITIES, Finding
 from vllm_harness.core.options import RunOptions
 from vllm_harness.core.runner import emit
 from vllm_harness.doctor import rules_build, rules_gpu, rules_versions  # noqa: F401  (importing them registers the rules)
-from vllm_harness.doctor.model import _Ctx, run_rules
+from vllm_harness.doctor.model import RuleCtx, run_rules
 from vllm_harness.doctor.pins import read_source_pins
 from vllm_harness.facts import compat as compat_mod
 from vllm_harness.facts.compat import (
@@ -48,7 +48,7 @@ def check(variant: Any, profile: dict, source_dir: Path | None = None, env: dict
     ``records``: the build-speed records (peak memory per compile job) of earlier builds on this machine.
     ``options``: the build's run options (--jobs, --nvcc-threads, --arch, --cache, --farm), judged as the
     build will use them."""
-    ctx = _Ctx(variant=variant, profile=profile or {}, data=data or compat_mod.load(), env=dict(env or {}),
+    ctx = RuleCtx(variant=variant, profile=profile or {}, data=data or compat_mod.load(), env=dict(env or {}),
                source_dir=Path(source_dir) if source_dir is not None else None, probe=probe or {},
                records=list(records or []), options=options or RunOptions())
     if ctx.source_dir is not None and ctx.source_dir.is_dir():

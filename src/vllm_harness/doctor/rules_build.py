@@ -13,15 +13,14 @@ from packaging.version import Version
 
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.layout import Layout
-from vllm_harness.doctor.model import _Ctx, rule
-from vllm_harness.doctor.rules_versions import _venv_provides
+from vllm_harness.doctor.model import RuleCtx, rule
 from vllm_harness.facts import build_policy as policy
 from vllm_harness.facts import compat as compat_mod
 from vllm_harness.facts import feasibility, feasibility_build
 from vllm_harness.toolchain import build_farm, compiler_cache
 
 
-def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
+def _check_build(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
     v, m = ctx.variant, ctx.m
     cf = ctx.data.cuda(v.cuda)
     # --- CUDA toolkit: the feasibility judge's rule (plan asks it too)
@@ -49,20 +48,20 @@ def _check_build(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
     _check_precompiled(ctx, v, vf)
 
 
-def _check_host_compiler(ctx: _Ctx, v, m: dict, cf) -> None:
+def _check_host_compiler(ctx: RuleCtx, v, m: dict, cf) -> None:
     """The host compiler nvcc accepts: the feasibility judge's rule (plan asks it too), with the compilers the
     shell names."""
     ctx.judged(feasibility_build.host_compiler_issues(cf, ctx.profile, ctx.candidate, ctx.env))
 
 
-def _check_cmake(ctx: _Ctx, v, m: dict, vf: compat_mod.VllmFacts | None) -> None:
+def _check_cmake(ctx: RuleCtx, v, m: dict, vf: compat_mod.VllmFacts | None) -> None:
     """Cmake at least the version vLLM's CMake asks for (this source tree's, else the data's): the judge's."""
     ctx.judged(feasibility_build.cmake_issues(ctx.profile, ctx.candidate, vf, ctx.pins))
 
 
-def _check_ninja(ctx: _Ctx, v, m: dict) -> None:
+def _check_ninja(ctx: RuleCtx, v, m: dict) -> None:
     """Ninja, or the build falls back to make."""
-    if m.get("ninja") is None and _venv_provides(v, "ninja") is None:
+    if m.get("ninja") is None and ctx.candidate.venv_provides("ninja") is None:
         if ctx.not_found("ninja"):
             ctx.add(
                 "ninja-missing",
@@ -75,7 +74,7 @@ def _check_ninja(ctx: _Ctx, v, m: dict) -> None:
             ctx.skipped("ninja-missing", "ninja", "machine.ninja")
 
 
-def _check_jobs(ctx: _Ctx, v, m: dict) -> None:
+def _check_jobs(ctx: RuleCtx, v, m: dict) -> None:
     """RAM for the parallel compile jobs the build will run: the build's own choice
     (facts/build_policy.jobs_for, with the run's --jobs / --nvcc-threads), judged against the memory the same
     function finds."""
@@ -109,7 +108,7 @@ def _check_jobs(ctx: _Ctx, v, m: dict) -> None:
                 f"({plan.basis})", fix)
 
 
-def _check_precompiled(ctx: _Ctx, v, vf: compat_mod.VllmFacts | None) -> None:
+def _check_precompiled(ctx: RuleCtx, v, vf: compat_mod.VllmFacts | None) -> None:
     """VLLM_USE_PRECOMPILED on a source build."""
     for key in ("VLLM_USE_PRECOMPILED", "VLLM_PRECOMPILED_WHEEL_LOCATION"):
         val = ctx.env.get(key, v.build.get("env", {}).get(key))
@@ -142,7 +141,7 @@ def _check_precompiled(ctx: _Ctx, v, vf: compat_mod.VllmFacts | None) -> None:
             )
 
 
-def _check_disk(ctx: _Ctx) -> None:
+def _check_disk(ctx: RuleCtx) -> None:
     """Free space for the install and uv's cache: the judge's rule (the registry skips this rule when the
     profile has no disk_free_gib)."""
     ctx.judged(feasibility_build.disk_issues(ctx.profile, ctx.candidate))
@@ -168,7 +167,7 @@ def _safe_directories(env: dict[str, str]) -> list[str]:
     return out
 
 
-def _check_source_tree(ctx: _Ctx) -> None:
+def _check_source_tree(ctx: RuleCtx) -> None:
     src = ctx.source_dir
     if src is None or not src.is_dir():
         return
@@ -223,21 +222,21 @@ def _check_source_tree(ctx: _Ctx) -> None:
     when=lambda ctx: ctx.source,
     order=70,
 )
-def build(ctx: _Ctx) -> None:
+def build(ctx: RuleCtx) -> None:
     _check_build(ctx, ctx.vf)
 
 
 @rule("disk space", ids=("disk-full",), needs=("machine.disk_free_gib",), order=80)
-def disk(ctx: _Ctx) -> None:
+def disk(ctx: RuleCtx) -> None:
     _check_disk(ctx)
 
 
 @rule("source tree", ids=("stale-build-state", "git-dubious-ownership"), order=90)
-def source_tree(ctx: _Ctx) -> None:
+def source_tree(ctx: RuleCtx) -> None:
     _check_source_tree(ctx)
 
 
-def _state(ctx: _Ctx) -> Path:
+def _state(ctx: RuleCtx) -> Path:
     """The state folder the build will use (VLLM_HARNESS_STATE, else the project's .harness)."""
     try:
         given = ctx.env.get("VLLM_HARNESS_STATE")
@@ -247,7 +246,7 @@ def _state(ctx: _Ctx) -> Path:
 
 
 @rule("compiler cache", ids=("compiler-cache",), when=lambda ctx: ctx.source, order=74)
-def compiler_cache_check(ctx: _Ctx) -> None:
+def compiler_cache_check(ctx: RuleCtx) -> None:
     """The compiler cache the build will use: the build's own choice (toolchain/compiler_cache.cache_mode and
     choose_tool, with the run's --cache), without installing or starting anything."""
     mode, given_by = compiler_cache.cache_mode(ctx.options.cache, ctx.env)
@@ -264,7 +263,7 @@ def compiler_cache_check(ctx: _Ctx) -> None:
             "scratch)", fix)
 
 
-def _farm_asked(ctx: _Ctx) -> bool:
+def _farm_asked(ctx: RuleCtx) -> bool:
     """--farm URL, else [build] farm, else SCCACHE_CONF (--farm off: none)."""
     if ctx.options.farm:
         return ctx.options.farm != "off"
@@ -277,7 +276,7 @@ def _farm_asked(ctx: _Ctx) -> bool:
     when=lambda ctx: ctx.source and _farm_asked(ctx),
     order=75,
 )
-def build_farm_checks(ctx: _Ctx) -> None:
+def build_farm_checks(ctx: RuleCtx) -> None:
     """The sccache-dist farm of a source build (toolchain/build_farm): scheduler reachable, a server up,
     the token accepted and the variant's compilers' toolchains packaged (one small compile each, sent to the
     farm).  A farm problem is a warning: the build then compiles locally."""

@@ -7,13 +7,13 @@ too."""
 
 from __future__ import annotations
 
-from vllm_harness.doctor.model import _Ctx, rule
+from vllm_harness.doctor.model import RuleCtx, rule
 from vllm_harness.doctor.pins import _archs_for
 from vllm_harness.facts import feasibility
 from vllm_harness.facts.build_archs import given_archs
 
 
-def _check_arch_list(ctx: _Ctx) -> None:
+def _check_arch_list(ctx: RuleCtx) -> None:
     """The arch list the build will use (--arch, then [build] arch_list; TORCH_CUDA_ARCH_LIST in the shell
     when
     neither is given), checked by the build's own function (facts/build_archs.given_archs)."""
@@ -43,12 +43,12 @@ def _check_arch_list(ctx: _Ctx) -> None:
 
 
 @rule("platform: CPU arch, glibc, Jetson", ids=("torch-wheel-not-found", "torch-cpu-only"), order=5)
-def platform(ctx: _Ctx) -> None:
+def platform(ctx: RuleCtx) -> None:
     ctx.judged(feasibility.platform_issues(ctx.data, ctx.profile, ctx.candidate, ctx.vf, ctx.tf))
 
 
 @rule("NVIDIA driver vs CUDA", ids=("driver-too-old", "no-driver", "cuda-forward-compat"), order=10)
-def driver(ctx: _Ctx) -> None:
+def driver(ctx: RuleCtx) -> None:
     ctx.judged(feasibility.driver_issues(ctx.data, ctx.profile, ctx.candidate, ctx.vf))
 
 
@@ -57,7 +57,7 @@ def driver(ctx: _Ctx) -> None:
     ids=("no-kernel-image", "bf16-unsupported", "flash-attn-unsupported-gpu", "arch-unsupported-by-nvcc"),
     order=20,
 )
-def gpus(ctx: _Ctx) -> None:
+def gpus(ctx: RuleCtx) -> None:
     tree = None
     if "cuda_archs" in ctx.pins and ctx.source:
         table, where = ctx.pins["cuda_archs"]
@@ -68,5 +68,5 @@ def gpus(ctx: _Ctx) -> None:
 
 
 @rule("TORCH_CUDA_ARCH_LIST", ids=("arch-unsupported-by-nvcc",), order=30)
-def arch_list(ctx: _Ctx) -> None:
+def arch_list(ctx: RuleCtx) -> None:
     _check_arch_list(ctx)

@@ -3,14 +3,12 @@ own pins), and the data's own age."""
 from __future__ import annotations
 
 import re
-from typing import Any
 
-from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from vllm_harness.doctor.model import _cite, _Ctx, _req_named, rule
-from vllm_harness.doctor.pins import _lower_bound, _pin
+from vllm_harness.doctor.model import RuleCtx, _cite, req_named, rule
+from vllm_harness.doctor.pins import _pin
 from vllm_harness.facts import compat as compat_mod
 from vllm_harness.facts import feasibility_build
 from vllm_harness.facts.compat import (
@@ -19,13 +17,13 @@ from vllm_harness.facts.compat import (
 )
 
 
-def _check_python(ctx: _Ctx, vf: compat_mod.VllmFacts | None, tf: compat_mod.TorchFacts | None) -> None:
+def _check_python(ctx: RuleCtx, vf: compat_mod.VllmFacts | None, tf: compat_mod.TorchFacts | None) -> None:
     """The feasibility judge's Python rule (facts/feasibility_build.py, plan asks it too), with this source
     tree's pins (its Python range, its CMake's)."""
     ctx.judged(feasibility_build.python_issues(ctx.data, ctx.profile, ctx.candidate, vf, tf, ctx.pins))
 
 
-def _check_torch(ctx: _Ctx, tf: compat_mod.TorchFacts | None) -> None:
+def _check_torch(ctx: RuleCtx, tf: compat_mod.TorchFacts | None) -> None:
     v = ctx.variant
     if v.torch.get("preinstalled"):
         return
@@ -33,7 +31,7 @@ def _check_torch(ctx: _Ctx, tf: compat_mod.TorchFacts | None) -> None:
         ctx.unknown("torch-wheel-not-found", f"torch {ctx.torch_version}", f"torch {ctx.torch_version}")
         return
     # local tags in the pins (torch==2.6.0+cu118)
-    for req in _req_named(v, "torch", ("torch",)):
+    for req in req_named(v, "torch", ("torch",)):
         for s in req.specifier:
             m = re.search(r"\+(cu\d+)$", s.version)
             if m and m.group(1) != v.cuda_tag:
@@ -89,7 +87,7 @@ def _torch_for_cuda(data: CompatData, cuda: str) -> str:
     return ", ".join(vs) if vs else f"none in the data for CUDA {cuda}"
 
 
-def _check_vllm_pins(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
+def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
     v = ctx.variant
     # torch pin
     if "torch" in ctx.pins:
@@ -147,7 +145,7 @@ def _check_vllm_pins(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
     want = ctx.pins.get("xformers", (None, ""))[0] or (
         vf.xformers.value if vf is not None and vf.xformers else None
     )
-    have = _req_named(v, "xformers", ("post_install", "deps"))
+    have = req_named(v, "xformers", ("post_install", "deps"))
     for req in have:
         xv = _pin(req)
         if xv is None:
@@ -196,7 +194,7 @@ def _check_vllm_pins(ctx: _Ctx, vf: compat_mod.VllmFacts | None) -> None:
     # numpy
     npf = vf.numpy if vf is not None else None
     np_tree = ctx.pins.get("numpy")
-    np_reqs = _req_named(v, "numpy", ("torch", "deps", "post_install"))
+    np_reqs = req_named(v, "numpy", ("torch", "deps", "post_install"))
     pinned_lt2 = any(
         not r.specifier.contains("2.0.0", prereleases=True) and str(r.specifier) for r in np_reqs
     )
@@ -261,20 +259,10 @@ def _xformers_for(data: CompatData, torch_version: str) -> str:
     return ", ".join(out) or "none in the data"
 
 
-def _venv_provides(variant: Any, name: str, need: Version | None = None) -> Requirement | None:
-    for req in _req_named(variant, name, ("deps",)):
-        if need is None:
-            return req
-        lb = _lower_bound(req.specifier)
-        if lb is not None and lb >= need:
-            return req
-    return None
-
-
 COMPAT_OLD_DAYS = 60  # generated index data older than this gets an info finding
 
 
-def _check_compat_staleness(ctx: _Ctx) -> None:
+def _check_compat_staleness(ctx: RuleCtx) -> None:
     """A variant newer than the data: one ``compat-stale`` finding naming the refresh, instead of the
     ``compat-unknown`` warnings its gaps caused.  Old generated data: an info finding with its age."""
     data = ctx.data
@@ -320,12 +308,12 @@ def _check_compat_staleness(ctx: _Ctx) -> None:
     ids=("python-unsupported", "torch-wheel-not-found", "python-headers-missing"),
     order=40,
 )
-def python(ctx: _Ctx) -> None:
+def python(ctx: RuleCtx) -> None:
     _check_python(ctx, ctx.vf, ctx.tf)
 
 
 @rule("torch release", ids=("torch-wheel-not-found", "cuda-torch-version-mismatch"), order=50)
-def torch(ctx: _Ctx) -> None:
+def torch(ctx: RuleCtx) -> None:
     _check_torch(ctx, ctx.tf)
 
 
@@ -341,10 +329,10 @@ def torch(ctx: _Ctx) -> None:
     ),
     order=60,
 )
-def vllm_pins(ctx: _Ctx) -> None:
+def vllm_pins(ctx: RuleCtx) -> None:
     _check_vllm_pins(ctx, ctx.vf)
 
 
 @rule("compatibility data", ids=("compat-stale",), order=1000)  # last: it replaces the unknowns it explains
-def compat_staleness(ctx: _Ctx) -> None:
+def compat_staleness(ctx: RuleCtx) -> None:
     _check_compat_staleness(ctx)

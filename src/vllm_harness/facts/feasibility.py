@@ -37,9 +37,9 @@ from vllm_harness.facts.feasibility_model import (
     Candidate,
     Issue,
     Verdict,
-    _cc_str,
     _cite,
-    _issue,
+    cc_str,
+    make_issue,
     skipped,
     tier_of,
     unknown,
@@ -151,12 +151,12 @@ def _floor_issue(what: str, tags: list[str], arch: str, glibc: str | None, fact:
         return None
     if arch not in plats:
         have = ", ".join(sorted(plats)) or "none"
-        return _issue("torch-wheel-not-found", "error", f"{what} on {arch}",
+        return make_issue("torch-wheel-not-found", "error", f"{what} on {arch}",
                       f"{what} publishes Linux wheels for {have} only{_cite(fact)}; this machine is {arch}", fix,
                       "wheel-platform")
     floor, g = plats[arch], version_or_none(glibc)
     if floor is not None and g is not None and g < floor:
-        return _issue("torch-wheel-not-found", "error", f"{what} on glibc {glibc}",
+        return make_issue("torch-wheel-not-found", "error", f"{what} on glibc {glibc}",
                       f"{what}'s {arch} wheel is manylinux for glibc >= {floor}{_cite(fact)}; this machine has "
                       f"glibc {glibc}: pip finds no wheel for it", glibc_fix, "wheel-glibc")
     return None
@@ -177,16 +177,16 @@ def platform_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFa
                 f"(https://docs.nvidia.com/deeplearning/frameworks/install-pytorch-jetson-platform/) installed in "
                 f"the interpreter, with [torch] preinstalled = true, and the JetPack CUDA {m.get('driver_cuda') or cand.cuda} toolkit")
         if not cand.source and not cand.vllm_index:
-            out.append(_issue("torch-wheel-not-found", "error", f"PyPI's vllm {cand.vllm} on {board}",
+            out.append(make_issue("torch-wheel-not-found", "error", f"PyPI's vllm {cand.vllm} on {board}",
                               f"PyPI's aarch64 wheels are SBSA (server) builds; the integrated GPU of {board} runs "
                               f"only JetPack's CUDA builds{_cite(jf)}", jfix, "wheel-platform"))
         if not cand.torch_preinstalled:
-            out.append(_issue("torch-wheel-not-found", "error", f"torch {cand.torch} on {board}",
+            out.append(make_issue("torch-wheel-not-found", "error", f"torch {cand.torch} on {board}",
                               f"torch from {cand.torch_index or 'PyPI'} is an SBSA (server) or CPU build{_cite(jf)}; "
                               f"{board} needs JetPack's build of torch", jfix, "wheel-platform",
                               fixable=cand.source))
         else:
-            out.append(_issue("torch-wheel-not-found", "warning", f"JetPack's torch on {board}",
+            out.append(make_issue("torch-wheel-not-found", "warning", f"JetPack's torch on {board}",
                               f"the variant uses the interpreter's own torch (preinstalled = true); on {board} it "
                               f"must be NVIDIA's build for this JetPack{_cite(jf)}, which the profile does not record",
                               f"install NVIDIA's PyTorch {cand.torch} for this JetPack (https://docs.nvidia.com/"
@@ -211,7 +211,7 @@ def platform_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFa
         cuda, f = pypi_torch_cuda(data, tf, arch)
         if cuda is None:
             has = index_has_torch(data, tf, cand.cuda, arch)
-            out.append(_issue("torch-cpu-only", "error", f"torch {cand.torch} from PyPI on {arch}",
+            out.append(make_issue("torch-cpu-only", "error", f"torch {cand.torch} from PyPI on {arch}",
                               f"PyPI's {arch} wheel of torch {cand.torch} is a CPU-only build{_cite(f)}: vLLM would "
                               "fail with 'Torch not compiled with CUDA enabled'",
                               (f"add index_url = \"{PYTORCH_WHL}/{cand.cuda_tag}\" to [torch] (the PyTorch index for "
@@ -222,7 +222,7 @@ def platform_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFa
                               "torch-platform", fixable=has))
     elif arch != "x86_64" and not index_has_torch(data, tf, cand.cuda, arch):
         lo, cmin = plat.get("torch_index_from"), plat.get("torch_index_cuda_min")
-        out.append(_issue("torch-wheel-not-found", "error", f"torch {cand.torch}+{cand.cuda_tag} on {arch}",
+        out.append(make_issue("torch-wheel-not-found", "error", f"torch {cand.torch}+{cand.cuda_tag} on {arch}",
                           f"the PyTorch index has {arch} CUDA wheels from torch {lo.value if lo else '?'} on, for CUDA "
                           f">= {cmin.value if cmin else '?'}{_cite(lo)}; torch {cand.torch}+{cand.cuda_tag} is not one",
                           f"use torch >= {lo.value if lo else '?'} on CUDA >= {cmin.value if cmin else '?'}",
@@ -309,7 +309,7 @@ def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFact
                   "empty builds every arch the toolkit supports, which is slower)"
         else:
             can = "installing is still possible"
-        return [_issue("no-driver", "warning", "NVIDIA GPU / driver",
+        return [make_issue("no-driver", "warning", "NVIDIA GPU / driver",
                        "no NVIDIA GPU or driver found (NVML and nvidia-smi; profile has no [[gpu]] and no machine.driver)",
                        can + "; verifying needs a GPU: run verify on the GPU machine, or pass --allow-no-gpu. In a "
                        "container, start it with --gpus all (NVIDIA Container Toolkit)")]
@@ -325,9 +325,9 @@ def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFact
     if state == "ok":
         return []
     if state in ("unknown",):
-        return [_issue("check-skipped", "info", "NVIDIA driver vs CUDA", how, "check `nvidia-smi`", "driver-too-old")]
+        return [make_issue("check-skipped", "info", "NVIDIA driver vs CUDA", how, "check `nvidia-smi`", "driver-too-old")]
     if integrated:
-        return [_issue("driver-too-old", "error", f"JetPack (CUDA {driver_cuda}) vs CUDA {need}",
+        return [make_issue("driver-too-old", "error", f"JetPack (CUDA {driver_cuda}) vs CUDA {need}",
                        f"{why}; {how}: a Jetson's CUDA comes with its L4T/JetPack release",
                        f"use a variant for CUDA {driver_cuda} (the toolkit JetPack ships)"
                        + (", or upgrade JetPack to one that ships CUDA " + need if state == "too-old" else ""),
@@ -337,9 +337,9 @@ def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFact
             ev = (f"{why}; its toolkit wants driver >= {cf.driver_min.value}{_cite(cf.driver_min)}; driver {driver} "
                   f"runs it only under minor-version compatibility (>= {cf.compat_driver_min.value}"
                   f"{_cite(cf.compat_driver_min)}): PTX newer than the driver cannot be JIT-compiled")
-            return [_issue("driver-too-old", "warning", f"driver {driver} vs CUDA {need}", ev,
+            return [make_issue("driver-too-old", "warning", f"driver {driver} vs CUDA {need}", ev,
                            f"upgrade the driver to >= {cf.driver_min.value} ({NVIDIA_DRIVER_DOCS}), {other}")]
-        return [_issue("driver-too-old", "warning", f"driver (CUDA {driver_cuda}) vs CUDA {need}",
+        return [make_issue("driver-too-old", "warning", f"driver (CUDA {driver_cuda}) vs CUDA {need}",
                        f"{why}; the driver supports CUDA {driver_cuda}: same major, so only minor-version "
                        f"compatibility (no JIT of newer PTX){_cite(cf.compat_driver_min)}",
                        f"upgrade the driver to >= {cf.driver_min.value}, {other}")]
@@ -349,7 +349,7 @@ def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFact
                     + (f" (CUDA {driver_cuda})" if driver_cuda else ""))
     else:
         evidence = f"{why}; the driver supports CUDA {driver_cuda} only (needs >= {cf.driver_min.value}{_cite(cf.driver_min)})"
-    out = [_issue("driver-too-old", "error", f"driver {driver or ''} vs CUDA {need}".replace("  ", " "), evidence,
+    out = [make_issue("driver-too-old", "error", f"driver {driver or ''} vs CUDA {need}".replace("  ", " "), evidence,
                   f"upgrade the NVIDIA driver to >= {cf.driver_min.value} ({NVIDIA_DRIVER_DOCS}), {other}", fixable=True)]
     # Forward compatibility could bridge a major gap, but only on data-center GPUs: elsewhere error 804.
     fwd = data.datacenter_fact()
@@ -357,7 +357,7 @@ def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFact
         dc = data.is_datacenter(g.get("name", ""))
         if dc is True:
             continue
-        out.append(_issue(
+        out.append(make_issue(
             "cuda-forward-compat", "warning" if not m.get("in_container") else "error",
             f"forward compatibility on {g.get('name', 'this GPU')}",
             f"the CUDA {need} runtime on driver {driver or driver_cuda} needs NVIDIA's forward-compatibility "
@@ -389,7 +389,7 @@ def gpu_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts |
         return out
     arch = cpu_arch(profile)
     if cand.torch_preinstalled:
-        out.append(_issue("check-skipped", "info", "torch kernels vs GPU",
+        out.append(make_issue("check-skipped", "info", "torch kernels vs GPU",
                           "torch is the interpreter's own (preinstalled = true): its arch list is not in the data",
                           "run `invoke verify` after the build", "no-kernel-image"))
     elif tf is None:
@@ -401,9 +401,9 @@ def gpu_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts |
         else:
             for g, cc in gpus:
                 if not arch_list_runs_on(ta.value, cc):
-                    out.append(_issue("no-kernel-image", "error", f"torch {cand.torch}+{cand.cuda_tag} on {g.get('name')}",
+                    out.append(make_issue("no-kernel-image", "error", f"torch {cand.torch}+{cand.cuda_tag} on {g.get('name')}",
                                       f"its wheels hold kernels for TORCH_CUDA_ARCH_LIST {ta.value}{_cite(ta)}; {g.get('name')} is "
-                                      f"compute capability {_cc_str(cc)} (no SASS of its major with a lower minor, no PTX below it)",
+                                      f"compute capability {cc_str(cc)} (no SASS of its major with a lower minor, no PTX below it)",
                                       _arch_fix(data, cc)))
     cuda_for_vllm = cand.cuda
     if not cand.source and vf is not None and vf.wheel_cuda is not None:
@@ -425,9 +425,9 @@ def gpu_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts |
             if not (_ptx_built(cf_src, built, cc) if ptx else sass_covers(built, cc)):
                 how = "its CMake builds" if cand.source else "its wheel holds (the CMake list, assumed for the wheel)"
                 newer = ptx or all(cc > a for a in built)
-                out.append(_issue("no-kernel-image", "error", f"vLLM {cand.vllm} kernels on {g.get('name')}",
+                out.append(make_issue("no-kernel-image", "error", f"vLLM {cand.vllm} kernels on {g.get('name')}",
                                   f"{how} kernels for {supported} with CUDA {cuda_for_vllm}{cite}; {g.get('name')} is compute "
-                                  f"capability {_cc_str(cc)}" + (
+                                  f"capability {cc_str(cc)}" + (
                                       f" (nvcc {cand.cuda} builds it PTX of {nvcc_arch_for(cf_src, cc)[0]}, an arch "
                                       "that list does not keep)" if ptx else ""),
                                   ("this GPU is newer than this vLLM release builds for with CUDA "
@@ -438,12 +438,12 @@ def gpu_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts |
         out += _nvcc_issues(data, profile, cand, gpus)
     old = [(g, cc) for g, cc in gpus if cc < (8, 0)]
     if old:
-        names = ", ".join(f"{g.get('name')} ({_cc_str(cc)})" for g, cc in old)
-        out.append(_issue("bf16-unsupported", "warning", "bfloat16 on pre-Ampere GPUs",
+        names = ", ".join(f"{g.get('name')} ({cc_str(cc)})" for g, cc in old)
+        out.append(make_issue("bf16-unsupported", "warning", "bfloat16 on pre-Ampere GPUs",
                           f"{names}: bfloat16 needs compute capability >= 8.0",
                           "serve with --dtype half (float16); verify's smoke tests use float16 on these GPUs"))
         xf = "; keep xformers installed, vLLM uses its attention backend here" if needs_xformers else ""
-        out.append(_issue("flash-attn-unsupported-gpu", "warning", "FlashAttention on pre-Ampere GPUs",
+        out.append(make_issue("flash-attn-unsupported-gpu", "warning", "FlashAttention on pre-Ampere GPUs",
                           f"{names}: FlashAttention-2 needs compute capability >= 8.0",
                           f"let vLLM pick another attention backend (do not force FLASH_ATTN){xf}"))
     return out
@@ -472,21 +472,21 @@ def _nvcc_issues(data: CompatData, profile: dict, cand: Candidate, gpus: list) -
             continue
         subject = f"nvcc {cand.cuda} vs {g.get('name')}"
         ev = (f"nvcc {cand.cuda} builds SASS for {', '.join(cf.sm.value)}{_cite(cf.sm)}; none runs on compute "
-              f"capability {_cc_str(cc)}")
+              f"capability {cc_str(cc)}")
         fix = _nvcc_fix(data, cc, m)
         if how != "ptx":
-            out.append(_issue("arch-unsupported-by-nvcc", "error", subject, ev, fix))
+            out.append(make_issue("arch-unsupported-by-nvcc", "error", subject, ev, fix))
             continue
         ev += (f"; the build compiles {arch} (PTX of compute_{arch.split('+')[0].replace('.', '')}), which the "
                "driver JIT-compiles for it. PTX JIT: first load compiles kernels, slower; some kernels (e.g. FP8/FP4 "
                "for that arch) are missing")
         state = driver_status(data, cand.cuda, m.get("driver"), m.get("driver_cuda"), is_jetson(profile))[0]
         if state == "minor-compat":
-            out.append(_issue("arch-unsupported-by-nvcc", "error", subject, ev + f"; the driver runs CUDA {cand.cuda} "
+            out.append(make_issue("arch-unsupported-by-nvcc", "error", subject, ev + f"; the driver runs CUDA {cand.cuda} "
                               "only under minor-version compatibility, which cannot JIT-compile its PTX",
                               f"upgrade the NVIDIA driver ({NVIDIA_DRIVER_DOCS}), or {fix}", fixable=True))
         else:
-            out.append(_issue("arch-unsupported-by-nvcc", "warning", subject, ev, fix))
+            out.append(make_issue("arch-unsupported-by-nvcc", "warning", subject, ev, fix))
     return out
 
 
@@ -498,8 +498,8 @@ def _arch_fix(data: CompatData, cc: tuple[int, int]) -> str:
             if arch_list_runs_on(f.value, cc):
                 ok.append(f"{tv}+cu{cuda.replace('.', '')}")
     if not ok:
-        return f"no torch release in the data has kernels for compute capability {_cc_str(cc)}"
-    return f"choose a torch build with kernels for compute capability {_cc_str(cc)}, e.g. {', '.join(ok[-3:])}"
+        return f"no torch release in the data has kernels for compute capability {cc_str(cc)}"
+    return f"choose a torch build with kernels for compute capability {cc_str(cc)}, e.g. {', '.join(ok[-3:])}"
 
 
 def nvcc_targets(data: CompatData, cc: tuple[int, int]) -> list[str]:
@@ -513,21 +513,21 @@ def nvcc_arch_for(cf: CudaFacts, cc: tuple[int, int]) -> tuple[str | None, str]:
     GPU newer than the toolkit: PTX of its newest arch, JIT at first load) or 'none' (below the toolkit's
     oldest arch, which is returned).  The build's arch list (facts/build_archs) maps GPUs with this."""
     real = sorted(cf.sm_real())
-    if _cc_str(cc) in cf.sm.value:
-        return _cc_str(cc), "sass"
+    if cc_str(cc) in cf.sm.value:
+        return cc_str(cc), "sass"
     covering = [a for a in real if sass_covers([a], cc)]
     if covering:
-        return _cc_str(covering[-1]), "same-major"
+        return cc_str(covering[-1]), "same-major"
     if real and cc > real[-1]:
-        return _cc_str(real[-1]) + "+PTX", "ptx"
-    return (_cc_str(real[0]) if real else None), "none"
+        return cc_str(real[-1]) + "+PTX", "ptx"
+    return (cc_str(real[0]) if real else None), "none"
 
 
 def _nvcc_fix(data: CompatData, cc: tuple[int, int], machine: dict | None = None) -> str:
     ok = nvcc_targets(data, cc)
     if not ok:
-        return f"no CUDA toolkit in the data targets compute capability {_cc_str(cc)}"
-    fix = f"use a CUDA toolkit that targets compute capability {_cc_str(cc)}: {', '.join(ok)}"
+        return f"no CUDA toolkit in the data targets compute capability {cc_str(cc)}"
+    fix = f"use a CUDA toolkit that targets compute capability {cc_str(cc)}: {', '.join(ok)}"
     if machine is None:
         return fix
     return f"{fix} (a variant for it; then {install_fix(machine.get('os'), ok[-1], machine.get('arch'))})"
@@ -542,7 +542,7 @@ def toolkit_issues(profile: dict, cand: Candidate) -> list[Issue]:
     install = (f"{install_fix(m.get('os'), cand.cuda, m.get('arch'))}; the build sets CUDA_HOME, PATH and "
                "LD_LIBRARY_PATH to it")
     if cand.toolkit == "pypi":
-        return [_issue("cuda-home-missing", "info", f"CUDA {cand.cuda} toolkit from PyPI",
+        return [make_issue("cuda-home-missing", "info", f"CUDA {cand.cuda} toolkit from PyPI",
                        f"[build] toolkit = \"pypi\": the deps step installs cuda-toolkit[{','.join(PYPI_EXTRAS)}] at the "
                        f"release torch {cand.torch} pins into the variant's venv, and the build's CUDA_HOME is its "
                        f"nvidia/cu{cand.cuda.split('.')[0]}; no system toolkit is used"
@@ -552,26 +552,26 @@ def toolkit_issues(profile: dict, cand: Candidate) -> list[Issue]:
     if cand.cuda in tk:
         broken = [e for e in m.get("cuda_incomplete") or [] if e.startswith(f"{tk[cand.cuda]} (")]
         if broken:
-            return [_issue("nvcc-not-found", "warning", f"CUDA {cand.cuda} toolkit",
+            return [make_issue("nvcc-not-found", "warning", f"CUDA {cand.cuda} toolkit",
                            f"the toolkit at {broken[0]}: its nvcc runs, but a build stops at the first missing part", install)]
         return []
     same_major = [t for t in tk if t.split(".")[0] == cand.cuda.split(".")[0]]
     if not tk:
         no_nvcc = m.get("cuda_without_nvcc") or []
         if no_nvcc:
-            return [_issue("nvcc-not-found", "error", f"CUDA {cand.cuda} toolkit",
+            return [make_issue("nvcc-not-found", "error", f"CUDA {cand.cuda} toolkit",
                            f"CUDA installs without bin/nvcc (runtime only): {', '.join(no_nvcc)}; no toolkit with nvcc found",
                            install, fixable=True)]
-        return [_issue("cuda-home-missing", "error", f"CUDA {cand.cuda} toolkit",
+        return [make_issue("cuda-home-missing", "error", f"CUDA {cand.cuda} toolkit",
                        "no CUDA toolkit found (CUDA_HOME/CUDA_PATH, /usr/local/cuda*, nvcc on PATH, $CONDA_PREFIX, "
                        "pip's nvidia-cuda-nvcc)", install, fixable=True)]
     if same_major:
-        return [_issue("cuda-torch-version-mismatch", "error", f"CUDA {cand.cuda} toolkit",
+        return [make_issue("cuda-torch-version-mismatch", "error", f"CUDA {cand.cuda} toolkit",
                        f"found {', '.join(f'{k} at {tk[k]}' for k in same_major)}, not {cand.cuda}; the build uses the "
                        f"toolkit of the variant's CUDA (torch {cand.torch}+{cand.cuda_tag} itself would accept "
                        "another minor of the same major with a warning)",
                        f"{install}; or make a variant for CUDA {same_major[-1]}", fixable=True)]
-    return [_issue("cuda-torch-version-mismatch", "error", f"CUDA {cand.cuda} toolkit",
+    return [make_issue("cuda-torch-version-mismatch", "error", f"CUDA {cand.cuda} toolkit",
                    f"found only {', '.join(f'{k} at {tk[k]}' for k in tk)}; torch {cand.torch}+{cand.cuda_tag} "
                    f"is CUDA {cand.cuda}: building against CUDA {', '.join(tk)} fails ('The detected CUDA version ... "
                    "mismatches the version that was used to compile PyTorch')", install, fixable=True)]

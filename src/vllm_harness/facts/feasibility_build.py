@@ -20,7 +20,7 @@ from vllm_harness.facts.feasibility_model import (
     Candidate,
     Issue,
     _cite,
-    _issue,
+    make_issue,
     skipped,
     unknown,
     version_or_none,
@@ -74,7 +74,7 @@ def python_issues(
     inside = sorted((p for p in found if spec.contains(p, prereleases=True)), key=Version)
     if not inside:
         return [
-            _issue(
+            make_issue(
                 "python-unsupported",
                 "error",
                 f"Python {cand.python}",
@@ -94,7 +94,7 @@ def python_issues(
         and not SpecifierSet(tf.python.value).contains(chosen, prereleases=True)
     ):
         out.append(
-            _issue(
+            make_issue(
                 "torch-wheel-not-found",
                 "error",
                 f"torch {cand.torch} for Python {chosen}",
@@ -112,7 +112,7 @@ def python_issues(
             else "Triton and torch.compile build small C modules at run time and need it"
         )
         out.append(
-            _issue(
+            make_issue(
                 "python-headers-missing",
                 "error" if cand.source else "warning",
                 f"Python.h for {chosen}",
@@ -147,7 +147,7 @@ def _python_ranges(
             continue
         fits = [p for p in inside if SpecifierSet(rng).contains(p, prereleases=True)]
         out.append(
-            _issue(
+            make_issue(
                 "python-unsupported",
                 "error",
                 f"Python {chosen} vs {what}",
@@ -180,7 +180,7 @@ def host_compiler_issues(
                 else "install gcc and g++"
             )
             return [
-                _issue("host-compiler-unsupported", "error", subject, "no gcc on PATH", fix, fixable=True)
+                make_issue("host-compiler-unsupported", "error", subject, "no gcc on PATH", fix, fixable=True)
             ]
         return [skipped("host-compiler-unsupported", subject, "machine.gcc")]
     if cf is None:
@@ -209,7 +209,7 @@ def host_compiler_issues(
     if usable and not override:
         best = Version(usable).major
         return [
-            _issue(
+            make_issue(
                 "host-compiler-unsupported",
                 "info",
                 subject,
@@ -220,11 +220,11 @@ def host_compiler_issues(
         ]
     if override and named and max(named) <= hm:
         return [
-            _issue("host-compiler-unsupported", "info", subject, ev + f"; {said} is set", "nothing to do")
+            make_issue("host-compiler-unsupported", "info", subject, ev + f"; {said} is set", "nothing to do")
         ]
     if override:
         return [
-            _issue(
+            make_issue(
                 "host-compiler-unsupported",
                 "warning",
                 subject,
@@ -232,7 +232,7 @@ def host_compiler_issues(
                 f"make sure those name gcc/g++ <= {hm}; otherwise {fix}",
             )
         ]
-    return [_issue("host-compiler-unsupported", "error", subject, ev, fix, fixable=True)]
+    return [make_issue("host-compiler-unsupported", "error", subject, ev, fix, fixable=True)]
 
 
 def build_gcc(cf: CudaFacts, machine: dict) -> str | None:
@@ -258,9 +258,10 @@ def _old_gcc(gcc: str, cf: CudaFacts, m: dict, cand: Candidate, benv: dict, over
     named = [int(x) for k in override for x in re.findall(r"(?:gcc|g\+\+)-(\d+)$", benv[k])]
     said = ", ".join(f"{k}={benv[k]}" for k in override)
     if override and named and all(GCC_MIN <= x <= hm for x in named):
-        return _issue("host-compiler-unsupported", "info", subject, ev + f"; {said} is set", "nothing to do")
+        return make_issue("host-compiler-unsupported", "info", subject, ev + f"; {said} is set",
+                          "nothing to do")
     if override:
-        return _issue("host-compiler-unsupported", "warning", subject,
+        return make_issue("host-compiler-unsupported", "warning", subject,
                       ev + f"; {said} is set, whose version was not checked",
                       f"make sure those name gcc/g++ >= {GCC_MIN} and <= {hm}")
     if usable:
@@ -275,7 +276,7 @@ def _old_gcc(gcc: str, cf: CudaFacts, m: dict, cand: Candidate, benv: dict, over
     else:
         fix = (f"install gcc-{n} and g++-{n} (e.g. apt install gcc-{n} g++-{n}) and set CC=gcc-{n} "
                f"CXX=g++-{n} CUDAHOSTCXX=g++-{n} in [build] env")
-    return _issue("host-compiler-unsupported", "error", subject, ev, fix, fixable=True)
+    return make_issue("host-compiler-unsupported", "error", subject, ev, fix, fixable=True)
 
 
 # -------------------------------------------------------------------------------------------- cmake
@@ -308,7 +309,7 @@ def cmake_issues(
     if venv is not None:
         what = f"cmake {cm} on PATH is older than {need_s}" if cm else "no cmake on PATH"
         return [
-            _issue(
+            make_issue(
                 "cmake-too-old",
                 "info",
                 "cmake",
@@ -318,7 +319,7 @@ def cmake_issues(
         ]
     if cm is not None:
         return [
-            _issue(
+            make_issue(
                 "cmake-too-old",
                 "error",
                 f"cmake {cm}",
@@ -329,7 +330,7 @@ def cmake_issues(
         ]
     if missing:
         return [
-            _issue(
+            make_issue(
                 "cmake-too-old",
                 "error",
                 "cmake",
@@ -355,7 +356,7 @@ def disk_issues(profile: dict, cand: Candidate) -> list[Issue]:
     what = "a source build" if cand.source else "a wheel install"
     if free < need:
         out.append(
-            _issue(
+            make_issue(
                 "disk-full",
                 "error",
                 "disk space",
@@ -370,7 +371,7 @@ def disk_issues(profile: dict, cand: Candidate) -> list[Issue]:
     cache_free, same = m.get("uv_cache_free_gib"), m.get("uv_cache_same_disk")
     if cand.installer == "uv" and same is False and cache_free is not None and cache_free < UV_CACHE_GIB:
         out.append(
-            _issue(
+            make_issue(
                 "disk-full",
                 "error",
                 "uv cache disk",

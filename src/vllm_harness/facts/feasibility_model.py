@@ -152,14 +152,14 @@ def tier_of(issues: list[Issue]) -> str:
     return "runs"
 
 
-def _issue(
+def make_issue(
     id: str, severity: str, subject: str, evidence: str, fix: str, check: str = "", fixable: bool = False
 ) -> Issue:
     return Issue(Finding(id, severity, subject=subject, evidence=evidence, fix=fix, check=check), fixable)
 
 
 def skipped(check: str, subject: str, key: str) -> Issue:
-    return _issue(
+    return make_issue(
         "check-skipped",
         "info",
         subject,
@@ -170,7 +170,7 @@ def skipped(check: str, subject: str, key: str) -> Issue:
 
 
 def unknown(check: str, subject: str, what: str) -> Issue:
-    return _issue(
+    return make_issue(
         "compat-unknown",
         "warning",
         subject,
@@ -199,5 +199,5 @@ def _public(v: str) -> str:
         return v
 
 
-def _cc_str(cc: tuple[int, int]) -> str:
+def cc_str(cc: tuple[int, int]) -> str:
     return f"{cc[0]}.{cc[1]}"

@@ -59,17 +59,17 @@ from vllm_harness.facts.package_index import (
     Meta,
     MetadataError,
     Release,
-    _linux_x86_64,
-    _python_tags,
     dist_name_version,
     fetch_metadata,
     file_problem,
     group_releases,
+    linux_x86_64,
     parse_metadata,
     parse_simple_html,
     parse_simple_json,
     pick_wheel,
     platform_tags,
+    python_tags,
     read_project,
 )
 
@@ -165,7 +165,7 @@ def vllm_facts(meta: Meta, rel: Release, f: IndexFile, env: dict[str, str] = MAR
 
 def torch_facts(meta: Meta, rel: Release, f: IndexFile, env: dict[str, str] = MARKER_ENV) -> dict:
     out: dict = {}
-    tags = _python_tags(rel, env["platform_machine"])
+    tags = python_tags(rel, env["platform_machine"])
     spec = meta.requires_python
     if tags:
         top = max(int(t[3:]) for t in tags)
@@ -247,7 +247,7 @@ def pytorch_cuda_variants(http: Http, index: str) -> dict[str, list[str]]:
         except (InvalidWheelFilename, InvalidVersion, ValueError):
             continue
         m = re.fullmatch(r"cu(\d+)(\d)", v.local or "")
-        if m and _linux_x86_64(tags) and not v.is_prerelease and not v.is_devrelease:
+        if m and linux_x86_64(tags) and not v.is_prerelease and not v.is_devrelease:
             out.setdefault(v.public, set()).add(f"{int(m.group(1))}.{m.group(2)}")
     if not out:
         raise FetchError(url, "broken index page (no torch-X+cuXYZ wheels listed)")
@@ -364,6 +364,9 @@ def _read_metadata(pool: ThreadPoolExecutor, http: Http, jobs: list[Job], out_pa
         task = bar.add_task("index metadata", total=len(jobs))
         for job, facts, err in pool.map(_guard(work), jobs):
             bar.advance(task)
+            if isinstance(err, FetchError) and err.status in (404, 410):   # a listed file that is not there
+                skipped.append(f"{job[2].filename}: {err.reason}")            # the index answers: skip it
+                continue
             if isinstance(err, FetchError):
                 raise UsageError(f"compat refresh: cannot read {err.url} ({err.reason}); {out_path.name} was "
                                  "not changed.",

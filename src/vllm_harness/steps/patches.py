@@ -37,7 +37,7 @@ from packaging.version import InvalidVersion, Version
 from vllm_harness.core import gitcmd, procs, safeio
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.fetcher import Fetcher, FetchError
-from vllm_harness.steps.fetch import PYPI_SIMPLE, SDIST_MAX, _get_json
+from vllm_harness.steps.fetch import PYPI_SIMPLE, SDIST_MAX, get_json
 
 STATUSES = ("applied", "already-applied", "not-needed", "failed")
 
@@ -258,7 +258,7 @@ def release_versions(name: str = "vllm") -> list[tuple[str, str]]:
     """(version, sdist URL) of every non-pre-release sdist on PyPI (the simple index, PEP 691 JSON)."""
     from packaging.utils import parse_sdist_filename
 
-    index = _get_json(PYPI_SIMPLE.format(name=name), accept="application/vnd.pypi.simple.v1+json")
+    index = get_json(PYPI_SIMPLE.format(name=name), accept="application/vnd.pypi.simple.v1+json")
     out = {}
     for f in index.get("files", []):
         fn = f.get("filename", "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vllm_harness.core.runner import run_commands
-from vllm_harness.steps.context import Ctx, _torch_kept, index_or_local
+from vllm_harness.steps.context import Ctx, index_or_local, torch_kept
 
 
 def do_post_install(ctx: Ctx, log: Path) -> dict:
@@ -20,5 +20,5 @@ def do_post_install(ctx: Ctx, log: Path) -> dict:
             ctx.env(),
             quiet=ctx.options.quiet,
         )
-        _torch_kept(ctx, log)
+        torch_kept(ctx, log)
     return {"note": ", ".join(pk["packages"]) or "nothing to install"}

@@ -305,11 +305,11 @@ def before_build(ctx, src: Path, env: dict[str, str]) -> dict | None:
             f"{res['torch']} ({res['seconds']}s)"
         )
         return res
-    _show(res, quiet=ctx.options.quiet)
+    show_probe(res, quiet=ctx.options.quiet)
     raise fail(res)
 
 
-def _show(res: dict, quiet: bool = False) -> None:
+def show_probe(res: dict, quiet: bool = False) -> None:
     if quiet:
         return
     con = console()

@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_harness.core import procs
@@ -120,36 +121,44 @@ def nvcc_version(env: dict[str, str]) -> str | None:
     return m.group(1) if m else None
 
 
-def binary_key(
-    src: Path,
-    *,
-    device: str,
-    torch: str | None,
-    python: str | None,
-    archs: str | None,
-    env: dict[str, str],
-    variant_env: dict[str, str],
-    provenance: dict | None = None,
-    patches: list | None = None,
-) -> tuple[str, dict]:
-    """(key, parts) for a build of ``src`` with this environment (the build step's final child env)."""
+@dataclass(frozen=True)
+class BuildInputs:
+    """What besides the source tree a build's wheel depends on: the device, torch and Python versions, the
+    CUDA archs, the build step's final child ``env`` and the variant's [build] env, and the source's
+    provenance and patches."""
+
+    device: str
+    torch: str | None
+    python: str | None
+    archs: str | None
+    env: dict[str, str]
+    variant_env: dict[str, str]
+    provenance: dict | None = None
+    patches: list | None = None
+
+
+def binary_key(src: Path, inputs: BuildInputs | None = None, **fields: object) -> tuple[str, dict]:
+    """(key, parts) for a build of ``src`` with this environment (the build step's final child env).
+    ``inputs``, or its fields as keywords: see :class:`BuildInputs`."""
+    b = inputs if inputs is not None else BuildInputs(**fields)
+    device, archs, env = b.device, b.archs, b.env
     th, n = tree_hash(src)
     cmake_args = " ".join(a for a in env.get("CMAKE_ARGS", "").split() if "_COMPILER_LAUNCHER=" not in a)
-    prov = {k: v for k, v in (provenance or {}).items() if k in ("from", "sha256", "commit", "ref", "url")}
+    prov = {k: v for k, v in (b.provenance or {}).items() if k in ("from", "sha256", "commit", "ref", "url")}
     parts = {
         "schema": SCHEMA,
         "source": {"tree_sha256": th, "files": n, **prov},
-        "patches": patches or [],
-        "torch": torch,
+        "patches": b.patches or [],
+        "torch": b.torch,
         "cuda": nvcc_version(env) if device == "cuda" else None,
         "archs": archs if device == "cuda" else None,
-        "python": python,
+        "python": b.python,
         "compiler": compiler_version(env),
         "device": device,
         "build_env": {
             **{k: env[k] for k in KEY_ENV if env.get(k)},
             "CMAKE_ARGS": cmake_args,
-            **{k: v for k, v in variant_env.items() if k not in ("MAX_JOBS", "NVCC_THREADS")},
+            **{k: v for k, v in b.variant_env.items() if k not in ("MAX_JOBS", "NVCC_THREADS")},
         },
         "platform": f"{platform.system()}-{platform.machine()}-{'-'.join(platform.libc_ver())}",
     }
