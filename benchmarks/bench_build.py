@@ -39,14 +39,16 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vllm_harness.steps import build_archs as barch  # noqa: E402
-from vllm_harness.steps import build_cache as bcache  # noqa: E402
+from vllm_harness.facts import build_archs as barch  # noqa: E402
+from vllm_harness.facts import build_policy  # noqa: E402
 from vllm_harness.steps import build_memory as bmem  # noqa: E402
+from vllm_harness.toolchain import compiler_cache as bcache  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "vllm-mini"
 VLLM_FILES = ["csrc/layernorm_kernels.cu", "csrc/activation_kernels.cu", "csrc/moe/topk_softmax_kernels.cu"]
@@ -245,9 +247,110 @@ def run_jobs(argvs: list[list[str]], jobs: int, env: dict[str, str], job_parents
     return time.monotonic() - t0, sampler.result()
 
 
-def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_arch: str, tmp: Path,
-              sccache: str | None, what: tuple[str, ...] = ("archs", "jobs", "sccache"),
-              concurrent: bool = False) -> dict:
+@dataclass(frozen=True)
+class NvccBench:
+    """What every nvcc part measures, and how: the GPU's arch, the scratch folder, sccache (None: not
+    measured), the measurements (``what``) and whether the arch compiles run all at once (``concurrent``)."""
+
+    gpu_arch: str
+    tmp: Path
+    sccache: str | None
+    what: tuple[str, ...] = ("archs", "jobs", "sccache")
+    concurrent: bool = False
+
+
+@dataclass(frozen=True)
+class _Compiles:
+    """One part's compiles: nvcc, torch's dirs, the include folders, where objects go and the environment."""
+
+    part: str
+    files: list[Path]
+    nvcc: str
+    td: dict
+    incs: list[str]
+    out: Path
+    env: dict[str, str]
+
+    def argv(self, f: Path, suffix: str, archs: str) -> list[str]:
+        return nvcc_argv(self.nvcc, f, self.out / (f.stem + suffix), self.incs, self.td, archs)
+
+
+def _archs_entry(one: tuple[float, float], every: tuple[float, float]) -> dict:
+    (one_s, one_g), (all_s, all_g) = one, every
+    return {"one_arch_s": round(one_s, 1), "default_s": round(all_s, 1), "ratio": round(one_s / all_s, 3),
+            "peak_one_gib": round(one_g, 2), "peak_default_gib": round(all_g, 2)}
+
+
+def _measure_archs(c: _Compiles, bench: NvccBench, default: str, res: dict) -> None:
+    """Each file for the GPU's arch alone and for vLLM's default list (``res["files"]``)."""
+    n_default = len([a for a in default.split(";") if a])
+    gpu_arch = bench.gpu_arch
+    if bench.concurrent:
+        # every (file, arch list) compile at once, each timed alone: one process per core, as many cores as
+        # compiles (checked), so they do not slow each other down beyond shared caches and memory bandwidth
+        argvs = [c.argv(f, suffix, archs)
+                 for f in c.files for suffix, archs in ((".1.o", gpu_arch), (".d.o", default))]
+        if cores_here() < len(argvs):
+            raise SystemExit(f"--concurrent needs {len(argvs)} cores, this machine has {cores_here()}")
+        timed = run_each(argvs, c.env)
+        res["archs_concurrent"] = len(argvs)
+        for i, f in enumerate(c.files):
+            (one_s, one_g), (all_s, all_g) = timed[2 * i], timed[2 * i + 1]
+            row(c.part, f"{f.name}: {gpu_arch} only", one_s, None, one_g, concurrent=len(argvs))
+            row(c.part, f"{f.name}: default {n_default} archs", all_s, None, all_g,
+                ratio=round(one_s / all_s, 2), concurrent=len(argvs))
+            res["files"][f.name] = _archs_entry(timed[2 * i], timed[2 * i + 1])
+        return
+    for f in c.files:
+        (one_s, one_g), = run_each([c.argv(f, ".1.o", gpu_arch)], c.env)
+        row(c.part, f"{f.name}: {gpu_arch} only", one_s, None, one_g)
+        (all_s, all_g), = run_each([c.argv(f, ".d.o", default)], c.env)
+        row(c.part, f"{f.name}: default {n_default} archs", all_s, None, all_g, ratio=round(one_s / all_s, 2))
+        res["files"][f.name] = _archs_entry((one_s, one_g), (all_s, all_g))
+
+
+def _measure_jobs(c: _Compiles, bench: NvccBench, choice, res: dict) -> None:
+    """Auto jobs vs one job, all files, the GPU's arch."""
+    argv = [c.argv(f, f".j{i}.o", bench.gpu_arch) for i, f in enumerate(c.files)]
+    auto_s = one_s = 0.0
+    auto_m: dict = {}
+    for i, jobs in enumerate([choice.jobs, 1, 1, choice.jobs][:2 * REPEAT]):
+        s, m = run_jobs(argv, jobs, c.env)
+        row(c.part, f"{len(c.files)} files, {'auto jobs' if jobs == choice.jobs else 'MAX_JOBS=1'} ({jobs}) "
+            f"#{i + 1}", s, m["peak_tree_gib"], m["peak_job_gib"])
+        if jobs == choice.jobs:
+            auto_s, auto_m = auto_s + s, m
+        else:
+            one_s += s
+    res["jobs"] = {"auto": choice.jobs, "why": choice.why, "auto_s": round(auto_s, 1),
+                   "one_s": round(one_s, 1), "speedup": round(one_s / auto_s, 2),
+                   "peak_auto_gib": auto_m["peak_tree_gib"]}
+
+
+def _measure_sccache(c: _Compiles, bench: NvccBench, choice, res: dict) -> None:
+    """sccache cold vs warm on nvcc (a fresh cache folder; a second object path = a fresh build tree)."""
+    sccache, tmp = bench.sccache, bench.tmp
+    cache = bcache.setup_cache(sccache, tmp / f"{c.part}-state", tmp / "no-venv", c.env, [tmp])
+    cenv = {**c.env, **cache.env}
+    cache.start(cenv)
+    try:
+        times = []
+        for rnd in ("cold", "warm"):
+            cache._run(["--zero-stats"], cenv)
+            argv = [[sccache, *c.argv(f, f".{rnd}.o", bench.gpu_arch)] for f in c.files]
+            s, m = run_jobs(argv, choice.jobs, cenv, cache.server_pids)
+            stats = cache.stats(cenv)
+            times.append(s)
+            row(c.part, f"sccache {rnd}, auto jobs", s, m["peak_tree_gib"], m["peak_job_gib"],
+                cache=f"{stats.get('hits')}h/{stats.get('misses')}m")
+        res["sccache"] = {"cold_s": round(times[0], 1), "warm_s": round(times[1], 2),
+                          "ratio": round(times[1] / times[0], 3), "stats": stats}
+    finally:
+        cache.stop(cenv)
+
+
+def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, bench: NvccBench) -> dict:
+    what, tmp, gpu_arch = bench.what, bench.tmp, bench.gpu_arch
     nvcc = _nvcc()
     if not nvcc:
         print(f"{part}: skipped (no nvcc)")
@@ -276,86 +379,32 @@ def part_nvcc(part: str, files: list[Path], incs: list[str], python: str, gpu_ar
                  "generated_header": bool(extra_inc), "files": {}}
     out = tmp / f"{part}-obj"
     out.mkdir(exist_ok=True)
-    incs = incs + extra_inc
+    c = _Compiles(part, files, nvcc, td, incs + extra_inc, out, env)
     if "peak" in what:
         # each file once for the GPU's arch, all at once: the time and memory of one compile job
-        timed = run_each([nvcc_argv(nvcc, f, out / (f.stem + ".p.o"), incs, td, gpu_arch) for f in files], env)
+        timed = run_each([c.argv(f, ".p.o", gpu_arch) for f in files], env)
         res["peak"] = {}
         for f, (secs, gib) in zip(files, timed, strict=True):
             row(part, f"{f.name}: {gpu_arch} only, peak", secs, None, gib, concurrent=len(files))
             res["peak"][str(f)] = {"seconds": round(secs, 1), "peak_job_gib": round(gib, 2)}
-    if "archs" in what and concurrent:
-        # every (file, arch list) compile at once, each timed alone: one process per core, as many cores as
-        # compiles (checked), so they do not slow each other down beyond shared caches and memory bandwidth
-        argvs = [nvcc_argv(nvcc, f, out / (f.stem + suffix), incs, td, archs)
-                 for f in files for suffix, archs in ((".1.o", gpu_arch), (".d.o", default))]
-        if cores_here() < len(argvs):
-            raise SystemExit(f"--concurrent needs {len(argvs)} cores, this machine has {cores_here()}")
-        timed = run_each(argvs, env)
-        res["archs_concurrent"] = len(argvs)
-        for i, f in enumerate(files):
-            (one_s, one_g), (all_s, all_g) = timed[2 * i], timed[2 * i + 1]
-            row(part, f"{f.name}: {gpu_arch} only", one_s, None, one_g, concurrent=len(argvs))
-            row(part, f"{f.name}: default {n_default} archs", all_s, None, all_g, ratio=round(one_s / all_s, 2),
-                concurrent=len(argvs))
-            res["files"][f.name] = {"one_arch_s": round(one_s, 1), "default_s": round(all_s, 1),
-                                    "ratio": round(one_s / all_s, 3), "peak_one_gib": round(one_g, 2),
-                                    "peak_default_gib": round(all_g, 2)}
-    elif "archs" in what:
-        for f in files:
-            (one_s, one_g), = run_each([nvcc_argv(nvcc, f, out / (f.stem + ".1.o"), incs, td, gpu_arch)], env)
-            row(part, f"{f.name}: {gpu_arch} only", one_s, None, one_g)
-            (all_s, all_g), = run_each([nvcc_argv(nvcc, f, out / (f.stem + ".d.o"), incs, td, default)], env)
-            row(part, f"{f.name}: default {n_default} archs", all_s, None, all_g, ratio=round(one_s / all_s, 2))
-            res["files"][f.name] = {"one_arch_s": round(one_s, 1), "default_s": round(all_s, 1),
-                                    "ratio": round(one_s / all_s, 3), "peak_one_gib": round(one_g, 2),
-                                    "peak_default_gib": round(all_g, 2)}
+    if "archs" in what:
+        _measure_archs(c, bench, default, res)
     # auto jobs vs one job, all files, the GPU's arch
     cores = cores_here()
     if res["files"]:
         per = max(v["peak_one_gib"] for v in res["files"].values())
         per_why = f"measured just now: {per:.2f} GiB per nvcc"
     else:
-        per, per_why = bmem.PRIOR_GIB_PER_THREAD["cuda"], "the harness's prior figure"
-    choice = bmem.choose_jobs(cores, bmem.mem_available_gib(), per, per_why, "cuda", 1)
+        per, per_why = build_policy.PRIOR_GIB_PER_THREAD["cuda"], "the harness's prior figure"
+    choice = build_policy.choose_jobs(cores, bmem.mem_available_gib(), per, per_why, "cuda", 1)
     if "jobs" not in what and "sccache" not in what:
         return res
-    argv = [nvcc_argv(nvcc, f, out / (f.stem + f".j{i}.o"), incs, td, gpu_arch) for i, f in enumerate(files)]
-    auto_s = one_s = 0.0
-    auto_m: dict = {}
-    for i, jobs in enumerate([choice.jobs, 1, 1, choice.jobs][:2 * REPEAT] if "jobs" in what else []):
-        s, m = run_jobs(argv, jobs, env)
-        row(part, f"{len(files)} files, {'auto jobs' if jobs == choice.jobs else 'MAX_JOBS=1'} ({jobs}) #{i + 1}",
-            s, m["peak_tree_gib"], m["peak_job_gib"])
-        if jobs == choice.jobs:
-            auto_s, auto_m = auto_s + s, m
-        else:
-            one_s += s
     if "jobs" in what:
-        res["jobs"] = {"auto": choice.jobs, "why": choice.why, "auto_s": round(auto_s, 1),
-                       "one_s": round(one_s, 1), "speedup": round(one_s / auto_s, 2),
-                       "peak_auto_gib": auto_m["peak_tree_gib"]}
-    # sccache cold vs warm on nvcc (a fresh cache folder; a second object path = a fresh build tree)
+        _measure_jobs(c, bench, choice, res)
     if "sccache" not in what:
         pass
-    elif sccache:
-        cache = bcache.setup_cache(sccache, tmp / f"{part}-state", tmp / "no-venv", env, [tmp])
-        cenv = {**env, **cache.env}
-        cache.start(cenv)
-        try:
-            times = []
-            for rnd in ("cold", "warm"):
-                cache._run(["--zero-stats"], cenv)
-                argv = [[sccache, *nvcc_argv(nvcc, f, out / (f.stem + f".{rnd}.o"), incs, td, gpu_arch)] for f in files]
-                s, m = run_jobs(argv, choice.jobs, cenv, cache.server_pids)
-                stats = cache.stats(cenv)
-                times.append(s)
-                row(part, f"sccache {rnd}, auto jobs", s, m["peak_tree_gib"], m["peak_job_gib"],
-                    cache=f"{stats.get('hits')}h/{stats.get('misses')}m")
-            res["sccache"] = {"cold_s": round(times[0], 1), "warm_s": round(times[1], 2),
-                              "ratio": round(times[1] / times[0], 3), "stats": stats}
-        finally:
-            cache.stop(cenv)
+    elif bench.sccache:
+        _measure_sccache(c, bench, choice, res)
     else:
         res["sccache"] = {"skipped": "no sccache >= 0.9 (--sccache PATH)"}
     return res
@@ -429,10 +478,10 @@ def main(argv: list[str] | None = None) -> int:
             result["fixture"] = fx
         sccache = _find_sccache(a.sccache, fx and fx.get("venv_python"))
         python = a.python or (fx and fx.get("venv_python")) or sys.executable
+        bench = NvccBench(gpu_arch, tmp, sccache, what, a.concurrent)
         if "cuda-fixture" in parts:
             files = [FIXTURE / "csrc" / "layernorm_kernels.cu", FIXTURE / "csrc" / "activation_kernels.cu"]
-            result["cuda_fixture"] = part_nvcc("cuda-fixture", files, [str(FIXTURE / "csrc")], python, gpu_arch,
-                                               tmp, sccache, what, a.concurrent)
+            result["cuda_fixture"] = part_nvcc("cuda-fixture", files, [str(FIXTURE / "csrc")], python, bench)
         if "vllm-kernels" in parts:
             if not a.vllm_kernels:
                 raise SystemExit("--parts vllm-kernels needs --vllm-kernels DIR")
@@ -441,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             if not files:
                 raise SystemExit(f"{root}: none of {', '.join(VLLM_FILES)}")
             result["vllm_kernels"] = part_nvcc("vllm-kernels", files, [str(root / "csrc"), str(root)], python,
-                                               gpu_arch, tmp, sccache, what, a.concurrent)
+                                               bench)
     finally:
         if not a.keep:
             shutil.rmtree(tmp, ignore_errors=True)

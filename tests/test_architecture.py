@@ -182,3 +182,17 @@ def test_doctor_takes_the_build_options_of_build_variant():
     for name in ("doctor", "build", "build-variant"):
         flags = {a.flag for a in BY_NAME[name].args}
         assert {a.flag for a in BUILD_OPTIONS} <= flags, name
+
+
+def test_callers_branch_on_an_errors_kind_not_its_text():
+    """A caller that must tell errors apart reads ``e.kind`` (core/errors.KINDS), never the message's words."""
+    import re
+
+    from vllm_harness.core.errors import KINDS, UsageError
+    bad = [f"{mod}:{n}" for mod, path in modules().items()
+           for n, line in enumerate(path.read_text().splitlines(), 1)
+           if re.search(r"\bin \w+\.message\b|\.message\.(?:startswith|endswith)\(|\.message ==", line)]
+    assert not bad, bad
+    with pytest.raises(ValueError):
+        UsageError("x", kind="not-declared")
+    assert {UsageError("x", kind=k).kind for k in KINDS} == set(KINDS)

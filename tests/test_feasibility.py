@@ -16,9 +16,9 @@ from packaging.version import Version
 from vllm_harness.core.errors import UsageError
 from vllm_harness.doctor import report as doctor
 from vllm_harness.facts import build_archs, compat, feasibility, machine, planner
-from vllm_harness.steps import bundle_files
 from vllm_harness.facts.machine_profile import load_profile, parse_profile
 from vllm_harness.facts.variants import load_variant, parse_variant
+from vllm_harness.steps import bundle_files
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINES = sorted((ROOT / "tests" / "machines").glob("*.toml"))

@@ -170,7 +170,7 @@ def test_probe_reports_an_incomplete_toolkit(tmp_path):
     (tk / "include").mkdir()
     (tk / "include" / "cuda_runtime.h").write_text("")
     env = {"PATH": str(tmp_path / "empty"), "CUDA_HOME": str(tk), "HOME": str(tmp_path)}
-    toolkits, _no_nvcc, incomplete = machine._probe_toolkits(env)
+    toolkits, _no_nvcc, incomplete = machine.probe_toolkits_full(env)
     assert toolkits["13.0"] == str(tk)
     assert incomplete == [f"{tk} (CUDA 13.0): no bin/cudafe++, bin/ptxas, bin/fatbinary, nvvm/bin/cicc, "
                           "include/crt/host_config.h, include/cccl/nv/target, lib64/libcudart_static.a"]

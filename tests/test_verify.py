@@ -72,7 +72,7 @@ def test_not_elf_is_refused(tmp_path):
     f.write_text("not an ELF file at all")
     with pytest.raises(b.NotElf):
         b.read_elf(f)
-    checks = b.check_library(f, "x.so", None, None, [])
+    checks = b.check_library(f, "x.so", None, b.Target())
     assert checks[0]["status"] == "fail" and "not an ELF" in checks[0]["reason"]
 
 
@@ -133,17 +133,17 @@ def test_fatbin_made_by_nvcc_lists_its_archs(tmp_path):
     es2, reader = b.fatbin_entries(so, info, cuobjdump=None, reader="python")
     assert reader == "python" and b.arch_summary(es2) == {"sass": ["sm_80"], "ptx": ["compute_90"]}
     # on an H100 (9.0): PTX only -> a warning; on a V100 (7.0): nothing -> no-kernel-image predicted
-    h100 = b.check_library(so, "libk.so", None, None, ["9.0"], reader="python")
+    h100 = b.check_library(so, "libk.so", None, b.Target(["9.0"], reader="python"))
     arch = next(c for c in h100 if c["name"].endswith("GPU archs"))
     assert arch["status"] == "pass" and arch["metrics"]["warning"] == "ptx-only"
-    v100 = b.check_library(so, "libk.so", None, None, ["7.0"], reader="python")
+    v100 = b.check_library(so, "libk.so", None, b.Target(["7.0"], reader="python"))
     arch = next(c for c in v100 if c["name"].endswith("GPU archs"))
     assert arch["status"] == "fail" and arch["id"] == "no-kernel-image"
     # the CUDA major it links, against torch's
     nv_major = int(next(n for n in info.needed if n.startswith("libcudart.so.")).split(".")[2])
-    cr = next(c for c in b.check_library(so, "libk.so", None, f"{nv_major}.0", []) if c["name"].endswith("runtime"))
+    cr = next(c for c in b.check_library(so, "libk.so", None, b.Target(torch_cuda=f"{nv_major}.0")) if c["name"].endswith("runtime"))
     assert cr["status"] == "pass"
-    cr = next(c for c in b.check_library(so, "libk.so", None, f"{nv_major - 1}.8", [])
+    cr = next(c for c in b.check_library(so, "libk.so", None, b.Target(torch_cuda=f"{nv_major - 1}.8"))
               if c["name"].endswith("runtime"))
     assert cr["status"] == "fail" and cr["id"] == "cuda-runtime-lib-missing"
 
@@ -187,13 +187,13 @@ def test_needed_resolves_through_runpath_origin_and_a_missing_one_fails(tmp_path
     lp = b.LoaderPath(ldcache=b.ldconfig_cache())
     path, how = b.resolve("libdep.so.7", info, lp)
     assert how == "RUNPATH" and Path(path).resolve() == dep.resolve()
-    ok = next(c for c in b.check_library(user, "libuser.so", lp, None, []) if c["name"].endswith("NEEDED libraries"))
+    ok = next(c for c in b.check_library(user, "libuser.so", lp, b.Target()) if c["name"].endswith("NEEDED libraries"))
     assert ok["status"] == "pass", ok
     # the dependency gone: a failure naming it
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     dep.rename(moved / dep.name)
-    bad = next(c for c in b.check_library(user, "libuser.so", lp, None, []) if c["name"].endswith("NEEDED libraries"))
+    bad = next(c for c in b.check_library(user, "libuser.so", lp, b.Target()) if c["name"].endswith("NEEDED libraries"))
     assert bad["status"] == "fail" and bad["metrics"]["missing"] == ["libdep.so.7"]
     # ... found again through LD_LIBRARY_PATH, or through what `import torch` loads (torch's lib/)
     lp2 = b.LoaderPath(ld_library_path=[str(moved)], ldcache=lp.ldcache)
@@ -219,14 +219,14 @@ def test_missing_cuda_library_gets_its_id_and_driver_library_is_a_skip_without_d
     info = b.read_elf(user)
     assert {"libcudart.so.10", "libcuda.so.1"} <= set(info.needed)
     lp = b.LoaderPath(ldcache={}, driver_present=False)
-    checks = b.check_library(user, "libu.so", lp, "13.0", [])
+    checks = b.check_library(user, "libu.so", lp, b.Target(torch_cuda="13.0"))
     needed = next(c for c in checks if c["name"].endswith("NEEDED libraries"))
     assert needed["status"] == "fail" and needed["id"] == "cuda-runtime-lib-missing"
     assert needed["metrics"]["missing"] == ["libcudart.so.10"]   # libcuda.so.1: the driver's, absent here
     runtime = next(c for c in checks if c["name"].endswith("CUDA runtime"))
     assert runtime["status"] == "fail" and "libcudart.so.10" in runtime["reason"]
     lp_ok = b.LoaderPath(ld_library_path=[str(tmp_path / "stub")], ldcache={}, driver_present=False)
-    needed = next(c for c in b.check_library(user, "libu.so", lp_ok, "10.2", [])
+    needed = next(c for c in b.check_library(user, "libu.so", lp_ok, b.Target(torch_cuda="10.2"))
                   if c["name"].endswith("NEEDED libraries"))
     assert needed["status"] == "pass"
 
@@ -510,10 +510,10 @@ def test_an_xformers_built_for_another_torch_fails_verify_though_it_imports(tmp_
     needs_pypi()
     import urllib.request
 
-    from vllm_harness.steps.fetch import PYPI_SIMPLE, _get_json
+    from vllm_harness.steps.fetch import PYPI_SIMPLE, get_json
 
     # PyPI's simple index as PEP 691 JSON (the test env may have no pip: nox's uv backend)
-    index = _get_json(PYPI_SIMPLE.format(name="xformers"), accept="application/vnd.pypi.simple.v1+json")
+    index = get_json(PYPI_SIMPLE.format(name="xformers"), accept="application/vnd.pypi.simple.v1+json")
     url = next(f["url"] for f in index["files"]
                if f["filename"] == "xformers-0.0.35-py39-none-manylinux_2_28_x86_64.whl")
     wheel = tmp_path / "xformers-0.0.35-py39-none-manylinux_2_28_x86_64.whl"

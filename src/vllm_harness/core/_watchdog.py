@@ -68,21 +68,8 @@ def _tagged(tag: str) -> list:
     return out
 
 
-def main() -> None:
-    groups, trees, files, owners = set(), set(), set(), set()
-    sets = {"g": groups, "t": trees, "f": files, "o": owners}
-    for raw in sys.stdin.buffer:
-        line = raw.decode("utf-8", "surrogateescape").rstrip("\n")
-        if line == "bye":
-            return
-        op, _, arg = line.partition(" ")
-        kind = op.lstrip("-")
-        if kind not in sets or not arg:
-            continue
-        value = arg if kind in ("f", "o") else int(arg)
-        (sets[kind].discard if op.startswith("-") else sets[kind].add)(value)
-    for root in trees:
-        _end_tree(root)
+def _end_groups(groups: set[int]) -> None:
+    """SIGTERM every group, wait up to 5 s for them to go, then SIGKILL those left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = set()
         for g in groups:
@@ -102,6 +89,24 @@ def main() -> None:
                     alive.discard(g)
             time.sleep(0.1)
         groups = alive
+
+
+def main() -> None:
+    groups, trees, files, owners = set(), set(), set(), set()
+    sets = {"g": groups, "t": trees, "f": files, "o": owners}
+    for raw in sys.stdin.buffer:
+        line = raw.decode("utf-8", "surrogateescape").rstrip("\n")
+        if line == "bye":
+            return
+        op, _, arg = line.partition(" ")
+        kind = op.lstrip("-")
+        if kind not in sets or not arg:
+            continue
+        value = arg if kind in ("f", "o") else int(arg)
+        (sets[kind].discard if op.startswith("-") else sets[kind].add)(value)
+    for root in trees:
+        _end_tree(root)
+    _end_groups(groups)
     for tag in owners:  # what left the groups (setsid daemons), after the groups had their SIGTERM
         for root in _tagged(tag):
             _end_tree(root)

@@ -239,6 +239,19 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(_HTTPSConnection, req, **kw)
 
 
+def _check_content_length(resp, url: str, max_bytes: int) -> None:
+    """A declared Content-Length must be a number within ``max_bytes``."""
+    cl = resp.headers.get("Content-Length")
+    if cl is None:
+        return
+    try:
+        n = int(cl.strip())
+    except ValueError:
+        raise FetchError(url, f"bad Content-Length {cl[:40]!r}", kind="broken") from None
+    if n > max_bytes:
+        raise FetchError(url, f"Content-Length {n} is over the limit of {max_bytes} bytes", kind="too-large")
+
+
 def _sock_of(resp):
     """The socket under an http.client response (to shorten its timeout as the deadline nears), or None."""
     raw = getattr(getattr(resp, "fp", None), "raw", None)
@@ -347,41 +360,36 @@ class Fetcher:
             reason = getattr(e, "reason", None) or e
             raise FetchError(url, f"unreachable ({reason})", kind="unreachable", transient=True) from None
 
+    def _read_chunk(self, read, sock, url: str, end: float) -> bytes:
+        """One read of at most CHUNK bytes, within the idle timeout and the deadline."""
+        left = self._left(url, end)
+        if sock is not None:
+            sock.settimeout(min(self.timeout_s, left))
+        try:
+            return read(CHUNK)
+        except TimeoutError:
+            if time.monotonic() >= end:
+                raise FetchError(url, "no complete answer within the deadline", kind="deadline") from None
+            raise FetchError(
+                url,
+                f"the server sent nothing for {self.timeout_s:g}s",
+                kind="unreachable",
+                transient=True,
+            ) from None
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            if time.monotonic() >= end:
+                raise FetchError(url, "no complete answer within the deadline", kind="deadline") from None
+            raise FetchError(url, f"connection broken ({e})", kind="broken", transient=True) from None
+
     def _chunks(self, resp, url: str, max_bytes: int, end: float) -> Iterator[bytes]:
         """The decoded body in chunks, within ``max_bytes`` (raw and decoded) and the deadline."""
-        cl = resp.headers.get("Content-Length")
-        if cl is not None:
-            try:
-                n = int(cl.strip())
-            except ValueError:
-                raise FetchError(url, f"bad Content-Length {cl[:40]!r}", kind="broken") from None
-            if n > max_bytes:
-                raise FetchError(
-                    url, f"Content-Length {n} is over the limit of {max_bytes} bytes", kind="too-large"
-                )
+        _check_content_length(resp, url, max_bytes)
         dec = _Decoder(resp.headers.get("Content-Encoding", ""), url)
         raw = out = 0
         read = getattr(resp, "read1", None) or resp.read
         sock = _sock_of(resp)
         while True:
-            left = self._left(url, end)
-            if sock is not None:
-                sock.settimeout(min(self.timeout_s, left))
-            try:
-                chunk = read(CHUNK)
-            except TimeoutError:
-                if time.monotonic() >= end:
-                    raise FetchError(url, "no complete answer within the deadline", kind="deadline") from None
-                raise FetchError(
-                    url,
-                    f"the server sent nothing for {self.timeout_s:g}s",
-                    kind="unreachable",
-                    transient=True,
-                ) from None
-            except (OSError, ValueError, http.client.HTTPException) as e:
-                if time.monotonic() >= end:
-                    raise FetchError(url, "no complete answer within the deadline", kind="deadline") from None
-                raise FetchError(url, f"connection broken ({e})", kind="broken", transient=True) from None
+            chunk = self._read_chunk(read, sock, url, end)
             if not chunk:
                 if time.monotonic() >= end:  # the guard shut the socket: not the end of the body
                     raise FetchError(url, "no complete answer within the deadline", kind="deadline")

@@ -26,7 +26,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from vllm_harness.core import oserrors
-from vllm_harness.core.errors import StepFailed
+from vllm_harness.core.errors import LOCK_HELD, StepFailed
 
 GATE = ".gate"
 BUNDLE_PREFIX = "bundle@"   # '@' is not in a variant name (layout.NAME_RE): no variant's lock is a bundle's
@@ -106,7 +106,8 @@ def _gate_enter1(gate: Path, exclusive: bool, wait: bool, say, what: str) -> Non
             if not wait:
                 who = "; ".join(holders(gate.parent)) or "another harness run"
                 raise StepFailed(f"{what} is in use by {who}.",
-                                 "Wait for that run to finish (or drop --no-wait to wait for it).") from None
+                                 "Wait for that run to finish (or drop --no-wait to wait for it).",
+                                 kind=LOCK_HELD) from None
             say(f"waiting for {what}: held by {'; '.join(holders(gate.parent)) or 'another harness run'}")
             fcntl.flock(fd, mode)
     except BaseException:
@@ -170,7 +171,8 @@ def _held(lock: Path, what: str, wait: bool, say, poll: float):
         info = holder(lock)
         if not wait:
             raise StepFailed(f"{what} is in use by {describe(info)}.",
-                             "Wait for that run to finish (or drop --no-wait to wait for it).") from None
+                             "Wait for that run to finish (or drop --no-wait to wait for it).",
+                                 kind=LOCK_HELD) from None
         say(f"waiting for {what}: held by {describe(info)}")
         while True:
             try:

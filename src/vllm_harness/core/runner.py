@@ -208,23 +208,38 @@ def _hms(seconds: float) -> str:
     )
 
 
+@dataclass(frozen=True)
+class CommandOptions:
+    """How :func:`run_commands` runs: in ``cwd`` (None: here), without progress output (``quiet``), ending
+    the step after ``timeout`` seconds (None: never), adding to the log instead of starting it afresh
+    (``append``)."""
+
+    cwd: Path | None = None
+    quiet: bool = False
+    timeout: float | None = None
+    append: bool = False
+
+
 def run_commands(
     step: str,
     commands: list[list[str]],
     log_path: Path,
     env: dict[str, str],
-    cwd: Path | None = None,
-    quiet: bool = False,
-    timeout: float | None = None,
-    append: bool = False,
+    *,
+    options: CommandOptions | None = None,
+    **fields: object,
 ) -> float:
     """Run ``commands`` one after another; all output to ``log_path``.  Returns seconds taken.
+    ``options`` (or its fields as keywords: ``cwd=``, ``quiet=``, ``timeout=``, ``append=``): see
+    :class:`CommandOptions`.
 
     Raises ``StepFailed`` (with the log path) when one exits non-zero.  On Ctrl-C / SIGTERM the child's
     whole process group (pip, cmake, ninja, nvcc) is ended before the exception goes on.
     """
-    log = StepLog(log_path, append=append)
-    prog = Progress(step, quiet=quiet, ticker=True)
+    opts = options if options is not None else CommandOptions(**fields)
+    cwd, timeout = opts.cwd, opts.timeout
+    log = StepLog(log_path, append=opts.append)
+    prog = Progress(step, quiet=opts.quiet, ticker=True)
     t0 = time.monotonic()
     try:
         with log.open() as fh:
@@ -285,11 +300,11 @@ def summary(
     if quiet:
         return
     mark = "[green]✓[/]" if ok else "[red]✗[/]"
-    where = f"  log: {_rel(log)}" if log else ""
+    where = f"  log: {rel_path(log)}" if log else ""
     console().print(f"{mark} [bold]{step:<13}[/] {seconds:7.1f}s{where}{('  ' + note) if note else ''}")
 
 
-def _rel(p: Path) -> str:
+def rel_path(p: Path) -> str:
     try:
         return str(p.resolve().relative_to(Path.cwd()))
     except ValueError:

@@ -144,86 +144,99 @@ def _find_unescaped(text: str, needle: str, j: int) -> int:
         j = k + 1
 
 
+class _TomlScan:
+    """The lexical state of :func:`prescan_toml`: one handler per character that matters."""
+
+    def __init__(self, text: str, max_depth: int, max_keys: int) -> None:
+        self.text, self.n = text, len(text)
+        self.max_depth, self.max_keys = max_depth, max_keys
+        self.dots = 0  # dots in the key being read
+        self.items = 0
+        self.line = 1
+        self.in_key = True  # at the start of a line (depth 0) or after '{' / ',' inside an inline table
+        self.stack: list[str] = []  # open [ / { outside strings, and "header" for a table header
+
+    def run(self) -> None:
+        handlers = {
+            "\n": self._newline, "#": self._comment, '"': self._string, "'": self._string,
+            "[": self._open, "{": self._open, "]": self._close, "}": self._close,
+            ".": self._dot, "=": self._equals, ",": self._comma,
+        }
+        i, n, text = 0, self.n, self.text
+        while i < n:
+            handler = handlers.get(text[i])
+            i = handler(i) if handler else i + 1
+
+    def _count_item(self, what: str) -> None:
+        self.items += 1
+        if self.items > self.max_keys:
+            raise TomlLimit(f"line {self.line}: more than {self.max_keys} {what}")
+
+    def _newline(self, i: int) -> int:
+        self.line += 1
+        if not self.stack:
+            self.in_key, self.dots = True, 0
+        return i + 1
+
+    def _comment(self, i: int) -> int:
+        k = self.text.find("\n", i)
+        return self.n if k < 0 else k
+
+    def _string(self, i: int) -> int:
+        j = _scan_string(self.text, i)
+        self.line += self.text.count("\n", i, j)
+        return j
+
+    def _open(self, i: int) -> int:
+        c = self.text[i]
+        # a table header [a.b] / [[a.b]] counts its parts like a dotted key
+        if c == "[" and not self.stack and self.in_key:
+            self.in_key, self.dots = True, 0
+            while i < self.n and self.text[i] == "[":
+                i += 1
+            self.stack.append("header")
+            return i
+        self.stack.append(c)
+        depth = sum(1 for s in self.stack if s != "header")
+        if depth > self.max_depth:
+            raise TomlLimit(f"line {self.line}: nesting deeper than {self.max_depth} levels")
+        self.in_key = c == "{"
+        self.dots = 0
+        return i + 1
+
+    def _close(self, i: int) -> int:
+        if self.stack and self.stack.pop() == "header":
+            while i < self.n and self.text[i] == "]":
+                i += 1
+            self.in_key = False
+            return i
+        return i + 1
+
+    def _dot(self, i: int) -> int:
+        if self.in_key or (self.stack and self.stack[-1] == "header"):
+            self.dots += 1
+            if self.dots >= self.max_depth:
+                raise TomlLimit(f"line {self.line}: a key of more than {self.max_depth} dotted parts")
+        return i + 1
+
+    def _equals(self, i: int) -> int:
+        if self.in_key:
+            self._count_item("keys")
+        self.in_key, self.dots = False, 0
+        return i + 1
+
+    def _comma(self, i: int) -> int:
+        self._count_item("keys and items")
+        if self.stack and self.stack[-1] == "{":
+            self.in_key, self.dots = True, 0
+        return i + 1
+
+
 def prescan_toml(text: str, max_depth: int = TOML_MAX_DEPTH, max_keys: int = TOML_MAX_KEYS) -> None:
     """Raise :class:`TomlLimit` when ``text`` nests deeper than ``max_depth`` (brackets, braces, dotted key
     or table-header parts) or holds more than ``max_keys`` keys and items.  A lexical pass: strings and
     comments are skipped, so values may hold any text."""
-    depth = 0  # open [ / { outside strings
-    dots = 0  # dots in the key being read
-    items = 0
-    line = 1
-    in_key = True  # at the start of a line (depth 0) or after '{' / ',' inside an inline table
-    stack: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == "\n":
-            line += 1
-            if not stack:
-                in_key, dots = True, 0
-            i += 1
-            continue
-        if c == "#":
-            k = text.find("\n", i)
-            i = n if k < 0 else k
-            continue
-        if c in "\"'":
-            j = _scan_string(text, i)
-            line += text.count("\n", i, j)
-            i = j
-            continue
-        if c in "[{":
-            # a table header [a.b] / [[a.b]] counts its parts like a dotted key
-            if c == "[" and not stack and in_key:
-                in_key, dots = True, 0
-                k = i
-                while k < n and text[k] == "[":
-                    k += 1
-                i = k
-                stack.append("header")
-                continue
-            stack.append(c)
-            depth = sum(1 for s in stack if s != "header")
-            if depth > max_depth:
-                raise TomlLimit(f"line {line}: nesting deeper than {max_depth} levels")
-            in_key = c == "{"
-            dots = 0
-            i += 1
-            continue
-        if c in "]}":
-            if stack:
-                top = stack.pop()
-                if top == "header":
-                    while i < n and text[i] == "]":
-                        i += 1
-                    in_key = False
-                    continue
-            i += 1
-            continue
-        if c == ".":
-            if in_key or (stack and stack[-1] == "header"):
-                dots += 1
-                if dots >= max_depth:
-                    raise TomlLimit(f"line {line}: a key of more than {max_depth} dotted parts")
-            i += 1
-            continue
-        if c == "=":
-            if in_key:
-                items += 1
-                if items > max_keys:
-                    raise TomlLimit(f"line {line}: more than {max_keys} keys")
-            in_key, dots = False, 0
-            i += 1
-            continue
-        if c == ",":
-            items += 1
-            if items > max_keys:
-                raise TomlLimit(f"line {line}: more than {max_keys} keys and items")
-            if stack and stack[-1] == "{":
-                in_key, dots = True, 0
-            i += 1
-            continue
-        i += 1
+    _TomlScan(text, max_depth, max_keys).run()
 
 
 def parse_toml(

@@ -19,13 +19,14 @@ file, or a log folder (or its parent, ``logs/``) that is a link, is refused befo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import secrets
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.safeio import file_kind
@@ -84,9 +85,19 @@ def _lstat(dfd: int | None, name: str, path: Path) -> os.stat_result | None:
         ) from None
 
 
-def _judge(
-    st: os.stat_result | None, path: Path, what: str, force: bool, marker: bytes | None, fix: str, head
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class _Rules:
+    """What a target is judged by: ``what`` names it in messages, ``force`` lifts the not-ours refusal,
+    ``marker`` is the generated-by line that makes it ours, ``fix`` the advice of that refusal."""
+
+    what: str
+    force: bool = False
+    marker: bytes | None = None
+    fix: str = ""
+
+
+def _judge(st: os.stat_result | None, path: Path, rules: _Rules, head) -> None:
+    what = rules.what
     if st is None:
         return
     if stat.S_ISLNK(st.st_mode):
@@ -106,13 +117,13 @@ def _judge(
             "a write would change too); nothing was written.",
             "Remove the other names, or give the path of a new file.",
         )
-    if force or os.path.abspath(path) in _permitted:
+    if rules.force or os.path.abspath(path) in _permitted:
         return
-    if marker is not None and marker in head():
+    if rules.marker is not None and rules.marker in head():
         return
     raise UsageError(
         f"{what} {path}: exists and was not written by the harness; it was left unchanged.",
-        fix or "Give the path of a new file, or pass --force to replace it.",
+        rules.fix or "Give the path of a new file, or pass --force to replace it.",
     )
 
 
@@ -123,7 +134,7 @@ def check_target(
     new)."""
     p = Path(path)
     st = _lstat(None, p.name, p)
-    _judge(st, p, what, force, marker, fix, lambda: _head(None, p.name, p))
+    _judge(st, p, _Rules(what, force, marker, fix), lambda: _head(None, p.name, p))
     return st
 
 
@@ -161,10 +172,11 @@ def atomic_output(
             "Give a path in a folder you can write.",
         ) from None
     dfd = _open_dir(p.parent, what, p)
+    rules = _Rules(what, force, marker, fix)
     tmp = None
     try:
         st = _lstat(dfd, p.name, p)  # again, relative to the folder now held open
-        _judge(st, p, what, force, marker, fix, lambda: _head(dfd, p.name, p))
+        _judge(st, p, rules, lambda: _head(dfd, p.name, p))
         fd = -1
         for _ in range(8):
             tmp = f"{p.name}.{secrets.token_hex(6)}.tmp"
@@ -202,7 +214,7 @@ def atomic_output(
             os.fsync(fh.fileno())
         now = _lstat(dfd, p.name, p)  # the same file as judged (a link put there since is refused)
         if now is not None and (st is None or (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev)):
-            _judge(now, p, what, force, marker, fix, lambda: _head(dfd, p.name, p))
+            _judge(now, p, rules, lambda: _head(dfd, p.name, p))
         os.replace(tmp, p.name, src_dir_fd=dfd, dst_dir_fd=dfd)
         tmp = None
         with contextlib.suppress(OSError):
@@ -214,22 +226,13 @@ def atomic_output(
         os.close(dfd)
 
 
-def write_file(
-    path: str | Path,
-    data: bytes | str,
-    *,
-    what: str,
-    force: bool = False,
-    fix: str = "",
-    marker: bytes | None = None,
-    mode: int | None = None,
-) -> Path:
+def write_file(path: str | Path, data: bytes | str, **target: Any) -> Path:
     """Replace (or create) ``path`` with ``data`` (str: UTF-8) atomically; refused cases: see the module's
-    doc.
+    doc.  ``target``: the keywords of :func:`atomic_output` (``what`` required; ``force``, ``fix``,
     ``marker``: the bytes a file the harness wrote holds in its first 4 KiB (None: any existing file needs
-    ``force``).  Returns the path."""
+    ``force``), ``mode``).  Returns the path."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    with atomic_output(path, what=what, force=force, fix=fix, marker=marker, mode=mode) as fh:
+    with atomic_output(path, **target) as fh:
         fh.write(raw)
     return Path(path)
 
@@ -260,55 +263,64 @@ def _open_nofollow_dir(d: Path, parent_fd: int | None, path: Path) -> int:
         ) from None
 
 
+def _open_log_folder(p: Path) -> int:
+    """The log's folder opened with ``O_NOFOLLOW`` (and ``logs/`` above it, when there is one, too)."""
+    in_logs = p.parent.parent.name == "logs"
+    for d in (p.parent.parent, p.parent) if in_logs else (p.parent,):
+        if d.is_symlink():  # before a folder is made in it
+            raise _log_refusal(p, f"its folder {d} is a symbolic link")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if in_logs:
+        gfd = _open_nofollow_dir(p.parent.parent, None, p)
+        try:
+            return _open_nofollow_dir(p.parent, gfd, p)
+        finally:
+            os.close(gfd)
+    if stat.S_ISLNK(os.lstat(p.parent).st_mode):
+        raise _log_refusal(p, f"its folder {p.parent} is a symbolic link")
+    return _open_nofollow_dir(p.parent, None, p)
+
+
+def _refuse_odd_log(p: Path, st: os.stat_result) -> None:
+    """A log that is not a regular file, or shares its content with another name, is never written."""
+    if not stat.S_ISREG(st.st_mode):
+        raise _log_refusal(p, f"is {file_kind(st.st_mode)}, not a regular file")
+    if st.st_nlink > 1:
+        raise _log_refusal(p, f"has {st.st_nlink} hard links (another name shares its content)")
+
+
+def _open_log_fd(p: Path, dfd: int) -> int:
+    try:
+        return os.open(
+            p.name,
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | os.O_NONBLOCK | _CLOEXEC,
+            0o666,
+            dir_fd=dfd,
+        )
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _log_refusal(p, "is a symbolic link") from None
+        raise UsageError(
+            f"Log file {p}: cannot be opened ({e.strerror}).", "Check the state folder's permissions."
+        ) from None
+
+
 def open_log(path: str | Path, *, append: bool = True, previous: str | Path | None = None) -> BinaryIO:
     """An unbuffered binary file to write the log ``path`` (created if missing).  ``append=False``: a new
     log; the old one, if any, is renamed to ``previous`` (or emptied when None)."""
     p = Path(path)
-    for d in (p.parent.parent, p.parent) if p.parent.parent.name == "logs" else (p.parent,):
-        if d.is_symlink():  # before a folder is made in it
-            raise _log_refusal(p, f"its folder {d} is a symbolic link")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    gfd = _open_nofollow_dir(p.parent.parent, None, p) if p.parent.parent.name == "logs" else None
-    try:
-        dfd = _open_nofollow_dir(p.parent, gfd, p) if gfd is not None else None
-        if dfd is None:
-            st = os.lstat(p.parent)
-            if stat.S_ISLNK(st.st_mode):
-                raise _log_refusal(p, f"its folder {p.parent} is a symbolic link")
-            dfd = _open_nofollow_dir(p.parent, None, p)
-    finally:
-        if gfd is not None:
-            os.close(gfd)
+    dfd = _open_log_folder(p)
     try:
         old = _lstat(dfd, p.name, p)
         if old is not None:
             if stat.S_ISLNK(old.st_mode):
                 raise _log_refusal(p, "is a symbolic link")
-            if not stat.S_ISREG(old.st_mode):
-                raise _log_refusal(p, f"is {file_kind(old.st_mode)}, not a regular file")
-            if old.st_nlink > 1:
-                raise _log_refusal(p, f"has {old.st_nlink} hard links (another name shares its content)")
+            _refuse_odd_log(p, old)
             if not append and previous is not None:
                 os.replace(p.name, Path(previous).name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        fd = _open_log_fd(p, dfd)
         try:
-            fd = os.open(
-                p.name,
-                os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NOFOLLOW | os.O_NONBLOCK | _CLOEXEC,
-                0o666,
-                dir_fd=dfd,
-            )
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise _log_refusal(p, "is a symbolic link") from None
-            raise UsageError(
-                f"Log file {p}: cannot be opened ({e.strerror}).", "Check the state folder's permissions."
-            ) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise _log_refusal(p, f"is {file_kind(st.st_mode)}, not a regular file")
-            if st.st_nlink > 1:
-                raise _log_refusal(p, f"has {st.st_nlink} hard links (another name shares its content)")
+            _refuse_odd_log(p, os.fstat(fd))
             os.set_blocking(fd, True)
             if not append and previous is None:
                 os.ftruncate(fd, 0)

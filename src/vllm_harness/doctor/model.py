@@ -20,7 +20,6 @@ from vllm_harness.core.options import RunOptions
 from vllm_harness.facts import feasibility
 from vllm_harness.facts.compat import (
     CompatData,
-    Fact,
 )
 
 
@@ -86,10 +85,6 @@ class RuleCtx:
 
     def not_found(self, tool: str) -> bool:
         return tool in (self.m.get("not_found") or [])
-
-
-def _cite(f: Fact | None) -> str:
-    return f" [{f.cite()}]" if f is not None else ""
 
 
 def _v(s: str) -> Version | None:

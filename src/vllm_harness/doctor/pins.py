@@ -41,7 +41,7 @@ def _req_lines(path: Path) -> list[Requirement]:
     return out
 
 
-def _pin(req: Requirement) -> str | None:
+def exact_pin(req: Requirement) -> str | None:
     for s in req.specifier:
         if s.operator in ("==", "==="):
             try:
@@ -63,6 +63,109 @@ def _lower_bound(spec: SpecifierSet) -> Version | None:
     return best
 
 
+class _Pins(dict):
+    """{key: (value, 'file: line')}; :meth:`first` keeps the first file's word on a key."""
+
+    def first(self, key: str, value: Any, where: str) -> None:
+        if value is not None and key not in self:
+            self[key] = (value, where)
+
+
+_RUNTIME_REQS = ["requirements/cuda.txt", "requirements-cuda.txt", "requirements/common.txt",
+                 "requirements-common.txt", "requirements.txt"]
+_BUILD_REQS = ["requirements/build/cuda.txt", "requirements/build.txt", "requirements-build.txt"]
+
+
+def _cmake_min(req: Requirement) -> str | None:
+    lb = _lower_bound(req.specifier)
+    return str(lb) if lb else None
+
+
+def _from_requirements(src: Path, pins: _Pins) -> None:
+    for rel in _RUNTIME_REQS + _BUILD_REQS:
+        for req in _req_lines(src / rel):
+            name = req.name.lower()
+            where = f"{rel}: {req}"
+            if name in ("torch", "xformers"):
+                pins.first(name, exact_pin(req), where)
+            elif name == "cmake":
+                pins.first("cmake_min", _cmake_min(req), where)
+            elif name == "numpy" and str(req.specifier):
+                pins.first("numpy", str(req.specifier), where)
+
+
+def _from_pyproject(src: Path, pins: _Pins) -> None:
+    pyproject = src / "pyproject.toml"
+    if not pyproject.is_file():
+        return
+    try:
+        data = compat_mod.tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    for line in data.get("build-system", {}).get("requires", []) or []:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        where = f"pyproject.toml [build-system] requires: {line}"
+        if req.name.lower() == "torch":
+            pins.first("torch", exact_pin(req), where)
+        elif req.name.lower() == "cmake":
+            pins.first("cmake_min", _cmake_min(req), where)
+    rp = data.get("project", {}).get("requires-python")
+    if isinstance(rp, str):
+        pins.first("python", rp, f"pyproject.toml requires-python = {rp!r}")
+
+
+def _from_setup_py(src: Path, pins: _Pins) -> None:
+    setup = src / "setup.py"
+    if not setup.is_file():
+        return
+    try:
+        m = re.search(
+            r"python_requires\s*=\s*['\"]([^'\"]+)['\"]",
+            setup.read_text(encoding="utf-8", errors="replace"),
+        )
+    except OSError:
+        m = None
+    if m:
+        pins.first("python", m.group(1), f"setup.py python_requires={m.group(1)!r}")
+
+
+def _from_cmakelists(src: Path, pins: _Pins) -> None:
+    cml = src / "CMakeLists.txt"
+    if not cml.is_file():
+        return
+    try:
+        text = cml.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    m = re.search(r"TORCH_SUPPORTED_VERSION_CUDA\s+\"([^\"]+)\"", text)
+    if m:
+        pins.first("torch", m.group(1), f'CMakeLists.txt: set(TORCH_SUPPORTED_VERSION_CUDA "{m.group(1)}")')
+    m = re.search(r"cmake_minimum_required\s*\(\s*VERSION\s+([\d.]+)", text, re.IGNORECASE)
+    if m:
+        old = pins.get("cmake_min")
+        if old is None or Version(m.group(1)) > Version(old[0]):
+            pins["cmake_min"] = (
+                m.group(1),
+                f"CMakeLists.txt: cmake_minimum_required(VERSION {m.group(1)})",
+            )
+    m = re.search(r"PYTHON_SUPPORTED_VERSIONS((?:\s+\"\d+\.\d+\")+)", text)
+    if m:
+        vs = sorted(Version(v) for v in re.findall(r"\"(\d+\.\d+)\"", m.group(1)))
+        if vs:
+            hi = vs[-1]
+            spec = f">={vs[0]},<{hi.major}.{hi.minor + 1}"
+            pins["python_cmake"] = (
+                spec,
+                f"CMakeLists.txt: PYTHON_SUPPORTED_VERSIONS {m.group(1).strip()}",
+            )
+    archs = _cmake_cuda_archs(text)
+    if archs:
+        pins["cuda_archs"] = (archs, "CMakeLists.txt: set(CUDA_SUPPORTED_ARCHS ...)")
+
+
 def read_source_pins(source_dir: Path) -> dict[str, tuple[Any, str]]:
     """What a vLLM source tree says about itself: {key: (value, 'file: line')}.
 
@@ -70,87 +173,10 @@ def read_source_pins(source_dir: Path) -> dict[str, tuple[Any, str]]:
     ({'X.Y' threshold or 'default': arch list}).  Files: requirements/{cuda,build,common}.txt (and the
     old requirements-*.txt), requirements/build/cuda.txt, pyproject.toml, setup.py, CMakeLists.txt."""
     src = Path(source_dir)
-    pins: dict[str, tuple[Any, str]] = {}
-
-    def first(key: str, value: Any, where: str) -> None:
-        if value is not None and key not in pins:
-            pins[key] = (value, where)
-
-    runtime = ["requirements/cuda.txt", "requirements-cuda.txt", "requirements/common.txt",
-               "requirements-common.txt", "requirements.txt"]
-    build = ["requirements/build/cuda.txt", "requirements/build.txt", "requirements-build.txt"]
-    for rel in runtime + build:
-        for req in _req_lines(src / rel):
-            name = req.name.lower()
-            where = f"{rel}: {req}"
-            if name in ("torch", "xformers"):
-                first(name, _pin(req), where)
-            elif name == "cmake":
-                lb = _lower_bound(req.specifier)
-                first("cmake_min", str(lb) if lb else None, where)
-            elif name == "numpy" and str(req.specifier):
-                first("numpy", str(req.specifier), where)
-    pyproject = src / "pyproject.toml"
-    if pyproject.is_file():
-        try:
-            data = compat_mod.tomllib.loads(pyproject.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            data = {}
-        for line in data.get("build-system", {}).get("requires", []) or []:
-            try:
-                req = Requirement(line)
-            except InvalidRequirement:
-                continue
-            if req.name.lower() == "torch":
-                first("torch", _pin(req), f"pyproject.toml [build-system] requires: {line}")
-            elif req.name.lower() == "cmake":
-                lb = _lower_bound(req.specifier)
-                first("cmake_min", str(lb) if lb else None, f"pyproject.toml [build-system] requires: {line}")
-        rp = data.get("project", {}).get("requires-python")
-        if isinstance(rp, str):
-            first("python", rp, f"pyproject.toml requires-python = {rp!r}")
-    setup = src / "setup.py"
-    if setup.is_file():
-        try:
-            m = re.search(
-                r"python_requires\s*=\s*['\"]([^'\"]+)['\"]",
-                setup.read_text(encoding="utf-8", errors="replace"),
-            )
-        except OSError:
-            m = None
-        if m:
-            first("python", m.group(1), f"setup.py python_requires={m.group(1)!r}")
-    cml = src / "CMakeLists.txt"
-    if cml.is_file():
-        try:
-            text = cml.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            text = ""
-        m = re.search(r"TORCH_SUPPORTED_VERSION_CUDA\s+\"([^\"]+)\"", text)
-        if m:
-            first("torch", m.group(1), f'CMakeLists.txt: set(TORCH_SUPPORTED_VERSION_CUDA "{m.group(1)}")')
-        m = re.search(r"cmake_minimum_required\s*\(\s*VERSION\s+([\d.]+)", text, re.IGNORECASE)
-        if m:
-            old = pins.get("cmake_min")
-            if old is None or Version(m.group(1)) > Version(old[0]):
-                pins["cmake_min"] = (
-                    m.group(1),
-                    f"CMakeLists.txt: cmake_minimum_required(VERSION {m.group(1)})",
-                )
-        m = re.search(r"PYTHON_SUPPORTED_VERSIONS((?:\s+\"\d+\.\d+\")+)", text)
-        if m:
-            vs = sorted(Version(v) for v in re.findall(r"\"(\d+\.\d+)\"", m.group(1)))
-            if vs:
-                hi = vs[-1]
-                spec = f">={vs[0]},<{hi.major}.{hi.minor + 1}"
-                pins["python_cmake"] = (
-                    spec,
-                    f"CMakeLists.txt: PYTHON_SUPPORTED_VERSIONS {m.group(1).strip()}",
-                )
-        archs = _cmake_cuda_archs(text)
-        if archs:
-            pins["cuda_archs"] = (archs, "CMakeLists.txt: set(CUDA_SUPPORTED_ARCHS ...)")
-    return pins
+    pins = _Pins()
+    for read in (_from_requirements, _from_pyproject, _from_setup_py, _from_cmakelists):
+        read(src, pins)
+    return dict(pins)
 
 
 def _cmake_cuda_archs(text: str) -> dict[str, str]:
@@ -176,7 +202,7 @@ def _cmake_cuda_archs(text: str) -> dict[str, str]:
     return out
 
 
-def _archs_for(table: dict[str, str], cuda: str) -> str | None:
+def archs_for(table: dict[str, str], cuda: str) -> str | None:
     cv = Version(major_minor(cuda))
     for key in sorted((k for k in table if k != "default"), key=Version, reverse=True):
         if cv >= Version(key):

@@ -8,7 +8,7 @@ too."""
 from __future__ import annotations
 
 from vllm_harness.doctor.model import RuleCtx, rule
-from vllm_harness.doctor.pins import _archs_for
+from vllm_harness.doctor.pins import archs_for
 from vllm_harness.facts import feasibility
 from vllm_harness.facts.build_archs import given_archs
 
@@ -62,7 +62,7 @@ def gpus(ctx: RuleCtx) -> None:
     if "cuda_archs" in ctx.pins and ctx.source:
         table, where = ctx.pins["cuda_archs"]
         cuda = ctx.variant.cuda
-        tree = (_archs_for(table, cuda), where)
+        tree = (archs_for(table, cuda), where)
     needs_xf = "xformers" in ctx.pins or (ctx.vf is not None and ctx.vf.xformers is not None)
     ctx.judged(feasibility.gpu_issues(ctx.data, ctx.profile, ctx.candidate, ctx.vf, ctx.tf, tree, needs_xf))
 

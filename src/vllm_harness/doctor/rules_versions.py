@@ -7,14 +7,15 @@ import re
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from vllm_harness.doctor.model import RuleCtx, _cite, req_named, rule
-from vllm_harness.doctor.pins import _pin
+from vllm_harness.doctor.model import RuleCtx, req_named, rule
+from vllm_harness.doctor.pins import exact_pin
 from vllm_harness.facts import compat as compat_mod
 from vllm_harness.facts import feasibility_build
 from vllm_harness.facts.compat import (
     CompatData,
     parse_cc,
 )
+from vllm_harness.facts.feasibility_model import cite
 
 
 def _check_python(ctx: RuleCtx, vf: compat_mod.VllmFacts | None, tf: compat_mod.TorchFacts | None) -> None:
@@ -59,7 +60,7 @@ def _check_torch(ctx: RuleCtx, tf: compat_mod.TorchFacts | None) -> None:
                 "error",
                 f"torch {ctx.torch_version}+{v.cuda_tag}",
                 f"torch {ctx.torch_version} is published for CUDA {', '.join(tf.cuda_variants.value)}"
-                f"{_cite(tf.cuda_variants)}, not {v.cuda}",
+                f"{cite(tf.cuda_variants)}, not {v.cuda}",
                 f"pick a torch release built for CUDA {v.cuda}: " + _torch_for_cuda(ctx.data, v.cuda),
             )
     else:
@@ -72,7 +73,7 @@ def _check_torch(ctx: RuleCtx, tf: compat_mod.TorchFacts | None) -> None:
                 f"torch {ctx.torch_version} from PyPI",
                 f"without index_url, PyPI's Linux wheel of torch {ctx.torch_version} is the CUDA "
                 f"{default} build"
-                f"{_cite(tf.pypi_default_cuda)}; the variant says CUDA {v.cuda}",
+                f"{cite(tf.pypi_default_cuda)}; the variant says CUDA {v.cuda}",
                 (
                     f'add index_url = "https://download.pytorch.org/whl/{v.cuda_tag}" to [torch]'
                     if has
@@ -87,15 +88,15 @@ def _torch_for_cuda(data: CompatData, cuda: str) -> str:
     return ", ".join(vs) if vs else f"none in the data for CUDA {cuda}"
 
 
-def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
+def _check_torch_pin(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
+    """vLLM's torch pin (the source tree's, else the data's) against the variant's torch."""
     v = ctx.variant
-    # torch pin
     if "torch" in ctx.pins:
-        pin, cite = ctx.pins["torch"][0], f" [{ctx.pins['torch'][1]}]"
+        pin, cited = ctx.pins["torch"][0], f" [{ctx.pins['torch'][1]}]"
     elif vf is not None and vf.torch is not None:
-        pin, cite = vf.torch.value, _cite(vf.torch)
+        pin, cited = vf.torch.value, cite(vf.torch)
     else:
-        pin, cite = None, ""
+        pin, cited = None, ""
         if v.torch.get("preinstalled") is not True or ctx.source:
             ctx.unknown(
                 "torch-api-mismatch",
@@ -112,7 +113,7 @@ def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
                 "torch-api-mismatch",
                 "warning",
                 f"vLLM {ctx.vllm_version} source vs torch {ctx.torch_version}",
-                f"the vLLM source expects torch {pin}{cite}; the variant installs {ctx.torch_version}, "
+                f"the vLLM source expects torch {pin}{cited}; the variant installs {ctx.torch_version}, "
                 f"but the "
                 f"compile probe of this tree against torch {ctx.probe['torch']} passed "
                 f"({ctx.probe.get('log')})",
@@ -123,7 +124,7 @@ def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
                 "torch-api-mismatch",
                 "warning" if same_minor else "error",
                 f"vLLM {ctx.vllm_version} source vs torch {ctx.torch_version}",
-                f"the vLLM source expects torch {pin}{cite}; the variant installs {ctx.torch_version}"
+                f"the vLLM source expects torch {pin}{cited}; the variant installs {ctx.torch_version}"
                 + (
                     "; the C++ API is the same minor release (CMake only warns)"
                     if same_minor
@@ -137,17 +138,21 @@ def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
                 "dependency-conflict",
                 "error",
                 f"vllm=={ctx.vllm_version} vs torch {ctx.torch_version}",
-                f"the vllm {ctx.vllm_version} wheel requires torch=={pin}{cite}; the variant installs "
+                f"the vllm {ctx.vllm_version} wheel requires torch=={pin}{cited}; the variant installs "
                 f"{ctx.torch_version}: pip fails (ResolutionImpossible) or replaces torch",
                 f'set [torch] version = "{pin}" and its packages{alt}',
             )
-    # xformers
+
+
+def _check_xformers(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
+    """xformers: built for the variant's torch, the one vLLM pins, there after a source build."""
+    v = ctx.variant
     want = ctx.pins.get("xformers", (None, ""))[0] or (
         vf.xformers.value if vf is not None and vf.xformers else None
     )
     have = req_named(v, "xformers", ("post_install", "deps"))
     for req in have:
-        xv = _pin(req)
+        xv = exact_pin(req)
         if xv is None:
             continue
         xf = ctx.data.xformers(xv)
@@ -158,7 +163,7 @@ def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
                 "xformers-torch-mismatch",
                 "error",
                 f"{req} vs torch {ctx.torch_version}",
-                f"xformers {xv} is built for torch {xf.torch.value}{_cite(xf.torch)}; the variant has "
+                f"xformers {xv} is built for torch {xf.torch.value}{cite(xf.torch)}; the variant has "
                 f"{ctx.torch_version}: "
                 "pip would replace torch, or xformers fails to load",
                 "use the xformers release built for torch "
@@ -191,7 +196,11 @@ def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
             f'add "xformers=={want}" to [post_install] packages with index_url = '
             f'"https://download.pytorch.org/whl/{v.cuda_tag}"',
         )
-    # numpy
+
+
+def _check_numpy(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
+    """NumPy 1 vs 2 for the stack vLLM's modules were built against."""
+    v = ctx.variant
     npf = vf.numpy if vf is not None else None
     np_tree = ctx.pins.get("numpy")
     np_reqs = req_named(v, "numpy", ("torch", "deps", "post_install"))
@@ -211,7 +220,7 @@ def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
                 else "modules of this stack are built against NumPy 1 (the source document hit it with "
                      "vLLM 0.8.5)"
             )
-            + _cite(npf)
+            + cite(npf)
         )
         ctx.add(
             "numpy-abi",
@@ -227,10 +236,14 @@ def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
             "dependency-conflict",
             "error",
             f"numpy<2 vs vLLM {ctx.vllm_version}",
-            f"vLLM {ctx.vllm_version} needs NumPy 2{_cite(npf)}; the variant pins numpy<2",
+            f"vLLM {ctx.vllm_version} needs NumPy 2{cite(npf)}; the variant pins numpy<2",
             "remove the numpy<2 pin from the variant",
         )
-    # the vLLM wheel's CUDA vs the variant's
+
+
+def _check_wheel_cuda(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
+    """the vLLM wheel's CUDA against the variant's."""
+    v = ctx.variant
     if not ctx.source and vf is not None and vf.wheel_cuda is not None and not v.vllm.get("index_url"):
         w = str(vf.wheel_cuda.value)
         if Version(w).major != Version(v.cuda).major:
@@ -238,11 +251,16 @@ def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
                 "cuda-runtime-lib-missing",
                 "error",
                 f"vllm {ctx.vllm_version} wheel (CUDA {w}) on CUDA {v.cuda}",
-                f"PyPI's vllm {ctx.vllm_version} is built for CUDA {w}{_cite(vf.wheel_cuda)} and loads "
+                f"PyPI's vllm {ctx.vllm_version} is built for CUDA {w}{cite(vf.wheel_cuda)} and loads "
                 f"libcudart.so.{Version(w).major}; the variant's stack is CUDA {v.cuda}",
                 f'build vLLM from source for CUDA {v.cuda} (mode = "source") or use a vLLM release '
                 f'built for it',
             )
+
+
+def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
+    for check in (_check_torch_pin, _check_xformers, _check_numpy, _check_wheel_cuda):
+        check(ctx, vf)
 
 
 def _vllm_for_torch(data: CompatData, torch_version: str) -> str:

@@ -76,7 +76,7 @@ def _version_file(root: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         pass
     try:
-        return _mm(_first_version((root / "version.txt").read_text()) or "")
+        return _mm(first_version((root / "version.txt").read_text()) or "")
     except OSError:
         return None
 
@@ -87,7 +87,7 @@ def _mm(v: str) -> str | None:
 
 
 def _nvcc_version(nvcc: Path, env: dict[str, str]) -> str | None:
-    r = _run([str(nvcc), "--version"], env=env)
+    r = run_quiet([str(nvcc), "--version"], env=env)
     if r is None or r[0] != 0:
         return None
     m = re.search(r"release (\d+\.\d+)", r[1])
@@ -96,7 +96,7 @@ def _nvcc_version(nvcc: Path, env: dict[str, str]) -> str | None:
 
 def _nvcc_top(nvcc: str, env: dict[str, str]) -> Path | None:
     """The toolkit root of an nvcc that is a wrapper script (nvcc --dryrun prints TOP=...)."""
-    r = _run([nvcc, "--dryrun", "-c", "probe.cu", "-o", os.devnull], env=env)
+    r = run_quiet([nvcc, "--dryrun", "-c", "probe.cu", "-o", os.devnull], env=env)
     if r is None:
         return None
     m = re.search(r"^#\$ TOP=(.+)$", r[1], re.MULTILINE)
@@ -160,7 +160,7 @@ def toolkit_candidates(env: dict[str, str], interpreters: list = ()) -> list[tup
 def probe_toolkits(env: dict[str, str], interpreters: list = ()) -> tuple[dict[str, str], list[str]]:
     """({major.minor: root}, [roots with a CUDA version file but no bin/nvcc]).  Each version comes from
     ``nvcc --version`` (the nvcc runs run side by side); the first root found for a version wins."""
-    return _probe_toolkits(env, interpreters)[:2]
+    return probe_toolkits_full(env, interpreters)[:2]
 
 
 def incomplete_toolkits(toolkits: dict[str, str]) -> list[str]:
@@ -172,7 +172,7 @@ def incomplete_toolkits(toolkits: dict[str, str]) -> list[str]:
     return out
 
 
-def _probe_toolkits(
+def probe_toolkits_full(
     env: dict[str, str], interpreters: list = ()
 ) -> tuple[dict[str, str], list[str], list[str]]:
     cands = toolkit_candidates(env, interpreters)
@@ -205,7 +205,7 @@ def _probe_toolkits(
 TIMEOUT = 10.0
 
 
-def _run(
+def run_quiet(
     argv: list[str], env: dict[str, str] | None = None, timeout: float = TIMEOUT
 ) -> tuple[int, str] | None:
     """(returncode, stdout+stderr) of ``argv``; None when it cannot be run or times out."""
@@ -219,6 +219,6 @@ def _run(
 _VERSION_RE = re.compile(r"(\d+(?:\.\d+)+)")
 
 
-def _first_version(text: str, pattern: re.Pattern | None = None) -> str | None:
+def first_version(text: str, pattern: re.Pattern | None = None) -> str | None:
     m = (pattern or _VERSION_RE).search(text)
     return m.group(1) if m else None

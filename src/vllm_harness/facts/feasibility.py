@@ -37,8 +37,8 @@ from vllm_harness.facts.feasibility_model import (
     Candidate,
     Issue,
     Verdict,
-    _cite,
     cc_str,
+    cite,
     make_issue,
     skipped,
     tier_of,
@@ -152,12 +152,12 @@ def _floor_issue(what: str, tags: list[str], arch: str, glibc: str | None, fact:
     if arch not in plats:
         have = ", ".join(sorted(plats)) or "none"
         return make_issue("torch-wheel-not-found", "error", f"{what} on {arch}",
-                      f"{what} publishes Linux wheels for {have} only{_cite(fact)}; this machine is {arch}", fix,
+                      f"{what} publishes Linux wheels for {have} only{cite(fact)}; this machine is {arch}", fix,
                       "wheel-platform")
     floor, g = plats[arch], version_or_none(glibc)
     if floor is not None and g is not None and g < floor:
         return make_issue("torch-wheel-not-found", "error", f"{what} on glibc {glibc}",
-                      f"{what}'s {arch} wheel is manylinux for glibc >= {floor}{_cite(fact)}; this machine has "
+                      f"{what}'s {arch} wheel is manylinux for glibc >= {floor}{cite(fact)}; this machine has "
                       f"glibc {glibc}: pip finds no wheel for it", glibc_fix, "wheel-glibc")
     return None
 
@@ -179,16 +179,16 @@ def platform_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFa
         if not cand.source and not cand.vllm_index:
             out.append(make_issue("torch-wheel-not-found", "error", f"PyPI's vllm {cand.vllm} on {board}",
                               f"PyPI's aarch64 wheels are SBSA (server) builds; the integrated GPU of {board} runs "
-                              f"only JetPack's CUDA builds{_cite(jf)}", jfix, "wheel-platform"))
+                              f"only JetPack's CUDA builds{cite(jf)}", jfix, "wheel-platform"))
         if not cand.torch_preinstalled:
             out.append(make_issue("torch-wheel-not-found", "error", f"torch {cand.torch} on {board}",
-                              f"torch from {cand.torch_index or 'PyPI'} is an SBSA (server) or CPU build{_cite(jf)}; "
+                              f"torch from {cand.torch_index or 'PyPI'} is an SBSA (server) or CPU build{cite(jf)}; "
                               f"{board} needs JetPack's build of torch", jfix, "wheel-platform",
                               fixable=cand.source))
         else:
             out.append(make_issue("torch-wheel-not-found", "warning", f"JetPack's torch on {board}",
                               f"the variant uses the interpreter's own torch (preinstalled = true); on {board} it "
-                              f"must be NVIDIA's build for this JetPack{_cite(jf)}, which the profile does not record",
+                              f"must be NVIDIA's build for this JetPack{cite(jf)}, which the profile does not record",
                               f"install NVIDIA's PyTorch {cand.torch} for this JetPack (https://docs.nvidia.com/"
                               "deeplearning/frameworks/install-pytorch-jetson-platform/) into the interpreter if it is "
                               f"not there (vLLM {cand.vllm} pins torch {cand.torch}; another torch needs `invoke probe`)",
@@ -212,7 +212,7 @@ def platform_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFa
         if cuda is None:
             has = index_has_torch(data, tf, cand.cuda, arch)
             out.append(make_issue("torch-cpu-only", "error", f"torch {cand.torch} from PyPI on {arch}",
-                              f"PyPI's {arch} wheel of torch {cand.torch} is a CPU-only build{_cite(f)}: vLLM would "
+                              f"PyPI's {arch} wheel of torch {cand.torch} is a CPU-only build{cite(f)}: vLLM would "
                               "fail with 'Torch not compiled with CUDA enabled'",
                               (f"add index_url = \"{PYTORCH_WHL}/{cand.cuda_tag}\" to [torch] (the PyTorch index for "
                                f"{arch}: its wheels are CUDA {cand.cuda} builds)") if has else
@@ -224,7 +224,7 @@ def platform_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFa
         lo, cmin = plat.get("torch_index_from"), plat.get("torch_index_cuda_min")
         out.append(make_issue("torch-wheel-not-found", "error", f"torch {cand.torch}+{cand.cuda_tag} on {arch}",
                           f"the PyTorch index has {arch} CUDA wheels from torch {lo.value if lo else '?'} on, for CUDA "
-                          f">= {cmin.value if cmin else '?'}{_cite(lo)}; torch {cand.torch}+{cand.cuda_tag} is not one",
+                          f">= {cmin.value if cmin else '?'}{cite(lo)}; torch {cand.torch}+{cand.cuda_tag} is not one",
                           f"use torch >= {lo.value if lo else '?'} on CUDA >= {cmin.value if cmin else '?'}",
                           "torch-platform"))
     if arch == "x86_64" and tf.wheels is not None:   # PyPI's tag; the index's builds of a release share it
@@ -245,7 +245,7 @@ def runtime_cuda(cand: Candidate, vf: VllmFacts | None) -> tuple[str, str]:
     if not cand.source and vf is not None and vf.wheel_cuda is not None and not cand.vllm_index:
         w = str(vf.wheel_cuda.value)
         if Version(w) > Version(cuda):
-            cuda, why = w, f"PyPI's vllm {cand.vllm} wheel is built for CUDA {w}{_cite(vf.wheel_cuda)}"
+            cuda, why = w, f"PyPI's vllm {cand.vllm} wheel is built for CUDA {w}{cite(vf.wheel_cuda)}"
     return cuda, why
 
 
@@ -334,21 +334,21 @@ def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFact
                        fixable=state == "too-old")]
     if state == "minor-compat":
         if driver:
-            ev = (f"{why}; its toolkit wants driver >= {cf.driver_min.value}{_cite(cf.driver_min)}; driver {driver} "
+            ev = (f"{why}; its toolkit wants driver >= {cf.driver_min.value}{cite(cf.driver_min)}; driver {driver} "
                   f"runs it only under minor-version compatibility (>= {cf.compat_driver_min.value}"
-                  f"{_cite(cf.compat_driver_min)}): PTX newer than the driver cannot be JIT-compiled")
+                  f"{cite(cf.compat_driver_min)}): PTX newer than the driver cannot be JIT-compiled")
             return [make_issue("driver-too-old", "warning", f"driver {driver} vs CUDA {need}", ev,
                            f"upgrade the driver to >= {cf.driver_min.value} ({NVIDIA_DRIVER_DOCS}), {other}")]
         return [make_issue("driver-too-old", "warning", f"driver (CUDA {driver_cuda}) vs CUDA {need}",
                        f"{why}; the driver supports CUDA {driver_cuda}: same major, so only minor-version "
-                       f"compatibility (no JIT of newer PTX){_cite(cf.compat_driver_min)}",
+                       f"compatibility (no JIT of newer PTX){cite(cf.compat_driver_min)}",
                        f"upgrade the driver to >= {cf.driver_min.value}, {other}")]
     if driver:
-        evidence = (f"{why}; it needs driver >= {cf.driver_min.value}{_cite(cf.driver_min)} (>= "
+        evidence = (f"{why}; it needs driver >= {cf.driver_min.value}{cite(cf.driver_min)} (>= "
                     f"{cf.compat_driver_min.value} with minor-version compatibility); this machine has driver {driver}"
                     + (f" (CUDA {driver_cuda})" if driver_cuda else ""))
     else:
-        evidence = f"{why}; the driver supports CUDA {driver_cuda} only (needs >= {cf.driver_min.value}{_cite(cf.driver_min)})"
+        evidence = f"{why}; the driver supports CUDA {driver_cuda} only (needs >= {cf.driver_min.value}{cite(cf.driver_min)})"
     out = [make_issue("driver-too-old", "error", f"driver {driver or ''} vs CUDA {need}".replace("  ", " "), evidence,
                   f"upgrade the NVIDIA driver to >= {cf.driver_min.value} ({NVIDIA_DRIVER_DOCS}), {other}", fixable=True)]
     # Forward compatibility could bridge a major gap, but only on data-center GPUs: elsewhere error 804.
@@ -362,7 +362,7 @@ def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFact
             f"forward compatibility on {g.get('name', 'this GPU')}",
             f"the CUDA {need} runtime on driver {driver or driver_cuda} needs NVIDIA's forward-compatibility "
             f"package (cuda-compat, shipped in CUDA container images), which works only on data-center GPUs"
-            f"{_cite(fwd)}; {g.get('name', 'this GPU')} is " + ("not one" if dc is False else "not known as one") +
+            f"{cite(fwd)}; {g.get('name', 'this GPU')} is " + ("not one" if dc is False else "not known as one") +
             ": with cuda-compat on the library path CUDA fails with error 804 "
             "('forward compatibility was attempted on non supported HW')" +
             ("; this is a container, where images often put cuda-compat on LD_LIBRARY_PATH" if m.get("in_container") else ""),
@@ -387,6 +387,17 @@ def gpu_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts |
         gpus.append((g, parse_cc(g["compute_capability"])))
     if not gpus:
         return out
+    out += _torch_kernel_issues(data, profile, cand, tf, gpus)
+    out += _vllm_kernel_issues(data, cand, vf, gpus, build_archs)
+    if cand.source:
+        out += _nvcc_issues(data, profile, cand, gpus)
+    return out + _pre_ampere_issues(gpus, needs_xformers)
+
+
+def _torch_kernel_issues(data: CompatData, profile: dict, cand: Candidate, tf: TorchFacts | None,
+                         gpus: list) -> list[Issue]:
+    """torch's kernels (its wheels' TORCH_CUDA_ARCH_LIST for this platform) against the GPUs."""
+    out: list[Issue] = []
     arch = cpu_arch(profile)
     if cand.torch_preinstalled:
         out.append(make_issue("check-skipped", "info", "torch kernels vs GPU",
@@ -402,19 +413,27 @@ def gpu_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts |
             for g, cc in gpus:
                 if not arch_list_runs_on(ta.value, cc):
                     out.append(make_issue("no-kernel-image", "error", f"torch {cand.torch}+{cand.cuda_tag} on {g.get('name')}",
-                                      f"its wheels hold kernels for TORCH_CUDA_ARCH_LIST {ta.value}{_cite(ta)}; {g.get('name')} is "
+                                      f"its wheels hold kernels for TORCH_CUDA_ARCH_LIST {ta.value}{cite(ta)}; {g.get('name')} is "
                                       f"compute capability {cc_str(cc)} (no SASS of its major with a lower minor, no PTX below it)",
                                       _arch_fix(data, cc)))
+    return out
+
+
+def _vllm_kernel_issues(data: CompatData, cand: Candidate, vf: VllmFacts | None, gpus: list,
+                        build_archs: tuple[str, str] | None) -> list[Issue]:
+    """vLLM's kernels (its CMake's arch list: the source tree's, else the data's) against the GPUs, with the
+    PTX the build compiles for a GPU newer than the toolkit."""
+    out: list[Issue] = []
     cuda_for_vllm = cand.cuda
     if not cand.source and vf is not None and vf.wheel_cuda is not None:
         cuda_for_vllm = str(vf.wheel_cuda.value)
     if build_archs is not None and cand.source:
-        supported, cite = build_archs[0], f" [{build_archs[1]}]"
+        supported, cited = build_archs[0], f" [{build_archs[1]}]"
     elif vf is not None and vf.build_archs(cuda_for_vllm) is not None:
         f = vf.build_archs(cuda_for_vllm)
-        supported, cite = f.value, _cite(f)
+        supported, cited = f.value, cite(f)
     else:
-        supported, cite = None, ""
+        supported, cited = None, ""
         out.append(unknown("no-kernel-image", "vLLM kernels vs GPU", f"the CUDA archs vLLM {cand.vllm} builds"))
     if supported is not None:
         built = [a for a, _ in parse_arch_list(supported)]
@@ -426,7 +445,7 @@ def gpu_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts |
                 how = "its CMake builds" if cand.source else "its wheel holds (the CMake list, assumed for the wheel)"
                 newer = ptx or all(cc > a for a in built)
                 out.append(make_issue("no-kernel-image", "error", f"vLLM {cand.vllm} kernels on {g.get('name')}",
-                                  f"{how} kernels for {supported} with CUDA {cuda_for_vllm}{cite}; {g.get('name')} is compute "
+                                  f"{how} kernels for {supported} with CUDA {cuda_for_vllm}{cited}; {g.get('name')} is compute "
                                   f"capability {cc_str(cc)}" + (
                                       f" (nvcc {cand.cuda} builds it PTX of {nvcc_arch_for(cf_src, cc)[0]}, an arch "
                                       "that list does not keep)" if ptx else ""),
@@ -434,8 +453,12 @@ def gpu_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts |
                                    f"{cuda_for_vllm}: use a newer vLLM release or CUDA line (see `invoke plan`)") if newer else
                                   "this GPU is below what this vLLM release supports: use an older vLLM release whose CMake "
                                   "lists it (vLLM 0.6-0.16 build 7.0+), or another GPU"))
-    if cand.source:
-        out += _nvcc_issues(data, profile, cand, gpus)
+    return out
+
+
+def _pre_ampere_issues(gpus: list, needs_xformers: bool) -> list[Issue]:
+    """bfloat16 and FlashAttention-2 need compute capability >= 8.0."""
+    out: list[Issue] = []
     old = [(g, cc) for g, cc in gpus if cc < (8, 0)]
     if old:
         names = ", ".join(f"{g.get('name')} ({cc_str(cc)})" for g, cc in old)
@@ -471,7 +494,7 @@ def _nvcc_issues(data: CompatData, profile: dict, cand: Candidate, gpus: list) -
         if how in ("sass", "same-major"):
             continue
         subject = f"nvcc {cand.cuda} vs {g.get('name')}"
-        ev = (f"nvcc {cand.cuda} builds SASS for {', '.join(cf.sm.value)}{_cite(cf.sm)}; none runs on compute "
+        ev = (f"nvcc {cand.cuda} builds SASS for {', '.join(cf.sm.value)}{cite(cf.sm)}; none runs on compute "
               f"capability {cc_str(cc)}")
         fix = _nvcc_fix(data, cc, m)
         if how != "ptx":

@@ -19,7 +19,7 @@ from vllm_harness.facts.feasibility_model import (
     COMPILER_KEYS,
     Candidate,
     Issue,
-    _cite,
+    cite,
     make_issue,
     skipped,
     unknown,
@@ -98,7 +98,7 @@ def python_issues(
                 "torch-wheel-not-found",
                 "error",
                 f"torch {cand.torch} for Python {chosen}",
-                f"torch {cand.torch} publishes wheels for Python '{tf.python.value}'{_cite(tf.python)}; "
+                f"torch {cand.torch} publishes wheels for Python '{tf.python.value}'{cite(tf.python)}; "
                 f"the variant would use {chosen}",
                 f"use a Python in '{tf.python.value}' for this variant",
                 fixable=True,
@@ -130,13 +130,13 @@ def _python_ranges(
 ) -> list[Issue]:
     out: list[Issue] = []
     if "python" in tree and cand.source:
-        vspec, cite = tree["python"][0], f" [{tree['python'][1]}]"
+        vspec, cited = tree["python"][0], f" [{tree['python'][1]}]"
     elif vf is not None and vf.python is not None:
-        vspec, cite = vf.python.value, _cite(vf.python)
+        vspec, cited = vf.python.value, cite(vf.python)
     else:
-        vspec, cite = None, ""
+        vspec, cited = None, ""
         out.append(unknown("python-unsupported", "Python vs vLLM", f"vLLM {cand.vllm}'s Python range"))
-    ranges = [(f"vLLM {cand.vllm}", vspec, cite)]
+    ranges = [(f"vLLM {cand.vllm}", vspec, cited)]
     if cand.source and "python_cmake" in tree:
         ranges.append((f"vLLM {cand.vllm}'s CMake", tree["python_cmake"][0], f" [{tree['python_cmake'][1]}]"))
     for what, rng, c in ranges:
@@ -195,7 +195,7 @@ def host_compiler_issues(
         return [_old_gcc(gcc, cf, m, cand, benv, override)]
     subject = f"gcc {gcc} vs CUDA {cand.cuda}"
     ev = (
-        f"gcc {gcc} is the default host compiler; nvcc {cand.cuda} accepts gcc <= {hm}{_cite(cf.gcc_max)} "
+        f"gcc {gcc} is the default host compiler; nvcc {cand.cuda} accepts gcc <= {hm}{cite(cf.gcc_max)} "
         f"('unsupported GNU version! gcc versions later than {hm} are not supported')"
     )
     fix = (
@@ -253,7 +253,7 @@ def _old_gcc(gcc: str, cf: CudaFacts, m: dict, cand: Candidate, benv: dict, over
     n = min(hm, 11)
     subject = f"gcc {gcc} vs CUDA {cand.cuda}"
     ev = (f"gcc {gcc} is the default host compiler; vLLM's C++17 extensions, built against torch's headers, "
-          f"need gcc >= {GCC_MIN} ({GCC_MIN_WHY}); nvcc {cand.cuda} accepts gcc <= {hm}{_cite(cf.gcc_max)}")
+          f"need gcc >= {GCC_MIN} ({GCC_MIN_WHY}); nvcc {cand.cuda} accepts gcc <= {hm}{cite(cf.gcc_max)}")
     usable = [a for a in m.get("gcc_alternatives", []) if GCC_MIN <= Version(a).major <= hm]
     named = [int(x) for k in override for x in re.findall(r"(?:gcc|g\+\+)-(\d+)$", benv[k])]
     said = ", ".join(f"{k}={benv[k]}" for k in override)
@@ -289,7 +289,7 @@ def cmake_need(cand: Candidate, vf: VllmFacts | None, tree: Pins | None = None) 
     if tree and "cmake_min" in tree:
         candidates.append((tree["cmake_min"][0], f" [{tree['cmake_min'][1]}]"))
     elif vf is not None and vf.cmake_min is not None:
-        candidates.append((vf.cmake_min.value, _cite(vf.cmake_min)))
+        candidates.append((vf.cmake_min.value, cite(vf.cmake_min)))
     return max(reversed(candidates), key=lambda c: Version(c[0]))
 
 

@@ -180,7 +180,7 @@ def unknown(check: str, subject: str, what: str) -> Issue:
     )
 
 
-def _cite(f: Fact | None) -> str:
+def cite(f: Fact | None) -> str:
     return f" [{f.cite()}]" if f is not None else ""
 
 

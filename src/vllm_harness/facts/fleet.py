@@ -31,15 +31,9 @@ def _minors(profile: dict, spec: SpecifierSet, tags: list[str] | None) -> set[st
             if spec.contains(p, prereleases=True) and planner._tag_covers(tags, p)}
 
 
-def plan_fleet(machines: list[tuple[str, dict]], data: CompatData) -> dict:
-    """``{machines, variants: [{variant, cuda, torch, vllm, mode, python, arch_list, machines: {name: tier}}],
-    unserved: [{machine, recommendation, why}]}``."""
-    reports = {name: planner.plan(p, data, name) for name, p in machines}
-    pool: dict[tuple, planner.Option] = {}
-    for rep in reports.values():
-        for o in rep["_options"]:
-            if o.tier in _GOOD:
-                pool.setdefault(_key(o.extra["cand"]), o)
+def _serves(machines: list[tuple[str, dict]], data: CompatData,
+            pool: dict[tuple, planner.Option]) -> dict[tuple, dict[str, tuple[str, set[str]]]]:
+    """candidate -> {machine: (its tier there, the Python minors it can use)}, judged by the one judge."""
     serves: dict[tuple, dict[str, tuple[str, set[str]]]] = {}
     for key, o in pool.items():
         # the Python is chosen per machine below (the minors each has): the judge sees no range of one machine
@@ -53,62 +47,62 @@ def plan_fleet(machines: list[tuple[str, dict]], data: CompatData) -> dict:
                 continue
             tags = None
             if cand.mode == "wheel" and vf.wheels is not None:
-                tags = planner._for_arch(list(vf.wheels.value), feasibility.cpu_arch(prof)) or None
+                tags = planner.for_arch(list(vf.wheels.value), feasibility.cpu_arch(prof)) or None
             minors = _minors(prof, spec, tags)
             if minors:
                 serves.setdefault(key, {})[name] = (verdict.tier, minors)
+    return serves
+
+
+def _best(serves: dict, pool: dict, unserved: list[str]) -> tuple | None:
+    """The (score, candidate, Python, machines) that serves the most machines still unserved (a wheel, then a
+    newer vLLM and CUDA on ties)."""
+    best = None
+    for key, by in serves.items():
+        for py in set().union(*(m for _t, m in by.values())):
+            cov = [n for n in unserved if n in by and py in by[n][1]]
+            if not cov:
+                continue
+            o = pool[key]
+            score = (len(cov), o.mode == "wheel", Version(o.vllm), Version(o.cuda), Version(py))
+            if best is None or score > best[0]:
+                best = (score, key, py, cov)
+    return best
+
+
+def _variant(o: planner.Option, py: str, cov: list[str], by: dict, profiles: dict[str, dict]) -> dict:
+    ccs = sorted({g["compute_capability"] for n in cov for g in profiles[n].get("gpu") or []
+                  if g.get("compute_capability")}, key=Version)
+    return {
+        "variant": f"{planner.cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}",
+        "cuda": o.cuda, "torch": o.torch, "vllm": o.vllm, "mode": o.mode, "python": py,
+        "torch_index": o.extra["cand"].torch_index,
+        "arch_list": ";".join(ccs) if o.mode == "source" else None,
+        "machines": {n: by[n][0] for n in cov},
+    }
+
+
+def plan_fleet(machines: list[tuple[str, dict]], data: CompatData) -> dict:
+    """``{machines, variants: [{variant, cuda, torch, vllm, mode, python, arch_list, machines: {name: tier}}],
+    unserved: [{machine, recommendation, why}]}``."""
+    reports = {name: planner.plan(p, data, name) for name, p in machines}
+    pool: dict[tuple, planner.Option] = {}
+    for rep in reports.values():
+        for o in rep["_options"]:
+            if o.tier in _GOOD:
+                pool.setdefault(_key(o.extra["cand"]), o)
+    serves = _serves(machines, data, pool)
     unserved = [name for name, _ in machines]
     chosen: list[dict[str, Any]] = []
-    while unserved:
-        best = None
-        for key, by in serves.items():
-            for py in set().union(*(m for _t, m in by.values())):
-                cov = [n for n in unserved if n in by and py in by[n][1]]
-                if not cov:
-                    continue
-                o = pool[key]
-                score = (len(cov), o.mode == "wheel", Version(o.vllm), Version(o.cuda), Version(py))
-                if best is None or score > best[0]:
-                    best = (score, key, py, cov)
-        if best is None:
-            break
+    while unserved and (best := _best(serves, pool, unserved)) is not None:
         _score, key, py, cov = best
-        o, by = pool[key], serves[key]
-        profiles = dict(machines)
-        ccs = sorted(
-            {
-                g["compute_capability"]
-                for n in cov
-                for g in profiles[n].get("gpu") or []
-                if g.get("compute_capability")
-            },
-            key=Version,
-        )
-        chosen.append(
-            {
-                "variant": f"{planner._cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}",
-                "cuda": o.cuda,
-                "torch": o.torch,
-                "vllm": o.vllm,
-                "mode": o.mode,
-                "python": py,
-                "torch_index": o.extra["cand"].torch_index,
-                "arch_list": ";".join(ccs) if o.mode == "source" else None,
-                "machines": {n: by[n][0] for n in cov},
-            }
-        )
+        chosen.append(_variant(pool[key], py, cov, serves[key], dict(machines)))
         unserved = [n for n in unserved if n not in cov]
     left = []
     for name in unserved:
-        rep = reports[name]
-        rec = rep["recommendation"]
-        left.append(
-            {
-                "machine": name,
-                "recommendation": rec,
-                "why": rec["reason"] if rec else "; ".join(o["why"] for o in rep["options"][:2]),
-            }
-        )
+        rec = reports[name]["recommendation"]
+        why = rec["reason"] if rec else "; ".join(o["why"] for o in reports[name]["options"][:2])
+        left.append({"machine": name, "recommendation": rec, "why": why})
     return {"machines": [n for n, _ in machines], "variants": chosen, "unserved": left}
 
 

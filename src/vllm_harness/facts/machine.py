@@ -34,7 +34,7 @@ from packaging.version import Version
 
 from vllm_harness.core import procs
 from vllm_harness.facts import pythons
-from vllm_harness.facts.cuda_toolkits import _first_version, _probe_toolkits, _run
+from vllm_harness.facts.cuda_toolkits import first_version, probe_toolkits_full, run_quiet
 
 TOOLS = ("gcc", "cmake", "ninja", "git")
 ENV_KEYS = ("VLLM_USE_PRECOMPILED", "VLLM_PRECOMPILED_WHEEL_LOCATION", "VLLM_TARGET_DEVICE", "CUDA_HOME",
@@ -50,10 +50,10 @@ def _tool_version(name: str, argv_tail: list[str], env: dict[str, str],
     exe = shutil.which(name, path=env.get("PATH"))
     if not exe:
         return None
-    r = _run([exe, *argv_tail], env=env)
+    r = run_quiet([exe, *argv_tail], env=env)
     if r is None or r[0] != 0:
         return None
-    return _first_version(r[1], pattern)
+    return first_version(r[1], pattern)
 
 
 def _gcc_alternatives(env: dict[str, str]) -> list[str]:
@@ -125,10 +125,10 @@ def _gpus_smi(env: dict[str, str]) -> tuple[list[dict], str | None, str | None] 
     if not smi:
         return None
     fields = ["name", "compute_cap", "memory.total", "driver_version"]
-    r = _run([smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"], env=env)
+    r = run_quiet([smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"], env=env)
     if r is not None and r[0] != 0:  # old drivers do not know compute_cap
         fields = ["name", "memory.total", "driver_version"]
-        r = _run([smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"], env=env)
+        r = run_quiet([smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"], env=env)
     if r is None or r[0] != 0:
         return None
     gpus, driver = [], None
@@ -146,7 +146,7 @@ def _gpus_smi(env: dict[str, str]) -> tuple[list[dict], str | None, str | None] 
             pass
         driver = row["driver_version"] or driver
         gpus.append(g)
-    head = _run([smi], env=env)
+    head = run_quiet([smi], env=env)
     driver_cuda = None
     if head is not None:
         m = re.search(r"CUDA Version:\s*(\d+\.\d+)", head[1])
@@ -278,6 +278,54 @@ def _in_container(env: dict[str, str]) -> bool:
     return bool(re.search(r"docker|kubepods|containerd|libpod|lxc", cg))
 
 
+def _host_facts(build_dir: Path) -> dict[str, Any]:
+    """OS, CPU architecture, C library, cores, memory and free disk (each only where known)."""
+    mem = _meminfo()
+    machine: dict[str, Any] = {}
+    if o := _os_name():
+        machine["os"] = o
+    if a := platform.machine():
+        machine["arch"] = a
+    if g := _glibc():
+        machine["glibc"] = g
+    if c := _cores():
+        machine["cpu_cores"] = c
+    if "MemTotal" in mem:
+        machine["ram_gib"] = mem["MemTotal"]
+    if "MemAvailable" in mem:
+        machine["ram_available_gib"] = mem["MemAvailable"]
+    if (d := _disk_free(build_dir)) is not None:
+        machine["disk_free_gib"] = d
+    return machine
+
+
+def _add_pythons(machine: dict[str, Any], interpreters: list) -> None:
+    machine["python"] = sorted({i.version for i in interpreters}, key=Version)
+    no_headers = sorted({i.version for i in interpreters if not i.has_headers}, key=Version)
+    if no_headers:
+        machine["python_without_headers"] = no_headers
+
+
+def _add_platform(
+    machine: dict[str, Any], gpus: list[dict], driver: tuple[str | None, str | None], env: dict[str, str]
+) -> None:
+    """The driver (and the CUDA it supports), whether this is a container, and a Jetson's L4T and board
+    (whose GPU is the SoC's own: marked integrated)."""
+    version, driver_cuda = driver
+    if version:
+        machine["driver"] = version
+        if driver_cuda:
+            machine["driver_cuda"] = driver_cuda
+    machine["in_container"] = _in_container(env)
+    l4t, board = _jetson()
+    if l4t:
+        machine["l4t"] = l4t
+        for g in gpus:  # a Jetson's GPU is the SoC's own
+            g["integrated"] = True
+    if board and "jetson" in board.lower():
+        machine["jetson"] = board
+
+
 def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
     """This machine's profile, shaped like machine-profile.md (``{"machine": {...}, "gpu": [...]}``)."""
 
@@ -295,28 +343,9 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
             interpreters, _failed = f_py.result()
         except (OSError, ValueError, subprocess.SubprocessError):  # discovery must not take the probe down
             interpreters = []
-        f_tk = pool.submit(_probe_toolkits, env, interpreters)
-        mem = _meminfo()
-        machine: dict[str, Any] = {}
-        if o := _os_name():
-            machine["os"] = o
-        if a := platform.machine():
-            machine["arch"] = a
-        if g := _glibc():
-            machine["glibc"] = g
-        if c := _cores():
-            machine["cpu_cores"] = c
-        if "MemTotal" in mem:
-            machine["ram_gib"] = mem["MemTotal"]
-        if "MemAvailable" in mem:
-            machine["ram_available_gib"] = mem["MemAvailable"]
-        if (d := _disk_free(build_dir)) is not None:
-            machine["disk_free_gib"] = d
-        versions = sorted({i.version for i in interpreters}, key=Version)
-        machine["python"] = versions
-        no_headers = sorted({i.version for i in interpreters if not i.has_headers}, key=Version)
-        if no_headers:
-            machine["python_without_headers"] = no_headers
+        f_tk = pool.submit(probe_toolkits_full, env, interpreters)
+        machine = _host_facts(build_dir)
+        _add_pythons(machine, interpreters)
         not_found = []
         for name, fut in (("gcc", f_gcc), ("cmake", f_cmake), ("git", f_git), ("ninja", f_ninja)):
             v = fut.result()
@@ -327,18 +356,7 @@ def probe(build_dir: Path, env: dict[str, str] | None = None) -> dict:
         if alternatives := f_gcc_alt.result():
             machine["gcc_alternatives"] = alternatives
         gpus, driver, driver_cuda = f_gpu.result()
-        if driver:
-            machine["driver"] = driver
-            if driver_cuda:
-                machine["driver_cuda"] = driver_cuda
-        machine["in_container"] = _in_container(env)
-        l4t, board = _jetson()
-        if l4t:
-            machine["l4t"] = l4t
-            for g in gpus:  # a Jetson's GPU is the SoC's own
-                g["integrated"] = True
-        if board and "jetson" in board.lower():
-            machine["jetson"] = board
+        _add_platform(machine, gpus, (driver, driver_cuda), env)
         if (uvc := f_uv.result()) is not None:
             machine["uv_cache_free_gib"], machine["uv_cache_same_disk"] = uvc
         if not_found:

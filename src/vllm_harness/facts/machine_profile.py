@@ -103,6 +103,55 @@ def _nonempty(v: Any) -> str:
     return s
 
 
+def _cuda_toolkits(value: Any, fail: Callable[..., UsageError]) -> dict[str, str]:
+    """[machine.cuda_toolkits]: {"X.Y": toolkit root}."""
+    if not isinstance(value, dict):
+        raise fail(
+            "machine.cuda_toolkits",
+            f"expected a table, got {type(value).__name__}",
+            'write [machine.cuda_toolkits] with lines like "11.8" = "/usr/local/cuda-11.8"',
+        )
+    tk = {}
+    for ver, root in value.items():
+        if not re.fullmatch(r"\d{1,2}\.\d{1,2}", ver):
+            raise fail(
+                f"machine.cuda_toolkits.{ver}",
+                "is not a CUDA major.minor",
+                'use the toolkit version as the key, e.g. "12.4"',
+            )
+        try:
+            tk[ver] = _nonempty(root)
+        except _Bad as e:
+            raise fail(
+                f"machine.cuda_toolkits.{ver}",
+                e.reason,
+                "give the toolkit root (CUDA_HOME) as a string",
+            ) from None
+    return tk
+
+
+def _table(
+    table: dict, prefix: str, keys: dict[str, Callable[[Any], Any]], fail: Callable[..., UsageError]
+) -> dict[str, Any]:
+    """Each key of ``table`` checked by its function in ``keys`` (an unknown key is refused)."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in keys:
+            raise fail(
+                f"{prefix}.{key}",
+                "is not a known key",
+                f"use one of: {', '.join(keys)} (or remove it)",
+            )
+        if prefix == "machine" and key == "cuda_toolkits":
+            out[key] = _cuda_toolkits(value, fail)
+            continue
+        try:
+            out[key] = keys[key](value)
+        except _Bad as e:
+            raise fail(f"{prefix}.{key}", e.reason, e.fix) from None
+    return out
+
+
 def validate_profile(data: Any, where: str = "machine profile") -> dict:
     """The profile, normalised (numbers for *_gib are floats); ``UsageError`` naming ``where`` + key + fix."""
 
@@ -118,47 +167,9 @@ def validate_profile(data: Any, where: str = "machine profile") -> dict:
             raise fail(key, "is not a known key", "use [machine] and [[gpu]] only (or remove it)")
     out: dict[str, Any] = {}
     if "machine" in data:
-        m = data["machine"]
-        if not isinstance(m, dict):
+        if not isinstance(data["machine"], dict):
             raise fail("machine", "must be a table", "write it as [machine]")
-        mo: dict[str, Any] = {}
-        for key, value in m.items():
-            if key not in MACHINE_KEYS:
-                raise fail(
-                    f"machine.{key}",
-                    "is not a known key",
-                    f"use one of: {', '.join(MACHINE_KEYS)} (or remove it)",
-                )
-            if key == "cuda_toolkits":
-                if not isinstance(value, dict):
-                    raise fail(
-                        "machine.cuda_toolkits",
-                        f"expected a table, got {type(value).__name__}",
-                        'write [machine.cuda_toolkits] with lines like "11.8" = "/usr/local/cuda-11.8"',
-                    )
-                tk = {}
-                for ver, root in value.items():
-                    if not re.fullmatch(r"\d{1,2}\.\d{1,2}", ver):
-                        raise fail(
-                            f"machine.cuda_toolkits.{ver}",
-                            "is not a CUDA major.minor",
-                            'use the toolkit version as the key, e.g. "12.4"',
-                        )
-                    try:
-                        tk[ver] = _nonempty(root)
-                    except _Bad as e:
-                        raise fail(
-                            f"machine.cuda_toolkits.{ver}",
-                            e.reason,
-                            "give the toolkit root (CUDA_HOME) as a string",
-                        ) from None
-                mo[key] = tk
-                continue
-            try:
-                mo[key] = MACHINE_KEYS[key](value)
-            except _Bad as e:
-                raise fail(f"machine.{key}", e.reason, e.fix) from None
-        out["machine"] = mo
+        out["machine"] = _table(data["machine"], "machine", MACHINE_KEYS, fail)
     if "gpu" in data:
         gl = data["gpu"]
         if not isinstance(gl, list):
@@ -167,19 +178,7 @@ def validate_profile(data: Any, where: str = "machine profile") -> dict:
         for i, g in enumerate(gl):
             if not isinstance(g, dict):
                 raise fail(f"gpu[{i}]", "must be a table", "write each GPU as a [[gpu]] table")
-            gd = {}
-            for key, value in g.items():
-                if key not in GPU_KEYS:
-                    raise fail(
-                        f"gpu[{i}].{key}",
-                        "is not a known key",
-                        f"use one of: {', '.join(GPU_KEYS)} (or remove it)",
-                    )
-                try:
-                    gd[key] = GPU_KEYS[key](value)
-                except _Bad as e:
-                    raise fail(f"gpu[{i}].{key}", e.reason, e.fix) from None
-            go.append(gd)
+            go.append(_table(g, f"gpu[{i}]", GPU_KEYS, fail))
         out["gpu"] = go
     return out
 
@@ -315,7 +314,7 @@ MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
     "not_found": _list(_tool_name),
     "cuda_without_nvcc": _list(_nonempty),
     "cuda_incomplete": _list(_nonempty),
-    "cuda_toolkits": None,  # table, checked below
+    "cuda_toolkits": None,  # a table, checked by _cuda_toolkits
 }
 
 

@@ -51,7 +51,7 @@ class Option:
         return d
 
 
-def _cuda_tag(cuda: str) -> str:
+def cuda_tag(cuda: str) -> str:
     return "cu" + cuda.replace(".", "")
 
 
@@ -101,7 +101,7 @@ def _tag_covers(tags: list[str] | None, py: Version) -> bool:
     return False
 
 
-def _for_arch(tags: list[str], arch: str | None) -> list[str]:
+def for_arch(tags: list[str], arch: str | None) -> list[str]:
     arch = arch or "x86_64"
     return [t for t in tags if t.endswith(arch) or t.endswith("-any")]
 
@@ -144,12 +144,12 @@ def _candidate(
     if tf is None:
         return None, f"vLLM {v}: torch {tv} not in the data", {}
     arch, jetson = feasibility.cpu_arch(profile), feasibility.is_jetson(profile)
-    tag = _cuda_tag(cuda)
+    tag = cuda_tag(cuda)
     if mode == "wheel":
         wc = vf.wheel_cuda.value if vf.wheel_cuda is not None else None
         if wc is None or major_minor(str(wc)) != cuda:
             return None, "", {}
-        tags = _for_arch(list(vf.wheels.value) if vf.wheels is not None else [], arch)
+        tags = for_arch(list(vf.wheels.value) if vf.wheels is not None else [], arch)
         pypi_cuda, _f = feasibility.pypi_torch_cuda(data, tf, arch)
         # PyPI's torch where it is this CUDA's build; else the PyTorch index of this platform
         index = (
@@ -314,7 +314,7 @@ def _summary(o: Option) -> dict:
         "torch": o.torch,
         "python": o.python,
         "mode": o.mode,
-        "variant": f"{_cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}",
+        "variant": f"{cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}",
         "why": o.why,
         "fixes": o.fixes,
     }
@@ -379,7 +379,7 @@ def plan(profile: dict, data: CompatData, machine_name: str = "this machine") ->
 
 def _rec(o: Option) -> dict:
     return {
-        "variant": f"{_cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}",
+        "variant": f"{cuda_tag(o.cuda)}-vllm{o.vllm.replace('.', '')}",
         "cuda": o.cuda,
         "torch": o.torch,
         "vllm": o.vllm,
@@ -440,7 +440,7 @@ def _why_recommended(best: Option, tier: str, options: list[Option]) -> str:
             out += (
                 f". Trade-off: the newer vLLM {alt.vllm} ({alt.mode}, CUDA {alt.cuda}) {alt.tier}: {alt.why}"
                 + (f" (fix: {'; '.join(alt.fixes)})" if alt.fixes else "")
-                + f"; its variant would be {_cuda_tag(alt.cuda)}-vllm{alt.vllm.replace('.', '')}"
+                + f"; its variant would be {cuda_tag(alt.cuda)}-vllm{alt.vllm.replace('.', '')}"
             )
     return out
 
@@ -463,7 +463,7 @@ def render_variant(report: dict, data: CompatData, option: Option | None = None)
         if o.tier == rec["tier"] and o.cuda == rec["cuda"] and o.vllm == rec["vllm"]
     )
     vf, cand = opt.extra["vf"], opt.extra["cand"]
-    cuda, tag, tv = rec["cuda"], _cuda_tag(rec["cuda"]), rec["torch"]
+    cuda, tag, tv = rec["cuda"], cuda_tag(rec["cuda"]), rec["torch"]
     mach = report["machine"]
     py = rec["python"]
     lo = Version(py)

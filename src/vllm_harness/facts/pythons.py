@@ -74,19 +74,25 @@ def _probe_once(path: str, origin: str) -> Interpreter | str:
     return _PROBED[key]
 
 
-def _candidates(env: dict[str, str]) -> list[tuple[str, str]]:
-    seen: list[tuple[str, str]] = []
-    names = [f"python3.{m}" for m in MINORS] + ["python3"]
-    for n in names:
-        p = shutil.which(n, path=env.get("PATH"))
-        if p:
-            seen.append((p, "PATH"))
+def _on_path(env: dict[str, str]) -> list[tuple[str, str]]:
+    found = (shutil.which(n, path=env.get("PATH")) for n in [f"python3.{m}" for m in MINORS] + ["python3"])
+    return [(p, "PATH") for p in found if p]
+
+
+def _pyenv(env: dict[str, str]) -> list[tuple[str, str]]:
+    """Each pyenv version's newest python3.X (or python3)."""
+    seen = []
     pyenv_root = Path(env.get("PYENV_ROOT") or Path(env.get("HOME", "~")).expanduser() / ".pyenv")
     for d in sorted((pyenv_root / "versions").glob("*")):
         for n in [f"bin/python3.{m}" for m in MINORS] + ["bin/python3"]:
             if (d / n).is_file():
                 seen.append((str(d / n), "pyenv"))
                 break
+    return seen
+
+
+def _conda(env: dict[str, str]) -> list[tuple[str, str]]:
+    """The active conda env, the base of the conda in use and the usual install places, with their envs."""
     conda_bases = []
     if env.get("CONDA_PREFIX"):
         conda_bases.append(Path(env["CONDA_PREFIX"]))
@@ -95,27 +101,36 @@ def _candidates(env: dict[str, str]) -> list[tuple[str, str]]:
     home = Path(env.get("HOME", "~")).expanduser()
     conda_bases += [home / "miniconda3", home / "anaconda3", home / "miniforge3", home / "mambaforge",
                     Path("/opt/conda")]
-    for base in conda_bases:
-        for d in [base, *sorted((base / "envs").glob("*"))]:
-            if (d / "bin" / "python3").is_file():
-                seen.append((str(d / "bin" / "python3"), "conda"))
+    return [(str(d / "bin" / "python3"), "conda")
+            for base in conda_bases
+            for d in [base, *sorted((base / "envs").glob("*"))]
+            if (d / "bin" / "python3").is_file()]
+
+
+def _uv_managed(env: dict[str, str]) -> list[tuple[str, str]]:
     uv = shutil.which("uv", path=env.get("PATH"))
-    if uv:
-        # uv-managed interpreters live in `uv python dir` (`uv python list` would also probe all of PATH: 1
-        # s+)
-        try:
-            out = procs.run([uv, "python", "dir"], capture_output=True, text=True, timeout=20, env=env)
-            managed = Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
-        except (OSError, subprocess.TimeoutExpired):
-            managed = None
-        for d in sorted(managed.glob("cpython-*")) if managed and managed.is_dir() else []:
-            if (d / "bin" / "python3").is_file():
-                seen.append((str(d / "bin" / "python3"), "uv"))
-    for d in ("/usr/bin", "/usr/local/bin"):
-        for m in MINORS:
-            p = Path(d) / f"python3.{m}"
-            if p.is_file():
-                seen.append((str(p), "system"))
+    if not uv:
+        return []
+    # uv-managed interpreters live in `uv python dir` (`uv python list` would also probe all of PATH: 1 s+)
+    try:
+        out = procs.run([uv, "python", "dir"], capture_output=True, text=True, timeout=20, env=env)
+        managed = Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        managed = None
+    if not (managed and managed.is_dir()):
+        return []
+    return [(str(d / "bin" / "python3"), "uv")
+            for d in sorted(managed.glob("cpython-*")) if (d / "bin" / "python3").is_file()]
+
+
+def _system() -> list[tuple[str, str]]:
+    return [(str(Path(d) / f"python3.{m}"), "system")
+            for d in ("/usr/bin", "/usr/local/bin") for m in MINORS if (Path(d) / f"python3.{m}").is_file()]
+
+
+def _candidates(env: dict[str, str]) -> list[tuple[str, str]]:
+    """(path, origin) of every interpreter worth probing, each real file once (the first name found)."""
+    seen = _on_path(env) + _pyenv(env) + _conda(env) + _uv_managed(env) + _system()
     out_list, keys = [], set()
     for p, origin in seen:
         key = os.path.realpath(p)

@@ -150,6 +150,34 @@ def _norm(s: str) -> str:
     return re.sub(r"[^a-z0-9]", "", s.lower())
 
 
+def _keyword_args(args: list[str]) -> dict[str, list[str]]:
+    """A FetchContent call's arguments grouped under their keywords (those before any keyword dropped)."""
+    kw: dict[str, list[str]] = {}
+    cur = None
+    for a in args:
+        if a in KEYWORDS:
+            cur = a
+            kw.setdefault(cur, [])
+        elif cur:
+            kw[cur].append(a)
+    return kw
+
+
+def _set_overrides(dep: Dep, overrides: set[str], cmake_vars: set[str]) -> None:
+    """The environment variable (else the CMake variable) of the file that points ``dep`` at a local copy."""
+    name = dep.name
+    want = [_norm(a) for a in ALIASES.get(name.lower(), [])]
+    for var in sorted(overrides):
+        nv = _norm(var)
+        if _norm(var) in want or (_norm(name) in nv and re.search(r"(SRC|SOURCE|ROOT)_?DIR", var)):
+            dep.env_override = var
+            return
+    for var in sorted(cmake_vars):
+        if _norm(name) in _norm(var) or _norm(var) in want:
+            dep.cmake_override = var
+            return
+
+
 def parse_deps(src: Path) -> list[Dep]:
     """Every git dependency the tree's CMake fetches, at the revision it pins (in file order)."""
     files = cmake_files(src)
@@ -169,15 +197,7 @@ def parse_deps(src: Path) -> list[Dep]:
             toks = _tokens(m.group(2))
             if not toks:
                 continue
-            name, args = toks[0], toks[1:]
-            kw: dict[str, list[str]] = {}
-            cur = None
-            for a in args:
-                if a in KEYWORDS:
-                    cur = a
-                    kw.setdefault(cur, [])
-                elif cur:
-                    kw[cur].append(a)
+            name, kw = toks[0], _keyword_args(toks[1:])
             if "GIT_REPOSITORY" not in kw:
                 continue
             missing: list[str] = []
@@ -196,22 +216,12 @@ def parse_deps(src: Path) -> list[Dep]:
                 condition=_condition(text, m.start()),
                 unresolved=sorted(set(missing)),
             )
-            want = [_norm(a) for a in ALIASES.get(name.lower(), [])]
-            for var in sorted(overrides):
-                nv = _norm(var)
-                if _norm(var) in want or (_norm(name) in nv and re.search(r"(SRC|SOURCE|ROOT)_?DIR", var)):
-                    dep.env_override = var
-                    break
-            if not dep.env_override:
-                for var in sorted(cmake_vars):
-                    if _norm(name) in _norm(var) or _norm(var) in want:
-                        dep.cmake_override = var
-                        break
+            _set_overrides(dep, overrides, cmake_vars)
             deps.append(dep)
     return deps
 
 
-def _submodule_dirs(repo: Path, depth: int = 2) -> list[Path]:
+def submodule_dirs(repo: Path, depth: int = 2) -> list[Path]:
     out = []
     gm = repo / ".gitmodules"
     if depth <= 0 or not gm.is_file():
@@ -219,7 +229,7 @@ def _submodule_dirs(repo: Path, depth: int = 2) -> list[Path]:
     for m in re.finditer(r"^\s*path\s*=\s*(.+?)\s*$", gm.read_text(errors="replace"), re.MULTILINE):
         sub = repo / m.group(1)
         out.append(sub)
-        out += _submodule_dirs(sub, depth - 1)
+        out += submodule_dirs(sub, depth - 1)
     return out
 
 
@@ -237,7 +247,7 @@ def fetchcontent_dirs(tree: Path) -> list[Path]:
     dirs += sorted(tree.glob(".deps/*-src")) + sorted(tree.glob("build/*/_deps/*-src"))
     for d in list(dirs):
         if d.is_dir():
-            dirs += _submodule_dirs(d)
+            dirs += submodule_dirs(d)
     return dirs
 
 

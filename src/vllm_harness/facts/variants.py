@@ -244,7 +244,7 @@ SCHEMA: dict[str, dict[str, Field_]] = {
         "cmake_min": (_version, False, "3.26"),
         "env": (_env_table, False, {}),
         "toolkit": (_choice("system", "pypi"), False, "system"),
-        "farm": (_url, False, None),  # the sccache-dist scheduler (steps/build_farm; --farm overrides)
+        "farm": (_url, False, None),  # the sccache-dist scheduler (toolchain/build_farm; --farm overrides)
     },
     "post_install": {
         "packages": (list_of(_requirement), False, []),
@@ -325,10 +325,10 @@ def _fail(file: Path, key: str, reason: str, fix: str) -> UsageError:
     return UsageError(f"{where}: {reason}.", fix[0].upper() + fix[1:] + ".")
 
 
-def parse_variant(name: str, path: Path, text: str) -> Variant:
+def _variant_toml(path: Path, text: str) -> dict:
     try:
         safeio.prescan_toml(text)
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except safeio.TomlLimit as e:
         raise _fail(
             path,
@@ -338,50 +338,45 @@ def parse_variant(name: str, path: Path, text: str) -> Variant:
         ) from None
     except tomllib.TOMLDecodeError as e:
         raise _fail(path, "", f"is not valid TOML ({e})", "correct the TOML syntax at that line") from None
-    sections: dict[str, dict] = {}
-    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            if key not in SCHEMA or key == "":
-                known = ", ".join(f"[{s}]" for s in SCHEMA if s)
-                raise _fail(path, key, "is not a known section", f"use one of {known}, or remove it")
-    for section, fields in SCHEMA.items():
-        given = top if section == "" else data.get(section)
-        if given is None:
-            if section in REQUIRED_SECTIONS:
-                raise _fail(path, section, "section is missing", f"add a [{section}] table")
-            given = {}
-        if not isinstance(given, dict):
-            raise _fail(path, section, "must be a table", f"write it as [{section}]")
-        out: dict[str, Any] = {}
-        for key in given:
-            if key not in fields:
-                dotted = f"{section}.{key}" if section else key
-                known = ", ".join(fields)
-                raise _fail(path, dotted, "is not a known key", f"use one of: {known} (or remove it)")
-        for key, (check, required, default) in fields.items():
-            dotted = f"{section}.{key}" if section else key
-            if key not in given:
-                if required:
-                    raise _fail(
-                        path,
-                        dotted,
-                        "is missing",
-                        f"add {key} = ... to {'[' + section + ']' if section else 'the top of the file'}",
-                    )
-                out[key] = (
-                    list(default)
-                    if isinstance(default, list)
-                    else (dict(default) if isinstance(default, dict) else default)
-                )
-                continue
-            try:
-                out[key] = check(given[key])
-            except Bad as e:
-                raise _fail(path, dotted, e.reason, e.fix) from None
-        sections[section] = out
 
-    v = sections["vllm"]
+
+def _default(default: Any) -> Any:
+    """A fresh copy of a schema default (a list or table is never shared between variants)."""
+    if isinstance(default, list):
+        return list(default)
+    return dict(default) if isinstance(default, dict) else default
+
+
+def _section(path: Path, section: str, fields: dict, given: dict) -> dict[str, Any]:
+    """One section's keys checked against its schema: unknown keys refused, missing ones required or
+    defaulted."""
+    for key in given:
+        if key not in fields:
+            dotted = f"{section}.{key}" if section else key
+            known = ", ".join(fields)
+            raise _fail(path, dotted, "is not a known key", f"use one of: {known} (or remove it)")
+    out: dict[str, Any] = {}
+    for key, (check, required, default) in fields.items():
+        dotted = f"{section}.{key}" if section else key
+        if key not in given:
+            if required:
+                raise _fail(
+                    path,
+                    dotted,
+                    "is missing",
+                    f"add {key} = ... to {'[' + section + ']' if section else 'the top of the file'}",
+                )
+            out[key] = _default(default)
+            continue
+        try:
+            out[key] = check(given[key])
+        except Bad as e:
+            raise _fail(path, dotted, e.reason, e.fix) from None
+    return out
+
+
+def _check_vllm_source(path: Path, v: dict[str, Any]) -> None:
+    """source = 'git' needs git; source = 'path' needs a path to a folder."""
     if v["source"] == "git" and not v["git"]:
         raise _fail(
             path,
@@ -398,6 +393,29 @@ def parse_variant(name: str, path: Path, text: str) -> Variant:
         p = p if p.is_absolute() else (path.parent / p).resolve()
         if not p.is_dir():
             raise _fail(path, "vllm.path", f"{p} is not a directory", "point it at a vLLM source checkout")
+
+
+def parse_variant(name: str, path: Path, text: str) -> Variant:
+    data = _variant_toml(path, text)
+    sections: dict[str, dict] = {}
+    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in SCHEMA or key == "":
+                known = ", ".join(f"[{s}]" for s in SCHEMA if s)
+                raise _fail(path, key, "is not a known section", f"use one of {known}, or remove it")
+    for section, fields in SCHEMA.items():
+        given = top if section == "" else data.get(section)
+        if given is None:
+            if section in REQUIRED_SECTIONS:
+                raise _fail(path, section, "section is missing", f"add a [{section}] table")
+            given = {}
+        if not isinstance(given, dict):
+            raise _fail(path, section, "must be a table", f"write it as [{section}]")
+        sections[section] = _section(path, section, fields, given)
+
+    v = sections["vllm"]
+    _check_vllm_source(path, v)
     b = sections["build"]
     if b["toolkit"] == "pypi" and int(sections[""]["cuda"].split(".")[0]) < 13:
         raise _fail(

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from vllm_harness import diagnose
 from vllm_harness.core import locks, oserrors
-from vllm_harness.core.errors import HarnessError, StepFailed, UsageError
+from vllm_harness.core.errors import LOCK_HELD, STEP_ORDER, HarnessError, StepFailed, UsageError
 from vllm_harness.core.masking import mask
-from vllm_harness.core.runner import _rel, console, summary, write_json
+from vllm_harness.core.runner import console, rel_path, summary, write_json
 from vllm_harness.core.status import Status
 from vllm_harness.facts import pythons
 from vllm_harness.pipeline import preflight as doctor_run
@@ -77,7 +77,7 @@ def record_failure(ctx: Ctx, step: str, e: HarnessError, started: float | None =
     """A failure without a log of its own (an unreachable index, doctor's refusal, a missing toolkit, a lock
     held too long, a bundle that lacks a file): its message, the fix and any evidence line go into the step's
     log, the step is recorded as failed, and last-failed names that log, so `invoke diagnose` explains it."""
-    if getattr(e, "recorded", False):
+    if e.recorded:
         return
     log = ctx.log(step)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def record_failure(ctx: Ctx, step: str, e: HarnessError, started: float | None =
     lines = [] if fresh else [f"# {step}: failed before it ran a command"]
     lines += [
         x
-        for x in (getattr(e, "evidence", None), f"ERROR: {e.message}", f"Fix: {e.fix}" if e.fix else None)
+        for x in (e.evidence, f"ERROR: {e.message}", f"Fix: {e.fix}" if e.fix else None)
         if x
     ]
     refused = []  # a record the machine refused (a full disk): the failure stays the message, the step failed
@@ -154,9 +154,9 @@ def _recorded(ctx: Ctx, what: str):
     try:
         yield
     except HarnessError as e:
-        if what == "lock" and "is in use by" not in e.message:
+        if what == "lock" and e.kind != LOCK_HELD:
             what = "start"  # no interpreter, a bundle refused, ...; a step run out of order is not recorded
-        if not getattr(e, "recorded", False) and not e.message.startswith("Step '"):
+        if not e.recorded and e.kind != STEP_ORDER:
             record_failure(ctx, what, e, started=started)
         raise
 
@@ -179,7 +179,7 @@ def require(ctx: Ctx, step: str) -> None:
     if not BY_NAME[step].applies_to(mode):
         raise UsageError(
             f"Step '{step}' does not apply to variant {ctx.name} (mode = '{mode}').",
-            f"Its steps are: {', '.join(s.name for s in steps_for(mode))}.",
+            f"Its steps are: {', '.join(s.name for s in steps_for(mode))}.", kind=STEP_ORDER,
         )
     for prev in needs(step, mode):
         st = ctx.status.step(prev)
@@ -187,6 +187,7 @@ def require(ctx: Ctx, step: str) -> None:
             raise UsageError(
                 f"Step '{step}' needs step '{prev}' first for variant {ctx.name}.",
                 f"Run `invoke {BY_NAME[prev].task} --variant {ctx.name}` or `nox -s build-{ctx.name}`.",
+                kind=STEP_ORDER,
             )
 
 
@@ -313,7 +314,7 @@ def explain_failure(log: Path, context: dict | None, quiet: bool = False) -> dic
         con.print(f"  [bold]fix:[/] {top['fix']}")
         more = len(data["findings"]) - 1
         if more:
-            con.print(f"  (+{more} more: invoke diagnose --log {_rel(log)})")
+            con.print(f"  (+{more} more: invoke diagnose --log {rel_path(log)})")
     else:
         con.print("  diagnose: no known failure recognised; the first error lines:")
         for n, line in (data.get("first_error_lines") or [])[:8]:

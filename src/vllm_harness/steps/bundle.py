@@ -20,12 +20,12 @@ import os
 import shutil
 import tarfile
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
-from packaging.version import Version
+from packaging.utils import canonicalize_name
 
 from vllm_harness.core import procs, writer
 from vllm_harness.core.errors import StepFailed, UsageError
@@ -38,19 +38,18 @@ from vllm_harness.steps.bundle_files import (  # the bundle's API is here
     MANIFEST,
     PARTIAL,
     SCHEMA,
+    Fill,
     Known,
     Target,
-    _candidates_local,
-    _download,
-    _index_files,
-    _link,
-    _save_manifest,
-    best_file,
     bundle_cmd,
+    get_file,
     inside,
+    link_into,
     load_manifest,
+    save_manifest,
     sha256_file,
     target_for,
+    unchanged_file,
     variant_hash,
 )
 from vllm_harness.steps.context import check_index, find_links, source_dir
@@ -66,7 +65,8 @@ def _default_index(env: dict[str, str]) -> str:
 
 
 def install_plan(ctx) -> list[dict]:
-    """The installs a build of ``ctx.variant`` makes, in order: {step, requirements, args (-r files), index}."""
+    """The installs a build of ``ctx.variant`` makes, in order: {step, requirements, args (-r files),
+    index}."""
     v = ctx.variant
     env = ctx.base_env
     plan = []
@@ -108,9 +108,14 @@ def _reachable(index: str) -> str | None:
     return None
 
 
-def compile_step(step: dict, target: Target, constraints: list[str], links: list[str], env: dict[str, str],
-                 offline: bool, workdir: Path) -> tuple[list[str] | None, str]:
+_INDEX_VARS = ("UV_INDEX", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX", "UV_FIND_LINKS", "UV_OFFLINE", "UV_NO_INDEX")
+
+
+def compile_step(
+    step: dict, fill: Fill, constraints: list[str], offline: bool
+) -> tuple[list[str] | None, str]:
     """uv pip compile for the target: (pins, '') or (None, uv's last error lines)."""
+    target, workdir = fill.target, fill.work
     workdir.mkdir(parents=True, exist_ok=True)
     req = workdir / f"{step['step']}.in"
     req.write_text("".join(r + "\n" for r in step["requirements"]))
@@ -121,11 +126,10 @@ def compile_step(step: dict, target: Target, constraints: list[str], links: list
         cons = workdir / f"{step['step']}.constraints.txt"
         cons.write_text("".join(c + "\n" for c in constraints))
         argv += ["--constraint", str(cons)]
-    for f in links:
+    for f in fill.links:
         argv += ["--find-links", f]
     argv += ["--offline", "--no-index"] if offline else ["--index-url", step["index"]]
-    cenv = {k: x for k, x in env.items() if not k.startswith(("UV_INDEX", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX",
-                                                                "UV_FIND_LINKS", "UV_OFFLINE", "UV_NO_INDEX"))}
+    cenv = {k: x for k, x in fill.env.items() if not k.startswith(_INDEX_VARS)}
     r = procs.run(argv, capture_output=True, text=True, env=cenv, timeout=900)  # ends with the harness
     if r.returncode != 0:
         lines = [x.strip() for x in r.stderr.splitlines() if x.strip()]
@@ -144,22 +148,26 @@ def check(out: Path, verified_cache: Path | None = None, variant=None, target: T
 def _check(out: Path, variant=None, target: Target | None = None) -> tuple[dict, dict]:
     man = load_manifest(out)
     if man is None:
-        raise UsageError(f"{out} is not a bundle (no {MANIFEST}).",
-                         f"Make one: `{bundle_cmd(variant, out) if variant else 'invoke bundle --variant X --out ' + str(out)}`.")
-    fix = f"Run `{bundle_cmd(variant, out) if variant else 'invoke bundle --variant ' + man['variant']['name'] + ' --out ' + str(out)}` (on a connected machine: it adds only what is missing)."
+        make_one = bundle_cmd(variant, out) if variant else f"invoke bundle --variant X --out {out}"
+        raise UsageError(f"{out} is not a bundle (no {MANIFEST}).", f"Make one: `{make_one}`.")
+    again = (bundle_cmd(variant, out) if variant
+             else f"invoke bundle --variant {man['variant']['name']} --out {out}")
+    fix = f"Run `{again}` (on a connected machine: it adds only what is missing)."
     if variant is not None:
         if man["variant"]["name"] != variant.name:
             raise UsageError(f"Bundle {out} is for variant {man['variant']['name']}, not {variant.name}.",
-                             f"Use that variant, or make a bundle for this one: `{bundle_cmd(variant, out)}`.")
+                             "Use that variant, or make a bundle for this one: "
+                             f"`{bundle_cmd(variant, out)}`.")
         if man["variant"]["sha256"] != variant_hash(variant):
-            raise UsageError(f"Bundle {out} was made from another version of {variant.path} (the file changed "
-                             "since).", fix)
+            raise UsageError(f"Bundle {out} was made from another version of {variant.path} (the file "
+                             "changed since).", fix)
     if target is not None:
         bt = man["target"]
         if (bt["python"], bt["arch"]) != (target.python, target.arch):
-            raise UsageError(f"Bundle {out} is for Python {bt['python']} on {bt['arch']} ({bt['where']}), this "
-                             f"build uses Python {target.python} on {target.arch}.",
-                             f"Make the bundle for this machine: `{bundle_cmd(variant, out)} --machine PROFILE` "
+            raise UsageError(f"Bundle {out} is for Python {bt['python']} on {bt['arch']} ({bt['where']}), "
+                             f"this build uses Python {target.python} on {target.arch}.",
+                             "Make the bundle for this machine: "
+                             f"`{bundle_cmd(variant, out)} --machine PROFILE` "
                              "with this machine's profile (`invoke doctor --save-machine PROFILE`).")
     bad, gone = [], []
     for rel, info in sorted(man["files"].items()):
@@ -177,8 +185,9 @@ def _check(out: Path, variant=None, target: Target | None = None) -> tuple[dict,
         if not inside(out, f"deps/{d['dir']}").is_dir():
             gone.append(f"deps/{d['dir']} ({name})")
     if bad:
-        raise UsageError(f"Bundle {out}: {len(bad)} file(s) differ from the manifest (corrupted or replaced): "
-                         f"{'; '.join(bad[:5])}.", f"Delete them and run `{fix.split('`')[1]}` again.")
+        raise UsageError(f"Bundle {out}: {len(bad)} file(s) differ from the manifest (corrupted or "
+                         f"replaced): {'; '.join(bad[:5])}.",
+                         f"Delete them and run `{fix.split('`')[1]}` again.")
     if gone:
         raise UsageError(f"Bundle {out} lacks {len(gone)} file(s) its manifest lists: {', '.join(gone[:5])}"
                          f"{' ...' if len(gone) > 5 else ''}.", fix)
@@ -192,19 +201,21 @@ def use(ctx, out: Path) -> dict:
     refuses one whose manifest says pieces are missing.  Returns the child-environment additions."""
     out = Path(out).expanduser().resolve()
     env_step = ctx.status.step("env") or {}
-    interp_py = env_step.get("python_version") if ctx.python is None and env_step.get("status") == "ok" else None
-    target = target_for(ctx.variant, None, python=interp_py, given=ctx.python)
+    env_done = ctx.options.python is None and env_step.get("status") == "ok"
+    interp_py = env_step.get("python_version") if env_done else None
+    target = target_for(ctx.variant, None, python=interp_py, given=ctx.options.python)
     res, man = _check(out, ctx.variant, target)
     if res["missing"]:
         names = [f"{m['what']}" for m in res["missing"]]
+        sources = ", ".join(sorted({m.get("source", "?") for m in res["missing"]}))
         raise UsageError(f"Bundle {out} is incomplete: it lacks {'; '.join(names)}.",
-                         f"On a machine that reaches {', '.join(sorted({m.get('source', '?') for m in res['missing']}))}"
+                         f"On a machine that reaches {sources}"
                          f": `{bundle_cmd(ctx.variant, out)}` (adds only these), then copy {out} here again.")
     # vLLM's sdist where the fetch step looks first, with the manifest's sha256 (its copy hashed again)
     for rel, info in man["files"].items():
         if rel.startswith("sdist/"):
             dest = ctx.layout.cache / "sdist" / Path(rel).name
-            _link(out / rel, dest)
+            link_into(out / rel, dest)
             if sha256_file(dest) != info["sha256"]:
                 dest.unlink(missing_ok=True)
                 raise UsageError(f"Bundle {out}: {rel} changed while it was used (sha256 differs from the "
@@ -215,7 +226,8 @@ def use(ctx, out: Path) -> dict:
 
 
 def offline_env(out: Path) -> dict[str, str]:
-    """The children's environment of a bundle build: pip and uv see only the bundle's wheels, never an index."""
+    """The children's environment of a bundle build: pip and uv see only the bundle's wheels, never an
+    index."""
     wheels = str(Path(out) / "wheels")
     return {"UV_OFFLINE": "1", "UV_NO_INDEX": "1", "UV_FIND_LINKS": wheels, "PIP_NO_INDEX": "1",
             "PIP_FIND_LINKS": wheels, "VLLM_HARNESS_DEPS_CACHE": str(Path(out) / "deps")}
@@ -227,8 +239,8 @@ PIECES = ("wheels", "sdist", "deps")
 
 
 def _open_out(out: Path) -> bool:
-    """``out`` a folder that is (or becomes) a bundle; True when it holds a bundle's folders without a manifest
-    (a run killed before its first manifest was written: its files are used again, each checked)."""
+    """``out`` a folder that is (or becomes) a bundle; True when it holds a bundle's folders without a
+    manifest (a run killed before its first manifest was written: its files are used again, each checked)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file.", "Give a folder.")
     if not out.is_dir() or (out / MANIFEST).is_file() or (out / MANIFEST).is_symlink():
@@ -236,7 +248,8 @@ def _open_out(out: Path) -> bool:
     other = [p.name for p in out.iterdir()
              if not (p.name in PIECES and p.is_dir() and not p.is_symlink()) and p.name != MANIFEST + ".tmp"]
     if other:
-        raise UsageError(f"--out {out} is a non-empty folder that is not a bundle (it holds {', '.join(other[:3])}).",
+        raise UsageError(f"--out {out} is a non-empty folder that is not a bundle (it holds "
+                         f"{', '.join(other[:3])}).",
                          "Give an empty or new folder.")
     return any(out.iterdir())
 
@@ -250,22 +263,13 @@ def _verify_kept(out: Path, expected: dict, v) -> None:
         if p.is_file() and (p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]):
             bad.append(rel)
     if bad:
-        raise UsageError(f"Bundle {out}: {len(bad)} file(s) changed since its manifest recorded them (corrupted or "
-                         f"replaced): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; nothing was recorded.",
-                         f"Delete {' '.join(str(out / r) for r in bad[:5])} and run `{bundle_cmd(v, out)}` again "
-                         "(each is fetched again from its origin and checked against the recorded sha256); for "
-                         "another file of that name on purpose, make the bundle in a new folder.")
-
-
-def _unchanged(out: Path, rel: str, digest: str, expected: dict, origin: str) -> None:
-    """A file about to be (re)recorded under ``rel``: the same content the manifest recorded, if it did."""
-    was = expected.get(rel)
-    if was and was["sha256"] != digest:
-        raise UsageError(f"Bundle {out}: {rel} from {mask(origin)} has sha256 {digest[:16]}..., its manifest "
-                         f"recorded {was['sha256'][:16]}... under that name (another file of the same name); "
+        raise UsageError(f"Bundle {out}: {len(bad)} file(s) changed since its manifest recorded them "
+                         f"(corrupted or replaced): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
                          "nothing was recorded.",
-                         f"Remove that file from {mask(origin)} (the recorded one is fetched from its origin), or "
-                         "make the bundle in a new folder if the new file is meant.")
+                         f"Delete {' '.join(str(out / r) for r in bad[:5])} and run `{bundle_cmd(v, out)}` "
+                         "again (each is fetched again from its origin and checked against the recorded "
+                         "sha256); for another file of that name on purpose, make the bundle in a new "
+                         "folder.")
 
 
 def _absent(expected: dict, files: dict) -> dict:
@@ -274,7 +278,91 @@ def _absent(expected: dict, files: dict) -> dict:
     return {r: {"sha256": i["sha256"], "size": i["size"]} for r, i in expected.items() if r not in files}
 
 
-def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machine: str | None = None) -> dict:
+@dataclass
+class _Constraints:
+    """What each step is resolved against: the pins of the steps before it (``all``), and the part the
+    install keeps (``kept``: the torch step's constraints file); ``torch_missing``: the torch step could not
+    be resolved (later steps leave its closure to it)."""
+
+    all: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    torch_missing: bool = False
+
+    def add(self, step: dict, pins: list[str], v) -> list[str]:
+        """Record ``step``'s pins; returns them (without torch's closure when the torch step is missing)."""
+        if self.torch_missing and step["step"] != "torch":  # torch's own closure comes with the torch step
+            pins = [p for p in pins if not _torch_closure(p, v)]
+        self.all = _merge(self.all, pins)
+        if step["step"] == "torch":  # the constraints file the torch step writes: torch's pins and numpy's
+            names = {canonicalize_name(Requirement(r).name) for r in v.torch["packages"]}
+            self.kept = [p for p in pins if canonicalize_name(Requirement(p).name) in names]
+            self.kept += [r for r in v.deps["packages"] if canonicalize_name(Requirement(r).name) == "numpy"]
+        return pins
+
+
+def _resolve(step: dict, fill: Fill, cons: _Constraints) -> list[str] | None:
+    """``step`` resolved for the target (None: listed in ``fill.missing``, the reason said)."""
+    v = fill.variant
+    why = _reachable(step["index"])
+    more = " ..." if len(step["requirements"]) > 4 else ""
+    fill.say(f"  resolving {step['step']}: {', '.join(step['requirements'][:4])}{more} "
+             f"from {mask(step['index'])}" + (" (unreachable: local files only)" if why else ""))
+    pins, err = compile_step(step, fill, cons.all, offline=bool(why))
+    if pins is None and cons.all != cons.kept:  # as the install: only the env's constraints file is kept
+        pins, err = compile_step(step, fill, cons.kept, offline=bool(why))
+    if pins is not None:
+        return pins
+    fill.missing.append({"what": f"{step['step']}: {' '.join(step['requirements'])}", "step": step["step"],
+                    "requirements": step["requirements"], "source": mask(step["index"]),
+                    "reason": mask(why or err), "fill": _pip_download_hint(step, fill.target, fill.out, v)})
+    fill.say(f"  ! {step['step']}: cannot resolve ({mask(why or err)[:200]})")
+    if step["step"] == "torch":  # later steps resolve against the public release's metadata
+        cons.kept = cons.all = _torch_stand_in(v)
+        cons.torch_missing = True
+    return None
+
+
+def _load_resolved(rescache: Path, old: dict, resolved_key: str) -> dict:
+    """The resolutions made before, by their inputs' key (the old manifest's, when complete, included)."""
+    try:
+        resolved = json.loads(rescache.read_text())
+    except (OSError, ValueError):
+        resolved = {}
+    if not isinstance(resolved, dict):
+        resolved = {}
+    if old.get("resolved_key") == resolved_key and not old.get("missing"):
+        resolved[resolved_key] = old.get("pins", {})
+    return resolved
+
+
+def _fetch_pins(step: dict, pins: list[str], fill: Fill, have: Callable[[], dict],
+                record: Callable[[str, dict], None]) -> None:
+    """The bundle's file of each pin, ``record``ed (its name in the bundle, its manifest entry) as soon as it
+    is there; a pin that cannot be had is listed missing.  ``have()``: the files the bundle lists now."""
+    for pin in pins:
+        try:
+            rel, info = get_file(pin, step["index"], fill, have())
+        except StepFailed as e:
+            hint = _pip_download_hint({**step, "requirements": [pin]}, fill.target, fill.out, fill.variant)
+            fill.missing.append({"what": pin, "step": step["step"], "requirements": [pin],
+                                 "source": mask(step["index"]), "reason": e.message, "fill": hint})
+            fill.say(f"  ! {pin}: {e.message}")
+            continue
+        record(rel, info)
+
+
+def _report(say, v, res: dict, out: Path) -> None:
+    missing = res["missing"]
+    say(f"bundle {v.name}: {res['files']} files, {res['bytes'] / 2**30:.2f} GiB in {out} ({res['seconds']}s)"
+        + (f"; MISSING {len(missing)}: " + "; ".join(m["what"] for m in missing) if missing
+           else "; complete"))
+    for m in missing:
+        say(f"  missing {m['what']} (from {m['source']}): {m['reason'][:300]}\n    fill it: {m['fill']}")
+
+
+def make(
+    ctx, out: Path, target: Target, say=print, archive: bool = False, machine: str | None = None
+) -> dict:
     """Fill ``out`` with what the variant's build needs for ``target``; re-running adds only what is missing.
     The caller holds the variant's bundle lock (commands/bundle).  While it runs the manifest says the bundle
     is incomplete (written at the start and after each file), so a killed run is resumed by running again."""
@@ -287,30 +375,40 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
     v = ctx.variant
     old = load_manifest(out) or {}
     if old and old["variant"]["name"] != v.name:
-        raise UsageError(f"--out {out} holds a bundle for variant {old['variant']['name']}.", "Give another folder.")
+        raise UsageError(f"--out {out} holds a bundle for variant {old['variant']['name']}.",
+                         "Give another folder.")
     # what the bundle recorded under each name (its files, and those deleted since): a file of that name is
     # recorded again only with the same sha256
     expected = {**old.get("recorded", {}), **old.get("files", {})}
     _verify_kept(out, expected, v)
     vhash = variant_hash(v)
     env = dict(ctx.base_env)
-    links = [str(out / "wheels")] + find_links(env)
-    cache = ctx.layout.cache / "wheels"
     work = ctx.layout.cache / "bundle" / v.name
+    fill = Fill(out, target, [str(out / "wheels")] + find_links(env), ctx.layout.cache / "wheels", work, env,
+                Known(ctx.layout.cache / "bundle" / "known.json"),  # filename -> sha256, size, origin URL
+                expected, v, say)
     files: dict = {}
-    missing: list[dict] = []
+    missing = fill.missing
     pins_by_step: dict = {}
     base = {"schema": SCHEMA, "variant": {"name": v.name, "file": str(v.path), "sha256": vhash},
             "target": asdict(target), "machine": machine, "fill": bundle_cmd(v, out, machine)}
     kept = {r: i for r, i in expected.items() if (out / r).is_file()}   # checked above
 
+    def record(rel: str, info: dict) -> None:
+        new = {**kept, **files}.get(rel) != info
+        files[rel] = info
+        if new:
+            progress()
+
     def progress() -> None:
-        _save_manifest(out, {**base, "files": {**kept, **files}, "recorded": _absent(expected, {**kept, **files}),
+        listed = {**kept, **files}
+        save_manifest(out, {**base, "files": listed, "recorded": _absent(expected, listed),
                              "pins": pins_by_step, "deps": {}, "partial": True,
                              "resolved_key": None, "made": time.strftime("%Y-%m-%dT%H:%M:%S"),
                              "missing": [{"what": "the rest of the bundle (the run making it did not finish)",
                                           "step": PARTIAL, "requirements": [], "source": "invoke bundle",
-                                          "reason": "interrupted", "fill": f"`{bundle_cmd(v, out, machine)}`"}]})
+                                          "reason": "interrupted",
+                                          "fill": f"`{bundle_cmd(v, out, machine)}`"}]})
 
     progress()
     (out / "wheels").mkdir(exist_ok=True)
@@ -321,85 +419,40 @@ def make(ctx, out: Path, target: Target, say=print, archive: bool = False, machi
         files.update(_source(ctx, out, say, missing, expected))
         progress()
     plan = install_plan(ctx) if v.vllm["mode"] == "wheel" or ctx.status.step("fetch") else []
-    resolved_key = json.dumps([vhash, asdict(target), [(p["step"], p["requirements"], p["index"]) for p in plan],
+    resolved_key = json.dumps([vhash, asdict(target),
+                               [(p["step"], p["requirements"], p["index"]) for p in plan],
                                [_file_digest(f) for p in plan for f in p["files"]]], sort_keys=True)
     rescache = work / "resolved.json"
-    try:
-        resolved = json.loads(rescache.read_text())
-    except (OSError, ValueError):
-        resolved = {}
-    if not isinstance(resolved, dict):
-        resolved = {}
-    if old.get("resolved_key") == resolved_key and not old.get("missing"):
-        resolved[resolved_key] = old.get("pins", {})
-    reuse = resolved_key in resolved and isinstance(resolved[resolved_key], dict)
-    known = Known(ctx.layout.cache / "bundle" / "known.json")       # filename -> sha256, size, origin URL
-    constraints: list[str] = []
-    kept_cons: list[str] = []
-    torch_missing = False
+    resolved = _load_resolved(rescache, old, resolved_key)
+    reuse = isinstance(resolved.get(resolved_key), dict)
+    cons = _Constraints()
     for step in plan:
         if reuse and step["step"] in resolved[resolved_key]:
             pins = resolved[resolved_key][step["step"]]
         else:
-            why = _reachable(step["index"])
-            say(f"  resolving {step['step']}: {', '.join(step['requirements'][:4])}"
-                f"{' ...' if len(step['requirements']) > 4 else ''} from {mask(step['index'])}"
-                + (" (unreachable: local files only)" if why else ""))
-            pins, err = compile_step(step, target, constraints, links, env, offline=bool(why), workdir=work)
-            if pins is None and constraints != kept_cons:  # as the install: only the env's constraints file is kept
-                pins, err = compile_step(step, target, kept_cons, links, env, offline=bool(why), workdir=work)
+            pins = _resolve(step, fill, cons)
             if pins is None:
-                missing.append({"what": f"{step['step']}: {' '.join(step['requirements'])}", "step": step["step"],
-                                "requirements": step["requirements"], "source": mask(step["index"]),
-                                "reason": mask(why or err),
-                                "fill": _pip_download_hint(step, target, out, v)})
-                say(f"  ! {step['step']}: cannot resolve ({mask(why or err)[:200]})")
-                if step["step"] == "torch":  # later steps resolve against the public release's metadata
-                    kept_cons = constraints = _torch_stand_in(v)
-                    torch_missing = True
                 continue
-        if torch_missing and step["step"] != "torch":  # torch's own closure comes with the torch step
-            pins = [p for p in pins if not _torch_closure(p, v)]
+        pins = cons.add(step, pins, v)
         pins_by_step[step["step"]] = pins
-        constraints = _merge(constraints, pins)
-        if step["step"] == "torch":  # the constraints file the torch step writes: torch's pins and numpy's
-            names = {canonicalize_name(Requirement(r).name) for r in v.torch["packages"]}
-            kept_cons = [p for p in pins if canonicalize_name(Requirement(p).name) in names]
-            kept_cons += [r for r in v.deps["packages"] if canonicalize_name(Requirement(r).name) == "numpy"]
-        for pin in pins:
-            try:
-                rel, info = _get(pin, step["index"], links, target, cache, out, {**kept, **files},
-                                 say, known, expected)
-            except StepFailed as e:
-                missing.append({"what": pin, "step": step["step"], "requirements": [pin],
-                                "source": mask(step["index"]), "reason": e.message,
-                                "fill": _pip_download_hint({**step, "requirements": [pin]}, target, out, v)})
-                say(f"  ! {pin}: {e.message}")
-                continue
-            new = {**kept, **files}.get(rel) != info
-            files[rel] = info
-            if new:
-                progress()
+        _fetch_pins(step, pins, fill, lambda: {**kept, **files}, record)
     deps = _deps(ctx, out, say, missing) if v.vllm["mode"] == "source" and ctx.status.step("fetch") else {}
     man = {**base, "files": files, "recorded": _absent(expected, files), "pins": pins_by_step, "deps": deps,
            "missing": missing, "resolved_key": resolved_key if not missing else None,
            "made": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _save_manifest(out, man)
-    known.save()
+    save_manifest(out, man)
+    fill.known.save()
     if not missing:
         resolved[resolved_key] = pins_by_step
         work.mkdir(parents=True, exist_ok=True)
         rescache.write_text(json.dumps(resolved))
-    # files a previous run listed that this one no longer needs stay (harmless); the manifest names what counts
-    size = sum(i["size"] for i in files.values())
-    res = {"bundle": str(out), "files": len(files), "bytes": size, "missing": missing,
-           "seconds": round(time.monotonic() - t0, 1), "target": asdict(target)}
+    # files a previous run listed that this one no longer needs stay (harmless); the manifest names what
+    # counts
+    res = {"bundle": str(out), "files": len(files), "bytes": sum(i["size"] for i in files.values()),
+           "missing": missing, "seconds": round(time.monotonic() - t0, 1), "target": asdict(target)}
     if archive:
         res["archive"] = str(_archive(out, say))
-    say(f"bundle {v.name}: {len(files)} files, {size / 2**30:.2f} GiB in {out} ({res['seconds']}s)"
-        + (f"; MISSING {len(missing)}: " + "; ".join(m["what"] for m in missing) if missing else "; complete"))
-    for m in missing:
-        say(f"  missing {m['what']} (from {m['source']}): {m['reason'][:300]}\n    fill it: {m['fill']}")
+    _report(say, v, res, out)
     return res
 
 
@@ -439,88 +492,9 @@ def _pip_download_hint(step: dict, target: Target, out: Path, variant) -> str:
     plats = " ".join(f"--platform {p}" for p in target.platforms()[:3])
     reqs = " ".join(f"'{r}'" for r in step["requirements"])
     return (f"on a connected machine: `{bundle_cmd(variant, out)}` with {out} copied there "
-            f"(adds only what is missing); or `pip download --only-binary=:all: --python-version {target.python} "
-            f"{plats} --index-url {mask(step['index'])} -d {out}/wheels {reqs}`, then run `invoke bundle` here again")
-
-
-def _get(pin: str, index: str, links: list[str], target: Target, cache: Path, out: Path, old_files: dict,
-         say, known: Known, expected: dict) -> tuple[str, dict]:
-    """The bundle's file of ``pin``: (its name in the bundle, its manifest entry).  Every file recorded is
-    hashed here (or was, against the manifest, when the run began), and one whose name the manifest already
-    records with another sha256 is refused (``_unchanged``): a swapped file is never recorded silently."""
-    req = Requirement(pin)
-    version = Version(str(next(iter(req.specifier)).version))
-    name = req.name
-    # 1. already in the bundle (listed; its content checked against the manifest when this run began)
-    for rel, info in old_files.items():
-        if info.get("pin") == pin and (out / rel).is_file() and (out / rel).stat().st_size == info["size"]:
-            return rel, info
-    # 2. a local find-links folder (the bundle's own wheels/ first) or the download cache
-    local: list[tuple[str, object]] = []
-    for f in links + [str(cache)]:
-        folder = Path(f[7:] if f.startswith("file://") else f)
-        local += [(p.name, (p, url)) for p, url in _candidates_local(folder, name, version)
-                  if f != str(cache) or p.name in known.data]   # the download cache: files whose origin is known
-    pick = best_file(local, target)
-    if pick is not None:
-        p, url = pick[1]
-        rel = f"wheels/{p.name}"
-        dest = out / "wheels" / p.name
-        listed = old_files.get(rel)
-        if listed and p.resolve() == dest.resolve() and dest.stat().st_size == listed["size"]:
-            return rel, {**listed, "pin": pin}
-        k = known.data.get(p.name)
-        from_cache = p.parent.resolve() == cache.resolve()
-        digest = sha256_file(p)
-        if from_cache and digest != k["sha256"]:
-            # the cached copy is not what was downloaded (edited in place through a hard link?): fetched again
-            say(f"    {p.name}: the download cache's copy changed since it was downloaded; fetching it again")
-            p.unlink(missing_ok=True)
-            del known.data[p.name]
-        else:
-            if k and not from_cache and p.resolve() == dest.resolve() and digest != k["sha256"]:
-                raise UsageError(f"Bundle {out}: {rel} has sha256 {digest[:16]}..., the file of that name "
-                                 f"downloaded from {k.get('url', '?')} had {k['sha256'][:16]}...; nothing was "
-                                 "recorded.",
-                                 f"Delete {dest} and run `invoke bundle` again (it is fetched again and checked).")
-            _unchanged(out, rel, digest, expected, str(p.parent))
-            if p.resolve() != dest.resolve():
-                _link(p, dest)
-            if k and digest == k["sha256"]:  # downloaded earlier: its origin
-                return rel, {**k, "pin": pin}
-            return rel, {"sha256": digest, "size": dest.stat().st_size, "url": url, "pin": pin}
-    # 3. the index
-    files = [f for f in _index_files(index, name, cache.parent / "bundle" / "pages") if not f.yanked]
-    cands = []
-    for f in files:
-        try:
-            ver = parse_wheel_filename(f.filename)[1] if f.filename.endswith(".whl") else \
-                parse_sdist_filename(f.filename)[1]
-        except ValueError:
-            continue
-        if ver == version:
-            cands.append((f.filename, f))
-    pick = best_file(cands, target)
-    if pick is None:
-        raise StepFailed(f"{mask(index)} has no file of {pin} for Python {target.python} on {target.uv_platform}",
-                         None)
-    f = pick[1]
-    cached = cache / f.filename
-    if cached.is_file() and f.sha256 and sha256_file(cached) == f.sha256:
-        say(f"    {f.filename}: from the download cache")
-        digest = f.sha256
-    else:
-        digest = _download(f.url, cached, f.sha256, say)
-    rel = f"wheels/{f.filename}"
-    _unchanged(out, rel, digest, expected, f.url)
-    known.data[f.filename] = {"sha256": digest, "size": cached.stat().st_size, "url": mask(f.url)}
-    known.save()   # before the link: a killed run's file in the bundle is checked against it when resumed
-    dest = out / "wheels" / f.filename
-    _link(cached, dest)
-    if sha256_file(dest) != digest:   # the cache's copy changed between the two (another process)
-        dest.unlink(missing_ok=True)
-        raise StepFailed(f"bundle: {cached} changed while it was linked into the bundle.", "Run `invoke bundle` again.")
-    return rel, {**known.data[f.filename], "pin": pin}
+            f"(adds only what is missing); or `pip download --only-binary=:all: --python-version "
+            f"{target.python} {plats} --index-url {mask(step['index'])} -d {out}/wheels {reqs}`, then run "
+            "`invoke bundle` here again")
 
 
 def _source(ctx, out: Path, say, missing: list, expected: dict | None = None) -> dict:
@@ -530,7 +504,8 @@ def _source(ctx, out: Path, say, missing: list, expected: dict | None = None) ->
     fetched = ctx.status.step("fetch") or {}
     if fetched.get("status") != "ok" or (ctx.status.step("prepare") or {}).get("status") != "ok":
         missing.append({"what": f"vLLM source {v.vllm['source']} {v.vllm['version']}", "step": "fetch",
-                        "requirements": [], "source": "PyPI", "reason": "the fetch/prepare steps did not finish",
+                        "requirements": [], "source": "PyPI",
+                        "reason": "the fetch/prepare steps did not finish",
                         "fill": f"`invoke fetch --variant {v.name}` on a machine that reaches PyPI"})
         say("  ! vLLM source: not fetched")
         return {}
@@ -543,8 +518,8 @@ def _source(ctx, out: Path, say, missing: list, expected: dict | None = None) ->
     a = Path(archive)
     rel = f"sdist/{a.name}"
     digest = sha256_file(a)
-    _unchanged(out, rel, digest, expected or {}, str(a.parent))
-    _link(a, out / rel)
+    unchanged_file(out, rel, digest, expected or {}, str(a.parent))
+    link_into(a, out / rel)
     say(f"  vLLM sdist: {a.name}")
     return {rel: {"sha256": digest, "size": a.stat().st_size,
                   "url": mask(prov.get("url") or a.resolve().as_uri()), "pin": f"vllm=={v.vllm['version']}"}}
@@ -568,16 +543,17 @@ def _deps(ctx, out: Path, say, missing: list) -> dict:
         except (StepFailed, UsageError) as e:
             missing.append({"what": f"FetchContent {d.name} {d.rev} ({d.url})", "step": "build",
                             "requirements": [], "source": d.url, "reason": e.message,
-                            "fill": f"on a machine that reaches {d.url}: `{bundle_cmd(ctx.variant, out)}` with {out} "
-                                    f"copied there (adds only what is missing); or there `invoke fetch --variant "
-                                    f"{ctx.name} --deps`, copy its deps cache ({root.name}/ under .harness/cache) "
-                                    f"here, set VLLM_HARNESS_DEPS_CACHE to the copy and run `invoke bundle` again"})
+                            "fill": f"on a machine that reaches {d.url}: `{bundle_cmd(ctx.variant, out)}` "
+                                    f"with {out} copied there (adds only what is missing); or there `invoke "
+                                    f"fetch --variant {ctx.name} --deps`, copy its deps cache ({root.name}/ "
+                                    "under .harness/cache) here, set VLLM_HARNESS_DEPS_CACHE to the copy and "
+                                    "run `invoke bundle` again"})
             say(f"  ! {d.name} {d.rev}: not in the cache and {d.url} unreachable")
             continue
         target = dest / path.name
         if not target.is_dir():
-            shutil.copytree(path, target.with_name(target.name + ".tmp"), symlinks=True, copy_function=_hardlink,
-                            dirs_exist_ok=True)
+            shutil.copytree(path, target.with_name(target.name + ".tmp"), symlinks=True,
+                            copy_function=_hardlink, dirs_exist_ok=True)
             os.replace(target.with_name(target.name + ".tmp"), target)
         entry = deps_cache._manifest(root).get(d.key, {})
         got[d.key] = {**entry, "dir": path.name}

@@ -1,6 +1,6 @@
-"""The bundle's pieces (steps/bundle): the target (Python, platform tags), picking the best file of a release for
-it, downloads (sha256 checked), hard links into the bundle, and the manifest (every key checked for its type,
-every file entry a wheel or sdist name inside the bundle).  A verdict on a file is always its content's
+"""The bundle's pieces (steps/bundle): the target (Python, platform tags), picking the best file of a release
+for it, downloads (sha256 checked), hard links into the bundle, and the manifest (every key checked for its
+type, every file entry a wheel or sdist name inside the bundle).  A verdict on a file is always its content's
 sha256: no record keyed by its stat (an edit that restores the mtime keeps size, inode and mtime)."""
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from packaging import tags as ptags
+from packaging.requirements import Requirement
 from packaging.utils import (
     InvalidSdistFilename,
     InvalidWheelFilename,
@@ -79,7 +81,9 @@ def target_for(variant, profile: dict | None = None, profile_path: str | None = 
         where = str(profile_path)
     else:
         if python is None:
-            python = pythons.find(variant.python, given, dict(os.environ), what=f"variant {variant.name}").version
+            python = pythons.find(
+                variant.python, given, dict(os.environ), what=f"variant {variant.name}"
+            ).version
         py = python
         glibc = platform.libc_ver()[1] or "2.28"
         arch = platform.machine()
@@ -96,10 +100,11 @@ def judge_platform(variant, profile: dict, profile_path: str | None, say=None) -
     verdict = feasibility.platform_verdict(compat.load(), profile, feasibility.candidate_of(variant))
     errors = [i.finding for i in verdict.issues if i.finding.severity == "error"]
     if errors:
-        raise UsageError(f"Machine profile {profile_path}: variant {variant.name} does not run there (doctor: will "
-                         "fail): " + "; ".join(f"{f.id}: {f.evidence}" for f in errors) + ".",
-                         "; ".join(dict.fromkeys(f.fix for f in errors)) + f" (`invoke doctor --variant {variant.name}"
-                         f" --machine {profile_path}` says the same).")
+        raise UsageError(f"Machine profile {profile_path}: variant {variant.name} does not run there "
+                         "(doctor: will fail): " + "; ".join(f"{f.id}: {f.evidence}" for f in errors) + ".",
+                         "; ".join(dict.fromkeys(f.fix for f in errors))
+                         + f" (`invoke doctor --variant {variant.name} --machine {profile_path}` says the "
+                           "same).")
     warnings = [i.finding for i in verdict.issues if i.finding.severity == "warning"]
     say = say or (lambda s: print(s, file=sys.stderr, flush=True))
     for f in warnings:
@@ -115,7 +120,8 @@ sha256_file = safeio.sha256_file
 
 
 def bundle_cmd(variant, out: Path | str, machine: str | None = None) -> str:
-    return f"invoke bundle --variant {variant.name} --out {out}" + (f" --machine {machine}" if machine else "")
+    return f"invoke bundle --variant {variant.name} --out {out}" + (
+        f" --machine {machine}" if machine else "")
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -162,7 +168,7 @@ def _index_files(index: str, name: str, cache_dir: Path) -> list:
         raise StepFailed(f"bundle: {mask(e.url)}: {e.reason}", None) from None
 
 
-def _link(src: Path, dest: Path) -> None:
+def link_into(src: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     tmp.unlink(missing_ok=True)
@@ -181,10 +187,13 @@ def _download(url: str, dest: Path, sha256: str | None, say) -> str:
         digest = fetcher.download(url, dest, max_bytes=DOWNLOAD_MAX, sha256=sha256)
     except FetchError as e:
         if e.kind == "sha256":
-            raise StepFailed(f"bundle: {e.url} has sha256 {e.digest}, the index says {sha256}.", e.fix) from None
+            raise StepFailed(
+                f"bundle: {e.url} has sha256 {e.digest}, the index says {sha256}.", e.fix
+            ) from None
         raise StepFailed(f"bundle: cannot download {e.url} ({e.reason}).", e.fix) from None
     size = dest.stat().st_size
-    say(f"    downloaded {dest.name} ({size / 2**20:.1f} MiB, {size / 2**20 / max(time.monotonic() - t0, 1e-3):.1f} MiB/s)")
+    rate = size / 2**20 / max(time.monotonic() - t0, 1e-3)
+    say(f"    downloaded {dest.name} ({size / 2**20:.1f} MiB, {rate:.1f} MiB/s)")
     return digest
 
 
@@ -209,8 +218,8 @@ def _check_rel(p: Path, rel: object) -> str:
     if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
         raise _bad(p, f"file entry {str(rel)[:80]!r} is not a relative path")
     parts = PurePosixPath(rel).parts
-    if PurePosixPath(rel).is_absolute() or ".." in parts or len(parts) != 2 or parts[0] not in ("wheels", "sdist") \
-            or rel != "/".join(parts):
+    if PurePosixPath(rel).is_absolute() or ".." in parts or len(parts) != 2 \
+            or parts[0] not in ("wheels", "sdist") or rel != "/".join(parts):
         raise _bad(p, f"file entry {rel[:120]!r} is not wheels/NAME or sdist/NAME inside the bundle")
     name = parts[1]
     try:
@@ -244,17 +253,19 @@ def validate_manifest(p: Path, data: object) -> dict:
     v, t = data.get("variant"), data.get("target")
     if not isinstance(v, dict) or not all(isinstance(v.get(k), str) for k in ("name", "sha256")):
         raise _bad(p, "variant is not a table with name and sha256")
-    if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in ("python", "arch", "glibc", "where")):
+    if not isinstance(t, dict) or not all(isinstance(t.get(k), str)
+                                          for k in ("python", "arch", "glibc", "where")):
         raise _bad(p, "target is not a table with python, arch, glibc and where")
     if not isinstance(data.get("files"), dict) or not isinstance(data.get("recorded", {}), dict):
         raise _bad(p, "files is not a table")
     for rel, info in [*data["files"].items(), *data.get("recorded", {}).items()]:
         _check_info(p, _check_rel(p, rel), info)
     missing = data.get("missing", [])
-    if not isinstance(missing, list) or not all(isinstance(m, dict) and isinstance(m.get("what"), str)
-                                                and all(isinstance(m.get(k, ""), str) for k in ("source", "reason",
-                                                                                                  "fill", "step"))
-                                                for m in missing):
+    if not isinstance(missing, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("what"), str)
+        and all(isinstance(m.get(k, ""), str) for k in ("source", "reason", "fill", "step"))
+        for m in missing
+    ):
         raise _bad(p, "missing is not a list of tables with what")
     deps = data.get("deps") or {}
     if not isinstance(deps, dict):
@@ -291,7 +302,7 @@ def load_manifest(out: Path) -> dict | None:
     return validate_manifest(p, data)
 
 
-def _save_manifest(out: Path, data: dict) -> None:
+def save_manifest(out: Path, data: dict) -> None:
     # the bundle folder is the user's: never through a planted manifest.json.tmp link (core.writer)
     writer.write_file(out / MANIFEST, json.dumps(data, indent=2, sort_keys=True), what="Bundle manifest",
                       force=True)
@@ -316,3 +327,132 @@ class Known:
             writer.write_file(self.path, json.dumps(self.data), what="Bundle download record", force=True)
         except (OSError, UsageError):
             pass  # a record that cannot be saved only costs a hash next time
+
+
+# ------------------------------------------------------------------------------ a pinned file
+
+@dataclass(frozen=True)
+class Fill:
+    """One run of :func:`make`: the bundle folder ``out`` and its ``target``; where pinned files are looked
+    for (``links``: find-links folders, ``cache``: the download cache, whose files' origins ``known``
+    records); ``work``: the resolution's scratch folder; ``env``: the children's environment; ``expected``:
+    what the old manifest recorded under each name; ``say``: the progress output; ``missing``: what the run
+    could not get (filled as it goes)."""
+
+    out: Path
+    target: Target
+    links: list[str]
+    cache: Path
+    work: Path
+    env: dict[str, str]
+    known: Known
+    expected: dict
+    variant: object
+    say: Callable[[str], object] = print
+    missing: list[dict] = field(default_factory=list)
+
+
+def unchanged_file(out: Path, rel: str, digest: str, expected: dict, origin: str) -> None:
+    """A file about to be (re)recorded under ``rel``: the same content the manifest recorded, if it did."""
+    was = expected.get(rel)
+    if was and was["sha256"] != digest:
+        raise UsageError(f"Bundle {out}: {rel} from {mask(origin)} has sha256 {digest[:16]}..., its manifest "
+                         f"recorded {was['sha256'][:16]}... under that name (another file of the same name); "
+                         "nothing was recorded.",
+                         f"Remove that file from {mask(origin)} (the recorded one is fetched from its "
+                         "origin), or make the bundle in a new folder if the new file is meant.")
+
+
+def get_file(pin: str, index: str, fill: Fill, old_files: dict) -> tuple[str, dict]:
+    """The bundle's file of ``pin``: (its name in the bundle, its manifest entry).  Every file recorded is
+    hashed here (or was, against the manifest, when the run began), and one whose name the manifest already
+    records with another sha256 is refused (``unchanged_file``): a swapped file is never recorded silently."""
+    req = Requirement(pin)
+    version = Version(str(next(iter(req.specifier)).version))
+    # 1. already in the bundle (listed; its content checked against the manifest when this run began)
+    for rel, info in old_files.items():
+        there = fill.out / rel
+        if info.get("pin") == pin and there.is_file() and there.stat().st_size == info["size"]:
+            return rel, info
+    # 2. a local find-links folder (the bundle's own wheels/ first) or the download cache
+    got = _get_local(pin, req.name, version, fill, old_files)
+    # 3. the index
+    return got if got is not None else _get_from_index(pin, index, req.name, version, fill)
+
+
+def _get_local(pin: str, name: str, version: Version, fill: Fill, old_files: dict) -> tuple[str, dict] | None:
+    """The best file of ``pin`` in a find-links folder or the download cache (None: none, or the cache's
+    copy changed since it was downloaded and was removed)."""
+    out, cache, known = fill.out, fill.cache, fill.known
+    local: list[tuple[str, object]] = []
+    for f in fill.links + [str(cache)]:
+        folder = Path(f[7:] if f.startswith("file://") else f)
+        local += [(p.name, (p, url)) for p, url in _candidates_local(folder, name, version)
+                  if f != str(cache) or p.name in known.data]   # the download cache: files of known origin
+    pick = best_file(local, fill.target)
+    if pick is None:
+        return None
+    p, url = pick[1]
+    rel = f"wheels/{p.name}"
+    dest = out / "wheels" / p.name
+    listed = old_files.get(rel)
+    if listed and p.resolve() == dest.resolve() and dest.stat().st_size == listed["size"]:
+        return rel, {**listed, "pin": pin}
+    k = known.data.get(p.name)
+    from_cache = p.parent.resolve() == cache.resolve()
+    digest = sha256_file(p)
+    if from_cache and digest != k["sha256"]:
+        # the cached copy is not what was downloaded (edited in place through a hard link?): fetched again
+        fill.say(f"    {p.name}: the download cache's copy changed since it was downloaded; fetching it "
+                 "again")
+        p.unlink(missing_ok=True)
+        del known.data[p.name]
+        return None
+    if k and not from_cache and p.resolve() == dest.resolve() and digest != k["sha256"]:
+        raise UsageError(f"Bundle {out}: {rel} has sha256 {digest[:16]}..., the file of that name "
+                         f"downloaded from {k.get('url', '?')} had {k['sha256'][:16]}...; nothing was "
+                         "recorded.",
+                         f"Delete {dest} and run `invoke bundle` again (it is fetched again and checked).")
+    unchanged_file(out, rel, digest, fill.expected, str(p.parent))
+    if p.resolve() != dest.resolve():
+        link_into(p, dest)
+    if k and digest == k["sha256"]:  # downloaded earlier: its origin
+        return rel, {**k, "pin": pin}
+    return rel, {"sha256": digest, "size": dest.stat().st_size, "url": url, "pin": pin}
+
+
+def _get_from_index(pin: str, index: str, name: str, version: Version, fill: Fill) -> tuple[str, dict]:
+    """The best file of ``pin`` on the index, through the download cache (sha256 checked)."""
+    out, cache, target, known = fill.out, fill.cache, fill.target, fill.known
+    files = [f for f in _index_files(index, name, cache.parent / "bundle" / "pages") if not f.yanked]
+    cands = []
+    for f in files:
+        try:
+            ver = parse_wheel_filename(f.filename)[1] if f.filename.endswith(".whl") else \
+                parse_sdist_filename(f.filename)[1]
+        except ValueError:
+            continue
+        if ver == version:
+            cands.append((f.filename, f))
+    pick = best_file(cands, target)
+    if pick is None:
+        raise StepFailed(f"{mask(index)} has no file of {pin} for Python {target.python} on "
+                         f"{target.uv_platform}", None)
+    f = pick[1]
+    cached = cache / f.filename
+    if cached.is_file() and f.sha256 and sha256_file(cached) == f.sha256:
+        fill.say(f"    {f.filename}: from the download cache")
+        digest = f.sha256
+    else:
+        digest = _download(f.url, cached, f.sha256, fill.say)
+    rel = f"wheels/{f.filename}"
+    unchanged_file(out, rel, digest, fill.expected, f.url)
+    known.data[f.filename] = {"sha256": digest, "size": cached.stat().st_size, "url": mask(f.url)}
+    known.save()   # before the link: a killed run's file in the bundle is checked against it when resumed
+    dest = out / "wheels" / f.filename
+    link_into(cached, dest)
+    if sha256_file(dest) != digest:   # the cache's copy changed between the two (another process)
+        dest.unlink(missing_ok=True)
+        raise StepFailed(f"bundle: {cached} changed while it was linked into the bundle.",
+                         "Run `invoke bundle` again.")
+    return rel, {**known.data[f.filename], "pin": pin}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from vllm_harness.core import gitcmd
 from vllm_harness.core.errors import StepFailed
-from vllm_harness.facts.source_tree import Dep, _submodule_dirs, git_env, parse_deps
+from vllm_harness.facts.source_tree import Dep, git_env, parse_deps, submodule_dirs
 
 GIT_TIMEOUT = 3600
 
@@ -162,7 +162,7 @@ def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str 
 
 
 def _all_submodule_paths(repo: Path) -> list[Path]:
-    return _submodule_dirs(repo, depth=3)
+    return submodule_dirs(repo, depth=3)
 
 
 def select(deps: list[Dep], device: str = "cuda", every: bool = False) -> list[Dep]:

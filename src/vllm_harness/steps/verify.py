@@ -28,8 +28,9 @@ CHECK_DEFAULTS = {"libs": None, "speed": True, "reader": "auto", "ccs": None}
 
 def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = False, **opts) -> dict:
     vv = ctx.variant.verify
-    proof = getattr(ctx, "_verify_proof", None) or proof_of(ctx, opts)
-    prog = Progress("verify", quiet=ctx.quiet or as_json, ticker=True)  # a live line / a 15 s heartbeat
+    proof = ctx.verify_proof or proof_of(ctx, opts)
+    # a live line, or a heartbeat every 15 s
+    prog = Progress("verify", quiet=ctx.options.quiet or as_json, ticker=True)
     prog.feed(b"binaries, then imports, kernels and speed in the env's interpreter")
     try:
         result = verify_mod.run_verify(ctx.py, vv["device"], vv["imports"], vv["extensions"], vv["ops"],
@@ -39,7 +40,7 @@ def do_verify(ctx: Ctx, log: Path, allow_no_gpu: bool = True, as_json: bool = Fa
     text, code = verify_mod.verdict(result, vv["device"], allow_no_gpu)
     result["variant"] = ctx.name
     result["verdict"] = text
-    if not ctx.quiet and not as_json:
+    if not ctx.options.quiet and not as_json:
         verify_mod.render(result, text)
     if code:
         failed = [c for c in result["checks"] if c["status"] == "fail"]
@@ -175,7 +176,7 @@ def reusable(ctx: Ctx, proof: dict, allow_no_gpu: bool = True) -> dict | None:
     """The recorded verify step when it proved these very inputs and still passes with this run's
     ``allow_no_gpu``; None when the checks must run."""
     s = ctx.status.step("verify") or {}
-    if ctx.force or getattr(ctx, "reverify", False):
+    if ctx.options.force or ctx.options.reverify:
         return None
     if s.get("status") != "ok" or s.get("proof_key") != proof["key"] or not isinstance(s.get("result"), dict):
         return None

@@ -25,16 +25,16 @@ import tempfile
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vllm_harness.core import procs
 from vllm_harness.verify.elf import (
     ElfInfo,
     NotElf,
-    _elf_kind,
     arch_summary,
     coverage,
+    elf_kind,
     fatbin_entries,
     find_cuobjdump,
     for_particular_gpus,
@@ -116,7 +116,7 @@ def resolve(name: str, info: ElfInfo, lp: LoaderPath) -> tuple[str | None, str]:
     want = (2 if info.bits == 64 else 1, info.machine)
 
     def ok(p: Path) -> bool:
-        return p.is_file() and _elf_kind(p) == want
+        return p.is_file() and elf_kind(p) == want
 
     if "/" in name:
         p = Path(_expand(name, str(Path(info.path).parent)))
@@ -204,11 +204,27 @@ def _sm(cc: str) -> str:
     return f"sm_{cc.replace('.', '')}"
 
 
-def _arch_check(label: str, path: Path, entries: list, gpu_ccs: list[str], archs: str, m: dict,
+@dataclass(frozen=True)
+class Target:
+    """What a library is checked against: the GPUs' compute capabilities (none: its archs are only reported,
+    with ``no_gpu_reason``), the CUDA it must link (``torch_cuda``, else ``expect_cuda``: a wheel checked
+    before install), and how its device code is read (``reader``: auto, python or cuobjdump; ``cuobjdump``:
+    that tool's path, None: not used)."""
+
+    gpu_ccs: list[str] = field(default_factory=list)
+    torch_cuda: str | None = None
+    expect_cuda: str | None = None
+    reader: str = "auto"
+    cuobjdump: str | None = None
+    no_gpu_reason: str = "no GPU visible"
+
+
+def _arch_check(label: str, path: Path, entries: list, gpu_ccs: list[str], m: dict,
                 role: Role | None) -> dict:
-    """The GPU archs verdict of one library with device code: a GPU it holds no code for fails only where the
-    library is one the package needs there (roles.py): a library built for particular GPUs only (sm_90a,
-    sm_100f) or one its Python imports guarded is "not used" on the others."""
+    """The GPU archs verdict of one library with device code (``m``: its arch summary): a GPU it holds no
+    code for fails only where the library is one the package needs there (roles.py): a library built for
+    particular GPUs only (sm_90a, sm_100f) or one its Python imports guarded is "not used" on the others."""
+    archs = " ".join(m["sass"] + m["ptx"])
     covs = [coverage(entries, cc) for cc in gpu_ccs]
     m["gpus"] = covs
     none = [c for c in covs if c["level"] == "none"]
@@ -249,12 +265,70 @@ def _arch_check(label: str, path: Path, entries: list, gpu_ccs: list[str], archs
     return _check(f"{label}: GPU archs", "pass", f"SASS for {ccs} (of {archs})", m, subject=str(path))
 
 
-def check_library(path: Path, label: str, lp: LoaderPath | None, torch_cuda: str | None, gpu_ccs: list[str],
-                  cuobjdump: str | None = None, reader: str = "auto", expect_cuda: str | None = None,
-                  no_gpu_reason: str = "no GPU visible", role: Role | None = None) -> list[dict]:
-    """The binary checks of one library: NEEDED resolved (when lp is given), CUDA runtime major, fatbin archs.
+def _needed_check(label: str, path: Path, info, lp: LoaderPath, target: Target) -> dict:
+    """NEEDED: every library it links resolves under the env's loader path (the driver's may be absent)."""
+    resolved, missing, driver_missing = {}, [], []
+    for n in info.needed:
+        p, how = resolve(n, info, lp)
+        if p:
+            resolved[n] = f"{p} ({how})"
+        elif DRIVER_LIBS.match(n) and not lp.driver_present:
+            driver_missing.append(n)
+        else:
+            missing.append(n)
+    m = {"needed": len(info.needed), "resolved": resolved, "runpath": info.runpath, "rpath": info.rpath}
+    if missing:
+        cuda = [n for n in missing if CUDA_LIB.match(n)]
+        drv = [n for n in missing if DRIVER_LIBS.match(n)]
+        m["missing"] = missing
+        why = (f"{', '.join(missing)} not found under the env's loader path (RPATH/RUNPATH, "
+               f"LD_LIBRARY_PATH, "
+               f"ldconfig cache, default dirs, torch's lib/, site-packages nvidia/*/lib)")
+        torch_cuda_libs = [n for n in missing if re.match(r"^lib(torch_cuda|c10_cuda)", n)]
+        id_ = ("cuda-runtime-lib-missing" if cuda else "no-driver" if drv else
+               "torch-cpu-only" if torch_cuda_libs and not target.torch_cuda else None)
+        if id_ == "torch-cpu-only":
+            why += ": the env's torch is a CPU build"
+        return _check(f"{label}: NEEDED libraries", "fail", why, m, id_, str(path))
+    if driver_missing:
+        m["driver_missing"] = driver_missing
+        return _check(f"{label}: NEEDED libraries", "skip",
+                      f"{len(resolved)} of {len(info.needed)} resolve; "
+                      f"{', '.join(driver_missing)} "
+                      f"come with the NVIDIA driver, absent here ({target.no_gpu_reason})", m,
+                      subject=str(path))
+    return _check(f"{label}: NEEDED libraries", "pass",
+                  f"all {len(info.needed)} resolve", m, subject=str(path))
 
-    expect_cuda: the CUDA the library must match when torch's is unknown (a wheel checked before install).
+
+def _runtime_check(label: str, path: Path, majors: dict[str, int], target: Target) -> dict:
+    """CUDA runtime: the CUDA major it links is torch's (else the variant's)."""
+    torch_cuda = target.torch_cuda
+    want = torch_cuda or target.expect_cuda
+    want_major = int(want.split(".")[0]) if want else None
+    bad = {n: v for n, v in majors.items() if want_major is not None and v != want_major}
+    m = {"links": majors, "torch_cuda": torch_cuda, "expected_cuda": want}
+    if want_major is None:
+        return _check(f"{label}: CUDA runtime", "skip",
+                      "torch has no CUDA (CPU build): nothing to "
+                      "compare the linked CUDA major with", m, subject=str(path))
+    if bad:
+        who = "torch's CUDA" if torch_cuda else "the variant's CUDA"
+        return _check(f"{label}: CUDA runtime", "fail",
+                      f"links {', '.join(bad)} (CUDA {sorted(set(bad.values()))[0]}) but {who} is "
+                      f"{want}: a binary for another CUDA major", m, "cuda-runtime-lib-missing",
+                      str(path))
+    return _check(f"{label}: CUDA runtime", "pass",
+                  f"CUDA {want_major} ({', '.join(sorted(majors))}) = "
+                  f"{'torch' if torch_cuda else 'variant'}"
+                  f" CUDA {want}", m, subject=str(path))
+
+
+def check_library(path: Path, label: str, lp: LoaderPath | None, target: Target,
+                  role: Role | None = None) -> list[dict]:
+    """The binary checks of one library: NEEDED resolved (when lp is given), CUDA runtime major, fatbin archs
+    (see :class:`Target`).
+
     role: how the package's Python imports it (roles.py), for a GPU it has no code for."""
     t0 = time.perf_counter()
     try:
@@ -264,73 +338,23 @@ def check_library(path: Path, label: str, lp: LoaderPath | None, torch_cuda: str
     checks = []
     # 1. NEEDED
     if lp is not None:
-        resolved, missing, driver_missing = {}, [], []
-        for n in info.needed:
-            p, how = resolve(n, info, lp)
-            if p:
-                resolved[n] = f"{p} ({how})"
-            elif DRIVER_LIBS.match(n) and not lp.driver_present:
-                driver_missing.append(n)
-            else:
-                missing.append(n)
-        m = {"needed": len(info.needed), "resolved": resolved, "runpath": info.runpath, "rpath": info.rpath}
-        if missing:
-            cuda = [n for n in missing if CUDA_LIB.match(n)]
-            drv = [n for n in missing if DRIVER_LIBS.match(n)]
-            m["missing"] = missing
-            why = (f"{', '.join(missing)} not found under the env's loader path (RPATH/RUNPATH, "
-                   f"LD_LIBRARY_PATH, "
-                   f"ldconfig cache, default dirs, torch's lib/, site-packages nvidia/*/lib)")
-            torch_cuda_libs = [n for n in missing if re.match(r"^lib(torch_cuda|c10_cuda)", n)]
-            id_ = ("cuda-runtime-lib-missing" if cuda else "no-driver" if drv else
-                   "torch-cpu-only" if torch_cuda_libs and not torch_cuda else None)
-            if id_ == "torch-cpu-only":
-                why += ": the env's torch is a CPU build"
-            checks.append(_check(f"{label}: NEEDED libraries", "fail", why, m, id_, str(path)))
-        elif driver_missing:
-            m["driver_missing"] = driver_missing
-            checks.append(_check(f"{label}: NEEDED libraries", "skip",
-                                 f"{len(resolved)} of {len(info.needed)} resolve; "
-                                 f"{', '.join(driver_missing)} "
-                                 f"come with the NVIDIA driver, absent here ({no_gpu_reason})", m,
-                                 subject=str(path)))
-        else:
-            checks.append(_check(f"{label}: NEEDED libraries", "pass",
-                                 f"all {len(info.needed)} resolve", m, subject=str(path)))
+        checks.append(_needed_check(label, path, info, lp, target))
     # 2. CUDA runtime major
     majors = cuda_majors(info.needed)
-    want = torch_cuda or expect_cuda
     if majors:
-        want_major = int(want.split(".")[0]) if want else None
-        bad = {n: v for n, v in majors.items() if want_major is not None and v != want_major}
-        m = {"links": majors, "torch_cuda": torch_cuda, "expected_cuda": want}
-        if want_major is None:
-            checks.append(_check(f"{label}: CUDA runtime", "skip",
-                                 "torch has no CUDA (CPU build): nothing to "
-                                 "compare the linked CUDA major with", m, subject=str(path)))
-        elif bad:
-            who = "torch's CUDA" if torch_cuda else "the variant's CUDA"
-            checks.append(_check(f"{label}: CUDA runtime", "fail",
-                                 f"links {', '.join(bad)} (CUDA {sorted(set(bad.values()))[0]}) but {who} is "
-                                 f"{want}: a binary for another CUDA major", m, "cuda-runtime-lib-missing",
-                                 str(path)))
-        else:
-            checks.append(_check(f"{label}: CUDA runtime", "pass",
-                                 f"CUDA {want_major} ({', '.join(sorted(majors))}) = "
-                                 f"{'torch' if torch_cuda else 'variant'}"
-                                 f" CUDA {want}", m, subject=str(path)))
+        checks.append(_runtime_check(label, path, majors, target))
     # 3. device code
-    entries, used = fatbin_entries(path, info, cuobjdump, reader)
+    entries, used = fatbin_entries(path, info, target.cuobjdump, target.reader)
     if entries:
         summ = arch_summary(entries)
         m = {**summ, "reader": used, "containers": len({e.container for e in entries})}
         archs = " ".join(summ["sass"] + summ["ptx"])
-        if not gpu_ccs:
+        if not target.gpu_ccs:
             checks.append(_check(f"{label}: GPU archs", "skip",
-                                 f"{no_gpu_reason}: nothing to compare {archs} with",
+                                 f"{target.no_gpu_reason}: nothing to compare {archs} with",
                                  m, subject=str(path)))
         else:
-            checks.append(_arch_check(label, path, entries, gpu_ccs, archs, m, role))
+            checks.append(_arch_check(label, path, entries, target.gpu_ccs, m, role))
     for c in checks:
         c["metrics"].setdefault("seconds", round((time.perf_counter() - t0) / len(checks), 4))
     return checks
@@ -380,21 +404,20 @@ def find_libraries(package_dirs: dict[str, str], extra: list[str] | None = None)
     return out
 
 
-def check_libraries(libs: list[tuple[Path, str]], lp: LoaderPath | None, torch_cuda: str | None,
-                    gpu_ccs: list[str], env: dict[str, str] | None = None, reader: str = "auto",
-                    expect_cuda: str | None = None, no_gpu_reason: str = "no GPU visible",
-                    python_side: PythonSide | None = None) -> list[dict]:
+def check_libraries(libs: list[tuple[Path, str]], lp: LoaderPath | None, target: Target,
+                    env: dict[str, str] | None = None, python_side: PythonSide | None = None) -> list[dict]:
     """check_library over libs ((file, label) with label the path inside site-packages); python_side gives
-    each extension module's role where a GPU lacks its code."""
+    each extension module's role where a GPU lacks its code.  cuobjdump is looked up in ``env`` (the
+    target's own is not used)."""
     # cuobjdump is the second opinion where a verdict rests on the archs: with no GPU to compare them with
     # ('auto'), the built-in reader's summary is only reported, and cuobjdump's seconds per library are saved
+    gpu_ccs, reader = target.gpu_ccs, target.reader
     wanted = reader == "cuobjdump" or (reader == "auto" and bool(gpu_ccs))
-    cuobjdump = find_cuobjdump(env) if wanted else None
+    target = replace(target, cuobjdump=find_cuobjdump(env) if wanted else None)
     checks: list[dict] = []
     for path, label in libs:
         role = python_side.role(label) if python_side is not None and gpu_ccs else None
-        checks += check_library(path, label, lp, torch_cuda, gpu_ccs, cuobjdump, reader, expect_cuda,
-                                no_gpu_reason, role)
+        checks += check_library(path, label, lp, target, role)
     return checks
 
 
@@ -489,16 +512,31 @@ def _declared_extensions(label: str, wheel: Path, zf: zipfile.ZipFile, side: Pyt
                    m, subject=str(wheel))]
 
 
+@dataclass(frozen=True)
+class WheelOptions:
+    """How :func:`check_wheel` reads a wheel: ``lp``: the env's loader path (None: NEEDED is not checked);
+    ``env``: where cuobjdump is looked up; ``reader``, ``no_gpu_reason``: see :class:`Target`; ``unpacked``: a
+    folder where this very wheel was unpacked (a scratch venv's site-packages): its libraries are read there
+    instead of being extracted again (1 GB of writes for vLLM's); ``extensions``: the variant's
+    ``[verify] extensions``."""
+
+    lp: LoaderPath | None = None
+    env: dict[str, str] | None = None
+    reader: str = "auto"
+    no_gpu_reason: str = "no GPU visible"
+    unpacked: Path | None = None
+    extensions: list[str] | None = None
+
+
 def check_wheel(wheel: Path, variant_cuda: str, variant_torch: str, gpu_ccs: list[str],
-                lp: LoaderPath | None = None, env: dict[str, str] | None = None, reader: str = "auto",
-                no_gpu_reason: str = "no GPU visible", unpacked: Path | None = None,
-                extensions: list[str] | None = None) -> list[dict]:
+                **options: object) -> list[dict]:
     """The binary layer on a wheel file before it is installed: torch pin and CUDA major vs the variant,
     NEEDED (the wheel's own libraries and the loader path given), device archs vs the GPUs (each library
     judged by what it is: roles.py), and the variant's ``[verify] extensions`` against what the wheel ships.
 
-    unpacked: a folder where this very wheel was unpacked (a scratch venv's site-packages): its libraries are
-    read there instead of being extracted again (1 GB of writes for vLLM's)."""
+    ``options``: the fields of :class:`WheelOptions` as keywords."""
+    opts = WheelOptions(**options)
+    unpacked = opts.unpacked
     checks: list[dict] = []
     try:
         zf = zipfile.ZipFile(wheel)
@@ -536,9 +574,10 @@ def check_wheel(wheel: Path, variant_cuda: str, variant_torch: str, gpu_ccs: lis
             except NotElf:
                 pass
         side = PythonSide(lambda: wheel_sources(zf), members)
-        checks += _declared_extensions(label, wheel, zf, side, extensions or [])
-        checks += check_libraries(libs, lp, None, gpu_ccs, env, reader, expect_cuda=variant_cuda,
-                                  no_gpu_reason=no_gpu_reason, python_side=side)
+        checks += _declared_extensions(label, wheel, zf, side, opts.extensions or [])
+        target = Target(gpu_ccs, expect_cuda=variant_cuda, reader=opts.reader,
+                        no_gpu_reason=opts.no_gpu_reason)
+        checks += check_libraries(libs, opts.lp, target, opts.env, python_side=side)
         roots = [tmp, *([str(unpacked)] if unpacked is not None else [])]
         for c in checks:
             for root in roots:

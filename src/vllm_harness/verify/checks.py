@@ -22,6 +22,7 @@ import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vllm_harness.core import procs
@@ -106,13 +107,13 @@ def _expand_libs(libs: list[str] | None) -> list[str]:
 def binary_layer(
     probe: dict,
     env: dict[str, str],
-    gpu_ccs: list[str],
+    target: binaries.Target,
     driver_present: bool,
     libs: list[str],
-    reader: str = "auto",
-    no_gpu_reason: str = "no GPU visible",
 ) -> tuple[list[dict], dict]:
+    """The env's compiled libraries judged against ``target`` (its ``torch_cuda`` is the env's torch's)."""
     t0 = time.perf_counter()
+    reader = target.reader
     torch_dir = probe["packages"].get("torch")
     tf = binaries.torch_facts(torch_dir)
     lp = binaries.LoaderPath.for_env(
@@ -122,7 +123,7 @@ def binary_layer(
     files = binaries.find_libraries(pkg_dirs, extra=libs)
     side = binaries.PythonSide(lambda: binaries.dir_sources(pkg_dirs), [label for _f, label in files])
     checks = binaries.check_libraries(
-        files, lp, tf.get("cuda"), gpu_ccs, env, reader, no_gpu_reason=no_gpu_reason, python_side=side
+        files, lp, replace(target, torch_cuda=tf.get("cuda")), env, python_side=side
     )
     if not files:
         checks.append(
@@ -145,51 +146,24 @@ def binary_layer(
     return checks, info
 
 
-def run_verify(
-    python: Path,
-    device: str,
-    imports: list[str],
-    extensions: list[str],
-    ops: list[str],
-    env: dict[str, str],
-    log: Path | None = None,
-    timeout: float = 600,
-    *,
-    libs: list[str] | None = None,
-    speed: bool = True,
-    reader: str = "auto",
-    ccs: list[str] | None = None,
-) -> dict:
-    probe = _probe(python, env)
-    gpus, driver, driver_cuda = probe_gpus(env) if device == "cuda" else ([], None, None)
-    gpu_ccs = ccs or [g["compute_capability"] for g in gpus if g.get("compute_capability")]
-    direct = _expand_libs(libs)
-    sfx = probe.get("ext_suffixes")
-    elsewhere = [_other_interpreter_check(f, sfx) for f in direct if other_interpreter(f, sfx)]
-    direct = [f for f in direct if not other_interpreter(f, sfx)]
-    why = "device = cpu" if device != "cuda" else "no GPU visible (pass --cc to compare with a GPU elsewhere)"
-    ccs_here = gpu_ccs if device == "cuda" else []
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How :func:`run_verify` runs: ``log``: where the script's output goes; ``timeout``: seconds for the
+    script; ``libs``: library files or folders to check besides the env's; ``speed``: run the speed layer;
+    ``reader``: the fatbin reader (auto, python, cuobjdump); ``ccs``: compute capabilities to compare the
+    binaries with (instead of the visible GPUs')."""
 
-    def binaries_layer() -> tuple[list[dict], dict]:
-        return binary_layer(
-            probe,
-            env,
-            ccs_here,
-            driver_present=bool(gpus) or driver is not None,
-            libs=direct,
-            reader=reader,
-            no_gpu_reason=why,
-        )
+    log: Path | None = None
+    timeout: float = 600
+    libs: list[str] | None = None
+    speed: bool = True
+    reader: str = "auto"
+    ccs: list[str] | None = None
 
-    # with no compute capability to compare, the binary layer predicts nothing the script needs (no
-    # no-kernel-image, no PTX-only library): it reads the ELF files here while the script imports there
-    beside = not ccs_here
-    pool = ThreadPoolExecutor(max_workers=1)
-    later = pool.submit(binaries_layer)
-    bchecks, binfo = ([], {}) if beside else later.result()
-    predicted = [c.get("subject", c["name"]) for c in bchecks if c.get("id") == "no-kernel-image"]
-    ptx_only = [c.get("subject", c["name"]) for c in bchecks if c["metrics"].get("warning") == "ptx-only"]
-    # extension modules: the variant's, and every one found in the vllm package (loaded directly if need be)
+
+def _extension_files(probe: dict, sfx) -> dict[str, str]:
+    """{module: file} of every extension module found in the vllm package (and flash_attn_2_cuda's), of
+    this interpreter."""
     ext_files: dict[str, str] = {}
     for pkg in ("vllm", "flash_attn_2_cuda"):
         d = probe["packages"].get(pkg)
@@ -202,45 +176,76 @@ def run_verify(
             name = _module_name(Path(d), pkg, f)
             if name and not other_interpreter(str(f), sfx):
                 ext_files[name] = str(f)
-    exts = [e for e in extensions if e.split(".")[0] in probe["packages"] or not direct]
-    stale = missing_extensions(exts, probe["packages"], ext_files)
-    exts = [e for e in exts if e not in {c["metrics"]["module"] for c in stale}]
-    argv = [
-        str(python),
-        str(SCRIPT),
-        "--device",
-        device,
-        "--imports",
-        ",".join(imports),
-        "--extensions",
-        ",".join(exts),
-        "--ops",
-        ",".join(ops),
-        "--ext-files",
-        ",".join(f"{k}={v}" for k, v in ext_files.items()),
-        "--libs",
-        ",".join(direct),
-        "--predicted-no-kernel",
-        ",".join(predicted),
-        "--ptx-only",
-        ",".join(ptx_only),
-    ]
-    if driver:
-        argv += ["--driver", driver]
-    if not speed:
-        argv.append("--no-speed")
-    t0 = time.perf_counter()
-    # the PTX JIT cache off for this run: a PTX-only build shows its real first-call cost every time
-    env = {**env, "CUDA_CACHE_DISABLE": "1"}
+    return ext_files
+
+
+def _run_script(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     try:
-        r = procs.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+        return procs.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise StepFailed(
             f"verify: the checks did not finish in {timeout:.0f}s.",
             "Look at the GPU's state (nvidia-smi) and rerun.",
         ) from None
     except OSError as e:
-        raise StepFailed(f"verify: cannot run {python} ({e.strerror}).", "Build the env first.") from None
+        raise StepFailed(f"verify: cannot run {argv[0]} ({e.strerror}).", "Build the env first.") from None
+
+
+def run_verify(
+    python: Path,
+    device: str,
+    imports: list[str],
+    extensions: list[str],
+    ops: list[str],
+    env: dict[str, str],
+    **options: object,
+) -> dict:
+    """The verify layers on the env of ``python``; ``options``: the fields of :class:`VerifyOptions` as
+    keywords."""
+    opts = VerifyOptions(**options)
+    log, timeout, ccs = opts.log, opts.timeout, opts.ccs
+    probe = _probe(python, env)
+    gpus, driver, driver_cuda = probe_gpus(env) if device == "cuda" else ([], None, None)
+    gpu_ccs = ccs or [g["compute_capability"] for g in gpus if g.get("compute_capability")]
+    direct = _expand_libs(opts.libs)
+    sfx = probe.get("ext_suffixes")
+    elsewhere = [_other_interpreter_check(f, sfx) for f in direct if other_interpreter(f, sfx)]
+    direct = [f for f in direct if not other_interpreter(f, sfx)]
+    why = "device = cpu" if device != "cuda" else "no GPU visible (pass --cc to compare with a GPU elsewhere)"
+    ccs_here = gpu_ccs if device == "cuda" else []
+
+    def binaries_layer() -> tuple[list[dict], dict]:
+        target = binaries.Target(ccs_here, reader=opts.reader, no_gpu_reason=why)
+        return binary_layer(probe, env, target, driver_present=bool(gpus) or driver is not None, libs=direct)
+
+    # with no compute capability to compare, the binary layer predicts nothing the script needs (no
+    # no-kernel-image, no PTX-only library): it reads the ELF files here while the script imports there
+    beside = not ccs_here
+    pool = ThreadPoolExecutor(max_workers=1)
+    later = pool.submit(binaries_layer)
+    bchecks, binfo = ([], {}) if beside else later.result()
+    predicted = [c.get("subject", c["name"]) for c in bchecks if c.get("id") == "no-kernel-image"]
+    ptx_only = [c.get("subject", c["name"]) for c in bchecks if c["metrics"].get("warning") == "ptx-only"]
+    # extension modules: the variant's, and every one found in the vllm package (loaded directly if need be)
+    ext_files = _extension_files(probe, sfx)
+    exts = [e for e in extensions if e.split(".")[0] in probe["packages"] or not direct]
+    stale = missing_extensions(exts, probe["packages"], ext_files)
+    exts = [e for e in exts if e not in {c["metrics"]["module"] for c in stale}]
+    argv = [
+        str(python), str(SCRIPT), "--device", device, "--imports", ",".join(imports),
+        "--extensions", ",".join(exts), "--ops", ",".join(ops),
+        "--ext-files", ",".join(f"{k}={v}" for k, v in ext_files.items()), "--libs", ",".join(direct),
+        "--predicted-no-kernel", ",".join(predicted), "--ptx-only", ",".join(ptx_only),
+    ]
+    if driver:
+        argv += ["--driver", driver]
+    if not opts.speed:
+        argv.append("--no-speed")
+    t0 = time.perf_counter()
+    # the PTX JIT cache off for this run: a PTX-only build shows its real first-call cost every time
+    env = {**env, "CUDA_CACHE_DISABLE": "1"}
+    try:
+        r = _run_script(argv, env, timeout)
     finally:
         pool.shutdown(wait=True)
     wall = time.perf_counter() - t0
@@ -322,29 +327,38 @@ def custom_ar_table() -> dict:
     return tomllib.loads(DIST_TABLE.read_text(encoding="utf-8"))
 
 
+@dataclass(frozen=True)
+class DistOptions:
+    """How :func:`multi_gpu_layer` runs data/verify_dist.py: ``libs``: vLLM's compiled libraries (None: the
+    env's installed vllm); ``backend``: torch.distributed's; ``extra``: more arguments for the script."""
+
+    libs: list[str] | None = None
+    backend: str = "nccl"
+    extra: list[str] | None = None
+
+
 def multi_gpu_layer(
     python: Path,
     env: dict[str, str],
     result: dict,
     timeout: float,
-    *,
-    libs: list[str] | None = None,
-    backend: str = "nccl",
-    extra: list[str] | None = None,
+    **options: object,
 ) -> list[dict]:
     """Two or more GPUs (data/verify_dist.py, in the env's python): P2P and its bandwidth for every pair, an
     NCCL
     all-reduce from 8 KB to 1 GB (sum checked, bus GB/s against the link's peak), and vLLM's own custom
     all-reduce from its compiled library (``libs``, else the env's installed vllm) against NCCL."""
     t0 = time.perf_counter()
+    opts = DistOptions(**options)
+    libs = opts.libs
     argv = [
         str(python),
         str(DIST_SCRIPT),
         "--backend",
-        backend,
+        opts.backend,
         "--custom-ar-table",
         json.dumps(custom_ar_table()),
-        *(extra or []),
+        *(opts.extra or []),
     ]
     if libs:
         argv += ["--libs", ",".join(libs)]
@@ -561,11 +575,11 @@ def verify_wheel(
     python: Path | None,
     ccs: list[str] | None = None,
     reader: str = "auto",
-    unpacked: Path | None = None,
+    **options: object,
 ) -> dict:
     """The binary layer on a wheel file, before install: refused (a failed check) when its CUDA major or its
     torch pin does not fit the variant, or when its device code does not cover this machine's GPUs.
-    unpacked: where this wheel's files already lie (read there, not extracted again)."""
+    ``options``: ``unpacked=``: where this wheel's files already lie (read there, not extracted again)."""
     t0 = time.perf_counter()
     gpus, driver, _dc = probe_gpus(env)
     gpu_ccs = ccs or [g["compute_capability"] for g in gpus if g.get("compute_capability")]
@@ -584,12 +598,12 @@ def verify_wheel(
         variant.cuda,
         str(variant.torch["version"]),
         gpu_ccs,
-        lp,
-        env,
-        reader,
+        lp=lp,
+        env=env,
+        reader=reader,
         no_gpu_reason="no GPU visible (pass --cc to compare with a GPU elsewhere)",
-        unpacked=unpacked,
         extensions=list(variant.verify.get("extensions") or []),
+        **options,
     )
     if lp is None:
         checks.append(

@@ -66,75 +66,90 @@ def _open_map(path: Path) -> tuple[object, mmap.mmap | bytes]:
     return f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
-def _parse(path: Path, buf) -> ElfInfo:
-    if bytes(buf[:4]) != ELF_MAGIC:
-        raise NotElf(f"{path}: not an ELF file")
-    cls, data = buf[4], buf[5]
-    if cls not in (1, 2) or data not in (1, 2):
-        raise NotElf(f"{path}: unknown ELF class/data ({cls}, {data})")
-    bits, e = (64 if cls == 2 else 32), ("<" if data == 1 else ">")
-    hdr = e + ("HHIQQQIHHHHHH" if bits == 64 else "HHIIIIIHHHHHH")
-    (etype, machine, _v, _entry, phoff, shoff, _flags, _ehsize, phentsize, phnum, shentsize, shnum,
-     shstrndx) = struct.unpack_from(hdr, buf, 16)
-    info = ElfInfo(str(path), bits, data == 1, machine, etype)
-    n = len(buf)
-    sh_fmt = e + ("IIQQQQIIQQ" if bits == 64 else "IIIIIIIIII")
+@dataclass(frozen=True)
+class _Layout:
+    """How to read one ELF file: its bytes, byte order (``e``: a struct prefix) and word size."""
 
-    def shdr(i: int) -> tuple:
-        return struct.unpack_from(sh_fmt, buf, shoff + i * shentsize)
+    buf: object
+    e: str
+    bits: int
 
-    raw = []
-    if shoff and shentsize >= struct.calcsize(sh_fmt) and shoff < n:
-        if shnum == 0:               # more than 0xff00 sections: the count is in section 0
-            shnum = shdr(0)[5]
-        if shstrndx == 0xFFFF:       # SHN_XINDEX
-            shstrndx = shdr(0)[6]
-        if shoff + shnum * shentsize <= n:
-            raw = [shdr(i) for i in range(shnum)]
-    if raw:
-        stro = raw[shstrndx][4] if shstrndx < len(raw) else 0
-        for s in raw:
-            nm, typ, _fl, addr, off, size, link = s[:7]
-            end = buf.find(b"\0", stro + nm) if stro else -1
-            name = bytes(buf[stro + nm:end]).decode("latin-1") if end >= 0 else ""
-            info.sections.setdefault(name, Section(name, typ, off, size, addr, link))
-    # the dynamic section: through the section headers, else through the program headers
-    dyn_off = dyn_size = str_off = None
-    dyn = next((s for s in raw if s[1] == SHT_DYNAMIC), None)
-    if dyn is not None:
-        dyn_off, dyn_size = dyn[4], dyn[5]
-        if dyn[6] < len(raw):
-            str_off = raw[dyn[6]][4]
-    ph_fmt = e + ("IIQQQQQQ" if bits == 64 else "IIIIIIII")
-    loads = []
-    if phoff and phentsize >= struct.calcsize(ph_fmt) and phoff + phnum * phentsize <= n:
-        for i in range(phnum):
-            p = struct.unpack_from(ph_fmt, buf, phoff + i * phentsize)
-            if bits == 64:
-                ptype, poff, pvaddr, pfilesz = p[0], p[2], p[3], p[5]
-            else:
-                ptype, poff, pvaddr, pfilesz = p[0], p[1], p[2], p[4]
-            if ptype == PT_LOAD:
-                loads.append((pvaddr, poff, pfilesz))
-            elif ptype == PT_DYNAMIC and dyn_off is None:
-                dyn_off, dyn_size = poff, pfilesz
-    if dyn_off is None:
-        return info  # a static binary or an object file: no NEEDED
-    d_fmt = e + ("qQ" if bits == 64 else "iI")
-    d_size = struct.calcsize(d_fmt)
+    def unpack(self, fmt64: str, fmt32: str, off: int) -> tuple:
+        return struct.unpack_from(self.e + (fmt64 if self.bits == 64 else fmt32), self.buf, off)
+
+    def size(self, fmt64: str, fmt32: str) -> int:
+        return struct.calcsize(self.e + (fmt64 if self.bits == 64 else fmt32))
+
+
+_SH = ("IIQQQQIIQQ", "IIIIIIIIII")   # a section header
+_PH = ("IIQQQQQQ", "IIIIIIII")       # a program header
+_DYN = ("qQ", "iI")                  # a dynamic entry
+
+
+def _section_headers(
+    lay: _Layout, shoff: int, shentsize: int, shnum: int, shstrndx: int
+) -> tuple[list, int]:
+    """The raw section headers (none when the table is missing or past the end) and the name table's
+    index."""
+    n = len(lay.buf)
+    if not (shoff and shentsize >= lay.size(*_SH) and shoff < n):
+        return [], shstrndx
+    if shnum == 0:               # more than 0xff00 sections: the count is in section 0
+        shnum = lay.unpack(*_SH, shoff)[5]
+    if shstrndx == 0xFFFF:       # SHN_XINDEX
+        shstrndx = lay.unpack(*_SH, shoff)[6]
+    if shoff + shnum * shentsize > n:
+        return [], shstrndx
+    return [lay.unpack(*_SH, shoff + i * shentsize) for i in range(shnum)], shstrndx
+
+
+def _add_sections(info: ElfInfo, buf, raw: list, shstrndx: int) -> None:
+    stro = raw[shstrndx][4] if shstrndx < len(raw) else 0
+    for sh in raw:
+        nm, typ, _fl, addr, off, size, link = sh[:7]
+        end = buf.find(b"\0", stro + nm) if stro else -1
+        name = bytes(buf[stro + nm:end]).decode("latin-1") if end >= 0 else ""
+        info.sections.setdefault(name, Section(name, typ, off, size, addr, link))
+
+
+def _program_headers(lay: _Layout, phoff: int, phentsize: int, phnum: int) -> tuple[list, tuple | None]:
+    """The PT_LOAD segments as (vaddr, offset, filesz), and PT_DYNAMIC's (offset, size) if any."""
+    loads, dynamic = [], None
+    if not (phoff and phentsize >= lay.size(*_PH) and phoff + phnum * phentsize <= len(lay.buf)):
+        return loads, dynamic
+    for i in range(phnum):
+        p = lay.unpack(*_PH, phoff + i * phentsize)
+        ptype, poff, pvaddr, pfilesz = (p[0], *p[2:4], p[5]) if lay.bits == 64 else (p[0], *p[1:3], p[4])
+        if ptype == PT_LOAD:
+            loads.append((pvaddr, poff, pfilesz))
+        elif ptype == PT_DYNAMIC and dynamic is None:
+            dynamic = (poff, pfilesz)
+    return loads, dynamic
+
+
+def _dynamic_entries(lay: _Layout, dyn_off: int, dyn_size: int) -> list[tuple[int, int]]:
+    d_size = lay.size(*_DYN)
     entries = []
-    for i in range(min(dyn_size, n - dyn_off) // d_size):
-        tag, val = struct.unpack_from(d_fmt, buf, dyn_off + i * d_size)
+    for i in range(min(dyn_size, len(lay.buf) - dyn_off) // d_size):
+        tag, val = lay.unpack(*_DYN, dyn_off + i * d_size)
         if tag == DT_NULL:
             break
         entries.append((tag, val))
-    if str_off is None:  # DT_STRTAB is an address: map it through the PT_LOAD segments
-        addr = next((v for t, v in entries if t == DT_STRTAB), None)
-        for vaddr, off, filesz in loads:
-            if addr is not None and vaddr <= addr < vaddr + filesz:
-                str_off = addr - vaddr + off
-    if str_off is None:
-        return info
+    return entries
+
+
+def _strtab_from_loads(entries: list[tuple[int, int]], loads: list) -> int | None:
+    """DT_STRTAB is an address: its file offset through the PT_LOAD segments."""
+    addr = next((v for t, v in entries if t == DT_STRTAB), None)
+    str_off = None
+    for vaddr, off, filesz in loads:
+        if addr is not None and vaddr <= addr < vaddr + filesz:
+            str_off = addr - vaddr + off
+    return str_off
+
+
+def _add_dynamic(info: ElfInfo, buf, entries: list[tuple[int, int]], str_off: int) -> None:
+    n = len(buf)
 
     def s(off: int) -> str:
         end = buf.find(b"\0", str_off + off)
@@ -149,6 +164,38 @@ def _parse(path: Path, buf) -> ElfInfo:
             info.rpath += [p for p in s(val).split(":") if p]
         elif tag == DT_RUNPATH:
             info.runpath += [p for p in s(val).split(":") if p]
+
+
+def _parse(path: Path, buf) -> ElfInfo:
+    if bytes(buf[:4]) != ELF_MAGIC:
+        raise NotElf(f"{path}: not an ELF file")
+    cls, data = buf[4], buf[5]
+    if cls not in (1, 2) or data not in (1, 2):
+        raise NotElf(f"{path}: unknown ELF class/data ({cls}, {data})")
+    lay = _Layout(buf, "<" if data == 1 else ">", 64 if cls == 2 else 32)
+    (etype, machine, _v, _entry, phoff, shoff, _flags, _ehsize, phentsize, phnum, shentsize, shnum,
+     shstrndx) = lay.unpack("HHIQQQIHHHHHH", "HHIIIIIHHHHHH", 16)
+    info = ElfInfo(str(path), lay.bits, data == 1, machine, etype)
+    raw, shstrndx = _section_headers(lay, shoff, shentsize, shnum, shstrndx)
+    if raw:
+        _add_sections(info, buf, raw, shstrndx)
+    # the dynamic section: through the section headers, else through the program headers
+    dyn_off = dyn_size = str_off = None
+    dyn = next((sh for sh in raw if sh[1] == SHT_DYNAMIC), None)
+    if dyn is not None:
+        dyn_off, dyn_size = dyn[4], dyn[5]
+        if dyn[6] < len(raw):
+            str_off = raw[dyn[6]][4]
+    loads, pt_dynamic = _program_headers(lay, phoff, phentsize, phnum)
+    if dyn_off is None and pt_dynamic is not None:
+        dyn_off, dyn_size = pt_dynamic
+    if dyn_off is None:
+        return info  # a static binary or an object file: no NEEDED
+    entries = _dynamic_entries(lay, dyn_off, dyn_size)
+    if str_off is None:
+        str_off = _strtab_from_loads(entries, loads)
+    if str_off is not None:
+        _add_dynamic(info, buf, entries, str_off)
     return info
 
 
@@ -173,7 +220,7 @@ def is_elf(path: Path) -> bool:
         return False
 
 
-def _elf_kind(path: Path) -> tuple[int, int] | None:
+def elf_kind(path: Path) -> tuple[int, int] | None:
     """(class, machine) of an ELF file, from its first 20 bytes; None if it is not one."""
     try:
         with open(path, "rb") as f:
