@@ -110,12 +110,12 @@ def _wheel(tmp_path, name="vllm-0.0.1-cp311-cp311-linux_x86_64.whl", data=b"PK w
 def test_store_lookup_and_replace(tmp_path):
     state = tmp_path / "state"
     assert wh.lookup(state, "k1", {}) is None
-    stored = wh.store(state, "k1", _wheel(tmp_path), {"torch": "2.6.0"}, "cu118", 12.3, {})
+    stored = wh.store(state, "k1", _wheel(tmp_path), wh.WheelRecord({"torch": "2.6.0"}, "cu118", 12.3), {})
     assert stored == state / "wheelhouse" / "k1" / "vllm-0.0.1-cp311-cp311-linux_x86_64.whl"
     assert wh.lookup(state, "k1", {}) == stored
     meta = json.loads((stored.parent / "meta.json").read_text())
     assert meta["variant"] == "cu118" and meta["build_seconds"] == 12.3 and meta["parts"] == {"torch": "2.6.0"}
-    again = wh.store(state, "k1", _wheel(tmp_path, data=b"PK newer"), {}, "cu118", None, {})
+    again = wh.store(state, "k1", _wheel(tmp_path, data=b"PK newer"), wh.WheelRecord({}, "cu118", None), {})
     assert again.read_bytes() == b"PK newer" and len(list(again.parent.glob("*.whl"))) == 1
     assert [p.name for p in (state / "wheelhouse").iterdir()] == ["k1"]  # no temp folders left
     # a folder without meta.json (a copy that was cut off) is not a hit
@@ -128,7 +128,7 @@ def test_store_lookup_and_replace(tmp_path):
 def test_shared_wheelhouse_from_the_environment(tmp_path):
     team = tmp_path / "team-wheels"
     env = {"VLLM_HARNESS_WHEELHOUSE": str(team)}
-    wh.store(tmp_path / "state", "k", _wheel(tmp_path), {}, "v", 1.0, env)
+    wh.store(tmp_path / "state", "k", _wheel(tmp_path), wh.WheelRecord({}, "v", 1.0), env)
     assert wh.lookup(tmp_path / "other-state", "k", env).parent == team / "k"
 
 
@@ -146,8 +146,8 @@ def test_clean_keeps_the_wheelhouse_unless_asked(tmp_path):
     layout.ensure()
     (layout.venv("cu118") / "bin").mkdir(parents=True)
     (layout.venv("cu124") / "bin").mkdir(parents=True)
-    w118 = wh.store(layout.state, "a" * 16, _wheel(tmp_path), {}, "cu118", 1.0, {})
-    w124 = wh.store(layout.state, "b" * 16, _wheel(tmp_path), {}, "cu124", 1.0, {})
+    w118 = wh.store(layout.state, "a" * 16, _wheel(tmp_path), wh.WheelRecord({}, "cu118", 1.0), {})
+    w124 = wh.store(layout.state, "b" * 16, _wheel(tmp_path), wh.WheelRecord({}, "cu124", 1.0), {})
     (layout.state / "cache" / "sccache").mkdir(parents=True)
     (layout.state / "buildspeed").mkdir()
     (layout.state / "buildspeed" / "memory.json").write_text('{"records": []}')
@@ -173,7 +173,7 @@ def test_clean_keeps_the_wheelhouse_unless_asked(tmp_path):
 
 def test_clean_cli_flag(harness, state):
     Layout.default().ensure()
-    wh.store(state, "c" * 16, _wheel(state.parent), {}, "cu118", 1.0, {})
+    wh.store(state, "c" * 16, _wheel(state.parent), wh.WheelRecord({}, "cu118", 1.0), {})
     rc, out, err = harness("clean", "--variant", "cu118", "--dry-run", "--json")
     assert rc == 0 and not any("wheelhouse" in p for p in json.loads(out)["removed"])
     rc, out, err = harness("clean", "--variant", "cu118", "--wheelhouse", "--dry-run", "--json")

@@ -227,7 +227,8 @@ def run_source_build(ctx: Ctx, plan: SourceBuild, log: Path,
     stored = None
     wheels = sorted(incoming.glob("*.whl"))
     if wheels:
-        stored = wheelhouse.store(state, key, wheels[0], parts, ctx.name, out.secs, ctx.base_env)
+        stored = wheelhouse.store(state, key, wheels[0], wheelhouse.WheelRecord(parts, ctx.name, out.secs),
+                                  ctx.base_env)
         wheel_note = f"wheel {key}"
     shutil.rmtree(incoming, ignore_errors=True)
     return {"jobs": choice.jobs, "nvcc_threads": choice.nvcc_threads, "jobs_why": choice.why,

@@ -176,16 +176,17 @@ def lookup(state: Path, key: str, env: dict[str, str] | None = None) -> Path | N
     return wheels[0] if wheels and (d / "meta.json").is_file() else None
 
 
-def store(
-    state: Path,
-    key: str,
-    wheel: Path,
-    parts: dict,
-    variant: str,
-    seconds: float | None = None,
-    env: dict[str, str] | None = None,
-) -> Path:
+@dataclass(frozen=True)
+class WheelRecord:
+    """What the wheelhouse keeps beside a wheel: the parts of its key, the variant that built it, how long."""
+    parts: dict
+    variant: str
+    seconds: float | None = None
+
+
+def store(state: Path, key: str, wheel: Path, record: WheelRecord, env: dict[str, str] | None = None) -> Path:
     """Copy ``wheel`` into the wheelhouse under ``key`` (atomically: a reader never sees half a wheel)."""
+    parts, variant, seconds = record.parts, record.variant, record.seconds
     base = root(state, env)
     base.mkdir(parents=True, exist_ok=True)
     tmp = base / f".{key}.tmp{os.getpid()}"
