@@ -694,3 +694,17 @@ def test_doctor_judges_the_compiler_cache_the_build_will_use(tmp_path):
         RunOptions(cache="bogus")
     with pytest.raises(UsageError, match="--jobs 0"):
         RunOptions(jobs=0)
+
+
+def test_a_cache_path_that_is_no_cache_binary_is_a_warning_in_doctor(tmp_path):
+    """--cache PATH: the build runs that binary as the compilers' launcher; doctor says before the build when
+    it is not an executable sccache/ccache (the build would then compile without a cache)."""
+    prof, v = profile("rtx4090-driver550"), variant("cu118")
+    env = {"PATH": str(tmp_path), "VLLM_HARNESS_STATE": str(tmp_path)}
+    for name, body, mode, says in [("sccache", "x", 0o644, "not an executable file"),
+                                   ("cc-wrapper", "#!/bin/sh\n", 0o755, "neither sccache nor ccache")]:
+        tool = tmp_path / name
+        tool.write_text(body)
+        tool.chmod(mode)
+        f = by_id(doctor.check(v, prof, env=env, options=RunOptions(cache=str(tool))), "compiler-cache")
+        assert f.severity == "warning" and says in f.evidence, f
