@@ -82,9 +82,7 @@ def _check_jobs(ctx: RuleCtx, v, m: dict) -> None:
     if ram is None:
         ctx.skipped("compiler-oom", "parallel compile jobs", "machine.ram_gib")
         return
-    device = v.build.get("env", {}).get("VLLM_TARGET_DEVICE", "cuda")
-    plan = policy.jobs_for(ctx.options.jobs, ctx.options.nvcc_threads, v.build, getattr(v, "name", ""),
-                           device, (m.get("cpu_cores"), float(ram)), ctx.records)
+    plan = policy.jobs_for(ctx.options, v, (m.get("cpu_cores"), float(ram)), ctx.records)
     jobs, src = plan.choice.jobs, plan.source
     shell = ctx.env.get("MAX_JOBS", "").strip()
     if shell and shell != str(jobs):   # the build sets MAX_JOBS itself: the shell's is never what it runs

@@ -15,6 +15,9 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from vllm_harness.core.options import RunOptions
 
 PRIOR_GIB_PER_THREAD = {"cuda": 3.5, "cpu": 1.0}
 
@@ -135,14 +138,17 @@ class JobsPlan:
     basis: str           # how ``fit`` was found, for a message
 
 
-def jobs_for(jobs: int | None, nvcc_threads: int | None, build: dict, variant: str, device: str,
-             machine: tuple[int | None, float | None], records: list[dict], n_archs: int = 1) -> JobsPlan:
-    """MAX_JOBS / NVCC_THREADS of a variant's build, with the precedence of ``core.options``: ``jobs``
-    (--jobs), else ``build["jobs"]``, else from memory and cores.  ``machine``: (cores, GiB available)."""
+def jobs_for(options: RunOptions, variant: Any, machine: tuple[int | None, float | None], records: list[dict],
+             n_archs: int = 1) -> JobsPlan:
+    """MAX_JOBS / NVCC_THREADS of ``variant``'s build (its ``name`` and ``[build]`` table), with the
+    precedence of ``core.options``: --jobs, else ``[build] jobs``, else from memory and cores.  ``machine``:
+    (cores, GiB available)."""
     cores, avail = machine
-    given_threads = int(nvcc_threads or build.get("nvcc_threads") or 1)
+    jobs, build, variant_name = options.jobs, variant.build, variant.name
+    device = "cpu" if build.get("env", {}).get("VLLM_TARGET_DEVICE", "cuda") == "cpu" else "cuda"
+    given_threads = int(options.nvcc_threads or build.get("nvcc_threads") or 1)
     nvcc = given_threads if given_threads > 1 else None
-    per, why = per_thread_gib(records, variant, "cpu" if device == "cpu" else "cuda")
+    per, why = per_thread_gib(records, variant_name, device)
     fit = jobs_that_fit(avail, per) if avail is not None else None
     basis = (f"{avail:g} GiB available - {RESERVE_GIB:g} reserve, {per:.2f} GiB per compile thread x "
              f"{MARGIN:g} ({why})") if avail is not None else "memory not known"
@@ -150,8 +156,8 @@ def jobs_for(jobs: int | None, nvcc_threads: int | None, build: dict, variant: s
         return JobsPlan(JobsChoice(jobs, nvcc or 1, 0.0, "--jobs"), "--jobs", fit, per, basis)
     if build.get("jobs", "auto") != "auto":
         n = int(build["jobs"])
-        return JobsPlan(JobsChoice(n, nvcc or 1, 0.0, f"{variant}.toml build.jobs"), "[build] jobs", fit, per,
-                        basis)
-    choice = choose_jobs(cores or 1, float(avail if avail is not None else 4.0), per, why,
-                         "cpu" if device == "cpu" else "cuda", n_archs, nvcc)
+        return JobsPlan(JobsChoice(n, nvcc or 1, 0.0, f"{variant_name}.toml build.jobs"), "[build] jobs", fit,
+                        per, basis)
+    choice = choose_jobs(cores or 1, float(avail if avail is not None else 4.0), per, why, device, n_archs,
+                         nvcc)
     return JobsPlan(choice, "auto", fit, per, basis)

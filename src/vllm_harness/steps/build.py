@@ -290,5 +290,4 @@ def jobs_for(ctx, n_archs: int = 1) -> JobsChoice:
     this machine's cores and available memory."""
     avail = (ctx.profile or {}).get("machine", {}).get("ram_available_gib") or mem_available_gib()
     machine = (len(os.sched_getaffinity(0)), float(avail))
-    return policy_jobs_for(ctx.options.jobs, ctx.options.nvcc_threads, ctx.variant.build, ctx.name,
-                           ctx.device, machine, load_records(ctx.layout.state), n_archs).choice
+    return policy_jobs_for(ctx.options, ctx.variant, machine, load_records(ctx.layout.state), n_archs).choice
