@@ -61,13 +61,15 @@ def cpu_arch(profile: dict) -> str | None:
 
 
 def is_jetson(profile: dict) -> bool:
-    """A Jetson / L4T machine, or any integrated GPU: CUDA comes with the board's JetPack, not a dGPU driver."""
+    """A Jetson / L4T machine, or any integrated GPU: CUDA comes with the board's JetPack, not a dGPU
+    driver."""
     m = profile.get("machine") or {}
     return bool(m.get("l4t") or m.get("jetson")) or any(g.get("integrated") for g in profile.get("gpu") or [])
 
 
 def gpu_ccs(profile: dict) -> list[tuple[dict, tuple[int, int]]]:
-    return [(g, parse_cc(g["compute_capability"])) for g in profile.get("gpu") or [] if g.get("compute_capability")]
+    return [(g, parse_cc(g["compute_capability"])) for g in profile.get("gpu") or []
+            if g.get("compute_capability")]
 
 
 def sass_covers(archs: list[tuple[int, int]], cc: tuple[int, int]) -> bool:
@@ -110,19 +112,23 @@ def wheel_platforms(tags: list[str]) -> dict[str, Version | None]:
 
 
 def manylinux_platforms(arch: str, glibc: str) -> list[str]:
-    """The platform tags of the wheels that install on ``arch`` with ``glibc`` (best first): manylinux_2_N down
-    to 2_5, the legacy aliases (the same table :func:`wheel_platforms` reads floors from), then linux_ARCH."""
+    """The platform tags of the wheels that install on ``arch`` with ``glibc`` (best first): manylinux_2_N
+    down to 2_5, the legacy aliases (the same table :func:`wheel_platforms` reads floors from), then
+    linux_ARCH."""
     major, minor = (int(x) for x in glibc.split(".")[:2])
     out = [f"manylinux_{major}_{m}_{arch}" for m in range(minor, 4, -1)]
-    out += [f"{alias}_{arch}" for alias, floor in sorted(_MANYLINUX_ALIAS.items(), key=lambda kv: kv[1], reverse=True)
+    out += [f"{alias}_{arch}"
+            for alias, floor in sorted(_MANYLINUX_ALIAS.items(), key=lambda kv: kv[1], reverse=True)
             if floor[0] == major and floor[1] <= minor]
     return out + [f"linux_{arch}"]
 
 
 def pypi_torch_cuda(data: CompatData, tf: TorchFacts, arch: str | None) -> tuple[str | None, Fact | None]:
-    """The CUDA of PyPI's torch wheel on ``arch`` (None: a CPU-only build there), with the fact that says so: the
-    index's reading of that platform's wheel, else the hand-kept [platform.<arch>] (CompatData.torch_pypi_cuda)."""
-    f = (data.torch_pypi_cuda(tf.version, arch) if arch and arch != "x86_64" else None) or tf.pypi_default_cuda
+    """The CUDA of PyPI's torch wheel on ``arch`` (None: a CPU-only build there), with the fact that says
+    so: the index's reading of that platform's wheel, else the hand-kept [platform.<arch>]
+    (CompatData.torch_pypi_cuda)."""
+    f = ((data.torch_pypi_cuda(tf.version, arch) if arch and arch != "x86_64" else None)
+         or tf.pypi_default_cuda)
     return (None if f.value == "cpu" else str(f.value)), f
 
 
@@ -152,13 +158,13 @@ def _floor_issue(what: str, tags: list[str], arch: str, glibc: str | None, fact:
     if arch not in plats:
         have = ", ".join(sorted(plats)) or "none"
         return make_issue("torch-wheel-not-found", "error", f"{what} on {arch}",
-                      f"{what} publishes Linux wheels for {have} only{cite(fact)}; this machine is {arch}", fix,
-                      "wheel-platform")
+                      f"{what} publishes Linux wheels for {have} only{cite(fact)}; this machine is {arch}",
+                      fix, "wheel-platform")
     floor, g = plats[arch], version_or_none(glibc)
     if floor is not None and g is not None and g < floor:
         return make_issue("torch-wheel-not-found", "error", f"{what} on glibc {glibc}",
-                      f"{what}'s {arch} wheel is manylinux for glibc >= {floor}{cite(fact)}; this machine has "
-                      f"glibc {glibc}: pip finds no wheel for it", glibc_fix, "wheel-glibc")
+                      f"{what}'s {arch} wheel is manylinux for glibc >= {floor}{cite(fact)}; this machine "
+                      f"has glibc {glibc}: pip finds no wheel for it", glibc_fix, "wheel-glibc")
     return None
 
 
@@ -174,35 +180,36 @@ def platform_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFa
         jf = plat.get("jetson")
         board = m.get("jetson") or "this Jetson" + (f" (L4T r{m['l4t']})" if m.get("l4t") else "")
         jfix = (f"build vLLM from source (mode = \"source\") against NVIDIA's PyTorch for JetPack "
-                f"(https://docs.nvidia.com/deeplearning/frameworks/install-pytorch-jetson-platform/) installed in "
-                f"the interpreter, with [torch] preinstalled = true, and the JetPack CUDA {m.get('driver_cuda') or cand.cuda} toolkit")
+                f"(https://docs.nvidia.com/deeplearning/frameworks/install-pytorch-jetson-platform/) "
+                f"installed in the interpreter, with [torch] preinstalled = true, and the JetPack CUDA "
+                f"{m.get('driver_cuda') or cand.cuda} toolkit")
         if not cand.source and not cand.vllm_index:
             out.append(make_issue("torch-wheel-not-found", "error", f"PyPI's vllm {cand.vllm} on {board}",
-                              f"PyPI's aarch64 wheels are SBSA (server) builds; the integrated GPU of {board} runs "
-                              f"only JetPack's CUDA builds{cite(jf)}", jfix, "wheel-platform"))
+                f"PyPI's aarch64 wheels are SBSA (server) builds; the integrated GPU of {board} runs "
+                f"only JetPack's CUDA builds{cite(jf)}", jfix, "wheel-platform"))
         if not cand.torch_preinstalled:
             out.append(make_issue("torch-wheel-not-found", "error", f"torch {cand.torch} on {board}",
-                              f"torch from {cand.torch_index or 'PyPI'} is an SBSA (server) or CPU build{cite(jf)}; "
-                              f"{board} needs JetPack's build of torch", jfix, "wheel-platform",
-                              fixable=cand.source))
+                f"torch from {cand.torch_index or 'PyPI'} is an SBSA (server) or CPU build{cite(jf)}; "
+                f"{board} needs JetPack's build of torch", jfix, "wheel-platform", fixable=cand.source))
         else:
             out.append(make_issue("torch-wheel-not-found", "warning", f"JetPack's torch on {board}",
-                              f"the variant uses the interpreter's own torch (preinstalled = true); on {board} it "
-                              f"must be NVIDIA's build for this JetPack{cite(jf)}, which the profile does not record",
-                              f"install NVIDIA's PyTorch {cand.torch} for this JetPack (https://docs.nvidia.com/"
-                              "deeplearning/frameworks/install-pytorch-jetson-platform/) into the interpreter if it is "
-                              f"not there (vLLM {cand.vllm} pins torch {cand.torch}; another torch needs `invoke probe`)",
-                              "wheel-platform"))
+                f"the variant uses the interpreter's own torch (preinstalled = true); on {board} it "
+                f"must be NVIDIA's build for this JetPack{cite(jf)}, which the profile does not record",
+                f"install NVIDIA's PyTorch {cand.torch} for this JetPack (https://docs.nvidia.com/"
+                "deeplearning/frameworks/install-pytorch-jetson-platform/) into the interpreter if it is "
+                f"not there (vLLM {cand.vllm} pins torch {cand.torch}; another torch needs `invoke probe`)",
+                "wheel-platform"))
         return out
     if not cand.source and not cand.vllm_index and vf is not None and vf.wheels is not None:
         newer = "build vLLM from source (mode = \"source\")"
         if arch != "x86_64":
-            first = [r for r in data.vllm_releases() if arch in wheel_platforms(list(data.vllm(r).wheels.value or []))]
+            first = [r for r in data.vllm_releases()
+                     if arch in wheel_platforms(list(data.vllm(r).wheels.value or []))]
             if first:
                 newer += f", or use vLLM >= {first[0]} (the first with {arch} wheels)"
         i = _floor_issue(f"vllm {cand.vllm}", list(vf.wheels.value), arch, m.get("glibc"), vf.wheels, newer,
-                         "use an older vLLM release whose wheels' manylinux floor this glibc meets, build from "
-                         "source (mode = \"source\"), or run in a container with a newer glibc")
+                         "use an older vLLM release whose wheels' manylinux floor this glibc meets, build "
+                         "from source (mode = \"source\"), or run in a container with a newer glibc")
         if i is not None:
             out.append(i)
     if cand.torch_preinstalled or tf is None:
@@ -212,26 +219,27 @@ def platform_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFa
         if cuda is None:
             has = index_has_torch(data, tf, cand.cuda, arch)
             out.append(make_issue("torch-cpu-only", "error", f"torch {cand.torch} from PyPI on {arch}",
-                              f"PyPI's {arch} wheel of torch {cand.torch} is a CPU-only build{cite(f)}: vLLM would "
-                              "fail with 'Torch not compiled with CUDA enabled'",
-                              (f"add index_url = \"{PYTORCH_WHL}/{cand.cuda_tag}\" to [torch] (the PyTorch index for "
-                               f"{arch}: its wheels are CUDA {cand.cuda} builds)") if has else
-                              (f"no CUDA {cand.cuda} build of torch {cand.torch} for {arch} is known: pick a torch "
-                               f">= {plat['torch_index_from'].value if 'torch_index_from' in plat else '?'} on CUDA "
-                               f">= {plat['torch_index_cuda_min'].value if 'torch_index_cuda_min' in plat else '?'}"),
-                              "torch-platform", fixable=has))
+                f"PyPI's {arch} wheel of torch {cand.torch} is a CPU-only build{cite(f)}: vLLM would "
+                "fail with 'Torch not compiled with CUDA enabled'",
+                (f"add index_url = \"{PYTORCH_WHL}/{cand.cuda_tag}\" to [torch] (the PyTorch index for "
+                 f"{arch}: its wheels are CUDA {cand.cuda} builds)") if has else
+                (f"no CUDA {cand.cuda} build of torch {cand.torch} for {arch} is known: pick a torch "
+                 f">= {plat['torch_index_from'].value if 'torch_index_from' in plat else '?'} on CUDA "
+                 f">= {plat['torch_index_cuda_min'].value if 'torch_index_cuda_min' in plat else '?'}"),
+                "torch-platform", fixable=has))
     elif arch != "x86_64" and not index_has_torch(data, tf, cand.cuda, arch):
         lo, cmin = plat.get("torch_index_from"), plat.get("torch_index_cuda_min")
-        out.append(make_issue("torch-wheel-not-found", "error", f"torch {cand.torch}+{cand.cuda_tag} on {arch}",
-                          f"the PyTorch index has {arch} CUDA wheels from torch {lo.value if lo else '?'} on, for CUDA "
-                          f">= {cmin.value if cmin else '?'}{cite(lo)}; torch {cand.torch}+{cand.cuda_tag} is not one",
-                          f"use torch >= {lo.value if lo else '?'} on CUDA >= {cmin.value if cmin else '?'}",
-                          "torch-platform"))
+        out.append(make_issue(
+            "torch-wheel-not-found", "error", f"torch {cand.torch}+{cand.cuda_tag} on {arch}",
+            f"the PyTorch index has {arch} CUDA wheels from torch {lo.value if lo else '?'} on, for CUDA "
+            f">= {cmin.value if cmin else '?'}{cite(lo)}; torch {cand.torch}+{cand.cuda_tag} is not one",
+            f"use torch >= {lo.value if lo else '?'} on CUDA >= {cmin.value if cmin else '?'}",
+            "torch-platform"))
     if arch == "x86_64" and tf.wheels is not None:   # PyPI's tag; the index's builds of a release share it
         i = _floor_issue(f"torch {cand.torch}", list(tf.wheels.value), arch, m.get("glibc"), tf.wheels,
                          f"torch {cand.torch} has no {arch} wheel: use another torch",
-                         "use an older torch (and the vLLM release that pins it), or run in a container with a "
-                         "newer glibc (a newer OS)")
+                         "use an older torch (and the vLLM release that pins it), or run in a container with "
+                         "a newer glibc (a newer OS)")
         if i is not None:
             out.append(i)
     return out
@@ -262,14 +270,15 @@ def driver_status(data: CompatData, cuda: str, driver: str | None, driver_cuda: 
             return "ok", f"JetPack's CUDA is {driver_cuda}"
         if dc < Version(cuda):
             return "too-old", f"JetPack's CUDA is {driver_cuda} (< {cuda})"
-        return "other", f"JetPack's CUDA is {driver_cuda}: a Jetson runs the CUDA of its L4T release, not {cuda}"
+        return "other", (f"JetPack's CUDA is {driver_cuda}: a Jetson runs the CUDA of its L4T release, "
+                         f"not {cuda}")
     if dv is not None:
         if dv >= Version(cf.driver_min.value):
             return "ok", f"driver {driver} >= {cf.driver_min.value}"
         cmin = version_or_none(cf.compat_driver_min.value)
         if cmin is not None and dv >= cmin and (dc is None or dc.major == Version(cuda).major):
-            return "minor-compat", (f"driver {driver} runs CUDA {cuda} only under minor-version compatibility "
-                                    f"(>= {cf.compat_driver_min.value}; no JIT of newer PTX)")
+            return "minor-compat", (f"driver {driver} runs CUDA {cuda} only under minor-version "
+                                    f"compatibility (>= {cf.compat_driver_min.value}; no JIT of newer PTX)")
         return "too-old", f"driver {driver} too old (CUDA {cuda} needs >= {cf.driver_min.value})"
     if driver is not None:
         return "unknown", f"driver version {driver!r} is not readable"
@@ -277,12 +286,14 @@ def driver_status(data: CompatData, cuda: str, driver: str | None, driver_cuda: 
         if dc >= Version(cuda):
             return "ok", f"driver's CUDA {driver_cuda} >= {cuda}"
         if dc.major == Version(cuda).major:
-            return "minor-compat", f"the driver supports CUDA {driver_cuda}: same major, so only minor-version compatibility"
+            return "minor-compat", (f"the driver supports CUDA {driver_cuda}: same major, so only "
+                                    "minor-version compatibility")
         return "too-old", f"driver too old (its CUDA {driver_cuda} < {cuda})"
     return "none", "no NVIDIA driver in the profile: not checked"
 
 
-def newest_cuda_for(data: CompatData, driver: str | None, driver_cuda: str | None, integrated: bool = False) -> str | None:
+def newest_cuda_for(data: CompatData, driver: str | None, driver_cuda: str | None,
+                    integrated: bool = False) -> str | None:
     """The newest CUDA line of the data that the driver runs natively."""
     best = None
     for v in data.cuda_versions():
@@ -305,14 +316,15 @@ def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFact
         if gpus:
             return [skipped("driver-too-old", "NVIDIA driver vs CUDA", "machine.driver")]
         if cand.source:
-            can = "building is still possible (set [build] arch_list, e.g. '7.5;8.9', to the GPUs it will run on; " \
-                  "empty builds every arch the toolkit supports, which is slower)"
+            can = "building is still possible (set [build] arch_list, e.g. '7.5;8.9', to the GPUs it will " \
+                  "run on; empty builds every arch the toolkit supports, which is slower)"
         else:
             can = "installing is still possible"
         return [make_issue("no-driver", "warning", "NVIDIA GPU / driver",
-                       "no NVIDIA GPU or driver found (NVML and nvidia-smi; profile has no [[gpu]] and no machine.driver)",
-                       can + "; verifying needs a GPU: run verify on the GPU machine, or pass --allow-no-gpu. In a "
-                       "container, start it with --gpus all (NVIDIA Container Toolkit)")]
+                "no NVIDIA GPU or driver found (NVML and nvidia-smi; profile has no [[gpu]] and no "
+                "machine.driver)",
+                can + "; verifying needs a GPU: run verify on the GPU machine, or pass --allow-no-gpu. In a "
+                "container, start it with --gpus all (NVIDIA Container Toolkit)")]
     need, why = runtime_cuda(cand, vf)
     cf = data.cuda(need)
     if cf is None:
@@ -325,17 +337,18 @@ def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFact
     if state == "ok":
         return []
     if state in ("unknown",):
-        return [make_issue("check-skipped", "info", "NVIDIA driver vs CUDA", how, "check `nvidia-smi`", "driver-too-old")]
+        return [make_issue("check-skipped", "info", "NVIDIA driver vs CUDA", how, "check `nvidia-smi`",
+                           "driver-too-old")]
     if integrated:
         return [make_issue("driver-too-old", "error", f"JetPack (CUDA {driver_cuda}) vs CUDA {need}",
-                       f"{why}; {how}: a Jetson's CUDA comes with its L4T/JetPack release",
-                       f"use a variant for CUDA {driver_cuda} (the toolkit JetPack ships)"
-                       + (", or upgrade JetPack to one that ships CUDA " + need if state == "too-old" else ""),
-                       fixable=state == "too-old")]
+                f"{why}; {how}: a Jetson's CUDA comes with its L4T/JetPack release",
+                f"use a variant for CUDA {driver_cuda} (the toolkit JetPack ships)"
+                + (", or upgrade JetPack to one that ships CUDA " + need if state == "too-old" else ""),
+                fixable=state == "too-old")]
     if state == "minor-compat":
         if driver:
-            ev = (f"{why}; its toolkit wants driver >= {cf.driver_min.value}{cite(cf.driver_min)}; driver {driver} "
-                  f"runs it only under minor-version compatibility (>= {cf.compat_driver_min.value}"
+            ev = (f"{why}; its toolkit wants driver >= {cf.driver_min.value}{cite(cf.driver_min)}; driver "
+                  f"{driver} runs it only under minor-version compatibility (>= {cf.compat_driver_min.value}"
                   f"{cite(cf.compat_driver_min)}): PTX newer than the driver cannot be JIT-compiled")
             return [make_issue("driver-too-old", "warning", f"driver {driver} vs CUDA {need}", ev,
                            f"upgrade the driver to >= {cf.driver_min.value} ({NVIDIA_DRIVER_DOCS}), {other}")]
@@ -345,12 +358,14 @@ def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFact
                        f"upgrade the driver to >= {cf.driver_min.value}, {other}")]
     if driver:
         evidence = (f"{why}; it needs driver >= {cf.driver_min.value}{cite(cf.driver_min)} (>= "
-                    f"{cf.compat_driver_min.value} with minor-version compatibility); this machine has driver {driver}"
-                    + (f" (CUDA {driver_cuda})" if driver_cuda else ""))
+                    f"{cf.compat_driver_min.value} with minor-version compatibility); this machine has "
+                    f"driver {driver}" + (f" (CUDA {driver_cuda})" if driver_cuda else ""))
     else:
-        evidence = f"{why}; the driver supports CUDA {driver_cuda} only (needs >= {cf.driver_min.value}{cite(cf.driver_min)})"
-    out = [make_issue("driver-too-old", "error", f"driver {driver or ''} vs CUDA {need}".replace("  ", " "), evidence,
-                  f"upgrade the NVIDIA driver to >= {cf.driver_min.value} ({NVIDIA_DRIVER_DOCS}), {other}", fixable=True)]
+        evidence = (f"{why}; the driver supports CUDA {driver_cuda} only (needs >= {cf.driver_min.value}"
+                    f"{cite(cf.driver_min)})")
+    out = [make_issue("driver-too-old", "error", f"driver {driver or ''} vs CUDA {need}".replace("  ", " "),
+                  evidence, f"upgrade the NVIDIA driver to >= {cf.driver_min.value} ({NVIDIA_DRIVER_DOCS}), "
+                  f"{other}", fixable=True)]
     # Forward compatibility could bridge a major gap, but only on data-center GPUs: elsewhere error 804.
     fwd = data.datacenter_fact()
     for g in gpus:
@@ -362,12 +377,13 @@ def driver_issues(data: CompatData, profile: dict, cand: Candidate, vf: VllmFact
             f"forward compatibility on {g.get('name', 'this GPU')}",
             f"the CUDA {need} runtime on driver {driver or driver_cuda} needs NVIDIA's forward-compatibility "
             f"package (cuda-compat, shipped in CUDA container images), which works only on data-center GPUs"
-            f"{cite(fwd)}; {g.get('name', 'this GPU')} is " + ("not one" if dc is False else "not known as one") +
-            ": with cuda-compat on the library path CUDA fails with error 804 "
-            "('forward compatibility was attempted on non supported HW')" +
-            ("; this is a container, where images often put cuda-compat on LD_LIBRARY_PATH" if m.get("in_container") else ""),
-            f"do not use cuda-compat on this GPU: upgrade the host driver to >= {cf.driver_min.value}, {other}",
-            fixable=True))
+            f"{cite(fwd)}; {g.get('name', 'this GPU')} is "
+            + ("not one" if dc is False else "not known as one") + ": with cuda-compat on the library path "
+            "CUDA fails with error 804 ('forward compatibility was attempted on non supported HW')"
+            + ("; this is a container, where images often put cuda-compat on LD_LIBRARY_PATH"
+               if m.get("in_container") else ""),
+            f"do not use cuda-compat on this GPU: upgrade the host driver to >= {cf.driver_min.value}, "
+            f"{other}", fixable=True))
         break
     return out
 
@@ -401,21 +417,23 @@ def _torch_kernel_issues(data: CompatData, profile: dict, cand: Candidate, tf: T
     arch = cpu_arch(profile)
     if cand.torch_preinstalled:
         out.append(make_issue("check-skipped", "info", "torch kernels vs GPU",
-                          "torch is the interpreter's own (preinstalled = true): its arch list is not in the data",
-                          "run `invoke verify` after the build", "no-kernel-image"))
+                "torch is the interpreter's own (preinstalled = true): its arch list is not in the data",
+                "run `invoke verify` after the build", "no-kernel-image"))
     elif tf is None:
         out.append(unknown("no-kernel-image", "torch kernels vs GPU", f"torch {cand.torch}"))
     else:
         ta = torch_arch(data, tf, cand.cuda, arch)
         if ta is None:
-            out.append(unknown("no-kernel-image", "torch kernels vs GPU", f"the arch list of torch {cand.torch}+{cand.cuda_tag}"))
+            out.append(unknown("no-kernel-image", "torch kernels vs GPU",
+                               f"the arch list of torch {cand.torch}+{cand.cuda_tag}"))
         else:
             for g, cc in gpus:
                 if not arch_list_runs_on(ta.value, cc):
-                    out.append(make_issue("no-kernel-image", "error", f"torch {cand.torch}+{cand.cuda_tag} on {g.get('name')}",
-                                      f"its wheels hold kernels for TORCH_CUDA_ARCH_LIST {ta.value}{cite(ta)}; {g.get('name')} is "
-                                      f"compute capability {cc_str(cc)} (no SASS of its major with a lower minor, no PTX below it)",
-                                      _arch_fix(data, cc)))
+                    out.append(make_issue(
+                        "no-kernel-image", "error", f"torch {cand.torch}+{cand.cuda_tag} on {g.get('name')}",
+                        f"its wheels hold kernels for TORCH_CUDA_ARCH_LIST {ta.value}{cite(ta)}; "
+                        f"{g.get('name')} is compute capability {cc_str(cc)} (no SASS of its major with a "
+                        "lower minor, no PTX below it)", _arch_fix(data, cc)))
     return out
 
 
@@ -434,7 +452,8 @@ def _vllm_kernel_issues(data: CompatData, cand: Candidate, vf: VllmFacts | None,
         supported, cited = f.value, cite(f)
     else:
         supported, cited = None, ""
-        out.append(unknown("no-kernel-image", "vLLM kernels vs GPU", f"the CUDA archs vLLM {cand.vllm} builds"))
+        out.append(unknown("no-kernel-image", "vLLM kernels vs GPU",
+                           f"the CUDA archs vLLM {cand.vllm} builds"))
     if supported is not None:
         built = [a for a, _ in parse_arch_list(supported)]
         cf_src = data.cuda(cand.cuda) if cand.source else None
@@ -442,17 +461,19 @@ def _vllm_kernel_issues(data: CompatData, cand: Candidate, vf: VllmFacts | None,
             # a GPU newer than the toolkit: the build's PTX (nvcc_arch_for), if vLLM's CMake keeps its arch
             ptx = cf_src is not None and nvcc_arch_for(cf_src, cc)[1] == "ptx"
             if not (_ptx_built(cf_src, built, cc) if ptx else sass_covers(built, cc)):
-                how = "its CMake builds" if cand.source else "its wheel holds (the CMake list, assumed for the wheel)"
+                how = ("its CMake builds" if cand.source
+                       else "its wheel holds (the CMake list, assumed for the wheel)")
                 newer = ptx or all(cc > a for a in built)
-                out.append(make_issue("no-kernel-image", "error", f"vLLM {cand.vllm} kernels on {g.get('name')}",
-                                  f"{how} kernels for {supported} with CUDA {cuda_for_vllm}{cited}; {g.get('name')} is compute "
-                                  f"capability {cc_str(cc)}" + (
-                                      f" (nvcc {cand.cuda} builds it PTX of {nvcc_arch_for(cf_src, cc)[0]}, an arch "
-                                      "that list does not keep)" if ptx else ""),
-                                  ("this GPU is newer than this vLLM release builds for with CUDA "
-                                   f"{cuda_for_vllm}: use a newer vLLM release or CUDA line (see `invoke plan`)") if newer else
-                                  "this GPU is below what this vLLM release supports: use an older vLLM release whose CMake "
-                                  "lists it (vLLM 0.6-0.16 build 7.0+), or another GPU"))
+                out.append(make_issue(
+                    "no-kernel-image", "error", f"vLLM {cand.vllm} kernels on {g.get('name')}",
+                    f"{how} kernels for {supported} with CUDA {cuda_for_vllm}{cited}; {g.get('name')} is "
+                    f"compute capability {cc_str(cc)}" + (
+                        f" (nvcc {cand.cuda} builds it PTX of {nvcc_arch_for(cf_src, cc)[0]}, an arch "
+                        "that list does not keep)" if ptx else ""),
+                    (f"this GPU is newer than this vLLM release builds for with CUDA {cuda_for_vllm}: "
+                     "use a newer vLLM release or CUDA line (see `invoke plan`)") if newer else
+                    "this GPU is below what this vLLM release supports: use an older vLLM release whose "
+                    "CMake lists it (vLLM 0.6-0.16 build 7.0+), or another GPU"))
     return out
 
 
@@ -463,18 +484,19 @@ def _pre_ampere_issues(gpus: list, needs_xformers: bool) -> list[Issue]:
     if old:
         names = ", ".join(f"{g.get('name')} ({cc_str(cc)})" for g, cc in old)
         out.append(make_issue("bf16-unsupported", "warning", "bfloat16 on pre-Ampere GPUs",
-                          f"{names}: bfloat16 needs compute capability >= 8.0",
-                          "serve with --dtype half (float16); verify's smoke tests use float16 on these GPUs"))
+                f"{names}: bfloat16 needs compute capability >= 8.0",
+                "serve with --dtype half (float16); verify's smoke tests use float16 on these GPUs"))
         xf = "; keep xformers installed, vLLM uses its attention backend here" if needs_xformers else ""
         out.append(make_issue("flash-attn-unsupported-gpu", "warning", "FlashAttention on pre-Ampere GPUs",
-                          f"{names}: FlashAttention-2 needs compute capability >= 8.0",
-                          f"let vLLM pick another attention backend (do not force FLASH_ATTN){xf}"))
+                f"{names}: FlashAttention-2 needs compute capability >= 8.0",
+                f"let vLLM pick another attention backend (do not force FLASH_ATTN){xf}"))
     return out
 
 
 def _ptx_built(cf: CudaFacts | None, built: list[tuple[int, int]], cc: tuple[int, int]) -> bool:
-    """A source build for ``cc`` (a GPU newer than the toolkit) compiles PTX of the toolkit's newest arch, and
-    vLLM's CMake keeps it (its list has that arch's major at or below it): the kernels JIT-compile on ``cc``."""
+    """A source build for ``cc`` (a GPU newer than the toolkit) compiles PTX of the toolkit's newest arch,
+    and vLLM's CMake keeps it (its list has that arch's major at or below it): the kernels JIT-compile on
+    ``cc``."""
     if cf is None:
         return False
     arch, how = nvcc_arch_for(cf, cc)
@@ -482,9 +504,10 @@ def _ptx_built(cf: CudaFacts | None, built: list[tuple[int, int]], cc: tuple[int
 
 
 def _nvcc_issues(data: CompatData, profile: dict, cand: Candidate, gpus: list) -> list[Issue]:
-    """nvcc of the candidate's CUDA against each GPU, by the build's own mapping (``nvcc_arch_for``): SASS runs;
-    a GPU newer than the toolkit gets PTX (JIT at first load: a warning, an error where the driver runs this CUDA
-    only under minor-version compatibility, which cannot JIT newer PTX); an older one cannot be built for."""
+    """nvcc of the candidate's CUDA against each GPU, by the build's own mapping (``nvcc_arch_for``): SASS
+    runs; a GPU newer than the toolkit gets PTX (JIT at first load: a warning, an error where the driver runs
+    this CUDA only under minor-version compatibility, which cannot JIT newer PTX); an older one cannot be
+    built for."""
     cf = data.cuda(cand.cuda)
     if cf is None:
         return [unknown("arch-unsupported-by-nvcc", "nvcc targets vs GPU", f"CUDA {cand.cuda}")]
@@ -500,14 +523,14 @@ def _nvcc_issues(data: CompatData, profile: dict, cand: Candidate, gpus: list) -
         if how != "ptx":
             out.append(make_issue("arch-unsupported-by-nvcc", "error", subject, ev, fix))
             continue
-        ev += (f"; the build compiles {arch} (PTX of compute_{arch.split('+')[0].replace('.', '')}), which the "
-               "driver JIT-compiles for it. PTX JIT: first load compiles kernels, slower; some kernels (e.g. FP8/FP4 "
-               "for that arch) are missing")
+        ev += (f"; the build compiles {arch} (PTX of compute_{arch.split('+')[0].replace('.', '')}), which "
+               "the driver JIT-compiles for it. PTX JIT: first load compiles kernels, slower; some kernels "
+               "(e.g. FP8/FP4 for that arch) are missing")
         state = driver_status(data, cand.cuda, m.get("driver"), m.get("driver_cuda"), is_jetson(profile))[0]
         if state == "minor-compat":
-            out.append(make_issue("arch-unsupported-by-nvcc", "error", subject, ev + f"; the driver runs CUDA {cand.cuda} "
-                              "only under minor-version compatibility, which cannot JIT-compile its PTX",
-                              f"upgrade the NVIDIA driver ({NVIDIA_DRIVER_DOCS}), or {fix}", fixable=True))
+            out.append(make_issue("arch-unsupported-by-nvcc", "error", subject, ev + f"; the driver runs "
+                f"CUDA {cand.cuda} only under minor-version compatibility, which cannot JIT-compile its PTX",
+                f"upgrade the NVIDIA driver ({NVIDIA_DRIVER_DOCS}), or {fix}", fixable=True))
         else:
             out.append(make_issue("arch-unsupported-by-nvcc", "warning", subject, ev, fix))
     return out
@@ -531,10 +554,11 @@ def nvcc_targets(data: CompatData, cc: tuple[int, int]) -> list[str]:
 
 
 def nvcc_arch_for(cf: CudaFacts, cc: tuple[int, int]) -> tuple[str | None, str]:
-    """What nvcc of the CUDA ``cf`` builds for a GPU of compute capability ``cc``, and how: 'sass' (the GPU's own
-    arch), 'same-major' (the toolkit's newest arch of its major below it: SASS runs on later minors), 'ptx' (a
-    GPU newer than the toolkit: PTX of its newest arch, JIT at first load) or 'none' (below the toolkit's
-    oldest arch, which is returned).  The build's arch list (facts/build_archs) maps GPUs with this."""
+    """What nvcc of the CUDA ``cf`` builds for a GPU of compute capability ``cc``, and how: 'sass' (the GPU's
+    own arch), 'same-major' (the toolkit's newest arch of its major below it: SASS runs on later minors),
+    'ptx' (a GPU newer than the toolkit: PTX of its newest arch, JIT at first load) or 'none' (below the
+    toolkit's oldest arch, which is returned).  The build's arch list (facts/build_archs) maps GPUs with
+    this."""
     real = sorted(cf.sm_real())
     if cc_str(cc) in cf.sm.value:
         return cc_str(cc), "sass"
@@ -566,38 +590,40 @@ def toolkit_issues(profile: dict, cand: Candidate) -> list[Issue]:
                "LD_LIBRARY_PATH to it")
     if cand.toolkit == "pypi":
         return [make_issue("cuda-home-missing", "info", f"CUDA {cand.cuda} toolkit from PyPI",
-                       f"[build] toolkit = \"pypi\": the deps step installs cuda-toolkit[{','.join(PYPI_EXTRAS)}] at the "
-                       f"release torch {cand.torch} pins into the variant's venv, and the build's CUDA_HOME is its "
-                       f"nvidia/cu{cand.cuda.split('.')[0]}; no system toolkit is used"
-                       + (f" (found here, unused: {', '.join(tk)})" if tk else ""), "nothing to do")]
+                f"[build] toolkit = \"pypi\": the deps step installs cuda-toolkit[{','.join(PYPI_EXTRAS)}] "
+                f"at the release torch {cand.torch} pins into the variant's venv, and the build's CUDA_HOME "
+                f"is its nvidia/cu{cand.cuda.split('.')[0]}; no system toolkit is used"
+                + (f" (found here, unused: {', '.join(tk)})" if tk else ""), "nothing to do")]
     if tk is None:
         return [skipped("cuda-home-missing", f"CUDA {cand.cuda} toolkit", "machine.cuda_toolkits")]
     if cand.cuda in tk:
         broken = [e for e in m.get("cuda_incomplete") or [] if e.startswith(f"{tk[cand.cuda]} (")]
         if broken:
             return [make_issue("nvcc-not-found", "warning", f"CUDA {cand.cuda} toolkit",
-                           f"the toolkit at {broken[0]}: its nvcc runs, but a build stops at the first missing part", install)]
+                f"the toolkit at {broken[0]}: its nvcc runs, but a build stops at the first missing part",
+                install)]
         return []
     same_major = [t for t in tk if t.split(".")[0] == cand.cuda.split(".")[0]]
     if not tk:
         no_nvcc = m.get("cuda_without_nvcc") or []
         if no_nvcc:
             return [make_issue("nvcc-not-found", "error", f"CUDA {cand.cuda} toolkit",
-                           f"CUDA installs without bin/nvcc (runtime only): {', '.join(no_nvcc)}; no toolkit with nvcc found",
-                           install, fixable=True)]
+                f"CUDA installs without bin/nvcc (runtime only): {', '.join(no_nvcc)}; no toolkit with nvcc "
+                "found", install, fixable=True)]
         return [make_issue("cuda-home-missing", "error", f"CUDA {cand.cuda} toolkit",
-                       "no CUDA toolkit found (CUDA_HOME/CUDA_PATH, /usr/local/cuda*, nvcc on PATH, $CONDA_PREFIX, "
-                       "pip's nvidia-cuda-nvcc)", install, fixable=True)]
+                "no CUDA toolkit found (CUDA_HOME/CUDA_PATH, /usr/local/cuda*, nvcc on PATH, $CONDA_PREFIX, "
+                "pip's nvidia-cuda-nvcc)", install, fixable=True)]
     if same_major:
         return [make_issue("cuda-torch-version-mismatch", "error", f"CUDA {cand.cuda} toolkit",
-                       f"found {', '.join(f'{k} at {tk[k]}' for k in same_major)}, not {cand.cuda}; the build uses the "
-                       f"toolkit of the variant's CUDA (torch {cand.torch}+{cand.cuda_tag} itself would accept "
-                       "another minor of the same major with a warning)",
-                       f"{install}; or make a variant for CUDA {same_major[-1]}", fixable=True)]
+                f"found {', '.join(f'{k} at {tk[k]}' for k in same_major)}, not {cand.cuda}; the build uses "
+                f"the toolkit of the variant's CUDA (torch {cand.torch}+{cand.cuda_tag} itself would accept "
+                "another minor of the same major with a warning)",
+                f"{install}; or make a variant for CUDA {same_major[-1]}", fixable=True)]
     return [make_issue("cuda-torch-version-mismatch", "error", f"CUDA {cand.cuda} toolkit",
-                   f"found only {', '.join(f'{k} at {tk[k]}' for k in tk)}; torch {cand.torch}+{cand.cuda_tag} "
-                   f"is CUDA {cand.cuda}: building against CUDA {', '.join(tk)} fails ('The detected CUDA version ... "
-                   "mismatches the version that was used to compile PyTorch')", install, fixable=True)]
+                f"found only {', '.join(f'{k} at {tk[k]}' for k in tk)}; torch {cand.torch}+{cand.cuda_tag} "
+                f"is CUDA {cand.cuda}: building against CUDA {', '.join(tk)} fails ('The detected CUDA "
+                "version ... mismatches the version that was used to compile PyTorch')",
+                install, fixable=True)]
 
 
 # ---------------------------------------------------------------------------------------- the judge
@@ -608,7 +634,8 @@ def judge(data: CompatData, profile: dict, cand: Candidate, vf: VllmFacts | None
     vf = vf if vf is not None else data.vllm(cand.vllm)
     tf = tf if tf is not None else data.torch(cand.torch)
     issues = (platform_issues(data, profile, cand, vf, tf) + driver_issues(data, profile, cand, vf)
-              + gpu_issues(data, profile, cand, vf, tf, needs_xformers=vf is not None and vf.xformers is not None))
+              + gpu_issues(data, profile, cand, vf, tf,
+                           needs_xformers=vf is not None and vf.xformers is not None))
     if cand.source:
         issues += toolkit_issues(profile, cand)
     issues += python_issues(data, profile, cand, vf, tf) + build_issues(data, profile, cand, vf)
