@@ -196,3 +196,19 @@ def test_callers_branch_on_an_errors_kind_not_its_text():
     with pytest.raises(ValueError):
         UsageError("x", kind="not-declared")
     assert {UsageError("x", kind=k).kind for k in KINDS} == set(KINDS)
+
+
+def test_run_options_from_the_command_line_keep_the_documented_precedence(tmp_path):
+    """--from-bundle over VLLM_HARNESS_BUNDLE (only for a command that installs); --json is quiet; a flag the
+    command does not have keeps its default."""
+    from types import SimpleNamespace
+
+    from vllm_harness.core.options import RunOptions
+    env = {"VLLM_HARNESS_BUNDLE": str(tmp_path / "from-env")}
+    a = SimpleNamespace(json=True, jobs=8, from_bundle=None)
+    opts = RunOptions.from_args(a, env)
+    assert opts.quiet and opts.jobs == 8 and opts.bundle == (tmp_path / "from-env").resolve()
+    a.from_bundle = str(tmp_path / "given")
+    assert RunOptions.from_args(a, env).bundle == (tmp_path / "given").resolve()
+    assert RunOptions.from_args(SimpleNamespace(json=False), env).bundle is None    # doctor: no --from-bundle
+    assert RunOptions.from_args(SimpleNamespace(json=False), env) == RunOptions()
