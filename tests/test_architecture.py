@@ -212,3 +212,23 @@ def test_run_options_from_the_command_line_keep_the_documented_precedence(tmp_pa
     assert RunOptions.from_args(a, env).bundle == (tmp_path / "given").resolve()
     assert RunOptions.from_args(SimpleNamespace(json=False), env).bundle is None    # doctor: no --from-bundle
     assert RunOptions.from_args(SimpleNamespace(json=False), env) == RunOptions()
+
+
+def test_no_private_name_is_used_across_modules():
+    """A helper another module needs is public: no ``from x import _name`` between the package's modules, and
+    no ``module._name`` on an imported module of the package (a class's own ``self._x`` is fine)."""
+    own = {m.rsplit(".", 1)[-1] for m in modules()}
+    bad = []
+    for mod, path in modules().items():
+        tree = ast.parse(path.read_text())
+        aliases = {a.asname or a.name.rsplit(".", 1)[-1] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                   for a in n.names if a.name.startswith("vllm_harness")}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("vllm_harness"):
+                aliases |= {a.asname or a.name for a in n.names if a.name in own or a.asname}
+                bad += [f"{mod}: from {n.module} import {a.name}" for a in n.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+            if (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
+                    and n.attr.startswith("_") and not n.attr.startswith("__")):
+                bad.append(f"{mod}:{n.lineno}: {n.value.id}.{n.attr}")
+    assert not bad, bad

@@ -337,7 +337,7 @@ def _planned(name: str, cuda: str, vllm: str, mode: str, tmp_path):
     """The candidate plan builds for (vLLM, CUDA line, mode) on a machine, plan's verdict of it, and the variant
     plan would write for it (what doctor then checks)."""
     data, profile = compat.load(), _profile(name)
-    cand, why, det = planner._candidate(data, vllm, cuda, mode, profile, planner._pythons(profile))
+    cand, why, det = planner._candidate(data, vllm, cuda, mode, profile, planner.machine_pythons(profile))
     assert cand is not None, why
     verdict = feasibility.judge(data, profile, cand, det["vf"], det["tf"])
     o = planner.Option(cuda, cand.torch, vllm, det["python"], mode, verdict.tier in ("runs", "runs with warnings"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vllm_harness.commands import compat_plan as cli_support
 from vllm_harness.commands.common import layout_of, print_json
 from vllm_harness.core import masking, writer
 from vllm_harness.core.errors import EXIT_OK, EXIT_PROBLEM, UsageError
@@ -13,7 +12,7 @@ from vllm_harness.facts import compat, fleet, machine, machine_profile, planner
 from vllm_harness.facts import index_metadata as im
 
 #: the first line of the generated lock: how a file `compat --refresh --out` may replace is known
-LOCK_MARK = im._HEADER.splitlines()[0].encode()
+LOCK_MARK = im.LOCK_HEADER.splitlines()[0].encode()
 
 
 def compat_command(a, layout, out) -> int:
@@ -116,8 +115,8 @@ def _fleet(a, machines: list[str], out) -> int:
 
 
 def cmd_compat(a) -> int:
-    return cli_support.compat_command(a, layout_of(a), print_json)
+    return compat_command(a, layout_of(a), print_json)
 
 
 def cmd_plan(a) -> int:
-    return cli_support.plan_command(a, layout_of(a), print_json)
+    return plan_command(a, layout_of(a), print_json)

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vllm_harness.core.safeio import tomllib as _toml  # the one TOML shim (tomli on 3.10)
+from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.diagnose.rules import load_knowledge
 from vllm_harness.diagnose.stream import diagnose_path
 
@@ -64,8 +64,8 @@ def load_corpus(logs_dir: str | Path) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     for path in files:
         try:
-            doc = _toml.loads(path.read_text(encoding="utf-8"))
-        except _toml.TOMLDecodeError as exc:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path}: not valid TOML: {exc}") from None
         for entry in doc.get("log", []):
             entries.append({**entry, "index": path.name})

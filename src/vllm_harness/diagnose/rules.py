@@ -10,7 +10,7 @@ from typing import Any
 
 from vllm_harness.core.findings import SEVERITIES
 from vllm_harness.core.findings import Finding as CoreFinding
-from vllm_harness.core.safeio import tomllib as _toml  # the one TOML shim (tomli on 3.10)
+from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 
 try:  # Python >= 3.11 keeps the regex parser here
     from re import _constants as _sre_c
@@ -606,8 +606,8 @@ def load_knowledge(path: str | Path | None = None) -> list[Rule]:
         return list(cached)
     try:
         with p.open("rb") as fh:
-            doc = _toml.load(fh)
-    except _toml.TOMLDecodeError as exc:
+            doc = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{p}: not valid TOML: {exc}") from None
     rules = _parse_rules(p, doc)
     _CACHE[key] = rules

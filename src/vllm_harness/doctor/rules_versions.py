@@ -264,17 +264,11 @@ def _check_vllm_pins(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
 
 
 def _vllm_for_torch(data: CompatData, torch_version: str) -> str:
-    out = [
-        vf.match
-        for _spec, vf in data._vllm
-        if vf.torch is not None and Version(vf.torch.value) == Version(torch_version)
-    ]
-    return "; ".join(out)
+    return "; ".join(data.vllm_for_torch(torch_version))
 
 
 def _xformers_for(data: CompatData, torch_version: str) -> str:
-    out = [x for x, f in data._xformers.items() if Version(f.torch.value) == Version(torch_version)]
-    return ", ".join(out) or "none in the data"
+    return ", ".join(data.xformers_for_torch(torch_version)) or "none in the data"
 
 
 COMPAT_OLD_DAYS = 60  # generated index data older than this gets an info finding

@@ -474,6 +474,16 @@ class CompatData:
     def torch_versions(self) -> list[str]:
         return sorted(self._torch, key=Version)
 
+    def vllm_for_torch(self, torch_version: str) -> list[str]:
+        """The vLLM releases (or ranges) of the data that pin this torch."""
+        want = Version(torch_version)
+        return [vf.match for _spec, vf in self._vllm
+                if vf.torch is not None and Version(vf.torch.value) == want]
+
+    def xformers_for_torch(self, torch_version: str) -> list[str]:
+        """The xformers releases of the data built for this torch."""
+        return [x for x, f in self._xformers.items() if Version(f.torch.value) == Version(torch_version)]
+
     def xformers(self, version: str) -> XformersFacts | None:
         return self._xformers.get(_norm(version))
 

@@ -27,8 +27,8 @@ def _key(c: feasibility.Candidate) -> tuple:
 
 
 def _minors(profile: dict, spec: SpecifierSet, tags: list[str] | None) -> set[str]:
-    return {f"{p.major}.{p.minor}" for p in planner._pythons(profile)
-            if spec.contains(p, prereleases=True) and planner._tag_covers(tags, p)}
+    return {f"{p.major}.{p.minor}" for p in planner.machine_pythons(profile)
+            if spec.contains(p, prereleases=True) and planner.tag_covers(tags, p)}
 
 
 def _serves(machines: list[tuple[str, dict]], data: CompatData,

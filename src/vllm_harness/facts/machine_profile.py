@@ -14,9 +14,7 @@ from vllm_harness.core import safeio, writer
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.safeio import tomllib  # the one TOML shim (tomli on 3.10)
 from vllm_harness.facts.machine import TOOLS
-from vllm_harness.facts.variants import Bad as _Bad
-from vllm_harness.facts.variants import check_bool as _bool
-from vllm_harness.facts.variants import list_of
+from vllm_harness.facts.variants import Bad, check_bool, list_of
 
 # what a terminal would act on rather than show: C0 controls but tab and newline (ESC starts CSI/OSC
 # sequences,
@@ -30,20 +28,20 @@ def _s(v: Any) -> str:
     terminal (a GPU name with ESC[2J would clear the screen of whoever runs doctor on the profile); tab and
     newline are kept (a probe's strings survive save and load unchanged)."""
     if not isinstance(v, str):
-        raise _Bad(f"expected a string, got {type(v).__name__} {v!r:.60}", "quote the value")
+        raise Bad(f"expected a string, got {type(v).__name__} {v!r:.60}", "quote the value")
     if len(v) > 4096:
-        raise _Bad("string is too long", "keep it under 4096 characters")
+        raise Bad("string is too long", "keep it under 4096 characters")
     return _CONTROL_RE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), v)
 
 
 def _ver(v: Any) -> str:
     s = _s(v).strip()
     if not re.fullmatch(r"\d+(\.\d+){0,3}", s):
-        raise _Bad(f"{s!r} is not a version", 'write a dotted version such as "3.22.1"')
+        raise Bad(f"{s!r} is not a version", 'write a dotted version such as "3.22.1"')
     try:
         Version(s)
     except InvalidVersion:  # pragma: no cover - the regex already rules this out
-        raise _Bad(f"{s!r} is not a version", 'write a dotted version such as "3.22.1"') from None
+        raise Bad(f"{s!r} is not a version", 'write a dotted version such as "3.22.1"') from None
     return s
 
 
@@ -51,7 +49,7 @@ def _mm_str(what: str) -> Callable[[Any], str]:
     def check(v: Any) -> str:
         s = _s(v).strip()
         if not re.fullmatch(r"\d{1,2}\.\d{1,2}", s):
-            raise _Bad(
+            raise Bad(
                 f"{s!r} is not a {what}",
                 f'write major.minor in quotes, e.g. '
                 f'"{"8.9" if "capab" in what else "2.36" if "glibc" in what else "12.4"}"',
@@ -63,18 +61,18 @@ def _mm_str(what: str) -> Callable[[Any], str]:
 
 def _int_pos(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _Bad(f"expected a whole number, got {v!r:.60}", "write a number without quotes, e.g. 16")
+        raise Bad(f"expected a whole number, got {v!r:.60}", "write a number without quotes, e.g. 16")
     if not 1 <= v <= 100000:
-        raise _Bad(f"{v} is out of range", "write a number from 1 to 100000")
+        raise Bad(f"{v} is out of range", "write a number from 1 to 100000")
     return v
 
 
 def _num(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _Bad(f"expected a number, got {v!r:.60}", "write a number without quotes, e.g. 64.0")
+        raise Bad(f"expected a number, got {v!r:.60}", "write a number without quotes, e.g. 64.0")
     f = float(v)
     if not math.isfinite(f) or f < 0:
-        raise _Bad(f"{v} is not a finite non-negative number", "write a number such as 64.0")
+        raise Bad(f"{v} is not a finite non-negative number", "write a number such as 64.0")
     return f
 
 
@@ -85,21 +83,21 @@ def _list(check: Callable[[Any], Any]) -> Callable[[Any], list]:
 def _tool_name(v: Any) -> str:
     s = _s(v)
     if s not in TOOLS:
-        raise _Bad(f"{s!r} is not a tool the probe looks for", f"use some of: {', '.join(TOOLS)}")
+        raise Bad(f"{s!r} is not a tool the probe looks for", f"use some of: {', '.join(TOOLS)}")
     return s
 
 
 def _driver(v: Any) -> str:
     s = _s(v).strip()
     if not re.fullmatch(r"\d+(\.\d+){0,3}", s):
-        raise _Bad(f"{s!r} is not a driver version", 'write it as nvidia-smi shows it, e.g. "550.54.15"')
+        raise Bad(f"{s!r} is not a driver version", 'write it as nvidia-smi shows it, e.g. "550.54.15"')
     return s
 
 
 def _nonempty(v: Any) -> str:
     s = _s(v)
     if not s.strip():
-        raise _Bad("is empty", "give a value or remove the key")
+        raise Bad("is empty", "give a value or remove the key")
     return s
 
 
@@ -121,7 +119,7 @@ def _cuda_toolkits(value: Any, fail: Callable[..., UsageError]) -> dict[str, str
             )
         try:
             tk[ver] = _nonempty(root)
-        except _Bad as e:
+        except Bad as e:
             raise fail(
                 f"machine.cuda_toolkits.{ver}",
                 e.reason,
@@ -147,7 +145,7 @@ def _table(
             continue
         try:
             out[key] = keys[key](value)
-        except _Bad as e:
+        except Bad as e:
             raise fail(f"{prefix}.{key}", e.reason, e.fix) from None
     return out
 
@@ -298,7 +296,7 @@ MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
     "ram_available_gib": _num,
     "disk_free_gib": _num,
     "uv_cache_free_gib": _num,
-    "uv_cache_same_disk": _bool,
+    "uv_cache_same_disk": check_bool,
     "python": _list(_ver),
     "python_without_headers": _list(_ver),
     "gcc": _ver,
@@ -308,7 +306,7 @@ MACHINE_KEYS: dict[str, Callable[[Any], Any]] = {
     "ninja": _ver,
     "driver": _driver,
     "driver_cuda": _mm_str("CUDA version"),
-    "in_container": _bool,
+    "in_container": check_bool,
     "l4t": _ver,  # Jetson: the L4T release (/etc/nv_tegra_release), e.g. "36.4.3"
     "jetson": _nonempty,  # Jetson: the board (/proc/device-tree/model)
     "not_found": _list(_tool_name),
@@ -322,5 +320,5 @@ GPU_KEYS: dict[str, Callable[[Any], Any]] = {
     "name": _nonempty,
     "compute_capability": _mm_str("compute capability"),
     "memory_gib": _num,
-    "integrated": _bool,  # an integrated GPU (Jetson/Tegra): CUDA comes with the board's JetPack
+    "integrated": check_bool,  # an integrated GPU (Jetson/Tegra): CUDA comes with the board's JetPack
 }

@@ -480,5 +480,3 @@ def parse_metadata(text: str, project: str, version: Version) -> Meta:
     return Meta(name, version, rp.strip() if rp else None, reqs)
 
 
-
-

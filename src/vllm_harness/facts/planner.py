@@ -65,7 +65,7 @@ def driver_supports(
     return state in ("ok", "minor-compat"), how
 
 
-def _pythons(profile: dict) -> list[Version]:
+def machine_pythons(profile: dict) -> list[Version]:
     out = []
     for p in (profile.get("machine") or {}).get("python") or []:
         v = version_or_none(p)
@@ -82,14 +82,14 @@ def _python_for(
         s = SpecifierSet(spec)
     except InvalidSpecifier:
         return None, f"bad Python range {spec!r}"
-    fits = [p for p in pythons if s.contains(p, prereleases=True) and _tag_covers(tags, p)]
+    fits = [p for p in pythons if s.contains(p, prereleases=True) and tag_covers(tags, p)]
     if fits:
         return fits[-1], ""
     found = ", ".join(f"{p.major}.{p.minor}" for p in pythons) or "none"
     return None, f"no wheel for this Python (needs {spec}; found {found})"
 
 
-def _tag_covers(tags: list[str] | None, py: Version) -> bool:
+def tag_covers(tags: list[str] | None, py: Version) -> bool:
     if not tags:
         return True
     for t in tags:
@@ -193,7 +193,7 @@ def _candidate(
 def _newest_minor(spec: SpecifierSet, tags: list[str] | None = None) -> str | None:
     """The newest Python minor in ``spec`` that the wheel ``tags`` cover (None: no such minor)."""
     for m in range(15, 7, -1):
-        if spec.contains(f"3.{m}.0", prereleases=True) and _tag_covers(tags, Version(f"3.{m}")):
+        if spec.contains(f"3.{m}.0", prereleases=True) and tag_covers(tags, Version(f"3.{m}")):
             return f"3.{m}"
     return None
 
@@ -330,7 +330,7 @@ def plan(profile: dict, data: CompatData, machine_name: str = "this machine") ->
     after fixes) and one recommendation with its reason."""
     m = profile.get("machine") or {}
     driver, driver_cuda = m.get("driver"), m.get("driver_cuda")
-    pythons = _pythons(profile)
+    pythons = machine_pythons(profile)
     releases = sorted(data.vllm_releases(), key=Version, reverse=True)
     if not releases:
         raise UsageError(

@@ -29,8 +29,6 @@ OOM_RE = re.compile(
 )
 
 
-
-
 GIB = 2**30
 
 

@@ -555,11 +555,11 @@ def _deps(ctx, out: Path, say, missing: list) -> dict:
             shutil.copytree(path, target.with_name(target.name + ".tmp"), symlinks=True,
                             copy_function=_hardlink, dirs_exist_ok=True)
             os.replace(target.with_name(target.name + ".tmp"), target)
-        entry = deps_cache._manifest(root).get(d.key, {})
+        entry = deps_cache.read_deps_manifest(root).get(d.key, {})
         got[d.key] = {**entry, "dir": path.name}
         say(f"  FetchContent {d.name} {d.rev}: {path.name}")
     if got:
-        deps_cache._save_manifest(dest, got)
+        deps_cache.save_deps_manifest(dest, got)
     return got
 
 

@@ -45,14 +45,14 @@ def cache_root(layout, env: dict[str, str] | None = None) -> Path:
     return Path(env.get("VLLM_HARNESS_DEPS_CACHE") or (layout.cache / "deps")).resolve()
 
 
-def _manifest(root: Path) -> dict:
+def read_deps_manifest(root: Path) -> dict:
     try:
         return json.loads((root / "manifest.json").read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _save_manifest(root: Path, data: dict) -> None:
+def save_deps_manifest(root: Path, data: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / "manifest.json.tmp"
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -60,7 +60,7 @@ def _save_manifest(root: Path, data: dict) -> None:
 
 
 def cached_dir(root: Path, dep: Dep) -> Path | None:
-    entry = _manifest(root).get(dep.key)
+    entry = read_deps_manifest(root).get(dep.key)
     if entry:
         d = root / entry["dir"]
         if d.is_dir():
@@ -145,7 +145,7 @@ def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str 
         raise StepFailed(f"deps: {dep.name} checked out {commit}, the tree pins {dep.rev}.", "Fetch again.")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    man = _manifest(root)
+    man = read_deps_manifest(root)
     man[dep.key] = {
         "name": dep.name,
         "url": dep.url,
@@ -155,7 +155,7 @@ def fetch_one(dep: Dep, root: Path, env: dict[str, str], log=None, variant: str 
         "submodules": dep.submodules,
         "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _save_manifest(root, man)
+    save_deps_manifest(root, man)
     if log:
         log(f"deps: {dep.name} {dep.rev} -> {final}")
     return final
@@ -287,5 +287,5 @@ def apply(ctx, src: Path, env: dict[str, str]) -> dict[str, str]:
                 else ""
             )
         )
-    dirs = [root / e["dir"] for e in _manifest(root).values()]
+    dirs = [root / e["dir"] for e in read_deps_manifest(root).values()]
     return git_env(out, [], extra=dirs) if dirs else out

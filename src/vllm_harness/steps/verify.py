@@ -147,7 +147,7 @@ def proof_of(ctx: Ctx, opts: dict) -> dict:
     asked = {**CHECK_DEFAULTS, **{k: v for k, v in opts.items() if k in CHECK_DEFAULTS}}
     if asked["libs"]:
         asked["libs"] = [
-            (p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in verify_mod._expand_libs(asked["libs"])
+            (p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in verify_mod.expand_libs(asked["libs"])
         ]
     before = (ctx.status.step("post-install") or {}).get("key")
     summary = {

@@ -93,7 +93,7 @@ def _other_interpreter_check(path: str, suffixes: list[str]) -> dict:
     }
 
 
-def _expand_libs(libs: list[str] | None) -> list[str]:
+def expand_libs(libs: list[str] | None) -> list[str]:
     out = []
     for x in libs or []:
         p = Path(x)
@@ -207,7 +207,7 @@ def run_verify(
     probe = _probe(python, env)
     gpus, driver, driver_cuda = probe_gpus(env) if device == "cuda" else ([], None, None)
     gpu_ccs = ccs or [g["compute_capability"] for g in gpus if g.get("compute_capability")]
-    direct = _expand_libs(opts.libs)
+    direct = expand_libs(opts.libs)
     sfx = probe.get("ext_suffixes")
     elsewhere = [_other_interpreter_check(f, sfx) for f in direct if other_interpreter(f, sfx)]
     direct = [f for f in direct if not other_interpreter(f, sfx)]
