@@ -267,9 +267,9 @@ def test_a_pure_wheel_is_read_once_and_a_platform_read_that_is_malformed_is_skip
     assert [s.split(":")[0] for s in res.skipped] == [TORCH_211_ARM]
     t = compat.tomllib.loads(out.read_text())["torch"]["2.11.0"]
     assert t["pypi_cuda"] == "13.0" and set(t["platform"]) == {"x86_64"}    # x86_64's facts kept
-    data = compat.load_file(compat.DATA_PATH, out)    # no reading of that platform: the hand-kept fallback
-    f = data.torch_pypi_cuda("2.11.0", "aarch64")
-    assert f is data.platform("aarch64")["torch_pypi_cuda"] and f.inferred and f.source == "pt-aarch64-pypi"
+    data = compat.load_file(compat.DATA_PATH, out)    # no reading of that platform: the hand-kept fallback,
+    assert data.torch_pypi_cuda("2.11.0", "aarch64") is None   # which holds only up to torch 2.10.0
+    assert data.torch_pypi_cuda("2.10.0", "aarch64") is data.platform("aarch64")["torch_pypi_cuda"]
 
 
 def _lock(body: str, tmp_path: Path, schema: int = 2) -> Path:
@@ -399,3 +399,15 @@ def test_live_torch_release_read_per_platform_agrees_with_the_committed_lock():
             read = lock[v] if arch == "x86_64" else lock[v]["platform"][arch]
             assert facts.get("pypi_cuda", "cpu") == read.get("pypi_cuda", "cpu"), (v, arch, facts)
             assert data.torch_pypi_cuda(v, arch).value == facts.get("pypi_cuda", "cpu")
+
+
+def test_without_an_aarch64_reading_the_hand_fallback_holds_only_up_to_its_bound(tmp_path):
+    """No lock (or a schema-1 lock): the hand-kept CPU-only fact is used up to torch_pypi_cuda_until (2.10.0);
+    a newer torch is taken as its x86_64 build (PyPI's aarch64 torch is a CUDA build from 2.11.0)."""
+    from vllm_harness.facts import compat, feasibility
+    data = compat.load_file(Path(compat.__file__).parent.parent / "data" / "compat.toml",
+                            lock_path=tmp_path / "no-lock.toml")
+    cuda, fact = feasibility.pypi_torch_cuda(data, data.torch("2.10.0"), "aarch64")
+    assert cuda is None and fact.inferred and fact.source == "pt-aarch64-pypi"
+    cuda, fact = feasibility.pypi_torch_cuda(data, data.torch("2.11.0"), "aarch64")
+    assert cuda == "13.0" and fact is data.torch("2.11.0").pypi_default_cuda

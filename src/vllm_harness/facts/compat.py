@@ -521,7 +521,11 @@ class CompatData:
             why = self.platform_facts("torch", version, arch).get("pypi_cuda_from")
             how = f"Requires-Dist {why.value}" if why else f"no CUDA runtime requirement applies on {arch}"
             return Fact(read.value, read.source, read.url, False, f"{how}; {read.note}")
-        return self._platform.get(arch, {}).get("torch_pypi_cuda")
+        hand = self._platform.get(arch, {})
+        until = hand.get("torch_pypi_cuda_until")   # the releases the hand-kept value was read for
+        if until is not None and Version(version) > Version(str(until.value)):
+            return None   # newer: nothing known for this platform (the caller takes the x86_64 reading)
+        return hand.get("torch_pypi_cuda")
 
     def platform(self, arch: str) -> dict[str, Fact]:
         """The hand-kept facts of ``[platform.<arch>]`` (what differs from Linux x86_64): empty when the data
