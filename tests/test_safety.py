@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from vllm_harness.core.errors import UsageError
 from vllm_harness.core.layout import Layout
 from vllm_harness.core.options import RunOptions
+from vllm_harness.core.status import Status
 from vllm_harness.facts.variants import parse_variant
 from vllm_harness.pipeline import run as steps
 from vllm_harness.pipeline.steps import BY_NAME, GRAPH
@@ -366,8 +367,8 @@ def test_clean_accepts_a_variant_path_as_every_command_does(harness, state):
 def test_a_step_whose_env_vanished_is_never_recorded_ok(state):
     from vllm_harness.facts.variants import load_variant
     layout = Layout.default()
-    ctx = steps.Ctx(layout=layout, variant=load_variant("cu124", layout.envs_dirs), options=RunOptions(quiet=True),
-                    graph=GRAPH)
+    ctx = steps.Ctx(layout=layout, variant=load_variant("cu124", layout.envs_dirs), options=RunOptions(quiet=True))
+    ctx.status = Status(layout.status(ctx.name), ctx.name, GRAPH)   # as the pipeline opens it
     ctx.py.parent.mkdir(parents=True)
     ctx.py.write_text("")
 

@@ -11,6 +11,7 @@ from conftest import ROOT
 
 from vllm_harness.core.layout import Layout
 from vllm_harness.core.options import RunOptions
+from vllm_harness.core.status import Status
 from vllm_harness.facts.variants import load_variant
 from vllm_harness.pipeline.steps import GRAPH
 from vllm_harness.steps import verify as verify_step
@@ -21,7 +22,8 @@ from vllm_harness.steps.context import Ctx
 def ctx(state, tmp_path):
     layout = Layout.default(ROOT)
     c = Ctx(layout=layout, variant=load_variant(str(ROOT / "tests" / "envs" / "fixture-cpu.toml"), layout.envs_dirs),
-            options=RunOptions(quiet=True), graph=GRAPH)
+            options=RunOptions(quiet=True))
+    c.status = Status(layout.status(c.name), c.name, GRAPH)   # as the pipeline opens it
     base = getattr(sys, "_base_executable", None) or sys.executable
     subprocess.run([base, "-m", "venv", "--without-pip", str(c.venv)], check=True, timeout=120)
     site = next(c.venv.glob("lib/python*/site-packages"))

@@ -9,7 +9,6 @@ from vllm_harness.core.layout import Layout
 from vllm_harness.core.masking import mask
 from vllm_harness.core.options import RunOptions
 from vllm_harness.facts.variants import load_variant
-from vllm_harness.pipeline.steps import GRAPH
 from vllm_harness.steps.context import Ctx
 
 
@@ -42,7 +41,7 @@ def context_of(a, layout=None, variant=None):
     (``RunOptions.from_args``) and read unchanged by doctor and every step."""
     layout = layout or layout_of(a)
     variant = variant or variant_of(layout, a.variant)
-    return Ctx(layout=layout, variant=variant, options=RunOptions.from_args(a), graph=GRAPH)
+    return Ctx(layout=layout, variant=variant, options=RunOptions.from_args(a))
 
 
 def print_json(a, data: dict) -> None:

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from vllm_harness.facts import compat as compat_mod
 from vllm_harness.facts.compat import (
     major_minor,
 )
+from vllm_harness.facts.feasibility_model import lower_bound
 
 
 def _req_lines(path: Path) -> list[Requirement]:
@@ -51,18 +51,6 @@ def exact_pin(req: Requirement) -> str | None:
     return None
 
 
-def _lower_bound(spec: SpecifierSet) -> Version | None:
-    best = None
-    for s in spec:
-        if s.operator in (">=", "==", "~=", "===", ">"):
-            try:
-                v = Version(s.version.rstrip(".*"))
-            except InvalidVersion:
-                continue
-            best = v if best is None or v > best else best
-    return best
-
-
 class _Pins(dict):
     """{key: (value, 'file: line')}; :meth:`first` keeps the first file's word on a key."""
 
@@ -77,7 +65,7 @@ _BUILD_REQS = ["requirements/build/cuda.txt", "requirements/build.txt", "require
 
 
 def _cmake_min(req: Requirement) -> str | None:
-    lb = _lower_bound(req.specifier)
+    lb = lower_bound(req)
     return str(lb) if lb else None
 
 

@@ -41,22 +41,12 @@ def _check_build(ctx: RuleCtx, vf: compat_mod.VllmFacts | None) -> None:
             f"CUDA_HOME={ctx.env['CUDA_HOME']} is set; the CUDA {v.cuda} toolkit is {tk[v.cuda]}",
             f"the build sets CUDA_HOME={tk[v.cuda]} for this variant",
         )
-    _check_host_compiler(ctx, v, m, cf)
-    _check_cmake(ctx, v, m, vf)
+    # --- host compiler (the shell's CC/CXX too) and cmake (the tree's minimum, else the data's): the judge's
+    ctx.judged(feasibility_build.host_compiler_issues(cf, ctx.profile, ctx.candidate, ctx.env))
+    ctx.judged(feasibility_build.cmake_issues(ctx.profile, ctx.candidate, vf, ctx.pins))
     _check_ninja(ctx, v, m)
     _check_jobs(ctx, v, m)
     _check_precompiled(ctx, v, vf)
-
-
-def _check_host_compiler(ctx: RuleCtx, v, m: dict, cf) -> None:
-    """The host compiler nvcc accepts: the feasibility judge's rule (plan asks it too), with the compilers the
-    shell names."""
-    ctx.judged(feasibility_build.host_compiler_issues(cf, ctx.profile, ctx.candidate, ctx.env))
-
-
-def _check_cmake(ctx: RuleCtx, v, m: dict, vf: compat_mod.VllmFacts | None) -> None:
-    """Cmake at least the version vLLM's CMake asks for (this source tree's, else the data's): the judge's."""
-    ctx.judged(feasibility_build.cmake_issues(ctx.profile, ctx.candidate, vf, ctx.pins))
 
 
 def _check_ninja(ctx: RuleCtx, v, m: dict) -> None:
@@ -137,12 +127,6 @@ def _check_precompiled(ctx: RuleCtx, v, vf: compat_mod.VllmFacts | None) -> None
                 f"{key}={val} is set{note}: the kernels come from a prebuilt wheel, not from this build",
                 f"unset {key} unless you want prebuilt kernels",
             )
-
-
-def _check_disk(ctx: RuleCtx) -> None:
-    """Free space for the install and uv's cache: the judge's rule (the registry skips this rule when the
-    profile has no disk_free_gib)."""
-    ctx.judged(feasibility_build.disk_issues(ctx.profile, ctx.candidate))
 
 
 def _safe_directories(env: dict[str, str]) -> list[str]:
@@ -226,7 +210,8 @@ def build(ctx: RuleCtx) -> None:
 
 @rule("disk space", ids=("disk-full",), needs=("machine.disk_free_gib",), order=80)
 def disk(ctx: RuleCtx) -> None:
-    _check_disk(ctx)
+    """Free space for the install and uv's cache: the judge's rule (skipped without disk_free_gib)."""
+    ctx.judged(feasibility_build.disk_issues(ctx.profile, ctx.candidate))
 
 
 @rule("source tree", ids=("stale-build-state", "git-dubious-ownership"), order=90)

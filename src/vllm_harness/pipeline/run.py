@@ -8,6 +8,7 @@ needs, with the command that fixes it.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from contextlib import contextmanager
@@ -143,7 +144,7 @@ def _locked(ctx: Ctx):
     The status is read again once the lock is held: the run we waited for has changed it."""
     with locks.held(ctx.layout.lock(ctx.name), f"variant {ctx.name}", wait=not ctx.options.no_wait,
                     say=ctx.say):
-        ctx.status = Status(ctx.layout.status(ctx.name), ctx.name, ctx.graph or GRAPH)
+        ctx.status = Status(ctx.layout.status(ctx.name), ctx.name, GRAPH)
         yield
 
 
@@ -238,13 +239,16 @@ def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False
     """The whole flow of ``nox -s build-<variant>``; steps that are done with the same inputs are reused."""
     with _recorded(ctx, "lock"), _locked(ctx):
         _use_bundle(ctx)
-        if not skip_doctor and not _nothing_to_build(ctx):
+        # every step's key, once per interpreter (the walk of a path source and of patches/ is not free): the
+        # recorded interpreter's keys decide whether doctor runs and are the build's when it is kept
+        keys_for = functools.cache(lambda interp_key: keys_of(ctx, interp_key))
+        if not skip_doctor and not _nothing_to_build(ctx, keys_for):
             with _recorded(ctx, "doctor"):
                 doctor_run.preflight(ctx)
         interp = _interpreter(ctx)
         if not ctx.py.exists():  # env deleted by hand: nothing in it can be trusted
             ctx.status.invalidate("env")
-        keys = keys_of(ctx, _interp_key(ctx, interp))
+        keys = keys_for(_interp_key(ctx, interp))
         for declared in steps_for(ctx.variant.vllm["mode"]):
             step = declared.name
             kw = {"allow_no_gpu": allow_no_gpu} if step == "verify" else {}
@@ -263,14 +267,14 @@ def build_variant(ctx: Ctx, allow_no_gpu: bool = True, skip_doctor: bool = False
         return ctx.status.data
 
 
-def _nothing_to_build(ctx: Ctx) -> bool:
+def _nothing_to_build(ctx: Ctx, keys_for) -> bool:
     """Every step before verify is done with today's inputs (the recorded interpreter, the same keys): the
     preflight guards slow work and there is none, so doctor is skipped (said so; --force runs it).  verify
     still compares the GPUs and driver with those it proved."""
     env = ctx.status.step("env") or {}
     if ctx.options.force or ctx.options.python or env.get("status") != "ok" or not ctx.py.exists():
         return False
-    keys = keys_of(ctx, _interp_key(ctx, None))
+    keys = keys_for(_interp_key(ctx, None))
     if not all(ctx.status.is_done(s.name, keys[s.name]) for s in steps_for(ctx.variant.vllm["mode"])
                if s.name != "verify"):
         return False

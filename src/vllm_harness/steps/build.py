@@ -273,10 +273,15 @@ def do_build(ctx: Ctx, log: Path) -> dict:
     return run_source_build(ctx, plan, log, before_compile=lambda: probe.before_build(ctx, src, env))
 
 
+def _available_gib(ctx) -> float:
+    """Memory available for the compile jobs: the profile's (doctor probed it for this run), else /proc's."""
+    return (ctx.profile or {}).get("machine", {}).get("ram_available_gib") or mem_available_gib()
+
+
 def farm_for(ctx, choice: JobsChoice) -> tuple[build_farm.FarmPlan, JobsChoice]:
     """The build farm (--farm, [build] farm, SCCACHE_CONF's [dist]) and MAX_JOBS from its free slots; a farm
     that does not answer is a warning and a local build (toolchain/build_farm)."""
-    avail = (ctx.profile or {}).get("machine", {}).get("ram_available_gib") or mem_available_gib()
+    avail = _available_gib(ctx)
     given = bool(ctx.options.jobs) or ctx.variant.build["jobs"] != "auto"
     plan, choice = build_farm.plan(ctx.options.farm, ctx.variant.build.get("farm"), ctx.base_env,
                                    choice, float(avail), given)
@@ -288,6 +293,6 @@ def farm_for(ctx, choice: JobsChoice) -> tuple[build_farm.FarmPlan, JobsChoice]:
 def jobs_for(ctx, n_archs: int = 1) -> JobsChoice:
     """MAX_JOBS / NVCC_THREADS for a variant's build: facts/build_policy.jobs_for (doctor asks it too) with
     this machine's cores and available memory."""
-    avail = (ctx.profile or {}).get("machine", {}).get("ram_available_gib") or mem_available_gib()
+    avail = _available_gib(ctx)
     machine = (len(os.sched_getaffinity(0)), float(avail))
     return policy_jobs_for(ctx.options, ctx.variant, machine, load_records(ctx.layout.state), n_archs).choice

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +32,13 @@ class Ctx:
     profile: dict | None = None          # the machine (probed by doctor or the build, or --machine)
     bundle_env: dict[str, str] | None = None  # the offline install variables once the bundle was checked
     verify_proof: dict | None = None     # what verify would prove now (steps/verify.proof_of), once computed
-    graph: Mapping[str, Sequence[str]] | None = None  # the declared steps (pipeline/steps.GRAPH): what clears
     status: Status = field(init=False)
 
     def __post_init__(self):
         self.layout.ensure()
-        self.status = Status(self.layout.status(self.variant.name), self.variant.name, self.graph)
+        # read here; the pipeline opens it with the step graph (pipeline/steps.GRAPH) under the lock,
+        # before any step changes it (a record without the graph cannot clear steps)
+        self.status = Status(self.layout.status(self.variant.name), self.variant.name)
 
     @property
     def name(self) -> str:

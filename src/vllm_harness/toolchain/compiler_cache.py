@@ -358,7 +358,7 @@ def choose_tool(mode: str, venv: Path, env: dict[str, str], install=None) -> tup
     if os.sep in mode:
         if not (Path(mode).is_file() and os.access(mode, os.X_OK)):
             return None, f"{mode} is not an executable file"
-        if not any(n in Path(mode).name for n in ("sccache", "ccache")):
+        if Path(mode).name not in ("sccache", "ccache"):
             return None, f"{mode} is neither sccache nor ccache (its name says which it is)"
         return mode, "given"
     if mode not in ("auto", "sccache", "ccache"):
